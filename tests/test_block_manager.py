@@ -1,0 +1,253 @@
+import random
+
+import pytest
+
+from kvmux.block_manager import BlockError, BlockManager, OutOfBlocks
+
+
+def toks(n):
+    return list(range(100, 100 + n))
+
+
+def snapshot(bm):
+    return {
+        "free": bm.num_free,
+        "seqs": {s: (bm.block_table(s), bm.num_tokens(s)) for s in bm._seqs},
+    }
+
+
+def test_blocks_for_and_can_allocate():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert [bm.blocks_for(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+    assert bm.can_allocate(16)
+    assert not bm.can_allocate(17)
+    assert bm.can_allocate(8, reserve=2)
+    assert not bm.can_allocate(9, reserve=2)
+
+
+def test_allocate_and_append_across_block_boundaries():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.allocate("a", toks(3)) == 0
+    assert bm.block_table("a") == [0]
+    assert (bm.num_tokens("a"), bm.num_used, bm.num_free) == (3, 1, 7)
+    assert bm.append_slots("a", toks(1)) == []  # fills block 0 exactly
+    assert bm.block_table("a") == [0]
+    assert bm.append_slots("a", toks(1)) == []  # spills into a new block
+    assert bm.block_table("a") == [0, 1]
+    assert bm.append_slots("a", toks(8)) == []  # 5 + 8 = 13 tokens -> 4 blocks
+    assert bm.block_table("a") == [0, 1, 2, 3]
+    assert bm.num_tokens("a") == 13
+    assert bm.append_slots("a", []) == []
+    assert bm.num_tokens("a") == 13 and bm.num_used == 4
+    bm.check_invariants()
+
+
+def test_slot_mapping():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("x", toks(2))  # block 0
+    bm.allocate("a", toks(6))  # blocks 1, 2
+    assert bm.slot_mapping("a", 0, 6) == [4, 5, 6, 7, 8, 9]
+    assert bm.slot_mapping("a", 3, 5) == [7, 8]
+    assert bm.slot_mapping("a", 6, 6) == []
+    bm.free("x")
+    bm.append_slots("a", toks(3))  # 9 tokens: block 0 comes back from x
+    assert bm.block_table("a") == [1, 2, 0]
+    assert bm.slot_mapping("a", 5, 9) == [9, 10, 11, 0]
+    with pytest.raises(ValueError):
+        bm.slot_mapping("a", 0, 10)
+    with pytest.raises(ValueError):
+        bm.slot_mapping("a", 5, 4)
+
+
+def test_slot_mapping_matches_per_token_formula():
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=16)
+    bm.allocate("a", toks(5))
+    bm.allocate("b", toks(40))
+    bm.append_slots("a", toks(100))
+    table = bm.block_table("a")
+    for _ in range(50):
+        start = rng.randrange(0, 106)
+        end = rng.randrange(start, 106)
+        expected = [table[p // 16] * 16 + p % 16 for p in range(start, end)]
+        assert bm.slot_mapping("a", start, end) == expected
+
+
+def test_fork_then_append_into_shared_partial_block_copies_it():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("p", toks(6))  # blocks 0, 1 (block 1 half full)
+    bm.fork("p", "c")
+    assert bm.block_table("c") == [0, 1] and bm.num_tokens("c") == 6
+    assert bm.num_used == 2
+    assert bm.blocks_needed_to_append("c", 1) == 1
+    copies = bm.append_slots("c", toks(1))
+    assert len(copies) == 1
+    src, dst = copies[0]
+    assert src == 1 and dst not in (0, 1)
+    assert bm.block_table("c") == [0, dst]
+    assert bm.block_table("p") == [0, 1]
+    assert (bm.num_tokens("p"), bm.num_tokens("c")) == (6, 7)
+    # Block 1 now belongs to the parent alone: it appends in place.
+    assert bm.blocks_needed_to_append("p", 1) == 0
+    assert bm.append_slots("p", toks(1)) == []
+    assert bm.block_table("p") == [0, 1]
+    bm.check_invariants()
+
+
+def test_cow_plus_growth_in_one_append():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("p", toks(2))
+    bm.fork("p", "c")
+    assert bm.blocks_needed_to_append("c", 7) == 3  # copy + 2 new blocks
+    free = bm.num_free
+    copies = bm.append_slots("c", toks(7))
+    assert free - bm.num_free == 3
+    assert [s for s, _ in copies] == [0]
+    assert bm.block_table("c")[0] == copies[0][1]
+    assert len(bm.block_table("c")) == 3 and bm.block_table("p") == [0]
+    bm.check_invariants()
+
+
+def test_append_into_shared_full_block_takes_new_block_without_copy():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("p", toks(8))  # blocks 0, 1 both full
+    bm.fork("p", "c")
+    assert bm.blocks_needed_to_append("c", 1) == 1
+    assert bm.append_slots("c", toks(1)) == []
+    assert bm.block_table("c") == [0, 1, 2]
+    assert bm.block_table("p") == [0, 1]
+    assert bm._alloc.refcount(1) == 2
+    bm.check_invariants()
+
+
+def test_free_releases_shared_blocks_only_when_last_owner_goes():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("p", toks(5))
+    bm.fork("p", "c")
+    bm.free("p")
+    assert not bm.has("p") and bm.has("c")
+    assert bm.num_used == 2
+    bm.free("c")
+    assert bm.num_free == 8
+    bm.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_scenarios_free_everything(seed):
+    rng = random.Random(seed)
+    bm = BlockManager(num_blocks=24, block_size=rng.choice([1, 2, 4, 16]))
+    next_id = 0
+    for _ in range(200):
+        seqs = list(bm._seqs)
+        op = rng.random()
+        try:
+            if op < 0.3 or not seqs:
+                bm.allocate(f"s{next_id}", toks(rng.randrange(0, 20)))
+                next_id += 1
+            elif op < 0.65:
+                sid = rng.choice(seqs)
+                n = rng.randrange(0, 6)
+                need = bm.blocks_needed_to_append(sid, n)
+                free = bm.num_free
+                copies = bm.append_slots(sid, toks(n))
+                assert free - bm.num_free == need
+                assert len(copies) <= 1
+            elif op < 0.8:
+                bm.fork(rng.choice(seqs), f"s{next_id}")
+                next_id += 1
+            else:
+                bm.free(rng.choice(seqs))
+        except OutOfBlocks:
+            pass
+        bm.check_invariants()
+    for sid in list(bm._seqs):
+        bm.free(sid)
+    assert bm.num_free == bm.num_blocks and bm.num_used == 0
+    bm.check_invariants()
+
+
+def test_kv_waste():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.kv_waste() == 0.0
+    bm.allocate("a", toks(5))  # 2 blocks, 8 slots, 5 used
+    assert bm.kv_waste() == pytest.approx(3 / 8)
+    bm.allocate("b", toks(4))  # +1 full block: 12 slots, 9 used
+    assert bm.kv_waste() == pytest.approx(3 / 12)
+    bm.fork("a", "c")  # shared blocks count once
+    assert bm.kv_waste() == pytest.approx(3 / 12)
+    bm.append_slots("c", toks(1))  # copy of a's partial block: 16 slots, 9 + 2 used
+    assert bm.kv_waste() == pytest.approx(5 / 16)
+    for s in ("a", "b", "c"):
+        bm.free(s)
+    assert bm.kv_waste() == 0.0
+
+
+def test_duplicate_seq_id_rejected_without_state_change():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(5))
+    bm.allocate("b", toks(1))
+    before = snapshot(bm)
+    with pytest.raises(BlockError, match="'a' already exists"):
+        bm.allocate("a", toks(3))
+    with pytest.raises(BlockError, match="'b' already exists"):
+        bm.fork("a", "b")
+    assert snapshot(bm) == before
+    bm.check_invariants()
+
+
+def test_unknown_seq_rejected():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(5))
+    before = snapshot(bm)
+    for call in (
+        lambda: bm.append_slots("zz", toks(1)),
+        lambda: bm.blocks_needed_to_append("zz", 1),
+        lambda: bm.fork("zz", "new"),
+        lambda: bm.free("zz"),
+        lambda: bm.block_table("zz"),
+        lambda: bm.num_tokens("zz"),
+        lambda: bm.slot_mapping("zz", 0, 0),
+    ):
+        with pytest.raises(BlockError, match="unknown sequence 'zz'"):
+            call()
+    assert snapshot(bm) == before
+    assert not bm.has("new")
+    bm.check_invariants()
+
+
+def test_out_of_blocks_leaves_state_unchanged():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", toks(6))  # 2 blocks
+    bm.fork("a", "b")
+    bm.allocate("c", toks(5))  # 2 blocks: pool full
+    before = snapshot(bm)
+    with pytest.raises(OutOfBlocks, match="need 1, 0 free of 4"):
+        bm.allocate("d", toks(1))
+    with pytest.raises(OutOfBlocks):
+        bm.append_slots("b", toks(1))  # needs a copy of the shared partial block
+    with pytest.raises(OutOfBlocks):
+        bm.append_slots("c", toks(4))  # needs growth
+    assert snapshot(bm) == before
+    assert not bm.has("d")
+    bm.check_invariants()
+    bm.free("c")
+    # Copy and growth together need 2 blocks; with exactly 2 free it succeeds.
+    assert bm.blocks_needed_to_append("b", 3) == 2
+    assert len(bm.append_slots("b", toks(3))) == 1
+    bm.check_invariants()
+
+
+def test_check_invariants_detects_corrupt_tables():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(5))
+    bm.allocate("b", toks(2))
+    bm._seqs["b"].blocks.append(bm._seqs["a"].blocks[0])  # a reference nobody counted
+    bm._seqs["b"].num_tokens = 6
+    with pytest.raises(RuntimeError, match="refcount 1 but 2 block table"):
+        bm.check_invariants()
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(5))
+    bm._seqs["a"].num_tokens = 9  # claims a third block it never got
+    with pytest.raises(RuntimeError, match="2 blocks for 9 tokens"):
+        bm.check_invariants()
