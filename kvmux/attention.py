@@ -1,0 +1,138 @@
+"""Paged attention: new K/V go into their pool slots, queries read context only via block tables.
+
+`paged_attention` is the one entry point the model calls; it dispatches to a
+backend by name. `torch_paged_attention` is the reference every other backend
+is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvmux.forward_batch import ForwardBatch
+from kvmux.kv_cache import KVCache
+
+
+@dataclass
+class _DecodeGroup:
+    """All sequences with one new token, attended together in one SDPA call."""
+
+    token_idx: torch.Tensor     # [B] packed index of each decode token
+    block_tables: torch.Tensor  # [B, nb] int64, nb = most blocks any of them uses
+    mask: torch.Tensor          # [B, 1, 1, nb * block_size] bool, True where the slot is context
+
+
+@dataclass
+class _PrefillSeq:
+    """One sequence with several new tokens (a prompt chunk), attended on its own."""
+
+    start: int                  # packed range of its new tokens
+    end: int
+    block_table: torch.Tensor   # [nb] int64, just the blocks covering its context
+    context_len: int
+    mask: torch.Tensor | None   # [query_len, context_len] bool; None = plain causal (no cached prefix)
+
+
+@dataclass
+class _TorchMetadata:
+    """What the reference backend derives once per step and reuses in every layer."""
+
+    slot_blocks: torch.Tensor   # [T] block of each new token's slot
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    decode: _DecodeGroup | None
+    prefills: list[_PrefillSeq]
+
+
+def _plan(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
+    device = batch.input_ids.device
+    decode_seqs, prefills = [], []
+    start = 0
+    for i, (qlen, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        if qlen == 1:
+            decode_seqs.append((i, start, ctx))
+        else:
+            nb = -(-ctx // block_size)
+            mask = None
+            if ctx > qlen:
+                # Query t sits at position ctx - qlen + t and sees keys 0..that position.
+                q_pos = torch.arange(ctx - qlen, ctx, device=device)
+                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            prefills.append(_PrefillSeq(start, start + qlen, batch.block_tables[i, :nb].long(), ctx, mask))
+        start += qlen
+
+    decode = None
+    if decode_seqs:
+        rows = torch.tensor([i for i, _, _ in decode_seqs], device=device)
+        ctx = torch.tensor([c for _, _, c in decode_seqs], device=device)
+        nb = -(-max(c for _, _, c in decode_seqs) // block_size)
+        mask = torch.arange(nb * block_size, device=device)[None, :] < ctx[:, None]
+        decode = _DecodeGroup(
+            token_idx=torch.tensor([s for _, s, _ in decode_seqs], device=device),
+            block_tables=batch.block_tables[rows, :nb].long(),
+            mask=mask[:, None, None, :],
+        )
+    return _TorchMetadata(batch.slot_mapping // block_size, batch.slot_mapping % block_size, decode, prefills)
+
+
+def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
+    """K (which=0) or V (1) of `blocks` [..., nb] as [..., Hkv, nb * block_size, D], in float32."""
+    g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D]
+    g = g.movedim(-4, -3)                        # [..., Hkv, nb, bs, D]
+    return g.reshape(*g.shape[:-3], -1, g.shape[-1]).float()
+
+
+def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                          layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    meta = batch.attn_metadata
+    if not isinstance(meta, _TorchMetadata):
+        meta = batch.attn_metadata = _plan(batch, kv_cache.block_size)
+
+    layer_kv = kv_cache.kv[:, layer]  # [NB, 2, Hkv, bs, D], a view into the pool
+    # Put block and offset side by side so one index_put writes all new tokens.
+    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = k.to(kv_cache.dtype)
+    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = v.to(kv_cache.dtype)
+
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+    if meta.decode is not None:
+        d = meta.decode
+        keys = _gather(layer_kv, d.block_tables, 0)    # [B, Hkv, N, D]
+        values = _gather(layer_kv, d.block_tables, 1)
+        # With one query token, the `group` query heads sharing a KV head can
+        # stand in the query-length axis: GQA without repeating K/V.
+        qd = q[d.token_idx].float().view(-1, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=d.mask, scale=scale)
+        out[d.token_idx] = o.reshape(-1, num_heads, head_dim)
+
+    for p in meta.prefills:
+        keys = _gather(layer_kv, p.block_table, 0)[:, :p.context_len]  # [Hkv, ctx, D]
+        values = _gather(layer_kv, p.block_table, 1)[:, :p.context_len]
+        qp = q[p.start:p.end].float().transpose(0, 1)                  # [Hq, qlen, D]
+        o = F.scaled_dot_product_attention(
+            qp[None], keys[None], values[None], attn_mask=p.mask, is_causal=p.mask is None,
+            scale=scale, enable_gqa=True)
+        out[p.start:p.end] = o[0].transpose(0, 1)
+
+    return out.to(q.dtype)
+
+
+_BACKENDS = {"torch": torch_paged_attention}
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                    layer: int, batch: ForwardBatch, scale: float, backend: str = "torch") -> torch.Tensor:
+    """Write k, v [T, Hkv, D] into their slots, then attend q [T, Hq, D] causally over each context.
+
+    Returns [T, Hq, D] in q's dtype.
+    """
+    try:
+        fn = _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(_BACKENDS)}") from None
+    return fn(q, k, v, kv_cache, layer, batch, scale)

@@ -1,0 +1,78 @@
+"""The packed, unpadded batch the engine hands to the model for one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: the new tokens it feeds and where they go."""
+
+    token_ids: list[int]    # new tokens (a prefill chunk, or one decode token)
+    start_pos: int          # absolute position of token_ids[0] = tokens already in the KV cache
+    block_table: list[int]  # KV blocks of the sequence, covering at least start_pos + len(token_ids)
+    want_logits: bool = True  # return logits for the chunk's last token
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor       # [T] int64, new tokens of all sequences, packed sequence after sequence
+    positions: torch.Tensor       # [T] int64, absolute position of each new token
+    slot_mapping: torch.Tensor    # [T] int64, KV slot of each new token: block_id * block_size + offset
+    query_lens: list[int]         # [S] new tokens per sequence, in packing order
+    context_lens: list[int]       # [S] tokens in the KV cache for that sequence after this step
+    block_tables: torch.Tensor    # [S, max_blocks] int32, padded with 0
+    logits_indices: torch.Tensor  # [K] int64 packed indices whose logits are returned
+    # Scratch for the attention backend: per-step metadata it derives once from
+    # this batch and reuses in every layer.
+    attn_metadata: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @classmethod
+    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
+        if not seqs:
+            raise ValueError("ForwardBatch.build: no sequences")
+        query_lens = [len(s.token_ids) for s in seqs]
+        if min(query_lens) == 0:
+            raise ValueError("ForwardBatch.build: a sequence has no new tokens")
+        context_lens = [s.start_pos + n for s, n in zip(seqs, query_lens)]
+        for s, ctx in zip(seqs, context_lens):
+            if len(s.block_table) * block_size < ctx:
+                raise ValueError(
+                    f"block table of {len(s.block_table)} blocks cannot hold {ctx} tokens "
+                    f"(block_size {block_size})")
+
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            block_tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+
+        # Per-token quantities are derived with tensor ops rather than a python
+        # loop over tokens, which would dominate for long prefill chunks.
+        lens = torch.tensor(query_lens)
+        ends = torch.cumsum(lens, 0)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+        starts = torch.tensor([s.start_pos for s in seqs])
+        token_idx = torch.arange(int(ends[-1]))
+        positions = token_idx - (ends - lens)[seq_of_token] + starts[seq_of_token]
+        blocks = block_tables[seq_of_token, positions // block_size].long()
+        slot_mapping = blocks * block_size + positions % block_size
+
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
+        logits_indices = (ends - 1)[torch.tensor([s.want_logits for s in seqs])]
+        return cls(
+            input_ids=input_ids.to(device),
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=block_tables.to(device),
+            logits_indices=logits_indices.to(device),
+        )

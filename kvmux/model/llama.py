@@ -1,0 +1,270 @@
+"""A lean Llama-family model (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3) over a packed batch.
+
+Weights are addressed by Hugging Face's parameter names (`hf_parameters`), so
+HF checkpoints load strictly, while q/k/v and gate/up are stored merged so
+each runs as one matmul. Parameters are allocated uninitialised: they are
+always overwritten by a checkpoint, and random init of a large model costs
+seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvmux.attention import paged_attention
+from kvmux.forward_batch import ForwardBatch
+from kvmux.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class MergedLinear(nn.Module):
+    """Several HF linears over the same input, stored as one weight (one matmul)."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.parts = parts  # HF sub-module name -> its output features, in storage order
+        out_features = sum(parts.values())
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def hf_views(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name relative to the parent, view into the merged storage) per original parameter."""
+        start = 0
+        for name, size in self.parts.items():
+            yield f"{name}.weight", self.weight[start:start + size]
+            if self.bias is not None:
+                yield f"{name}.bias", self.bias[start:start + size]
+            start += size
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.weight = _param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference, whatever the weight dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_parameters(config) -> dict:
+    """RoPE settings from a transformers-5 `rope_parameters` dict or the older `rope_theta`/`rope_scaling`."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None) or {}
+    for key, value in legacy.items():
+        params.setdefault(key, value)
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
+    params = rope_parameters(config)
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "llama3":
+        factor = params["factor"]
+        low_freq_factor = params["low_freq_factor"]
+        high_freq_factor = params["high_freq_factor"]
+        old_context = params.get("original_max_position_embeddings", config.max_position_embeddings)
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+        # and the band between interpolates smoothly between the two.
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low_freq_factor, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high_freq_factor) & (wavelen <= old_context / low_freq_factor)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos/sin [T, 1, D] (the half-dim frequencies repeated twice, HF's layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.splits = (q_size, kv_size, kv_size)
+
+        # Qwen2 always has q/k/v biases (and none on o_proj); in Llama-style
+        # configs `attention_bias` puts a bias on all four.
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.qkv_proj = MergedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     qkv_bias, dtype, device)
+        self.o_proj = Linear(q_size, hidden, attention_bias and config.model_type != "qwen2", dtype, device)
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv_cache: KVCache, backend: str) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, self.scale, backend)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": inter, "up_proj": inter},
+                                         bias, dtype, device)
+        self.down_proj = Linear(inter, config.hidden_size, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x, cos, sin, batch, kv_cache, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `model.` sub-tree: embeddings, layers, final norm."""
+
+    def __init__(self, config, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 attention_backend: str = "torch") -> None:
+        super().__init__()
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        self.config = config
+        self.attention_backend = attention_backend
+        self.model = Backbone(config, dtype, device)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else \
+            Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        attn = self.model.layers[0].self_attn
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = attn.num_kv_heads
+        self.head_dim = attn.head_dim
+        self.register_buffer("inv_freq", rope_inv_freq(config, attn.head_dim).to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def hf_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its Hugging Face name; merged weights appear as views of their parts."""
+        out = {}
+        for prefix, module in self.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                if isinstance(module, MergedLinear):
+                    continue
+                out[f"{prefix}.{name}" if prefix else name] = param
+            if isinstance(module, MergedLinear):
+                parent = prefix.rpartition(".")[0]
+                for name, view in module.hf_views():
+                    out[f"{parent}.{name}"] = view
+        return out
+
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs in, strictly: unknown, duplicate or missing names raise.
+
+        A tied checkpoint may still carry `lm_head.weight` (HF state dicts do);
+        it is the embedding itself, so it is skipped.
+        """
+        params = self.hf_parameters()
+        missing = set(params)
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            if name not in missing:
+                raise KeyError(f"unexpected or duplicate weight {name!r}")
+            dst = params[name]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""
+        embed = self.model.embed_tokens.weight
+        x = F.embedding(batch.input_ids, embed)
+        freqs = batch.positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, kv_cache, self.attention_backend)
+        # The final norm is per token, so only the rows that need logits go through it and lm_head.
+        x = self.model.norm(x[batch.logits_indices])
+        head = embed if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
