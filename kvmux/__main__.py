@@ -1,0 +1,5 @@
+import sys
+
+from kvmux.cli import main
+
+sys.exit(main())

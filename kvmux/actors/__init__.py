@@ -1,0 +1,1 @@
+"""The engine's four actors: admission, prefill, decode and eviction."""

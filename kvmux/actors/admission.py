@@ -1,0 +1,109 @@
+"""Admission: validates and tokenizes requests, enforces limits, applies backpressure, routes aborts."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from kvmux import schema
+from kvmux.actors.base import Actor
+from kvmux.detokenize import initial_offsets
+
+
+@dataclass
+class Limits:
+    max_model_len: int
+    pool_tokens: int  # every block of the KV pool, in tokens
+    block_size: int
+    max_pending: int  # requests admitted and not yet finished
+    vocab_size: int
+
+
+class Admission(Actor):
+    name = "admission"
+
+    def __init__(self, tokenizer, limits: Limits, prefill: Actor, decode: Actor, engine) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.prefill = prefill
+        self.decode = decode
+        self.engine = engine
+        self.live: set[str] = set()
+        self.admitted = 0
+        self.rejected = 0
+
+    async def handle(self, message) -> None:
+        if isinstance(message, schema.Submit):
+            self._submit(message)
+        elif isinstance(message, schema.Abort):
+            # The request is with prefill or with decode, or moving between them;
+            # both hear of it, and whichever holds it (now or later) ends it.
+            if message.request_id in self.live:
+                self.prefill.send(message)
+                self.decode.send(message)
+        elif isinstance(message, schema.Finished):
+            self.live.difference_update(message.request_ids)
+        elif isinstance(message, schema.StatsQuery):
+            self.engine.send(schema.StatsReply(message.query_id, self.name, {
+                "requests_admitted": self.admitted, "requests_rejected": self.rejected, "requests_live": len(self.live),
+            }))
+
+    def on_error(self, message, exc: Exception) -> None:
+        if isinstance(message, schema.Submit):
+            self._reject(message.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _reject(self, request_id: str, code: str, text: str) -> None:
+        self.rejected += 1
+        self.engine.send(schema.Rejected(request_id, code, text))
+
+    def _submit(self, sub: schema.Submit) -> None:
+        if sub.request_id in self.live:
+            return self._reject(sub.request_id, "duplicate_request_id", f"request id {sub.request_id!r} is already in flight")
+        if len(self.live) >= self.limits.max_pending:
+            return self._reject(sub.request_id, "overloaded",
+                                f"{len(self.live)} requests in flight, the limit is {self.limits.max_pending}; retry later")
+        try:
+            sub.params.validate()
+        except ValueError as exc:
+            return self._reject(sub.request_id, "invalid_params", str(exc))
+        try:
+            prompt_ids = self._tokenize(sub)
+        except ValueError as exc:
+            return self._reject(sub.request_id, "invalid_prompt", str(exc))
+        problem = self._too_long(len(prompt_ids), sub.params.max_tokens)
+        if problem:
+            return self._reject(sub.request_id, "prompt_too_long", problem)
+        seed = sub.params.seed if sub.params.seed is not None else random.getrandbits(63)
+        prefix_offset, read_offset = initial_offsets(len(prompt_ids))
+        self.live.add(sub.request_id)
+        self.admitted += 1
+        self.prefill.send(schema.Admitted(schema.SeqState(
+            request_id=sub.request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=sub.params,
+            seed=seed, arrival=sub.arrival, priority=sub.priority,
+            prefix_offset=prefix_offset, read_offset=read_offset,
+        )))
+
+    def _tokenize(self, sub: schema.Submit) -> list[int]:
+        if sub.chat is not None:
+            text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif sub.prompt is not None:
+            ids = self.tokenizer.encode(sub.prompt)
+        else:
+            ids = sub.prompt_ids or []
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.limits.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.limits.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return list(ids)
+
+    def _too_long(self, prompt_len: int, max_tokens: int) -> str | None:
+        total = prompt_len + max_tokens
+        if total > self.limits.max_model_len:
+            return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
+                    f"context length of {self.limits.max_model_len} tokens")
+        if total > self.limits.pool_tokens:
+            return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} can never fit in the KV pool "
+                    f"of {self.limits.pool_tokens} tokens; raise num_blocks or lower max_tokens")
+        return None

@@ -1,0 +1,243 @@
+"""The engine: a supervisor that loads the model, wires the actors together and serves requests."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+
+import torch
+
+from kvmux import schema
+from kvmux.actors.admission import Admission, Limits
+from kvmux.actors.base import Actor
+from kvmux.actors.decode import Decode
+from kvmux.actors.eviction import Eviction
+from kvmux.actors.prefill import Prefill
+from kvmux.block_manager import BlockManager
+from kvmux.config import EngineConfig
+from kvmux.kv_cache import KVCache
+from kvmux.model.loader import LoadedModel, load_model
+from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
+from kvmux.runner import Runner
+from kvmux.sampling import SamplingParams
+
+log = logging.getLogger("kvmux")
+
+Prompt = str | list[int] | list[dict]
+
+
+class Router(Actor):
+    """The engine's own inbox: delivers outputs to each request's stream and answers statistics queries."""
+
+    name = "router"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.queries: dict[int, tuple[asyncio.Future, dict, set]] = {}  # id -> (result, merged, actors yet to reply)
+        self.admission: Actor | None = None
+
+    async def handle(self, message) -> None:
+        if isinstance(message, schema.StepOutputs):
+            finished = []
+            for out in message.outputs:
+                if out.finish_reason is not None:
+                    finished.append(out.request_id)
+                stream = self.streams.get(out.request_id)
+                if stream is not None:
+                    stream.put_nowait(RequestOutput(
+                        out.request_id, out.token_ids, out.text, out.finish_reason is not None, out.finish_reason,
+                        out.num_prompt_tokens, out.num_output_tokens, out.error))
+            if finished:
+                self.admission.send(schema.Finished(finished))
+        elif isinstance(message, schema.Rejected):
+            stream = self.streams.get(message.request_id)
+            if stream is not None:
+                stream.put_nowait(RequestRejected(message.code, message.message))
+        elif isinstance(message, schema.StatsReply):
+            future, merged, pending = self.queries[message.query_id]
+            merged.update(message.stats)
+            pending.discard(message.actor)
+            if not pending and not future.done():
+                future.set_result(merged)
+
+
+class Engine:
+    """An asyncio LLM engine over a paged, multiplexed KV cache.
+
+        async with Engine() as engine:
+            async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
+                print(out.text, end="")
+    """
+
+    def __init__(self, model: str | None = None, **options) -> None:
+        self.config = EngineConfig(model=model, **options)
+        self.config.validate()
+        self.loaded: LoadedModel | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._query_ids = itertools.count()
+        self._started_at = 0.0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.config
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        # One thread runs every forward, so exactly one runs at a time and the
+        # event loop stays free for admissions and streaming meanwhile.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvmux-forward")
+        loop = asyncio.get_running_loop()
+        dtype = getattr(torch, cfg.dtype)
+        self.loaded = await loop.run_in_executor(self.executor, load_model, cfg.model, dtype, cfg.device)
+        hf = self.loaded.config
+        max_model_len = cfg.max_model_len or hf.max_position_embeddings
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        shape = (hf.num_hidden_layers, hf.num_key_value_heads, head_dim, cfg.block_size, dtype, cfg.device)
+        if cfg.num_blocks is None:
+            self.kv_cache = KVCache.from_budget(int(cfg.kv_cache_gib * 2**30), *shape)
+        else:
+            self.kv_cache = KVCache(cfg.num_blocks, *shape)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size)
+        self.max_model_len = max_model_len
+
+        tokenizer = self.loaded.tokenizer
+        self.router = Router()
+        self.prefill = Prefill(self.blocks, cfg.max_num_seqs,
+                               watermark_blocks=int(cfg.watermark * self.blocks.num_blocks), engine=self.router)
+        self.eviction = Eviction(decode=None, engine=self.router)
+        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache), self.executor, tokenizer,
+                             eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
+                             prefill=self.prefill, eviction=self.eviction, engine=self.router)
+        self.prefill.decode = self.decode
+        self.eviction.decode = self.decode
+        limits = Limits(max_model_len=max_model_len, pool_tokens=self.blocks.num_blocks * cfg.block_size,
+                        block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=hf.vocab_size)
+        self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router)
+        self.router.admission = self.admission
+        self._actors = [self.admission, self.prefill, self.decode, self.eviction]
+        self._tasks = [asyncio.create_task(a.run(), name=f"kvmux-{a.name}") for a in self._actors + [self.router]]
+        for task in self._tasks:
+            task.add_done_callback(self._supervise)
+        self._started_at = time.monotonic()
+
+    def _supervise(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("actor %s died: %r; failing requests in flight", task.get_name(), task.exception())
+            for stream in self.router.streams.values():
+                stream.put_nowait(KvmuxError("engine_dead", f"{task.get_name()} crashed: {task.exception()!r}"))
+
+    async def stop(self) -> None:
+        """Abort what is in flight, stop the actors and the forward thread."""
+        if not self._tasks:
+            return
+        for request_id in list(self.router.streams):
+            await self.abort(request_id)
+        for actor in self._actors + [self.router]:
+            actor.send(schema.Shutdown())
+        await asyncio.wait(self._tasks, timeout=30)
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self.executor.shutdown(wait=True)
+
+    # -- requests ------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream a request's output. prompt is raw text, token ids, or chat messages (the chat template is applied).
+
+        Leaving the loop early (break, cancellation) aborts the request.
+        Raises RequestRejected when admission refuses it.
+        """
+        if not self._tasks:
+            raise KvmuxError("not_running", "the engine is not started; use `async with Engine(...)`")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.router.streams:
+            raise RequestRejected("duplicate_request_id", f"request id {request_id!r} is already in flight")
+        params = params or SamplingParams()
+        text, ids, chat = split_prompt(prompt)
+        stream: asyncio.Queue = asyncio.Queue()
+        self.router.streams[request_id] = stream
+        self.admission.send(schema.Submit(request_id, text, ids, chat, replace(params), priority, time.monotonic()))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            del self.router.streams[request_id]
+            if not finished:
+                self.admission.send(schema.Abort(request_id))
+
+    async def complete(self, prompt: Prompt, params: SamplingParams | None = None, **kw) -> Completion:
+        """Run a request to the end and return its whole output."""
+        result = None
+        async for out in self.generate(prompt, params, **kw):
+            result = result or Completion(out.request_id)
+            result.add(out)
+        return result
+
+    async def abort(self, request_id: str) -> None:
+        self.admission.send(schema.Abort(request_id))
+
+    async def stats(self) -> dict:
+        """Counters from every actor plus the state of the KV pool."""
+        query_id = next(self._query_ids)
+        future = asyncio.get_running_loop().create_future()
+        self.router.queries[query_id] = (future, {}, {a.name for a in self._actors})
+        for actor in self._actors:
+            actor.send(schema.StatsQuery(query_id))
+        try:
+            merged = await asyncio.wait_for(future, timeout=30)
+        finally:
+            del self.router.queries[query_id]
+        merged.update(
+            blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
+            block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(),
+            uptime_s=time.monotonic() - self._started_at,
+        )
+        return merged
+
+    def describe(self) -> dict:
+        """What is loaded: model name, context length, KV pool shape."""
+        return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.config.dtype,
+                "max_model_len": self.max_model_len, "block_size": self.config.block_size,
+                "num_blocks": self.blocks.num_blocks, "config": asdict(self.config)}
+
+
+def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dict] | None]:
+    if isinstance(prompt, str):
+        return prompt, None, None
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt), None
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return None, None, [dict(m) for m in prompt]
+    raise RequestRejected("invalid_prompt", "prompt must be a string, a list of token ids, or a list of chat messages")
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}

@@ -1,0 +1,240 @@
+"""The socket protocol: framing, error codes and request validation, shared by server and client.
+
+A frame is a 4-byte big-endian length followed by that many bytes holding one
+msgpack map. docs/protocol.md is the specification; this module is the one
+place that encodes and decodes frames. It imports neither torch nor the
+engine, so the client library stays light.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from kvmux.outputs import KvmuxError
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 1 << 20  # bytes of one frame's body
+DEFAULT_READ_TIMEOUT = 10.0  # seconds to receive the rest of a frame once its first byte arrived
+MAX_ID_LEN = 256
+
+# Every error code a server sends, with what it means. The server sends no other code.
+ERROR_CODES = {
+    "malformed_frame": "the frame body is not a msgpack map (or uses ext types); the connection stays open",
+    "frame_too_large": "the length header exceeds the server's maximum frame size; the connection is closed",
+    "frame_timeout": "a frame was only partly received within the read timeout; the connection is closed",
+    "unknown_op": "the op field names no operation",
+    "missing_field": "a required field is absent",
+    "invalid_field": "a field has the wrong type or value, or is not a field of this op",
+    "invalid_prompt": "the prompt is empty or holds token ids outside the vocabulary",
+    "invalid_params": "a sampling parameter is out of range",
+    "prompt_too_long": "prompt + max_tokens exceed the context length or the KV pool",
+    "duplicate_request_id": "the id is already in flight on this connection",
+    "overloaded": "too many requests are waiting; retry later",
+    "shutting_down": "the server is stopping and admits no new requests",
+    "internal_error": "the server failed while handling the request",
+}
+
+OPS = ("generate", "abort", "stats", "health", "model")
+
+# Sampling fields a client may set, with their accepted msgpack types. They
+# mirror kvmux.sampling.SamplingParams (a test keeps the two in step); the
+# engine validates the values.
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "max_tokens": (int,),
+    "temperature": (int, float),
+    "top_k": (int,),
+    "top_p": (int, float),
+    "seed": (int, type(None)),
+    "stop": (list,),
+    "stop_token_ids": (list,),
+    "ignore_eos": (bool,),
+}
+# Reserved for parallel sampling: only n == 1 is accepted until the engine supports more.
+RESERVED_PARAMS = {"n": 1}
+
+
+class ProtocolError(KvmuxError):
+    """A frame or message the peer got wrong; `code` is one of ERROR_CODES.
+
+    fatal means the byte stream can no longer be split into frames, so the
+    connection must close after reporting it.
+    """
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None, fatal: bool = False) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
+        self.fatal = fatal
+
+
+# -- framing -------------------------------------------------------------------
+
+def _no_ext(code: int, data: bytes):
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def encode(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> dict:
+    """One frame body to a dict; raises ProtocolError(malformed_frame)."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                                  max_buffer_size=len(body) or 1)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError("malformed_frame", f"frame body is not valid msgpack: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed_frame", f"frame body must be a msgpack map, got {type(message).__name__}")
+    return message
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME,
+                     timeout: float | None = DEFAULT_READ_TIMEOUT) -> dict | None:
+    """Read one frame; None at a clean end of stream (between frames).
+
+    The size is checked before the body is read, so an oversized frame costs
+    no memory. Once a frame has begun, the rest must arrive within `timeout`
+    so that a stalled peer cannot hold a half-read frame forever.
+    """
+    try:
+        first = await reader.read(1)
+    except ConnectionError:
+        return None
+    if not first:
+        return None
+    try:
+        rest = await asyncio.wait_for(reader.readexactly(HEADER.size - 1), timeout)
+        (size,) = HEADER.unpack(first + rest)
+        if size > max_frame:
+            raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds the maximum of {max_frame} bytes",
+                                fatal=True)
+        body = await asyncio.wait_for(reader.readexactly(size), timeout)
+    except asyncio.TimeoutError:
+        raise ProtocolError("frame_timeout", f"a frame was not completed within {timeout} s", fatal=True) from None
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("malformed_frame", "the connection closed in the middle of a frame", fatal=True) from None
+    return decode(body)
+
+
+# -- messages --------------------------------------------------------------------
+
+@dataclass
+class Generate:
+    id: str
+    prompt: str | list
+    params: dict = field(default_factory=dict)  # SamplingParams fields
+    priority: int = 0
+
+
+@dataclass
+class Abort:
+    id: str
+    target: str  # the id of the generate request to abort
+
+
+@dataclass
+class Query:
+    """stats, health or model: no arguments, one result."""
+
+    id: str
+    op: str
+
+
+Request = Generate | Abort | Query
+
+
+def _field(message: dict, name: str, types: tuple[type, ...], what: str, request_id: str | None, default=...):
+    if name not in message:
+        if default is not ...:
+            return default
+        raise ProtocolError("missing_field", f"field {name!r} ({what}) is required", request_id=request_id)
+    value = message[name]
+    # bool is an int subclass; a flag is never a valid number here.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ProtocolError("invalid_field", f"field {name!r} must be {what}, got {type(value).__name__}",
+                            request_id=request_id)
+    return value
+
+
+def _check_fields(message: dict, allowed: set[str], op: str, request_id: str) -> None:
+    unknown = sorted(set(message) - allowed)
+    if unknown:
+        raise ProtocolError("invalid_field", f"{op} has no field(s) {', '.join(map(repr, unknown))}; "
+                                             f"its fields are {', '.join(sorted(allowed))}", request_id=request_id)
+
+
+def _prompt(value: Any, request_id: str) -> str | list:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and set(m) == {"role", "content"}
+            and isinstance(m["role"], str) and isinstance(m["content"], str) for m in value):
+        return value
+    raise ProtocolError("invalid_field", "field 'prompt' must be a string, a non-empty list of token ids, or a "
+                                         "non-empty list of {role: str, content: str} messages", request_id=request_id)
+
+
+def _params(value: dict, request_id: str) -> dict:
+    params = {}
+    for name, raw in value.items():
+        if name in RESERVED_PARAMS:
+            if raw != RESERVED_PARAMS[name]:
+                raise ProtocolError("invalid_field", f"params.{name} must be {RESERVED_PARAMS[name]}: parallel "
+                                                     "sampling is not supported yet", request_id=request_id)
+            continue
+        if name not in PARAM_TYPES:
+            raise ProtocolError("invalid_field", f"params has no field {name!r}; its fields are "
+                                                 f"{', '.join(sorted(PARAM_TYPES))}", request_id=request_id)
+        names = "/".join("nil" if t is type(None) else t.__name__ for t in PARAM_TYPES[name])
+        params[name] = _field(value, name, PARAM_TYPES[name], names, request_id)
+    return params
+
+
+def parse_request(message: dict) -> Request:
+    """Validate a decoded client frame; raises ProtocolError naming the first problem."""
+    op = _field(message, "op", (str,), f"one of {', '.join(OPS)}", None)
+    if op not in OPS:
+        raise ProtocolError("unknown_op", f"unknown op {op!r}; the ops are {', '.join(OPS)}",
+                            request_id=message.get("id") if isinstance(message.get("id"), str) else None)
+    request_id = _field(message, "id", (str,), "a string chosen by the client", None)
+    if not 0 < len(request_id) <= MAX_ID_LEN:
+        raise ProtocolError("invalid_field", f"field 'id' must be 1 to {MAX_ID_LEN} characters")
+    if op == "generate":
+        _check_fields(message, {"op", "id", "prompt", "params", "priority"}, op, request_id)
+        prompt = _prompt(_field(message, "prompt", (str, list), "the prompt", request_id), request_id)
+        params = _params(_field(message, "params", (dict,), "a map of sampling parameters", request_id, {}),
+                         request_id)
+        priority = _field(message, "priority", (int,), "an integer", request_id, 0)
+        return Generate(request_id, prompt, params, priority)
+    if op == "abort":
+        _check_fields(message, {"op", "id", "target"}, op, request_id)
+        return Abort(request_id, _field(message, "target", (str,), "the id of a generate request", request_id))
+    _check_fields(message, {"op", "id"}, op, request_id)
+    return Query(request_id, op)
+
+
+# -- server frames -----------------------------------------------------------------
+
+def output_frame(request_id: str, token_ids: list[int], text: str, finished: bool, finish_reason: str | None,
+                 num_prompt_tokens: int, num_output_tokens: int, error: str | None) -> dict:
+    return {"type": "output", "id": request_id, "token_ids": token_ids, "text": text, "finished": finished,
+            "finish_reason": finish_reason, "num_prompt_tokens": num_prompt_tokens,
+            "num_output_tokens": num_output_tokens, "error": error}
+
+
+def result_frame(request_id: str, op: str, data: dict) -> dict:
+    return {"type": "result", "id": request_id, "op": op, "data": data}
+
+
+def error_frame(request_id: str | None, code: str, message: str) -> dict:
+    if code not in ERROR_CODES:
+        # An engine code this protocol does not list (a bug to fix here); keep the original in the message.
+        message, code = f"{code}: {message}", "internal_error"
+    return {"type": "error", "id": request_id, "code": code, "message": message}

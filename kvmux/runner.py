@@ -1,0 +1,49 @@
+"""The model runner: turns one step's plan into tensors, runs the forward, samples.
+
+It runs on the engine's single forward thread and is the only code that
+touches the KV pool tensor, so pool writes never race.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvmux.forward_batch import ForwardBatch, SeqChunk
+from kvmux.kv_cache import KVCache
+from kvmux.sampling import SamplingParams, sample
+
+
+@dataclass
+class SeqWork:
+    """One sequence's part of a step: new tokens from position start, and how to sample (None: no sampling)."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    params: SamplingParams | None = None
+    seed: int = 0
+    step: int = 0
+
+
+@dataclass
+class StepWork:
+    seqs: list[SeqWork]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies, before the forward
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+
+    @torch.inference_mode()
+    def execute(self, work: StepWork) -> list[int]:
+        """Tokens sampled for the sequences that asked for one, in their order."""
+        if work.copies:
+            self.kv_cache.copy_blocks(work.copies)
+        chunks = [SeqChunk(s.token_ids, s.start, s.block_table, want_logits=s.params is not None) for s in work.seqs]
+        batch = ForwardBatch.build(chunks, self.kv_cache.block_size, self.kv_cache.device)
+        logits = self.model(batch, self.kv_cache)
+        chosen = [s for s in work.seqs if s.params is not None]
+        return sample(logits, [s.params for s in chosen], [s.seed for s in chosen], [s.step for s in chosen])

@@ -1,0 +1,209 @@
+"""Every message the actors exchange, and its msgpack encoding.
+
+Actors talk only through these messages. Each one crosses a queue as msgpack
+bytes, so no actor can hold a reference into another's state: a message is a
+copy by construction. Dataclasses are tagged with their class name on the wire
+and rebuilt on the other side; nothing but these classes can be decoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import msgpack
+
+from kvmux.sampling import SamplingParams
+
+
+@dataclass
+class SeqState:
+    """A request's sequence as it moves between actors.
+
+    token_ids holds the prompt followed by every token generated so far, so a
+    preempted sequence is recomputed by prefilling all of it again.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    arrival: float
+    priority: int = 0
+    # Incremental detokenization: text produced so far, how much of it was
+    # streamed, and the token window still being decoded.
+    output_text: str = ""
+    sent_chars: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+# engine -> admission
+@dataclass
+class Submit:
+    """Exactly one of prompt (raw text), prompt_ids or chat (messages for the chat template) is set."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int] | None
+    chat: list[dict] | None
+    params: SamplingParams
+    priority: int
+    arrival: float
+
+
+@dataclass
+class Abort:
+    """Cancel a request; with an error set, it ends with finish reason "error"."""
+
+    request_id: str
+    error: str | None = None
+
+
+# admission -> prefill; decode -> prefill (preempted, to recompute)
+@dataclass
+class Admitted:
+    seq: SeqState
+
+
+@dataclass
+class Requeue:
+    seq: SeqState
+
+
+# prefill -> decode: new work is waiting, start stepping if idle
+@dataclass
+class WorkAvailable:
+    pass
+
+
+# decode -> prefill, once per step: how many prompt tokens this step can take
+@dataclass
+class StepRequest:
+    step: int
+    budget: int
+    num_running: int
+    reserve_blocks: int
+
+
+@dataclass
+class Chunk:
+    request_id: str
+    start: int  # position of the chunk's first token
+    token_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    step: int
+    chunks: list[Chunk]
+    # Sequences whose final chunk is in this plan: decode owns them from now on.
+    handoffs: list[SeqState]
+    num_waiting: int
+
+
+# decode -> eviction: the running batch does not fit in the free blocks
+@dataclass
+class Candidate:
+    request_id: str
+    arrival: float
+    priority: int
+    num_blocks: int
+
+
+@dataclass
+class Pressure:
+    step: int
+    blocks_short: int
+    candidates: list[Candidate]
+
+
+@dataclass
+class PreemptOrder:
+    step: int
+    victims: list[str]
+
+
+# decode -> engine, once per step
+@dataclass
+class SeqOutput:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class StepOutputs:
+    outputs: list[SeqOutput]
+
+
+# engine -> admission: these requests have ended (frees their admission slots)
+@dataclass
+class Finished:
+    request_ids: list[str]
+
+
+# admission -> engine
+@dataclass
+class Rejected:
+    request_id: str
+    code: str
+    message: str
+
+
+@dataclass
+class StatsQuery:
+    query_id: int
+
+
+@dataclass
+class StatsReply:
+    query_id: int
+    actor: str
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+_CLASSES = {cls.__name__: cls for cls in (
+    SamplingParams, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Chunk,
+    StepPlan, Candidate, Pressure, PreemptOrder, SeqOutput, StepOutputs, Finished, Rejected,
+    StatsQuery, StatsReply, Shutdown,
+)}
+_FIELDS = {cls: [f.name for f in fields(cls)] for cls in _CLASSES.values()}
+_TAG = "__t"
+
+
+def _to_wire(obj):
+    names = _FIELDS.get(type(obj))
+    if names is None:
+        raise TypeError(f"cannot encode {type(obj).__name__}: not a kvmux message")
+    wire = {name: getattr(obj, name) for name in names}
+    wire[_TAG] = type(obj).__name__
+    return wire
+
+
+def _from_wire(wire: dict):
+    tag = wire.pop(_TAG, None)
+    if tag is None:
+        return wire
+    return _CLASSES[tag](**wire)
+
+
+def encode(message) -> bytes:
+    return msgpack.packb(message, default=_to_wire, use_bin_type=True)
+
+
+def decode(data: bytes):
+    return msgpack.unpackb(data, object_hook=_from_wire, raw=False, strict_map_key=False)

@@ -1,0 +1,221 @@
+"""The Unix-socket server: many connections, many requests per connection, each a stream of frames.
+
+Each connection has one reader loop and one task per request in flight; the
+tasks share the connection's writer under a lock, so frames of different
+requests interleave but never split. docs/protocol.md describes the wire.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from kvmux import protocol, unix_socket
+from kvmux.engine import Engine
+from kvmux.outputs import KvmuxError
+from kvmux.sampling import SamplingParams
+
+log = logging.getLogger("kvmux.server")
+
+
+@dataclass
+class ServerOptions:
+    socket_path: str
+    socket_mode: int = 0o600
+    max_frame: int = protocol.DEFAULT_MAX_FRAME
+    read_timeout: float = protocol.DEFAULT_READ_TIMEOUT
+    grace_period: float = 10.0  # seconds in-flight requests get to finish on shutdown before they are aborted
+
+
+class Connection:
+    def __init__(self, server: "Server", number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.server = server
+        self.number = number
+        self.reader = reader
+        self.writer = writer
+        self.write_lock = asyncio.Lock()
+        self.tasks: dict[str, asyncio.Task] = {}  # client id -> the task answering it
+        self.generating: set[str] = set()  # the client ids among tasks that are generate requests
+
+    def engine_id(self, client_id: str) -> str:
+        # Ids are the client's choice and unique only per connection; the engine needs them unique overall.
+        return f"c{self.number}:{client_id}"
+
+    async def send(self, frame: dict) -> None:
+        async with self.write_lock:
+            self.writer.write(protocol.encode(frame))
+            await self.writer.drain()
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await protocol.read_frame(self.reader, self.server.options.max_frame,
+                                                        self.server.options.read_timeout)
+                except protocol.ProtocolError as exc:
+                    await self.send(protocol.error_frame(None, exc.code, exc.message))
+                    if exc.fatal:
+                        return
+                    continue
+                if message is None:
+                    return
+                self.server.frames_received += 1
+                await self.dispatch(message)
+        except ConnectionError:
+            pass  # the client went away; the finally below cleans up
+        finally:
+            await self.close()
+
+    async def dispatch(self, message: dict) -> None:
+        try:
+            request = protocol.parse_request(message)
+        except protocol.ProtocolError as exc:
+            return await self.send_error(exc.request_id, exc.code, exc.message)
+        if request.id in self.tasks:
+            return await self.send_error(request.id, "duplicate_request_id",
+                                         f"id {request.id!r} is already in flight on this connection")
+        if isinstance(request, protocol.Generate):
+            if self.server.closing:
+                return await self.send_error(request.id, "shutting_down", "the server is shutting down")
+            handler = self.generate(request)
+            self.generating.add(request.id)
+        elif isinstance(request, protocol.Abort):
+            handler = self.abort(request)
+        else:
+            handler = self.query(request)
+        task = asyncio.create_task(self.guard(request.id, handler))
+        self.tasks[request.id] = task
+
+    async def guard(self, request_id: str, handler) -> None:
+        """Run one request's handler; whatever it raises becomes an error frame for that request alone."""
+        try:
+            await handler
+        except KvmuxError as exc:
+            await self.send_error(request_id, exc.code, exc.message)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the connection is going away: nobody to tell
+        except Exception as exc:
+            log.exception("request %r failed", request_id)
+            await self.send_error(request_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            del self.tasks[request_id]
+            self.generating.discard(request_id)
+
+    async def send_error(self, request_id: str | None, code: str, message: str) -> None:
+        self.server.errors_sent += 1
+        with contextlib.suppress(ConnectionError):
+            await self.send(protocol.error_frame(request_id, code, message))
+
+    async def generate(self, request: protocol.Generate) -> None:
+        engine = self.server.engine
+        stream = engine.generate(request.prompt, SamplingParams(**request.params),
+                                 request_id=self.engine_id(request.id), priority=request.priority)
+        # aclosing: leaving early (a lost connection, cancellation) closes the stream, which aborts the request.
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                await self.send(protocol.output_frame(
+                    request.id, out.token_ids, out.text, out.finished, out.finish_reason,
+                    out.num_prompt_tokens, out.num_output_tokens, out.error))
+
+    async def abort(self, request: protocol.Abort) -> None:
+        found = request.target in self.generating
+        if found:
+            await self.server.engine.abort(self.engine_id(request.target))
+        await self.send(protocol.result_frame(request.id, "abort", {"target": request.target, "aborted": found}))
+
+    async def query(self, request: protocol.Query) -> None:
+        data = await getattr(self.server, f"{request.op}_data")()
+        await self.send(protocol.result_frame(request.id, request.op, data))
+
+    async def close(self) -> None:
+        """Cancel every request of this connection (aborting them in the engine) and close it."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+class Server:
+    """Serves an Engine on a Unix socket.
+
+        async with Engine(...) as engine:
+            server = Server(engine, ServerOptions("/tmp/kvmux.sock"))
+            await server.start()
+            ...
+            await server.shutdown()
+    """
+
+    def __init__(self, engine: Engine, options: ServerOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self.frames_received = 0
+        self.errors_sent = 0
+        self._numbers = itertools.count()
+        self._connections_total = 0
+        self._listener: asyncio.AbstractServer | None = None
+        self._inode = 0
+
+    async def start(self) -> None:
+        sock = unix_socket.bind(self.options.socket_path, self.options.socket_mode)
+        self._inode = os.lstat(self.options.socket_path).st_ino
+        self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=self.options.max_frame + 64)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(self, next(self._numbers), reader, writer)
+        self.connections.add(conn)
+        self._connections_total += 1
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    def in_flight(self) -> int:
+        return sum(len(c.generating) for c in self.connections)
+
+    async def shutdown(self) -> None:
+        """Stop admitting, let in-flight requests finish within the grace period, abort the rest, close."""
+        self.closing = True
+        if self._listener is not None:
+            self._listener.close()
+        unix_socket.remove(self.options.socket_path, self._inode)
+        deadline = time.monotonic() + self.options.grace_period
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Abort what is left through the engine, so clients see a final frame with finish_reason "abort".
+        for conn in list(self.connections):
+            for client_id in list(conn.generating):
+                await self.engine.abort(conn.engine_id(client_id))
+        deadline = time.monotonic() + 5
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+    # -- query results ---------------------------------------------------------
+
+    async def stats_data(self) -> dict:
+        stats = await self.engine.stats()
+        stats.update(connections=len(self.connections), connections_total=self._connections_total,
+                     requests_in_flight=self.in_flight(), frames_received=self.frames_received,
+                     errors_sent=self.errors_sent)
+        return stats
+
+    async def health_data(self) -> dict:
+        return {"status": "shutting_down" if self.closing else "ok", "requests_in_flight": self.in_flight(),
+                "connections": len(self.connections)}
+
+    async def model_data(self) -> dict:
+        d = self.engine.describe()
+        return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "max_model_len": d["max_model_len"],
+                "block_size": d["block_size"], "num_blocks": d["num_blocks"],
+                "vocab_size": self.engine.loaded.config.vocab_size}
