@@ -52,9 +52,8 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "stop": (list,),
     "stop_token_ids": (list,),
     "ignore_eos": (bool,),
+    "n": (int,),  # parallel samples; each output frame says which one by its index
 }
-# Reserved for parallel sampling: only n == 1 is accepted until the engine supports more.
-RESERVED_PARAMS = {"n": 1}
 
 
 class ProtocolError(KvmuxError):
@@ -84,8 +83,8 @@ def encode(message: dict) -> bytes:
 def decode(body: bytes) -> dict:
     """One frame body to a dict; raises ProtocolError(malformed_frame)."""
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                  max_buffer_size=len(body) or 1)
+        # unpackb caps every string, list and map length at the body's size, so nothing can claim more memory.
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("malformed_frame", f"frame body is not valid msgpack: {exc}") from None
     if not isinstance(message, dict):
@@ -183,12 +182,7 @@ def _prompt(value: Any, request_id: str) -> str | list:
 
 def _params(value: dict, request_id: str) -> dict:
     params = {}
-    for name, raw in value.items():
-        if name in RESERVED_PARAMS:
-            if raw != RESERVED_PARAMS[name]:
-                raise ProtocolError("invalid_field", f"params.{name} must be {RESERVED_PARAMS[name]}: parallel "
-                                                     "sampling is not supported yet", request_id=request_id)
-            continue
+    for name in value:
         if name not in PARAM_TYPES:
             raise ProtocolError("invalid_field", f"params has no field {name!r}; its fields are "
                                                  f"{', '.join(sorted(PARAM_TYPES))}", request_id=request_id)
@@ -222,11 +216,17 @@ def parse_request(message: dict) -> Request:
 
 # -- server frames -----------------------------------------------------------------
 
-def output_frame(request_id: str, token_ids: list[int], text: str, finished: bool, finish_reason: str | None,
-                 num_prompt_tokens: int, num_output_tokens: int, error: str | None) -> dict:
-    return {"type": "output", "id": request_id, "token_ids": token_ids, "text": text, "finished": finished,
-            "finish_reason": finish_reason, "num_prompt_tokens": num_prompt_tokens,
-            "num_output_tokens": num_output_tokens, "error": error}
+def num_samples(params: dict) -> int:
+    """How many finished frames end a generate request: one per parallel sample."""
+    n = params.get("n", 1)
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def output_frame(request_id: str, out) -> dict:
+    """The frame for one kvmux.outputs.RequestOutput."""
+    return {"type": "output", "id": request_id, "index": out.index, "token_ids": out.token_ids, "text": out.text,
+            "finished": out.finished, "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
+            "num_output_tokens": out.num_output_tokens, "error": out.error}
 
 
 def result_frame(request_id: str, op: str, data: dict) -> dict:

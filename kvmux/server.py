@@ -57,7 +57,7 @@ class Connection:
                     message = await protocol.read_frame(self.reader, self.server.options.max_frame,
                                                         self.server.options.read_timeout)
                 except protocol.ProtocolError as exc:
-                    await self.send(protocol.error_frame(None, exc.code, exc.message))
+                    await self.send_error(None, exc.code, exc.message)
                     if exc.fatal:
                         return
                     continue
@@ -96,17 +96,29 @@ class Connection:
             await handler
         except KvmuxError as exc:
             await self.send_error(request_id, exc.code, exc.message)
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass  # the connection is going away: nobody to tell
         except Exception as exc:
             log.exception("request %r failed", request_id)
             await self.send_error(request_id, "internal_error", f"{type(exc).__name__}: {exc}")
         finally:
+            self.release(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Free a request's id. Called from the request's own task only, before its last frame is sent: a
+        client may reuse the id as soon as it reads that frame, and the new request must not be refused."""
+        if self.tasks.get(request_id) is asyncio.current_task():
             del self.tasks[request_id]
             self.generating.discard(request_id)
 
+    async def send_last(self, request_id: str, frame: dict) -> None:
+        self.release(request_id)
+        await self.send(frame)
+
     async def send_error(self, request_id: str | None, code: str, message: str) -> None:
         self.server.errors_sent += 1
+        if request_id is not None:
+            self.release(request_id)
         with contextlib.suppress(ConnectionError):
             await self.send(protocol.error_frame(request_id, code, message))
 
@@ -114,22 +126,24 @@ class Connection:
         engine = self.server.engine
         stream = engine.generate(request.prompt, SamplingParams(**request.params),
                                  request_id=self.engine_id(request.id), priority=request.priority)
+        samples_left = protocol.num_samples(request.params)
         # aclosing: leaving early (a lost connection, cancellation) closes the stream, which aborts the request.
         async with contextlib.aclosing(stream):
             async for out in stream:
-                await self.send(protocol.output_frame(
-                    request.id, out.token_ids, out.text, out.finished, out.finish_reason,
-                    out.num_prompt_tokens, out.num_output_tokens, out.error))
+                samples_left -= out.finished
+                frame = protocol.output_frame(request.id, out)
+                await (self.send_last(request.id, frame) if samples_left == 0 else self.send(frame))
 
     async def abort(self, request: protocol.Abort) -> None:
         found = request.target in self.generating
         if found:
             await self.server.engine.abort(self.engine_id(request.target))
-        await self.send(protocol.result_frame(request.id, "abort", {"target": request.target, "aborted": found}))
+        await self.send_last(request.id, protocol.result_frame(request.id, "abort",
+                                                               {"target": request.target, "aborted": found}))
 
     async def query(self, request: protocol.Query) -> None:
         data = await getattr(self.server, f"{request.op}_data")()
-        await self.send(protocol.result_frame(request.id, request.op, data))
+        await self.send_last(request.id, protocol.result_frame(request.id, request.op, data))
 
     async def close(self) -> None:
         """Cancel every request of this connection (aborting them in the engine) and close it."""

@@ -1,0 +1,1 @@
+"""Runnable examples of kvmux; `python -m examples` runs them all (see __main__.py)."""
