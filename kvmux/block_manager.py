@@ -4,36 +4,81 @@ A sequence's KV lives in fixed-size blocks of the pool; its block table maps
 token position p to slot ``table[p // block_size] * block_size + p % block_size``.
 Forked sequences share blocks by reference count, and a write into a shared
 partially-filled block copies it first (copy-on-write).
+
+Prefix caching: once a full block's KV has been computed (`mark_computed`,
+after the forward that wrote it), it is registered in the allocator under a
+chained content hash, and a new sequence whose prompt starts with the same
+tokens shares it instead of computing it again. Only full blocks are ever
+cached, and a full block is never written again, so a shared cached block is
+read-only by construction.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
 
-__all__ = ["BlockManager", "BlockError", "OutOfBlocks"]
+__all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
+
+
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def block_hashes(parent: int, token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained 64-bit hashes of the full blocks of token_ids: h_i = H(h_{i-1}, tokens of block i).
+
+    Chaining makes a block's hash stand for its whole prefix, so equal hashes
+    mean equal KV. blake2b-64 makes an accidental collision negligible (about
+    n^2 / 2^65 for n distinct blocks ever cached: 3e-8 for a million); we
+    accept that rather than compare tokens on every hit. Inputs are not
+    adversarial: prompts cannot be crafted to collide without breaking blake2b.
+    """
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        tokens = array("q", token_ids[start:start + block_size]).tobytes()
+        parent = _digest(parent.to_bytes(8, "little") + tokens)
+        hashes.append(parent)
+    return hashes
 
 
 class _Seq:
-    __slots__ = ("blocks", "num_tokens")
+    __slots__ = ("blocks", "num_tokens", "token_ids", "hashes", "num_registered", "pending_end")
 
-    def __init__(self, blocks: list[int], num_tokens: int):
+    def __init__(self, blocks: list[int], num_tokens: int, token_ids: list[int],
+                 hashes: list[int] | None = None, num_registered: int = 0, pending_end: int = 0):
         self.blocks = blocks
         self.num_tokens = num_tokens
+        self.token_ids = token_ids  # every token that has a slot, to hash blocks as they fill
+        self.hashes = hashes or []  # hashes of the leading full blocks, computed lazily
+        self.num_registered = num_registered  # leading blocks already offered to the cache
+        # Blocks [num_registered, pending_end) are prompt blocks this sequence
+        # is still computing: counted in BlockManager._pending.
+        self.pending_end = pending_end
 
 
 class BlockManager:
     """Per-sequence block tables over the native allocator. Sequences are identified by a str id."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 cache_key: bytes = b""):
+        """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._root_hash = _digest(b"kvmux-kv\0" + cache_key)
         self._alloc = BlockAllocator(num_blocks)
         self._seqs: dict[str, _Seq] = {}
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the cache
+        self.prefix_hit_tokens = 0  # of those, tokens whose KV was found there
+        # Hashes of prompt blocks some live sequence is computing right now -> how many.
+        self._pending: Counter[int] = Counter()
 
     @property
     def num_free(self) -> int:
@@ -51,17 +96,81 @@ class BlockManager:
     def can_allocate(self, num_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_for(num_tokens) + reserve <= self._alloc.num_free
 
-    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """Reserve slots for every token of a new sequence.
+    def _lookup_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """Hashes a new sequence may match: full blocks, but never the one holding the last token.
 
-        Returns how many leading tokens already have their KV cached (always 0
-        until prefix caching exists); the caller computes KV for the rest.
+        That token is always computed (its logits give the first output), and
+        computing it writes its block, which therefore must be the sequence's own.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        cacheable = (len(token_ids) - 1) // self.block_size * self.block_size
+        return block_hashes(self._root_hash, token_ids[:cacheable], self.block_size)
+
+    def can_allocate_prompt(self, token_ids: Sequence[int], reserve: int = 0) -> bool:
+        """Whether allocate(token_ids) fits, counting cache hits (free cached blocks revived still take room)."""
+        cost = self._alloc.prefix_cost(self._lookup_hashes(token_ids), self.blocks_for(len(token_ids)))
+        return cost + reserve <= self._alloc.num_free
+
+    def prefix_in_flight(self, token_ids: Sequence[int]) -> bool:
+        """Whether the next block this prompt misses is being computed by another sequence right now.
+
+        Admitting it now would compute that KV a second time; waiting a step
+        or two for it to land in the cache is cheaper.
+        """
+        if not self._pending:
+            return False
+        hashes = self._lookup_hashes(token_ids)
+        hits = len(self._alloc.lookup(hashes))
+        return hits < len(hashes) and hashes[hits] in self._pending
+
+    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """Reserve slots for every token of a new sequence, sharing cached blocks of its prefix.
+
+        Returns how many leading tokens already have their KV cached; the
+        caller computes KV for the rest (always at least the last token).
         """
         if seq_id in self._seqs:
             raise BlockError(f"sequence {seq_id!r} already exists")
-        blocks = self._alloc.allocate_n(self.blocks_for(len(token_ids)))
-        self._seqs[seq_id] = _Seq(blocks, len(token_ids))
-        return 0
+        hashes = self._lookup_hashes(token_ids)
+        blocks, hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
+        self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), hashes, num_registered=hits,
+                                  pending_end=len(hashes))
+        self._pending.update(hashes[hits:])
+        if self.enable_prefix_caching:
+            self.prefix_query_tokens += len(token_ids)
+            self.prefix_hit_tokens += hits * self.block_size
+        return hits * self.block_size
+
+    def mark_computed(self, seq_id: str, num_tokens: int) -> None:
+        """The KV of the sequence's first num_tokens tokens is now in the pool: cache its full blocks.
+
+        Called after the forward that wrote them, never before, so a lookup can
+        only ever hit KV that really exists. A sequence freed meanwhile is skipped.
+        """
+        seq = self._seqs.get(seq_id)
+        if seq is None or not self.enable_prefix_caching:
+            return
+        full = min(num_tokens, seq.num_tokens) // self.block_size
+        if full <= seq.num_registered:
+            return
+        if len(seq.hashes) < full:
+            done = len(seq.hashes) * self.block_size
+            parent = seq.hashes[-1] if seq.hashes else self._root_hash
+            seq.hashes += block_hashes(parent, seq.token_ids[done:full * self.block_size], self.block_size)
+        for i in range(seq.num_registered, full):
+            # False means another block already holds this content; this copy
+            # simply stays private and returns to the plain free list.
+            self._alloc.register_block(seq.blocks[i], seq.hashes[i])
+        self._settle(seq, full)
+        seq.num_registered = full
+
+    def _settle(self, seq: _Seq, end: int) -> None:
+        """Blocks below `end` are no longer being computed by seq (done, or the sequence is gone)."""
+        for i in range(seq.num_registered, min(end, seq.pending_end)):
+            self._pending[seq.hashes[i]] -= 1
+            if self._pending[seq.hashes[i]] <= 0:
+                del self._pending[seq.hashes[i]]
 
     def _cow_needed(self, seq: _Seq) -> bool:
         # Only a partially filled last block gets written into; a full one is
@@ -98,6 +207,7 @@ class BlockManager:
             copies.append((src, dst))
         seq.blocks.extend(fresh)
         seq.num_tokens += n
+        seq.token_ids.extend(token_ids)
         return copies
 
     def fork(self, parent_id: str, child_id: str) -> None:
@@ -105,17 +215,42 @@ class BlockManager:
         if child_id in self._seqs:
             raise BlockError(f"sequence {child_id!r} already exists")
         self._alloc.fork(parent.blocks)
-        self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens)
+        self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens, list(parent.token_ids),
+                                    list(parent.hashes), parent.num_registered)
 
     def free(self, seq_id: str) -> None:
-        self._alloc.free_blocks(self._get(seq_id).blocks)
+        # Last block first: cached blocks join the LRU in that order, so a
+        # prefix's tail is evicted before its head, and the head, which every
+        # longer prefix needs, stays reachable longest.
+        seq = self._get(seq_id)
+        self._alloc.free_blocks(seq.blocks[::-1])
+        self._settle(seq, seq.pending_end)
         del self._seqs[seq_id]
+
+    def evict_cached(self, n: int) -> int:
+        """Forget up to n least recently used cached free blocks; returns how many."""
+        return self._alloc.evict(n)
+
+    def cache_stats(self) -> dict:
+        queries, hits = self.prefix_query_tokens, self.prefix_hit_tokens
+        return {
+            "prefix_caching": self.enable_prefix_caching,
+            "prefix_cache_queries": queries,  # prompt tokens looked up
+            "prefix_cache_hits": hits,  # of those, tokens served from the cache
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "cached_blocks": self._alloc.num_cached,
+            "shared_blocks": self._alloc.num_shared,
+        }
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._seqs
 
     def block_table(self, seq_id: str) -> list[int]:
         return list(self._get(seq_id).blocks)
+
+    def usage(self) -> dict[str, int]:
+        """Blocks held by each live sequence (shared blocks count for every holder)."""
+        return {seq_id: len(seq.blocks) for seq_id, seq in self._seqs.items()}
 
     def num_tokens(self, seq_id: str) -> int:
         return self._get(seq_id).num_tokens
@@ -172,6 +307,16 @@ class BlockManager:
                 f"{self._alloc.num_free} free blocks, expected "
                 f"{self.num_blocks} - {len(holders)} in use"
             )
+        for seq_id, seq in self._seqs.items():
+            if len(seq.token_ids) != seq.num_tokens:
+                raise RuntimeError(f"sequence {seq_id!r}: {len(seq.token_ids)} token ids for {seq.num_tokens} slots")
+            # A cached block is read-only: it must be full wherever it is held.
+            for i, block in enumerate(seq.blocks):
+                if self._alloc.has_hash(block) and (i + 1) * self.block_size > seq.num_tokens:
+                    raise RuntimeError(f"sequence {seq_id!r} can still write into cached block {block}")
+        pending = Counter(h for seq in self._seqs.values() for h in seq.hashes[seq.num_registered:seq.pending_end])
+        if pending != self._pending:
+            raise RuntimeError(f"in-flight prefix blocks {dict(self._pending)} != {dict(pending)} held by sequences")
 
     def _get(self, seq_id: str) -> _Seq:
         try:

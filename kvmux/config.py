@@ -19,6 +19,8 @@ class EngineConfig:
     max_pending: int = 1024  # admitted, unfinished requests before new ones are refused as overloaded
     watermark: float = 0.01  # fraction of the pool kept free when admitting while others run
     threads: int | None = None  # torch threads for the forward; None: all cores
+    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes across requests
+    attention_backend: str = "auto"  # native kernels where built for the device, else the torch reference
 
     def validate(self) -> None:
         checks = [
@@ -32,6 +34,8 @@ class EngineConfig:
             (self.max_pending >= 1, "max_pending must be >= 1"),
             (0 <= self.watermark < 1, "watermark must be in [0, 1)"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
+            (self.attention_backend in ("auto", "native", "torch"),
+             f"attention_backend must be auto, native or torch, not {self.attention_backend!r}"),
         ]
         for ok, message in checks:
             if not ok:

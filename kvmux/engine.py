@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -40,6 +41,7 @@ class Router(Actor):
     def __init__(self) -> None:
         super().__init__()
         self.streams: dict[str, asyncio.Queue] = {}
+        self.samples_left: dict[str, int] = {}  # request id -> parallel samples not yet finished
         self.queries: dict[int, tuple[asyncio.Future, dict, set]] = {}  # id -> (result, merged, actors yet to reply)
         self.admission: Actor | None = None
 
@@ -47,16 +49,22 @@ class Router(Actor):
         if isinstance(message, schema.StepOutputs):
             finished = []
             for out in message.outputs:
+                # A request ends when the last of its n samples does.
                 if out.finish_reason is not None:
-                    finished.append(out.request_id)
+                    left = self.samples_left.pop(out.request_id, 1) - 1
+                    if left > 0:
+                        self.samples_left[out.request_id] = left
+                    else:
+                        finished.append(out.request_id)
                 stream = self.streams.get(out.request_id)
                 if stream is not None:
                     stream.put_nowait(RequestOutput(
                         out.request_id, out.token_ids, out.text, out.finish_reason is not None, out.finish_reason,
-                        out.num_prompt_tokens, out.num_output_tokens, out.error))
+                        out.num_prompt_tokens, out.num_output_tokens, out.error, out.index))
             if finished:
                 self.admission.send(schema.Finished(finished))
         elif isinstance(message, schema.Rejected):
+            self.samples_left.pop(message.request_id, None)
             stream = self.streams.get(message.request_id)
             if stream is not None:
                 stream.put_nowait(RequestRejected(message.code, message.message))
@@ -101,7 +109,8 @@ class Engine:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvmux-forward")
         loop = asyncio.get_running_loop()
         dtype = getattr(torch, cfg.dtype)
-        self.loaded = await loop.run_in_executor(self.executor, load_model, cfg.model, dtype, cfg.device)
+        self.loaded = await loop.run_in_executor(self.executor, functools.partial(
+            load_model, cfg.model, dtype, cfg.device, attention_backend=cfg.attention_backend))
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -110,7 +119,10 @@ class Engine:
             self.kv_cache = KVCache.from_budget(int(cfg.kv_cache_gib * 2**30), *shape)
         else:
             self.kv_cache = KVCache(cfg.num_blocks, *shape)
-        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size)
+        # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
+        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size,
+                                   enable_prefix_caching=cfg.enable_prefix_caching,
+                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode())
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
@@ -163,7 +175,9 @@ class Engine:
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's output. prompt is raw text, token ids, or chat messages (the chat template is applied).
 
-        Leaving the loop early (break, cancellation) aborts the request.
+        With params.n > 1 the pieces of all n samples interleave, told apart by
+        `index`; each sample's last piece has finished=True, and the stream
+        ends after all n. Leaving the loop early (break, cancellation) aborts the request.
         Raises RequestRejected when admission refuses it.
         """
         if not self._tasks:
@@ -175,6 +189,9 @@ class Engine:
         text, ids, chat = split_prompt(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self.router.streams[request_id] = stream
+        # An invalid n is rejected by admission; until then count it as one sample.
+        samples = params.n if isinstance(params.n, int) and params.n >= 1 else 1
+        self.router.samples_left[request_id] = samples
         self.admission.send(schema.Submit(request_id, text, ids, chat, replace(params), priority, time.monotonic()))
         finished = False
         try:
@@ -183,7 +200,8 @@ class Engine:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
-                finished = item.finished
+                samples -= item.finished
+                finished = samples == 0
                 yield item
         finally:
             del self.router.streams[request_id]
@@ -191,7 +209,7 @@ class Engine:
                 self.admission.send(schema.Abort(request_id))
 
     async def complete(self, prompt: Prompt, params: SamplingParams | None = None, **kw) -> Completion:
-        """Run a request to the end and return its whole output."""
+        """Run a request to the end and return its whole output (all n samples in `.samples`)."""
         result = None
         async for out in self.generate(prompt, params, **kw):
             result = result or Completion(out.request_id)
@@ -214,7 +232,7 @@ class Engine:
             del self.router.queries[query_id]
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
-            block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(),
+            block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged

@@ -29,11 +29,19 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    # Which of the request's n parallel samples this piece belongs to; with
+    # n > 1, `finished` means this sample is done, and the request is done
+    # when all n are.
+    index: int = 0
 
 
 @dataclass
 class Completion:
-    """A whole request's result."""
+    """A whole request's result.
+
+    With n > 1 parallel samples the fields describe sample 0 and `samples`
+    lists every sample (this one first) in index order.
+    """
 
     request_id: str
     text: str = ""
@@ -42,11 +50,20 @@ class Completion:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    index: int = 0
+    others: list[Completion] = field(default_factory=list, repr=False)  # samples 1..n-1
+
+    @property
+    def samples(self) -> list[Completion]:
+        return [self, *self.others]
 
     def add(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.token_ids += out.token_ids
-        self.finish_reason = out.finish_reason
-        self.num_prompt_tokens = out.num_prompt_tokens
-        self.num_output_tokens = out.num_output_tokens
-        self.error = out.error
+        while len(self.others) < out.index:
+            self.others.append(Completion(self.request_id, index=len(self.others) + 1))
+        target = self.samples[out.index]
+        target.text += out.text
+        target.token_ids += out.token_ids
+        target.finish_reason = out.finish_reason
+        target.num_prompt_tokens = out.num_prompt_tokens
+        target.num_output_tokens = out.num_output_tokens
+        target.error = out.error

@@ -24,6 +24,9 @@ class SeqWork:
     params: SamplingParams | None = None
     seed: int = 0
     step: int = 0
+    # Seeds of further parallel samples that draw their first token from these
+    # same logits (the prompt is computed once for all n samples).
+    fork_seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -39,11 +42,15 @@ class Runner:
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[int]:
-        """Tokens sampled for the sequences that asked for one, in their order."""
+        """Tokens sampled for the sequences that asked for one, in their order; each followed by its forks' tokens."""
         if work.copies:
             self.kv_cache.copy_blocks(work.copies)
         chunks = [SeqChunk(s.token_ids, s.start, s.block_table, want_logits=s.params is not None) for s in work.seqs]
         batch = ForwardBatch.build(chunks, self.kv_cache.block_size, self.kv_cache.device)
         logits = self.model(batch, self.kv_cache)
         chosen = [s for s in work.seqs if s.params is not None]
-        return sample(logits, [s.params for s in chosen], [s.seed for s in chosen], [s.step for s in chosen])
+        rows = [i for i, s in enumerate(chosen) for _ in range(1 + len(s.fork_seeds))]
+        if len(rows) != len(chosen):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        draws = [(s, seed) for s in chosen for seed in (s.seed, *s.fork_seeds)]
+        return sample(logits, [s.params for s, _ in draws], [seed for _, seed in draws], [s.step for s, _ in draws])

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_N = 64  # most parallel samples one request may ask for
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +20,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    n: int = 1  # parallel samples of one prompt: it is prefilled once and its blocks are shared
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -31,6 +34,8 @@ class SamplingParams:
              "stop must be a list of non-empty strings"),
             (isinstance(self.stop_token_ids, list) and all(isinstance(t, int) for t in self.stop_token_ids),
              "stop_token_ids must be a list of integers"),
+            (isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
+             f"n must be an integer in [1, {MAX_N}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -49,6 +54,14 @@ _STEP_MIX = 0x9E3779B97F4A7C15
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 6364136223846793005 + step * _STEP_MIX) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of parallel sample `index`: sample 0 keeps the request's seed, so it equals an n=1 request."""
+    if index == 0:
+        return seed
+    # A different multiplier from step_seed, so sample streams never line up with step streams.
+    return ((seed ^ 0x5DEECE66D) * 0xD1B54A32D192ED03 + index * _STEP_MIX) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> list[int]:

@@ -36,10 +36,28 @@ class SeqState:
     prefix_offset: int = 0
     read_offset: int = 0
     num_preemptions: int = 0
+    # Which of the request's params.n parallel samples this is. Sample 0 is
+    # the one admitted; the others are forked from it once its prompt is
+    # computed, each with its own seed (see sampling.sample_seed).
+    index: int = 0
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def seq_id(self) -> str:
+        """The sequence's id in the block manager and in actor state: unique per sample.
+
+        Sample 0 keeps the plain request id; NUL cannot appear in a sensible
+        request id, so the others never collide with another request.
+        """
+        return self.request_id if self.index == 0 else f"{self.request_id}\0{self.index}"
+
+    @property
+    def unforked(self) -> bool:
+        """A sample 0 that has not sampled yet: the other samples do not exist, it stands for all of them."""
+        return self.index == 0 and self.num_output_tokens == 0 and self.params.n > 1
 
 
 # engine -> admission
@@ -92,6 +110,7 @@ class StepRequest:
 
 @dataclass
 class Chunk:
+    seq_id: str
     request_id: str
     start: int  # position of the chunk's first token
     token_ids: list[int]
@@ -109,7 +128,7 @@ class StepPlan:
 # decode -> eviction: the running batch does not fit in the free blocks
 @dataclass
 class Candidate:
-    request_id: str
+    request_id: str  # the sequence's seq_id: samples of one request are preempted one by one
     arrival: float
     priority: int
     num_blocks: int
@@ -138,6 +157,7 @@ class SeqOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    index: int = 0  # which parallel sample
 
 
 @dataclass

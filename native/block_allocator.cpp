@@ -1,6 +1,7 @@
 #include "block_allocator.h"
 
 #include <algorithm>
+#include <iterator>
 
 namespace kvmux {
 
@@ -17,6 +18,9 @@ BlockAllocator::BlockAllocator(BlockId num_blocks) {
         throw BlockError("num_blocks must be >= 0, got " + std::to_string(num_blocks));
     }
     refcount_.assign(static_cast<std::size_t>(num_blocks), 0);
+    hash_.assign(static_cast<std::size_t>(num_blocks), 0);
+    cached_.assign(static_cast<std::size_t>(num_blocks), false);
+    lru_pos_.resize(static_cast<std::size_t>(num_blocks));
     free_.reserve(static_cast<std::size_t>(num_blocks));
     for (BlockId b = num_blocks - 1; b >= 0; --b) free_.push_back(b);
 }
@@ -42,13 +46,112 @@ void BlockAllocator::ensure_free(BlockId n) const {
 }
 
 BlockAllocator::BlockId BlockAllocator::take_free_block() {
-    BlockId block = free_.back();
-    free_.pop_back();
+    BlockId block;
+    if (!free_.empty()) {
+        block = free_.back();
+        free_.pop_back();
+    } else {
+        // Only now does a cached block lose its contents: the coldest one.
+        block = lru_.front();
+        lru_.pop_front();
+        uncache(block);
+    }
     refcount_[block] = 1;
     return block;
 }
 
-void BlockAllocator::release(BlockId block) { free_.push_back(block); }
+void BlockAllocator::release(BlockId block) {
+    if (cached_[block]) {
+        lru_.push_back(block);
+        lru_pos_[block] = std::prev(lru_.end());
+    } else {
+        free_.push_back(block);
+    }
+}
+
+void BlockAllocator::uncache(BlockId block) {
+    by_hash_.erase(hash_[block]);
+    cached_[block] = false;
+    hash_[block] = 0;
+}
+
+BlockAllocator::BlockId BlockAllocator::num_shared() const {
+    return static_cast<BlockId>(
+        std::count_if(refcount_.begin(), refcount_.end(), [](std::int32_t r) { return r > 1; }));
+}
+
+std::vector<BlockAllocator::BlockId> BlockAllocator::lookup(const std::vector<Hash>& hashes) const {
+    // Hashes are chained, so a miss ends the run: nothing after it can match
+    // the same prefix.
+    std::vector<BlockId> blocks;
+    for (Hash h : hashes) {
+        auto it = by_hash_.find(h);
+        if (it == by_hash_.end()) break;
+        blocks.push_back(it->second);
+    }
+    return blocks;
+}
+
+BlockAllocator::BlockId BlockAllocator::prefix_cost(const std::vector<Hash>& hashes, BlockId n) const {
+    if (n < 0) throw BlockError("cannot allocate a negative number of blocks (" + std::to_string(n) + ")");
+    std::vector<BlockId> hits = lookup(hashes);
+    if (static_cast<BlockId>(hits.size()) > n) hits.resize(static_cast<std::size_t>(n));
+    BlockId revived = std::count_if(hits.begin(), hits.end(), [&](BlockId b) { return refcount_[b] == 0; });
+    return n - static_cast<BlockId>(hits.size()) + revived;
+}
+
+std::pair<std::vector<BlockAllocator::BlockId>, BlockAllocator::BlockId>
+BlockAllocator::allocate_with_prefix(const std::vector<Hash>& hashes, BlockId n) {
+    ensure_free(prefix_cost(hashes, n));
+    std::vector<BlockId> blocks = lookup(hashes);
+    if (static_cast<BlockId>(blocks.size()) > n) blocks.resize(static_cast<std::size_t>(n));
+    const BlockId hits = static_cast<BlockId>(blocks.size());
+    // Revive the hits before taking fresh blocks, so that an eviction made
+    // for the fresh ones can never pick a block this sequence is reusing.
+    for (BlockId b : blocks) {
+        if (refcount_[b] == 0) lru_.erase(lru_pos_[b]);
+        ++refcount_[b];
+    }
+    blocks.reserve(static_cast<std::size_t>(n));
+    for (BlockId i = hits; i < n; ++i) blocks.push_back(take_free_block());
+    return {blocks, hits};
+}
+
+bool BlockAllocator::register_block(BlockId block, Hash hash) {
+    check_used(block);
+    if (cached_[block]) {
+        if (hash_[block] != hash) {
+            throw BlockError(block_str(block) + " is already cached under another hash");
+        }
+        return true;
+    }
+    if (by_hash_.count(hash)) return false;
+    by_hash_.emplace(hash, block);
+    hash_[block] = hash;
+    cached_[block] = true;
+    return true;
+}
+
+bool BlockAllocator::has_hash(BlockId block) const {
+    check_id(block);
+    return cached_[block];
+}
+
+BlockAllocator::Hash BlockAllocator::block_hash(BlockId block) const {
+    if (!has_hash(block)) throw BlockError(block_str(block) + " is not cached");
+    return hash_[block];
+}
+
+BlockAllocator::BlockId BlockAllocator::evict(BlockId n) {
+    BlockId dropped = 0;
+    for (; dropped < n && !lru_.empty(); ++dropped) {
+        BlockId block = lru_.front();
+        lru_.pop_front();
+        uncache(block);
+        free_.push_back(block);
+    }
+    return dropped;
+}
 
 BlockAllocator::BlockId BlockAllocator::allocate() {
     ensure_free(1);
@@ -130,10 +233,38 @@ void BlockAllocator::check_invariants() const {
             throw std::logic_error("free " + block_str(b) + " has refcount " +
                                    std::to_string(refcount_[b]));
         }
+        if (cached_[b]) throw std::logic_error("uncached free list holds cached " + block_str(b));
+    }
+    std::vector<bool> on_lru(static_cast<std::size_t>(n), false);
+    for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+        BlockId b = *it;
+        if (b < 0 || b >= n) throw std::logic_error("LRU holds " + block_str(b) + " out of range");
+        if (on_lru[b] || on_free_list[b]) {
+            throw std::logic_error("LRU holds " + block_str(b) + " twice or also on the free list");
+        }
+        on_lru[b] = true;
+        if (!cached_[b]) throw std::logic_error("LRU holds uncached " + block_str(b));
+        if (refcount_[b] != 0) {
+            throw std::logic_error("LRU " + block_str(b) + " has refcount " + std::to_string(refcount_[b]));
+        }
+        if (lru_pos_[b] != it) throw std::logic_error("stale LRU position for " + block_str(b));
+    }
+    BlockId num_cached_blocks = 0;
+    for (BlockId b = 0; b < n; ++b) {
+        if (!cached_[b]) continue;
+        ++num_cached_blocks;
+        auto found = by_hash_.find(hash_[b]);
+        if (found == by_hash_.end() || found->second != b) {
+            throw std::logic_error("cached " + block_str(b) + " is not under its hash in the map");
+        }
+    }
+    if (num_cached_blocks != static_cast<BlockId>(by_hash_.size())) {
+        throw std::logic_error("hash map has " + std::to_string(by_hash_.size()) + " entries for " +
+                               std::to_string(num_cached_blocks) + " cached blocks");
     }
     BlockId used = 0;
     for (BlockId b = 0; b < n; ++b) {
-        if (on_free_list[b]) continue;
+        if (on_free_list[b] || on_lru[b]) continue;
         if (refcount_[b] <= 0) {
             throw std::logic_error(block_str(b) + " is not on the free list but has refcount " +
                                    std::to_string(refcount_[b]));

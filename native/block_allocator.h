@@ -5,15 +5,22 @@
 // method validates its whole input before touching state, so an exception
 // never leaves the pool half-updated.
 //
-// Prefix caching will later keep freed full blocks around, keyed by a content
-// hash, in an LRU of reclaimable blocks. All transitions between "free" and
-// "in use" therefore go through take_free_block() / release(): that is where
-// the cache plugs in, without changing the public API.
+// Prefix caching: a full block whose KV has been computed can be registered
+// under a content hash (chained over every token before it, computed by the
+// caller). A cached block whose refcount drops to zero is not forgotten: it
+// waits on an LRU list and still counts as free. An allocation takes plain
+// free blocks first and evicts the least recently used cached block only when
+// none are left; a lookup hit on a cached free block revives it.
+//
+// All transitions between "free" and "in use" go through take_free_block() /
+// release(), which is where the cache plugs in.
 #pragma once
 
 #include <cstdint>
+#include <list>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -36,11 +43,16 @@ public:
     // Block ids arrive as int64 so that absurd values coming from Python get a
     // BlockError naming them instead of an integer-conversion failure.
     using BlockId = std::int64_t;
+    using Hash = std::uint64_t;
 
     explicit BlockAllocator(BlockId num_blocks);
 
     BlockId num_blocks() const { return static_cast<BlockId>(refcount_.size()); }
-    BlockId num_free() const { return static_cast<BlockId>(free_.size()); }
+    // Cached blocks nobody holds are free: they are reclaimed on demand.
+    BlockId num_free() const { return static_cast<BlockId>(free_.size() + lru_.size()); }
+    BlockId num_cached() const { return static_cast<BlockId>(by_hash_.size()); }
+    BlockId num_cached_free() const { return static_cast<BlockId>(lru_.size()); }
+    BlockId num_shared() const;  // blocks with more than one reference
 
     BlockId allocate();
     std::vector<BlockId> allocate_n(BlockId n);  // all or nothing
@@ -57,6 +69,25 @@ public:
     // (block, false) when the caller is the sole owner.
     std::pair<BlockId, bool> copy_on_write(BlockId block);
 
+    // Blocks cached under the longest leading run of `hashes` (not taken).
+    std::vector<BlockId> lookup(const std::vector<Hash>& hashes) const;
+    // Free blocks that allocate_with_prefix(hashes, n) would consume.
+    BlockId prefix_cost(const std::vector<Hash>& hashes, BlockId n) const;
+    // n blocks for a new sequence, all or nothing: the cached blocks matching
+    // the leading hashes (one more reference each, reviving free ones), then
+    // fresh blocks. Returns the blocks and how many came from the cache.
+    std::pair<std::vector<BlockId>, BlockId> allocate_with_prefix(const std::vector<Hash>& hashes,
+                                                                   BlockId n);
+    // Publish an in-use block's computed KV under `hash`. Returns false (and
+    // leaves the block uncached) when another block already holds that hash:
+    // the same content was computed twice, and the first copy stays canonical.
+    bool register_block(BlockId block, Hash hash);
+    bool has_hash(BlockId block) const;
+    Hash block_hash(BlockId block) const;  // BlockError when the block is not cached
+    // Drop up to n least recently used cached free blocks from the cache
+    // (they stay free); returns how many were dropped.
+    BlockId evict(BlockId n);
+
     // Throws std::logic_error describing the first inconsistency found.
     void check_invariants() const;
 
@@ -66,11 +97,22 @@ private:
     void ensure_free(BlockId n) const;
     BlockId take_free_block();
     void release(BlockId block);
+    void uncache(BlockId block);
 
     std::vector<std::int32_t> refcount_;
     // LIFO stack: recently freed blocks are reused first (warm in cache), and a
     // fresh pool is stacked in reverse so it hands out 0, 1, 2, ...
+    // Holds only uncached free blocks; cached free ones are on lru_.
     std::vector<BlockId> free_;
+
+    // Cache: hash -> block and back, for every cached block, in use or free.
+    std::unordered_map<Hash, BlockId> by_hash_;
+    std::vector<Hash> hash_;
+    std::vector<bool> cached_;
+    // Cached free blocks, least recently used first; lru_pos_ finds a block's
+    // node in O(1) when a hit revives it.
+    std::list<BlockId> lru_;
+    std::vector<std::list<BlockId>::iterator> lru_pos_;
 };
 
 }  // namespace kvmux

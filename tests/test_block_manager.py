@@ -251,3 +251,131 @@ def test_check_invariants_detects_corrupt_tables():
     bm._seqs["a"].num_tokens = 9  # claims a third block it never got
     with pytest.raises(RuntimeError, match="2 blocks for 9 tokens"):
         bm.check_invariants()
+
+
+# -- prefix caching ----------------------------------------------------------
+
+
+def test_prefix_hits_only_after_kv_is_computed():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(10)  # blocks: [0..3] [4..7] partial [8, 9]
+    assert bm.allocate("a", prompt) == 0
+    assert bm.allocate("b", prompt) == 0  # a's KV is not computed yet: no hit
+    bm.mark_computed("a", 10)
+    assert bm.allocate("c", prompt) == 8  # both full blocks shared, the partial one is private
+    assert bm.block_table("c")[:2] == bm.block_table("a")[:2]
+    assert bm.block_table("c")[2] != bm.block_table("a")[2]
+    assert bm.cache_stats()["shared_blocks"] == 2
+    bm.check_invariants()
+
+
+def test_a_hit_never_covers_the_last_prompt_token():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.allocate("a", toks(8))
+    bm.mark_computed("a", 8)
+    # The whole prompt is cached, but its last token must be computed for logits,
+    # and it writes into its block: that block cannot be a shared one.
+    assert bm.allocate("b", toks(8)) == 4
+    assert bm.block_table("b")[0] == bm.block_table("a")[0]
+    assert bm.block_table("b")[1] != bm.block_table("a")[1]
+    assert bm.allocate("c", toks(9)) == 8  # one more token: both full blocks hit
+    bm.check_invariants()
+
+
+def test_cached_blocks_survive_free_and_are_revived():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", toks(9))
+    bm.mark_computed("a", 9)
+    table = bm.block_table("a")
+    bm.free("a")
+    assert bm.num_free == 4
+    assert bm.cache_stats()["cached_blocks"] == 2
+    assert bm.can_allocate_prompt(toks(16))  # 2 revived + 2 fresh = the whole pool
+    assert bm.allocate("b", toks(16)) == 8
+    assert bm.block_table("b")[:2] == table[:2]
+    stats = bm.cache_stats()
+    assert (stats["prefix_cache_queries"], stats["prefix_cache_hits"]) == (9 + 16, 8)
+    bm.check_invariants()
+
+
+def test_prefix_tail_is_evicted_before_its_head():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", toks(13))
+    bm.mark_computed("a", 13)
+    bm.free("a")  # 3 cached blocks + 1 plain free block
+    bm.allocate("x", [1, 2])  # the plain free block
+    bm.allocate("y", [3, 4])  # none left: the coldest cached block goes, a's last full one
+    bm.free("x")
+    bm.free("y")
+    assert bm.allocate("b", toks(13)) == 8
+    bm.check_invariants()
+
+
+def test_decode_blocks_are_cached_as_they_fill():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", toks(3))
+    bm.mark_computed("a", 3)
+    bm.append_slots("a", [103])
+    bm.append_slots("a", [104])
+    bm.mark_computed("a", 5)  # position 4 is still being written: only block 0 is complete
+    assert bm.allocate("b", toks(5) + [7]) == 4
+    bm.check_invariants()
+
+
+def test_mark_computed_of_freed_sequence_is_ignored():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", toks(8))
+    bm.free("a")
+    bm.mark_computed("a", 8)
+    assert bm.cache_stats()["cached_blocks"] == 0
+
+
+def test_disabled_cache_never_hits():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    bm.allocate("a", toks(9))
+    bm.mark_computed("a", 9)
+    assert bm.allocate("b", toks(9)) == 0
+    assert bm.cache_stats()["cached_blocks"] == 0
+    assert bm.cache_stats()["prefix_cache_queries"] == 0
+
+
+def test_cache_key_separates_hash_chains():
+    plain = BlockManager(num_blocks=4, block_size=4)
+    other = BlockManager(num_blocks=4, block_size=4, cache_key=b"another-model|bfloat16")
+    assert plain._lookup_hashes(toks(9)) != other._lookup_hashes(toks(9))
+
+
+def test_fork_shares_cached_prompt_and_copies_partial_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("p", toks(6))
+    bm.mark_computed("p", 6)
+    bm.fork("p", "c")
+    assert bm.cache_stats()["shared_blocks"] == 2
+    copies = bm.append_slots("c", [1])
+    assert copies == [(bm.block_table("p")[1], bm.block_table("c")[1])]
+    assert bm.append_slots("p", [2]) == []  # the parent is sole owner again
+    bm.mark_computed("c", 7)
+    bm.mark_computed("p", 7)
+    bm.check_invariants()
+    bm.free("p")
+    bm.free("c")
+    assert bm.num_free == 8
+    bm.check_invariants()
+
+
+def test_prefix_in_flight_until_computed_or_freed():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(10)
+    assert not bm.prefix_in_flight(prompt)
+    bm.allocate("a", prompt)
+    assert bm.prefix_in_flight(prompt)  # a is computing blocks another copy would want
+    assert not bm.prefix_in_flight([1] + prompt)
+    bm.mark_computed("a", 4)
+    assert bm.prefix_in_flight(prompt)  # the second block is still on its way
+    bm.check_invariants()
+    bm.mark_computed("a", 10)
+    assert not bm.prefix_in_flight(prompt)
+    bm.allocate("b", toks(12))
+    bm.free("b")  # gone before computing its third block
+    assert not bm.prefix_in_flight(toks(13))
+    bm.check_invariants()

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import Executor
+from dataclasses import replace
 
 from kvmux import schema
 from kvmux.actors.base import Actor, log
@@ -20,6 +21,7 @@ from kvmux.actors.tombstones import Tombstones
 from kvmux.block_manager import BlockManager
 from kvmux.detokenize import detokenize_step
 from kvmux.runner import Runner, SeqWork, StepWork
+from kvmux.sampling import sample_seed
 
 
 class _Stop(Exception):
@@ -41,7 +43,7 @@ class Decode(Actor):
         self.prefill = prefill
         self.eviction = eviction
         self.engine = engine
-        self.running: dict[str, schema.SeqState] = {}
+        self.running: dict[str, schema.SeqState] = {}  # by seq_id: each parallel sample runs on its own
         self.prefill_ready = False
         self.stopping = False
         self.tombstones = Tombstones()
@@ -89,12 +91,15 @@ class Decode(Actor):
             self._dispatch(message)
 
     def _abort(self, request_id: str, error: str | None) -> None:
-        seq = self.running.pop(request_id, None)
-        if seq is None:
+        held = [seq for seq in self.running.values() if seq.request_id == request_id]
+        # Another sample of it may be on its way here from prefill.
+        if not held or any(s.params.n > 1 for s in held):
             self.tombstones.add(request_id, error)
-            return
-        self.blocks.free(request_id)
-        self.engine.send(schema.StepOutputs([ended(seq, error)]))
+        for seq in held:
+            del self.running[seq.seq_id]
+            self.blocks.free(seq.seq_id)
+        if held:
+            self.engine.send(schema.StepOutputs([out for seq in held for out in ended(seq, error)]))
 
     # -- the step ----------------------------------------------------------
 
@@ -109,7 +114,7 @@ class Decode(Actor):
         plan = await self._reply(schema.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
-        work, sampled = self._build(plan)
+        work, sampled, computed = self._build(plan)
         if work.seqs:
             try:
                 t0 = time.perf_counter()
@@ -119,7 +124,15 @@ class Decode(Actor):
                 log.exception("forward failed at step %d", step)
                 self._fail_batch(plan, f"forward failed: {type(exc).__name__}: {exc}")
                 return
-            outputs += [self._advance(seq, token) for seq, token in zip(sampled, tokens)]
+            # The step's KV now exists: only from here on may other sequences find it in the prefix cache.
+            for seq_id, num_tokens in computed:
+                self.blocks.mark_computed(seq_id, num_tokens)
+            tokens = iter(tokens)
+            for seq in sampled:
+                token = next(tokens)
+                if seq.unforked:
+                    outputs += self._fork(seq, tokens)
+                outputs.append(self._advance(seq, token))
         if outputs:
             self.engine.send(schema.StepOutputs(outputs))
         now = time.perf_counter()
@@ -135,17 +148,18 @@ class Decode(Actor):
             short = need - self.blocks.num_free
             if short <= 0:
                 return need
-            candidates = [schema.Candidate(rid, s.arrival, s.priority, len(self.blocks.block_table(rid)))
-                          for rid, s in self.running.items()]
+            candidates = [schema.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)))
+                          for sid, s in self.running.items()]
             self.eviction.send(schema.Pressure(step, short, candidates))
             order = await self._reply(schema.PreemptOrder, step)
             victims = [v for v in order.victims if v in self.running] or [next(reversed(self.running))]
-            for request_id in victims:
-                self._preempt(request_id)
+            for seq_id in victims:
+                self._preempt(seq_id)
 
-    def _preempt(self, request_id: str) -> None:
-        seq = self.running.pop(request_id)
-        self.blocks.free(request_id)
+    def _preempt(self, seq_id: str) -> None:
+        seq = self.running.pop(seq_id)
+        # With prefix caching its computed blocks stay cached, so the recompute mostly hits them.
+        self.blocks.free(seq_id)
         seq.num_preemptions += 1
         self.prefill.send(schema.Requeue(seq))
 
@@ -153,49 +167,70 @@ class Decode(Actor):
         """End hand-offs whose abort overtook them; their chunks are not computed."""
         outputs = []
         for seq in list(plan.handoffs):
-            aborted, error = self.tombstones.take(seq.request_id)
+            aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
             if aborted:
-                self.blocks.free(seq.request_id)
+                self.blocks.free(seq.seq_id)
                 plan.handoffs.remove(seq)
-                plan.chunks = [c for c in plan.chunks if c.request_id != seq.request_id]
-                outputs.append(ended(seq, error))
+                plan.chunks = [c for c in plan.chunks if c.seq_id != seq.seq_id]
+                outputs += ended(seq, error)
         return outputs
 
-    def _build(self, plan: schema.StepPlan) -> tuple[StepWork, list[schema.SeqState]]:
-        """The forward's inputs, and the sequences that get a token sampled (in logits order)."""
+    def _build(self, plan: schema.StepPlan) -> tuple[StepWork, list[schema.SeqState], list[tuple[str, int]]]:
+        """The forward's inputs, the sequences that get a token sampled (in logits order),
+        and (seq_id, tokens whose KV exists after the forward) for the prefix cache."""
         seqs: list[SeqWork] = []
         sampled: list[schema.SeqState] = []
+        computed: list[tuple[str, int]] = []
         copies: list[tuple[int, int]] = []
-        for rid, seq in self.running.items():
+        for sid, seq in self.running.items():
             last = seq.token_ids[-1]
-            copies += self.blocks.append_slots(rid, [last])
+            copies += self.blocks.append_slots(sid, [last])
             seqs.append(self._seq_work(seq, [last], len(seq.token_ids) - 1))
             sampled.append(seq)
-        finishing = {s.request_id: s for s in plan.handoffs}
+            computed.append((sid, len(seq.token_ids)))
+        finishing = {s.seq_id: s for s in plan.handoffs}
         for chunk in plan.chunks:
-            seq = finishing.get(chunk.request_id)
+            seq = finishing.get(chunk.seq_id)
             if seq is None:
-                seqs.append(SeqWork(chunk.token_ids, chunk.start, self.blocks.block_table(chunk.request_id)))
+                seqs.append(SeqWork(chunk.token_ids, chunk.start, self.blocks.block_table(chunk.seq_id)))
             else:
                 seqs.append(self._seq_work(seq, chunk.token_ids, chunk.start))
                 sampled.append(seq)
-                self.running[seq.request_id] = seq
-        return StepWork(seqs, copies), sampled
+                self.running[seq.seq_id] = seq
+            computed.append((chunk.seq_id, chunk.start + len(chunk.token_ids)))
+        return StepWork(seqs, copies), sampled, computed
 
     def _seq_work(self, seq: schema.SeqState, token_ids: list[int], start: int) -> SeqWork:
-        return SeqWork(token_ids, start, self.blocks.block_table(seq.request_id),
-                       params=seq.params, seed=seq.seed, step=seq.num_output_tokens)
+        # An unforked sample 0 draws the first tokens of all n samples from its logits.
+        forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
+        return SeqWork(token_ids, start, self.blocks.block_table(seq.seq_id),
+                       params=seq.params, seed=seq.seed, step=seq.num_output_tokens, fork_seeds=forks)
+
+    def _fork(self, seq: schema.SeqState, tokens) -> list[schema.SeqOutput]:
+        """Start samples 1..n-1 of a request: each shares every prompt block of sample 0.
+
+        Called before sample 0 takes its own first token, so the samples share
+        the prompt exactly; the partly filled last block is copied on the first
+        write into it (copy-on-write in append_slots).
+        """
+        outputs = []
+        for i in range(1, seq.params.n):
+            child = replace(seq, index=i, seed=sample_seed(seq.seed, i), token_ids=list(seq.token_ids))
+            self.blocks.fork(seq.seq_id, child.seq_id)
+            self.running[child.seq_id] = child
+            outputs.append(self._advance(child, next(tokens)))
+        return outputs
 
     def _fail_batch(self, plan: schema.StepPlan, error: str) -> None:
         outputs = []
-        for rid in list(self.running):
-            seq = self.running.pop(rid)
-            self.blocks.free(rid)
-            outputs.append(ended(seq, error))
+        for sid in list(self.running):
+            seq = self.running.pop(sid)
+            self.blocks.free(sid)
+            outputs += ended(seq, error)
         self.engine.send(schema.StepOutputs(outputs))
-        finishing = {s.request_id for s in plan.handoffs}
+        finishing = {s.seq_id for s in plan.handoffs}
         for chunk in plan.chunks:
-            if chunk.request_id not in finishing:
+            if chunk.seq_id not in finishing:
                 self.prefill.send(schema.Abort(chunk.request_id, error))
 
     def _advance(self, seq: schema.SeqState, token: int) -> schema.SeqOutput:
@@ -227,9 +262,10 @@ class Decode(Actor):
         delta = seq.output_text[seq.sent_chars:end]
         seq.sent_chars = end
         if finish:
-            del self.running[seq.request_id]
-            self.blocks.free(seq.request_id)
-        return schema.SeqOutput(seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens)
+            del self.running[seq.seq_id]
+            self.blocks.free(seq.seq_id)
+        return schema.SeqOutput(seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens,
+                                index=seq.index)
 
     def _stats(self) -> dict:
         window = sum(n for _, n in self.recent)

@@ -9,11 +9,13 @@ from kvmux.actors.tombstones import Tombstones
 from kvmux.block_manager import BlockManager
 
 
-def ended(seq: schema.SeqState, error: str | None) -> schema.SeqOutput:
-    return schema.SeqOutput(
+def ended(seq: schema.SeqState, error: str | None) -> list[schema.SeqOutput]:
+    """Final outputs of a sequence ended early: one per sample it stands for (all n while unforked)."""
+    indices = range(seq.params.n) if seq.unforked else [seq.index]
+    return [schema.SeqOutput(
         request_id=seq.request_id, token_ids=[], text="", finish_reason="error" if error else "abort",
-        num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens, error=error,
-    )
+        num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens, error=error, index=i,
+    ) for i in indices]
 
 
 class Prefill(Actor):
@@ -29,7 +31,7 @@ class Prefill(Actor):
         # Not yet started, in scheduling order: priority, then arrival (a
         # preempted sequence keeps its arrival, so it goes before newer ones).
         self.waiting: list[schema.SeqState] = []
-        # Blocks allocated, prompt partly computed: request id -> (seq, tokens computed).
+        # Blocks allocated, prompt partly computed: seq id -> (seq, tokens computed).
         self.in_progress: dict[str, tuple[schema.SeqState, int]] = {}
         self.tombstones = Tombstones()
         self.prompt_tokens_computed = 0
@@ -50,27 +52,30 @@ class Prefill(Actor):
 
     def on_error(self, message, exc: Exception) -> None:
         if isinstance(message, (schema.Admitted, schema.Requeue)):
-            self.engine.send(schema.StepOutputs([ended(message.seq, f"{type(exc).__name__}: {exc}")]))
+            self.engine.send(schema.StepOutputs(ended(message.seq, f"{type(exc).__name__}: {exc}")))
 
     def _enqueue(self, seq: schema.SeqState) -> None:
-        aborted, error = self.tombstones.take(seq.request_id)
+        aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
         if aborted:
-            self.engine.send(schema.StepOutputs([ended(seq, error)]))
+            self.engine.send(schema.StepOutputs(ended(seq, error)))
             return
         bisect.insort(self.waiting, seq, key=lambda s: (-s.priority, s.arrival))
         self.decode.send(schema.WorkAvailable())
 
     def _abort(self, request_id: str, error: str | None) -> None:
-        if request_id in self.in_progress:
-            seq, _ = self.in_progress.pop(request_id)
-            self.blocks.free(request_id)
-        else:
-            seq = next((s for s in self.waiting if s.request_id == request_id), None)
-            if seq is None:
-                self.tombstones.add(request_id, error)
-                return
-            self.waiting.remove(seq)
-        self.engine.send(schema.StepOutputs([ended(seq, error)]))
+        # Several samples of one request may be here (preempted ones come back to be recomputed).
+        held = [seq for seq, _ in self.in_progress.values() if seq.request_id == request_id]
+        for seq in held:
+            del self.in_progress[seq.seq_id]
+            self.blocks.free(seq.seq_id)
+        waiting = [s for s in self.waiting if s.request_id == request_id]
+        self.waiting = [s for s in self.waiting if s.request_id != request_id]
+        held += waiting
+        # Another sample may still be on its way here from decode.
+        if not held or any(s.params.n > 1 for s in held):
+            self.tombstones.add(request_id, error)
+        if held:
+            self.engine.send(schema.StepOutputs([out for seq in held for out in ended(seq, error)]))
 
     def _plan(self, req: schema.StepRequest) -> schema.StepPlan:
         budget = req.budget
@@ -78,7 +83,7 @@ class Prefill(Actor):
         handoffs: list[schema.SeqState] = []
         # Sequences already under way go first, so a long prompt advances every
         # step and its blocks are not held idle.
-        for request_id, (seq, done) in list(self.in_progress.items()):
+        for seq, done in list(self.in_progress.values()):
             if budget <= 0:
                 break
             budget -= self._chunk(seq, done, budget, chunks, handoffs)
@@ -88,10 +93,14 @@ class Prefill(Actor):
             # Keep the blocks the running batch needs for its next token, and a
             # watermark, unless nothing runs at all (then the whole pool is fair game).
             reserve = req.reserve_blocks + (self.watermark_blocks if req.num_running or self.in_progress else 0)
-            if not self.blocks.can_allocate(len(seq.token_ids), reserve=reserve):
+            if not self.blocks.can_allocate_prompt(seq.token_ids, reserve=reserve):
+                break
+            # Its prefix is being computed for another sequence: wait for it to be cached.
+            if self.blocks.prefix_in_flight(seq.token_ids):
                 break
             self.waiting.pop(0)
-            cached = self.blocks.allocate(seq.request_id, seq.token_ids)
+            # Leading tokens whose KV is cached are shared, not recomputed.
+            cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
             free_seats -= 1
             budget -= self._chunk(seq, cached, budget, chunks, handoffs)
         return schema.StepPlan(req.step, chunks, handoffs, num_waiting=len(self.waiting) + len(self.in_progress))
@@ -100,11 +109,11 @@ class Prefill(Actor):
         # At least one prompt token is always computed, so the last chunk has logits to sample from.
         done = min(done, len(seq.token_ids) - 1)
         n = min(budget, len(seq.token_ids) - done)
-        chunks.append(schema.Chunk(seq.request_id, done, seq.token_ids[done:done + n]))
+        chunks.append(schema.Chunk(seq.seq_id, seq.request_id, done, seq.token_ids[done:done + n]))
         self.prompt_tokens_computed += n
         if done + n == len(seq.token_ids):
-            self.in_progress.pop(seq.request_id, None)
+            self.in_progress.pop(seq.seq_id, None)
             handoffs.append(seq)
         else:
-            self.in_progress[seq.request_id] = (seq, done + n)
+            self.in_progress[seq.seq_id] = (seq, done + n)
         return n

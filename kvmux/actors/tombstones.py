@@ -22,7 +22,8 @@ class Tombstones:
         if len(self._ids) > self._capacity:
             self._ids.popitem(last=False)
 
-    def take(self, request_id: str) -> tuple[bool, str | None]:
+    def take(self, request_id: str, keep: bool = False) -> tuple[bool, str | None]:
+        """Whether request_id was aborted (and its error). keep: more samples of it may still arrive."""
         if request_id in self._ids:
-            return True, self._ids.pop(request_id)
+            return True, self._ids[request_id] if keep else self._ids.pop(request_id)
         return False, None
