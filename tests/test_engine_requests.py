@@ -238,3 +238,48 @@ def test_sync_llm_wrapper(tiny):
         chat = llm.generate([{"role": "user", "content": "hello world"}], greedy(3))
         assert chat[0].num_prompt_tokens > 3
         assert llm.stats()["blocks_free"] == 64
+
+
+def test_tokenizer_failure_ends_only_that_request(tiny):
+    import kvmux.actors.decode as decode_module
+
+    bad = [9, 9, 9, 9, 9]
+    real = decode_module.detokenize_step
+
+    def picky(tokenizer, token_ids, *args, **kw):
+        if token_ids[:len(bad)] == bad:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(tokenizer, token_ids, *args, **kw)
+
+    async def main():
+        async with engine(tiny) as e:
+            decode_module.detokenize_step = picky
+            try:
+                good, broken = await asyncio.gather(e.complete(PROMPT, greedy(12)), e.complete(bad, greedy(12)))
+            finally:
+                decode_module.detokenize_step = real
+            assert good.finish_reason == "length" and good.num_output_tokens == 12
+            assert broken.finish_reason == "error" and "injected" in broken.error
+            await wait_for_blocks(e)
+    asyncio.run(main())
+
+
+def test_broken_step_fails_its_batch_and_the_engine_goes_on(tiny):
+    async def main():
+        async with engine(tiny) as e:
+            real = e.decode._build
+            calls = 0
+
+            def broken(plan):
+                nonlocal calls
+                calls += 1
+                if calls == 2:
+                    raise RuntimeError("injected bookkeeping fault")
+                return real(plan)
+            e.decode._build = broken
+            done = await asyncio.gather(*(e.complete(PROMPT, greedy(8)) for _ in range(3)))
+            assert any(c.finish_reason == "error" and "injected" in c.error for c in done)
+            await wait_for_blocks(e)
+            assert (await e.complete(PROMPT, greedy(4))).num_output_tokens == 4
+            await wait_for_blocks(e)
+    asyncio.run(main())

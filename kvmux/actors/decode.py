@@ -24,10 +24,6 @@ from kvmux.runner import Runner, SeqWork, StepWork
 from kvmux.sampling import sample_seed
 
 
-class _Stop(Exception):
-    pass
-
-
 class Decode(Actor):
     name = "decode"
 
@@ -48,6 +44,7 @@ class Decode(Actor):
         self.stopping = False
         self.tombstones = Tombstones()
         self.step = 0
+        self.plan: schema.StepPlan | None = None  # this step's plan from prefill, while the step runs
         # Statistics.
         self.output_tokens = 0
         self.forward_seconds = 0.0
@@ -55,18 +52,20 @@ class Decode(Actor):
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
 
     async def run(self) -> None:
-        try:
-            while True:
-                if not self.running and not self.prefill_ready:
-                    self._dispatch(await self.receive())
-                while not self.inbox.empty():
-                    self._dispatch(self.receive_nowait())
-                if self.stopping:
-                    return
-                if self.running or self.prefill_ready:
+        while True:
+            if not self.running and not self.prefill_ready:
+                self._dispatch(await self.receive())
+            while not self.inbox.empty():
+                self._dispatch(self.receive_nowait())
+            if self.stopping:
+                return
+            if self.running or self.prefill_ready:
+                self.plan = None
+                try:
                     await self._step()
-        except _Stop:
-            return
+                except Exception as exc:  # noqa: BLE001 - a broken step fails its sequences, not the engine
+                    log.exception("decode step %d failed", self.step)
+                    self._fail_batch(self.plan, f"internal error: {type(exc).__name__}: {exc}")
 
     # -- messages ----------------------------------------------------------
 
@@ -111,7 +110,7 @@ class Decode(Actor):
 
         self.prefill.send(schema.StepRequest(step, self.max_num_batched_tokens - len(self.running),
                                              len(self.running), reserve))
-        plan = await self._reply(schema.StepPlan, step)
+        plan = self.plan = await self._reply(schema.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
         work, sampled, computed = self._build(plan)
@@ -132,7 +131,7 @@ class Decode(Actor):
                 token = next(tokens)
                 if seq.unforked:
                     outputs += self._fork(seq, tokens)
-                outputs.append(self._advance(seq, token))
+                outputs.append(self._advance_or_fail(seq, token))
         if outputs:
             self.engine.send(schema.StepOutputs(outputs))
         now = time.perf_counter()
@@ -218,20 +217,38 @@ class Decode(Actor):
             child = replace(seq, index=i, seed=sample_seed(seq.seed, i), token_ids=list(seq.token_ids))
             self.blocks.fork(seq.seq_id, child.seq_id)
             self.running[child.seq_id] = child
-            outputs.append(self._advance(child, next(tokens)))
+            outputs.append(self._advance_or_fail(child, next(tokens)))
         return outputs
 
-    def _fail_batch(self, plan: schema.StepPlan, error: str) -> None:
+    def _fail_batch(self, plan: schema.StepPlan | None, error: str) -> None:
+        """End every sequence of the step with an error: running ones, hand-offs, and (through prefill) the rest."""
         outputs = []
         for sid in list(self.running):
             seq = self.running.pop(sid)
             self.blocks.free(sid)
             outputs += ended(seq, error)
+        handoffs = plan.handoffs if plan else []
+        for seq in handoffs:  # those not yet moved into running
+            if self.blocks.has(seq.seq_id):
+                self.blocks.free(seq.seq_id)
+                outputs += ended(seq, error)
         self.engine.send(schema.StepOutputs(outputs))
-        finishing = {s.seq_id for s in plan.handoffs}
-        for chunk in plan.chunks:
+        finishing = {s.seq_id for s in handoffs}
+        for chunk in plan.chunks if plan else []:
             if chunk.seq_id not in finishing:
                 self.prefill.send(schema.Abort(chunk.request_id, error))
+
+    def _advance_or_fail(self, seq: schema.SeqState, token: int) -> schema.SeqOutput:
+        """_advance, but a failure there (the tokenizer raising, say) ends only this sequence."""
+        try:
+            return self._advance(seq, token)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("finishing a token of %s failed", seq.request_id)
+            if self.running.pop(seq.seq_id, None) is not None:
+                self.blocks.free(seq.seq_id)
+            error = f"{type(exc).__name__}: {exc}"
+            return schema.SeqOutput(seq.request_id, [], "", "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                                    error=error, index=seq.index)
 
     def _advance(self, seq: schema.SeqState, token: int) -> schema.SeqOutput:
         """Append a sampled token; detokenize; decide whether the sequence is done."""

@@ -53,6 +53,9 @@ class Prefill(Actor):
     def on_error(self, message, exc: Exception) -> None:
         if isinstance(message, (schema.Admitted, schema.Requeue)):
             self.engine.send(schema.StepOutputs(ended(message.seq, f"{type(exc).__name__}: {exc}")))
+        elif isinstance(message, schema.StepRequest):
+            # Decode waits for a plan every step: answer with an empty one rather than leave it hanging.
+            self.decode.send(schema.StepPlan(message.step, [], [], num_waiting=len(self.waiting) + len(self.in_progress)))
 
     def _enqueue(self, seq: schema.SeqState) -> None:
         aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
@@ -99,8 +102,12 @@ class Prefill(Actor):
             if self.blocks.prefix_in_flight(seq.token_ids):
                 break
             self.waiting.pop(0)
-            # Leading tokens whose KV is cached are shared, not recomputed.
-            cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
+            try:
+                # Leading tokens whose KV is cached are shared, not recomputed.
+                cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
+            except Exception as exc:  # noqa: BLE001 - this sequence fails, the plan goes on
+                self.engine.send(schema.StepOutputs(ended(seq, f"allocating KV blocks failed: {exc}")))
+                continue
             free_seats -= 1
             budget -= self._chunk(seq, cached, budget, chunks, handoffs)
         return schema.StepPlan(req.step, chunks, handoffs, num_waiting=len(self.waiting) + len(self.in_progress))
