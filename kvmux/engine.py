@@ -115,10 +115,16 @@ class Engine:
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         shape = (hf.num_hidden_layers, hf.num_key_value_heads, head_dim, cfg.block_size, dtype, cfg.device)
-        if cfg.num_blocks is None:
-            self.kv_cache = KVCache.from_budget(int(cfg.kv_cache_gib * 2**30), *shape)
-        else:
-            self.kv_cache = KVCache(cfg.num_blocks, *shape)
+        num_blocks = cfg.num_blocks
+        if num_blocks is None:
+            # The budget, but no more than every seat holding a full-length
+            # sequence could use: a small model should not zero a gigabyte it never touches.
+            per_block = KVCache.block_bytes(*shape[:-1])
+            usable = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
+            num_blocks = min(int(cfg.kv_cache_gib * 2**30) // per_block, usable)
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block ({per_block} bytes)")
+        self.kv_cache = KVCache(num_blocks, *shape)
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
         self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size,
                                    enable_prefix_caching=cfg.enable_prefix_caching,

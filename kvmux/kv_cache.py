@@ -30,16 +30,6 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return num_layers * 2 * num_kv_heads * block_size * head_dim * itemsize
 
-    @classmethod
-    def from_budget(cls, budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                    block_size: int, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> KVCache:
-        per_block = cls.block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
-        num_blocks = budget_bytes // per_block
-        if num_blocks < 1:
-            raise ValueError(f"KV budget of {budget_bytes} bytes is smaller than one block ({per_block} bytes)")
-        return cls(num_blocks, num_layers, num_kv_heads, head_dim, block_size, dtype, device)
-
     @property
     def num_blocks(self) -> int:
         return self.kv.shape[0]

@@ -283,3 +283,14 @@ def test_broken_step_fails_its_batch_and_the_engine_goes_on(tiny):
             assert (await e.complete(PROMPT, greedy(4))).num_output_tokens == 4
             await wait_for_blocks(e)
     asyncio.run(main())
+
+
+def test_default_pool_is_capped_at_what_the_seats_can_use(tiny):
+    async def main():
+        # 1 GiB would be ~260k blocks of the tiny model; 4 seats x 256-token context need 4 x 16 blocks of 16.
+        async with Engine(tiny, max_num_seqs=4, block_size=16) as e:
+            assert e.blocks.num_blocks == 4 * 16
+        with pytest.raises(ValueError, match="smaller than one KV block"):
+            async with Engine(tiny, kv_cache_gib=1e-9):
+                pass
+    asyncio.run(main())

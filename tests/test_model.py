@@ -180,11 +180,9 @@ def test_forward_batch_build():
 def test_kv_cache_sizing():
     per_block = KVCache.block_bytes(num_layers=3, num_kv_heads=2, head_dim=8, block_size=16, dtype=torch.bfloat16)
     assert per_block == 3 * 2 * 2 * 16 * 8 * 2
-    cache = KVCache.from_budget(10 * per_block + 5, 3, 2, 8, 16, torch.bfloat16)
+    cache = KVCache(10, 3, 2, 8, 16, torch.bfloat16)
     assert cache.num_blocks == 10 and cache.bytes_per_block == per_block
     assert cache.kv.shape == (10, 3, 2, 2, 16, 8)
-    with pytest.raises(ValueError, match="smaller than one block"):
-        KVCache.from_budget(per_block - 1, 3, 2, 8, 16, torch.bfloat16)
 
 
 # ---- loader ----
