@@ -1,8 +1,14 @@
 """Paged attention: new K/V go into their pool slots, queries read context only via block tables.
 
 `paged_attention` is the one entry point the model calls; it dispatches to a
-backend by name. `torch_paged_attention` is the reference every other backend
-is checked against.
+backend by name:
+
+- "torch": `torch_paged_attention`, gather-then-SDPA; the reference every
+  other backend is checked against, kept selectable for debugging;
+- "native": the fused kernels of the extension modules, the C++ one for CPU
+  tensors (`kvmux.native_attention`), the CUDA one for CUDA tensors
+  (`kvmux.cuda_attention`); an error where none is built for the device;
+- "auto": "native" where a kernel exists for the device, else "torch".
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 
 from kvmux.forward_batch import ForwardBatch
 from kvmux.kv_cache import KVCache
+from kvmux.native_attention import cpu_paged_attention
 
 
 @dataclass
@@ -122,11 +129,39 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     return out.to(q.dtype)
 
 
-_BACKENDS = {"torch": torch_paged_attention}
+def native_available(device: torch.device) -> bool:
+    """Whether a native kernel is built for tensors on `device`."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        from kvmux import cuda_attention
+        return cuda_attention.available()
+    return False
+
+
+def native_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                           layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    if q.device.type == "cuda":
+        # Imported here so CPU-only installs never touch the CUDA module.
+        from kvmux.cuda_attention import cuda_paged_attention
+        return cuda_paged_attention(q, k, v, kv_cache, layer, batch, scale)
+    if q.device.type != "cpu":
+        raise ValueError(f"q: no native attention kernel for device {q.device}")
+    return cpu_paged_attention(q, k, v, kv_cache, layer, batch, scale)
+
+
+def auto_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                         layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    fn = native_paged_attention if native_available(q.device) else torch_paged_attention
+    return fn(q, k, v, kv_cache, layer, batch, scale)
+
+
+_BACKENDS = {"torch": torch_paged_attention, "native": native_paged_attention, "auto": auto_paged_attention}
+BACKENDS = tuple(_BACKENDS)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                    layer: int, batch: ForwardBatch, scale: float, backend: str = "torch") -> torch.Tensor:
+                    layer: int, batch: ForwardBatch, scale: float, backend: str = "auto") -> torch.Tensor:
     """Write k, v [T, Hkv, D] into their slots, then attend q [T, Hq, D] causally over each context.
 
     Returns [T, Hq, D] in q's dtype.

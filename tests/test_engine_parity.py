@@ -34,16 +34,18 @@ def check(done, reference):
         assert c.token_ids == want
 
 
-def test_many_prompts_at_once(tiny, prompts, reference):
-    done, stats = run_engine(tiny, prompts, greedy(MAX_NEW), num_blocks=256, block_size=8)
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_many_prompts_at_once(tiny, prompts, reference, backend):
+    done, stats = run_engine(tiny, prompts, greedy(MAX_NEW), num_blocks=256, block_size=8, attention_backend=backend)
     check(done, reference)
     # All twelve were in flight together: far fewer steps than sequential decoding would take.
     assert stats["steps"] < len(prompts) * MAX_NEW / 2
 
 
-def test_tiny_token_budget_chunks_prefill(tiny, prompts, reference):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_tiny_token_budget_chunks_prefill(tiny, prompts, reference, backend):
     done, stats = run_engine(tiny, prompts, greedy(MAX_NEW), num_blocks=256, block_size=8,
-                             max_num_batched_tokens=8)
+                             max_num_batched_tokens=8, attention_backend=backend)
     check(done, reference)
     total_prompt = sum(map(len, prompts))
     assert stats["prompt_tokens_computed"] == total_prompt
@@ -52,7 +54,7 @@ def test_tiny_token_budget_chunks_prefill(tiny, prompts, reference):
 
 def test_tiny_pool_preempts_and_recomputes(tiny, prompts, reference):
     # 14 blocks of 8 tokens hold 112 tokens; the requests need ~430 together.
-    done, stats = run_engine(tiny, prompts, greedy(MAX_NEW), num_blocks=14, block_size=8)
+    done, stats = run_engine(tiny, prompts, greedy(MAX_NEW), num_blocks=14, block_size=8, preemption_mode="recompute")
     check(done, reference)
     assert stats["preemptions"] > 0
 

@@ -110,10 +110,11 @@ def test_packed_prefill_matches_hf(model_dirs):
         torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_incremental_matches_hf(model_dirs, variant):
+def test_incremental_matches_hf(model_dirs, variant, backend):
     path = model_dirs[variant]
-    model = load_model(path, progress=False).model
+    model = load_model(path, progress=False, attention_backend=backend).model
     seqs = random_seqs(LENGTHS, seed=1)
     ours = run_incremental(model, new_cache(model), seqs, SCHEDULES)
     for o, ref in zip(ours, hf_logits(path, seqs)):
@@ -131,8 +132,9 @@ def test_last_token_logits_only(model_dirs):
     torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_kv_cache_close_to_fp32(model_dirs):
-    model = load_model(model_dirs["llama-kv2"], progress=False).model
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bf16_kv_cache_close_to_fp32(model_dirs, backend):
+    model = load_model(model_dirs["llama-kv2"], progress=False, attention_backend=backend).model
     seqs = random_seqs(LENGTHS, seed=2)
     ref = run_incremental(model, new_cache(model), seqs, SCHEDULES)
     bf16 = run_incremental(model, new_cache(model, dtype=torch.bfloat16), seqs, SCHEDULES)
@@ -141,8 +143,9 @@ def test_bf16_kv_cache_close_to_fp32(model_dirs):
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
-def test_bf16_weights_run(model_dirs):
-    model = load_model(model_dirs["llama-kv2"], dtype=torch.bfloat16, progress=False).model
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bf16_weights_run(model_dirs, backend):
+    model = load_model(model_dirs["llama-kv2"], dtype=torch.bfloat16, progress=False, attention_backend=backend).model
     seqs = random_seqs(LENGTHS, seed=3)
     ours = run_incremental(model, new_cache(model, dtype=torch.bfloat16), seqs, SCHEDULES)
     for o, ref in zip(ours, hf_logits(model_dirs["llama-kv2"], seqs)):

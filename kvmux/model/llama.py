@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmux.attention import paged_attention
+from kvmux.attention import BACKENDS, paged_attention
 from kvmux.forward_batch import ForwardBatch
 from kvmux.kv_cache import KVCache
 
@@ -194,11 +194,13 @@ class Backbone(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 attention_backend: str = "torch") -> None:
+                 attention_backend: str = "auto") -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, not {attention_backend!r}")
         self.config = config
         self.attention_backend = attention_backend
         self.model = Backbone(config, dtype, device)

@@ -131,7 +131,8 @@ def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", progress: bool = True) -> LoadedModel:
+               device: torch.device | str = "cpu", progress: bool = True,
+               attention_backend: str = "auto") -> LoadedModel:
     """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -160,6 +161,6 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     # no_grad rather than inference_mode: inference tensors would refuse
     # in-place updates outside inference mode later.
     with torch.no_grad():
-        net = LlamaForCausalLM(config, dtype=dtype, device=device)
+        net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
         load_weights(net, folder, progress)
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source)

@@ -1,0 +1,98 @@
+"""Random paged-attention inputs and a float64 reference, shared by the tests and the kernel benchmarks."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kvmux.forward_batch import ForwardBatch, SeqChunk
+from kvmux.kv_cache import KVCache
+
+NUM_LAYERS = 2
+LAYER = 1  # not layer 0, so a wrong layer offset shows
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cache: KVCache
+    chunks: list[SeqChunk]
+    scale: float
+
+    def batch(self) -> ForwardBatch:
+        """A fresh batch each call, so no backend sees another's per-step metadata."""
+        return ForwardBatch.build(self.chunks, self.cache.block_size, self.cache.device)
+
+    def fresh_cache(self) -> KVCache:
+        """A copy of the pool as it was before any call."""
+        copy = object.__new__(KVCache)
+        copy.kv = self.cache.kv.clone()
+        return copy
+
+
+def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int, kv_dtype: torch.dtype, act_dtype: torch.dtype, seed: int,
+              device: str = "cpu", strided_kv: bool = True) -> Case:
+    """Sequences with query_lens new tokens ending at context_lens, blocks shuffled across the pool.
+
+    With strided_kv, k and v are column slices of one fused projection, as the model passes them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    need = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(need) + 3  # a few blocks no sequence owns
+    blocks = list(range(num_blocks))
+    rng.shuffle(blocks)
+    chunks = []
+    for n, c, nb in zip(query_lens, context_lens, need):
+        chunks.append(SeqChunk([0] * n, c - n, blocks[:nb]))
+        blocks = blocks[nb:]
+    # The pool is built directly (not through KVCache.__init__) so float16 pools work for the CUDA checks.
+    cache = object.__new__(KVCache)
+    cache.kv = torch.randn(num_blocks, NUM_LAYERS, 2, num_kv_heads, block_size, head_dim, generator=g) \
+        .to(kv_dtype).to(device)
+    T = sum(query_lens)
+    q = torch.randn(T, num_heads, head_dim, generator=g).to(act_dtype).to(device)
+    if strided_kv:
+        fused = torch.randn(T, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(act_dtype).to(device)
+        k, v = fused[:, num_heads:num_heads + num_kv_heads], fused[:, num_heads + num_kv_heads:]
+    else:
+        k = torch.randn(T, num_kv_heads, head_dim, generator=g).to(act_dtype).to(device)
+        v = torch.randn(T, num_kv_heads, head_dim, generator=g).to(act_dtype).to(device)
+    return Case(q, k, v, cache, chunks, head_dim ** -0.5)
+
+
+def reference_f64(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
+    """Attention in float64 over the pool as the kernel left it (new K/V already in their slots)."""
+    layer_kv = pool_after[:, LAYER].double().cpu()  # [NB, 2, Hkv, bs, D]
+    q = case.q.double().cpu()
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // layer_kv.shape[2]
+    out = torch.empty_like(q)
+    start = 0
+    for chunk in case.chunks:
+        n, ctx = len(chunk.token_ids), chunk.start_pos + len(chunk.token_ids)
+        kv = layer_kv[torch.tensor(chunk.block_table)]              # [nb, 2, Hkv, bs, D]
+        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], -1, head_dim)[:, :, :ctx]
+        keys = kv[0].repeat_interleave(group, 0)                    # [Hq, ctx, D]
+        values = kv[1].repeat_interleave(group, 0)
+        qs = q[start:start + n].transpose(0, 1) * case.scale        # [Hq, n, D]
+        scores = qs @ keys.transpose(1, 2)
+        pos = torch.arange(ctx - n, ctx)[:, None]
+        scores = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf"))
+        out[start:start + n] = (scores.softmax(-1) @ values).transpose(0, 1)
+        start += n
+    return out
+
+
+def expected_pool(case: Case) -> torch.Tensor:
+    """The pool after the torch reference wrote this step's K/V (what every backend must leave)."""
+    from kvmux.attention import torch_paged_attention
+
+    cache = case.fresh_cache()
+    torch_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)
+    return cache.kv

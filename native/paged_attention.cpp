@@ -1,0 +1,415 @@
+#include "paged_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace kvmux {
+
+namespace {
+
+// Query tokens per work item in a prefill chunk: enough rows to reuse each
+// K/V chunk many times, few enough that a long chunk still splits across cores.
+constexpr int32_t kQueryTile = 16;
+// Keys scored together before one online-softmax update; spans blocks when
+// blocks are smaller, so block size 8 does not double the per-update cost.
+constexpr int kKeyChunk = 32;
+
+struct bf16 {
+    uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) {
+    uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) {
+    return x;
+}
+// Round to nearest even, as torch's .to(torch.bfloat16) does, so the pool holds
+// bit-identical values whichever backend wrote them.
+template <>
+inline bf16 from_float<bf16>(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// exp for x <= 0 (scores minus their running max), written so the compiler
+// vectorises it: Cody-Waite range reduction plus the Cephes polynomial,
+// ~1 ulp. libm's scalar expf would cost more than the dot products.
+inline float exp_nonpos(float x) {
+    x = std::max(x, -87.0f);  // below this 2^n underflows; the weight is ~0 anyway
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+// 8 floats: one AVX2 register. GCC's vector extension keeps the hot loops
+// in registers with no gathers (auto-vectorisation picked gathers across keys
+// for the P.V update) while staying portable C++.
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum8(v8f v) {
+    const float a = (v[0] + v[4]) + (v[1] + v[5]);
+    const float b = (v[2] + v[6]) + (v[3] + v[7]);
+    return a + b;
+}
+
+// q.k over head_dim; D > 0 (a multiple of 8) unrolls into registers.
+template <int D>
+inline float dot(const float* q, const float* k, int64_t dim) {
+    if constexpr (D > 0) {
+        static_assert(D % 8 == 0);
+        v8f acc0 = load8(q) * load8(k), acc1 = load8(q + 8) * load8(k + 8);
+        for (int d = 16; d < D; d += 16) {
+            acc0 += load8(q + d) * load8(k + d);
+            acc1 += load8(q + d + 8) * load8(k + d + 8);
+        }
+        return hsum8(acc0 + acc1);
+    } else {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < dim; ++d) sum += q[d] * k[d];
+        return sum;
+    }
+}
+
+// acc += sum_t p[t] * V[t]; with a compile-time head_dim the row stays in
+// registers for the whole chunk instead of round-tripping through memory.
+template <int D>
+inline void accumulate(float* acc, const float* p, const float* const* v, int32_t n, int64_t dim) {
+    if constexpr (D > 0) {
+        constexpr int R = D / 8;
+        v8f a[R];
+        for (int j = 0; j < R; ++j) a[j] = load8(acc + 8 * j);
+        for (int32_t t = 0; t < n; ++t) {
+            const v8f pt = v8f{} + p[t];
+            const float* vt = v[t];
+            for (int j = 0; j < R; ++j) a[j] += pt * load8(vt + 8 * j);
+        }
+        for (int j = 0; j < R; ++j) store8(acc + 8 * j, a[j]);
+    } else {
+        for (int32_t t = 0; t < n; ++t) {
+            const float pt = p[t];
+            const float* vt = v[t];
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) acc[d] += pt * vt[d];
+        }
+    }
+}
+
+struct Shape {
+    int64_t heads, kv_heads, group, dim;
+    int64_t block_size;
+    int64_t block_stride;  // elements per block across all layers
+    int64_t layer_offset;  // elements from a block's start to this layer's K
+    int64_t head_stride;   // elements per (K or V, head) slab: block_size * dim
+    int64_t v_offset;      // elements from a layer's K to its V
+};
+
+// Per-thread scratch, reused across work items and calls.
+struct Scratch {
+    std::vector<float> q, acc, m, l, scores, kbuf, vbuf;
+    std::vector<int32_t> last_key;
+};
+
+// D > 0: head_dim known at compile time, so the inner loops fully unroll and
+// the accumulators stay in registers; D == 0: any head_dim at run time.
+template <int D, typename QT, typename KT>
+struct Kernel {
+    static void write_kv(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& slots) {
+        const int64_t dim = D > 0 ? D : s.dim;
+        KT* pool = static_cast<KT*>(a.kv);
+        const int64_t T = static_cast<int64_t>(slots.size());
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t block = slots[t] / s.block_size, off = slots[t] % s.block_size;
+            KT* kdst = pool + block * s.block_stride + s.layer_offset + off * dim;
+            const QT* ksrc = static_cast<const QT*>(a.k.data) + t * a.k.row_stride;
+            const QT* vsrc = static_cast<const QT*>(a.v.data) + t * a.v.row_stride;
+            for (int64_t h = 0; h < s.kv_heads; ++h) {
+                KT* kd = kdst + h * s.head_stride;
+                KT* vd = kd + s.v_offset;
+                const QT* ks = ksrc + h * dim;
+                const QT* vs = vsrc + h * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) {
+                    kd[d] = from_float<KT>(to_float(ks[d]));
+                    vd[d] = from_float<KT>(to_float(vs[d]));
+                }
+            }
+        }
+    }
+
+    // Attend rows = (query token i in [q_begin, q_end)) x (query head g of kv head h).
+    static void attend(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* table, int32_t q_start,
+                       int32_t q_len, int32_t ctx, int32_t q_begin, int32_t q_end, int64_t h) {
+        const int64_t dim = D > 0 ? D : s.dim;
+        const int64_t G = s.group;
+        const int64_t rows = (q_end - q_begin) * G;
+        w.q.resize(rows * dim);
+        w.acc.assign(rows * dim, 0.0f);
+        w.m.assign(rows, -std::numeric_limits<float>::infinity());
+        w.l.assign(rows, 0.0f);
+        w.last_key.resize(rows);
+        w.scores.resize(kKeyChunk);
+        if constexpr (!std::is_same_v<KT, float>) {
+            w.kbuf.resize(kKeyChunk * dim);
+            w.vbuf.resize(kKeyChunk * dim);
+        }
+
+        // Query token i sits at position ctx - q_len + i and sees keys 0..that position.
+        const QT* qbase = static_cast<const QT*>(a.q.data);
+        for (int32_t i = q_begin; i < q_end; ++i) {
+            const QT* qrow = qbase + static_cast<int64_t>(q_start + i) * a.q.row_stride + h * G * dim;
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t r = (i - q_begin) * G + g;
+                float* dst = w.q.data() + r * dim;
+                const QT* src = qrow + g * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * a.scale;
+                w.last_key[r] = ctx - q_len + i;
+            }
+        }
+
+        const KT* pool = static_cast<const KT*>(a.kv);
+        const int32_t num_keys = ctx - q_len + q_end;
+        const int64_t head_offset = s.layer_offset + h * s.head_stride;
+        const KT* krows[kKeyChunk];
+        const KT* vrows[kKeyChunk];
+        for (int32_t c0 = 0; c0 < num_keys; c0 += kKeyChunk) {
+            const int32_t n = std::min<int32_t>(kKeyChunk, num_keys - c0);
+            // Walk the chunk block by block (no division per key).
+            int64_t blk = c0 / s.block_size, off = c0 % s.block_size;
+            const KT* head = pool + table[blk] * s.block_stride + head_offset;
+            for (int32_t t = 0; t < n; ++t) {
+                krows[t] = head + off * dim;
+                vrows[t] = krows[t] + s.v_offset;
+                if (++off == s.block_size && t + 1 < n) {
+                    off = 0;
+                    head = pool + table[++blk] * s.block_stride + head_offset;
+                }
+            }
+            // bf16 K/V are widened once per chunk and shared by all rows (the GQA group and the query tile).
+            const float* kf[kKeyChunk];
+            const float* vf[kKeyChunk];
+            for (int32_t t = 0; t < n; ++t) {
+                if constexpr (std::is_same_v<KT, float>) {
+                    kf[t] = krows[t];
+                    vf[t] = vrows[t];
+                } else {
+                    float* kb = w.kbuf.data() + t * dim;
+                    float* vb = w.vbuf.data() + t * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) {
+                        kb[d] = to_float(krows[t][d]);
+                        vb[d] = to_float(vrows[t][d]);
+                    }
+                    kf[t] = kb;
+                    vf[t] = vb;
+                }
+            }
+
+            for (int64_t r = 0; r < rows; ++r) {
+                const int32_t valid = std::min<int32_t>(n, w.last_key[r] - c0 + 1);
+                if (valid <= 0) continue;
+                const float* qr = w.q.data() + r * dim;
+                float* sc = w.scores.data();
+                for (int32_t t = 0; t < valid; ++t) sc[t] = dot<D>(qr, kf[t], dim);
+                float mx = w.m[r];
+                for (int32_t t = 0; t < valid; ++t) mx = std::max(mx, sc[t]);
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int32_t t = 0; t < valid; ++t) {
+                    sc[t] = exp_nonpos(sc[t] - mx);
+                    sum += sc[t];
+                }
+                float* acc = w.acc.data() + r * dim;
+                if (mx > w.m[r]) {
+                    // The running max moved: earlier weights shrink by exp(old - new).
+                    const float corr = exp_nonpos(w.m[r] - mx);
+                    w.l[r] *= corr;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) acc[d] *= corr;
+                    w.m[r] = mx;
+                }
+                w.l[r] += sum;
+                accumulate<D>(acc, sc, vf, valid, dim);
+            }
+        }
+
+        QT* out = static_cast<QT*>(a.out);
+        for (int32_t i = q_begin; i < q_end; ++i) {
+            QT* orow = out + (static_cast<int64_t>(q_start + i) * s.heads + h * G) * dim;
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t r = (i - q_begin) * G + g;
+                const float inv = 1.0f / w.l[r];
+                const float* acc = w.acc.data() + r * dim;
+                QT* o = orow + g * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) o[d] = from_float<QT>(acc[d] * inv);
+            }
+        }
+    }
+};
+
+template <int D, typename QT, typename KT>
+void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& slots,
+               const std::vector<AttentionPlan::Tile>& tiles, const std::vector<int32_t>& q_start,
+               const std::vector<int32_t>& q_len, const std::vector<int32_t>& ctx,
+               const std::vector<int32_t>& tables, int64_t max_blocks) {
+    using K = Kernel<D, QT, KT>;
+    const int64_t items = static_cast<int64_t>(tiles.size()) * s.kv_heads;
+    const int nt = std::max(1, std::min<int>(a.num_threads, static_cast<int>(std::max<int64_t>(items, 1))));
+    // Every new key must be in the pool before any query reads it. The write
+    // is a few microseconds, so it runs before the threads start rather than
+    // adding a barrier that a descheduled thread would hold up.
+    K::write_kv(a, s, slots);
+#pragma omp parallel num_threads(nt)
+    {
+        thread_local Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            const auto& tile = tiles[it / s.kv_heads];
+            const int64_t h = it % s.kv_heads;
+            K::attend(a, s, scratch, tables.data() + tile.seq * max_blocks, q_start[tile.seq], q_len[tile.seq],
+                      ctx[tile.seq], tile.q_begin, tile.q_end, h);
+        }
+    }
+}
+
+template <typename QT, typename KT>
+void dispatch_dim(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& slots,
+                  const std::vector<AttentionPlan::Tile>& tiles, const std::vector<int32_t>& q_start,
+                  const std::vector<int32_t>& q_len, const std::vector<int32_t>& ctx,
+                  const std::vector<int32_t>& tables, int64_t max_blocks) {
+    switch (s.dim) {
+        case 64:
+            return run_layer<64, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
+        case 128:
+            return run_layer<128, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
+        default:
+            return run_layer<0, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
+    }
+}
+
+[[noreturn]] void fail(const std::string& what) { throw AttentionError(what); }
+
+}  // namespace
+
+AttentionPlan::AttentionPlan(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
+                             const std::vector<int64_t>& context_lens, const int32_t* block_tables,
+                             int64_t max_blocks, int64_t block_size, int64_t num_blocks)
+    : max_blocks_(max_blocks), block_size_(block_size), num_blocks_(num_blocks) {
+    const int64_t S = static_cast<int64_t>(query_lens.size());
+    if (S == 0) fail("query_lens: no sequences");
+    if (static_cast<int64_t>(context_lens.size()) != S) fail("context_lens: length differs from query_lens");
+    if (block_size < 1 || num_blocks < 1 || max_blocks < 1) fail("block_size, num_blocks, max_blocks must be >= 1");
+
+    q_start_.resize(S);
+    q_len_.resize(S);
+    ctx_.resize(S);
+    int64_t start = 0;
+    for (int64_t i = 0; i < S; ++i) {
+        const int64_t ql = query_lens[i], cl = context_lens[i];
+        if (ql < 1) fail("query_lens[" + std::to_string(i) + "] must be >= 1");
+        if (cl < ql) fail("context_lens[" + std::to_string(i) + "] is shorter than its query");
+        if (cl > max_blocks * block_size)
+            fail("context_lens[" + std::to_string(i) + "] needs more blocks than block_tables has columns");
+        if (cl > std::numeric_limits<int32_t>::max()) fail("context_lens: too long");
+        q_start_[i] = static_cast<int32_t>(start);
+        q_len_[i] = static_cast<int32_t>(ql);
+        ctx_[i] = static_cast<int32_t>(cl);
+        start += ql;
+    }
+    if (start != num_tokens) fail("slot_mapping: length differs from the sum of query_lens");
+
+    tables_.assign(block_tables, block_tables + S * max_blocks);
+    for (int64_t i = 0; i < S; ++i) {
+        const int64_t used = (ctx_[i] + block_size - 1) / block_size;
+        for (int64_t j = 0; j < used; ++j) {
+            const int32_t b = tables_[i * max_blocks + j];
+            if (b < 0 || b >= num_blocks)
+                fail("block_tables[" + std::to_string(i) + ", " + std::to_string(j) + "] = " + std::to_string(b) +
+                     " is outside the pool of " + std::to_string(num_blocks) + " blocks");
+        }
+    }
+    slots_.assign(slot_mapping, slot_mapping + num_tokens);
+    for (int64_t t = 0; t < num_tokens; ++t)
+        if (slots_[t] < 0 || slots_[t] >= num_blocks * block_size)
+            fail("slot_mapping[" + std::to_string(t) + "] = " + std::to_string(slots_[t]) + " is outside the pool");
+
+    for (int32_t i = 0; i < S; ++i)
+        for (int32_t b = 0; b < q_len_[i]; b += kQueryTile)
+            tiles_.push_back({i, b, std::min(q_len_[i], b + kQueryTile)});
+    // Costliest first (queries x keys they see), so dynamic scheduling does not
+    // end a layer waiting on one long tile picked up last.
+    auto cost = [this](const Tile& t) {
+        return static_cast<int64_t>(t.q_end - t.q_begin) * (ctx_[t.seq] - q_len_[t.seq] + t.q_end);
+    };
+    std::stable_sort(tiles_.begin(), tiles_.end(), [&](const Tile& x, const Tile& y) { return cost(x) > cost(y); });
+}
+
+void AttentionPlan::run(const LayerArgs& a) const {
+    if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0)
+        fail("num_heads must be a positive multiple of num_kv_heads");
+    if (a.head_dim < 1) fail("head_dim must be >= 1");
+    if (a.num_blocks != num_blocks_ || a.block_size != block_size_)
+        fail("kv: pool shape differs from the one the plan was made for");
+    if (a.layer < 0 || a.layer >= a.num_layers) fail("layer is outside [0, num_layers)");
+    if (a.q.row_stride < a.num_heads * a.head_dim) fail("q: row stride smaller than a row");
+    if (a.k.row_stride < a.num_kv_heads * a.head_dim) fail("k: row stride smaller than a row");
+    if (a.v.row_stride < a.num_kv_heads * a.head_dim) fail("v: row stride smaller than a row");
+
+    Shape s;
+    s.heads = a.num_heads;
+    s.kv_heads = a.num_kv_heads;
+    s.group = a.num_heads / a.num_kv_heads;
+    s.dim = a.head_dim;
+    s.block_size = block_size_;
+    s.head_stride = block_size_ * a.head_dim;
+    s.v_offset = a.num_kv_heads * s.head_stride;
+    s.block_stride = a.num_layers * 2 * s.v_offset;
+    s.layer_offset = a.layer * 2 * s.v_offset;
+
+    const bool q_bf16 = a.act_dtype == DType::bf16, kv_bf16 = a.kv_dtype == DType::bf16;
+    if (!q_bf16 && a.act_dtype != DType::f32) fail("act_dtype must be f32 or bf16");
+    if (!kv_bf16 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32 or bf16");
+    auto go = [&](auto qt, auto kt) {
+        dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
+    };
+    if (q_bf16 && kv_bf16) go(bf16{}, bf16{});
+    else if (q_bf16) go(bf16{}, float{});
+    else if (kv_bf16) go(float{}, bf16{});
+    else go(float{}, float{});
+}
+
+}  // namespace kvmux

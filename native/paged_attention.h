@@ -1,0 +1,81 @@
+// CPU paged attention over the block-major KV pool
+// kv[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim].
+//
+// One call per layer writes the step's new K/V into their slots and then
+// attends every new query token causally over its sequence's context, reading
+// K/V straight from the blocks named by its block table (no gather copy, no
+// score matrix over the whole context: softmax is streamed chunk by chunk).
+//
+// The per-step metadata (slots, query/context lengths, block tables) is the
+// same in every layer, so it is validated and turned into a work list once per
+// step by AttentionPlan; AttentionPlan::run is the per-layer call.
+//
+// Everything is raw pointers and sizes: the Python side validates tensors,
+// and this module never links against torch.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+namespace kvmux {
+
+// Element types of activations (q, k, v, out) and of the KV pool. The values
+// are part of the Python interface (kvmux/native_attention.py).
+enum class DType : int { f32 = 0, bf16 = 1 };
+
+// A bad argument (shape, index, dtype); surfaces in Python as ValueError.
+class AttentionError : public std::invalid_argument {
+   public:
+    using std::invalid_argument::invalid_argument;
+};
+
+// Row-strided [T, H, D] activations: rows may be views into a wider tensor
+// (k and v are column slices of the fused qkv projection), heads and head_dim
+// are contiguous.
+struct TokenRows {
+    const void* data;
+    int64_t row_stride;  // elements between consecutive tokens
+};
+
+struct LayerArgs {
+    TokenRows q, k, v;  // [T, Hq, D], [T, Hkv, D], [T, Hkv, D], all of act_dtype
+    void* out;          // [T, Hq, D] contiguous, act_dtype; every element is written
+    DType act_dtype;
+    void* kv;           // pool base pointer
+    DType kv_dtype;
+    int64_t num_blocks, num_layers, block_size, layer;
+    int64_t num_heads, num_kv_heads, head_dim;
+    float scale;
+    int num_threads;
+};
+
+class AttentionPlan {
+   public:
+    // slot_mapping [num_tokens]; block_tables [num_seqs, max_blocks] row-major.
+    // Copies what it needs, so the caller's buffers may go away afterwards.
+    AttentionPlan(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
+                  const std::vector<int64_t>& context_lens, const int32_t* block_tables, int64_t max_blocks,
+                  int64_t block_size, int64_t num_blocks);
+
+    void run(const LayerArgs& args) const;
+
+    int64_t num_tokens() const { return static_cast<int64_t>(slots_.size()); }
+    int64_t num_seqs() const { return static_cast<int64_t>(ctx_.size()); }
+    int64_t num_work_tiles() const { return static_cast<int64_t>(tiles_.size()); }
+
+    // A tile is a run of query tokens of one sequence; with each KV head it is one work item.
+    struct Tile {
+        int32_t seq, q_begin, q_end;  // query indices within the sequence
+    };
+
+   private:
+    std::vector<int64_t> slots_;
+    std::vector<int32_t> q_start_;  // packed index of each sequence's first new token
+    std::vector<int32_t> q_len_, ctx_;
+    std::vector<int32_t> tables_;  // [num_seqs, max_blocks]
+    int64_t max_blocks_, block_size_, num_blocks_;
+    std::vector<Tile> tiles_;  // costliest first, for dynamic scheduling
+};
+
+}  // namespace kvmux

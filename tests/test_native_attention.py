@@ -1,0 +1,177 @@
+"""Native paged-attention kernels against a float64 reference, across a seeded grid of shapes.
+
+Every call writes into an output poisoned with NaN, so an element the kernel
+forgets fails; the pool must hold exactly what the torch reference writes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bench.attention_cases import LAYER, make_case, expected_pool, reference_f64
+from kvmux import attention
+from kvmux.config import EngineConfig
+from kvmux.native_attention import CpuPlan, cpu_paged_attention
+
+GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
+HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path
+BLOCK_SIZES = [8, 16, 32]
+DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+
+
+def shapes(kind: str, bs: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(query_lens, context_lens) of one batch of the given kind."""
+    if kind == "decode-first":     # context of one token
+        return [1] * rng.choice([1, 3]), [1] * 3
+    if kind == "decode-boundary":  # contexts ending on and around block edges
+        ctx = [bs, bs + 1, 2 * bs, 2 * bs - 1, 3 * bs + 1]
+        return [1] * len(ctx), ctx
+    if kind == "decode-long":
+        n = rng.choice([1, 2, 6])
+        return [1] * n, [rng.randint(400, 1100) for _ in range(n)]
+    if kind == "prefill":          # a fresh prompt chunk, no cache
+        return [37], [37]
+    if kind == "prefill-prefix":   # a chunk after cached blocks
+        return [23, 16], [23 + 3 * bs, 16 + bs + 5]
+    # mixed: decodes beside prefill chunks, as the engine packs a step
+    return [1, 19, 1, 1, 40], [1, 19 + 2 * bs, bs, 300, 40]
+
+
+KINDS = ["decode-first", "decode-boundary", "decode-long", "prefill", "prefill-prefix", "mixed"]
+
+
+def grid(n: int, seed: int = 0) -> list[tuple]:
+    """n cases cycling through every axis (each value of each axis appears), combined at random."""
+    rng = random.Random(seed)
+    axes = [KINDS, GQA, HEAD_DIMS, BLOCK_SIZES, DTYPES]
+    orders = [rng.sample(a, len(a)) for a in axes]
+    return [tuple(o[(i + rng.randrange(len(o))) % len(o)] for o in orders) + (i,) for i in range(n)]
+
+
+CASES = grid(60)
+
+
+def case_id(c) -> str:
+    kind, (hq, hkv), d, bs, (act, kv), i = c
+    return f"{i}-{kind}-h{hq}/{hkv}-d{d}-bs{bs}-{str(act)[6:]}/{str(kv)[6:]}"
+
+
+def tolerance(act: torch.dtype) -> dict:
+    # fp32 accumulation over up to ~1000 keys; bf16 outputs carry bf16 rounding.
+    return dict(atol=2e-5, rtol=1e-4) if act == torch.float32 else dict(atol=1.5e-2, rtol=1e-2)
+
+
+def run_case(c, device: str, kernel):
+    kind, (hq, hkv), d, bs, (act, kv), i = c
+    qlens, ctx = shapes(kind, bs, random.Random(i))
+    ctx = ctx[:len(qlens)]
+    case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=i, device=device)
+    want_pool = expected_pool(case)
+    cache = case.fresh_cache()
+    out = torch.full_like(case.q, float("nan"))
+    got = kernel(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(cache.kv.cpu(), want_pool.cpu()), "pool contents differ from the reference's writes"
+    ref = reference_f64(case, cache.kv)
+    assert not torch.isnan(got).any(), "an output element was never written"
+    torch.testing.assert_close(got.double().cpu(), ref, **tolerance(act))
+
+
+@pytest.mark.parametrize("c", CASES, ids=case_id)
+def test_cpu_kernel_matches_float64_reference(c):
+    run_case(c, "cpu", cpu_paged_attention)
+
+
+@pytest.mark.skipif(not attention.native_available(torch.device("cuda")), reason="needs a GPU and kvmux._native_cuda")
+@pytest.mark.parametrize("c", CASES[:30], ids=case_id)
+def test_cuda_kernel_matches_float64_reference(c):
+    from kvmux.cuda_attention import cuda_paged_attention
+
+    kind, gqa, d, bs, _, i = c
+    if d % 8:
+        pytest.skip("the CUDA kernels need head_dim % 8 == 0")
+    for dtypes in DTYPES + [(torch.float16, torch.float16)]:
+        run_case((kind, gqa, d, bs, dtypes, i), "cuda", cuda_paged_attention)
+
+
+def test_one_call_serves_several_layers_and_threads():
+    """The per-step plan is reused by every layer; thread counts change nothing."""
+    case = make_case([1, 1, 30], [5, 70, 40], 9, 3, 64, 16, torch.float32, torch.float32, seed=3)
+    batch = case.batch()
+    results = []
+    for threads in (1, 2, 4):
+        cache = case.fresh_cache()
+        batch.attn_metadata = None
+        outs = [cpu_paged_attention(case.q, case.k, case.v, cache, layer, batch, case.scale) for layer in (0, 1)]
+        assert isinstance(batch.attn_metadata, CpuPlan)
+        batch.attn_metadata.num_threads = threads
+        outs.append(cpu_paged_attention(case.q, case.k, case.v, cache, 1, batch, case.scale))
+        results.append(outs)
+    for outs in results[1:]:
+        for a, b in zip(outs, results[0]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_dispatch_by_backend_name():
+    case = make_case([1, 12], [9, 12], 4, 2, 64, 8, torch.float32, torch.float32, seed=4)
+    outs = {}
+    for backend in attention.BACKENDS:
+        batch = case.batch()
+        outs[backend] = attention.paged_attention(case.q, case.k, case.v, case.fresh_cache(), LAYER, batch,
+                                                  case.scale, backend)
+        want = attention._TorchMetadata if backend == "torch" else CpuPlan  # auto on CPU = native
+        assert isinstance(batch.attn_metadata, want)
+    torch.testing.assert_close(outs["native"], outs["torch"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.paged_attention(case.q, case.k, case.v, case.cache, LAYER, case.batch(), case.scale, "flash")
+
+
+def test_bad_arguments_are_named():
+    case = make_case([1, 3], [4, 3], 4, 2, 64, 8, torch.float32, torch.float32, seed=5)
+    call = lambda **kw: cpu_paged_attention(**{**dict(q=case.q, k=case.k, v=case.v, kv_cache=case.fresh_cache(),  # noqa: E731
+                                                      layer=LAYER, batch=case.batch(), scale=case.scale), **kw})
+    with pytest.raises(ValueError, match="q: dtype"):
+        call(q=case.q.half())
+    with pytest.raises(ValueError, match="k: shape"):
+        call(k=case.k[:, :1])
+    with pytest.raises(ValueError, match="v: dtype"):
+        call(v=case.v.bfloat16())
+    with pytest.raises(ValueError, match="q: heads and head_dim must be contiguous"):
+        call(q=case.q.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="layer"):
+        call(layer=7)
+    with pytest.raises(ValueError, match="out:"):
+        call(out=torch.empty(1))
+    bad = case.batch()
+    bad.block_tables[1, 0] = 10_000
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\]"):
+        call(batch=bad)
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="flash").validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_check_skips_clearly_without_a_gpu(tmp_path):
+    from bench import gpu_check
+
+    assert gpu_check.main(["--out-dir", str(tmp_path)]) == 0
+    assert gpu_check.main(["--out-dir", str(tmp_path), "--require-gpu"]) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_table_formats():
+    from bench import gpu_check
+
+    result = dict(device="Fake GPU", torch="x", cuda="y", copy_GBps=3000.0,
+                  correctness=[dict(check="decode", act="bfloat16", kv="bfloat16", rel_error=1e-3,
+                                    tolerance=2e-2, ok=True)],
+                  timing=[dict(shape="decode", dtype="bfloat16", native_ms=0.1, torch_ms=1.0, speedup=10.0,
+                               decode_GBps=2400.0, fraction_of_copy_bw=0.8, copy_GBps=3000.0),
+                          dict(shape="prefill", dtype="bfloat16", native_ms=0.2, torch_ms=0.4, speedup=2.0,
+                               copy_GBps=3000.0)])
+    table = gpu_check.format_table(result)
+    assert "| decode | bfloat16 | 0.100 | 1.000 | 10.0x | 2400 | 80% |" in table
+    assert "| prefill | bfloat16 | 0.200 | 0.400 | 2.0x | - | - |" in table
