@@ -11,6 +11,13 @@ chained content hash, and a new sequence whose prompt starts with the same
 tokens shares it instead of computing it again. Only full blocks are ever
 cached, and a full block is never written again, so a shared cached block is
 read-only by construction.
+
+Tiers (kvmux/tiers.py): cached blocks the device pool reclaims move down to a
+host pool and then a disk pool instead of being dropped, and a prefix lookup
+goes on down there; a preempted sequence can be swapped out to the host pool
+(`swap_out`) and back (`swap_in`) with its block table rebuilt. The copies
+this implies are queued (`take_swap_ops`) for the runner to apply before the
+next forward.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
+from kvmux.tiers import Op, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -65,8 +73,11 @@ class BlockManager:
     """Per-sequence block tables over the native allocator. Sequences are identified by a str id."""
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 cache_key: bytes = b""):
-        """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain."""
+                 cache_key: bytes = b"", num_host_blocks: int = 0, num_disk_blocks: int = 0):
+        """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain.
+
+        num_host_blocks / num_disk_blocks size the tiers below the device (0: none).
+        """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
@@ -79,6 +90,9 @@ class BlockManager:
         self.prefix_hit_tokens = 0  # of those, tokens whose KV was found there
         # Hashes of prompt blocks some live sequence is computing right now -> how many.
         self._pending: Counter[int] = Counter()
+        self.tiers = Tiers(self._alloc, num_host_blocks, num_disk_blocks, keep_prefixes=enable_prefix_caching)
+        self._swapped: dict[str, _Seq] = {}  # swapped-out sequences; their `blocks` are host blocks
+        self.prefix_hit_blocks = [0, 0, 0]  # prefix cache hits found on the device, host, disk
 
     @property
     def num_free(self) -> int:
@@ -130,10 +144,16 @@ class BlockManager:
         Returns how many leading tokens already have their KV cached; the
         caller computes KV for the rest (always at least the last token).
         """
-        if seq_id in self._seqs:
+        if seq_id in self._seqs or seq_id in self._swapped:
             raise BlockError(f"sequence {seq_id!r} already exists")
         hashes = self._lookup_hashes(token_ids)
-        blocks, hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
+        blocks, device_hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
+        # The run of cached blocks may go on below the device: promote it into the fresh blocks.
+        from_host, from_disk = self.tiers.fetch(hashes[device_hits:], blocks[device_hits:])
+        hits = device_hits + from_host + from_disk
+        self.prefix_hit_blocks[0] += device_hits
+        self.prefix_hit_blocks[1] += from_host
+        self.prefix_hit_blocks[2] += from_disk
         self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), hashes, num_registered=hits,
                                   pending_end=len(hashes))
         self._pending.update(hashes[hits:])
@@ -154,16 +174,21 @@ class BlockManager:
         full = min(num_tokens, seq.num_tokens) // self.block_size
         if full <= seq.num_registered:
             return
-        if len(seq.hashes) < full:
-            done = len(seq.hashes) * self.block_size
-            parent = seq.hashes[-1] if seq.hashes else self._root_hash
-            seq.hashes += block_hashes(parent, seq.token_ids[done:full * self.block_size], self.block_size)
+        self._hash_full_blocks(seq, full)
         for i in range(seq.num_registered, full):
             # False means another block already holds this content; this copy
             # simply stays private and returns to the plain free list.
             self._alloc.register_block(seq.blocks[i], seq.hashes[i])
         self._settle(seq, full)
         seq.num_registered = full
+
+    def _hash_full_blocks(self, seq: _Seq, full: int) -> list[int]:
+        """Hashes of the sequence's first `full` blocks, computing the missing ones."""
+        if len(seq.hashes) < full:
+            done = len(seq.hashes) * self.block_size
+            parent = seq.hashes[-1] if seq.hashes else self._root_hash
+            seq.hashes += block_hashes(parent, seq.token_ids[done:full * self.block_size], self.block_size)
+        return seq.hashes[:full]
 
     def _settle(self, seq: _Seq, end: int) -> None:
         """Blocks below `end` are no longer being computed by seq (done, or the sequence is gone)."""
@@ -199,6 +224,7 @@ class BlockManager:
         # One all-or-nothing allocation covers both the copy and the growth, so
         # running out of blocks leaves the sequence untouched.
         fresh = self._alloc.allocate_n(grow + cow)
+        self.tiers.settle()
         copies = []
         if cow:
             src, dst = seq.blocks[-1], fresh.pop()
@@ -227,13 +253,66 @@ class BlockManager:
         self._settle(seq, seq.pending_end)
         del self._seqs[seq_id]
 
+    # -- swapping ---------------------------------------------------------
+
+    def swap_out(self, seq_id: str) -> bool:
+        """Move a sequence's KV to the host pool and free its device blocks; False (nothing done) if the host is full.
+
+        Only for a sequence whose every slot has been computed (a running one
+        between steps): its full blocks are then hashed by content, so blocks
+        it shares with others are stored on the host once.
+        """
+        seq = self._get(seq_id)
+        hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
+        host_blocks = self.tiers.swap_out(seq.blocks, hashes)
+        if host_blocks is None:
+            return False
+        self.free(seq_id)
+        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, hashes)
+        return True
+
+    def swap_in_cost(self, seq_id: str) -> int:
+        """Free device blocks swap_in(seq_id) takes (fewer than its blocks when some are still cached)."""
+        seq = self._swapped[seq_id]
+        hashes = self._device_hashes(seq)
+        return self._alloc.acquire_cost(hashes, len(seq.blocks) - len(hashes))
+
+    def swap_in(self, seq_id: str) -> None:
+        """Bring a swapped-out sequence back into device blocks (OutOfBlocks, nothing done, if they are lacking)."""
+        seq = self._swapped[seq_id]
+        hashes = self._device_hashes(seq)
+        # Blocks still cached on the device are shared as they are; the rest are copied back up.
+        blocks, hits = self._alloc.acquire(hashes, len(seq.blocks) - len(hashes))
+        self.tiers.swap_in(seq.blocks, blocks, hits)
+        del self._swapped[seq_id]
+        self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.hashes,
+                                  num_registered=len(hashes), pending_end=len(hashes))
+
+    def drop_swapped(self, seq_id: str) -> None:
+        """Forget a swapped-out sequence (aborted): its host blocks return to the host pool."""
+        self.tiers.release(self._swapped.pop(seq_id).blocks)
+
+    def _device_hashes(self, seq: _Seq) -> list[int]:
+        # Registered on the device only with prefix caching on, as computed blocks are.
+        return seq.hashes if self.enable_prefix_caching else []
+
+    def num_swapped_blocks(self, seq_id: str) -> int:
+        return len(self._swapped[seq_id].blocks)
+
+    def take_swap_ops(self) -> list[Op]:
+        """Copies between tiers decided since the last call, in the order they must run (before the next forward)."""
+        return self.tiers.take_ops()
+
     def evict_cached(self, n: int) -> int:
         """Forget up to n least recently used cached free blocks; returns how many."""
         return self._alloc.evict(n)
 
     def cache_stats(self) -> dict:
         queries, hits = self.prefix_query_tokens, self.prefix_hit_tokens
+        device, host, disk = (n * self.block_size for n in self.prefix_hit_blocks)
         return {
+            **self.tiers.stats(),
+            "prefix_cache_hits_device": device, "prefix_cache_hits_host": host, "prefix_cache_hits_disk": disk,
             "prefix_caching": self.enable_prefix_caching,
             "prefix_cache_queries": queries,  # prompt tokens looked up
             "prefix_cache_hits": hits,  # of those, tokens served from the cache
@@ -314,6 +393,7 @@ class BlockManager:
             for i, block in enumerate(seq.blocks):
                 if self._alloc.has_hash(block) and (i + 1) * self.block_size > seq.num_tokens:
                     raise RuntimeError(f"sequence {seq_id!r} can still write into cached block {block}")
+        self.tiers.check_invariants(Counter(b for seq in self._swapped.values() for b in seq.blocks))
         pending = Counter(h for seq in self._seqs.values() for h in seq.hashes[seq.num_registered:seq.pending_end])
         if pending != self._pending:
             raise RuntimeError(f"in-flight prefix blocks {dict(self._pending)} != {dict(pending)} held by sequences")

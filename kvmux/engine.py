@@ -18,7 +18,7 @@ from kvmux import schema
 from kvmux.actors.admission import Admission, Limits
 from kvmux.actors.base import Actor
 from kvmux.actors.decode import Decode
-from kvmux.actors.eviction import Eviction
+from kvmux.actors.eviction import Eviction, Policy
 from kvmux.actors.prefill import Prefill
 from kvmux.block_manager import BlockManager
 from kvmux.config import EngineConfig
@@ -27,6 +27,7 @@ from kvmux.model.loader import LoadedModel, load_model
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
 from kvmux.runner import Runner
 from kvmux.sampling import SamplingParams
+from kvmux.swap import DiskPool, host_pool, make_swapper
 
 log = logging.getLogger("kvmux")
 
@@ -125,24 +126,34 @@ class Engine:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block ({per_block} bytes)")
         self.kv_cache = KVCache(num_blocks, *shape)
+        pools = self._tier_pools()
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
         self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size,
                                    enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode())
+                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode(),
+                                   num_host_blocks=pools[1].shape[0],
+                                   num_disk_blocks=0 if pools[2] is None else pools[2].shape[0])
+        self.swapper = make_swapper(pools)
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
         self.router = Router()
         self.prefill = Prefill(self.blocks, cfg.max_num_seqs,
                                watermark_blocks=int(cfg.watermark * self.blocks.num_blocks), engine=self.router)
-        self.eviction = Eviction(decode=None, engine=self.router)
-        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache), self.executor, tokenizer,
+        low = int(cfg.watermark * self.blocks.num_blocks)
+        policy = Policy(cfg.preemption_mode, low_blocks=low,
+                        high_blocks=max(low, int(cfg.high_watermark * self.blocks.num_blocks)),
+                        block_bytes=self.kv_cache.bytes_per_block)
+        self.eviction = Eviction(self.blocks, policy, decode=None, engine=self.router)
+        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache, self.swapper), self.executor,
+                             tokenizer,
                              eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
                              prefill=self.prefill, eviction=self.eviction, engine=self.router)
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=self.blocks.num_blocks * cfg.block_size,
-                        block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=hf.vocab_size)
+                        block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=hf.vocab_size,
+                        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit)
         self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router)
         self.router.admission = self.admission
         self._actors = [self.admission, self.prefill, self.decode, self.eviction]
@@ -150,6 +161,15 @@ class Engine:
         for task in self._tasks:
             task.add_done_callback(self._supervise)
         self._started_at = time.monotonic()
+
+    def _tier_pools(self) -> list:
+        """The device pool and, below it, the host pool and the disk pool (None without a disk folder)."""
+        cfg, kv = self.config, self.kv_cache.kv
+        per_block = self.kv_cache.bytes_per_block
+        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else int(cfg.host_cache_gib * 2**30) // per_block
+        num_disk = int(cfg.disk_cache_gib * 2**30) // per_block if cfg.disk_cache_dir else 0
+        self.disk_pool = DiskPool(kv, num_disk, cfg.disk_cache_dir) if num_disk else None
+        return [kv, host_pool(kv, num_host), self.disk_pool and self.disk_pool.tensor]
 
     def _supervise(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -170,6 +190,10 @@ class Engine:
             task.cancel()
         self._tasks = []
         self.executor.shutdown(wait=True)
+        if self.disk_pool is not None:  # no copy can touch the disk tier any more
+            self.swapper.pools[2] = None
+            self.disk_pool.close()
+            self.disk_pool = None
 
     # -- requests ------------------------------------------------------------
 
@@ -239,6 +263,7 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
+            **self.swapper.stats(),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged

@@ -125,13 +125,16 @@ class StepPlan:
     num_waiting: int
 
 
-# decode -> eviction: the running batch does not fit in the free blocks
+# decode -> eviction, at the start of a step: the running batch does not fit
+# in the free blocks (blocks_short > 0: choose victims), or sequences are
+# swapped out (blocks_short <= 0: may some come back?)
 @dataclass
 class Candidate:
     request_id: str  # the sequence's seq_id: samples of one request are preempted one by one
     arrival: float
     priority: int
     num_blocks: int
+    num_tokens: int = 0  # tokens whose KV it holds: what a recompute would prefill again
 
 
 @dataclass
@@ -139,12 +142,27 @@ class Pressure:
     step: int
     blocks_short: int
     candidates: list[Candidate]
+    # Cost estimates for the auto policy, measured by decode: forward seconds
+    # per token fed, and the swapper's copy bandwidth.
+    seconds_per_token: float = 0.0
+    swap_bytes_per_s: float = 0.0
 
 
 @dataclass
 class PreemptOrder:
     step: int
     victims: list[str]
+    modes: list[str] = field(default_factory=list)  # per victim: "swap" or "recompute"
+    swap_in: list[SeqState] = field(default_factory=list)  # swapped-out sequences to bring back now
+    num_swapped: int = 0  # sequences still swapped out after this order
+    swapped_blocks: int = 0  # device blocks they need to come back: prefill keeps them free
+
+
+# decode -> eviction: a victim's KV is on the host now; eviction holds it until it comes back
+@dataclass
+class Swapped:
+    seq: SeqState
+    num_blocks: int
 
 
 # decode -> engine, once per step
@@ -198,7 +216,7 @@ class Shutdown:
 
 _CLASSES = {cls.__name__: cls for cls in (
     SamplingParams, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Chunk,
-    StepPlan, Candidate, Pressure, PreemptOrder, SeqOutput, StepOutputs, Finished, Rejected,
+    StepPlan, Candidate, Pressure, PreemptOrder, Swapped, SeqOutput, StepOutputs, Finished, Rejected,
     StatsQuery, StatsReply, Shutdown,
 )}
 _FIELDS = {cls: [f.name for f in fields(cls)] for cls in _CLASSES.values()}

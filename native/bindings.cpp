@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "paged_attention.h"
 
 namespace py = pybind11;
 
@@ -49,12 +50,80 @@ void bind_block_allocator(py::module_& m) {
         .def("block_hash", &BlockAllocator::block_hash, py::arg("block"))
         .def("evict", &BlockAllocator::evict, py::arg("n"),
              "Uncache up to n least recently used free cached blocks; returns how many.")
+        // Tiers (host and disk pools): one block per content hash, and a log of reclaimed cached blocks.
+        .def("acquire", &BlockAllocator::acquire, py::arg("hashes"), py::arg("n_plain") = 0,
+             "(blocks, hits): a block per hash (cached one shared, else fresh and registered), then "
+             "n_plain plain blocks; all or nothing.")
+        .def("acquire_cost", &BlockAllocator::acquire_cost, py::arg("hashes"), py::arg("n_plain") = 0,
+             "Free blocks acquire(hashes, n_plain) would consume.")
+        .def_property("record_evictions", &BlockAllocator::record_evictions,
+                      &BlockAllocator::set_record_evictions)
+        .def("take_evicted", &BlockAllocator::take_evicted,
+             "[(block, hash)] of cached blocks reclaimed by allocations since the last call.")
         .def("check_invariants", &BlockAllocator::check_invariants);
+}
+
+// Tensors cross as integer addresses (tensor.data_ptr()) plus sizes; the
+// Python side (kvmux/native_attention.py) has checked dtype, device, shape.
+void bind_paged_attention(py::module_& m) {
+    using kvmux::AttentionPlan;
+    using kvmux::DType;
+
+    py::register_exception<kvmux::AttentionError>(m, "AttentionError", PyExc_ValueError);
+
+    py::class_<AttentionPlan>(m, "AttentionPlan",
+                              "One step's attention metadata, validated once and reused by every layer.")
+        .def(py::init([](std::uintptr_t slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
+                         const std::vector<int64_t>& context_lens, std::uintptr_t block_tables, int64_t max_blocks,
+                         int64_t block_size, int64_t num_blocks) {
+                 return AttentionPlan(reinterpret_cast<const int64_t*>(slot_mapping), num_tokens, query_lens,
+                                      context_lens, reinterpret_cast<const int32_t*>(block_tables), max_blocks,
+                                      block_size, num_blocks);
+             }),
+             py::arg("slot_mapping"), py::arg("num_tokens"), py::arg("query_lens"), py::arg("context_lens"),
+             py::arg("block_tables"), py::arg("max_blocks"), py::arg("block_size"), py::arg("num_blocks"),
+             "slot_mapping: address of int64 [num_tokens]; block_tables: address of int32 [S, max_blocks].")
+        .def_property_readonly("num_tokens", &AttentionPlan::num_tokens)
+        .def_property_readonly("num_seqs", &AttentionPlan::num_seqs)
+        .def_property_readonly("num_work_tiles", &AttentionPlan::num_work_tiles)
+        .def(
+            "run",
+            [](const AttentionPlan& plan, std::uintptr_t q, int64_t q_stride, std::uintptr_t k, int64_t k_stride,
+               std::uintptr_t v, int64_t v_stride, std::uintptr_t out, int act_dtype, std::uintptr_t kv,
+               int kv_dtype, int64_t num_blocks, int64_t num_layers, int64_t block_size, int64_t layer,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads) {
+                kvmux::LayerArgs a;
+                a.q = {reinterpret_cast<const void*>(q), q_stride};
+                a.k = {reinterpret_cast<const void*>(k), k_stride};
+                a.v = {reinterpret_cast<const void*>(v), v_stride};
+                a.out = reinterpret_cast<void*>(out);
+                a.act_dtype = static_cast<DType>(act_dtype);
+                a.kv = reinterpret_cast<void*>(kv);
+                a.kv_dtype = static_cast<DType>(kv_dtype);
+                a.num_blocks = num_blocks;
+                a.num_layers = num_layers;
+                a.block_size = block_size;
+                a.layer = layer;
+                a.num_heads = num_heads;
+                a.num_kv_heads = num_kv_heads;
+                a.head_dim = head_dim;
+                a.scale = scale;
+                a.num_threads = num_threads;
+                // The engine's event loop runs beside the forward thread.
+                py::gil_scoped_release release;
+                plan.run(a);
+            },
+            py::arg("q"), py::arg("q_stride"), py::arg("k"), py::arg("k_stride"), py::arg("v"), py::arg("v_stride"),
+            py::arg("out"), py::arg("act_dtype"), py::arg("kv"), py::arg("kv_dtype"), py::arg("num_blocks"),
+            py::arg("num_layers"), py::arg("block_size"), py::arg("layer"), py::arg("num_heads"),
+            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_threads"),
+            "Write this layer's new K/V into their slots, then attend every new query over its context.");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "kvmux native extension: KV block allocator";
+    m.doc() = "kvmux native extension: KV block allocator and CPU paged-attention kernels";
     bind_block_allocator(m);
+    bind_paged_attention(m);
 }

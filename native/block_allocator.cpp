@@ -54,6 +54,7 @@ BlockAllocator::BlockId BlockAllocator::take_free_block() {
         // Only now does a cached block lose its contents: the coldest one.
         block = lru_.front();
         lru_.pop_front();
+        if (record_evictions_) evicted_.emplace_back(block, hash_[block]);
         uncache(block);
     }
     refcount_[block] = 1;
@@ -151,6 +152,60 @@ BlockAllocator::BlockId BlockAllocator::evict(BlockId n) {
         free_.push_back(block);
     }
     return dropped;
+}
+
+BlockAllocator::BlockId BlockAllocator::acquire_cost(const std::vector<Hash>& hashes, BlockId n_plain) const {
+    if (n_plain < 0) throw BlockError("cannot allocate a negative number of blocks (" + std::to_string(n_plain) + ")");
+    // A hash listed twice takes one block.
+    std::unordered_map<Hash, bool> seen;
+    BlockId cost = n_plain;
+    for (Hash h : hashes) {
+        if (!seen.emplace(h, true).second) continue;
+        auto it = by_hash_.find(h);
+        if (it == by_hash_.end() || refcount_[it->second] == 0) ++cost;  // fresh, or revived from the LRU
+    }
+    return cost;
+}
+
+std::pair<std::vector<BlockAllocator::BlockId>, std::vector<bool>>
+BlockAllocator::acquire(const std::vector<Hash>& hashes, BlockId n_plain) {
+    ensure_free(acquire_cost(hashes, n_plain));
+    std::vector<BlockId> blocks(hashes.size(), -1);
+    std::vector<bool> hit(hashes.size(), false);
+    // Hits first, as in allocate_with_prefix: taking fresh blocks may reclaim
+    // LRU blocks, and must never reclaim one about to be reused here.
+    for (std::size_t i = 0; i < hashes.size(); ++i) {
+        auto it = by_hash_.find(hashes[i]);
+        if (it == by_hash_.end()) continue;
+        BlockId b = it->second;
+        if (refcount_[b] == 0) lru_.erase(lru_pos_[b]);
+        ++refcount_[b];
+        blocks[i] = b;
+        hit[i] = true;
+    }
+    for (std::size_t i = 0; i < hashes.size(); ++i) {
+        if (hit[i]) continue;
+        auto it = by_hash_.find(hashes[i]);  // listed twice: the first occurrence registered it
+        if (it != by_hash_.end()) {
+            blocks[i] = it->second;
+            ++refcount_[it->second];
+            hit[i] = true;
+            continue;
+        }
+        BlockId b = take_free_block();
+        by_hash_.emplace(hashes[i], b);
+        hash_[b] = hashes[i];
+        cached_[b] = true;
+        blocks[i] = b;
+    }
+    for (BlockId i = 0; i < n_plain; ++i) blocks.push_back(take_free_block());
+    return {blocks, hit};
+}
+
+std::vector<std::pair<BlockAllocator::BlockId, BlockAllocator::Hash>> BlockAllocator::take_evicted() {
+    std::vector<std::pair<BlockId, Hash>> out;
+    out.swap(evicted_);
+    return out;
 }
 
 BlockAllocator::BlockId BlockAllocator::allocate() {

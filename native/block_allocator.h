@@ -14,6 +14,13 @@
 //
 // All transitions between "free" and "in use" go through take_free_block() /
 // release(), which is where the cache plugs in.
+//
+// Tiers: the same class keeps the books of the host and disk pools below the
+// device pool. There, acquire() hands out one block per content hash (a block
+// shared by several swapped sequences is stored once), and with
+// record_evictions on, every cached block whose contents an allocation
+// reclaims is logged so the caller can move it a tier down before it is
+// overwritten.
 #pragma once
 
 #include <cstdint>
@@ -88,6 +95,22 @@ public:
     // (they stay free); returns how many were dropped.
     BlockId evict(BlockId n);
 
+    // One block per hash (the cached one, another reference on it, reviving it
+    // when free; else a fresh block registered under the hash: the caller
+    // copies the contents in before anyone reads them), then n_plain fresh
+    // uncached blocks; all or nothing. Returns the blocks and, per hash,
+    // whether it was already cached (nothing to copy).
+    std::pair<std::vector<BlockId>, std::vector<bool>> acquire(const std::vector<Hash>& hashes,
+                                                               BlockId n_plain);
+    // Free blocks acquire(hashes, n_plain) would consume.
+    BlockId acquire_cost(const std::vector<Hash>& hashes, BlockId n_plain) const;
+
+    // Log (block, hash) of every cached free block an allocation reclaims.
+    bool record_evictions() const { return record_evictions_; }
+    void set_record_evictions(bool on) { record_evictions_ = on; }
+    // The log since the last call, oldest first; clears it.
+    std::vector<std::pair<BlockId, Hash>> take_evicted();
+
     // Throws std::logic_error describing the first inconsistency found.
     void check_invariants() const;
 
@@ -113,6 +136,9 @@ private:
     // node in O(1) when a hit revives it.
     std::list<BlockId> lru_;
     std::vector<std::list<BlockId>::iterator> lru_pos_;
+
+    bool record_evictions_ = false;
+    std::vector<std::pair<BlockId, Hash>> evicted_;
 };
 
 }  // namespace kvmux

@@ -108,7 +108,7 @@ def test_chunked_prefill_of_identical_prompts_in_flight(tiny, hf):
 def test_preemption_recomputes_from_its_own_cached_blocks(tiny, hf):
     rng = random.Random(5)
     prompts = [ids(rng, n) for n in (20, 33, 41, 57)]
-    outs, stats = on_off(tiny, [prompts], greedy(12), num_blocks=14)
+    outs, stats = on_off(tiny, [prompts], greedy(12), num_blocks=14, preemption_mode="recompute")
     assert outs == hf_greedy(hf, prompts, 12)
     assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
 

@@ -16,6 +16,8 @@ class Limits:
     block_size: int
     max_pending: int  # requests admitted and not yet finished
     vocab_size: int
+    max_prompt_tokens: int | None = None  # an operator's cap, below what the context allows
+    max_tokens_limit: int | None = None
 
 
 class Admission(Actor):
@@ -66,6 +68,10 @@ class Admission(Actor):
             sub.params.validate()
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_params", str(exc))
+        cap = self.limits.max_tokens_limit
+        if cap is not None and sub.params.max_tokens > cap:
+            return self._reject(sub.request_id, "invalid_params",
+                                f"max_tokens ({sub.params.max_tokens}) exceeds this engine's limit of {cap}")
         try:
             prompt_ids = self._tokenize(sub)
         except ValueError as exc:
@@ -99,6 +105,9 @@ class Admission(Actor):
         return list(ids)
 
     def _too_long(self, prompt_len: int, max_tokens: int) -> str | None:
+        cap = self.limits.max_prompt_tokens
+        if cap is not None and prompt_len > cap:
+            return f"prompt ({prompt_len} tokens) exceeds this engine's limit of {cap} prompt tokens"
         total = prompt_len + max_tokens
         if total > self.limits.max_model_len:
             return (f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "

@@ -5,6 +5,11 @@ sequence plus the prompt chunks prefill planned for it. Then the new tokens are
 sampled, detokenized, checked against the stop conditions and streamed in one
 message; finished sequences give their blocks back at once, so waiting ones can
 join at the very next step (continuous batching).
+
+Under pressure decode asks eviction for victims and carries its order out:
+a victim's blocks are swapped out to the host pool (eviction then holds the
+sequence) or dropped (prefill recomputes it). While sequences are swapped out,
+each step asks eviction whether some may come back.
 """
 from __future__ import annotations
 
@@ -50,16 +55,23 @@ class Decode(Actor):
         self.forward_seconds = 0.0
         self.step_seconds = 0.0
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
+        self.tokens_forwarded = 0
+        self.preemptions_swap = 0
+        self.preemptions_recompute = 0
+        # Sequences eviction holds swapped out, and the blocks they need to
+        # come back, as of its last order: prefill leaves those blocks free.
+        self.swapped_out = 0
+        self.swapped_blocks = 0
 
     async def run(self) -> None:
         while True:
-            if not self.running and not self.prefill_ready:
+            if not self.running and not self.prefill_ready and not self.swapped_out:
                 self._dispatch(await self.receive())
             while not self.inbox.empty():
                 self._dispatch(self.receive_nowait())
             if self.stopping:
                 return
-            if self.running or self.prefill_ready:
+            if self.running or self.prefill_ready or self.swapped_out:
                 self.plan = None
                 try:
                     await self._step()
@@ -74,6 +86,8 @@ class Decode(Actor):
             self.prefill_ready = True
         elif isinstance(message, schema.Abort):
             self._abort(message.request_id, message.error)
+            if self.swapped_out:  # a sample of it may be swapped out
+                self.eviction.send(message)
         elif isinstance(message, schema.StatsQuery):
             self.engine.send(schema.StatsReply(message.query_id, self.name, self._stats()))
         elif isinstance(message, schema.Shutdown):
@@ -109,12 +123,16 @@ class Decode(Actor):
         reserve = await self._make_room(step)
 
         self.prefill.send(schema.StepRequest(step, self.max_num_batched_tokens - len(self.running),
-                                             len(self.running), reserve))
+                                             len(self.running), reserve + self.swapped_blocks))
         plan = self.plan = await self._reply(schema.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
         work, sampled, computed = self._build(plan)
+        if not work.seqs and not self.running and self.swapped_out:
+            await asyncio.sleep(0.001)  # waiting for swapped sequences to fit: do not spin
         if work.seqs:
+            work.swaps = self.blocks.take_swap_ops()
+            self.tokens_forwarded += sum(len(s.token_ids) for s in work.seqs)
             try:
                 t0 = time.perf_counter()
                 tokens = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.execute, work)
@@ -141,26 +159,64 @@ class Decode(Actor):
             self.recent.popleft()
 
     async def _make_room(self, step: int) -> int:
-        """Preempt sequences until every running one has a slot for its next token; returns the blocks that takes."""
+        """Preempt sequences until every running one has a slot for its next token, and bring
+        swapped-out ones back when eviction says they fit; returns the blocks the next tokens take."""
+        asked_back = False
         while True:
             need = sum(self.blocks.blocks_needed_to_append(rid, 1) for rid in self.running)
             short = need - self.blocks.num_free
-            if short <= 0:
+            if short <= 0 and (asked_back or not self.swapped_out):
                 return need
-            candidates = [schema.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)))
+            asked_back |= short <= 0
+            candidates = [schema.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)),
+                                           self.blocks.num_tokens(sid))
                           for sid, s in self.running.items()]
-            self.eviction.send(schema.Pressure(step, short, candidates))
+            per_token = self.forward_seconds / self.tokens_forwarded if self.tokens_forwarded else 0.0
+            self.eviction.send(schema.Pressure(step, short, candidates, per_token, self.runner.swapper.bytes_per_s()))
             order = await self._reply(schema.PreemptOrder, step)
-            victims = [v for v in order.victims if v in self.running] or [next(reversed(self.running))]
-            for seq_id in victims:
-                self._preempt(seq_id)
+            self.swapped_out, self.swapped_blocks = order.num_swapped, order.swapped_blocks
+            self._swap_in(order.swap_in)
+            if short > 0:
+                asked_back = True  # nothing comes back in the step that had to preempt
+                modes = dict(zip(order.victims, order.modes))
+                victims = [v for v in order.victims if v in self.running] or [next(reversed(self.running))]
+                for seq_id in victims:
+                    self._preempt(seq_id, modes.get(seq_id, "recompute"))
 
-    def _preempt(self, seq_id: str) -> None:
+    def _preempt(self, seq_id: str, mode: str) -> None:
         seq = self.running.pop(seq_id)
-        # With prefix caching its computed blocks stay cached, so the recompute mostly hits them.
-        self.blocks.free(seq_id)
         seq.num_preemptions += 1
+        num_blocks = len(self.blocks.block_table(seq_id))
+        if mode == "swap" and self.blocks.swap_out(seq_id):
+            self.preemptions_swap += 1
+            self.swapped_out += 1
+            self.swapped_blocks += num_blocks + 1
+            self.eviction.send(schema.Swapped(seq, num_blocks))
+            return
+        # Recompute (or the host pool is full). With prefix caching its
+        # computed blocks stay cached, so the recompute mostly hits them.
+        self.preemptions_recompute += 1
+        self.blocks.free(seq_id)
         self.prefill.send(schema.Requeue(seq))
+
+    def _swap_in(self, seqs: list[schema.SeqState]) -> None:
+        outputs = []
+        for seq in seqs:
+            aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
+            if aborted:
+                self.blocks.drop_swapped(seq.seq_id)
+                outputs += ended(seq, error)
+                continue
+            try:
+                self.blocks.swap_in(seq.seq_id)
+            except Exception as exc:  # noqa: BLE001 - eviction misjudged the room: it stays swapped out
+                log.warning("swapping %s back in failed (%s); it waits", seq.seq_id, exc)
+                self.swapped_out += 1
+                self.eviction.send(schema.Swapped(seq, self.blocks.num_swapped_blocks(seq.seq_id)))
+                continue
+            self.running[seq.seq_id] = seq
+        if outputs:
+            self.engine.send(schema.StepOutputs(outputs))
 
     def _drop_aborted(self, plan: schema.StepPlan) -> list[schema.SeqOutput]:
         """End hand-offs whose abort overtook them; their chunks are not computed."""
@@ -291,4 +347,6 @@ class Decode(Actor):
             "running": len(self.running), "steps": self.step, "output_tokens": self.output_tokens,
             "tokens_per_s": window / span if span > 0 else 0.0,
             "forward_seconds": self.forward_seconds, "step_seconds": self.step_seconds,
+            "preemptions": self.preemptions_swap + self.preemptions_recompute,
+            "preemptions_swap": self.preemptions_swap, "preemptions_recompute": self.preemptions_recompute,
         }

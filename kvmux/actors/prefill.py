@@ -35,6 +35,7 @@ class Prefill(Actor):
         self.in_progress: dict[str, tuple[schema.SeqState, int]] = {}
         self.tombstones = Tombstones()
         self.prompt_tokens_computed = 0
+        self.recomputed_tokens = 0  # of those, tokens a preempted sequence had computed before
 
     async def handle(self, message) -> None:
         if isinstance(message, (schema.Admitted, schema.Requeue)):
@@ -47,7 +48,7 @@ class Prefill(Actor):
             self.engine.send(schema.StatsReply(message.query_id, self.name, {
                 "waiting": len(self.waiting), "prefilling": len(self.in_progress),
                 "preempted_waiting": sum(1 for s in self.waiting if s.num_preemptions),
-                "prompt_tokens_computed": self.prompt_tokens_computed,
+                "prompt_tokens_computed": self.prompt_tokens_computed, "recomputed_tokens": self.recomputed_tokens,
             }))
 
     def on_error(self, message, exc: Exception) -> None:
@@ -118,6 +119,8 @@ class Prefill(Actor):
         n = min(budget, len(seq.token_ids) - done)
         chunks.append(schema.Chunk(seq.seq_id, seq.request_id, done, seq.token_ids[done:done + n]))
         self.prompt_tokens_computed += n
+        if seq.num_preemptions:  # all but its newest token had been computed when it was preempted
+            self.recomputed_tokens += max(0, min(done + n, len(seq.token_ids) - 1) - done)
         if done + n == len(seq.token_ids):
             self.in_progress.pop(seq.seq_id, None)
             handoffs.append(seq)

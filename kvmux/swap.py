@@ -1,0 +1,220 @@
+"""Moving KV blocks between tiers: the device pool, a host pool and a disk pool.
+
+Each tier is a tensor `[blocks, num_layers, 2, num_kv_heads, block_size,
+head_dim]`, the per-block shape of the device pool, so a block is one
+contiguous region and moving it is one copy. The host pool is pinned when the
+device is CUDA; the disk pool is a memory-mapped file.
+
+A swapper applies the queue of copies the block manager decided (kvmux/tiers.py)
+on the forward thread, in order, before the forward:
+
+- `Swapper` does plain torch copies. On CPU that is all there is to it: the
+  forward starts after the copies, so all copy time is waiting time.
+- `CudaSwapper` issues them on a dedicated CuPy stream (async copies from and
+  to pinned memory), records an event after each batch, and makes the
+  forward's stream wait only on the events of the device blocks that forward
+  touches; copies of other blocks overlap the forward.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from kvmux.tiers import DEVICE, DISK, Op
+
+log = logging.getLogger("kvmux")
+
+
+def host_pool(kv: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Uninitialised (a block is read only after a copy wrote it); pinned for async copies from a GPU."""
+    return torch.empty((num_blocks, *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
+
+
+class DiskPool:
+    """A bounded pool of KV blocks in a memory-mapped file of `folder`, deleted on close.
+
+    The file is this engine's scratch space, not a persistent cache: block
+    hashes are only meaningful to the allocator that registered them.
+    """
+
+    def __init__(self, kv: torch.Tensor, num_blocks: int, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix="kvmux-kv-", suffix=".bin", dir=folder)
+        os.close(fd)
+        block_bytes = kv[0].numel() * kv.element_size()
+        # numpy has no bfloat16: map bytes and reinterpret them in torch.
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_blocks * block_bytes,))
+        self.tensor = torch.from_numpy(self._map).view(kv.dtype).view(num_blocks, *kv.shape[1:])
+
+    def close(self) -> None:
+        """Delete the file; the mapping goes when the last tensor viewing it does."""
+        del self.tensor, self._map
+        os.unlink(self.path)
+
+
+def _runs(ops: list[Op]):
+    """Consecutive copies between the same two tiers, batched; a block written twice starts a new batch."""
+    run_key, src, dst = None, [], []
+    for src_tier, s, dst_tier, d in ops:
+        if (src_tier, dst_tier) != run_key or d in dst:
+            if src:
+                yield run_key, src, dst
+            run_key, src, dst = (src_tier, dst_tier), [], []
+        src.append(s)
+        dst.append(d)
+    if src:
+        yield run_key, src, dst
+
+
+class Swapper:
+    # Copy bandwidth assumed until one is measured (bytes/s): a conservative memcpy.
+    PRIOR_BYTES_PER_S = 4e9
+
+    def __init__(self, pools: list[torch.Tensor | None]) -> None:
+        """pools[tier]: the device pool, the host pool, the disk pool (None where that tier is absent)."""
+        self.pools = pools
+        kv = pools[DEVICE]
+        self.block_bytes = kv[0].numel() * kv.element_size()
+        self.bytes_moved = 0
+        self.copy_seconds = 0.0  # time spent copying
+        self.wait_seconds = 0.0  # of that, time the forward waited for it
+
+    def apply(self, ops: list[Op]) -> None:
+        if not ops:
+            return
+        started = time.perf_counter()
+        for (src_tier, dst_tier), src, dst in _runs(ops):
+            source, target = self.pools[src_tier], self.pools[dst_tier]
+            rows = source[torch.tensor(src, device=source.device)]
+            target[torch.tensor(dst, device=target.device)] = rows.to(target.device)
+        elapsed = time.perf_counter() - started
+        self.bytes_moved += len(ops) * self.block_bytes
+        self.copy_seconds += elapsed
+        self.wait_seconds += elapsed
+
+    def before_forward(self, blocks: set[int]) -> None:
+        """The forward is about to read or write these device blocks."""
+
+    def after_forward(self) -> None:
+        """The forward has been issued."""
+
+    def bytes_per_s(self) -> float:
+        measured = self.bytes_moved / self.copy_seconds if self.copy_seconds > 0 and self.bytes_moved > 2**20 else 0
+        return measured or self.PRIOR_BYTES_PER_S
+
+    def stats(self) -> dict:
+        return {"swap_bytes": self.bytes_moved, "swap_seconds": self.copy_seconds,
+                "swap_wait_seconds": self.wait_seconds}
+
+
+class CudaSwapper(Swapper):
+    """Copies on a dedicated CuPy stream, ordered against the forward by events.
+
+    The copies of one step run in queue order on one stream, after the
+    previous forward (they may read blocks it wrote). A forward waits only on
+    the last event of each device block it touches. Disk copies go through
+    pageable memory touched by the CPU, so they drain the stream first and
+    run synchronously. swap_wait_seconds is the time the forward's stream
+    stalled on swap events (measured with events around the waits), so
+    1 - swap_wait_seconds / swap_seconds is the share of copy time hidden
+    behind compute.
+    """
+
+    PRIOR_BYTES_PER_S = 2e10  # pinned PCIe 4 transfers
+    _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+
+    def __init__(self, pools: list[torch.Tensor | None]) -> None:
+        import cupy  # only ever imported when the device is CUDA
+
+        super().__init__(pools)
+        self.cp = cupy
+        self.device = pools[DEVICE].device
+        with cupy.cuda.Device(self.device.index or 0):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.forward_done = None  # event after the last forward
+        self.pending: dict[int, object] = {}  # device block -> event of the last copy touching it
+        self.timings: list[tuple[str, object, object]] = []  # (copy | wait, start event, end event)
+
+    def _compute_stream(self):
+        return self.cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+
+    def _ptr(self, tier: int, block: int) -> int:
+        return self.pools[tier].data_ptr() + block * self.block_bytes
+
+    def apply(self, ops: list[Op]) -> None:
+        if not ops:
+            return
+        cp = self.cp
+        with cp.cuda.Device(self.device.index or 0):
+            if self.forward_done is not None:
+                self.stream.wait_event(self.forward_done)
+            start = cp.cuda.Event()
+            start.record(self.stream)
+            for src_tier, src, dst_tier, dst in ops:
+                if DISK in (src_tier, dst_tier):
+                    self.stream.synchronize()
+                if DEVICE in (src_tier, dst_tier):
+                    cp.cuda.runtime.memcpyAsync(self._ptr(dst_tier, dst), self._ptr(src_tier, src), self.block_bytes,
+                                                self._MEMCPY_DEFAULT, self.stream.ptr)
+                else:  # host <-> disk: both in CPU memory
+                    self.pools[dst_tier][dst].copy_(self.pools[src_tier][src])
+                if DISK in (src_tier, dst_tier):
+                    self.stream.synchronize()
+            end = cp.cuda.Event()
+            end.record(self.stream)
+        for src_tier, src, dst_tier, dst in ops:
+            for tier, block in ((src_tier, src), (dst_tier, dst)):
+                if tier == DEVICE:
+                    self.pending[block] = end
+        self.timings.append(("copy", start, end))
+        self.bytes_moved += len(ops) * self.block_bytes
+        self._collect()
+
+    def before_forward(self, blocks: set[int]) -> None:
+        self.pending = {b: e for b, e in self.pending.items() if not e.done}
+        waits = {id(e): e for b in blocks if (e := self.pending.get(b)) is not None}
+        if not waits:
+            return
+        with self.cp.cuda.Device(self.device.index or 0):
+            compute = self._compute_stream()
+            before, after = self.cp.cuda.Event(), self.cp.cuda.Event()
+            before.record(compute)
+            for event in waits.values():
+                compute.wait_event(event)
+            after.record(compute)
+        self.timings.append(("wait", before, after))
+
+    def after_forward(self) -> None:
+        with self.cp.cuda.Device(self.device.index or 0):
+            done = self.cp.cuda.Event(disable_timing=True)
+            done.record(self._compute_stream())
+        self.forward_done = done
+        self._collect()
+
+    def _collect(self) -> None:
+        """Add up the timings whose events have completed; keep the rest for later."""
+        left = []
+        for kind, start, end in self.timings:
+            if not end.done:
+                left.append((kind, start, end))
+                continue
+            seconds = self.cp.cuda.get_elapsed_time(start, end) / 1000
+            if kind == "copy":
+                self.copy_seconds += seconds
+            else:
+                self.wait_seconds += seconds
+        self.timings = left
+
+
+def make_swapper(pools: list[torch.Tensor | None]) -> Swapper:
+    if pools[DEVICE].is_cuda:
+        try:
+            return CudaSwapper(pools)
+        except ImportError:
+            log.warning("CuPy is not installed: swap copies run synchronously on the forward's stream")
+    return Swapper(pools)

@@ -1,0 +1,168 @@
+"""The host and disk tiers below the device pool: their books, and the queue of copies between tiers.
+
+Every tier is a pool of KV blocks of the same shape, kept by its own native
+`BlockAllocator`. Blocks are content-addressed by the chained prefix hashes of
+the block manager, and a hash may live on several tiers at once (a promoted
+block stays cached below too, so evicting it again costs no copy):
+
+- device -> host: a cached device block whose contents an allocation reclaims
+  is *demoted* (copied to the host pool, cached there) instead of dropped; so
+  is a cold host block to the disk pool. The disk drops its coldest.
+- host/disk -> device: a prefix lookup that runs past the device's cached
+  blocks goes on in the host, then the disk, and *promotes* what it finds.
+- swap: a preempted sequence's blocks are copied to the host pool and held
+  there. Full blocks are acquired by hash, so a block several sequences share
+  is stored on the host once; the partly filled last block is private.
+
+Nothing here moves bytes. Each decision appends (src_tier, src_block,
+dst_tier, dst_block) to `ops`, in the order the copies must run: a copy out of
+a reclaimed block is queued before anything that writes into it. The decode
+step hands the queue to the runner, which applies it on the forward thread
+before the forward (kvmux/swap.py). Until then no forward runs, so no block
+is written before its old contents are copied out.
+"""
+from __future__ import annotations
+
+from kvmux._native import BlockAllocator
+
+DEVICE, HOST, DISK = 0, 1, 2
+
+Op = tuple[int, int, int, int]  # (src_tier, src_block, dst_tier, dst_block)
+
+
+class Tiers:
+    def __init__(self, device: BlockAllocator, num_host_blocks: int, num_disk_blocks: int,
+                 keep_prefixes: bool) -> None:
+        """keep_prefixes: prefix caching is on, so cold cached blocks go down the tiers instead of away."""
+        self.device = device
+        self.host = BlockAllocator(num_host_blocks)
+        self.disk = BlockAllocator(num_disk_blocks)
+        self.keep_prefixes = keep_prefixes
+        device.record_evictions = keep_prefixes and num_host_blocks > 0
+        self.host.record_evictions = keep_prefixes and num_disk_blocks > 0
+        self.ops: list[Op] = []
+        self.blocks_swapped_out = 0  # copied device -> host for preempted sequences
+        self.blocks_swapped_in = 0  # copied host -> device when they come back
+        self.blocks_deduplicated = 0  # swapped out without a copy: the host already held that content
+        self.demoted = [0, 0, 0]  # cached blocks copied down into each tier
+        self.dropped = 0  # cached blocks forgotten because the tier below had no room (or no tier below)
+
+    def take_ops(self) -> list[Op]:
+        ops, self.ops = self.ops, []
+        return ops
+
+    # -- the prefix tier ------------------------------------------------------
+
+    def settle(self) -> None:
+        """Demote the cached device blocks the last device allocation reclaimed. Call after every one."""
+        for block, digest in self.device.take_evicted():
+            self._demote(DEVICE, block, digest)
+
+    def _settle_host(self) -> None:
+        for block, digest in self.host.take_evicted():
+            self._demote(HOST, block, digest)
+
+    def _demote(self, tier: int, block: int, digest: int) -> None:
+        lower, dst_tier = (self.host, HOST) if tier == DEVICE else (self.disk, DISK)
+        if lower.acquire_cost([digest]) > lower.num_free:
+            self.dropped += 1
+            return
+        (dst,), (already,) = lower.acquire([digest])
+        if tier == DEVICE:
+            # Taking that host block may reclaim a colder one: its copy to disk
+            # must be queued before ours overwrites it.
+            self._settle_host()
+        if not already:
+            self.ops.append((tier, block, dst_tier, dst))
+            self.demoted[dst_tier] += 1
+        lower.free_blocks([dst])  # cached and unheld: the tier's LRU keeps it
+
+    def fetch(self, hashes: list[int], fresh: list[int]) -> tuple[int, int]:
+        """Fill fresh device blocks with the leading run of `hashes` found on the host, then on disk.
+
+        `fresh[i]` is the device block just allocated for `hashes[i]` (a
+        device cache miss). Settles the device allocation. Returns how many
+        came from the host and from the disk; those are registered on the
+        device at once, since their copies run before any forward reads them.
+        """
+        if not (self.keep_prefixes and hashes):
+            self.settle()
+            return 0, 0
+        n_host = len(self.host.lookup(hashes))
+        n_disk = len(self.disk.lookup(hashes[n_host:]))
+        # Hold them while the device's reclaimed blocks are demoted: that
+        # takes host and disk blocks, and must never take these.
+        held_host, _ = self.host.acquire(hashes[:n_host])
+        held_disk, _ = self.disk.acquire(hashes[n_host:n_host + n_disk])
+        self.settle()
+        sources = [(HOST, b) for b in held_host] + [(DISK, b) for b in held_disk]
+        for (tier, src), dst, digest in zip(sources, fresh, hashes):
+            self.ops.append((tier, src, DEVICE, dst))
+            self.device.register_block(dst, digest)
+        self.host.free_blocks(held_host)
+        self.disk.free_blocks(held_disk)
+        return n_host, n_disk
+
+    # -- swapping sequences ---------------------------------------------------
+
+    def swap_out(self, device_blocks: list[int], hashes: list[int]) -> list[int] | None:
+        """Host blocks holding a sequence's device blocks, copies queued; None when the host has no room.
+
+        hashes are those of the leading full blocks (the rest are partly
+        filled): content already on the host is shared, not copied again.
+        """
+        n_plain = len(device_blocks) - len(hashes)
+        if self.host.acquire_cost(hashes, n_plain) > self.host.num_free:
+            return None
+        host_blocks, hits = self.host.acquire(hashes, n_plain)
+        self._settle_host()
+        for i, (src, dst) in enumerate(zip(device_blocks, host_blocks)):
+            if i < len(hits) and hits[i]:
+                self.blocks_deduplicated += 1
+            else:
+                self.ops.append((DEVICE, src, HOST, dst))
+                self.blocks_swapped_out += 1
+        return host_blocks
+
+    def swap_in(self, host_blocks: list[int], device_blocks: list[int], device_hits: list[bool]) -> None:
+        """Queue the copies back into freshly acquired device blocks (the device's cache hits need none)
+        and let go of the host blocks."""
+        self.settle()
+        for i, (src, dst) in enumerate(zip(host_blocks, device_blocks)):
+            if not (i < len(device_hits) and device_hits[i]):
+                self.ops.append((HOST, src, DEVICE, dst))
+                self.blocks_swapped_in += 1
+        self.release(host_blocks)
+
+    def release(self, host_blocks: list[int]) -> None:
+        self.host.free_blocks(host_blocks[::-1])
+        if not self.keep_prefixes:
+            # Hashes only deduplicated the swap; without prefix caching nobody looks cold blocks up again.
+            self.host.evict(self.host.num_cached_free)
+
+    def stats(self) -> dict:
+        return {
+            "host_blocks_total": self.host.num_blocks, "host_blocks_used": self.host.num_blocks - self.host.num_free,
+            "host_cached_blocks": self.host.num_cached,
+            "disk_blocks_total": self.disk.num_blocks, "disk_blocks_used": self.disk.num_cached,
+            "blocks_swapped_out": self.blocks_swapped_out, "blocks_swapped_in": self.blocks_swapped_in,
+            "blocks_swap_deduplicated": self.blocks_deduplicated,
+            "prefix_blocks_to_host": self.demoted[HOST], "prefix_blocks_to_disk": self.demoted[DISK],
+            "prefix_blocks_dropped": self.dropped,
+        }
+
+    def check_invariants(self, host_holders: dict[int, int]) -> None:
+        """host_holders: host block -> how many swapped sequences hold it. Disk blocks are never held."""
+        self.host.check_invariants()
+        self.disk.check_invariants()
+        # The native checker has matched held blocks with the free count, so
+        # checking the holders' blocks covers every held one.
+        for block, holders in host_holders.items():
+            if self.host.refcount(block) != holders:
+                raise RuntimeError(f"host block {block} has refcount {self.host.refcount(block)} "
+                                   f"but {holders} swapped sequence(s) hold it")
+        if self.host.num_blocks - self.host.num_free != len(host_holders):
+            raise RuntimeError(f"{self.host.num_blocks - self.host.num_free} host blocks held, "
+                               f"{len(host_holders)} by swapped sequences")
+        if self.disk.num_free != self.disk.num_blocks:
+            raise RuntimeError(f"{self.disk.num_blocks - self.disk.num_free} disk blocks are held")
