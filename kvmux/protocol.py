@@ -31,8 +31,9 @@ ERROR_CODES = {
     "invalid_field": "a field has the wrong type or value, or is not a field of this op",
     "invalid_prompt": "the prompt is empty or holds token ids outside the vocabulary",
     "invalid_params": "a sampling parameter is out of range",
-    "prompt_too_long": "prompt + max_tokens exceed the context length or the KV pool",
+    "prompt_too_long": "the prompt exceeds the prompt limit, or prompt + max_tokens exceed the context or the KV pool",
     "duplicate_request_id": "the id is already in flight on this connection",
+    "too_many_requests": "this connection already has its maximum of requests in flight; wait for one to end",
     "overloaded": "too many requests are waiting; retry later",
     "shutting_down": "the server is stopping and admits no new requests",
     "internal_error": "the server failed while handling the request",
@@ -75,6 +76,26 @@ def _no_ext(code: int, data: bytes):
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+def _find_timestamp(value) -> bool:
+    """Whether a decoded value holds a msgpack Timestamp anywhere.
+
+    msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook,
+    so this is the one ext type that must be looked for after decoding.
+    Iterative, because a frame may nest as deep as msgpack allows.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def encode(message: dict) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
@@ -83,12 +104,16 @@ def encode(message: dict) -> bytes:
 def decode(body: bytes) -> dict:
     """One frame body to a dict; raises ProtocolError(malformed_frame)."""
     try:
-        # unpackb caps every string, list and map length at the body's size, so nothing can claim more memory.
+        # unpackb caps every string, list and map length at the body's size, so nothing can claim more memory,
+        # and refuses nesting deeper than its own stack limit. No object hooks: only plain msgpack values come out.
         message = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError("malformed_frame", f"frame body is not valid msgpack: {exc}") from None
+        raise ProtocolError("malformed_frame",
+                            f"frame body is not valid msgpack: {type(exc).__name__}: {exc or 'unpack failed'}") from None
     if not isinstance(message, dict):
         raise ProtocolError("malformed_frame", f"frame body must be a msgpack map, got {type(message).__name__}")
+    if _find_timestamp(message):
+        raise ProtocolError("malformed_frame", "msgpack ext types (here a timestamp) are not allowed")
     return message
 
 
@@ -198,8 +223,10 @@ def parse_request(message: dict) -> Request:
         raise ProtocolError("unknown_op", f"unknown op {op!r}; the ops are {', '.join(OPS)}",
                             request_id=message.get("id") if isinstance(message.get("id"), str) else None)
     request_id = _field(message, "id", (str,), "a string chosen by the client", None)
-    if not 0 < len(request_id) <= MAX_ID_LEN:
-        raise ProtocolError("invalid_field", f"field 'id' must be 1 to {MAX_ID_LEN} characters")
+    # NUL is refused because the engine names a request's parallel samples "<id>\0<index>": an id holding one
+    # could collide with another request's sample.
+    if not 0 < len(request_id) <= MAX_ID_LEN or "\0" in request_id:
+        raise ProtocolError("invalid_field", f"field 'id' must be 1 to {MAX_ID_LEN} characters, none of them NUL")
     if op == "generate":
         _check_fields(message, {"op", "id", "prompt", "params", "priority"}, op, request_id)
         prompt = _prompt(_field(message, "prompt", (str, list), "the prompt", request_id), request_id)

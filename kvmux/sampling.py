@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_N = 64  # most parallel samples one request may ask for
+_MIN_TEMPERATURE = 1e-30  # well above float32's smallest normal, far below any useful value
 
 
 @dataclass
@@ -71,7 +72,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i].float() / p.temperature
+        row = logits[i].float()
+        # Shift the top logit to 0 and divide by at least a float32-representable temperature: a tiny one
+        # then sends the rest to -inf (greedy) instead of making inf/NaN probabilities, which would fail
+        # the whole batch's step and so hurt every other request in it.
+        row = (row - row.max()) / max(p.temperature, _MIN_TEMPERATURE)
         if p.top_k and p.top_k < row.numel():
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -29,6 +29,13 @@ class ServerOptions:
     max_frame: int = protocol.DEFAULT_MAX_FRAME
     read_timeout: float = protocol.DEFAULT_READ_TIMEOUT
     grace_period: float = 10.0  # seconds in-flight requests get to finish on shutdown before they are aborted
+    # Requests one connection may have in flight (generate, stats, health, model; an abort is answered at once
+    # and never refused); more get too_many_requests. Bounds what one client can hold of the engine's
+    # max_pending, and the tasks and buffers the server keeps for it.
+    max_inflight_per_connection: int = 256
+    # Seconds a write may wait for the client to read. A client that stops reading would otherwise hold its
+    # requests' tasks and output buffers forever; past this it is disconnected and its requests aborted.
+    write_timeout: float = 60.0
 
 
 class Connection:
@@ -39,6 +46,10 @@ class Connection:
         self.writer = writer
         self.write_lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task] = {}  # client id -> the task answering it
+        # Every task of this connection until it has returned. A task leaves `tasks` just before its last
+        # frame (so the id can be reused) but may then still wait to write; the in-flight limit and close()
+        # count it until it is done, so a client that does not read cannot pile up tasks.
+        self.active: set[asyncio.Task] = set()
         self.generating: set[str] = set()  # the client ids among tasks that are generate requests
 
     def engine_id(self, client_id: str) -> str:
@@ -48,7 +59,14 @@ class Connection:
     async def send(self, frame: dict) -> None:
         async with self.write_lock:
             self.writer.write(protocol.encode(frame))
-            await self.writer.drain()
+            try:
+                await asyncio.wait_for(self.writer.drain(), self.server.options.write_timeout)
+            except asyncio.TimeoutError:
+                log.warning("connection %d did not read for %g s; disconnecting it", self.number,
+                            self.server.options.write_timeout)
+                # abort() drops the unsent buffer and closes at once; serve() then stops reading and close() runs.
+                self.writer.transport.abort()
+                raise ConnectionResetError("the client stopped reading") from None
 
     async def serve(self) -> None:
         try:
@@ -61,7 +79,9 @@ class Connection:
                     if exc.fatal:
                         return
                     continue
-                if message is None:
+                # Once our side is closing (the client stopped reading, or the server shuts down), frames
+                # still buffered from the client are not worth answering: nobody would read the answers.
+                if message is None or self.writer.transport.is_closing():
                     return
                 self.server.frames_received += 1
                 await self.dispatch(message)
@@ -78,17 +98,26 @@ class Connection:
         if request.id in self.tasks:
             return await self.send_error(request.id, "duplicate_request_id",
                                          f"id {request.id!r} is already in flight on this connection")
+        if isinstance(request, protocol.Abort):
+            # Answered here, before the next frame is read: a client at its in-flight limit can still abort,
+            # and a flood of aborts is throttled by how fast the client reads the answers.
+            return await self.abort(request)
+        limit = self.server.options.max_inflight_per_connection
+        if len(self.active) >= limit:
+            return await self.send_error(request.id, "too_many_requests",
+                                         f"{len(self.active)} requests are in flight on this connection, "
+                                         f"the limit is {limit}; wait for one to end")
         if isinstance(request, protocol.Generate):
             if self.server.closing:
                 return await self.send_error(request.id, "shutting_down", "the server is shutting down")
             handler = self.generate(request)
             self.generating.add(request.id)
-        elif isinstance(request, protocol.Abort):
-            handler = self.abort(request)
         else:
             handler = self.query(request)
         task = asyncio.create_task(self.guard(request.id, handler))
         self.tasks[request.id] = task
+        self.active.add(task)
+        task.add_done_callback(self.active.discard)
 
     async def guard(self, request_id: str, handler) -> None:
         """Run one request's handler; whatever it raises becomes an error frame for that request alone."""
@@ -138,8 +167,7 @@ class Connection:
         found = request.target in self.generating
         if found:
             await self.server.engine.abort(self.engine_id(request.target))
-        await self.send_last(request.id, protocol.result_frame(request.id, "abort",
-                                                               {"target": request.target, "aborted": found}))
+        await self.send(protocol.result_frame(request.id, "abort", {"target": request.target, "aborted": found}))
 
     async def query(self, request: protocol.Query) -> None:
         data = await getattr(self.server, f"{request.op}_data")()
@@ -147,7 +175,7 @@ class Connection:
 
     async def close(self) -> None:
         """Cancel every request of this connection (aborting them in the engine) and close it."""
-        tasks = list(self.tasks.values())
+        tasks = list(self.active)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -232,4 +260,4 @@ class Server:
         d = self.engine.describe()
         return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "max_model_len": d["max_model_len"],
                 "block_size": d["block_size"], "num_blocks": d["num_blocks"],
-                "vocab_size": self.engine.loaded.config.vocab_size}
+                "block_bytes": self.engine.kv_cache.bytes_per_block, "vocab_size": self.engine.loaded.config.vocab_size}

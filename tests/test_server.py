@@ -11,8 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,10 +19,9 @@ import pytest
 
 from kvmux import protocol
 from kvmux.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
-from kvmux.engine import Engine
 from kvmux.sampling import SamplingParams
-from kvmux.server import Server, ServerOptions
 from kvmux.unix_socket import SocketInUse
+from server_helpers import Raw, Served, short_dir
 from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,102 +35,11 @@ def tiny(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("server") / "m"))
 
 
-# Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer; sockets go here instead.
-SOCKETS = tempfile.TemporaryDirectory(prefix="kvx-", dir="/tmp")
-
-
-def short_dir() -> str:
-    return tempfile.mkdtemp(dir=SOCKETS.name)
-
-
-class Served:
-    """An Engine and a Server on an event loop in a background thread, so tests can be plain clients."""
-
-    def __init__(self, model: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.path = os.path.join(short_dir(), "s.sock")
-        self.engine = Engine(model, num_blocks=64, block_size=8, max_pending=4)
-        self.call(self.engine.start())
-        self.server = self.start_server(self.path, read_timeout=0.5, max_frame=4096)
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    def start_server(self, path: str, **options) -> Server:
-        server = Server(self.engine, ServerOptions(path, **options))
-        self.call(server.start())
-        return server
-
-    def settle(self) -> None:
-        """Wait until no request is live and every block is free, then check the allocator's invariants."""
-        async def settled():
-            for _ in range(500):
-                live = (await self.engine.stats())["requests_live"]
-                if not live and self.engine.blocks.num_free == self.engine.blocks.num_blocks:
-                    break
-                await asyncio.sleep(0.01)
-            assert self.engine.blocks.num_free == self.engine.blocks.num_blocks, "KV blocks leaked"
-            assert live == 0
-            self.engine.blocks.check_invariants()
-            assert self.server.in_flight() == 0
-        self.call(settled())
-
-    def close(self) -> None:
-        self.call(self.server.shutdown())
-        self.call(self.engine.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-
-
 @pytest.fixture(scope="module")
 def served(tiny):
     s = Served(tiny)
     yield s
     s.close()
-
-
-class Raw:
-    """A bare socket speaking frames, for what the client library never sends."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-
-    def send(self, message) -> None:
-        self.send_bytes(msgpack.packb(message))
-
-    def send_bytes(self, body: bytes) -> None:
-        self.sock.sendall(protocol.HEADER.pack(len(body)) + body)
-
-    def recv(self) -> dict | None:
-        header = self._exactly(4)
-        if header is None:
-            return None
-        return msgpack.unpackb(self._exactly(protocol.HEADER.unpack(header)[0]))
-
-    def _exactly(self, n: int) -> bytes | None:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    def until_finished(self, *request_ids: str) -> dict:
-        """Read frames until each of request_ids has ended; the last frame of the first one (or of all, by id)."""
-        last = {}
-        while len(last) < len(request_ids):
-            frame = self.recv()
-            if frame["id"] in request_ids and (frame["type"] == "error" or frame["finished"]):
-                last[frame["id"]] = frame
-        return last[request_ids[0]] if len(request_ids) == 1 else last
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # -- protocol ---------------------------------------------------------------------
@@ -331,6 +237,16 @@ def test_every_error_code(served):
     raw.sock.sendall(b"\x00\x00")  # half a header, then silence past the read timeout
     assert raw.recv()["code"] == "frame_timeout" and raw.recv() is None
     seen.add("frame_timeout")
+
+    # A server allowing one request in flight per connection refuses a second one (tests/test_limits.py has more).
+    narrow = served.start_server(os.path.join(short_dir(), "n.sock"), max_inflight_per_connection=1)
+    raw = Raw(narrow.options.socket_path)
+    raw.send({**gen, "id": "one", "params": LONG})
+    expect("too_many_requests", {**gen, "id": "two"}, "two")
+    raw.send({"op": "abort", "id": "stop-one", "target": "one"})
+    assert raw.until_finished("one")["finish_reason"] == "abort"
+    raw.close()
+    served.call(narrow.shutdown())
 
     # A second server on the same engine, shutting down while a request runs: new work is refused.
     other = served.start_server(os.path.join(short_dir(), "o.sock"), grace_period=30)
