@@ -1,0 +1,1 @@
+"""`kvmux bench`: throughput, latency and memory of kvmux against transformers baselines on one workload."""

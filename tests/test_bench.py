@@ -1,0 +1,70 @@
+"""The benchmark harness: a deterministic workload, and a tiny end-to-end run of all three engines."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.workload import WorkloadSpec, make_workload
+from tiny_model import make_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECIAL = {0, 1, 2}
+
+
+def test_workload_is_seeded_clipped_and_free_of_special_tokens():
+    spec = WorkloadSpec(num_requests=200, seed=3)
+    a, b = make_workload(spec, 1000, SPECIAL), make_workload(spec, 1000, SPECIAL)
+    assert [(r.prompt_ids, r.output_len) for r in a] == [(r.prompt_ids, r.output_len) for r in b]
+    assert [r.prompt_ids for r in make_workload(WorkloadSpec(num_requests=200, seed=4), 1000, SPECIAL)] != \
+        [r.prompt_ids for r in a]
+    for r in a:
+        assert 8 <= len(r.prompt_ids) <= 512 and 8 <= r.output_len <= 256
+        assert not SPECIAL & set(r.prompt_ids) and max(r.prompt_ids) < 1000
+        assert r.arrival == 0.0
+    # Long-tailed: the mean sits above the median.
+    outs = sorted(r.output_len for r in a)
+    assert sum(outs) / len(outs) > outs[len(outs) // 2]
+
+
+def test_online_and_shared_prefix_variants():
+    spec = WorkloadSpec(num_requests=50, rate=4.0)
+    online, offline = make_workload(spec, 1000, SPECIAL), make_workload(WorkloadSpec(num_requests=50), 1000, SPECIAL)
+    assert [r.prompt_ids for r in online] == [r.prompt_ids for r in offline]  # same requests, only arrivals differ
+    arrivals = [r.arrival for r in online]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals) and 5 < arrivals[-1] < 30  # ~50 / 4 req/s
+    shared = make_workload(WorkloadSpec(num_requests=20, shared_prefix_len=256), 1000, SPECIAL)
+    prefix = shared[0].prompt_ids[:256]
+    assert all(r.prompt_ids[:256] == prefix and 264 <= len(r.prompt_ids) <= 512 for r in shared)
+    assert len({tuple(r.prompt_ids[256:]) for r in shared}) == 20
+
+
+def test_bench_end_to_end_on_tiny_model(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--model", str(model), "--requests", "5", "--max-prompt-len", "48",
+           "--max-output-len", "32", "--mode", "both", "--rate", "20", "--static-batch-sizes", "4",
+           "--out", str(out), "--quick"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "bench_float32_quick.json").read_text())
+    assert (out / "bench_float32_quick.png").stat().st_size > 0
+    assert {"command", "machine", "dtype", "workload", "runs", "summary"} <= set(results)
+    assert results["machine"]["cpu_count"] >= 1 and results["workload"]["distribution"]["output_mean"] > 0
+    labels = {(r["label"], r["mode"]) for r in results["runs"]}
+    assert labels == {("kvmux", "offline"), ("hf-static-b4", "offline"), ("hf-cb", "offline"),
+                      ("kvmux", "online"), ("hf-cb", "online")}
+    wanted = results["workload"]["drawn"]["output_tokens"]
+    for run in results["runs"]:
+        assert "error" not in run, run.get("error")
+        assert run["lengths_exact"] and run["output_tokens"] == wanted, run["label"]
+        assert run["output_tok_s"] > 0 and run["peak_rss_mib"] > 0
+        if run["mode"] == "online":
+            assert {"p50", "p90", "p99"} <= set(run["ttft_s"]) and {"p50", "p90", "p99"} <= set(run["tpot_s"])
+    kv = next(r for r in results["runs"] if r["label"] == "kvmux" and r["mode"] == "offline")["kvmux"]
+    assert 0 < kv["peak_blocks_used"] <= kv["blocks_total"] and 0 <= kv["kv_waste_time_avg"] < 1
+    assert {"preemptions", "prefix_hit_rate", "step_overhead_share"} <= set(kv)
+    summary = results["summary"]
+    assert summary["failed"] == [] and summary["static_best"] == "hf-static-b4"
+    assert summary["kvmux_vs_static_best"] > 0 and summary["kvmux_vs_hf_cb"] > 0
