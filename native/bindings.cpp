@@ -4,7 +4,9 @@
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "fused_ops.h"
 #include "paged_attention.h"
+#include "small_linear.h"
 
 namespace py = pybind11;
 
@@ -120,10 +122,73 @@ void bind_paged_attention(py::module_& m) {
             "Write this layer's new K/V into their slots, then attend every new query over its context.");
 }
 
+// Addresses again; kvmux/native_linear.py checks the tensors.
+void bind_small_linear(py::module_& m) {
+    m.def(
+        "small_linear_f32",
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t weight,
+           int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::small_linear_f32(reinterpret_cast<const float*>(x), rows, in_features, x_stride,
+                                    reinterpret_cast<const float*>(weight), out_features,
+                                    reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
+                                    out_stride, num_threads);
+        },
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("weight"),
+        py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("num_threads"),
+        "out[rows, out_features] = x @ weight.T (+ bias), float32; bias 0 means none.");
+}
+
+// Addresses and sizes; kvmux/fused.py checks the tensors.
+void bind_fused_ops(py::module_& m) {
+    m.def(
+        "rms_norm_f32",
+        [](std::uintptr_t x, int64_t rows, int64_t hidden, int64_t x_stride, std::uintptr_t weight, float eps,
+           std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::rms_norm_f32(reinterpret_cast<const float*>(x), rows, hidden, x_stride,
+                                reinterpret_cast<const float*>(weight), eps, reinterpret_cast<float*>(out),
+                                num_threads);
+        },
+        py::arg("x"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("weight"), py::arg("eps"),
+        py::arg("out"), py::arg("num_threads"));
+    m.def(
+        "add_rms_norm_f32",
+        [](std::uintptr_t x, std::uintptr_t residual, int64_t rows, int64_t hidden, std::uintptr_t weight, float eps,
+           std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::add_rms_norm_f32(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(residual), rows,
+                                    hidden, reinterpret_cast<const float*>(weight), eps,
+                                    reinterpret_cast<float*>(out), num_threads);
+        },
+        py::arg("x"), py::arg("residual"), py::arg("rows"), py::arg("hidden"), py::arg("weight"), py::arg("eps"),
+        py::arg("out"), py::arg("num_threads"), "residual += x, then out = rms_norm(residual).");
+    m.def(
+        "rope_f32",
+        [](std::uintptr_t rows, int64_t num_rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+           std::uintptr_t cos, std::uintptr_t sin, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::rope_f32(reinterpret_cast<float*>(rows), num_rows, row_stride, heads, head_dim,
+                            reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), num_threads);
+        },
+        py::arg("rows"), py::arg("num_rows"), py::arg("row_stride"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("cos"), py::arg("sin"), py::arg("num_threads"), "Rotate the first heads heads of each row in place.");
+    m.def(
+        "silu_mul_f32",
+        [](std::uintptr_t gate_up, int64_t rows, int64_t inter, std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::silu_mul_f32(reinterpret_cast<const float*>(gate_up), rows, inter, reinterpret_cast<float*>(out),
+                                num_threads);
+        },
+        py::arg("gate_up"), py::arg("rows"), py::arg("inter"), py::arg("out"), py::arg("num_threads"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "kvmux native extension: KV block allocator and CPU paged-attention kernels";
+    m.doc() = "kvmux native extension: KV block allocator, CPU paged-attention, small-batch linear and fused layer kernels";
     bind_block_allocator(m);
     bind_paged_attention(m);
+    bind_small_linear(m);
+    bind_fused_ops(m);
 }

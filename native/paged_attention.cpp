@@ -1,4 +1,5 @@
 #include "paged_attention.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -6,6 +7,10 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace kvmux {
 
@@ -47,26 +52,6 @@ inline bf16 from_float<bf16>(float x) {
     return bf16{static_cast<uint16_t>(u >> 16)};
 }
 
-// exp for x <= 0 (scores minus their running max), written so the compiler
-// vectorises it: Cody-Waite range reduction plus the Cephes polynomial,
-// ~1 ulp. libm's scalar expf would cost more than the dot products.
-inline float exp_nonpos(float x) {
-    x = std::max(x, -87.0f);  // below this 2^n underflows; the weight is ~0 anyway
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
-
 // 8 floats: one AVX2 register. GCC's vector extension keeps the hot loops
 // in registers with no gathers (auto-vectorisation picked gathers across keys
 // for the P.V update) while staying portable C++.
@@ -101,6 +86,44 @@ inline float dot(const float* q, const float* k, int64_t dim) {
         for (int64_t d = 0; d < dim; ++d) sum += q[d] * k[d];
         return sum;
     }
+}
+
+// Eight horizontal sums at once: lane j of the result is the sum of a[j]'s lanes.
+inline v8f hsum8x8(const v8f* a) {
+#if defined(__AVX__)
+    const __m256 t0 = _mm256_hadd_ps(__m256(a[0]), __m256(a[1]));
+    const __m256 t1 = _mm256_hadd_ps(__m256(a[2]), __m256(a[3]));
+    const __m256 t2 = _mm256_hadd_ps(__m256(a[4]), __m256(a[5]));
+    const __m256 t3 = _mm256_hadd_ps(__m256(a[6]), __m256(a[7]));
+    const __m256 u0 = _mm256_hadd_ps(t0, t1);  // per 128-bit half: partial sums of a0..a3
+    const __m256 u1 = _mm256_hadd_ps(t2, t3);  // and of a4..a7
+    return v8f(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+    v8f out;
+    for (int j = 0; j < 8; ++j) out[j] = hsum8(a[j]);
+    return out;
+#endif
+}
+
+// scores[t] = q.k[t] for t < n. With a compile-time head_dim, eight keys are
+// scored together and reduced by one transposing sum: a separate horizontal
+// sum per key would cost as much as the 64-wide dot product itself.
+template <int D>
+inline void dots(const float* q, const float* const* k, int32_t n, float* scores, int64_t dim) {
+    int32_t t = 0;
+    if constexpr (D > 0) {
+        for (; t + 8 <= n; t += 8) {
+            v8f acc[8];
+            for (int j = 0; j < 8; ++j) {
+                const float* kj = k[t + j];
+                v8f a = load8(q) * load8(kj);
+                for (int d = 8; d < D; d += 8) a += load8(q + d) * load8(kj + d);
+                acc[j] = a;
+            }
+            store8(scores + t, hsum8x8(acc));
+        }
+    }
+    for (; t < n; ++t) scores[t] = dot<D>(q, k[t], dim);
 }
 
 // acc += sum_t p[t] * V[t]; with a compile-time head_dim the row stays in
@@ -243,7 +266,7 @@ struct Kernel {
                 if (valid <= 0) continue;
                 const float* qr = w.q.data() + r * dim;
                 float* sc = w.scores.data();
-                for (int32_t t = 0; t < valid; ++t) sc[t] = dot<D>(qr, kf[t], dim);
+                dots<D>(qr, kf, valid, sc, dim);
                 float mx = w.m[r];
                 for (int32_t t = 0; t < valid; ++t) mx = std::max(mx, sc[t]);
                 float sum = 0.0f;

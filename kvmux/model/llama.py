@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmux.attention import BACKENDS, paged_attention
+from kvmux import fused
 from kvmux.forward_batch import ForwardBatch
 from kvmux.kv_cache import KVCache
+from kvmux.linear import linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -39,7 +41,7 @@ class MergedLinear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def hf_views(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name relative to the parent, view into the merged storage) per original parameter."""
@@ -59,7 +61,7 @@ class Linear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -69,10 +71,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference, whatever the weight dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual add folded into the norm."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(config) -> dict:
@@ -109,13 +112,6 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, 1, D] (the half-dim frequencies repeated twice, HF's layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
@@ -142,13 +138,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 kv_cache: KVCache, backend: str) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in each row of qkv, so one in-place pass rotates both.
+        rotated = self.q_norm is None and fused.rope_inplace(qkv, self.num_heads + self.num_kv_heads,
+                                                             self.head_dim, cos, sin)
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not rotated:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, self.scale, backend)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -163,8 +164,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, config.hidden_size, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -175,9 +175,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, dtype, device)
 
-    def forward(self, x, cos, sin, batch, kv_cache, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, batch, kv_cache, backend):
+        """Returns (this layer's MLP output, the residual stream before it); their sum is the layer's output."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, batch, kv_cache, backend)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -261,12 +267,12 @@ class LlamaForCausalLM(nn.Module):
         """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""
         embed = self.model.embed_tokens.weight
         x = F.embedding(batch.input_ids, embed)
-        freqs = batch.positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = fused.rope_tables(batch.positions, self.inv_freq, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv_cache, self.attention_backend)
+            x, residual = layer(x, residual, cos, sin, batch, kv_cache, self.attention_backend)
         # The final norm is per token, so only the rows that need logits go through it and lm_head.
-        x = self.model.norm(x[batch.logits_indices])
+        rows = batch.logits_indices
+        x = self.model.norm(x[rows] + residual[rows])
         head = embed if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return linear(x, head).float()
