@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=None,
                    help="upper clip of output lengths [default: 256; --quick: 32]")
     p.add_argument("--max-num-seqs", type=int, default=64, help="concurrent sequences, kvmux and hf-cb")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step, kvmux and hf-cb")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step, kvmux and hf-cb [default: offline 2048 (whole prompts per step, for "
+                        "throughput), online 512 (short steps, for time per output token)]")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -83,12 +85,16 @@ def vocabulary(folder: str) -> tuple[int, set[int]]:
     return min(len(tok), AutoConfig.from_pretrained(folder).vocab_size), special
 
 
+DEFAULT_STEP_TOKENS = {"offline": 2048, "online": 512}
+
+
 def plan(args, dtype: str, folder: str, offline, online) -> list[Job]:
-    engine_opts = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     jobs = []
     for mode, requests in (("offline", offline), ("online", online)):
         if requests is None:
             continue
+        engine_opts = {"max_num_seqs": args.max_num_seqs,
+                       "max_num_batched_tokens": args.max_num_batched_tokens or DEFAULT_STEP_TOKENS[mode]}
         for engine in args.engines:
             if engine == "hf-static":
                 if mode == "offline":
