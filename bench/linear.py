@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.attention_cpu import time_ms
+from bench.attention import time_ms
 from kvmux.linear import MAX_NATIVE_ROWS, small_linear
 
 RESULTS = Path(__file__).resolve().parent / "results"

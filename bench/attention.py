@@ -1,9 +1,11 @@
 """CPU paged attention: native kernels vs the torch reference, per layer and in whole engine runs.
 
-    python -m bench.attention_cpu            # kernels on SmolLM2-135M shapes
-    python -m bench.attention_cpu --engine   # also 64 requests x 64 output tokens per backend and dtype
+    python -m bench.attention            # kernels on SmolLM2-135M shapes
+    python -m bench.attention --engine   # also 64 requests x 64 output tokens per backend and dtype
 
-Writes bench/results/<--name>.json and .png (default attention_cpu). Kernel timings are the
+Decode is timed at batch 1, 16 and 64 over contexts of 128, 1024 and 4096
+tokens, prefill for a 512-token chunk with and without a cached prefix.
+Writes bench/results/<--name>.json and .png (default attention). Kernel timings are the
 median of repeated calls on one step's batch (the per-step plan is built once,
 as in the engine, and reused by every layer).
 """
@@ -29,9 +31,8 @@ from kvmux.native_attention import cpu_paged_attention
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16)  # and 30 layers
 # (name, batch, context, query tokens per sequence)
-SHAPES = [("decode b64 ctx256", 64, 256, 1), ("decode b64 ctx512", 64, 512, 1),
-          ("decode b64 ctx1024", 64, 1024, 1), ("prefill chunk 512", 1, 512, 512),
-          ("prefill 512 after 512 cached", 1, 1024, 512)]
+SHAPES = [(f"decode b{b} ctx{ctx}", b, ctx, 1) for b in (1, 16, 64) for ctx in (128, 1024, 4096)] + [
+    ("prefill chunk 512", 1, 512, 512), ("prefill 512 after 512 cached", 1, 1024, 512)]
 
 
 def time_ms(fn, min_time: float = 0.5, min_runs: int = 5) -> float:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-kernels", action="store_true", help="engine runs only")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads [default: all cores]")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="attention_cpu", help="stem of the result files")
+    p.add_argument("--name", default="attention", help="stem of the result files")
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -1,0 +1,182 @@
+"""How well kvmux uses the machine, and what bf16 costs in quality (issue 7's per-engine targets).
+
+    python -m bench.efficiency                 # SmolLM2-135M, fp32 decode + bf16-vs-fp32 quality
+    python -m bench.efficiency --skip-quality  # decode efficiency only
+
+Decode efficiency: 64 sequences are prefilled with 256-token prompts, then
+steady-state decode steps run through the engine's runner (forward, sampling);
+their FLOP rate (2 x parameters per token plus attention) is compared with the
+rate of a plain torch matmul over the model's own weights measured in the same
+run, at 64 rows (the decode step's shape) and at 512 rows (the best this
+machine's BLAS does), for the model's dtype.
+
+Quality: the bf16 and fp32 models are fed the same real English text (Python's
+own reference documentation, `pydoc_data.topics`) with teacher forcing; per
+position, whether the next-token argmax agrees and the KL divergence of the
+bf16 distribution from the fp32 one.
+
+Writes bench/results/efficiency.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvmux.forward_batch import ForwardBatch, SeqChunk
+from kvmux.kv_cache import KVCache
+from kvmux.model.loader import load_model
+from kvmux.runner import Runner, SeqWork, StepWork
+from kvmux.sampling import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK = 16
+TOPICS = ["assignment", "class", "exceptions", "for", "function", "import", "lambda", "with", "while", "if"]
+
+
+def matmul_gflops(model, rows: int, repeats: int = 3) -> float:
+    """F.linear over every weight matrix of the model (the lm_head included) at `rows` rows."""
+    weights = [m.weight for m in model.modules() if hasattr(m, "weight") and m.weight is not None
+               and m.weight.dim() == 2 and m is not model.model.embed_tokens]
+    weights.append(model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight)
+    inputs = {k: torch.randn(rows, k, dtype=model.dtype) for k in {w.shape[1] for w in weights}}
+    flops = sum(2 * rows * w.numel() for w in weights)
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
+    cfg = model.config
+    blocks_per_seq = math.ceil((prompt_len + steps + 1) / BLOCK)
+    cache = KVCache(batch * blocks_per_seq, model.num_layers, model.num_kv_heads, model.head_dim, BLOCK,
+                    dtype=model.dtype)
+    runner = Runner(model, cache)
+    gen = torch.Generator().manual_seed(0)
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [torch.randint(100, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    last = []
+    per_step = max(1, 2048 // prompt_len)  # prefill a few whole prompts per step, as the engine does offline
+    for i in range(0, batch, per_step):
+        work = [SeqWork(prompts[j], 0, tables[j], greedy) for j in range(i, min(batch, i + per_step))]
+        last += runner.execute(StepWork(work))
+    times = []
+    for step in range(steps):
+        pos = prompt_len + step
+        start = time.perf_counter()
+        last = runner.execute(StepWork([SeqWork([t], pos, tables[j], greedy) for j, t in enumerate(last)]))
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[2:])[len(times[2:]) // 2]  # median, past the first steps' warm-up
+    params = sum(p.numel() for p in model.parameters())  # the tied embedding counts once: as the lm_head
+    attn_heads = cfg.num_attention_heads
+    mean_ctx = prompt_len + steps / 2
+    flops_per_token = 2 * params + 4 * mean_ctx * attn_heads * model.head_dim * model.num_layers
+    return dict(batch=batch, prompt_len=prompt_len, steps=steps, step_s_median=steady,
+                tokens_per_s=batch / steady, flops_per_token=flops_per_token,
+                achieved_gflops=batch * flops_per_token / steady / 1e9, parameters=params)
+
+
+def quality(fp32, bf16, tokenizer, tokens_per_text: int) -> dict:
+    from pydoc_data.topics import topics
+
+    agree = total = 0
+    kls = []
+    for topic in TOPICS:
+        ids = tokenizer(topics[topic])["input_ids"][:tokens_per_text]
+        logits = {}
+        for name, model in (("fp32", fp32), ("bf16", bf16)):
+            blocks = math.ceil(len(ids) / BLOCK)
+            cache = KVCache(blocks, model.num_layers, model.num_kv_heads, model.head_dim, BLOCK, dtype=model.dtype)
+            batch = ForwardBatch.build([SeqChunk(ids, 0, list(range(blocks)))], BLOCK)
+            batch.logits_indices = torch.arange(len(ids))  # teacher forcing: every position's next-token logits
+            with torch.inference_mode():
+                logits[name] = model(batch, cache).float()
+        ref, test = F.log_softmax(logits["fp32"], -1), F.log_softmax(logits["bf16"], -1)
+        agree += int((ref.argmax(-1) == test.argmax(-1)).sum())
+        total += len(ids)
+        kls.append(F.kl_div(test, ref, log_target=True, reduction="none").sum(-1))
+    kl = torch.cat(kls)
+    return dict(texts=TOPICS, positions=total, argmax_agreement=agree / total, kl_mean=float(kl.mean()),
+                kl_p99=float(kl.quantile(0.99)), source="pydoc_data.topics (Python's reference documentation)")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result["decode"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = ["matmul\n512 rows", "matmul\n64 rows", f"kvmux decode\n{d['batch']} seqs"]
+    values = [result["matmul_gflops"]["512"], result["matmul_gflops"]["64"], d["achieved_gflops"]]
+    bars = ax.bar(labels, values, color=["#999", "#bbb", "#2a7"])
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom")
+    ax.set_ylabel(f"GFLOP/s ({result['dtype']}, {result['threads']} threads)")
+    title = f"decode uses {result['utilization_vs_best']:.0%} of the best matmul rate"
+    if result.get("quality"):
+        q = result["quality"]
+        title += f"\nbf16 vs fp32: argmax agreement {q['argmax_agreement']:.1%}, mean KL {q['kl_mean']:.4f}"
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="safetensors folder or .gguf [default: SmolLM2-135M-Instruct]")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--tokens-per-text", type=int, default=256)
+    p.add_argument("--skip-quality", action="store_true", help="no bf16 model, no quality comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+    loaded = load_model(args.model, dtype=torch.float32, progress=False)
+    model = loaded.model
+    rates = {str(rows): matmul_gflops(model, rows) for rows in (64, 512)}
+    print(f"matmul over the model's weights: {rates['64']:.1f} GFLOP/s at 64 rows, {rates['512']:.1f} at 512",
+          flush=True)
+    decode = decode_efficiency(model, args.batch, args.prompt_len, args.steps)
+    best = max(rates.values())
+    print(f"decode, {args.batch} sequences: {decode['tokens_per_s']:.1f} tok/s, {decode['achieved_gflops']:.1f} "
+          f"GFLOP/s = {decode['achieved_gflops'] / best:.0%} of the best matmul rate, "
+          f"{decode['achieved_gflops'] / rates['64']:.0%} of the 64-row rate", flush=True)
+    result = dict(command="python -m bench.efficiency", model=loaded.name, dtype="float32", threads=threads,
+                  machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                  matmul_gflops=rates, decode=decode, utilization_vs_best=decode["achieved_gflops"] / best,
+                  utilization_vs_64_rows=decode["achieved_gflops"] / rates["64"], target_utilization=0.5,
+                  created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if not args.skip_quality:
+        bf16 = load_model(args.model, dtype=torch.bfloat16, progress=False).model
+        result["quality"] = q = quality(model, bf16, loaded.tokenizer, args.tokens_per_text)
+        result["quality"]["targets"] = {"argmax_agreement": 0.95}
+        print(f"bf16 vs fp32 over {q['positions']} positions: argmax agreement {q['argmax_agreement']:.2%}, "
+              f"mean KL {q['kl_mean']:.5f} (p99 {q['kl_p99']:.5f})", flush=True)
+    result["loadavg_at_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "efficiency.png")
+    print(f"wrote {args.out / 'efficiency.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
