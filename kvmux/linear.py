@@ -4,9 +4,9 @@ A decode step multiplies a few token rows by every weight of the model, which
 is bound by reading the weights from memory. MKL repacks the weights on each
 call and so runs far below that bound at a few rows; `kvmux._native`'s
 small_linear_f32 streams them once. Measured with SmolLM2-135M's shapes on
-this project's 2-core AVX2 machine (`python -m bench.linear`): 1.8x faster at
-1 row, 2-3x at 2-8 rows, 1.3-1.5x at 32-48, about even at 64-96 and slower from
-128 rows on, where MKL's blocking pays off; so rows up to MAX_NATIVE_ROWS go native.
+this project's 2-core AVX2 machine (`python -m bench.linear`): 1.9x faster at
+1 row, 2.5-3x at 2-4, 1.3-1.7x at 8-64, 1.2x at 96-128 and slower from about
+192 rows on, where MKL's blocking pays off; so rows up to MAX_NATIVE_ROWS go native.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kvmux import _native
 
-MAX_NATIVE_ROWS = 48
+MAX_NATIVE_ROWS = 128
 
 
 def _fits_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
