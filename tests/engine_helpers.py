@@ -40,6 +40,19 @@ def run_engine(model: str, prompts, params, **options):
     return asyncio.run(main())
 
 
+def failing_on_call(fn, n: int, message: str):
+    """fn, except that its n-th call raises RuntimeError(message): a fault injected mid-run."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise RuntimeError(message)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False) -> list[list[int]]:
     """transformers' own generate, one prompt at a time (no padding), greedy."""
     outs = []

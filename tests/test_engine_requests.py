@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from engine_helpers import assert_no_leaks, greedy, run_engine, wait_for_blocks
+from engine_helpers import assert_no_leaks, failing_on_call, greedy, run_engine, wait_for_blocks
 from kvmux import LLM, Engine, RequestRejected, SamplingParams
 from kvmux.detokenize import detokenize_step, initial_offsets
 from tiny_model import make_tiny_model
@@ -168,16 +168,7 @@ def test_failed_forward_fails_its_batch_not_the_engine(tiny):
     async def main():
         async with engine(tiny) as e:
             runner = e.decode.runner
-            real = runner.execute
-            calls = 0
-
-            def flaky(work):
-                nonlocal calls
-                calls += 1
-                if calls == 3:
-                    raise RuntimeError("injected fault")
-                return real(work)
-            runner.execute = flaky
+            runner.execute = failing_on_call(runner.execute, 3, "injected fault")
             done = await asyncio.gather(*(e.complete(PROMPT, greedy(10)) for _ in range(3)))
             assert {c.finish_reason for c in done} == {"error"}
             assert all("injected fault" in c.error for c in done)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from engine_helpers import failing_on_call
 from kvmux.client import AsyncClient, Client, ServerError
 from server_helpers import Raw, Served
 from tiny_model import make_tiny_model
@@ -75,15 +76,7 @@ def wait_for(served, predicate, timeout: float = 20.0) -> dict:
 def test_forward_raising_mid_step_fails_its_batch(served):
     runner = served.engine.decode.runner
     slow = runner.execute
-    calls = 0
-
-    def flaky(work):
-        nonlocal calls
-        calls += 1
-        if calls == 4:
-            raise RuntimeError("injected forward fault")
-        return slow(work)
-    runner.execute = flaky
+    runner.execute = failing_on_call(slow, 4, "injected forward fault")
     try:
         async def main():
             async with AsyncClient(served.path) as client:
