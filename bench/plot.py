@@ -12,6 +12,11 @@ import numpy as np  # noqa: E402
 
 def _throughput(ax, runs: list[dict]) -> None:
     offline = [r for r in runs if r["mode"] == "offline"]
+    ax.set_title("Throughput")
+    if not offline:
+        ax.text(0.5, 0.5, "no offline run\n(--mode offline|both)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     labels = [r["label"] for r in offline]
     values = [r["output_tok_s"] for r in offline]
     kvmux = next((r["output_tok_s"] for r in offline if r["engine"] == "kvmux"), None)
@@ -22,7 +27,6 @@ def _throughput(ax, runs: list[dict]) -> None:
             text += f"\nkvmux {kvmux / r['output_tok_s']:.1f}x"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("output tokens/s (offline)")
-    ax.set_title("Throughput")
     ax.tick_params(axis="x", labelrotation=20)
     ax.margins(y=0.2)
 
