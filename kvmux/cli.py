@@ -172,25 +172,24 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _examples(args: argparse.Namespace) -> int:
-    # The examples live beside the package in a source checkout, not inside the installed package.
+def _run_from_checkout(folder: str, argv: list[str]) -> int:
+    """`python -m <folder> argv` from the source checkout beside the package, where examples/ and bench/ live."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "examples" / "__main__.py").is_file():
-        print(f"kvmux: error: no examples/ folder beside the package in {root}; the examples ship with the "
-              "source checkout", file=sys.stderr)
+    if not (root / folder / "__main__.py").is_file():
+        print(f"kvmux: error: no {folder}/ folder beside the package in {root}; it ships with the source checkout",
+              file=sys.stderr)
         return 2
+    return subprocess.call([sys.executable, "-m", folder, *argv], cwd=root)
+
+
+def _examples(args: argparse.Namespace) -> int:
     argv = [*args.names, *(["--list"] if args.list else []), *(["--model", args.model] if args.model else [])]
-    return subprocess.call([sys.executable, "-m", "examples", *argv], cwd=root)
+    return _run_from_checkout("examples", argv)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    # Like the examples, the benchmark lives in the source checkout (bench/), which parses its own options.
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        print(f"kvmux: error: no bench/ folder beside the package in {root}; the benchmark ships with the "
-              "source checkout", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
+    # bench/ parses its own options.
+    return _run_from_checkout("bench", args.bench_args)
 
 
 def _run(args: argparse.Namespace) -> int:

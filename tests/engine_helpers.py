@@ -53,6 +53,19 @@ def failing_on_call(fn, n: int, message: str):
     return wrapper
 
 
+def detokenizer_failing_on(prefix: list[int]):
+    """The decode actor's detokenize_step, except that it raises for a sequence starting with `prefix`."""
+    import kvmux.actors.decode as decode_module
+
+    real = decode_module.detokenize_step
+
+    def picky(tokenizer, token_ids, *args, **kw):
+        if token_ids[:len(prefix)] == prefix:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(tokenizer, token_ids, *args, **kw)
+    return picky
+
+
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False) -> list[list[int]]:
     """transformers' own generate, one prompt at a time (no padding), greedy."""
     outs = []

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from engine_helpers import assert_no_leaks, failing_on_call, greedy, run_engine, wait_for_blocks
+from engine_helpers import (assert_no_leaks, detokenizer_failing_on, failing_on_call, greedy, run_engine,
+                            wait_for_blocks)
 from kvmux import LLM, Engine, RequestRejected, SamplingParams
 from kvmux.detokenize import detokenize_step, initial_offsets
 from tiny_model import make_tiny_model
@@ -236,11 +237,7 @@ def test_tokenizer_failure_ends_only_that_request(tiny):
 
     bad = [9, 9, 9, 9, 9]
     real = decode_module.detokenize_step
-
-    def picky(tokenizer, token_ids, *args, **kw):
-        if token_ids[:len(bad)] == bad:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return real(tokenizer, token_ids, *args, **kw)
+    picky = detokenizer_failing_on(bad)
 
     async def main():
         async with engine(tiny) as e:
@@ -258,16 +255,7 @@ def test_tokenizer_failure_ends_only_that_request(tiny):
 def test_broken_step_fails_its_batch_and_the_engine_goes_on(tiny):
     async def main():
         async with engine(tiny) as e:
-            real = e.decode._build
-            calls = 0
-
-            def broken(plan):
-                nonlocal calls
-                calls += 1
-                if calls == 2:
-                    raise RuntimeError("injected bookkeeping fault")
-                return real(plan)
-            e.decode._build = broken
+            e.decode._build = failing_on_call(e.decode._build, 2, "injected bookkeeping fault")
             done = await asyncio.gather(*(e.complete(PROMPT, greedy(8)) for _ in range(3)))
             assert any(c.finish_reason == "error" and "injected" in c.error for c in done)
             await wait_for_blocks(e)

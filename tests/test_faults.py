@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine_helpers import failing_on_call
+from engine_helpers import detokenizer_failing_on, failing_on_call
 from kvmux.client import AsyncClient, Client, ServerError
 from server_helpers import Raw, Served
 from tiny_model import make_tiny_model
@@ -116,13 +116,7 @@ def test_detokenizer_raising_fails_only_its_request(served, monkeypatch):
     import kvmux.actors.decode as decode_module
 
     bad = [9, 9, 9, 9, 9]
-    real = decode_module.detokenize_step
-
-    def picky(tokenizer, token_ids, *args, **kw):
-        if token_ids[:len(bad)] == bad:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-        return real(tokenizer, token_ids, *args, **kw)
-    monkeypatch.setattr(decode_module, "detokenize_step", picky)
+    monkeypatch.setattr(decode_module, "detokenize_step", detokenizer_failing_on(bad))
 
     async def main():
         async with AsyncClient(served.path) as client:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmux.attention import BACKENDS, paged_attention
 from kvmux import fused
+from kvmux.attention import BACKENDS, paged_attention
 from kvmux.forward_batch import ForwardBatch
 from kvmux.kv_cache import KVCache
 from kvmux.linear import linear
