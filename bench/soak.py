@@ -248,9 +248,16 @@ class Soak:
                 writer.write(protocol.encode({"op": "generate", "id": f"d{i}", "prompt": self.prompt(),
                                               "params": self.params(max_tokens=self.cfg.max_tokens)}))
             await writer.drain()
+            # Read a few frames, but never wait for one after the last request has ended: an error frame
+            # (overloaded, say) ends its request as surely as a finished output does.
+            live = {f"d{i}" for i in range(count)}
             for _ in range(self.rng.randint(0, 4)):
                 frame = await protocol.read_frame(reader, timeout=None)
-                if frame is None or frame.get("finished"):
+                if frame is None:
+                    break
+                if frame.get("finished") or frame.get("type") == "error":
+                    live.discard(frame.get("id"))
+                if not live:
                     break
         finally:
             writer.transport.abort()  # no goodbye: the server must notice and abort the requests
@@ -446,9 +453,11 @@ async def run(cfg: SoakConfig) -> dict:
                                                "prefix_cache_hit_rate", "connections_total", "frames_received",
                                                "errors_sent") if k in stats},
     }
-    summary["passed"] = (summary["leaks_found"] == 0 and t.hangs == 0 and not t.problems and summary["healthy"]
-                         and summary["unaccounted"] == 0
-                         and growth <= allowed and exit_status == 0)
+    checks = {"no leaks": summary["leaks_found"] == 0, "no hangs": t.hangs == 0, "no problems": not t.problems,
+              "healthy": summary["healthy"], "all accounted": summary["unaccounted"] == 0,
+              "rss bounded": growth <= allowed, "clean exit": exit_status == 0}
+    summary["failed_checks"] = [name for name, ok in checks.items() if not ok]
+    summary["passed"] = not summary["failed_checks"]
     return summary
 
 
@@ -482,7 +491,7 @@ def print_summary(s: dict) -> None:
           f"healthy = {s['healthy']}, server exit = {s['server_exit_status']}")
     for p in s["problem_samples"]:
         print(f"    problem: {p}")
-    print("PASSED" if s["passed"] else "FAILED")
+    print("PASSED" if s["passed"] else "FAILED: " + ", ".join(s["failed_checks"]))
 
 
 def main(argv: list[str] | None = None) -> int:

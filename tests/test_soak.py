@@ -13,7 +13,8 @@ def test_short_soak(tmp_path):
     cfg = SoakConfig(model=model, duration=8, warmup=3, clients=6, max_tokens=16, num_blocks=40, block_size=8,
                      max_model_len=256, max_prompt_tokens=200, max_pending=24, out=None)
     summary = asyncio.run(run(cfg))
-    assert summary["passed"], summary
+    # The failed checks and the first problems first: pytest cuts a long summary short.
+    assert summary["passed"], (summary["failed_checks"], summary["problem_samples"][:5], summary)
     assert summary["leaks_found"] == 0 and summary["hangs"] == 0 and summary["problems"] == 0
     assert summary["completed"] > 50 and summary["aborted_or_disconnected"] > 0
     # The mix reached preemption, the per-connection limit and the prompt limit.
