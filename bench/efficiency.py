@@ -6,7 +6,7 @@
 Decode efficiency: 64 sequences are prefilled with 256-token prompts, then
 steady-state decode steps run through the engine's runner (forward, sampling);
 their FLOP rate (2 x parameters per token plus attention) is compared with the
-rate of a plain torch matmul over the model's own weights measured in the same
+rate of a plain torch matmul over weights of the model's shapes measured in the same
 run, at 64 rows (the decode step's shape) and at 512 rows (the best this
 machine's BLAS does), for the model's dtype.
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from kvmux.forward_batch import ForwardBatch, SeqChunk
 from kvmux.kv_cache import KVCache
+from kvmux.model.llama import Embedding, Linear
 from kvmux.model.loader import load_model
 from kvmux.runner import Runner, SeqWork, StepWork
 from kvmux.sampling import SamplingParams
@@ -42,11 +43,20 @@ BLOCK = 16
 TOPICS = ["assignment", "class", "exceptions", "for", "function", "import", "lambda", "with", "while", "if"]
 
 
+def matmul_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of every matmul in a forward: the layers' and the lm_head (the embedding, when tied)."""
+    shapes = [(m.out_features, m.in_features) for m in model.modules()
+              if isinstance(m, Linear) and not isinstance(m, Embedding)]
+    if model.lm_head is None:
+        shapes.append((model.model.embed_tokens.out_features, model.model.embed_tokens.in_features))
+    return shapes
+
+
 def matmul_gflops(model, rows: int, repeats: int = 3) -> float:
-    """F.linear over every weight matrix of the model (the lm_head included) at `rows` rows."""
-    weights = [m.weight for m in model.modules() if hasattr(m, "weight") and m.weight is not None
-               and m.weight.dim() == 2 and m is not model.model.embed_tokens]
-    weights.append(model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight)
+    """F.linear over weights of every matmul's shape in the model (the lm_head included) at `rows` rows.
+
+    Fresh [out, in] weights: a loaded float32 model holds its own only in the native kernel's packed form."""
+    weights = [torch.randn(n, k, dtype=model.dtype) for n, k in matmul_shapes(model)]
     inputs = {k: torch.randn(rows, k, dtype=model.dtype) for k in {w.shape[1] for w in weights}}
     flops = sum(2 * rows * w.numel() for w in weights)
     best = math.inf
@@ -81,7 +91,7 @@ def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
         last = runner.execute(StepWork([SeqWork([t], pos, tables[j], greedy) for j, t in enumerate(last)]))
         times.append(time.perf_counter() - start)
     steady = sorted(times[2:])[len(times[2:]) // 2]  # median, past the first steps' warm-up
-    params = sum(p.numel() for p in model.parameters())  # the tied embedding counts once: as the lm_head
+    params = sum(n * k for n, k in matmul_shapes(model))  # the tied embedding counts once: as the lm_head
     attn_heads = cfg.num_attention_heads
     mean_ctx = prompt_len + steps / 2
     flops_per_token = 2 * params + 4 * mean_ctx * attn_heads * model.head_dim * model.num_layers

@@ -1,51 +1,65 @@
-"""The model's matmuls: torch's BLAS, or the native small-batch kernel where it is faster.
+"""The model's float32 CPU matmuls: weights packed once at load, multiplied by the native kernel.
 
-A decode step multiplies a few token rows by every weight of the model, which
-is bound by reading the weights from memory. MKL repacks the weights on each
-call and so runs far below that bound at a few rows; `kvmux._native`'s
-small_linear_f32 streams them once. Measured with SmolLM2-135M's shapes on
-this project's 2-core AVX2 machine (`python -m bench.linear`): 1.9x faster at
-1 row, 2.5-3x at 2-4, 1.3-1.7x at 8-64, 1.2x at 96-128 and slower from about
-192 rows on, where MKL's blocking pays off; so rows up to MAX_NATIVE_ROWS go native.
+torch's F.linear hands MKL a weight in its [N, K] storage, and MKL repacks it
+on every call; at the few rows of a decode step that repacking is most of the
+time. The engine owns its weights, so it packs each one once into 16-wide
+panels ([ceil(N/16), K, 16], see native/packed_linear.h) and `packed_linear`
+multiplies by them. Measured with SmolLM2-135M's shapes on this project's
+2-core AVX2 machine (`python -m bench.linear`), it is faster than F.linear at
+every row count from 1 to 2048, so a packed model never calls F.linear; the
+packed weight also serves embedding lookups (`packed_rows`), so a tied
+embedding is stored once.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvmux import _native
 
-MAX_NATIVE_ROWS = 128
+PANEL = _native.PANEL_WIDTH
 
 
-def _fits_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() == 2 and x.shape[0] > 0 and x.stride(1) == 1 and weight.is_contiguous()
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.device.type == "cpu")))
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] float32 CPU -> [ceil(N / PANEL), K, PANEL], zero-padded past N."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError(f"pack_weight: need a 2-D float32 CPU weight, got {weight.dtype} "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    weight = weight.contiguous()
+    n, k = weight.shape
+    packed = torch.empty(-(-n // PANEL), k, PANEL, dtype=torch.float32)
+    _native.pack_weight_f32(weight.data_ptr(), n, k, packed.data_ptr())
+    return packed
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias [N]) with the native kernel; float32 CPU tensors only."""
-    if not _fits_kernel(x, weight, bias):
-        raise ValueError(f"small_linear: need float32 CPU tensors, x [rows, K] with contiguous rows, contiguous "
-                         f"weight and bias; got x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}, "
-                         f"weight {weight.dtype} {tuple(weight.shape)} on {weight.device}")
-    rows, in_features = x.shape
-    if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(f"small_linear: weight {tuple(weight.shape)} does not take {in_features} input features")
-    out_features = weight.shape[0]
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"small_linear: bias {tuple(bias.shape)}, expected ({out_features},)")
+def _check_packed(packed: torch.Tensor, out_features: int) -> None:
+    if (packed.dtype != torch.float32 or packed.device.type != "cpu" or packed.dim() != 3
+            or packed.shape[2] != PANEL or not packed.is_contiguous() or packed.shape[0] != -(-out_features // PANEL)):
+        raise ValueError(f"packed weight {packed.dtype} {tuple(packed.shape)} on {packed.device} is not a packed "
+                         f"float32 CPU weight of {out_features} output features (see pack_weight)")
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); float32 CPU tensors."""
+    _check_packed(packed, out_features)
+    in_features = packed.shape[1]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"packed_linear: need x float32 [rows, {in_features}] on the CPU, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
+        raise ValueError(f"packed_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    _native.small_linear_f32(x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
-                             weight.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
-                             out.data_ptr(), out_features, torch.get_num_threads())
+    if rows:
+        _native.packed_linear_f32(x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
+                                  packed.data_ptr(), out_features, 0 if bias is None else bias.contiguous().data_ptr(),
+                                  out.data_ptr(), out_features, torch.get_num_threads())
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, sent to the native kernel when it applies."""
-    if x.dim() == 2 and x.shape[0] <= MAX_NATIVE_ROWS and _fits_kernel(x, weight, bias):
-        return small_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the original [N, K] weight, read from its packed form (an embedding lookup)."""
+    return packed[ids // PANEL, :, ids % PANEL]

@@ -6,7 +6,7 @@
 #include "block_allocator.h"
 #include "fused_ops.h"
 #include "paged_attention.h"
-#include "small_linear.h"
+#include "packed_linear.h"
 
 namespace py = pybind11;
 
@@ -122,21 +122,32 @@ void bind_paged_attention(py::module_& m) {
             "Write this layer's new K/V into their slots, then attend every new query over its context.");
 }
 
-// Addresses again; kvmux/native_linear.py checks the tensors.
-void bind_small_linear(py::module_& m) {
+// Addresses again; kvmux/linear.py checks the tensors.
+void bind_packed_linear(py::module_& m) {
+    m.attr("PANEL_WIDTH") = kvmux::kPanelWidth;
     m.def(
-        "small_linear_f32",
-        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t weight,
+        "pack_weight_f32",
+        [](std::uintptr_t weight, int64_t out_features, int64_t in_features, std::uintptr_t packed) {
+            py::gil_scoped_release release;
+            kvmux::pack_weight_f32(reinterpret_cast<const float*>(weight), out_features, in_features,
+                                   reinterpret_cast<float*>(packed));
+        },
+        py::arg("weight"), py::arg("out_features"), py::arg("in_features"), py::arg("packed"),
+        "packed[ceil(out_features / PANEL_WIDTH), in_features, PANEL_WIDTH] = weight[out_features, in_features] "
+        "in panels, zero-padded.");
+    m.def(
+        "packed_linear_f32",
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t packed,
            int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride, int num_threads) {
             py::gil_scoped_release release;
-            kvmux::small_linear_f32(reinterpret_cast<const float*>(x), rows, in_features, x_stride,
-                                    reinterpret_cast<const float*>(weight), out_features,
-                                    reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
-                                    out_stride, num_threads);
+            kvmux::packed_linear_f32(reinterpret_cast<const float*>(x), rows, in_features, x_stride,
+                                     reinterpret_cast<const float*>(packed), out_features,
+                                     reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
+                                     out_stride, num_threads);
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("weight"),
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("packed"),
         py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("num_threads"),
-        "out[rows, out_features] = x @ weight.T (+ bias), float32; bias 0 means none.");
+        "out[rows, out_features] = x @ weight.T (+ bias) from the packed weight, float32; bias 0 means none.");
 }
 
 // Addresses and sizes; kvmux/fused.py checks the tensors.
@@ -186,9 +197,9 @@ void bind_fused_ops(py::module_& m) {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "kvmux native extension: KV block allocator, CPU paged-attention, small-batch linear and fused layer kernels";
+    m.doc() = "kvmux native extension: KV block allocator, CPU paged-attention, packed-weight linear and fused layer kernels";
     bind_block_allocator(m);
     bind_paged_attention(m);
-    bind_small_linear(m);
+    bind_packed_linear(m);
     bind_fused_ops(m);
 }

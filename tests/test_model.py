@@ -203,6 +203,17 @@ def test_loader_round_trip(model_dirs):
         assert torch.equal(ours[name], tensor), name
 
 
+def test_float32_cpu_models_hold_only_packed_weights(model_dirs):
+    from kvmux.model.llama import Linear
+
+    model = load_model(model_dirs["llama-kv2"], progress=False).model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert model.packed and all(m.packed and m.weight.dim() == 3 for m in linears)
+    with pytest.raises(RuntimeError, match="already packed"):
+        model.load_hf_weights([])
+    assert not load_model(model_dirs["llama-kv2"], dtype=torch.bfloat16, progress=False).model.packed
+
+
 def test_loader_is_strict(model_dirs, tmp_path):
     dst = shutil.copytree(model_dirs["llama-kv2"], tmp_path / "m")
     state = load_file(dst / "model.safetensors")

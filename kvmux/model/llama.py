@@ -20,7 +20,7 @@ from kvmux import fused
 from kvmux.attention import BACKENDS, paged_attention
 from kvmux.forward_batch import ForwardBatch
 from kvmux.kv_cache import KVCache
-from kvmux.linear import linear
+from kvmux.linear import pack_weight, packed_linear, packed_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -29,39 +29,60 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class MergedLinear(nn.Module):
+class Linear(nn.Module):
+    """y = x W^T (+ b). After `pack()` (float32 CPU models, at load) the weight is held only in the native
+    kernel's panel layout (see kvmux/linear.py) and F.linear is no longer used."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+        self.packed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, self.out_features, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> None:
+        self.weight = nn.Parameter(pack_weight(self.weight.detach()), requires_grad=False)
+        self.packed = True
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as [out, in]: the parameter itself, or a copy rebuilt from the packed panels."""
+        if self.packed:
+            return packed_rows(self.weight, torch.arange(self.out_features))
+        return self.weight
+
+
+class MergedLinear(Linear):
     """Several HF linears over the same input, stored as one weight (one matmul)."""
 
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
+        super().__init__(in_features, sum(parts.values()), bias, dtype, device)
         self.parts = parts  # HF sub-module name -> its output features, in storage order
-        out_features = sum(parts.values())
-        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
     def hf_views(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name relative to the parent, view into the merged storage) per original parameter."""
-        start = 0
+        start, weight = 0, self.dense_weight()
         for name, size in self.parts.items():
-            yield f"{name}.weight", self.weight[start:start + size]
+            yield f"{name}.weight", weight[start:start + size]
             if self.bias is not None:
                 yield f"{name}.bias", self.bias[start:start + size]
             start += size
 
 
-class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
-        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+class Embedding(Linear):
+    """Token embeddings [vocab, hidden]; as a Linear from hidden to vocab it is also a tied lm_head."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(hidden, vocab, False, dtype, device)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return packed_rows(self.weight, ids) if self.packed else F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -191,8 +212,7 @@ class Backbone(nn.Module):
 
     def __init__(self, config, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -228,12 +248,15 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def hf_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter under its Hugging Face name; merged weights appear as views of their parts."""
+        """Every parameter under its Hugging Face name; merged weights appear as views of their parts.
+        Once packed, matmul weights come back as [out, in] copies rebuilt from their panels."""
         out = {}
         for prefix, module in self.named_modules():
             for name, param in module.named_parameters(recurse=False):
                 if isinstance(module, MergedLinear):
                     continue
+                if isinstance(module, Linear) and name == "weight":
+                    param = module.dense_weight()
                 out[f"{prefix}.{name}" if prefix else name] = param
             if isinstance(module, MergedLinear):
                 parent = prefix.rpartition(".")[0]
@@ -247,6 +270,8 @@ class LlamaForCausalLM(nn.Module):
         A tied checkpoint may still carry `lm_head.weight` (HF state dicts do);
         it is the embedding itself, so it is skipped.
         """
+        if self.packed:
+            raise RuntimeError("the weights are already packed for the native kernel; load before pack_weights()")
         params = self.hf_parameters()
         missing = set(params)
         for name, tensor in weights:
@@ -263,10 +288,23 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
 
+    @property
+    def packed(self) -> bool:
+        return self.model.embed_tokens.packed
+
+    def pack_weights(self) -> None:
+        """Rewrite every matmul weight, in place of the original, into the native kernel's panels (float32 on
+        the CPU only; see kvmux/linear.py). After it the model no longer loads checkpoints."""
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            raise ValueError(f"pack_weights: only float32 CPU models are packed, not {self.dtype} on {self.device}")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""
-        embed = self.model.embed_tokens.weight
-        x = F.embedding(batch.input_ids, embed)
+        embed = self.model.embed_tokens
+        x = embed.lookup(batch.input_ids)
         cos, sin = fused.rope_tables(batch.positions, self.inv_freq, x.dtype)
         residual = None
         for layer in self.model.layers:
@@ -274,5 +312,4 @@ class LlamaForCausalLM(nn.Module):
         # The final norm is per token, so only the rows that need logits go through it and lm_head.
         rows = batch.logits_indices
         x = self.model.norm(x[rows] + residual[rows])
-        head = embed if self.lm_head is None else self.lm_head.weight
-        return linear(x, head).float()
+        return (embed if self.lm_head is None else self.lm_head)(x).float()
