@@ -126,28 +126,26 @@ void bind_paged_attention(py::module_& m) {
 void bind_packed_linear(py::module_& m) {
     m.attr("PANEL_WIDTH") = kvmux::kPanelWidth;
     m.def(
-        "pack_weight_f32",
-        [](std::uintptr_t weight, int64_t out_features, int64_t in_features, std::uintptr_t packed) {
-            py::gil_scoped_release release;
-            kvmux::pack_weight_f32(reinterpret_cast<const float*>(weight), out_features, in_features,
-                                   reinterpret_cast<float*>(packed));
-        },
-        py::arg("weight"), py::arg("out_features"), py::arg("in_features"), py::arg("packed"),
-        "packed[ceil(out_features / PANEL_WIDTH), in_features, PANEL_WIDTH] = weight[out_features, in_features] "
-        "in panels, zero-padded.");
-    m.def(
-        "packed_linear_f32",
+        "packed_linear",
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t packed,
-           int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride, int num_threads) {
+           bool bf16_weight, int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride,
+           int num_threads) {
             py::gil_scoped_release release;
-            kvmux::packed_linear_f32(reinterpret_cast<const float*>(x), rows, in_features, x_stride,
-                                     reinterpret_cast<const float*>(packed), out_features,
-                                     reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
-                                     out_stride, num_threads);
+            const auto* xf = reinterpret_cast<const float*>(x);
+            const auto* b = reinterpret_cast<const float*>(bias);
+            auto* o = reinterpret_cast<float*>(out);
+            if (bf16_weight)
+                kvmux::packed_linear_bf16w(xf, rows, in_features, x_stride, reinterpret_cast<const uint16_t*>(packed),
+                                           out_features, b, o, out_stride, num_threads);
+            else
+                kvmux::packed_linear_f32(xf, rows, in_features, x_stride, reinterpret_cast<const float*>(packed),
+                                         out_features, b, o, out_stride, num_threads);
         },
         py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("packed"),
-        py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("num_threads"),
-        "out[rows, out_features] = x @ weight.T (+ bias) from the packed weight, float32; bias 0 means none.");
+        py::arg("bf16_weight"), py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"),
+        py::arg("num_threads"),
+        "out[rows, out_features] = x @ weight.T (+ bias) from the packed weight (float32 or bf16 panels); x, bias "
+        "and out float32; bias 0 means none.");
 }
 
 // Addresses and sizes; kvmux/fused.py checks the tensors.

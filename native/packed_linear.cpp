@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include <omp.h>
 
@@ -26,9 +28,30 @@ constexpr int64_t kMr = 96;
 // stack tile, so a partial last panel needs no special path in the hot loop.
 // `first` starts from the bias (or zero) instead of the partial sums in out;
 // `next`, when set, is the next panel's slice, fetched into cache meanwhile.
-template <int MT>
-void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* out, int64_t ldo, int cols,
-          const float* bias, bool first, const float* next) {
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {  // bf16: the top half of a float32
+    const uint32_t u = static_cast<uint32_t>(w) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// One k of a panel: 16 weights as two float32 vectors.
+inline void load_panel(const float* p, __m256& w0, __m256& w1) {
+    w0 = _mm256_loadu_ps(p);
+    w1 = _mm256_loadu_ps(p + 8);
+}
+inline void load_panel(const uint16_t* p, __m256& w0, __m256& w1) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
+#endif
+
+template <int MT, typename WT>
+void tile(const float* x, int64_t ldx, const WT* panel, int64_t kc, float* out, int64_t ldo, int cols,
+          const float* bias, bool first, const WT* next) {
     alignas(32) float sums[MT][kPanelWidth];
     if (first) {
         for (int i = 0; i < MT; ++i)
@@ -46,8 +69,8 @@ void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* ou
     }
     for (int64_t k = 0; k < kc; ++k) {
         if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanelWidth), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(panel + k * kPanelWidth);
-        const __m256 w1 = _mm256_loadu_ps(panel + k * kPanelWidth + 8);
+        __m256 w0, w1;
+        load_panel(panel + k * kPanelWidth, w0, w1);
 #pragma GCC unroll 8
         for (int i = 0; i < MT; ++i) {
             const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
@@ -64,15 +87,15 @@ void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* ou
     (void)next;
     for (int64_t k = 0; k < kc; ++k)
         for (int i = 0; i < MT; ++i)
-            for (int j = 0; j < kPanelWidth; ++j) sums[i][j] += x[i * ldx + k] * panel[k * kPanelWidth + j];
+            for (int j = 0; j < kPanelWidth; ++j) sums[i][j] += x[i * ldx + k] * widen(panel[k * kPanelWidth + j]);
 #endif
     for (int i = 0; i < MT; ++i) std::memcpy(out + i * ldo, sums[i], cols * sizeof(float));
 }
 
 // A tile of rows <= MT rows.
-template <int MT>
-void tile_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t kc, float* out, int64_t ldo,
-               int cols, const float* bias, bool first, const float* next) {
+template <int MT, typename WT>
+void tile_rows(int rows, const float* x, int64_t ldx, const WT* panel, int64_t kc, float* out, int64_t ldo,
+               int cols, const float* bias, bool first, const WT* next) {
     if constexpr (MT == 1) {
         tile<1>(x, ldx, panel, kc, out, ldo, cols, bias, first, next);
     } else if (rows == MT) {
@@ -82,21 +105,26 @@ void tile_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_
     }
 }
 
-}  // namespace
-
-void pack_weight_f32(const float* w, int64_t N, int64_t K, float* packed) {
-    const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < panels; ++p)
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t j = 0; j < kPanelWidth; ++j) {
-                const int64_t n = p * kPanelWidth + j;
-                packed[(p * K + k) * kPanelWidth + j] = n < N ? w[n * K + k] : 0.0f;
-            }
+#if defined(__AVX2__) && defined(__FMA__)
+// A bf16 slice as float32, fetching the next slice into cache meanwhile.
+void widen_slice(const uint16_t* src, int64_t n, float* dst, const uint16_t* next) {
+    for (int64_t i = 0; i < n; i += kPanelWidth) {
+        if (next) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+        __m256 w0, w1;
+        load_panel(src + i, w0, w1);
+        _mm256_storeu_ps(dst + i, w0);
+        _mm256_storeu_ps(dst + i + 8, w1);
+    }
 }
+#else
+void widen_slice(const uint16_t* src, int64_t n, float* dst, const uint16_t*) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+}
+#endif
 
-void packed_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, int64_t N,
-                       const float* bias, float* out, int64_t ldo, int num_threads) {
+template <typename WT>
+void run(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* packed, int64_t N, const float* bias,
+         float* out, int64_t ldo, int num_threads) {
     const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
     // Even K passes: K = 1536 runs as 3 x 512 rather than 576 + 576 + 384.
     const int64_t passes = (K + kMaxKc - 1) / kMaxKc;
@@ -105,6 +133,8 @@ void packed_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const 
     // Each thread owns a contiguous run of panels, so it streams its own part of W.
 #pragma omp parallel num_threads(nt)
     {
+        // bf16 slices that several row tiles will read are widened once, into this buffer.
+        thread_local std::vector<float> widened;
         const int t = omp_get_thread_num();
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
         for (int64_t m0 = 0; m0 < M; m0 += kMr) {
@@ -113,17 +143,41 @@ void packed_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const 
                 const int64_t kc = std::min(kc_max, K - k0);
                 for (int64_t p = p0; p < p1; ++p) {
                     const int cols = static_cast<int>(std::min(kPanelWidth, N - p * kPanelWidth));
-                    const float* panel = packed + (p * K + k0) * kPanelWidth;
+                    const WT* panel = packed + (p * K + k0) * kPanelWidth;
                     // The first row tile fetches the next panel's slice while it works on this one.
-                    const float* next = p + 1 < p1 ? panel + K * kPanelWidth : nullptr;
-                    for (int64_t m = m0; m < m1; m += kRows)
-                        tile_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, m1 - m)), x + m * ldx + k0, ldx,
-                                         panel, kc, out + m * ldo + p * kPanelWidth, ldo, cols,
-                                         bias ? bias + p * kPanelWidth : nullptr, k0 == 0, m == m0 ? next : nullptr);
+                    const WT* next = p + 1 < p1 ? panel + K * kPanelWidth : nullptr;
+                    const float* b = bias ? bias + p * kPanelWidth : nullptr;
+                    auto tiles = [&](auto* w, auto* fetch) {
+                        for (int64_t m = m0; m < m1; m += kRows)
+                            tile_rows<kRows>(static_cast<int>(std::min<int64_t>(kRows, m1 - m)), x + m * ldx + k0,
+                                             ldx, w, kc, out + m * ldo + p * kPanelWidth, ldo, cols, b, k0 == 0,
+                                             m == m0 ? fetch : nullptr);
+                    };
+                    if constexpr (std::is_same_v<WT, uint16_t>) {
+                        if (m1 - m0 > kRows) {
+                            widened.resize(kc * kPanelWidth);
+                            widen_slice(panel, kc * kPanelWidth, widened.data(), next);
+                            tiles(widened.data(), static_cast<const float*>(nullptr));
+                            continue;
+                        }
+                    }
+                    tiles(panel, next);
                 }
             }
         }
     }
+}
+
+}  // namespace
+
+void packed_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed, int64_t N,
+                       const float* bias, float* out, int64_t ldo, int num_threads) {
+    run(x, M, K, ldx, packed, N, bias, out, ldo, num_threads);
+}
+
+void packed_linear_bf16w(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, int64_t N,
+                         const float* bias, float* out, int64_t ldo, int num_threads) {
+    run(x, M, K, ldx, packed, N, bias, out, ldo, num_threads);
 }
 
 }  // namespace kvmux

@@ -203,15 +203,19 @@ def test_loader_round_trip(model_dirs):
         assert torch.equal(ours[name], tensor), name
 
 
-def test_float32_cpu_models_hold_only_packed_weights(model_dirs):
-    from kvmux.model.llama import Linear
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_models_hold_only_packed_weights(model_dirs, dtype):
+    from kvmux.model.llama import Linear, RMSNorm
 
-    model = load_model(model_dirs["llama-kv2"], progress=False).model
+    model = load_model(model_dirs["qwen2"], dtype=dtype, progress=False).model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert model.packed and all(m.packed and m.weight.dim() == 3 for m in linears)
+    assert model.packed and model.dtype == dtype
+    assert all(m.packed and m.weight.dim() == 3 and m.weight.dtype == dtype for m in linears)
+    # Activations are float32 from the embedding on: biases and norms follow.
+    assert all(m.bias is None or m.bias.dtype == torch.float32 for m in linears)
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, RMSNorm))
     with pytest.raises(RuntimeError, match="already packed"):
         model.load_hf_weights([])
-    assert not load_model(model_dirs["llama-kv2"], dtype=torch.bfloat16, progress=False).model.packed
 
 
 def test_loader_is_strict(model_dirs, tmp_path):

@@ -1,4 +1,4 @@
-"""The packed float32 linear against a float64 torch reference on fresh random inputs."""
+"""The packed linear (float32 and bf16 panels) against a float64 torch reference on fresh random inputs."""
 import pytest
 import torch
 
@@ -12,11 +12,13 @@ from kvmux.linear import PANEL, pack_weight, packed_linear, packed_rows
     (2, 7, 1), (1, 1, 1),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_float64_reference(rows, in_features, out_features, with_bias):
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64_reference(rows, in_features, out_features, with_bias, weight_dtype):
     gen = torch.Generator().manual_seed(rows * 7919 + in_features * 31 + out_features)
     x = torch.randn(rows, in_features, generator=gen)
-    weight = torch.randn(out_features, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen).to(weight_dtype)
     bias = torch.randn(out_features, generator=gen) if with_bias else None
+    # bf16 weights are exact in float64 too: only the kernel's float32 accumulation differs.
     ref = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     out = packed_linear(x, pack_weight(weight), out_features, bias)
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
@@ -24,12 +26,13 @@ def test_matches_float64_reference(rows, in_features, out_features, with_bias):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * in_features ** 0.5 * 4)
 
 
-def test_packing_layout_and_padding():
-    weight = torch.randn(PANEL + 3, 5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_layout_and_padding(dtype):
+    weight = torch.randn(PANEL + 3, 5).to(dtype)
     packed = pack_weight(weight)
-    assert packed.shape == (2, 5, PANEL)
+    assert packed.shape == (2, 5, PANEL) and packed.dtype == dtype
     assert torch.equal(packed[1, :, 2], weight[PANEL + 2])
-    assert torch.equal(packed[1, :, 3:], torch.zeros(5, PANEL - 3))
+    assert torch.equal(packed[1, :, 3:], torch.zeros(5, PANEL - 3, dtype=dtype))
 
 
 def test_rows_come_back_from_the_packed_weight():
@@ -52,7 +55,7 @@ def test_strided_and_empty_inputs():
 @pytest.mark.parametrize("x,out_features,bias,match", [
     (torch.randn(2, 8, dtype=torch.float64), 4, None, "float32"),
     (torch.randn(2, 9), 4, None, r"\[rows, 8\]"),
-    (torch.randn(2, 8), 40, None, "not a packed float32 CPU weight of 40 output features"),
+    (torch.randn(2, 8), 40, None, "not a packed CPU weight of 40 output features"),
     (torch.randn(2, 8), 4, torch.randn(5), "bias"),
 ])
 def test_bad_arguments_raise(x, out_features, bias, match):
@@ -60,6 +63,6 @@ def test_bad_arguments_raise(x, out_features, bias, match):
         packed_linear(x, pack_weight(torch.randn(4, 8)), out_features, bias)
 
 
-def test_only_float32_cpu_weights_are_packed():
-    with pytest.raises(ValueError, match="float32"):
-        pack_weight(torch.randn(4, 8, dtype=torch.bfloat16))
+def test_only_float32_and_bf16_weights_are_packed():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        pack_weight(torch.randn(4, 8, dtype=torch.float16))

@@ -30,8 +30,9 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). After `pack()` (float32 CPU models, at load) the weight is held only in the native
-    kernel's panel layout (see kvmux/linear.py) and F.linear is no longer used."""
+    """y = x W^T (+ b). After `pack()` (CPU models, at load) the weight is held only in the native kernel's
+    panel layout, in its own dtype, with a float32 bias and float32 activations (see kvmux/linear.py), and
+    F.linear is no longer used."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -48,6 +49,8 @@ class Linear(nn.Module):
 
     def pack(self) -> None:
         self.weight = nn.Parameter(pack_weight(self.weight.detach()), requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
         self.packed = True
 
     def dense_weight(self) -> torch.Tensor:
@@ -82,7 +85,7 @@ class Embedding(Linear):
         super().__init__(hidden, vocab, False, dtype, device)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return packed_rows(self.weight, ids) if self.packed else F.embedding(ids, self.weight)
+        return packed_rows(self.weight, ids).float() if self.packed else F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -293,13 +296,17 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.packed
 
     def pack_weights(self) -> None:
-        """Rewrite every matmul weight, in place of the original, into the native kernel's panels (float32 on
-        the CPU only; see kvmux/linear.py). After it the model no longer loads checkpoints."""
-        if self.dtype != torch.float32 or self.device.type != "cpu":
-            raise ValueError(f"pack_weights: only float32 CPU models are packed, not {self.dtype} on {self.device}")
+        """Rewrite every matmul weight, in place of the original, into the native kernel's panels (CPU only;
+        see kvmux/linear.py). From then on activations are float32 whatever the weights' dtype, so norm
+        weights become float32 too (bf16 weights: bf16 memory and traffic, float32 arithmetic). After it the
+        model no longer loads checkpoints."""
+        if self.device.type != "cpu":
+            raise ValueError(f"pack_weights: only CPU models are packed, not one on {self.device}")
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
+            elif isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""

@@ -163,6 +163,6 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     with torch.no_grad():
         net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
         load_weights(net, folder, progress)
-        if dtype == torch.float32 and torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu":
             net.pack_weights()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source)
