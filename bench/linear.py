@@ -1,4 +1,4 @@
-"""float32 linear: the native packed-weight kernel vs torch's F.linear (MKL) on a whole model's weights.
+"""CPU linear: the native packed-weight kernel (float32 and bf16 panels) vs torch's F.linear (MKL, float32).
 
     python -m bench.linear            # SmolLM2-135M shapes, 1..2048 rows
 
@@ -7,8 +7,9 @@ down) plus the lm_head on the same rows, so the weights stream from memory as
 in a decode step rather than sitting in cache (above 128 rows, as in a
 prefill, the lm_head is left out: the engine computes logits only for each
 sequence's last token). The two sides alternate per row count, so other load
-on the machine hits both alike. Packing happens once, before the timing, as
-at model load. Writes
+on the machine hits all alike. Packing happens once, before the timing, as
+at model load. bf16 panels hold the same weights rounded to bf16 and are
+widened to float32 in the kernel (a bf16 model on the CPU). Writes
 bench/results/linear.json and .png.
 """
 
@@ -46,18 +47,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     weights = model_weights()
     packed = [pack_weight(w) for w in weights]
+    packed_bf16 = [pack_weight(w.bfloat16()) for w in weights]
     rows = []
     for m in ROWS:
         n = len(weights) if m <= HEAD_ROWS else len(weights) - 1
         inputs = {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}}
         native = time_ms(lambda: [packed_linear(inputs[w.shape[1]], p, w.shape[0])
                                   for w, p in zip(weights[:n], packed[:n])], min_runs=3)
+        bf16 = time_ms(lambda: [packed_linear(inputs[w.shape[1]], p, w.shape[0])
+                                for w, p in zip(weights[:n], packed_bf16[:n])], min_runs=3)
         ref = time_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights[:n]], min_runs=3)
         flops = sum(2 * m * w.numel() for w in weights[:n])
-        rows.append(dict(rows=m, lm_head=n == len(weights), native_ms=native, torch_ms=ref, speedup=ref / native,
-                         native_gflops=flops / native / 1e6, torch_gflops=flops / ref / 1e6))
-        print(f"rows {m:4d}  native {native:7.1f} ms ({rows[-1]['native_gflops']:5.1f} GFLOP/s)   "
-              f"torch {ref:7.1f} ms ({rows[-1]['torch_gflops']:5.1f} GFLOP/s)   x{ref / native:.2f}", flush=True)
+        rows.append(dict(rows=m, lm_head=n == len(weights), native_ms=native, native_bf16_ms=bf16, torch_ms=ref,
+                         speedup=ref / native, native_gflops=flops / native / 1e6,
+                         native_bf16_gflops=flops / bf16 / 1e6, torch_gflops=flops / ref / 1e6))
+        print(f"rows {m:4d}  native {rows[-1]['native_gflops']:5.1f} GFLOP/s, bf16 panels "
+              f"{rows[-1]['native_bf16_gflops']:5.1f}, torch {rows[-1]['torch_gflops']:5.1f}   "
+              f"native/torch x{ref / native:.2f}", flush=True)
     result = dict(command="python -m bench.linear", machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), threads=threads, torch=torch.__version__, head_rows=HEAD_ROWS,
                   weights_mib=sum(w.numel() for w in weights) * 4 / 2**20, loadavg_at_end=os.getloadavg(), rows=rows)
@@ -76,6 +82,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([r["rows"] for r in rows], [r["torch_gflops"] for r in rows], "o-", label="torch F.linear (MKL)")
     ax.plot([r["rows"] for r in rows], [r["native_gflops"] for r in rows], "o-", label="native packed_linear")
+    ax.plot([r["rows"] for r in rows], [r["native_bf16_gflops"] for r in rows], "o-",
+            label="native packed_linear, bf16 panels")
     ax.axvline(result["head_rows"], color="grey", ls=":", label="lm_head left out above")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows (tokens in the step)")
