@@ -57,12 +57,14 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
         raise ValueError(f"packed_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
     if x.stride(1) != 1:
         x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # held here: a temporary's address would dangle during the native call
     rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
         _native.packed_linear(x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
                               packed.data_ptr(), packed.dtype == torch.bfloat16, out_features,
-                              0 if bias is None else bias.contiguous().data_ptr(), out.data_ptr(), out_features,
+                              0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
                               torch.get_num_threads())
     return out
 
