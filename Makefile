@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 # The stamp is remade when packaging or native sources change, so a pull that
 # touches the extension rebuilds it.
-$(VENV)/.stamp: setup.py pyproject.toml $(wildcard native/* native/cuda/*)
+$(VENV)/.stamp: setup.py pyproject.toml $(wildcard native/* native/*/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# The CPU build of torch from this machine's wheel cache; a looser pin pulls a multi-GB CUDA build.

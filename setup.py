@@ -11,18 +11,19 @@ from setuptools import setup
 
 # OpenMP parallelises the CPU attention kernels that live in the same module.
 NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", "0",
+NVCC_FLAGS = ["-O3", "-Inative", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", "0",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 
 def cpu_extension() -> Pybind11Extension:
     return Pybind11Extension(
         "kvmux._native",
-        sorted(glob("native/*.cpp")),
+        sorted(glob("native/*.cpp") + glob("native/allocator/*.cpp") + glob("native/cpu/*.cpp")),
+        include_dirs=["native"],
         cxx_std=17,
         extra_compile_args=NATIVE_FLAGS,
         extra_link_args=["-fopenmp"],
-        depends=sorted(glob("native/*.h")),
+        depends=sorted(glob("native/*.h") + glob("native/allocator/*.h") + glob("native/cpu/*.h")),
     )
 
 
@@ -45,6 +46,7 @@ def cuda_extension(root: Path) -> Pybind11Extension:
     ext = Pybind11Extension(
         "kvmux._native_cuda",
         ["native/cuda/bindings.cpp"],
+        include_dirs=["native"],
         cxx_std=17,
         extra_compile_args=["-O2"],
         library_dirs=[str(lib)],
@@ -52,7 +54,7 @@ def cuda_extension(root: Path) -> Pybind11Extension:
         # runtime library on the loader path; only the driver is needed, and
         # only when a kernel is launched.
         libraries=["cudart_static", "dl", "rt", "pthread"],
-        depends=sorted(glob("native/cuda/*")),
+        depends=sorted(glob("native/cuda/*") + ["native/dtype.h"]),
     )
     ext.cuda_sources = sorted(glob("native/cuda/*.cu"))
     ext.nvcc = str(root / "bin" / "nvcc")

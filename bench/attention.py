@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.attention_cases import LAYER, make_case
-from kvmux.attention import torch_paged_attention
-from kvmux.native_attention import cpu_paged_attention
+from kvmux.ops.attention import torch_paged_attention
+from kvmux.ops.cpu_attention import cpu_paged_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16)  # and 30 layers
@@ -62,7 +62,7 @@ def kernel_rows(dtype: torch.dtype) -> list[dict]:
 
 
 def engine_run(backend: str, dtype: str, requests: int, prompt_len: int, output_len: int) -> dict:
-    from kvmux.engine import Engine
+    from kvmux.engine.supervisor import Engine
     from kvmux.sampling import SamplingParams
 
     rng = random.Random(0)

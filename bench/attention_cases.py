@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmux.forward_batch import ForwardBatch, SeqChunk
-from kvmux.kv_cache import KVCache
+from kvmux.model.forward_batch import ForwardBatch, SeqChunk
+from kvmux.cache.kv_cache import KVCache
 
 NUM_LAYERS = 2
 LAYER = 1  # not layer 0, so a wrong layer offset shows
@@ -91,7 +91,7 @@ def reference_f64(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
 
 def expected_pool(case: Case) -> torch.Tensor:
     """The pool after the torch reference wrote this step's K/V (what every backend must leave)."""
-    from kvmux.attention import torch_paged_attention
+    from kvmux.ops.attention import torch_paged_attention
 
     cache = case.fresh_cache()
     torch_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvmux.forward_batch import ForwardBatch, SeqChunk
-from kvmux.kv_cache import KVCache
+from kvmux.model.forward_batch import ForwardBatch, SeqChunk
+from kvmux.cache.kv_cache import KVCache
 from kvmux.model.llama import Embedding, Linear
 from kvmux.model.loader import load_model
-from kvmux.runner import Runner, SeqWork, StepWork
+from kvmux.engine.runner import Runner, SeqWork, StepWork
 from kvmux.sampling import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"

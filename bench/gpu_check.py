@@ -61,7 +61,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_correctness(seed: int) -> list[dict]:
-    from kvmux.cuda_attention import cuda_paged_attention
+    from kvmux.ops.cuda_attention import cuda_paged_attention
 
     rows = []
     for i, (name, qlens, ctx, hq, hkv, d, bs) in enumerate(CHECKS):
@@ -101,8 +101,8 @@ def copy_bandwidth() -> float:
 
 
 def time_kernels(iters: int, dtype: torch.dtype) -> list[dict]:
-    from kvmux.attention import torch_paged_attention
-    from kvmux.cuda_attention import cuda_paged_attention
+    from kvmux.ops.attention import torch_paged_attention
+    from kvmux.ops.cuda_attention import cuda_paged_attention
 
     peak = copy_bandwidth()
     rows = []

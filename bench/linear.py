@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention import time_ms
-from kvmux.linear import pack_weight, packed_linear
+from kvmux.ops.linear import pack_weight, packed_linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, INTER, QKV, VOCAB, LAYERS = 576, 1536, 960, 49152, 30  # SmolLM2-135M

@@ -32,8 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmux import protocol
-from kvmux.client import AsyncClient, ConnectionLost, ServerError
+from kvmux.serve import protocol
+from kvmux.serve.client import AsyncClient, ConnectionLost, ServerError
 
 WORDS = ("the page table maps each block of keys and values to a slot in the pool so that many requests "
          "share one cache while the scheduler decides who runs next and who waits for memory").split()

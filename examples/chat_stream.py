@@ -2,8 +2,8 @@
 import argparse
 import asyncio
 
-from kvmux.client import AsyncClient
-from kvmux.unix_socket import default_socket_path
+from kvmux.serve.client import AsyncClient
+from kvmux.serve.unix_socket import default_socket_path
 
 NEEDS_SERVER = True  # the examples runner starts `kvmux serve` for this one
 

@@ -1,8 +1,8 @@
 """Reading statistics: a running server's health, model and KV-pool statistics, with the blocking client."""
 import argparse
 
-from kvmux.client import Client
-from kvmux.unix_socket import default_socket_path
+from kvmux.serve.client import Client
+from kvmux.serve.unix_socket import default_socket_path
 
 NEEDS_SERVER = True  # the examples runner starts `kvmux serve` for this one
 

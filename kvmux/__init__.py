@@ -1,10 +1,10 @@
 """kvmux: an LLM inference engine over a paged KV cache multiplexed across concurrent requests."""
 from importlib import import_module
 
-# Exports are imported on first use, so `import kvmux.block_manager` (or the
+# Exports are imported on first use, so `import kvmux.cache.block_manager` (or the
 # client library) does not pay for importing torch and transformers.
 _EXPORTS = {
-    "Engine": "kvmux.engine", "LLM": "kvmux.llm", "SamplingParams": "kvmux.sampling",
+    "Engine": "kvmux.engine.supervisor", "LLM": "kvmux.llm", "SamplingParams": "kvmux.sampling",
     "RequestOutput": "kvmux.outputs", "Completion": "kvmux.outputs", "KvmuxError": "kvmux.outputs",
     "RequestRejected": "kvmux.outputs",
 }

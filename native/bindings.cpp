@@ -3,10 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "block_allocator.h"
-#include "fused_ops.h"
-#include "paged_attention.h"
-#include "packed_linear.h"
+#include "allocator/block_allocator.h"
+#include "dtype.h"
+#include "cpu/fused_ops.h"
+#include "cpu/paged_attention.h"
+#include "cpu/packed_linear.h"
 
 namespace py = pybind11;
 
@@ -66,7 +67,7 @@ void bind_block_allocator(py::module_& m) {
 }
 
 // Tensors cross as integer addresses (tensor.data_ptr()) plus sizes; the
-// Python side (kvmux/native_attention.py) has checked dtype, device, shape.
+// Python side (kvmux/ops/cpu_attention.py) has checked dtype, device, shape.
 void bind_paged_attention(py::module_& m) {
     using kvmux::AttentionPlan;
     using kvmux::DType;
@@ -122,7 +123,7 @@ void bind_paged_attention(py::module_& m) {
             "Write this layer's new K/V into their slots, then attend every new query over its context.");
 }
 
-// Addresses again; kvmux/linear.py checks the tensors.
+// Addresses again; kvmux/ops/linear.py checks the tensors.
 void bind_packed_linear(py::module_& m) {
     m.attr("PANEL_WIDTH") = kvmux::kPanelWidth;
     m.def(
@@ -148,7 +149,7 @@ void bind_packed_linear(py::module_& m) {
         "and out float32; bias 0 means none.");
 }
 
-// Addresses and sizes; kvmux/fused.py checks the tensors.
+// Addresses and sizes; kvmux/ops/fused.py checks the tensors.
 void bind_fused_ops(py::module_& m) {
     m.def(
         "rms_norm_f32",
@@ -196,6 +197,11 @@ void bind_fused_ops(py::module_& m) {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "kvmux native extension: KV block allocator, CPU paged-attention, packed-weight linear and fused layer kernels";
+    // The element types every kernel (CPU and CUDA) is told its tensors hold.
+    py::enum_<kvmux::DType>(m, "DType")
+        .value("f32", kvmux::DType::f32)
+        .value("bf16", kvmux::DType::bf16)
+        .value("f16", kvmux::DType::f16);
     bind_block_allocator(m);
     bind_paged_attention(m);
     bind_packed_linear(m);

@@ -55,7 +55,7 @@ def failing_on_call(fn, n: int, message: str):
 
 def detokenizer_failing_on(prefix: list[int]):
     """The decode actor's detokenize_step, except that it raises for a sequence starting with `prefix`."""
-    import kvmux.actors.decode as decode_module
+    import kvmux.engine.decode as decode_module
 
     real = decode_module.detokenize_step
 

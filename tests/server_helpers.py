@@ -10,9 +10,9 @@ import threading
 import msgpack
 
 from bench.soak import leaks_of
-from kvmux import protocol
-from kvmux.engine import Engine
-from kvmux.server import Server, ServerOptions
+from kvmux.serve import protocol
+from kvmux.engine.supervisor import Engine
+from kvmux.serve.server import Server, ServerOptions
 
 # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer; sockets go here instead.
 SOCKETS = tempfile.TemporaryDirectory(prefix="kvx-", dir="/tmp")

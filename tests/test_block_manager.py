@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from kvmux.block_manager import BlockError, BlockManager, OutOfBlocks
+from kvmux.cache.block_manager import BlockError, BlockManager, OutOfBlocks
 
 
 def toks(n):

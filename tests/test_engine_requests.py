@@ -8,7 +8,7 @@ import pytest
 from engine_helpers import (assert_no_leaks, detokenizer_failing_on, failing_on_call, greedy, run_engine,
                             wait_for_blocks)
 from kvmux import LLM, Engine, RequestRejected, SamplingParams
-from kvmux.detokenize import detokenize_step, initial_offsets
+from kvmux.engine.detokenize import detokenize_step, initial_offsets
 from tiny_model import make_tiny_model
 
 
@@ -233,7 +233,7 @@ def test_sync_llm_wrapper(tiny):
 
 
 def test_tokenizer_failure_ends_only_that_request(tiny):
-    import kvmux.actors.decode as decode_module
+    import kvmux.engine.decode as decode_module
 
     bad = [9, 9, 9, 9, 9]
     real = decode_module.detokenize_step

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine_helpers import detokenizer_failing_on, failing_on_call
-from kvmux.client import AsyncClient, Client, ServerError
+from kvmux.serve.client import AsyncClient, Client, ServerError
 from server_helpers import Raw, Served
 from tiny_model import make_tiny_model
 
@@ -113,7 +113,7 @@ def test_tokenizer_raising_fails_only_its_request(served):
 
 
 def test_detokenizer_raising_fails_only_its_request(served, monkeypatch):
-    import kvmux.actors.decode as decode_module
+    import kvmux.engine.decode as decode_module
 
     bad = [9, 9, 9, 9, 9]
     monkeypatch.setattr(decode_module, "detokenize_step", detokenizer_failing_on(bad))

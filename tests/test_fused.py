@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvmux import fused
+from kvmux.ops import fused
 
 
 def _gen(*key: int) -> torch.Generator:

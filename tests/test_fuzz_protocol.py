@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmux import protocol
-from kvmux.client import Client
+from kvmux.serve import protocol
+from kvmux.serve.client import Client
 from server_helpers import Raw, Served
 from tiny_model import make_tiny_model
 
@@ -235,8 +235,8 @@ def test_decoding_one_frame_is_bounded():
 
 
 def test_no_pickle_anywhere_on_the_wire():
-    import kvmux.client
-    import kvmux.server
-    for module in (protocol, kvmux.server, kvmux.client):
+    import kvmux.serve.client
+    import kvmux.serve.server
+    for module in (protocol, kvmux.serve.server, kvmux.serve.client):
         source = open(module.__file__).read()
         assert "pickle" not in source and "marshal" not in source and "object_hook" not in source

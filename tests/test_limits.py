@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvmux.client import Client, ServerError
+from kvmux.serve.client import Client, ServerError
 from kvmux.config import EngineConfig
 from kvmux.sampling import MAX_N
 from server_helpers import Raw, Served

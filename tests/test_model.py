@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvmux.forward_batch import ForwardBatch, SeqChunk
-from kvmux.kv_cache import KVCache
-from kvmux.model import load_model
+from kvmux.model.forward_batch import ForwardBatch, SeqChunk
+from kvmux.cache.kv_cache import KVCache
+from kvmux.model.loader import load_model
 from kvmux.model import loader as loader_mod
 from tiny_model import make_tiny_model
 

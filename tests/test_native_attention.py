@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bench.attention_cases import LAYER, make_case, expected_pool, reference_f64
-from kvmux import attention
+from kvmux.ops import attention
 from kvmux.config import EngineConfig
-from kvmux.native_attention import CpuPlan, cpu_paged_attention
+from kvmux.ops.cpu_attention import CpuPlan, cpu_paged_attention
 
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path
@@ -88,7 +88,7 @@ def test_cpu_kernel_matches_float64_reference(c):
 @pytest.mark.skipif(not attention.native_available(torch.device("cuda")), reason="needs a GPU and kvmux._native_cuda")
 @pytest.mark.parametrize("c", CASES[:30], ids=case_id)
 def test_cuda_kernel_matches_float64_reference(c):
-    from kvmux.cuda_attention import cuda_paged_attention
+    from kvmux.ops.cuda_attention import cuda_paged_attention
 
     kind, gqa, d, bs, _, i = c
     if d % 8:

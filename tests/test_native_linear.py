@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvmux.linear import PANEL, pack_weight, packed_linear, packed_rows
+from kvmux.ops.linear import PANEL, pack_weight, packed_linear, packed_rows
 
 
 @pytest.mark.parametrize("rows,in_features,out_features", [

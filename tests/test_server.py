@@ -17,10 +17,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvmux import protocol
-from kvmux.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
+from kvmux.serve import protocol
+from kvmux.serve.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
 from kvmux.sampling import SamplingParams
-from kvmux.unix_socket import SocketInUse
+from kvmux.serve.unix_socket import SocketInUse
 from server_helpers import Raw, Served, short_dir
 from tiny_model import make_tiny_model
 

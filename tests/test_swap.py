@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from engine_helpers import assert_no_leaks, greedy, run_engine
-from kvmux import Engine, schema
-from kvmux.actors.eviction import Policy, choose_mode, choose_victims
-from kvmux.swap import make_swapper
-from kvmux.tiers import DEVICE, HOST
+from kvmux import Engine
+from kvmux.engine import messages as schema
+from kvmux.engine.eviction import Policy, choose_mode, choose_victims
+from kvmux.cache.transfer import make_swapper
+from kvmux.cache.tiers import DEVICE, HOST
 from tiny_model import make_tiny_model
 
 MAX_NEW = 32

@@ -9,9 +9,9 @@ import torch
 from engine_helpers import assert_no_leaks, greedy
 from kvmux import Engine
 from kvmux._native import BlockAllocator, OutOfBlocks
-from kvmux.block_manager import BlockManager
-from kvmux.swap import Swapper, _runs
-from kvmux.tiers import DEVICE, DISK, HOST
+from kvmux.cache.block_manager import BlockManager
+from kvmux.cache.transfer import Swapper, _runs
+from kvmux.cache.tiers import DEVICE, DISK, HOST
 from tiny_model import make_tiny_model
 
 BS = 4

@@ -1,6 +1,2 @@
-"""Model implementations and loading."""
-
-from kvmux.model.llama import LlamaForCausalLM
-from kvmux.model.loader import LoadedModel, load_model
-
-__all__ = ["LlamaForCausalLM", "LoadedModel", "load_model"]
+"""The Llama family over a packed batch (`llama`), its per-step input (`forward_batch`), and loading
+safetensors folders and GGUF files (`loader`)."""

@@ -2,7 +2,7 @@
 // with the host compiler; the kernels live in paged_attention.cu (nvcc).
 #include <pybind11/pybind11.h>
 
-#include "paged_attention.h"
+#include "cuda/paged_attention.h"
 
 namespace py = pybind11;
 

@@ -17,7 +17,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "paged_attention.h"
+#include "cuda/paged_attention.h"
 
 namespace kvmux::cuda {
 

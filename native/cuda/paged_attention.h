@@ -1,5 +1,5 @@
 // CUDA paged attention (module kvmux._native_cuda): the same fused operation as
-// the CPU kernels in native/paged_attention.h -- write the step's new K/V into
+// the CPU kernels in native/cpu/paged_attention.h -- write the step's new K/V into
 // their slots, then attend every new query causally over its sequence's blocks.
 //
 // Plain types only (addresses as integers, the stream as an integer), so the
@@ -8,10 +8,11 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace kvmux::cuda {
 
-// Element types; values are part of the Python interface (kvmux/cuda_attention.py).
-enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+using kvmux::DType;
 
 // Keys one decode work item covers; longer contexts split into partitions that
 // run in parallel and are merged by a second kernel.

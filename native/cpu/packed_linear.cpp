@@ -1,4 +1,4 @@
-#include "packed_linear.h"
+#include "cpu/packed_linear.h"
 
 #include <algorithm>
 #include <cstring>

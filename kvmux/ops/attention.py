@@ -6,8 +6,8 @@ backend by name:
 - "torch": `torch_paged_attention`, gather-then-SDPA; the reference every
   other backend is checked against, kept selectable for debugging;
 - "native": the fused kernels of the extension modules, the C++ one for CPU
-  tensors (`kvmux.native_attention`), the CUDA one for CUDA tensors
-  (`kvmux.cuda_attention`); an error where none is built for the device;
+  tensors (`kvmux.ops.cpu_attention`), the CUDA one for CUDA tensors
+  (`kvmux.ops.cuda_attention`); an error where none is built for the device;
 - "auto": "native" where a kernel exists for the device, else "torch".
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmux.forward_batch import ForwardBatch
-from kvmux.kv_cache import KVCache
-from kvmux.native_attention import cpu_paged_attention
+from kvmux.model.forward_batch import ForwardBatch
+from kvmux.cache.kv_cache import KVCache
+from kvmux.ops.cpu_attention import cpu_paged_attention
 
 
 @dataclass
@@ -134,7 +134,7 @@ def native_available(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        from kvmux import cuda_attention
+        from kvmux.ops import cuda_attention
         return cuda_attention.available()
     return False
 
@@ -143,7 +143,7 @@ def native_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
                            layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
     if q.device.type == "cuda":
         # Imported here so CPU-only installs never touch the CUDA module.
-        from kvmux.cuda_attention import cuda_paged_attention
+        from kvmux.ops.cuda_attention import cuda_paged_attention
         return cuda_paged_attention(q, k, v, kv_cache, layer, batch, scale)
     if q.device.type != "cpu":
         raise ValueError(f"q: no native attention kernel for device {q.device}")

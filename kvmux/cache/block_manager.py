@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.tiers import Op, Tiers
+from kvmux.cache.tiers import Op, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvmux import schema
+from kvmux.engine import messages as schema
 
 log = logging.getLogger("kvmux")
 

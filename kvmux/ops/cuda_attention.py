@@ -12,9 +12,9 @@ import importlib
 
 import torch
 
-from kvmux.forward_batch import ForwardBatch
-from kvmux.kv_cache import KVCache
-from kvmux.native_attention import check_out, check_pool, check_rows, row_stride, step_tensors
+from kvmux.model.forward_batch import ForwardBatch
+from kvmux.cache.kv_cache import KVCache
+from kvmux.ops.cpu_attention import check_out, check_pool, check_rows, row_stride, step_tensors
 
 # Must match kvmux::cuda::DType in native/cuda/paged_attention.h.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

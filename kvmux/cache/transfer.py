@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from kvmux.tiers import DEVICE, DISK, Op
+from kvmux.cache.tiers import DEVICE, DISK, Op
 
 log = logging.getLogger("kvmux")
 

@@ -1,5 +1,5 @@
-#include "paged_attention.h"
-#include "vec_math.h"
+#include "cpu/paged_attention.h"
+#include "cpu/vec_math.h"
 
 #include <algorithm>
 #include <cmath>

@@ -16,13 +16,13 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from kvmux import protocol
+from kvmux.serve import protocol
 from kvmux.outputs import Completion, KvmuxError, RequestOutput
-from kvmux.unix_socket import default_socket_path
+from kvmux.serve.unix_socket import default_socket_path
 
 
 class ServerError(KvmuxError):
-    """The server answered with an error frame; `code` is one of kvmux.protocol.ERROR_CODES."""
+    """The server answered with an error frame; `code` is one of kvmux.serve.protocol.ERROR_CODES."""
 
 
 class ConnectionFailed(KvmuxError):

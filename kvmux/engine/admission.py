@@ -4,9 +4,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvmux import schema
-from kvmux.actors.base import Actor
-from kvmux.detokenize import initial_offsets
+from kvmux.engine import messages as schema
+from kvmux.engine.actor import Actor
+from kvmux.engine.detokenize import initial_offsets
 
 
 @dataclass

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvmux.forward_batch import ForwardBatch, SeqChunk
-from kvmux.kv_cache import KVCache
+from kvmux.model.forward_batch import ForwardBatch, SeqChunk
+from kvmux.cache.kv_cache import KVCache
 from kvmux.sampling import SamplingParams, sample
-from kvmux.swap import Swapper
-from kvmux.tiers import Op
+from kvmux.cache.transfer import Swapper
+from kvmux.cache.tiers import Op
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmux import schema
-from kvmux.actors.base import Actor
-from kvmux.actors.prefill import ended
-from kvmux.block_manager import BlockManager
+from kvmux.engine import messages as schema
+from kvmux.engine.actor import Actor
+from kvmux.engine.prefill import ended
+from kvmux.cache.block_manager import BlockManager
 
 
 @dataclass

@@ -14,12 +14,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from kvmux import protocol, unix_socket
-from kvmux.engine import Engine
+from kvmux.serve import protocol, unix_socket
+from kvmux.engine.supervisor import Engine
 from kvmux.outputs import KvmuxError
 from kvmux.sampling import SamplingParams
 
-log = logging.getLogger("kvmux.server")
+log = logging.getLogger("kvmux.serve.server")
 
 
 @dataclass

@@ -1,6 +1,6 @@
-#include "fused_ops.h"
+#include "cpu/fused_ops.h"
 
-#include "vec_math.h"
+#include "cpu/vec_math.h"
 
 #include <algorithm>
 #include <cmath>

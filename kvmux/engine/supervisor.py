@@ -14,20 +14,20 @@ from dataclasses import asdict, replace
 
 import torch
 
-from kvmux import schema
-from kvmux.actors.admission import Admission, Limits
-from kvmux.actors.base import Actor
-from kvmux.actors.decode import Decode
-from kvmux.actors.eviction import Eviction, Policy
-from kvmux.actors.prefill import Prefill
-from kvmux.block_manager import BlockManager
+from kvmux.engine import messages as schema
+from kvmux.engine.admission import Admission, Limits
+from kvmux.engine.actor import Actor
+from kvmux.engine.decode import Decode
+from kvmux.engine.eviction import Eviction, Policy
+from kvmux.engine.prefill import Prefill
+from kvmux.cache.block_manager import BlockManager
 from kvmux.config import EngineConfig
-from kvmux.kv_cache import KVCache
+from kvmux.cache.kv_cache import KVCache
 from kvmux.model.loader import LoadedModel, load_model
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
-from kvmux.runner import Runner
+from kvmux.engine.runner import Runner
 from kvmux.sampling import SamplingParams
-from kvmux.swap import DiskPool, host_pool, make_swapper
+from kvmux.cache.transfer import DiskPool, host_pool, make_swapper
 
 log = logging.getLogger("kvmux")
 

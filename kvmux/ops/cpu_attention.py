@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from kvmux import _native
-from kvmux.forward_batch import ForwardBatch
-from kvmux.kv_cache import KVCache
+from kvmux.model.forward_batch import ForwardBatch
+from kvmux.cache.kv_cache import KVCache
 
 # Must match kvmux::DType in native/paged_attention.h.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import bisect
 
-from kvmux import schema
-from kvmux.actors.base import Actor
-from kvmux.actors.tombstones import Tombstones
-from kvmux.block_manager import BlockManager
+from kvmux.engine import messages as schema
+from kvmux.engine.actor import Actor
+from kvmux.engine.tombstones import Tombstones
+from kvmux.cache.block_manager import BlockManager
 
 
 def ended(seq: schema.SeqState, error: str | None) -> list[schema.SeqOutput]:

@@ -19,13 +19,13 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import replace
 
-from kvmux import schema
-from kvmux.actors.base import Actor, log
-from kvmux.actors.prefill import ended
-from kvmux.actors.tombstones import Tombstones
-from kvmux.block_manager import BlockManager
-from kvmux.detokenize import detokenize_step
-from kvmux.runner import Runner, SeqWork, StepWork
+from kvmux.engine import messages as schema
+from kvmux.engine.actor import Actor, log
+from kvmux.engine.prefill import ended
+from kvmux.engine.tombstones import Tombstones
+from kvmux.cache.block_manager import BlockManager
+from kvmux.engine.detokenize import detokenize_step
+from kvmux.engine.runner import Runner, SeqWork, StepWork
 from kvmux.sampling import sample_seed
 
 

@@ -1,4 +1,4 @@
-#include "block_allocator.h"
+#include "allocator/block_allocator.h"
 
 #include <algorithm>
 #include <iterator>

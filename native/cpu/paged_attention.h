@@ -18,11 +18,9 @@
 #include <stdexcept>
 #include <vector>
 
-namespace kvmux {
+#include "dtype.h"
 
-// Element types of activations (q, k, v, out) and of the KV pool. The values
-// are part of the Python interface (kvmux/native_attention.py).
-enum class DType : int { f32 = 0, bf16 = 1 };
+namespace kvmux {
 
 // A bad argument (shape, index, dtype); surfaces in Python as ValueError.
 class AttentionError : public std::invalid_argument {

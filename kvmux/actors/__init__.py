@@ -1,1 +1,0 @@
-"""The engine's four actors: admission, prefill, decode and eviction."""

@@ -1,0 +1,2 @@
+"""Serving an engine: the Unix-socket server, its wire protocol, the socket file's life cycle, and the
+client library. The client and the protocol import neither torch nor the engine."""
