@@ -31,16 +31,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvmux.model.forward_batch import ForwardBatch, SeqChunk
-from kvmux.cache.kv_cache import KVCache
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.engine.messages import Chunk, Draw
+from kvmux.engine.runner import Runner, StepWork
+from kvmux.model.forward_batch import ForwardBatch
 from kvmux.model.llama import Embedding, Linear
 from kvmux.model.loader import load_model
-from kvmux.engine.runner import Runner, SeqWork, StepWork
 from kvmux.sampling import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
 TOPICS = ["assignment", "class", "exceptions", "for", "function", "import", "lambda", "with", "while", "if"]
+
+
+def geometry(model) -> PoolGeometry:
+    return PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, BLOCK, model.dtype)
 
 
 def matmul_shapes(model) -> list[tuple[int, int]]:
@@ -72,8 +77,7 @@ def matmul_gflops(model, rows: int, repeats: int = 3) -> float:
 def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
     cfg = model.config
     blocks_per_seq = math.ceil((prompt_len + steps + 1) / BLOCK)
-    cache = KVCache(batch * blocks_per_seq, model.num_layers, model.num_kv_heads, model.head_dim, BLOCK,
-                    dtype=model.dtype)
+    cache = KVCache(batch * blocks_per_seq, geometry(model))
     runner = Runner(model, cache)
     gen = torch.Generator().manual_seed(0)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
@@ -82,13 +86,14 @@ def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
     last = []
     per_step = max(1, 2048 // prompt_len)  # prefill a few whole prompts per step, as the engine does offline
     for i in range(0, batch, per_step):
-        work = [SeqWork(prompts[j], 0, tables[j], greedy) for j in range(i, min(batch, i + per_step))]
+        work = [Chunk(f"s{j}", 0, prompts[j], tables[j], Draw(greedy, 0, 0)) for j in range(i, min(batch, i + per_step))]
         last += runner.execute(StepWork(work))
     times = []
     for step in range(steps):
         pos = prompt_len + step
         start = time.perf_counter()
-        last = runner.execute(StepWork([SeqWork([t], pos, tables[j], greedy) for j, t in enumerate(last)]))
+        last = runner.execute(StepWork([Chunk(f"s{j}", pos, [t], tables[j], Draw(greedy, 0, 0))
+                                        for j, t in enumerate(last)]))
         times.append(time.perf_counter() - start)
     steady = sorted(times[2:])[len(times[2:]) // 2]  # median, past the first steps' warm-up
     params = sum(n * k for n, k in matmul_shapes(model))  # the tied embedding counts once: as the lm_head
@@ -110,8 +115,8 @@ def quality(fp32, bf16, tokenizer, tokens_per_text: int) -> dict:
         logits = {}
         for name, model in (("fp32", fp32), ("bf16", bf16)):
             blocks = math.ceil(len(ids) / BLOCK)
-            cache = KVCache(blocks, model.num_layers, model.num_kv_heads, model.head_dim, BLOCK, dtype=model.dtype)
-            batch = ForwardBatch.build([SeqChunk(ids, 0, list(range(blocks)))], BLOCK)
+            cache = KVCache(blocks, geometry(model))
+            batch = ForwardBatch.build([Chunk("text", 0, ids, list(range(blocks)))], BLOCK)
             batch.logits_indices = torch.arange(len(ids))  # teacher forcing: every position's next-token logits
             with torch.inference_mode():
                 logits[name] = model(batch, cache).float()

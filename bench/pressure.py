@@ -28,7 +28,7 @@ from kvmux import Engine, SamplingParams
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("recompute", "swap", "auto")
 COUNTERS = ("preemptions", "preemptions_swap", "preemptions_recompute", "recomputed_tokens", "prompt_tokens_computed",
-            "blocks_swapped_out", "blocks_swapped_in", "swap_bytes", "swap_seconds", "swap_wait_seconds",
+            "blocks_swapped_out", "blocks_swapped_in", "block_copy_bytes", "block_copy_seconds", "block_copy_wait_seconds",
             "prefix_cache_hits_device", "prefix_cache_hits_host", "prefix_cache_hits_disk", "steps")
 
 
@@ -65,8 +65,8 @@ async def run(prompts: list[list[int]], max_tokens: int, options: dict) -> dict:
     result.update(wall_s=wall, output_tokens=output_tokens, output_tok_s=output_tokens / wall,
                   num_blocks=after["blocks_total"], host_blocks=after["host_blocks_total"],
                   outputs=[c.token_ids for c in done])
-    if result["swap_seconds"] > 0:
-        result["swap_hidden_share"] = 1 - result["swap_wait_seconds"] / result["swap_seconds"]
+    if result["block_copy_seconds"] > 0:
+        result["copy_hidden_share"] = 1 - result["block_copy_wait_seconds"] / result["block_copy_seconds"]
     return result
 
 
@@ -77,11 +77,11 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("output_tok_s", "output tokens/s"), ("preemptions", "preemptions (hatched: swap)"),
-              ("recomputed_tokens", "tokens recomputed"), ("swap_bytes", "MiB swapped")]
+              ("recomputed_tokens", "tokens recomputed"), ("block_copy_bytes", "MiB copied")]
     names = list(runs)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
-        scale = 2**20 if key == "swap_bytes" else 1
+        scale = 2**20 if key == "block_copy_bytes" else 1
         values = [runs[n][key] / scale for n in names]
         bars = ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green", "tab:orange"][:len(names)])
         if key == "preemptions":
@@ -147,11 +147,11 @@ def main() -> None:
     plot(runs, args.out / f"{name}.png",
          f"{num_requests} requests on {num_blocks} of the {num_requests * per_request} blocks they need ({args.device})")
     for mode, r in runs.items():
-        hidden = f"  hidden {r['swap_hidden_share']:.0%}" if "swap_hidden_share" in r else ""
+        hidden = f"  hidden {r['copy_hidden_share']:.0%}" if "copy_hidden_share" in r else ""
         print(f"{mode:13}: {r['output_tok_s']:6.1f} tok/s  preemptions {r['preemptions']:3} "
               f"(swap {r['preemptions_swap']}, recompute {r['preemptions_recompute']})  "
-              f"recomputed {r['recomputed_tokens']:5} tokens  swapped {r['swap_bytes'] / 2**20:7.1f} MiB "
-              f"copy {r['swap_seconds']:.3f}s wait {r['swap_wait_seconds']:.3f}s{hidden}")
+              f"recomputed {r['recomputed_tokens']:5} tokens  copied {r['block_copy_bytes'] / 2**20:7.1f} MiB "
+              f"in {r['block_copy_seconds']:.3f}s, waited {r['block_copy_wait_seconds']:.3f}s{hidden}")
     print("outputs identical to the unconstrained run:", identical)
     print(f"wrote {args.out / name}.json and .png")
 

@@ -2,7 +2,7 @@
 import argparse
 import asyncio
 
-from kvmux.serve.client import AsyncClient
+from kvmux import AsyncClient
 from kvmux.serve.unix_socket import default_socket_path
 
 NEEDS_SERVER = True  # the examples runner starts `kvmux serve` for this one

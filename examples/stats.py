@@ -1,7 +1,7 @@
 """Reading statistics: a running server's health, model and KV-pool statistics, with the blocking client."""
 import argparse
 
-from kvmux.serve.client import Client
+from kvmux import Client
 from kvmux.serve.unix_socket import default_socket_path
 
 NEEDS_SERVER = True  # the examples runner starts `kvmux serve` for this one

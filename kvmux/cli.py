@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from kvmux.serve import protocol
 from kvmux.config import EngineConfig
 from kvmux.outputs import KvmuxError
+from kvmux.serve import protocol
 from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 
 ENGINE_HELP = {
@@ -76,7 +76,9 @@ def sampling_fields(args: argparse.Namespace) -> dict:
 
 
 def sampling_params(args: argparse.Namespace):
-    from kvmux.sampling import SamplingParams  # imported here so the client commands do not load torch
+    from kvmux.sampling import (
+        SamplingParams,  # imported here so the client commands do not load torch
+    )
 
     return SamplingParams(**sampling_fields(args))
 
@@ -129,8 +131,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from kvmux.serve import unix_socket
     from kvmux.engine.supervisor import Engine
+    from kvmux.serve import unix_socket
     from kvmux.serve.server import Server, ServerOptions
 
     unix_socket.claim(args.socket)  # fail before the model load, not after it

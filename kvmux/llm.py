@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
+from kvmux.engine.loop_thread import LoopThread
 from kvmux.engine.supervisor import Engine, Prompt
 from kvmux.outputs import Completion
 from kvmux.sampling import SamplingParams
@@ -13,18 +13,13 @@ class LLM:
     """llm = LLM(); print(llm.generate(["Hello"])[0].text)"""
 
     def __init__(self, model: str | None = None, **options) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kvmux-loop", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("kvmux-loop")
         self.engine = Engine(model, **options)
         try:
-            self._call(self.engine.start())
+            self._loop.run(self.engine.start())
         except BaseException:
-            self._close_loop()
+            self._loop.close()
             raise
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
@@ -40,20 +35,15 @@ class LLM:
         async def run_all():
             return await asyncio.gather(*(self.engine.complete(p, sp) for p, sp in zip(prompts, params)))
 
-        return self._call(run_all())
+        return self._loop.run(run_all())
 
     def stats(self) -> dict:
-        return self._call(self.engine.stats())
+        return self._loop.run(self.engine.stats())
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._call(self.engine.stop())
-            self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        if self._loop.alive:
+            self._loop.run(self.engine.stop())
+            self._loop.close()
 
     def __enter__(self) -> "LLM":
         return self

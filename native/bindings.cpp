@@ -24,18 +24,13 @@ void bind_block_allocator(py::module_& m) {
         .def(py::init<BlockAllocator::BlockId>(), py::arg("num_blocks"))
         .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
         .def_property_readonly("num_free", &BlockAllocator::num_free)
-        .def("allocate", &BlockAllocator::allocate)
         .def("allocate_n", &BlockAllocator::allocate_n, py::arg("n"),
              "Allocate n blocks, or none (OutOfBlocks) if fewer are free.")
-        .def("incref", &BlockAllocator::incref, py::arg("block"))
         .def("decref", &BlockAllocator::decref, py::arg("block"),
              "Drop one reference; True if the block returned to the free list.")
         .def("refcount", &BlockAllocator::refcount, py::arg("block"))
         .def("fork", &BlockAllocator::fork, py::arg("blocks"))
         .def("free_blocks", &BlockAllocator::free_blocks, py::arg("blocks"))
-        .def("copy_on_write", &BlockAllocator::copy_on_write, py::arg("block"),
-             "(new_block, True) after moving one reference to a fresh block if "
-             "`block` is shared, else (block, False).")
         // Prefix cache: chained 64-bit content hashes of full, computed blocks.
         .def_property_readonly("num_cached", &BlockAllocator::num_cached)
         .def_property_readonly("num_cached_free", &BlockAllocator::num_cached_free)
@@ -69,29 +64,29 @@ void bind_block_allocator(py::module_& m) {
 // Tensors cross as integer addresses (tensor.data_ptr()) plus sizes; the
 // Python side (kvmux/ops/cpu_attention.py) has checked dtype, device, shape.
 void bind_paged_attention(py::module_& m) {
-    using kvmux::AttentionPlan;
+    using kvmux::AttentionMetadata;
     using kvmux::DType;
 
     py::register_exception<kvmux::AttentionError>(m, "AttentionError", PyExc_ValueError);
 
-    py::class_<AttentionPlan>(m, "AttentionPlan",
+    py::class_<AttentionMetadata>(m, "AttentionMetadata",
                               "One step's attention metadata, validated once and reused by every layer.")
         .def(py::init([](std::uintptr_t slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
                          const std::vector<int64_t>& context_lens, std::uintptr_t block_tables, int64_t max_blocks,
                          int64_t block_size, int64_t num_blocks) {
-                 return AttentionPlan(reinterpret_cast<const int64_t*>(slot_mapping), num_tokens, query_lens,
+                 return AttentionMetadata(reinterpret_cast<const int64_t*>(slot_mapping), num_tokens, query_lens,
                                       context_lens, reinterpret_cast<const int32_t*>(block_tables), max_blocks,
                                       block_size, num_blocks);
              }),
              py::arg("slot_mapping"), py::arg("num_tokens"), py::arg("query_lens"), py::arg("context_lens"),
              py::arg("block_tables"), py::arg("max_blocks"), py::arg("block_size"), py::arg("num_blocks"),
              "slot_mapping: address of int64 [num_tokens]; block_tables: address of int32 [S, max_blocks].")
-        .def_property_readonly("num_tokens", &AttentionPlan::num_tokens)
-        .def_property_readonly("num_seqs", &AttentionPlan::num_seqs)
-        .def_property_readonly("num_work_tiles", &AttentionPlan::num_work_tiles)
+        .def_property_readonly("num_tokens", &AttentionMetadata::num_tokens)
+        .def_property_readonly("num_seqs", &AttentionMetadata::num_seqs)
+        .def_property_readonly("num_work_tiles", &AttentionMetadata::num_work_tiles)
         .def(
             "run",
-            [](const AttentionPlan& plan, std::uintptr_t q, int64_t q_stride, std::uintptr_t k, int64_t k_stride,
+            [](const AttentionMetadata& meta, std::uintptr_t q, int64_t q_stride, std::uintptr_t k, int64_t k_stride,
                std::uintptr_t v, int64_t v_stride, std::uintptr_t out, int act_dtype, std::uintptr_t kv,
                int kv_dtype, int64_t num_blocks, int64_t num_layers, int64_t block_size, int64_t layer,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads) {
@@ -114,7 +109,7 @@ void bind_paged_attention(py::module_& m) {
                 a.num_threads = num_threads;
                 // The engine's event loop runs beside the forward thread.
                 py::gil_scoped_release release;
-                plan.run(a);
+                meta.run(a);
             },
             py::arg("q"), py::arg("q_stride"), py::arg("k"), py::arg("k_stride"), py::arg("v"), py::arg("v_stride"),
             py::arg("out"), py::arg("act_dtype"), py::arg("kv"), py::arg("kv_dtype"), py::arg("num_blocks"),

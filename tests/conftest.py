@@ -3,3 +3,29 @@ import os
 # Tests never reach a model hub: everything they load is built by the tests or shipped in a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from engine_helpers import MAX_NEW, PROMPTS, hf_greedy  # noqa: E402
+from tiny_model import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """The tiny random-weight Llama (4 query heads, 2 KV heads, vocab 320) with its tokenizer: the model
+    every engine, server and example test runs."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny):
+    """transformers' own model on the same weights: the reference outputs are checked against."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def reference(hf_tiny) -> list[list[int]]:
+    """transformers' greedy continuation of each of PROMPTS, MAX_NEW tokens, past end-of-sequence."""
+    return hf_greedy(hf_tiny, PROMPTS, MAX_NEW)

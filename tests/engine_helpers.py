@@ -1,32 +1,58 @@
-"""Shared helpers for engine tests: running requests on an engine and the transformers reference."""
+"""What engine tests share: the prompt set, the greedy parameters, the transformers reference, leak checks,
+fault injection, and a gate that holds the engine's forwards so tests order events without sleeping."""
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
+from dataclasses import asdict
 
 import torch
 
 from kvmux import Engine, SamplingParams
 
+PROMPT = [5, 17, 33, 101, 250, 7, 9]
+MAX_NEW = 32  # tokens of the reference continuations
+# Lengths around the block sizes tests use (8, 16, 32), and long enough to need several blocks.
+PROMPTS = [random.Random(n).choices(range(3, 320), k=n) for n in (1, 3, 7, 8, 9, 15, 16, 17, 30, 41, 57, 64)]
+
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
+    """Greedy decoding of exactly max_tokens tokens (end-of-sequence does not stop it)."""
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
 
 
+def wire(params: SamplingParams) -> dict:
+    """The params as a socket frame carries them."""
+    return asdict(params)
+
+
+def random_prompt(seed: int, n: int) -> list[int]:
+    return random.Random(seed).choices(range(3, 320), k=n)
+
+
 def assert_no_leaks(engine: Engine) -> None:
-    assert engine.blocks.num_free == engine.blocks.num_blocks, (
-        f"{engine.blocks.num_blocks - engine.blocks.num_free} KV blocks leaked")
-    engine.blocks.check_invariants()
+    """Nothing is held on any tier: every device and host block is free, nothing is swapped out."""
+    blocks = engine.blocks
+    assert blocks.num_free == blocks.num_blocks, f"{blocks.num_blocks - blocks.num_free} device blocks leaked"
+    host = blocks.tiers.host
+    assert host.num_free == host.num_blocks, f"{host.num_blocks - host.num_free} host blocks leaked"
+    assert not engine.eviction.swapped, f"sequences left swapped out: {list(engine.eviction.swapped)}"
+    blocks.check_invariants()
 
 
-async def wait_for_blocks(engine: Engine, timeout: float = 10.0) -> None:
-    """Aborts release blocks asynchronously; wait until the pool is whole again."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while engine.blocks.num_free != engine.blocks.num_blocks and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
+async def settled(engine: Engine, timeout: float = 30.0, busy=lambda: False) -> None:
+    """Wait until no request is live (aborts end requests asynchronously) and busy() is false, then check
+    nothing leaked. Both run in one turn of the engine's loop, so no request can start in between."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while engine.admission.live or busy():
+        assert loop.time() < deadline, f"requests still live: {list(engine.admission.live)}"
+        await asyncio.sleep(0.002)
     assert_no_leaks(engine)
 
 
-def run_engine(model: str, prompts, params, **options):
+def run_engine(model: str | None, prompts, params, **options):
     """Complete every prompt concurrently; returns (completions, stats) and checks nothing leaked."""
     params = params if isinstance(params, list) else [params] * len(prompts)
 
@@ -38,6 +64,17 @@ def run_engine(model: str, prompts, params, **options):
             return done, stats
 
     return asyncio.run(main())
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False) -> list[list[int]]:
+    """transformers' own generate, one prompt at a time (no padding), greedy."""
+    outs = []
+    for ids in prompts:
+        kwargs = {} if stop_at_eos else {"eos_token_id": None}
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
 
 
 def failing_on_call(fn, n: int, message: str):
@@ -66,12 +103,69 @@ def detokenizer_failing_on(prefix: list[int]):
     return picky
 
 
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False) -> list[list[int]]:
-    """transformers' own generate, one prompt at a time (no padding), greedy."""
-    outs = []
-    for ids in prompts:
-        kwargs = {} if stop_at_eos else {"eos_token_id": None}
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
-        outs.append(out[0, len(ids):].tolist())
-    return outs
+class ForwardGate:
+    """Holds an engine's forwards until the test lets them through.
+
+    While a forward waits at the gate, the engine is frozen at a known point:
+    the step's sequences are running (or prefilling), nothing of the step is
+    computed, and `stats()` still answers. The test then moves the engine on
+    one forward at a time, so it orders events without sleeping or racing.
+
+        with ForwardGate(engine) as gate:   # held from the start
+            ...submit...
+            gate.wait_held()                 # a forward waits: the step's state is fixed
+            gate.allow(2)                    # two forwards pass, the third waits again
+            gate.release()                   # open for good
+    """
+
+    def __init__(self, engine: Engine, held: bool = True) -> None:
+        self._runner = engine.decode.runner
+        self._real = self._runner.execute
+        self._cond = threading.Condition()
+        self._allowed: int | None = 0 if held else None  # None: open
+        self._waiting = 0
+        self.passed = 0
+        self._runner.execute = self._execute
+
+    def _execute(self, work):
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._allowed is None or self._allowed > 0)
+            if self._allowed is not None:
+                self._allowed -= 1
+            self._waiting -= 1
+            self.passed += 1
+            self._cond.notify_all()
+        return self._real(work)
+
+    def wait_held(self, timeout: float = 60.0) -> None:
+        """Block until a forward is waiting at the closed gate."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._waiting > 0 and self._allowed == 0, timeout):
+                raise AssertionError("no forward reached the gate")
+
+    async def held(self, timeout: float = 60.0) -> None:
+        """wait_held for a test running on the engine's own event loop."""
+        await asyncio.to_thread(self.wait_held, timeout)
+
+    def allow(self, n: int = 1) -> None:
+        with self._cond:
+            self._allowed = (self._allowed or 0) + n
+            self._cond.notify_all()
+
+    def hold(self) -> None:
+        with self._cond:
+            self._allowed = 0
+
+    def release(self) -> None:
+        with self._cond:
+            self._allowed = None
+            self._cond.notify_all()
+
+    def __enter__(self) -> ForwardGate:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self._runner.execute = self._real

@@ -1,17 +1,17 @@
-"""Shared helpers for server tests: an in-process server on a background loop, and a raw frame socket."""
+"""What server tests share: an in-process server on a background loop, and a raw frame socket."""
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
 import tempfile
-import threading
 
 import msgpack
+from engine_helpers import settled
 
-from bench.soak import leaks_of
+from kvmux import Engine
+from kvmux.engine.loop_thread import LoopThread
 from kvmux.serve import protocol
-from kvmux.engine.supervisor import Engine
 from kvmux.serve.server import Server, ServerOptions
 
 # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer; sockets go here instead.
@@ -26,16 +26,14 @@ class Served:
     """An Engine and a Server on an event loop in a background thread, so tests can be plain clients."""
 
     def __init__(self, model: str, engine_options: dict | None = None, **server_options) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self.loop = LoopThread("kvmux-test-server")
         self.path = os.path.join(short_dir(), "s.sock")
         self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, **(engine_options or {})})
         self.call(self.engine.start())
         self.server = self.start_server(self.path, **{"read_timeout": 0.5, "max_frame": 4096, **server_options})
 
     def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+        return self.loop.run(coro, timeout)
 
     def start_server(self, path: str, **options) -> Server:
         server = Server(self.engine, ServerOptions(path, **options))
@@ -45,25 +43,27 @@ class Served:
     def stats(self) -> dict:
         return self.call(self.engine.stats())
 
-    def settle(self) -> None:
-        """Wait until no request is live and every tier is whole, then check the allocator's invariants."""
-        async def settled():
-            for _ in range(1000):
+    def wait_for(self, predicate, timeout: float = 30.0) -> dict:
+        """Poll the engine's statistics until predicate(stats) holds; returns them."""
+        async def poll():
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
                 stats = await self.engine.stats()
-                if not stats["requests_live"] and not any(leaks_of(stats).values()) and self.server.in_flight() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert not any(leaks_of(stats).values()), f"leaked: {leaks_of(stats)}"
-            assert stats["requests_live"] == 0
-            self.engine.blocks.check_invariants()
-            assert self.server.in_flight() == 0
-        self.call(settled())
+                if predicate(stats):
+                    return stats
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"never reached: last stats {stats}")
+                await asyncio.sleep(0.002)
+        return self.call(poll(), timeout + 10)
+
+    def settle(self) -> None:
+        """Wait until no request is live or in flight on the server, then check nothing leaked on any tier."""
+        self.call(settled(self.engine, busy=self.server.in_flight))
 
     def close(self) -> None:
         self.call(self.server.shutdown())
         self.call(self.engine.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
+        self.loop.close()
 
 
 class Raw:

@@ -14,7 +14,7 @@ def test_exception_hierarchy():
 def test_fresh_pool_hands_out_lowest_blocks_first():
     a = BlockAllocator(8)
     assert (a.num_blocks, a.num_free) == (8, 8)
-    assert a.allocate() == 0
+    assert a.allocate_n(1)[0] == 0
     assert a.allocate_n(3) == [1, 2, 3]
     assert a.num_free == 4
     a.check_invariants()
@@ -36,8 +36,8 @@ def test_allocate_free_round_trip():
 
 def test_decref_reports_return_to_free_list():
     a = BlockAllocator(2)
-    b = a.allocate()
-    a.incref(b)
+    b = a.allocate_n(1)[0]
+    a.fork([b])
     assert a.decref(b) is False
     assert a.num_free == 1
     assert a.decref(b) is True
@@ -58,9 +58,9 @@ def test_allocate_n_is_all_or_nothing():
 
 def test_allocate_on_empty_pool_raises():
     a = BlockAllocator(1)
-    a.allocate()
+    a.allocate_n(1)
     with pytest.raises(OutOfBlocks, match=r"out of KV blocks: need 1, 0 free of 1"):
-        a.allocate()
+        a.allocate_n(1)
     assert a.num_free == 0
     a.check_invariants()
 
@@ -78,8 +78,8 @@ def test_double_free_names_block():
 @pytest.mark.parametrize("bad", [99, 64, -1, 2**40])
 def test_unknown_block_names_block(bad):
     a = BlockAllocator(64)
-    a.allocate()
-    for op in (a.decref, a.incref, a.refcount, a.copy_on_write):
+    a.allocate_n(1)
+    for op in (a.decref, a.refcount, lambda b: a.fork([b])):
         with pytest.raises(BlockError, match=rf"block {bad} out of range \[0, 64\)"):
             op(bad)
     assert a.num_free == 63
@@ -95,10 +95,10 @@ def test_negative_counts_rejected():
     assert a.num_free == 4
 
 
-def test_incref_of_free_block_rejected():
+def test_fork_of_free_block_rejected():
     a = BlockAllocator(4)
     with pytest.raises(BlockError, match="block 2 is already free"):
-        a.incref(2)
+        a.fork([2])
     assert a.refcount(2) == 0
     a.check_invariants()
 
@@ -119,14 +119,14 @@ def test_free_blocks_is_atomic():
 
 def test_free_blocks_counts_repeated_blocks():
     a = BlockAllocator(4)
-    b = a.allocate()
-    a.incref(b)
+    b = a.allocate_n(1)[0]
+    a.fork([b])
     # Two references held: the same block may appear twice...
     a.free_blocks([b, b])
     assert a.refcount(b) == 0 and a.num_free == 4
     # ...but not more often than it has references.
-    c = a.allocate()
-    a.incref(c)
+    c = a.allocate_n(1)[0]
+    a.fork([c])
     with pytest.raises(BlockError, match=rf"block {c} freed 3 times"):
         a.free_blocks([c, c, c])
     assert a.refcount(c) == 2
@@ -145,41 +145,6 @@ def test_fork_increfs_each_block_atomically():
     assert a.num_free == 3
     a.free_blocks(blocks)
     assert a.num_free == 6
-    a.check_invariants()
-
-
-def test_copy_on_write_sole_owner_keeps_block():
-    a = BlockAllocator(4)
-    b = a.allocate()
-    assert a.copy_on_write(b) == (b, False)
-    assert a.refcount(b) == 1 and a.num_free == 3
-    a.check_invariants()
-
-
-def test_copy_on_write_shared_block_moves_one_reference():
-    a = BlockAllocator(4)
-    b = a.allocate()
-    a.incref(b)
-    new, copied = a.copy_on_write(b)
-    assert copied is True and new != b
-    assert a.refcount(b) == 1 and a.refcount(new) == 1
-    assert a.num_free == 2
-    a.check_invariants()
-
-
-def test_copy_on_write_of_free_block_rejected():
-    a = BlockAllocator(4)
-    with pytest.raises(BlockError, match="block 1 is already free"):
-        a.copy_on_write(1)
-
-
-def test_copy_on_write_atomic_when_out_of_blocks():
-    a = BlockAllocator(2)
-    b, _ = a.allocate_n(2)
-    a.incref(b)
-    with pytest.raises(OutOfBlocks, match="need 1, 0 free of 2"):
-        a.copy_on_write(b)
-    assert a.refcount(b) == 2 and a.num_free == 0
     a.check_invariants()
 
 
@@ -208,13 +173,6 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert not set(blocks) & set(self.refs)
         for b in blocks:
             self.refs[b] = 1
-
-    @precondition(lambda self: self.refs)
-    @rule(data=st.data())
-    def incref(self, data):
-        b = data.draw(st.sampled_from(self.used()))
-        self.alloc.incref(b)
-        self.refs[b] += 1
 
     @precondition(lambda self: self.refs)
     @rule(data=st.data())
@@ -247,21 +205,6 @@ class AllocatorMachine(RuleBasedStateMachine):
             if self.refs[b] == 0:
                 del self.refs[b]
 
-    @precondition(lambda self: self.refs)
-    @rule(data=st.data())
-    def copy_on_write(self, data):
-        b = data.draw(st.sampled_from(self.used()))
-        if self.refs[b] == 1:
-            assert self.alloc.copy_on_write(b) == (b, False)
-        elif len(self.refs) == self.NUM_BLOCKS:
-            with pytest.raises(OutOfBlocks):
-                self.alloc.copy_on_write(b)
-        else:
-            new, copied = self.alloc.copy_on_write(b)
-            assert copied and new not in self.refs
-            self.refs[b] -= 1
-            self.refs[new] = 1
-
     @invariant()
     def matches_model(self):
         self.alloc.check_invariants()
@@ -279,7 +222,7 @@ TestAllocatorMachine = AllocatorMachine.TestCase
 
 def test_cached_block_stays_free_but_reusable_until_evicted():
     a = BlockAllocator(3)
-    b = a.allocate()
+    b = a.allocate_n(1)[0]
     assert a.register_block(b, 11) is True
     a.decref(b)
     assert (a.num_free, a.num_cached, a.num_cached_free) == (3, 1, 1)
@@ -296,7 +239,7 @@ def test_allocation_evicts_least_recently_used_cached_block_last_resort():
     for h, b in zip((1, 2, 3), blocks):
         a.register_block(b, h)
     a.free_blocks([blocks[1], blocks[0]])  # LRU order: blocks[1], then blocks[0]
-    assert a.allocate() == blocks[1]  # no plain free block left: the coldest cached one goes
+    assert a.allocate_n(1)[0] == blocks[1]  # no plain free block left: the coldest cached one goes
     assert a.lookup([2]) == [] and a.lookup([1]) == [blocks[0]]
     assert a.num_cached == 2  # blocks[0] (free) and blocks[2] (in use)
     a.check_invariants()
@@ -307,7 +250,7 @@ def test_plain_free_blocks_are_used_before_cached_ones():
     b, c = a.allocate_n(2)
     a.register_block(b, 5)
     a.free_blocks([b, c])
-    assert a.allocate() == c
+    assert a.allocate_n(1)[0] == c
     assert a.lookup([5]) == [b]
 
 
@@ -481,20 +424,6 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.alloc.free_blocks(blocks)
         for b in blocks:
             self.decref(b)
-
-    @precondition(lambda self: any(self.refs))
-    @rule(data=st.data())
-    def copy_on_write(self, data):
-        b = data.draw(st.sampled_from(self.used()))
-        if self.refs[b] == 1:
-            assert self.alloc.copy_on_write(b) == (b, False)
-        elif self.num_free() == 0:
-            with pytest.raises(OutOfBlocks):
-                self.alloc.copy_on_write(b)
-        else:
-            new = self.take()
-            self.refs[b] -= 1
-            assert self.alloc.copy_on_write(b) == (new, True)
 
     @rule(n=st.integers(0, 3))
     def evict(self, n):

@@ -9,6 +9,12 @@ def toks(n):
     return list(range(100, 100 + n))
 
 
+def append(bm, seq_id, token_ids):
+    """append_slots, returning the (src, dst) copy-on-write copies it queued."""
+    bm.append_slots(seq_id, token_ids)
+    return [(c.src, c.dst) for c in bm.take_copies()]
+
+
 def snapshot(bm):
     return {
         "free": bm.num_free,
@@ -16,13 +22,13 @@ def snapshot(bm):
     }
 
 
-def test_blocks_for_and_can_allocate():
+def test_blocks_for_and_can_allocate_prompt():
     bm = BlockManager(num_blocks=4, block_size=4)
     assert [bm.blocks_for(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
-    assert bm.can_allocate(16)
-    assert not bm.can_allocate(17)
-    assert bm.can_allocate(8, reserve=2)
-    assert not bm.can_allocate(9, reserve=2)
+    assert bm.can_allocate_prompt(toks(16))
+    assert not bm.can_allocate_prompt(toks(17))
+    assert bm.can_allocate_prompt(toks(8), reserve=2)
+    assert not bm.can_allocate_prompt(toks(9), reserve=2)
 
 
 def test_allocate_and_append_across_block_boundaries():
@@ -30,47 +36,16 @@ def test_allocate_and_append_across_block_boundaries():
     assert bm.allocate("a", toks(3)) == 0
     assert bm.block_table("a") == [0]
     assert (bm.num_tokens("a"), bm.num_used, bm.num_free) == (3, 1, 7)
-    assert bm.append_slots("a", toks(1)) == []  # fills block 0 exactly
+    assert append(bm, "a", toks(1)) == []  # fills block 0 exactly
     assert bm.block_table("a") == [0]
-    assert bm.append_slots("a", toks(1)) == []  # spills into a new block
+    assert append(bm, "a", toks(1)) == []  # spills into a new block
     assert bm.block_table("a") == [0, 1]
-    assert bm.append_slots("a", toks(8)) == []  # 5 + 8 = 13 tokens -> 4 blocks
+    assert append(bm, "a", toks(8)) == []  # 5 + 8 = 13 tokens -> 4 blocks
     assert bm.block_table("a") == [0, 1, 2, 3]
     assert bm.num_tokens("a") == 13
-    assert bm.append_slots("a", []) == []
+    assert append(bm, "a", []) == []
     assert bm.num_tokens("a") == 13 and bm.num_used == 4
     bm.check_invariants()
-
-
-def test_slot_mapping():
-    bm = BlockManager(num_blocks=8, block_size=4)
-    bm.allocate("x", toks(2))  # block 0
-    bm.allocate("a", toks(6))  # blocks 1, 2
-    assert bm.slot_mapping("a", 0, 6) == [4, 5, 6, 7, 8, 9]
-    assert bm.slot_mapping("a", 3, 5) == [7, 8]
-    assert bm.slot_mapping("a", 6, 6) == []
-    bm.free("x")
-    bm.append_slots("a", toks(3))  # 9 tokens: block 0 comes back from x
-    assert bm.block_table("a") == [1, 2, 0]
-    assert bm.slot_mapping("a", 5, 9) == [9, 10, 11, 0]
-    with pytest.raises(ValueError):
-        bm.slot_mapping("a", 0, 10)
-    with pytest.raises(ValueError):
-        bm.slot_mapping("a", 5, 4)
-
-
-def test_slot_mapping_matches_per_token_formula():
-    rng = random.Random(0)
-    bm = BlockManager(num_blocks=64, block_size=16)
-    bm.allocate("a", toks(5))
-    bm.allocate("b", toks(40))
-    bm.append_slots("a", toks(100))
-    table = bm.block_table("a")
-    for _ in range(50):
-        start = rng.randrange(0, 106)
-        end = rng.randrange(start, 106)
-        expected = [table[p // 16] * 16 + p % 16 for p in range(start, end)]
-        assert bm.slot_mapping("a", start, end) == expected
 
 
 def test_fork_then_append_into_shared_partial_block_copies_it():
@@ -80,7 +55,7 @@ def test_fork_then_append_into_shared_partial_block_copies_it():
     assert bm.block_table("c") == [0, 1] and bm.num_tokens("c") == 6
     assert bm.num_used == 2
     assert bm.blocks_needed_to_append("c", 1) == 1
-    copies = bm.append_slots("c", toks(1))
+    copies = append(bm, "c", toks(1))
     assert len(copies) == 1
     src, dst = copies[0]
     assert src == 1 and dst not in (0, 1)
@@ -89,7 +64,7 @@ def test_fork_then_append_into_shared_partial_block_copies_it():
     assert (bm.num_tokens("p"), bm.num_tokens("c")) == (6, 7)
     # Block 1 now belongs to the parent alone: it appends in place.
     assert bm.blocks_needed_to_append("p", 1) == 0
-    assert bm.append_slots("p", toks(1)) == []
+    assert append(bm, "p", toks(1)) == []
     assert bm.block_table("p") == [0, 1]
     bm.check_invariants()
 
@@ -100,7 +75,7 @@ def test_cow_plus_growth_in_one_append():
     bm.fork("p", "c")
     assert bm.blocks_needed_to_append("c", 7) == 3  # copy + 2 new blocks
     free = bm.num_free
-    copies = bm.append_slots("c", toks(7))
+    copies = append(bm, "c", toks(7))
     assert free - bm.num_free == 3
     assert [s for s, _ in copies] == [0]
     assert bm.block_table("c")[0] == copies[0][1]
@@ -113,7 +88,7 @@ def test_append_into_shared_full_block_takes_new_block_without_copy():
     bm.allocate("p", toks(8))  # blocks 0, 1 both full
     bm.fork("p", "c")
     assert bm.blocks_needed_to_append("c", 1) == 1
-    assert bm.append_slots("c", toks(1)) == []
+    assert append(bm, "c", toks(1)) == []
     assert bm.block_table("c") == [0, 1, 2]
     assert bm.block_table("p") == [0, 1]
     assert bm._alloc.refcount(1) == 2
@@ -149,7 +124,7 @@ def test_random_scenarios_free_everything(seed):
                 n = rng.randrange(0, 6)
                 need = bm.blocks_needed_to_append(sid, n)
                 free = bm.num_free
-                copies = bm.append_slots(sid, toks(n))
+                copies = append(bm, sid, toks(n))
                 assert free - bm.num_free == need
                 assert len(copies) <= 1
             elif op < 0.8:
@@ -175,7 +150,7 @@ def test_kv_waste():
     assert bm.kv_waste() == pytest.approx(3 / 12)
     bm.fork("a", "c")  # shared blocks count once
     assert bm.kv_waste() == pytest.approx(3 / 12)
-    bm.append_slots("c", toks(1))  # copy of a's partial block: 16 slots, 9 + 2 used
+    append(bm, "c", toks(1))  # copy of a's partial block: 16 slots, 9 + 2 used
     assert bm.kv_waste() == pytest.approx(5 / 16)
     for s in ("a", "b", "c"):
         bm.free(s)
@@ -200,13 +175,12 @@ def test_unknown_seq_rejected():
     bm.allocate("a", toks(5))
     before = snapshot(bm)
     for call in (
-        lambda: bm.append_slots("zz", toks(1)),
+        lambda: append(bm, "zz", toks(1)),
         lambda: bm.blocks_needed_to_append("zz", 1),
         lambda: bm.fork("zz", "new"),
         lambda: bm.free("zz"),
         lambda: bm.block_table("zz"),
         lambda: bm.num_tokens("zz"),
-        lambda: bm.slot_mapping("zz", 0, 0),
     ):
         with pytest.raises(BlockError, match="unknown sequence 'zz'"):
             call()
@@ -224,16 +198,16 @@ def test_out_of_blocks_leaves_state_unchanged():
     with pytest.raises(OutOfBlocks, match="need 1, 0 free of 4"):
         bm.allocate("d", toks(1))
     with pytest.raises(OutOfBlocks):
-        bm.append_slots("b", toks(1))  # needs a copy of the shared partial block
+        append(bm, "b", toks(1))  # needs a copy of the shared partial block
     with pytest.raises(OutOfBlocks):
-        bm.append_slots("c", toks(4))  # needs growth
+        append(bm, "c", toks(4))  # needs growth
     assert snapshot(bm) == before
     assert not bm.has("d")
     bm.check_invariants()
     bm.free("c")
     # Copy and growth together need 2 blocks; with exactly 2 free it succeeds.
     assert bm.blocks_needed_to_append("b", 3) == 2
-    assert len(bm.append_slots("b", toks(3))) == 1
+    assert len(append(bm, "b", toks(3))) == 1
     bm.check_invariants()
 
 
@@ -315,8 +289,8 @@ def test_decode_blocks_are_cached_as_they_fill():
     bm = BlockManager(num_blocks=8, block_size=4)
     bm.allocate("a", toks(3))
     bm.mark_computed("a", 3)
-    bm.append_slots("a", [103])
-    bm.append_slots("a", [104])
+    append(bm, "a", [103])
+    append(bm, "a", [104])
     bm.mark_computed("a", 5)  # position 4 is still being written: only block 0 is complete
     assert bm.allocate("b", toks(5) + [7]) == 4
     bm.check_invariants()
@@ -351,9 +325,9 @@ def test_fork_shares_cached_prompt_and_copies_partial_block():
     bm.mark_computed("p", 6)
     bm.fork("p", "c")
     assert bm.cache_stats()["shared_blocks"] == 2
-    copies = bm.append_slots("c", [1])
+    copies = append(bm, "c", [1])
     assert copies == [(bm.block_table("p")[1], bm.block_table("c")[1])]
-    assert bm.append_slots("p", [2]) == []  # the parent is sole owner again
+    assert append(bm, "p", [2]) == []  # the parent is sole owner again
     bm.mark_computed("c", 7)
     bm.mark_computed("p", 7)
     bm.check_invariants()

@@ -1,27 +1,25 @@
 """Sampling, stopping, aborts, bad input and failures: each request gets what it asked for, and nothing leaks."""
 import asyncio
 import random
-import time
 
 import pytest
+from engine_helpers import (
+    PROMPT,
+    ForwardGate,
+    assert_no_leaks,
+    detokenizer_failing_on,
+    failing_on_call,
+    greedy,
+    run_engine,
+    settled,
+)
 
-from engine_helpers import (assert_no_leaks, detokenizer_failing_on, failing_on_call, greedy, run_engine,
-                            wait_for_blocks)
 from kvmux import LLM, Engine, RequestRejected, SamplingParams
 from kvmux.engine.detokenize import detokenize_step, initial_offsets
-from tiny_model import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("requests") / "m", num_kv_heads=1))
 
 
 def engine(tiny, **options):
     return Engine(tiny, **{"num_blocks": 128, "block_size": 8, **options})
-
-
-PROMPT = [5, 17, 33, 101, 250, 7, 9]
 
 
 def sampled(seed, max_tokens=16, **kw):
@@ -91,7 +89,7 @@ def test_abort_by_cancel_and_by_id(tiny):
             async for _ in stream:
                 break
             await stream.aclose()
-            await wait_for_blocks(e)
+            await settled(e)
 
             outs = []
             async def consume():
@@ -102,7 +100,7 @@ def test_abort_by_cancel_and_by_id(tiny):
             await asyncio.wait_for(consume(), 30)
             assert outs[-1].finish_reason == "abort" and outs[-1].finished
             assert len(outs) < 200
-            await wait_for_blocks(e)
+            await settled(e)
             # The engine goes on serving.
             ok = await e.complete(PROMPT, greedy(4))
             assert ok.finish_reason == "length"
@@ -155,12 +153,17 @@ def test_duplicate_request_id_is_rejected(tiny):
 def test_overloaded_past_max_pending(tiny):
     async def main():
         async with engine(tiny, max_pending=2) as e:
-            runs = [asyncio.create_task(e.complete(PROMPT, greedy(30))) for _ in range(2)]
-            await asyncio.sleep(0.05)
-            with pytest.raises(RequestRejected) as info:
-                await e.complete(PROMPT, greedy(3))
-            assert info.value.code == "overloaded"
-            assert [r.num_output_tokens for r in await asyncio.gather(*runs)] == [30, 30]
+            with ForwardGate(e) as gate:  # the two stay in flight until the gate opens
+                runs = [asyncio.create_task(e.complete(PROMPT, greedy(30))) for _ in range(2)]
+                await gate.held()
+                while (await e.stats())["requests_live"] < 2:
+                    gate.allow(1)
+                    await gate.held()
+                with pytest.raises(RequestRejected) as info:
+                    await e.complete(PROMPT, greedy(3))
+                assert info.value.code == "overloaded"
+                gate.release()
+                assert [r.num_output_tokens for r in await asyncio.gather(*runs)] == [30, 30]
             assert (await e.complete(PROMPT, greedy(3))).num_output_tokens == 3
     asyncio.run(main())
 
@@ -181,42 +184,33 @@ def test_failed_forward_fails_its_batch_not_the_engine(tiny):
 
 
 def test_forward_runs_off_the_event_loop(tiny):
+    """While a forward is held, the loop still admits, refuses and answers: a forward on the loop's own thread
+    would block all of that, and with it the test that holds the gate (a timeout, not a pass)."""
     async def main():
         async with engine(tiny) as e:
-            runner = e.decode.runner
-            real = runner.execute
-
-            def slow(work):
-                time.sleep(0.05)
-                return real(work)
-            runner.execute = slow
-            ticks = 0
-
-            async def ticker():
-                nonlocal ticks
-                while True:
-                    await asyncio.sleep(0.005)
-                    ticks += 1
-            t = asyncio.create_task(ticker())
-            started = time.perf_counter()
-            await e.complete(PROMPT, greedy(6))
-            elapsed = time.perf_counter() - started
-            t.cancel()
-            # Blocking the loop for the forwards would leave the ticker starved.
-            assert elapsed >= 0.3 and ticks >= elapsed / 0.005 * 0.5
+            with ForwardGate(e) as gate:
+                run = asyncio.create_task(e.complete(PROMPT, greedy(6)))
+                await gate.held()
+                with pytest.raises(RequestRejected):
+                    await asyncio.wait_for(e.complete(PROMPT, SamplingParams(max_tokens=0)), 30)
+                stats = await asyncio.wait_for(e.stats(), 30)
+                assert stats["running"] == 1 and stats["steps"] == 1
+                gate.release()
+                assert (await run).num_output_tokens == 6
     asyncio.run(main())
 
 
 def test_stats_report_the_pool(tiny):
     async def main():
         async with engine(tiny) as e:
-            task = asyncio.create_task(e.complete(PROMPT, greedy(50)))
-            while (await e.stats())["running"] == 0:
-                await asyncio.sleep(0.001)
-            stats = await e.stats()
-            assert stats["blocks_used"] >= 1 and stats["blocks_total"] == 128
-            assert 0.0 <= stats["kv_waste"] < 1.0
-            await task
+            with ForwardGate(e) as gate:
+                task = asyncio.create_task(e.complete(PROMPT, greedy(50)))
+                await gate.held()
+                stats = await e.stats()
+                assert stats["running"] == 1 and stats["blocks_used"] == 1 and stats["blocks_total"] == 128
+                assert stats["kv_waste"] == 1 - len(PROMPT) / 8  # 7 of the block's 8 slots are filled
+                gate.release()
+                await task
             stats = await e.stats()
             assert stats["output_tokens"] == 50 and stats["blocks_used"] == 0
             assert stats["requests_admitted"] == 1
@@ -248,7 +242,7 @@ def test_tokenizer_failure_ends_only_that_request(tiny):
                 decode_module.detokenize_step = real
             assert good.finish_reason == "length" and good.num_output_tokens == 12
             assert broken.finish_reason == "error" and "injected" in broken.error
-            await wait_for_blocks(e)
+            await settled(e)
     asyncio.run(main())
 
 
@@ -258,9 +252,9 @@ def test_broken_step_fails_its_batch_and_the_engine_goes_on(tiny):
             e.decode._build = failing_on_call(e.decode._build, 2, "injected bookkeeping fault")
             done = await asyncio.gather(*(e.complete(PROMPT, greedy(8)) for _ in range(3)))
             assert any(c.finish_reason == "error" and "injected" in c.error for c in done)
-            await wait_for_blocks(e)
+            await settled(e)
             assert (await e.complete(PROMPT, greedy(4))).num_output_tokens == 4
-            await wait_for_blocks(e)
+            await settled(e)
     asyncio.run(main())
 
 

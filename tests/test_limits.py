@@ -7,20 +7,18 @@ import stat
 import time
 
 import pytest
+from engine_helpers import PROMPT, ForwardGate, greedy, wire
+from server_helpers import Raw, Served
 
-from kvmux.serve.client import Client, ServerError
 from kvmux.config import EngineConfig
 from kvmux.sampling import MAX_N
-from server_helpers import Raw, Served
-from tiny_model import make_tiny_model
+from kvmux.serve.client import Client, ServerError
 
-LONG = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
-PROMPT = [5, 17, 33, 101, 250, 7, 9]
+LONG = wire(greedy(10))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tiny = str(make_tiny_model(tmp_path_factory.mktemp("limits") / "m"))
+def served(tiny):
     s = Served(tiny, {"max_pending": 3, "max_prompt_tokens": 20, "max_tokens_limit": 10},
                max_inflight_per_connection=2, write_timeout=0.5)
     yield s
@@ -49,34 +47,36 @@ def test_prompt_output_and_n_limits(served):
 
 def test_in_flight_per_connection_and_total_waiting_bound(served):
     a, b = Raw(served.path), Raw(served.path)
-    for i in range(2):
-        a.send({"op": "generate", "id": f"a{i}", "prompt": PROMPT, "params": LONG})
-    # The third on the same connection is refused; an abort is never refused (it is how to make room).
-    a.send({"op": "generate", "id": "a2", "prompt": PROMPT, "params": LONG})
-    a.send({"op": "abort", "id": "x", "target": "a0"})
-    b.send({"op": "generate", "id": "b0", "prompt": PROMPT, "params": LONG})
-    # max_pending is 3 for the whole engine: a0 may already be gone, so b1 is refused only if all three are live.
-    frames = {}
-    while len(frames) < 4:
-        frame = a.recv()
-        if frame["type"] == "error" or frame["type"] == "result" or frame["finished"]:
+    with ForwardGate(served.engine) as gate:  # nothing finishes until the limits have been hit
+        for i in range(2):
+            a.send({"op": "generate", "id": f"a{i}", "prompt": PROMPT, "params": LONG})
+        # The third on the same connection is refused; an abort is never refused (it is how to make room).
+        a.send({"op": "generate", "id": "a2", "prompt": PROMPT, "params": LONG})
+        a.send({"op": "abort", "id": "x", "target": "a0"})
+        b.send({"op": "generate", "id": "b0", "prompt": PROMPT, "params": LONG})
+        frames = {}
+        while len(frames) < 2:
+            frame = a.recv()
             frames[frame["id"]] = frame
-    assert frames["a2"]["code"] == "too_many_requests"
-    assert frames["x"]["data"]["target"] == "a0"
-    assert frames["a0"]["finish_reason"] in ("abort", "length") and frames["a1"]["finish_reason"] == "length"
-    assert b.until_finished("b0")["finish_reason"] == "length"  # another connection is not limited by a's count
+        assert frames["a2"]["code"] == "too_many_requests"
+        assert frames["x"]["data"] == {"target": "a0", "aborted": True}
+        gate.release()
+        assert a.until_finished("a0")["finish_reason"] == "abort"
+        assert a.until_finished("a1")["finish_reason"] == "length"
+        assert b.until_finished("b0")["finish_reason"] == "length"  # another connection is not limited by a's count
     a.close(), b.close()
     served.settle()
 
     # Engine-wide bound across connections: three connections fill max_pending, the fourth is overloaded.
     raws = [Raw(served.path) for _ in range(4)]
-    for i, raw in enumerate(raws[:3]):
-        raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": {**LONG, "max_tokens": 10}})
-    while served.stats()["requests_live"] < 3:
-        time.sleep(0.005)
-    raws[3].send({"op": "generate", "id": "g", "prompt": PROMPT, "params": LONG})
-    assert raws[3].recv()["code"] == "overloaded"
-    assert all(raw.until_finished("g")["finish_reason"] == "length" for raw in raws[:3])
+    with ForwardGate(served.engine) as gate:
+        for raw in raws[:3]:
+            raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": LONG})
+        served.wait_for(lambda s: s["requests_live"] == 3)
+        raws[3].send({"op": "generate", "id": "g", "prompt": PROMPT, "params": LONG})
+        assert raws[3].recv()["code"] == "overloaded"
+        gate.release()
+        assert all(raw.until_finished("g")["finish_reason"] == "length" for raw in raws[:3])
     for raw in raws:
         raw.close()
     served.settle()

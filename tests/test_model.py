@@ -11,12 +11,14 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from kvmux.model.forward_batch import ForwardBatch, SeqChunk
-from kvmux.cache.kv_cache import KVCache
-from kvmux.model.loader import load_model
-from kvmux.model import loader as loader_mod
 from tiny_model import make_tiny_model
+
+from kvmux import SamplingParams
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.engine.messages import Chunk, Draw
+from kvmux.model import loader as loader_mod
+from kvmux.model.forward_batch import ForwardBatch
+from kvmux.model.loader import load_model
 
 VARIANTS = {
     "llama-kv1": dict(num_kv_heads=1),
@@ -51,7 +53,12 @@ def random_seqs(lengths, vocab=320, seed=0):
 
 
 def new_cache(model, num_blocks=64, block_size=4, dtype=torch.float32):
-    return KVCache(num_blocks, model.num_layers, model.num_kv_heads, model.head_dim, block_size, dtype)
+    return KVCache(num_blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, block_size, dtype))
+
+
+def chunk(token_ids: list[int], position: int, block_table: list[int], logits: bool = True) -> Chunk:
+    """A chunk whose last logits the forward returns (any draw asks for them) unless logits=False."""
+    return Chunk("s", position, token_ids, block_table, Draw(SamplingParams(), 0, 0) if logits else None)
 
 
 def all_logits(batch: ForwardBatch) -> ForwardBatch:
@@ -76,7 +83,7 @@ def run_incremental(model, cache, seqs, schedules, seed=0):
         for i, (s, sc) in enumerate(zip(seqs, schedules)):
             n = sc[step] if step < len(sc) else 0
             if n:
-                chunks.append(SeqChunk(s[done[i]:done[i] + n], done[i], tables[i]))
+                chunks.append(chunk(s[done[i]:done[i] + n], done[i], tables[i]))
                 owners.append((i, n))
                 done[i] += n
         batch = all_logits(ForwardBatch.build(chunks, bs))
@@ -101,7 +108,7 @@ def test_packed_prefill_matches_hf(model_dirs):
     chunks, start = [], 0
     for s in seqs:
         n = -(-len(s) // 4)
-        chunks.append(SeqChunk(s, 0, list(range(start, start + n))))
+        chunks.append(chunk(s, 0, list(range(start, start + n))))
         start += n
     batch = all_logits(ForwardBatch.build(chunks, 4))
     with torch.inference_mode():
@@ -124,7 +131,7 @@ def test_incremental_matches_hf(model_dirs, variant, backend):
 def test_last_token_logits_only(model_dirs):
     model = load_model(model_dirs["llama-kv2"], progress=False).model
     seqs = random_seqs([6, 3])
-    batch = ForwardBatch.build([SeqChunk(seqs[0], 0, [0, 1]), SeqChunk(seqs[1], 0, [2], want_logits=False)], 4)
+    batch = ForwardBatch.build([chunk(seqs[0], 0, [0, 1]), chunk(seqs[1], 0, [2], logits=False)], 4)
     with torch.inference_mode():
         logits = model(batch, new_cache(model))
     assert logits.shape == (1, 320) and logits.dtype == torch.float32
@@ -153,23 +160,26 @@ def test_bf16_weights_run(model_dirs, backend):
         assert (o - ref).abs().max() < 0.25 * ref.abs().max()
 
 
-def test_copy_blocks_forks_a_sequence(model_dirs):
+def test_block_copy_forks_a_sequence(model_dirs):
     """A fork shares the prompt's full blocks and gets a copy of the partial last one."""
+    from kvmux.cache.tiers import DEVICE, BlockCopy
+    from kvmux.cache.transfer import BlockCopier
+
     model = load_model(model_dirs["llama-kv2"], progress=False).model
     cache = new_cache(model)
     prompt, a, b = random_seqs([6, 1, 1], seed=4)
     with torch.inference_mode():
-        model(ForwardBatch.build([SeqChunk(prompt, 0, [5, 9])], 4), cache)
-        cache.copy_blocks([(9, 3)])
+        model(ForwardBatch.build([chunk(prompt, 0, [5, 9])], 4), cache)
+        BlockCopier([cache.kv], cache.geometry.block_bytes).apply([BlockCopy(DEVICE, 9, DEVICE, 3)])
         torch.testing.assert_close(cache.kv[3], cache.kv[9])
-        out = model(ForwardBatch.build([SeqChunk(a, 6, [5, 9]), SeqChunk(b, 6, [5, 3])], 4), cache)
+        out = model(ForwardBatch.build([chunk(a, 6, [5, 9]), chunk(b, 6, [5, 3])], 4), cache)
     refs = hf_logits(model_dirs["llama-kv2"], [prompt + a, prompt + b])
     torch.testing.assert_close(out[0], refs[0][-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[1], refs[1][-1], atol=1e-4, rtol=1e-4)
 
 
 def test_forward_batch_build():
-    batch = ForwardBatch.build([SeqChunk([1, 2, 3], 2, [7, 4]), SeqChunk([9], 5, [1, 0])], block_size=4)
+    batch = ForwardBatch.build([chunk([1, 2, 3], 2, [7, 4]), chunk([9], 5, [1, 0])], block_size=4)
     assert batch.input_ids.tolist() == [1, 2, 3, 9]
     assert batch.positions.tolist() == [2, 3, 4, 5]
     assert batch.slot_mapping.tolist() == [7 * 4 + 2, 7 * 4 + 3, 4 * 4 + 0, 0 * 4 + 1]
@@ -177,14 +187,14 @@ def test_forward_batch_build():
     assert batch.block_tables.dtype == torch.int32 and batch.block_tables.tolist() == [[7, 4], [1, 0]]
     assert batch.logits_indices.tolist() == [2, 3]
     with pytest.raises(ValueError, match="cannot hold"):
-        ForwardBatch.build([SeqChunk([1, 2, 3], 2, [7])], block_size=4)
+        ForwardBatch.build([chunk([1, 2, 3], 2, [7])], block_size=4)
 
 
 def test_kv_cache_sizing():
-    per_block = KVCache.block_bytes(num_layers=3, num_kv_heads=2, head_dim=8, block_size=16, dtype=torch.bfloat16)
-    assert per_block == 3 * 2 * 2 * 16 * 8 * 2
-    cache = KVCache(10, 3, 2, 8, 16, torch.bfloat16)
-    assert cache.num_blocks == 10 and cache.bytes_per_block == per_block
+    geometry = PoolGeometry(num_layers=3, num_kv_heads=2, head_dim=8, block_size=16, dtype=torch.bfloat16)
+    assert geometry.block_bytes == 3 * 2 * 2 * 16 * 8 * 2
+    cache = KVCache(10, geometry)
+    assert cache.num_blocks == 10 and cache.kv[0].numel() * cache.kv.element_size() == geometry.block_bytes
     assert cache.kv.shape == (10, 3, 2, 2, 16, 8)
 
 
@@ -284,8 +294,8 @@ def test_default_model_matches_hf():
     folder = loader_mod.convert_gguf(loader_mod.default_model_path())
     ids = lm.tokenizer("The capital of France is").input_ids
     model = lm.model
-    cache = KVCache(8, model.num_layers, model.num_kv_heads, model.head_dim, 16)
-    batch = all_logits(ForwardBatch.build([SeqChunk(ids, 0, [3])], 16))
+    cache = new_cache(model, num_blocks=8, block_size=16)
+    batch = all_logits(ForwardBatch.build([chunk(ids, 0, [3])], 16))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():
         ours = model(batch, cache)

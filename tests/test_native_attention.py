@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from bench.attention_cases import LAYER, make_case, expected_pool, reference_f64
-from kvmux.ops import attention
 from kvmux.config import EngineConfig
-from kvmux.ops.cpu_attention import CpuPlan, cpu_paged_attention
+from kvmux.ops import attention
+from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
+from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64
 
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path
@@ -106,7 +106,7 @@ def test_one_call_serves_several_layers_and_threads():
         cache = case.fresh_cache()
         batch.attn_metadata = None
         outs = [cpu_paged_attention(case.q, case.k, case.v, cache, layer, batch, case.scale) for layer in (0, 1)]
-        assert isinstance(batch.attn_metadata, CpuPlan)
+        assert isinstance(batch.attn_metadata, CpuMetadata)
         batch.attn_metadata.num_threads = threads
         outs.append(cpu_paged_attention(case.q, case.k, case.v, cache, 1, batch, case.scale))
         results.append(outs)
@@ -122,7 +122,7 @@ def test_dispatch_by_backend_name():
         batch = case.batch()
         outs[backend] = attention.paged_attention(case.q, case.k, case.v, case.fresh_cache(), LAYER, batch,
                                                   case.scale, backend)
-        want = attention._TorchMetadata if backend == "torch" else CpuPlan  # auto on CPU = native
+        want = attention._TorchMetadata if backend == "torch" else CpuMetadata  # auto on CPU = native
         assert isinstance(batch.attn_metadata, want)
     torch.testing.assert_close(outs["native"], outs["torch"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown attention backend"):

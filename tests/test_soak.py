@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.soak import SoakConfig, run
 from tiny_model import make_tiny_model
+
+from bench.soak import SoakConfig, run
 
 
 def test_short_soak(tmp_path):

@@ -5,14 +5,13 @@ import random
 
 import pytest
 import torch
-
 from engine_helpers import assert_no_leaks, greedy
+
 from kvmux import Engine
 from kvmux._native import BlockAllocator, OutOfBlocks
 from kvmux.cache.block_manager import BlockManager
-from kvmux.cache.transfer import Swapper, _runs
-from kvmux.cache.tiers import DEVICE, DISK, HOST
-from tiny_model import make_tiny_model
+from kvmux.cache.tiers import DEVICE, DISK, HOST, BlockCopy
+from kvmux.cache.transfer import BlockCopier, _runs
 
 BS = 4
 
@@ -59,10 +58,20 @@ def test_eviction_log_names_reclaimed_cached_blocks():
 
 # -- the copy queue ----------------------------------------------------------
 
-def test_runs_split_when_a_block_is_written_twice():
-    ops = [(DEVICE, 1, HOST, 0), (DEVICE, 2, HOST, 1), (DEVICE, 3, HOST, 0), (HOST, 0, DISK, 0)]
-    assert list(_runs(ops)) == [((DEVICE, HOST), [1, 2], [0, 1]), ((DEVICE, HOST), [3], [0]),
-                                ((HOST, DISK), [0], [0])]
+def test_runs_split_when_a_block_is_written_twice_or_read_after_a_write():
+    copies = [BlockCopy(DEVICE, 1, HOST, 0), BlockCopy(DEVICE, 2, HOST, 1), BlockCopy(DEVICE, 3, HOST, 0),
+              BlockCopy(HOST, 0, DISK, 0), BlockCopy(DEVICE, 4, DEVICE, 5), BlockCopy(DEVICE, 6, DEVICE, 7),
+              BlockCopy(DEVICE, 5, DEVICE, 6)]
+    assert list(_runs(copies)) == [((DEVICE, HOST), [1, 2], [0, 1]), ((DEVICE, HOST), [3], [0]),
+                                   ((HOST, DISK), [0], [0]), ((DEVICE, DEVICE), [4, 6], [5, 7]),
+                                   ((DEVICE, DEVICE), [5], [6])]
+
+
+def test_copier_applies_copy_on_write_in_queue_order():
+    pool = torch.arange(8.0).view(8, 1)
+    BlockCopier([pool], 4).apply([BlockCopy(DEVICE, 1, DEVICE, 2), BlockCopy(DEVICE, 2, DEVICE, 3),
+                                  BlockCopy(DEVICE, 0, DEVICE, 1)])
+    assert pool.view(-1).tolist() == [0, 0, 1, 1, 4, 5, 6, 7]
 
 
 def value(digest: int) -> float:
@@ -80,11 +89,11 @@ def check_contents(bm: BlockManager, pools: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize("caching", [True, False])
 def test_random_workload_keeps_every_tier_consistent(caching):
     """Sequences come and go, run and swap, over small pools; the simulated forward writes each
-    full block's hash as its contents, the swapper applies the queued copies like the runner."""
+    full block's hash as its contents, the copier applies the queued copies like the runner."""
     rng = random.Random(0)
     bm = BlockManager(10, BS, enable_prefix_caching=caching, num_host_blocks=8, num_disk_blocks=6)
     pools = [torch.full((n, 1), -1.0) for n in (10, 8, 6)]
-    swapper = Swapper(pools)
+    copier = BlockCopier(pools, 4)
     stems = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     live, swapped = [], []
     for step in range(300):
@@ -111,11 +120,11 @@ def test_random_workload_keeps_every_tier_consistent(caching):
         elif action < 0.85 and live:
             sid = rng.choice(live)
             if bm.blocks_needed_to_append(sid, 1) <= bm.num_free:
-                assert bm.append_slots(sid, [rng.randrange(50)]) == []
+                bm.append_slots(sid, [rng.randrange(50)])
         elif live:
             bm.free(live.pop(rng.randrange(len(live))))
         # The forward: queued copies first, then the new KV of every live sequence.
-        swapper.apply(bm.take_swap_ops())
+        copier.apply(bm.take_copies())
         for sid in live:
             seq = bm._seqs[sid]
             hashes = bm._hash_full_blocks(seq, seq.num_tokens // BS)
@@ -152,17 +161,12 @@ def test_demotion_chain_queues_the_deepest_copy_first():
         bm.mark_computed(sid, BS + 1)
         bm.free(sid)
     # a's block went to the host; b's pushed it on to the disk.
-    ops = bm.take_swap_ops()
-    assert [(s, d) for s, _, d, _ in ops] == [(DEVICE, HOST), (HOST, DISK), (DEVICE, HOST)]
+    copies = bm.take_copies()
+    assert [(c.src_tier, c.dst_tier) for c in copies] == [(DEVICE, HOST), (HOST, DISK), (DEVICE, HOST)]
     assert bm.tiers.disk.num_cached == 1 and bm.tiers.host.num_cached == 1
 
 
 # -- engine ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiers") / "m", num_kv_heads=2))
-
 
 def test_prefix_comes_back_from_disk_with_identical_outputs(tiny, tmp_path):
     rng = random.Random(3)

@@ -12,11 +12,14 @@ tokens shares it instead of computing it again. Only full blocks are ever
 cached, and a full block is never written again, so a shared cached block is
 read-only by construction.
 
-Tiers (kvmux/tiers.py): cached blocks the device pool reclaims move down to a
-host pool and then a disk pool instead of being dropped, and a prefix lookup
-goes on down there; a preempted sequence can be swapped out to the host pool
-(`swap_out`) and back (`swap_in`) with its block table rebuilt. The copies
-this implies are queued (`take_swap_ops`) for the runner to apply before the
+Tiers (kvmux/cache/tiers.py): cached blocks the device pool reclaims move down
+to a host pool and then a disk pool instead of being dropped, and a prefix
+lookup goes on down there; a preempted sequence can be swapped out to the host
+pool (`swap_out`) and back (`swap_in`) with its block table rebuilt.
+
+Nothing here moves bytes: every copy a decision implies -- copy-on-write,
+swap, demotion, promotion -- joins one queue of `BlockCopy`s, in the order the
+copies must run, which the runner takes (`take_copies`) and applies before the
 next forward.
 """
 
@@ -28,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.cache.tiers import Op, Tiers
+from kvmux.cache.tiers import DEVICE, BlockCopy, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -90,7 +93,9 @@ class BlockManager:
         self.prefix_hit_tokens = 0  # of those, tokens whose KV was found there
         # Hashes of prompt blocks some live sequence is computing right now -> how many.
         self._pending: Counter[int] = Counter()
-        self.tiers = Tiers(self._alloc, num_host_blocks, num_disk_blocks, keep_prefixes=enable_prefix_caching)
+        self._copies: list[BlockCopy] = []
+        self.tiers = Tiers(self._alloc, num_host_blocks, num_disk_blocks, keep_prefixes=enable_prefix_caching,
+                           copies=self._copies)
         self._swapped: dict[str, _Seq] = {}  # swapped-out sequences; their `blocks` are host blocks
         self.prefix_hit_blocks = [0, 0, 0]  # prefix cache hits found on the device, host, disk
 
@@ -106,9 +111,6 @@ class BlockManager:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return -(-num_tokens // self.block_size)
-
-    def can_allocate(self, num_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_for(num_tokens) + reserve <= self._alloc.num_free
 
     def _lookup_hashes(self, token_ids: Sequence[int]) -> list[int]:
         """Hashes a new sequence may match: full blocks, but never the one holding the last token.
@@ -179,7 +181,7 @@ class BlockManager:
             # False means another block already holds this content; this copy
             # simply stays private and returns to the plain free list.
             self._alloc.register_block(seq.blocks[i], seq.hashes[i])
-        self._settle(seq, full)
+        self._end_pending(seq, full)
         seq.num_registered = full
 
     def _hash_full_blocks(self, seq: _Seq, full: int) -> list[int]:
@@ -190,7 +192,7 @@ class BlockManager:
             seq.hashes += block_hashes(parent, seq.token_ids[done:full * self.block_size], self.block_size)
         return seq.hashes[:full]
 
-    def _settle(self, seq: _Seq, end: int) -> None:
+    def _end_pending(self, seq: _Seq, end: int) -> None:
         """Blocks below `end` are no longer being computed by seq (done, or the sequence is gone)."""
         for i in range(seq.num_registered, min(end, seq.pending_end)):
             self._pending[seq.hashes[i]] -= 1
@@ -209,32 +211,26 @@ class BlockManager:
         grow = self.blocks_for(seq.num_tokens + n) - len(seq.blocks)
         return grow + self._cow_needed(seq)
 
-    def append_slots(self, seq_id: str, token_ids: Sequence[int]) -> list[tuple[int, int]]:
-        """Grow a sequence by len(token_ids) slots.
-
-        Returns the (src_block, dst_block) copies the caller must apply to the
-        KV pool before writing the new tokens.
-        """
+    def append_slots(self, seq_id: str, token_ids: Sequence[int]) -> None:
+        """Grow a sequence by len(token_ids) slots; a shared, partly filled last block is copied first (queued)."""
         seq = self._get(seq_id)
         n = len(token_ids)
         if n == 0:
-            return []
+            return
         cow = self._cow_needed(seq)
         grow = self.blocks_for(seq.num_tokens + n) - len(seq.blocks)
         # One all-or-nothing allocation covers both the copy and the growth, so
         # running out of blocks leaves the sequence untouched.
         fresh = self._alloc.allocate_n(grow + cow)
-        self.tiers.settle()
-        copies = []
+        self.tiers.demote_reclaimed()
         if cow:
             src, dst = seq.blocks[-1], fresh.pop()
             self._alloc.decref(src)  # other owners still hold it
             seq.blocks[-1] = dst
-            copies.append((src, dst))
+            self._copies.append(BlockCopy(DEVICE, src, DEVICE, dst))
         seq.blocks.extend(fresh)
         seq.num_tokens += n
         seq.token_ids.extend(token_ids)
-        return copies
 
     def fork(self, parent_id: str, child_id: str) -> None:
         parent = self._get(parent_id)
@@ -250,7 +246,7 @@ class BlockManager:
         # longer prefix needs, stays reachable longest.
         seq = self._get(seq_id)
         self._alloc.free_blocks(seq.blocks[::-1])
-        self._settle(seq, seq.pending_end)
+        self._end_pending(seq, seq.pending_end)
         del self._seqs[seq_id]
 
     # -- swapping ---------------------------------------------------------
@@ -270,12 +266,6 @@ class BlockManager:
         self.free(seq_id)
         self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, hashes)
         return True
-
-    def swap_in_cost(self, seq_id: str) -> int:
-        """Free device blocks swap_in(seq_id) takes (fewer than its blocks when some are still cached)."""
-        seq = self._swapped[seq_id]
-        hashes = self._device_hashes(seq)
-        return self._alloc.acquire_cost(hashes, len(seq.blocks) - len(hashes))
 
     def swap_in(self, seq_id: str) -> None:
         """Bring a swapped-out sequence back into device blocks (OutOfBlocks, nothing done, if they are lacking)."""
@@ -299,13 +289,11 @@ class BlockManager:
     def num_swapped_blocks(self, seq_id: str) -> int:
         return len(self._swapped[seq_id].blocks)
 
-    def take_swap_ops(self) -> list[Op]:
-        """Copies between tiers decided since the last call, in the order they must run (before the next forward)."""
-        return self.tiers.take_ops()
-
-    def evict_cached(self, n: int) -> int:
-        """Forget up to n least recently used cached free blocks; returns how many."""
-        return self._alloc.evict(n)
+    def take_copies(self) -> list[BlockCopy]:
+        """Block copies decided since the last call, in the order they must run (before the next forward)."""
+        copies = list(self._copies)
+        self._copies.clear()  # the list itself is shared with the tiers
+        return copies
 
     def cache_stats(self) -> dict:
         queries, hits = self.prefix_query_tokens, self.prefix_hit_tokens
@@ -313,7 +301,6 @@ class BlockManager:
         return {
             **self.tiers.stats(),
             "prefix_cache_hits_device": device, "prefix_cache_hits_host": host, "prefix_cache_hits_disk": disk,
-            "prefix_caching": self.enable_prefix_caching,
             "prefix_cache_queries": queries,  # prompt tokens looked up
             "prefix_cache_hits": hits,  # of those, tokens served from the cache
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
@@ -333,26 +320,6 @@ class BlockManager:
 
     def num_tokens(self, seq_id: str) -> int:
         return self._get(seq_id).num_tokens
-
-    def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
-        """Pool slots of token positions [start, end)."""
-        seq = self._get(seq_id)
-        if not 0 <= start <= end <= seq.num_tokens:
-            raise ValueError(
-                f"positions [{start}, {end}) outside sequence {seq_id!r} of {seq.num_tokens} tokens"
-            )
-        bs = self.block_size
-        slots: list[int] = []
-        pos = start
-        # One range per block instead of a divmod per token: prefill chunks
-        # map thousands of positions at once.
-        while pos < end:
-            idx, off = divmod(pos, bs)
-            take = min(bs - off, end - pos)
-            base = seq.blocks[idx] * bs + off
-            slots.extend(range(base, base + take))
-            pos += take
-        return slots
 
     def kv_waste(self) -> float:
         """Fraction of slots in in-use blocks that hold no token (shared blocks counted once)."""

@@ -1,8 +1,34 @@
-"""The KV pool: one block-major tensor shared by every sequence."""
+"""The KV pool: one block-major tensor shared by every sequence, and the shape of one block."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float16 only where the CUDA kernels read it
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """The shape of one KV block across all layers: every tier (device, host, disk) stores blocks of it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
 
 
 class KVCache:
@@ -12,23 +38,15 @@ class KVCache:
     region: copy-on-write and host swaps are then one copy per block.
     """
 
-    def __init__(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"KV cache dtype must be float32 or bfloat16, got {dtype}")
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+    def __init__(self, num_blocks: int, geometry: PoolGeometry, device: torch.device | str = "cpu") -> None:
+        if geometry.dtype not in POOL_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {POOL_DTYPES}, got {geometry.dtype}")
+        if num_blocks < 1 or geometry.block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {geometry.block_size}")
+        self.geometry = geometry
         # Zeroed, not empty: attention multiplies masked-out slots by a zero
         # weight, and 0 * NaN from uninitialised memory would poison the output.
-        self.kv = torch.zeros(num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim,
-                              dtype=dtype, device=device)
-
-    @staticmethod
-    def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                    dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_layers * 2 * num_kv_heads * block_size * head_dim * itemsize
+        self.kv = torch.zeros(num_blocks, *geometry.block_shape, dtype=geometry.dtype, device=device)
 
     @property
     def num_blocks(self) -> int:
@@ -36,19 +54,19 @@ class KVCache:
 
     @property
     def num_layers(self) -> int:
-        return self.kv.shape[1]
+        return self.geometry.num_layers
 
     @property
     def num_kv_heads(self) -> int:
-        return self.kv.shape[3]
+        return self.geometry.num_kv_heads
 
     @property
     def block_size(self) -> int:
-        return self.kv.shape[4]
+        return self.geometry.block_size
 
     @property
     def head_dim(self) -> int:
-        return self.kv.shape[5]
+        return self.geometry.head_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,17 +75,3 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.kv.device
-
-    @property
-    def bytes_per_block(self) -> int:
-        return self.kv[0].numel() * self.kv.element_size()
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy each src block onto its dst block, all layers (copy-on-write)."""
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.kv.device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=self.kv.device)
-        # The gather on the right materialises before the scatter, so a block
-        # that is both a source and a destination reads its old contents.
-        self.kv[dst] = self.kv[src]

@@ -14,51 +14,57 @@ block stays cached below too, so evicting it again costs no copy):
   there. Full blocks are acquired by hash, so a block several sequences share
   is stored on the host once; the partly filled last block is private.
 
-Nothing here moves bytes. Each decision appends (src_tier, src_block,
-dst_tier, dst_block) to `ops`, in the order the copies must run: a copy out of
-a reclaimed block is queued before anything that writes into it. The decode
+Nothing here moves bytes. Each decision appends a `BlockCopy` to the block
+manager's one copy queue, in the order the copies must run: a copy out of a
+reclaimed block is queued before anything that writes into it. The decode
 step hands the queue to the runner, which applies it on the forward thread
-before the forward (kvmux/swap.py). Until then no forward runs, so no block
-is written before its old contents are copied out.
+before the forward (kvmux/cache/transfer.py). Until then no forward runs, so
+no block is written before its old contents are copied out.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from kvmux._native import BlockAllocator
 
 DEVICE, HOST, DISK = 0, 1, 2
 
-Op = tuple[int, int, int, int]  # (src_tier, src_block, dst_tier, dst_block)
+
+class BlockCopy(NamedTuple):
+    """Copy one block's KV across all layers: copy-on-write, a swap, a demotion or a promotion."""
+
+    src_tier: int
+    src: int
+    dst_tier: int
+    dst: int
 
 
 class Tiers:
     def __init__(self, device: BlockAllocator, num_host_blocks: int, num_disk_blocks: int,
-                 keep_prefixes: bool) -> None:
-        """keep_prefixes: prefix caching is on, so cold cached blocks go down the tiers instead of away."""
+                 keep_prefixes: bool, copies: list[BlockCopy]) -> None:
+        """keep_prefixes: prefix caching is on, so cold cached blocks go down the tiers instead of away.
+        copies: the queue every copy this decides is appended to."""
         self.device = device
         self.host = BlockAllocator(num_host_blocks)
         self.disk = BlockAllocator(num_disk_blocks)
         self.keep_prefixes = keep_prefixes
         device.record_evictions = keep_prefixes and num_host_blocks > 0
         self.host.record_evictions = keep_prefixes and num_disk_blocks > 0
-        self.ops: list[Op] = []
+        self.copies = copies
         self.blocks_swapped_out = 0  # copied device -> host for preempted sequences
         self.blocks_swapped_in = 0  # copied host -> device when they come back
         self.blocks_deduplicated = 0  # swapped out without a copy: the host already held that content
         self.demoted = [0, 0, 0]  # cached blocks copied down into each tier
         self.dropped = 0  # cached blocks forgotten because the tier below had no room (or no tier below)
 
-    def take_ops(self) -> list[Op]:
-        ops, self.ops = self.ops, []
-        return ops
-
     # -- the prefix tier ------------------------------------------------------
 
-    def settle(self) -> None:
+    def demote_reclaimed(self) -> None:
         """Demote the cached device blocks the last device allocation reclaimed. Call after every one."""
         for block, digest in self.device.take_evicted():
             self._demote(DEVICE, block, digest)
 
-    def _settle_host(self) -> None:
+    def _demote_reclaimed_host(self) -> None:
         for block, digest in self.host.take_evicted():
             self._demote(HOST, block, digest)
 
@@ -71,9 +77,9 @@ class Tiers:
         if tier == DEVICE:
             # Taking that host block may reclaim a colder one: its copy to disk
             # must be queued before ours overwrites it.
-            self._settle_host()
+            self._demote_reclaimed_host()
         if not already:
-            self.ops.append((tier, block, dst_tier, dst))
+            self.copies.append(BlockCopy(tier, block, dst_tier, dst))
             self.demoted[dst_tier] += 1
         lower.free_blocks([dst])  # cached and unheld: the tier's LRU keeps it
 
@@ -81,12 +87,12 @@ class Tiers:
         """Fill fresh device blocks with the leading run of `hashes` found on the host, then on disk.
 
         `fresh[i]` is the device block just allocated for `hashes[i]` (a
-        device cache miss). Settles the device allocation. Returns how many
+        device cache miss). Demotes what the device allocation reclaimed. Returns how many
         came from the host and from the disk; those are registered on the
         device at once, since their copies run before any forward reads them.
         """
         if not (self.keep_prefixes and hashes):
-            self.settle()
+            self.demote_reclaimed()
             return 0, 0
         n_host = len(self.host.lookup(hashes))
         n_disk = len(self.disk.lookup(hashes[n_host:]))
@@ -94,10 +100,10 @@ class Tiers:
         # takes host and disk blocks, and must never take these.
         held_host, _ = self.host.acquire(hashes[:n_host])
         held_disk, _ = self.disk.acquire(hashes[n_host:n_host + n_disk])
-        self.settle()
+        self.demote_reclaimed()
         sources = [(HOST, b) for b in held_host] + [(DISK, b) for b in held_disk]
         for (tier, src), dst, digest in zip(sources, fresh, hashes):
-            self.ops.append((tier, src, DEVICE, dst))
+            self.copies.append(BlockCopy(tier, src, DEVICE, dst))
             self.device.register_block(dst, digest)
         self.host.free_blocks(held_host)
         self.disk.free_blocks(held_disk)
@@ -115,22 +121,22 @@ class Tiers:
         if self.host.acquire_cost(hashes, n_plain) > self.host.num_free:
             return None
         host_blocks, hits = self.host.acquire(hashes, n_plain)
-        self._settle_host()
+        self._demote_reclaimed_host()
         for i, (src, dst) in enumerate(zip(device_blocks, host_blocks)):
             if i < len(hits) and hits[i]:
                 self.blocks_deduplicated += 1
             else:
-                self.ops.append((DEVICE, src, HOST, dst))
+                self.copies.append(BlockCopy(DEVICE, src, HOST, dst))
                 self.blocks_swapped_out += 1
         return host_blocks
 
     def swap_in(self, host_blocks: list[int], device_blocks: list[int], device_hits: list[bool]) -> None:
         """Queue the copies back into freshly acquired device blocks (the device's cache hits need none)
         and let go of the host blocks."""
-        self.settle()
+        self.demote_reclaimed()
         for i, (src, dst) in enumerate(zip(host_blocks, device_blocks)):
             if not (i < len(device_hits) and device_hits[i]):
-                self.ops.append((HOST, src, DEVICE, dst))
+                self.copies.append(BlockCopy(HOST, src, DEVICE, dst))
                 self.blocks_swapped_in += 1
         self.release(host_blocks)
 

@@ -1,17 +1,17 @@
-"""Moving KV blocks between tiers: the device pool, a host pool and a disk pool.
+"""Moving KV blocks within and between tiers: the device pool, a host pool and a disk pool.
 
-Each tier is a tensor `[blocks, num_layers, 2, num_kv_heads, block_size,
-head_dim]`, the per-block shape of the device pool, so a block is one
+Each tier is a tensor `[blocks, *PoolGeometry.block_shape]`, so a block is one
 contiguous region and moving it is one copy. The host pool is pinned when the
 device is CUDA; the disk pool is a memory-mapped file.
 
-A swapper applies the queue of copies the block manager decided (kvmux/tiers.py)
-on the forward thread, in order, before the forward:
+A copier applies the block manager's queue of copies (copy-on-write, swaps,
+demotions, promotions; kvmux/cache/tiers.py) on the forward thread, in order,
+before the forward:
 
-- `Swapper` does plain torch copies. On CPU that is all there is to it: the
-  forward starts after the copies, so all copy time is waiting time.
-- `CudaSwapper` issues them on a dedicated CuPy stream (async copies from and
-  to pinned memory), records an event after each batch, and makes the
+- `BlockCopier` does plain torch copies. On CPU that is all there is to it:
+  the forward starts after the copies, so all copy time is waiting time.
+- `CudaBlockCopier` issues them on a dedicated CuPy stream (async copies from
+  and to pinned memory), records an event after each batch, and makes the
   forward's stream wait only on the events of the device blocks that forward
   touches; copies of other blocks overlap the forward.
 """
@@ -25,14 +25,15 @@ import time
 import numpy as np
 import torch
 
-from kvmux.cache.tiers import DEVICE, DISK, Op
+from kvmux.cache.kv_cache import PoolGeometry
+from kvmux.cache.tiers import DEVICE, DISK, BlockCopy
 
 log = logging.getLogger("kvmux")
 
 
-def host_pool(kv: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def host_pool(geometry: PoolGeometry, num_blocks: int, pinned: bool) -> torch.Tensor:
     """Uninitialised (a block is read only after a copy wrote it); pinned for async copies from a GPU."""
-    return torch.empty((num_blocks, *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
+    return torch.empty((num_blocks, *geometry.block_shape), dtype=geometry.dtype, pin_memory=pinned)
 
 
 class DiskPool:
@@ -42,14 +43,13 @@ class DiskPool:
     hashes are only meaningful to the allocator that registered them.
     """
 
-    def __init__(self, kv: torch.Tensor, num_blocks: int, folder: str) -> None:
+    def __init__(self, geometry: PoolGeometry, num_blocks: int, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, self.path = tempfile.mkstemp(prefix="kvmux-kv-", suffix=".bin", dir=folder)
         os.close(fd)
-        block_bytes = kv[0].numel() * kv.element_size()
         # numpy has no bfloat16: map bytes and reinterpret them in torch.
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_blocks * block_bytes,))
-        self.tensor = torch.from_numpy(self._map).view(kv.dtype).view(num_blocks, *kv.shape[1:])
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_blocks * geometry.block_bytes,))
+        self.tensor = torch.from_numpy(self._map).view(geometry.dtype).view(num_blocks, *geometry.block_shape)
 
     def close(self) -> None:
         """Delete the file; the mapping goes when the last tensor viewing it does."""
@@ -57,11 +57,12 @@ class DiskPool:
         os.unlink(self.path)
 
 
-def _runs(ops: list[Op]):
-    """Consecutive copies between the same two tiers, batched; a block written twice starts a new batch."""
+def _runs(copies: list[BlockCopy]):
+    """Consecutive copies between the same two tiers, batched. A batch reads all its sources before it writes,
+    so a copy out of a block written earlier in the batch, or into one written already, starts a new one."""
     run_key, src, dst = None, [], []
-    for src_tier, s, dst_tier, d in ops:
-        if (src_tier, dst_tier) != run_key or d in dst:
+    for src_tier, s, dst_tier, d in copies:
+        if (src_tier, dst_tier) != run_key or d in dst or (src_tier == dst_tier and s in dst):
             if src:
                 yield run_key, src, dst
             run_key, src, dst = (src_tier, dst_tier), [], []
@@ -71,29 +72,28 @@ def _runs(ops: list[Op]):
         yield run_key, src, dst
 
 
-class Swapper:
+class BlockCopier:
     # Copy bandwidth assumed until one is measured (bytes/s): a conservative memcpy.
     PRIOR_BYTES_PER_S = 4e9
 
-    def __init__(self, pools: list[torch.Tensor | None]) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int) -> None:
         """pools[tier]: the device pool, the host pool, the disk pool (None where that tier is absent)."""
         self.pools = pools
-        kv = pools[DEVICE]
-        self.block_bytes = kv[0].numel() * kv.element_size()
+        self.block_bytes = block_bytes
         self.bytes_moved = 0
         self.copy_seconds = 0.0  # time spent copying
         self.wait_seconds = 0.0  # of that, time the forward waited for it
 
-    def apply(self, ops: list[Op]) -> None:
-        if not ops:
+    def apply(self, copies: list[BlockCopy]) -> None:
+        if not copies:
             return
         started = time.perf_counter()
-        for (src_tier, dst_tier), src, dst in _runs(ops):
+        for (src_tier, dst_tier), src, dst in _runs(copies):
             source, target = self.pools[src_tier], self.pools[dst_tier]
             rows = source[torch.tensor(src, device=source.device)]
             target[torch.tensor(dst, device=target.device)] = rows.to(target.device)
         elapsed = time.perf_counter() - started
-        self.bytes_moved += len(ops) * self.block_bytes
+        self.bytes_moved += len(copies) * self.block_bytes
         self.copy_seconds += elapsed
         self.wait_seconds += elapsed
 
@@ -108,30 +108,30 @@ class Swapper:
         return measured or self.PRIOR_BYTES_PER_S
 
     def stats(self) -> dict:
-        return {"swap_bytes": self.bytes_moved, "swap_seconds": self.copy_seconds,
-                "swap_wait_seconds": self.wait_seconds}
+        return {"block_copy_bytes": self.bytes_moved, "block_copy_seconds": self.copy_seconds,
+                "block_copy_wait_seconds": self.wait_seconds}
 
 
-class CudaSwapper(Swapper):
+class CudaBlockCopier(BlockCopier):
     """Copies on a dedicated CuPy stream, ordered against the forward by events.
 
     The copies of one step run in queue order on one stream, after the
     previous forward (they may read blocks it wrote). A forward waits only on
     the last event of each device block it touches. Disk copies go through
     pageable memory touched by the CPU, so they drain the stream first and
-    run synchronously. swap_wait_seconds is the time the forward's stream
-    stalled on swap events (measured with events around the waits), so
-    1 - swap_wait_seconds / swap_seconds is the share of copy time hidden
-    behind compute.
+    run synchronously. block_copy_wait_seconds is the time the forward's
+    stream stalled on copy events (measured with events around the waits), so
+    1 - block_copy_wait_seconds / block_copy_seconds is the share of copy time
+    hidden behind compute.
     """
 
     PRIOR_BYTES_PER_S = 2e10  # pinned PCIe 4 transfers
     _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 
-    def __init__(self, pools: list[torch.Tensor | None]) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int) -> None:
         import cupy  # only ever imported when the device is CUDA
 
-        super().__init__(pools)
+        super().__init__(pools, block_bytes)
         self.cp = cupy
         self.device = pools[DEVICE].device
         with cupy.cuda.Device(self.device.index or 0):
@@ -146,8 +146,8 @@ class CudaSwapper(Swapper):
     def _ptr(self, tier: int, block: int) -> int:
         return self.pools[tier].data_ptr() + block * self.block_bytes
 
-    def apply(self, ops: list[Op]) -> None:
-        if not ops:
+    def apply(self, copies: list[BlockCopy]) -> None:
+        if not copies:
             return
         cp = self.cp
         with cp.cuda.Device(self.device.index or 0):
@@ -155,7 +155,7 @@ class CudaSwapper(Swapper):
                 self.stream.wait_event(self.forward_done)
             start = cp.cuda.Event()
             start.record(self.stream)
-            for src_tier, src, dst_tier, dst in ops:
+            for src_tier, src, dst_tier, dst in copies:
                 if DISK in (src_tier, dst_tier):
                     self.stream.synchronize()
                 if DEVICE in (src_tier, dst_tier):
@@ -167,12 +167,12 @@ class CudaSwapper(Swapper):
                     self.stream.synchronize()
             end = cp.cuda.Event()
             end.record(self.stream)
-        for src_tier, src, dst_tier, dst in ops:
+        for src_tier, src, dst_tier, dst in copies:
             for tier, block in ((src_tier, src), (dst_tier, dst)):
                 if tier == DEVICE:
                     self.pending[block] = end
         self.timings.append(("copy", start, end))
-        self.bytes_moved += len(ops) * self.block_bytes
+        self.bytes_moved += len(copies) * self.block_bytes
         self._collect()
 
     def before_forward(self, blocks: set[int]) -> None:
@@ -211,10 +211,10 @@ class CudaSwapper(Swapper):
         self.timings = left
 
 
-def make_swapper(pools: list[torch.Tensor | None]) -> Swapper:
+def make_copier(pools: list[torch.Tensor | None], block_bytes: int) -> BlockCopier:
     if pools[DEVICE].is_cuda:
         try:
-            return CudaSwapper(pools)
+            return CudaBlockCopier(pools, block_bytes)
         except ImportError:
-            log.warning("CuPy is not installed: swap copies run synchronously on the forward's stream")
-    return Swapper(pools)
+            log.warning("CuPy is not installed: block copies run synchronously on the forward's stream")
+    return BlockCopier(pools, block_bytes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvmux.engine import messages as schema
+from kvmux.engine import messages
 
 log = logging.getLogger("kvmux")
 
@@ -16,13 +16,13 @@ class Actor:
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
 
     def send(self, message) -> None:
-        self.inbox.put_nowait(schema.encode(message))
+        self.inbox.put_nowait(messages.encode(message))
 
     async def receive(self):
-        return schema.decode(await self.inbox.get())
+        return messages.decode(await self.inbox.get())
 
     def receive_nowait(self):
-        return schema.decode(self.inbox.get_nowait())
+        return messages.decode(self.inbox.get_nowait())
 
     async def run(self) -> None:
         """Handle messages one at a time until Shutdown.
@@ -32,7 +32,7 @@ class Actor:
         """
         while True:
             message = await self.receive()
-            if isinstance(message, schema.Shutdown):
+            if isinstance(message, messages.Shutdown):
                 return
             try:
                 await self.handle(message)

@@ -1,10 +1,11 @@
 """Admission: validates and tokenizes requests, enforces limits, applies backpressure, routes aborts."""
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
-from kvmux.engine import messages as schema
+from kvmux.engine import messages
 from kvmux.engine.actor import Actor
 from kvmux.engine.detokenize import initial_offsets
 
@@ -23,42 +24,46 @@ class Limits:
 class Admission(Actor):
     name = "admission"
 
-    def __init__(self, tokenizer, limits: Limits, prefill: Actor, decode: Actor, engine) -> None:
+    def __init__(self, tokenizer, limits: Limits, prefill: Actor, decode: Actor, router: Actor) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.limits = limits
         self.prefill = prefill
         self.decode = decode
-        self.engine = engine
-        self.live: set[str] = set()
+        self.router = router
+        self.live: dict[str, int] = {}  # request id -> serial of the admitted, unfinished request of that id
+        self.serials = itertools.count()
         self.admitted = 0
         self.rejected = 0
 
     async def handle(self, message) -> None:
-        if isinstance(message, schema.Submit):
+        if isinstance(message, messages.Submit):
             self._submit(message)
-        elif isinstance(message, schema.Abort):
+        elif isinstance(message, messages.Abort):
             # The request is with prefill or with decode, or moving between them;
             # both hear of it, and whichever holds it (now or later) ends it.
-            if message.request_id in self.live:
-                self.prefill.send(message)
-                self.decode.send(message)
-        elif isinstance(message, schema.Finished):
-            self.live.difference_update(message.request_ids)
-        elif isinstance(message, schema.StatsQuery):
-            self.engine.send(schema.StatsReply(message.query_id, self.name, {
+            serial = self.live.get(message.request_id)
+            if serial is not None:
+                abort = messages.Abort(message.request_id, serial, message.error)
+                self.prefill.send(abort)
+                self.decode.send(abort)
+        elif isinstance(message, messages.Finished):
+            for request_id in message.request_ids:
+                self.live.pop(request_id, None)
+        elif isinstance(message, messages.StatsQuery):
+            self.router.send(messages.StatsReply(message.query_id, self.name, {
                 "requests_admitted": self.admitted, "requests_rejected": self.rejected, "requests_live": len(self.live),
             }))
 
     def on_error(self, message, exc: Exception) -> None:
-        if isinstance(message, schema.Submit):
+        if isinstance(message, messages.Submit):
             self._reject(message.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def _reject(self, request_id: str, code: str, text: str) -> None:
         self.rejected += 1
-        self.engine.send(schema.Rejected(request_id, code, text))
+        self.router.send(messages.Rejected(request_id, code, text))
 
-    def _submit(self, sub: schema.Submit) -> None:
+    def _submit(self, sub: messages.Submit) -> None:
         if sub.request_id in self.live:
             return self._reject(sub.request_id, "duplicate_request_id", f"request id {sub.request_id!r} is already in flight")
         if len(self.live) >= self.limits.max_pending:
@@ -81,15 +86,15 @@ class Admission(Actor):
             return self._reject(sub.request_id, "prompt_too_long", problem)
         seed = sub.params.seed if sub.params.seed is not None else random.getrandbits(63)
         prefix_offset, read_offset = initial_offsets(len(prompt_ids))
-        self.live.add(sub.request_id)
+        serial = self.live[sub.request_id] = next(self.serials)
         self.admitted += 1
-        self.prefill.send(schema.Admitted(schema.SeqState(
-            request_id=sub.request_id, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=sub.params,
+        self.prefill.send(messages.Admitted(messages.SeqState(
+            request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=sub.params,
             seed=seed, arrival=sub.arrival, priority=sub.priority,
             prefix_offset=prefix_offset, read_offset=read_offset,
         )))
 
-    def _tokenize(self, sub: schema.Submit) -> list[int]:
+    def _tokenize(self, sub: messages.Submit) -> list[int]:
         if sub.chat is not None:
             text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -19,21 +19,20 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import replace
 
-from kvmux.engine import messages as schema
-from kvmux.engine.actor import Actor, log
-from kvmux.engine.prefill import ended
-from kvmux.engine.tombstones import Tombstones
 from kvmux.cache.block_manager import BlockManager
+from kvmux.engine import messages
+from kvmux.engine.actor import Actor, log
 from kvmux.engine.detokenize import detokenize_step
-from kvmux.engine.runner import Runner, SeqWork, StepWork
-from kvmux.sampling import sample_seed
+from kvmux.engine.runner import Runner, StepWork
+from kvmux.engine.sampler import sample_seed
+from kvmux.engine.tombstones import Tombstones
 
 
 class Decode(Actor):
     name = "decode"
 
     def __init__(self, blocks: BlockManager, runner: Runner, executor: Executor, tokenizer, eos_ids: set[int],
-                 max_num_batched_tokens: int, prefill: Actor, eviction: Actor, engine) -> None:
+                 max_num_batched_tokens: int, prefill: Actor, eviction: Actor, router: Actor) -> None:
         super().__init__()
         self.blocks = blocks
         self.runner = runner
@@ -43,13 +42,14 @@ class Decode(Actor):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill = prefill
         self.eviction = eviction
-        self.engine = engine
-        self.running: dict[str, schema.SeqState] = {}  # by seq_id: each parallel sample runs on its own
+        self.router = router
+        self.running: dict[str, messages.SeqState] = {}  # by seq_id: each parallel sample runs on its own
         self.prefill_ready = False
         self.stopping = False
         self.tombstones = Tombstones()
         self.step = 0
-        self.plan: schema.StepPlan | None = None  # this step's plan from prefill, while the step runs
+        self.plan: messages.StepPlan | None = None  # this step's plan from prefill, while the step runs
+        self.deferred: list = []  # messages that arrived during the forward, handled after the step
         # Statistics.
         self.output_tokens = 0
         self.forward_seconds = 0.0
@@ -65,6 +65,9 @@ class Decode(Actor):
 
     async def run(self) -> None:
         while True:
+            for message in self.deferred:  # those that arrived during the last forward, in order
+                self._dispatch(message)
+            self.deferred.clear()
             if not self.running and not self.prefill_ready and not self.swapped_out:
                 self._dispatch(await self.receive())
             while not self.inbox.empty():
@@ -82,18 +85,38 @@ class Decode(Actor):
     # -- messages ----------------------------------------------------------
 
     def _dispatch(self, message) -> None:
-        if isinstance(message, schema.WorkAvailable):
+        if isinstance(message, messages.WorkAvailable):
             self.prefill_ready = True
-        elif isinstance(message, schema.Abort):
-            self._abort(message.request_id, message.error)
+        elif isinstance(message, messages.Abort):
+            self._abort(message.serial, message.error)
             if self.swapped_out:  # a sample of it may be swapped out
                 self.eviction.send(message)
-        elif isinstance(message, schema.StatsQuery):
-            self.engine.send(schema.StatsReply(message.query_id, self.name, self._stats()))
-        elif isinstance(message, schema.Shutdown):
+        elif isinstance(message, messages.StatsQuery):
+            self.router.send(messages.StatsReply(message.query_id, self.name, self._stats()))
+        elif isinstance(message, messages.Shutdown):
             self.stopping = True
         else:
             log.warning("decode ignored an unexpected %s", type(message).__name__)
+
+    async def _await_forward(self, forward: asyncio.Future) -> list[int]:
+        """The forward's sampled tokens. Statistics queries are answered meanwhile, so `stats()` never waits
+        for a step; every other message is deferred to the step's end, when the state it acts on is settled."""
+        getter = None
+        try:
+            while not forward.done():
+                getter = asyncio.ensure_future(self.inbox.get())
+                await asyncio.wait((forward, getter), return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    break  # the forward is done; the queued message stays in the inbox
+                message = messages.decode(getter.result())
+                if isinstance(message, messages.StatsQuery):
+                    self._dispatch(message)
+                else:
+                    self.deferred.append(message)
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+        return forward.result()
 
     async def _reply(self, kind: type, step: int):
         """Wait for the answer to this step's request, serving other messages meanwhile."""
@@ -103,16 +126,16 @@ class Decode(Actor):
                 return message
             self._dispatch(message)
 
-    def _abort(self, request_id: str, error: str | None) -> None:
-        held = [seq for seq in self.running.values() if seq.request_id == request_id]
+    def _abort(self, serial: int, error: str | None) -> None:
+        held = [seq for seq in self.running.values() if seq.serial == serial]
         # Another sample of it may be on its way here from prefill.
         if not held or any(s.params.n > 1 for s in held):
-            self.tombstones.add(request_id, error)
+            self.tombstones.add(serial, error)
         for seq in held:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
         if held:
-            self.engine.send(schema.StepOutputs([out for seq in held for out in ended(seq, error)]))
+            self.router.send(messages.StepOutputs([out for seq in held for out in seq.ended(error)]))
 
     # -- the step ----------------------------------------------------------
 
@@ -122,20 +145,21 @@ class Decode(Actor):
         step = self.step
         reserve = await self._make_room(step)
 
-        self.prefill.send(schema.StepRequest(step, self.max_num_batched_tokens - len(self.running),
+        self.prefill.send(messages.StepRequest(step, self.max_num_batched_tokens - len(self.running),
                                              len(self.running), reserve + self.swapped_blocks))
-        plan = self.plan = await self._reply(schema.StepPlan, step)
+        plan = self.plan = await self._reply(messages.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
         work, sampled, computed = self._build(plan)
-        if not work.seqs and not self.running and self.swapped_out:
+        if not work.chunks and not self.running and self.swapped_out:
             await asyncio.sleep(0.001)  # waiting for swapped sequences to fit: do not spin
-        if work.seqs:
-            work.swaps = self.blocks.take_swap_ops()
-            self.tokens_forwarded += sum(len(s.token_ids) for s in work.seqs)
+        if work.chunks:
+            work.copies = self.blocks.take_copies()
+            self.tokens_forwarded += sum(len(c.token_ids) for c in work.chunks)
             try:
                 t0 = time.perf_counter()
-                tokens = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.execute, work)
+                tokens = await self._await_forward(
+                    asyncio.get_running_loop().run_in_executor(self.executor, self.runner.execute, work))
                 self.forward_seconds += time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a failed forward fails its batch, not the engine
                 log.exception("forward failed at step %d", step)
@@ -151,7 +175,7 @@ class Decode(Actor):
                     outputs += self._fork(seq, tokens)
                 outputs.append(self._advance_or_fail(seq, token))
         if outputs:
-            self.engine.send(schema.StepOutputs(outputs))
+            self.router.send(messages.StepOutputs(outputs))
         now = time.perf_counter()
         self.step_seconds += now - started
         self.recent.append((now, len(sampled)))
@@ -168,20 +192,20 @@ class Decode(Actor):
             if short <= 0 and (asked_back or not self.swapped_out):
                 return need
             asked_back |= short <= 0
-            candidates = [schema.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)),
+            candidates = [messages.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)),
                                            self.blocks.num_tokens(sid))
                           for sid, s in self.running.items()]
             per_token = self.forward_seconds / self.tokens_forwarded if self.tokens_forwarded else 0.0
-            self.eviction.send(schema.Pressure(step, short, candidates, per_token, self.runner.swapper.bytes_per_s()))
-            order = await self._reply(schema.PreemptOrder, step)
+            self.eviction.send(messages.Pressure(step, short, candidates, per_token, self.runner.copier.bytes_per_s()))
+            order = await self._reply(messages.PreemptOrder, step)
             self.swapped_out, self.swapped_blocks = order.num_swapped, order.swapped_blocks
             self._swap_in(order.swap_in)
             if short > 0:
                 asked_back = True  # nothing comes back in the step that had to preempt
-                modes = dict(zip(order.victims, order.modes))
-                victims = [v for v in order.victims if v in self.running] or [next(reversed(self.running))]
-                for seq_id in victims:
-                    self._preempt(seq_id, modes.get(seq_id, "recompute"))
+                preemptions = [p for p in order.preemptions if p.seq_id in self.running] \
+                    or [messages.Preemption(next(reversed(self.running)), "recompute")]
+                for p in preemptions:
+                    self._preempt(p.seq_id, p.mode)
 
     def _preempt(self, seq_id: str, mode: str) -> None:
         seq = self.running.pop(seq_id)
@@ -191,77 +215,80 @@ class Decode(Actor):
             self.preemptions_swap += 1
             self.swapped_out += 1
             self.swapped_blocks += num_blocks + 1
-            self.eviction.send(schema.Swapped(seq, num_blocks))
+            self.eviction.send(messages.Swapped(seq, num_blocks))
             return
         # Recompute (or the host pool is full). With prefix caching its
         # computed blocks stay cached, so the recompute mostly hits them.
         self.preemptions_recompute += 1
         self.blocks.free(seq_id)
-        self.prefill.send(schema.Requeue(seq))
+        self.prefill.send(messages.Requeue(seq))
 
-    def _swap_in(self, seqs: list[schema.SeqState]) -> None:
+    def _swap_in(self, seqs: list[messages.SeqState]) -> None:
         outputs = []
         for seq in seqs:
-            aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
+            aborted, error = self.tombstones.take(seq.serial, keep=seq.params.n > 1)
             if aborted:
                 self.blocks.drop_swapped(seq.seq_id)
-                outputs += ended(seq, error)
+                outputs += seq.ended(error)
                 continue
             try:
                 self.blocks.swap_in(seq.seq_id)
             except Exception as exc:  # noqa: BLE001 - eviction misjudged the room: it stays swapped out
                 log.warning("swapping %s back in failed (%s); it waits", seq.seq_id, exc)
                 self.swapped_out += 1
-                self.eviction.send(schema.Swapped(seq, self.blocks.num_swapped_blocks(seq.seq_id)))
+                self.eviction.send(messages.Swapped(seq, self.blocks.num_swapped_blocks(seq.seq_id)))
                 continue
             self.running[seq.seq_id] = seq
         if outputs:
-            self.engine.send(schema.StepOutputs(outputs))
+            self.router.send(messages.StepOutputs(outputs))
 
-    def _drop_aborted(self, plan: schema.StepPlan) -> list[schema.SeqOutput]:
+    def _drop_aborted(self, plan: messages.StepPlan) -> list[messages.SeqOutput]:
         """End hand-offs whose abort overtook them; their chunks are not computed."""
         outputs = []
         for seq in list(plan.handoffs):
-            aborted, error = self.tombstones.take(seq.request_id, keep=seq.params.n > 1)
+            aborted, error = self.tombstones.take(seq.serial, keep=seq.params.n > 1)
             if aborted:
                 self.blocks.free(seq.seq_id)
                 plan.handoffs.remove(seq)
                 plan.chunks = [c for c in plan.chunks if c.seq_id != seq.seq_id]
-                outputs += ended(seq, error)
+                outputs += seq.ended(error)
         return outputs
 
-    def _build(self, plan: schema.StepPlan) -> tuple[StepWork, list[schema.SeqState], list[tuple[str, int]]]:
-        """The forward's inputs, the sequences that get a token sampled (in logits order),
+    def _build(self, plan: messages.StepPlan) -> tuple[StepWork, list[messages.SeqState], list[tuple[str, int]]]:
+        """The forward's chunks, the sequences that get a token sampled (in logits order),
         and (seq_id, tokens whose KV exists after the forward) for the prefix cache."""
-        seqs: list[SeqWork] = []
-        sampled: list[schema.SeqState] = []
+        chunks: list[messages.Chunk] = []
+        sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
-        copies: list[tuple[int, int]] = []
         for sid, seq in self.running.items():
             last = seq.token_ids[-1]
-            copies += self.blocks.append_slots(sid, [last])
-            seqs.append(self._seq_work(seq, [last], len(seq.token_ids) - 1))
+            self.blocks.append_slots(sid, [last])
+            chunks.append(self._sampled_chunk(seq, messages.Chunk(sid, len(seq.token_ids) - 1, [last])))
             sampled.append(seq)
             computed.append((sid, len(seq.token_ids)))
         finishing = {s.seq_id: s for s in plan.handoffs}
         for chunk in plan.chunks:
             seq = finishing.get(chunk.seq_id)
             if seq is None:
-                seqs.append(SeqWork(chunk.token_ids, chunk.start, self.blocks.block_table(chunk.seq_id)))
+                if not self.blocks.has(chunk.seq_id):
+                    continue  # aborted in prefill since it planned the chunk: its blocks are gone
+                chunks.append(chunk)
             else:
-                seqs.append(self._seq_work(seq, chunk.token_ids, chunk.start))
+                chunks.append(self._sampled_chunk(seq, chunk))
                 sampled.append(seq)
                 self.running[seq.seq_id] = seq
-            computed.append((chunk.seq_id, chunk.start + len(chunk.token_ids)))
-        return StepWork(seqs, copies), sampled, computed
+            computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
+        return StepWork(chunks), sampled, computed
 
-    def _seq_work(self, seq: schema.SeqState, token_ids: list[int], start: int) -> SeqWork:
-        # An unforked sample 0 draws the first tokens of all n samples from its logits.
+    def _sampled_chunk(self, seq: messages.SeqState, chunk: messages.Chunk) -> messages.Chunk:
+        """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first
+        tokens of all n samples from its logits."""
         forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
-        return SeqWork(token_ids, start, self.blocks.block_table(seq.seq_id),
-                       params=seq.params, seed=seq.seed, step=seq.num_output_tokens, fork_seeds=forks)
+        chunk.block_table = self.blocks.block_table(seq.seq_id)
+        chunk.draw = messages.Draw(seq.params, seq.seed, seq.num_output_tokens, forks)
+        return chunk
 
-    def _fork(self, seq: schema.SeqState, tokens) -> list[schema.SeqOutput]:
+    def _fork(self, seq: messages.SeqState, tokens) -> list[messages.SeqOutput]:
         """Start samples 1..n-1 of a request: each shares every prompt block of sample 0.
 
         Called before sample 0 takes its own first token, so the samples share
@@ -276,25 +303,25 @@ class Decode(Actor):
             outputs.append(self._advance_or_fail(child, next(tokens)))
         return outputs
 
-    def _fail_batch(self, plan: schema.StepPlan | None, error: str) -> None:
+    def _fail_batch(self, plan: messages.StepPlan | None, error: str) -> None:
         """End every sequence of the step with an error: running ones, hand-offs, and (through prefill) the rest."""
         outputs = []
         for sid in list(self.running):
             seq = self.running.pop(sid)
             self.blocks.free(sid)
-            outputs += ended(seq, error)
+            outputs += seq.ended(error)
         handoffs = plan.handoffs if plan else []
         for seq in handoffs:  # those not yet moved into running
             if self.blocks.has(seq.seq_id):
                 self.blocks.free(seq.seq_id)
-                outputs += ended(seq, error)
-        self.engine.send(schema.StepOutputs(outputs))
+                outputs += seq.ended(error)
+        self.router.send(messages.StepOutputs(outputs))
         finishing = {s.seq_id for s in handoffs}
-        for chunk in plan.chunks if plan else []:
-            if chunk.seq_id not in finishing:
-                self.prefill.send(schema.Abort(chunk.request_id, error))
+        unfinished = [c.seq_id for c in plan.chunks if c.seq_id not in finishing] if plan else []
+        if unfinished:
+            self.prefill.send(messages.StepFailed(plan.step, unfinished, error))
 
-    def _advance_or_fail(self, seq: schema.SeqState, token: int) -> schema.SeqOutput:
+    def _advance_or_fail(self, seq: messages.SeqState, token: int) -> messages.SeqOutput:
         """_advance, but a failure there (the tokenizer raising, say) ends only this sequence."""
         try:
             return self._advance(seq, token)
@@ -303,10 +330,10 @@ class Decode(Actor):
             if self.running.pop(seq.seq_id, None) is not None:
                 self.blocks.free(seq.seq_id)
             error = f"{type(exc).__name__}: {exc}"
-            return schema.SeqOutput(seq.request_id, [], "", "error", seq.num_prompt_tokens, seq.num_output_tokens,
-                                    error=error, index=seq.index)
+            return messages.SeqOutput(seq.request_id, [], "", "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                                      error=error, index=seq.index)
 
-    def _advance(self, seq: schema.SeqState, token: int) -> schema.SeqOutput:
+    def _advance(self, seq: messages.SeqState, token: int) -> messages.SeqOutput:
         """Append a sampled token; detokenize; decide whether the sequence is done."""
         params = seq.params
         seq.token_ids.append(token)
@@ -337,7 +364,7 @@ class Decode(Actor):
         if finish:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
-        return schema.SeqOutput(seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens,
+        return messages.SeqOutput(seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens,
                                 index=seq.index)
 
     def _stats(self) -> dict:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmux.engine import messages as schema
-from kvmux.engine.actor import Actor
-from kvmux.engine.prefill import ended
 from kvmux.cache.block_manager import BlockManager
+from kvmux.engine import messages
+from kvmux.engine.actor import Actor
 
 
 @dataclass
@@ -25,7 +24,7 @@ class Policy:
     block_bytes: int  # bytes of one block across all layers: one swap copy
 
 
-def choose_victims(candidates: list[schema.Candidate], blocks_short: int) -> list[schema.Candidate]:
+def choose_victims(candidates: list[messages.Candidate], blocks_short: int) -> list[messages.Candidate]:
     """Lowest priority first, then latest arrival, until enough blocks would be released.
 
     The newest request has made the least progress, so setting it back costs
@@ -41,8 +40,8 @@ def choose_victims(candidates: list[schema.Candidate], blocks_short: int) -> lis
     return victims
 
 
-def choose_mode(policy: Policy, cand: schema.Candidate, host_free: int, seconds_per_token: float,
-                swap_bytes_per_s: float) -> str:
+def choose_mode(policy: Policy, cand: messages.Candidate, host_free: int, seconds_per_token: float,
+                copy_bytes_per_s: float) -> str:
     """swap or recompute: `auto` swaps when copying the blocks out and back is cheaper than prefilling the tokens again.
 
     The recompute estimate counts every token, though blocks still cached on
@@ -54,7 +53,7 @@ def choose_mode(policy: Policy, cand: schema.Candidate, host_free: int, seconds_
         return "recompute"
     if policy.mode == "swap":
         return "swap"
-    swap_s = 2 * cand.num_blocks * policy.block_bytes / max(swap_bytes_per_s, 1.0)
+    swap_s = 2 * cand.num_blocks * policy.block_bytes / max(copy_bytes_per_s, 1.0)
     recompute_s = cand.num_tokens * seconds_per_token
     return "swap" if swap_s <= recompute_s else "recompute"
 
@@ -62,52 +61,49 @@ def choose_mode(policy: Policy, cand: schema.Candidate, host_free: int, seconds_
 class Eviction(Actor):
     name = "eviction"
 
-    def __init__(self, blocks: BlockManager, policy: Policy, decode: Actor | None, engine) -> None:
+    def __init__(self, blocks: BlockManager, policy: Policy, router: Actor) -> None:
         super().__init__()
         self.blocks = blocks
         self.policy = policy
-        self.decode = decode
-        self.engine = engine
+        self.decode: Actor | None = None  # wired by the engine (the two actors talk both ways)
+        self.router = router
         # Swapped out, by seq_id: the sequence and the device blocks it needs to come back.
-        self.swapped: dict[str, tuple[schema.SeqState, int]] = {}
+        self.swapped: dict[str, tuple[messages.SeqState, int]] = {}
         self.swap_ins = 0
-        self.recent_victims: list[str] = []  # seq ids of the latest victims, newest last (bounded)
 
     async def handle(self, message) -> None:
-        if isinstance(message, schema.Pressure):
+        if isinstance(message, messages.Pressure):
             self.decode.send(self._order(message))
-        elif isinstance(message, schema.Swapped):
+        elif isinstance(message, messages.Swapped):
             self.swapped[message.seq.seq_id] = (message.seq, message.num_blocks)
-        elif isinstance(message, schema.Abort):
-            self._abort(message.request_id, message.error)
-        elif isinstance(message, schema.StatsQuery):
-            self.engine.send(schema.StatsReply(message.query_id, self.name, {
-                "swapped": len(self.swapped), "swap_ins": self.swap_ins, "preemption_mode": self.policy.mode,
+        elif isinstance(message, messages.Abort):
+            self._abort(message.serial, message.error)
+        elif isinstance(message, messages.StatsQuery):
+            self.router.send(messages.StatsReply(message.query_id, self.name, {
+                "swapped": len(self.swapped), "swap_ins": self.swap_ins,
             }))
 
     def on_error(self, message, exc: Exception) -> None:
         # Decode waits for an answer to every Pressure; an empty order makes it
         # preempt its newest sequence itself (by recompute) rather than hang.
-        if isinstance(message, schema.Pressure):
-            self.decode.send(schema.PreemptOrder(message.step, [], num_swapped=len(self.swapped),
-                                                 swapped_blocks=self._swapped_blocks()))
+        if isinstance(message, messages.Pressure):
+            self.decode.send(messages.PreemptOrder(message.step, num_swapped=len(self.swapped),
+                                                   swapped_blocks=self._swapped_blocks()))
 
-    def _order(self, p: schema.Pressure) -> schema.PreemptOrder:
-        victims, modes, back = [], [], []
+    def _order(self, p: messages.Pressure) -> messages.PreemptOrder:
+        preemptions, back = [], []
         if p.blocks_short > 0:
             host_free = self.blocks.tiers.host.num_free
             for cand in choose_victims(p.candidates, p.blocks_short + self.policy.low_blocks):
-                mode = choose_mode(self.policy, cand, host_free, p.seconds_per_token, p.swap_bytes_per_s)
+                mode = choose_mode(self.policy, cand, host_free, p.seconds_per_token, p.copy_bytes_per_s)
                 host_free -= cand.num_blocks if mode == "swap" else 0
-                victims.append(cand.request_id)
-                modes.append(mode)
-            self.recent_victims = (self.recent_victims + victims)[-1000:]
+                preemptions.append(messages.Preemption(cand.seq_id, mode))
         else:
             back = self._swap_ins(-p.blocks_short, bool(p.candidates))
-        return schema.PreemptOrder(p.step, victims, modes, back, num_swapped=len(self.swapped),
-                                   swapped_blocks=self._swapped_blocks())
+        return messages.PreemptOrder(p.step, preemptions, back, num_swapped=len(self.swapped),
+                                     swapped_blocks=self._swapped_blocks())
 
-    def _swap_ins(self, spare: int, running: bool) -> list[schema.SeqState]:
+    def _swap_ins(self, spare: int, running: bool) -> list[messages.SeqState]:
         """Highest priority, then earliest arrival first, while each fits above the high watermark.
 
         Stops at the first that does not fit, so a large sequence is not
@@ -131,12 +127,12 @@ class Eviction(Actor):
     def _swapped_blocks(self) -> int:
         return sum(n + 1 for _, n in self.swapped.values())
 
-    def _abort(self, request_id: str, error: str | None) -> None:
+    def _abort(self, serial: int, error: str | None) -> None:
         # Decode forwards aborts here while it has sequences swapped out; a
         # sequence already sent back is ended by decode's tombstone instead.
-        held = [seq for seq, _ in self.swapped.values() if seq.request_id == request_id]
+        held = [seq for seq, _ in self.swapped.values() if seq.serial == serial]
         for seq in held:
             del self.swapped[seq.seq_id]
             self.blocks.drop_swapped(seq.seq_id)
         if held:
-            self.engine.send(schema.StepOutputs([out for seq in held for out in ended(seq, error)]))
+            self.router.send(messages.StepOutputs([out for seq in held for out in seq.ended(error)]))

@@ -23,6 +23,10 @@ class SeqState:
     """
 
     request_id: str
+    # Unique per admitted request for the engine's whole life, unlike a request
+    # id, which may be reused once its request has ended: aborts and tombstones
+    # name requests by it.
+    serial: int
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
@@ -38,7 +42,7 @@ class SeqState:
     num_preemptions: int = 0
     # Which of the request's params.n parallel samples this is. Sample 0 is
     # the one admitted; the others are forked from it once its prompt is
-    # computed, each with its own seed (see sampling.sample_seed).
+    # computed, each with its own seed (see sampler.sample_seed).
     index: int = 0
 
     @property
@@ -59,6 +63,13 @@ class SeqState:
         """A sample 0 that has not sampled yet: the other samples do not exist, it stands for all of them."""
         return self.index == 0 and self.num_output_tokens == 0 and self.params.n > 1
 
+    def ended(self, error: str | None) -> list[SeqOutput]:
+        """Final outputs of this sequence ended early (aborted, or failed with `error`): one per sample it
+        stands for (all n while unforked)."""
+        indices = range(self.params.n) if self.unforked else [self.index]
+        return [SeqOutput(self.request_id, [], "", "error" if error else "abort", self.num_prompt_tokens,
+                          self.num_output_tokens, error=error, index=i) for i in indices]
+
 
 # engine -> admission
 @dataclass
@@ -76,9 +87,14 @@ class Submit:
 
 @dataclass
 class Abort:
-    """Cancel a request; with an error set, it ends with finish reason "error"."""
+    """Cancel a request; with an error set, it ends with finish reason "error".
+
+    From the engine to admission it names the request by id; admission adds
+    the serial of the live request of that id before passing it on.
+    """
 
     request_id: str
+    serial: int = -1
     error: str | None = None
 
 
@@ -99,6 +115,15 @@ class WorkAvailable:
     pass
 
 
+# decode -> prefill: the forward of that step failed; the sequences whose chunks were in it
+# and that prefill still holds end with the error
+@dataclass
+class StepFailed:
+    step: int
+    seq_ids: list[str]
+    error: str
+
+
 # decode -> prefill, once per step: how many prompt tokens this step can take
 @dataclass
 class StepRequest:
@@ -109,11 +134,31 @@ class StepRequest:
 
 
 @dataclass
+class Draw:
+    """How the token after a chunk is sampled from its logits."""
+
+    params: SamplingParams
+    seed: int
+    step: int  # output tokens so far: which token of the sequence is drawn (its random stream)
+    # Seeds of further parallel samples that draw their first token from these
+    # same logits (the prompt is computed once for all n samples).
+    fork_seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Chunk:
+    """A sequence's share of one step: new tokens from `position` on.
+
+    The one type from prefill's plan through the runner into the forward
+    batch: prefill plans the tokens, decode adds the block table and, when the
+    chunk's last logits are sampled, the draw.
+    """
+
     seq_id: str
-    request_id: str
-    start: int  # position of the chunk's first token
+    position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
     token_ids: list[int]
+    block_table: list[int] = field(default_factory=list)
+    draw: Draw | None = None
 
 
 @dataclass
@@ -130,7 +175,7 @@ class StepPlan:
 # swapped out (blocks_short <= 0: may some come back?)
 @dataclass
 class Candidate:
-    request_id: str  # the sequence's seq_id: samples of one request are preempted one by one
+    seq_id: str  # samples of one request are preempted one by one
     arrival: float
     priority: int
     num_blocks: int
@@ -143,16 +188,21 @@ class Pressure:
     blocks_short: int
     candidates: list[Candidate]
     # Cost estimates for the auto policy, measured by decode: forward seconds
-    # per token fed, and the swapper's copy bandwidth.
+    # per token fed, and the block copier's bandwidth.
     seconds_per_token: float = 0.0
-    swap_bytes_per_s: float = 0.0
+    copy_bytes_per_s: float = 0.0
+
+
+@dataclass
+class Preemption:
+    seq_id: str
+    mode: str  # "swap" or "recompute"
 
 
 @dataclass
 class PreemptOrder:
     step: int
-    victims: list[str]
-    modes: list[str] = field(default_factory=list)  # per victim: "swap" or "recompute"
+    preemptions: list[Preemption] = field(default_factory=list)
     swap_in: list[SeqState] = field(default_factory=list)  # swapped-out sequences to bring back now
     num_swapped: int = 0  # sequences still swapped out after this order
     swapped_blocks: int = 0  # device blocks they need to come back: prefill keeps them free
@@ -215,8 +265,8 @@ class Shutdown:
 
 
 _CLASSES = {cls.__name__: cls for cls in (
-    SamplingParams, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Chunk,
-    StepPlan, Candidate, Pressure, PreemptOrder, Swapped, SeqOutput, StepOutputs, Finished, Rejected,
+    SamplingParams, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Draw, Chunk,
+    StepFailed, StepPlan, Candidate, Pressure, Preemption, PreemptOrder, Swapped, SeqOutput, StepOutputs, Finished, Rejected,
     StatsQuery, StatsReply, Shutdown,
 )}
 _FIELDS = {cls: [f.name for f in fields(cls)] for cls in _CLASSES.values()}

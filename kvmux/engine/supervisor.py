@@ -14,67 +14,24 @@ from dataclasses import asdict, replace
 
 import torch
 
-from kvmux.engine import messages as schema
+from kvmux.cache.block_manager import BlockManager
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.cache.transfer import DiskPool, host_pool, make_copier
+from kvmux.config import EngineConfig
+from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
-from kvmux.engine.actor import Actor
 from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
-from kvmux.cache.block_manager import BlockManager
-from kvmux.config import EngineConfig
-from kvmux.cache.kv_cache import KVCache
+from kvmux.engine.router import Router
+from kvmux.engine.runner import Runner
 from kvmux.model.loader import LoadedModel, load_model
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
-from kvmux.engine.runner import Runner
-from kvmux.sampling import SamplingParams
-from kvmux.cache.transfer import DiskPool, host_pool, make_swapper
+from kvmux.sampling import SamplingParams, num_samples
 
 log = logging.getLogger("kvmux")
 
 Prompt = str | list[int] | list[dict]
-
-
-class Router(Actor):
-    """The engine's own inbox: delivers outputs to each request's stream and answers statistics queries."""
-
-    name = "router"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.streams: dict[str, asyncio.Queue] = {}
-        self.samples_left: dict[str, int] = {}  # request id -> parallel samples not yet finished
-        self.queries: dict[int, tuple[asyncio.Future, dict, set]] = {}  # id -> (result, merged, actors yet to reply)
-        self.admission: Actor | None = None
-
-    async def handle(self, message) -> None:
-        if isinstance(message, schema.StepOutputs):
-            finished = []
-            for out in message.outputs:
-                # A request ends when the last of its n samples does.
-                if out.finish_reason is not None:
-                    left = self.samples_left.pop(out.request_id, 1) - 1
-                    if left > 0:
-                        self.samples_left[out.request_id] = left
-                    else:
-                        finished.append(out.request_id)
-                stream = self.streams.get(out.request_id)
-                if stream is not None:
-                    stream.put_nowait(RequestOutput(
-                        out.request_id, out.token_ids, out.text, out.finish_reason is not None, out.finish_reason,
-                        out.num_prompt_tokens, out.num_output_tokens, out.error, out.index))
-            if finished:
-                self.admission.send(schema.Finished(finished))
-        elif isinstance(message, schema.Rejected):
-            self.samples_left.pop(message.request_id, None)
-            stream = self.streams.get(message.request_id)
-            if stream is not None:
-                stream.put_nowait(RequestRejected(message.code, message.message))
-        elif isinstance(message, schema.StatsReply):
-            future, merged, pending = self.queries[message.query_id]
-            merged.update(message.stats)
-            pending.discard(message.actor)
-            if not pending and not future.done():
-                future.set_result(merged)
 
 
 class Engine:
@@ -115,43 +72,43 @@ class Engine:
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        shape = (hf.num_hidden_layers, hf.num_key_value_heads, head_dim, cfg.block_size, dtype, cfg.device)
+        geometry = PoolGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, cfg.block_size, dtype)
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             # The budget, but no more than every seat holding a full-length
             # sequence could use: a small model should not zero a gigabyte it never touches.
-            per_block = KVCache.block_bytes(*shape[:-1])
             usable = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
-            num_blocks = min(int(cfg.kv_cache_gib * 2**30) // per_block, usable)
+            num_blocks = min(int(cfg.kv_cache_gib * 2**30) // geometry.block_bytes, usable)
             if num_blocks < 1:
-                raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block ({per_block} bytes)")
-        self.kv_cache = KVCache(num_blocks, *shape)
-        pools = self._tier_pools()
+                raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block "
+                                 f"({geometry.block_bytes} bytes)")
+        self.kv_cache = KVCache(num_blocks, geometry, cfg.device)
+        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else \
+            int(cfg.host_cache_gib * 2**30) // geometry.block_bytes
+        num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
+        self.disk_pool = DiskPool(geometry, num_disk, cfg.disk_cache_dir) if num_disk else None
+        pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
+                 self.disk_pool and self.disk_pool.tensor]
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
-        self.blocks = BlockManager(self.kv_cache.num_blocks, cfg.block_size,
-                                   enable_prefix_caching=cfg.enable_prefix_caching,
+        self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
                                    cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode(),
-                                   num_host_blocks=pools[1].shape[0],
-                                   num_disk_blocks=0 if pools[2] is None else pools[2].shape[0])
-        self.swapper = make_swapper(pools)
+                                   num_host_blocks=num_host, num_disk_blocks=num_disk)
+        self.copier = make_copier(pools, geometry.block_bytes)
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
+        low = int(cfg.watermark * num_blocks)
         self.router = Router()
-        self.prefill = Prefill(self.blocks, cfg.max_num_seqs,
-                               watermark_blocks=int(cfg.watermark * self.blocks.num_blocks), engine=self.router)
-        low = int(cfg.watermark * self.blocks.num_blocks)
-        policy = Policy(cfg.preemption_mode, low_blocks=low,
-                        high_blocks=max(low, int(cfg.high_watermark * self.blocks.num_blocks)),
-                        block_bytes=self.kv_cache.bytes_per_block)
-        self.eviction = Eviction(self.blocks, policy, decode=None, engine=self.router)
-        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache, self.swapper), self.executor,
-                             tokenizer,
-                             eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
-                             prefill=self.prefill, eviction=self.eviction, engine=self.router)
+        self.prefill = Prefill(self.blocks, cfg.max_num_seqs, watermark_blocks=low, router=self.router)
+        policy = Policy(cfg.preemption_mode, low_blocks=low, high_blocks=max(low, int(cfg.high_watermark * num_blocks)),
+                        block_bytes=geometry.block_bytes)
+        self.eviction = Eviction(self.blocks, policy, router=self.router)
+        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache, self.copier), self.executor,
+                             tokenizer, eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
+                             prefill=self.prefill, eviction=self.eviction, router=self.router)
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
-        limits = Limits(max_model_len=max_model_len, pool_tokens=self.blocks.num_blocks * cfg.block_size,
+        limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,
                         block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=hf.vocab_size,
                         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit)
         self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router)
@@ -161,15 +118,6 @@ class Engine:
         for task in self._tasks:
             task.add_done_callback(self._supervise)
         self._started_at = time.monotonic()
-
-    def _tier_pools(self) -> list:
-        """The device pool and, below it, the host pool and the disk pool (None without a disk folder)."""
-        cfg, kv = self.config, self.kv_cache.kv
-        per_block = self.kv_cache.bytes_per_block
-        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else int(cfg.host_cache_gib * 2**30) // per_block
-        num_disk = int(cfg.disk_cache_gib * 2**30) // per_block if cfg.disk_cache_dir else 0
-        self.disk_pool = DiskPool(kv, num_disk, cfg.disk_cache_dir) if num_disk else None
-        return [kv, host_pool(kv, num_host), self.disk_pool and self.disk_pool.tensor]
 
     def _supervise(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -184,14 +132,14 @@ class Engine:
         for request_id in list(self.router.streams):
             await self.abort(request_id)
         for actor in self._actors + [self.router]:
-            actor.send(schema.Shutdown())
+            actor.send(messages.Shutdown())
         await asyncio.wait(self._tasks, timeout=30)
         for task in self._tasks:
             task.cancel()
         self._tasks = []
         self.executor.shutdown(wait=True)
         if self.disk_pool is not None:  # no copy can touch the disk tier any more
-            self.swapper.pools[2] = None
+            self.copier.pools[2] = None
             self.disk_pool.close()
             self.disk_pool = None
 
@@ -219,10 +167,8 @@ class Engine:
         text, ids, chat = split_prompt(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self.router.streams[request_id] = stream
-        # An invalid n is rejected by admission; until then count it as one sample.
-        samples = params.n if isinstance(params.n, int) and params.n >= 1 else 1
-        self.router.samples_left[request_id] = samples
-        self.admission.send(schema.Submit(request_id, text, ids, chat, replace(params), priority, time.monotonic()))
+        samples = self.router.samples_left[request_id] = num_samples(params.n)
+        self.admission.send(messages.Submit(request_id, text, ids, chat, replace(params), priority, time.monotonic()))
         finished = False
         try:
             while not finished:
@@ -236,7 +182,7 @@ class Engine:
         finally:
             del self.router.streams[request_id]
             if not finished:
-                self.admission.send(schema.Abort(request_id))
+                self.admission.send(messages.Abort(request_id))
 
     async def complete(self, prompt: Prompt, params: SamplingParams | None = None, **kw) -> Completion:
         """Run a request to the end and return its whole output (all n samples in `.samples`)."""
@@ -247,7 +193,7 @@ class Engine:
         return result
 
     async def abort(self, request_id: str) -> None:
-        self.admission.send(schema.Abort(request_id))
+        self.admission.send(messages.Abort(request_id))
 
     async def stats(self) -> dict:
         """Counters from every actor plus the state of the KV pool."""
@@ -255,7 +201,7 @@ class Engine:
         future = asyncio.get_running_loop().create_future()
         self.router.queries[query_id] = (future, {}, {a.name for a in self._actors})
         for actor in self._actors:
-            actor.send(schema.StatsQuery(query_id))
+            actor.send(messages.StatsQuery(query_id))
         try:
             merged = await asyncio.wait_for(future, timeout=30)
         finally:
@@ -263,7 +209,7 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
-            **self.swapper.stats(),
+            **self.copier.stats(),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged

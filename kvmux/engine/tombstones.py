@@ -5,25 +5,27 @@ from collections import OrderedDict
 
 
 class Tombstones:
-    """Request ids aborted while not held here.
+    """Serials of requests aborted while not held here.
 
     An abort may overtake its request (a preempted sequence on its way back to
-    prefill, a hand-off on its way to decode); the id is remembered so the
-    request is ended on arrival. Bounded: ids whose request had already
-    finished would otherwise pile up.
+    prefill, a hand-off on its way to decode); the serial is remembered so the
+    request is ended on arrival. Serials are never reused, so a tombstone left
+    by a request that was held elsewhere can never end a later request that
+    reuses its id. Bounded: tombstones of requests that had already been ended
+    elsewhere would otherwise pile up.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
-        self._ids: OrderedDict[str, str | None] = OrderedDict()
+        self._serials: OrderedDict[int, str | None] = OrderedDict()
         self._capacity = capacity
 
-    def add(self, request_id: str, error: str | None) -> None:
-        self._ids[request_id] = error
-        if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
+    def add(self, serial: int, error: str | None) -> None:
+        self._serials[serial] = error
+        if len(self._serials) > self._capacity:
+            self._serials.popitem(last=False)
 
-    def take(self, request_id: str, keep: bool = False) -> tuple[bool, str | None]:
-        """Whether request_id was aborted (and its error). keep: more samples of it may still arrive."""
-        if request_id in self._ids:
-            return True, self._ids[request_id] if keep else self._ids.pop(request_id)
+    def take(self, serial: int, keep: bool = False) -> tuple[bool, str | None]:
+        """Whether the request was aborted (and its error). keep: more samples of it may still arrive."""
+        if serial in self._serials:
+            return True, self._serials[serial] if keep else self._serials.pop(serial)
         return False, None

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-
-@dataclass
-class SeqChunk:
-    """One sequence's share of a step: the new tokens it feeds and where they go."""
-
-    token_ids: list[int]    # new tokens (a prefill chunk, or one decode token)
-    start_pos: int          # absolute position of token_ids[0] = tokens already in the KV cache
-    block_table: list[int]  # KV blocks of the sequence, covering at least start_pos + len(token_ids)
-    want_logits: bool = True  # return logits for the chunk's last token
+if TYPE_CHECKING:
+    from kvmux.engine.messages import Chunk
 
 
 @dataclass
@@ -36,13 +29,14 @@ class ForwardBatch:
         return len(self.input_ids)
 
     @classmethod
-    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    def build(cls, seqs: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
+        """From each chunk's tokens, position and block table; logits for the last token of chunks with a draw."""
         if not seqs:
             raise ValueError("ForwardBatch.build: no sequences")
         query_lens = [len(s.token_ids) for s in seqs]
         if min(query_lens) == 0:
             raise ValueError("ForwardBatch.build: a sequence has no new tokens")
-        context_lens = [s.start_pos + n for s, n in zip(seqs, query_lens)]
+        context_lens = [s.position + n for s, n in zip(seqs, query_lens)]
         for s, ctx in zip(seqs, context_lens):
             if len(s.block_table) * block_size < ctx:
                 raise ValueError(
@@ -59,14 +53,14 @@ class ForwardBatch:
         lens = torch.tensor(query_lens)
         ends = torch.cumsum(lens, 0)
         seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), lens)
-        starts = torch.tensor([s.start_pos for s in seqs])
+        starts = torch.tensor([s.position for s in seqs])
         token_idx = torch.arange(int(ends[-1]))
         positions = token_idx - (ends - lens)[seq_of_token] + starts[seq_of_token]
         blocks = block_tables[seq_of_token, positions // block_size].long()
         slot_mapping = blocks * block_size + positions % block_size
 
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
-        logits_indices = (ends - 1)[torch.tensor([s.want_logits for s in seqs])]
+        logits_indices = (ends - 1)[torch.tensor([s.draw is not None for s in seqs])]
         return cls(
             input_ids=input_ids.to(device),
             positions=positions.to(device),

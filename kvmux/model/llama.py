@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvmux.cache.kv_cache import KVCache
+from kvmux.model.forward_batch import ForwardBatch
 from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, paged_attention
-from kvmux.model.forward_batch import ForwardBatch
-from kvmux.cache.kv_cache import KVCache
 from kvmux.ops.linear import pack_weight, packed_linear, packed_rows
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

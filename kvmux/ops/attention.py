@@ -14,13 +14,16 @@ backend by name:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops.cpu_attention import cpu_paged_attention
+
+if TYPE_CHECKING:
+    from kvmux.model.forward_batch import ForwardBatch
 
 
 @dataclass
@@ -53,7 +56,7 @@ class _TorchMetadata:
     prefills: list[_PrefillSeq]
 
 
-def _plan(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
+def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
     device = batch.input_ids.device
     decode_seqs, prefills = [], []
     start = 0
@@ -95,7 +98,7 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                           layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
     meta = batch.attn_metadata
     if not isinstance(meta, _TorchMetadata):
-        meta = batch.attn_metadata = _plan(batch, kv_cache.block_size)
+        meta = batch.attn_metadata = _torch_metadata(batch, kv_cache.block_size)
 
     layer_kv = kv_cache.kv[:, layer]  # [NB, 2, Hkv, bs, D], a view into the pool
     # Put block and offset side by side so one index_put writes all new tokens.

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.cache.kv_cache import KVCache
-from kvmux.ops.cpu_attention import check_out, check_pool, check_rows, row_stride, step_tensors
+from kvmux.ops.tensor_checks import (
+    DTYPE_CODES,
+    check_out,
+    check_pool,
+    check_rows,
+    row_stride,
+    step_tensors,
+)
 
-# Must match kvmux::cuda::DType in native/cuda/paged_attention.h.
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+if TYPE_CHECKING:
+    from kvmux.model.forward_batch import ForwardBatch
 
 
 @functools.cache
@@ -36,7 +43,7 @@ def available() -> bool:
     return True
 
 
-class CudaPlan:
+class CudaMetadata:
     """Per-step metadata on the device, built at the first layer (it needs the head layout)."""
 
     def __init__(self, batch: ForwardBatch, kv_cache: KVCache, group: int, head_dim: int) -> None:
@@ -97,8 +104,8 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     if head_dim % 8:
         raise ValueError(f"q: head_dim {head_dim} must be a multiple of 8 for the CUDA kernels")
     meta = batch.attn_metadata
-    if not isinstance(meta, CudaPlan):
-        meta = batch.attn_metadata = CudaPlan(batch, kv_cache, num_heads // num_kv_heads, head_dim)
+    if not isinstance(meta, CudaMetadata):
+        meta = batch.attn_metadata = CudaMetadata(batch, kv_cache, num_heads // num_kv_heads, head_dim)
     check_rows("q", q, batch.num_tokens, num_heads, head_dim, q.dtype, kv_cache.device)
     check_rows("k", k, num_tokens, num_kv_heads, head_dim, q.dtype, q.device)
     check_rows("v", v, num_tokens, num_kv_heads, head_dim, q.dtype, q.device)

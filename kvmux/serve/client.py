@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import threading
 from collections.abc import AsyncIterator, Iterator
 
-from kvmux.serve import protocol
+from kvmux.engine.loop_thread import LoopThread
 from kvmux.outputs import Completion, KvmuxError, RequestOutput
+from kvmux.sampling import num_samples
+from kvmux.serve import protocol
 from kvmux.serve.unix_socket import default_socket_path
 
 
@@ -157,14 +158,12 @@ class AsyncClient:
         params = _params_map(params)
         queue = await self._send({"op": "generate", "id": request_id, "prompt": prompt, "params": params,
                                   "priority": priority})
-        samples_left = protocol.num_samples(params)  # with n > 1, one finished frame per sample
+        samples_left = num_samples(params.get("n", 1))  # with n > 1, one finished frame per sample
         try:
             while samples_left:
-                frame = self._check(await queue.get())
-                samples_left -= frame["finished"]
-                yield RequestOutput(request_id, frame["token_ids"], frame["text"], frame["finished"],
-                                    frame["finish_reason"], frame["num_prompt_tokens"], frame["num_output_tokens"],
-                                    frame["error"], frame["index"])
+                out = protocol.output_of(self._check(await queue.get()))
+                samples_left -= out.finished
+                yield out
         except ServerError:
             samples_left = 0  # an error frame ends the request on the server too
             raise
@@ -208,18 +207,16 @@ class Client:
     """
 
     def __init__(self, socket_path: str | None = None, **options) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kvmux-client", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("kvmux-client")
         self._client = AsyncClient(socket_path, **options)
         try:
             self._run(self._client.connect())
         except BaseException:
-            self._stop_loop()
+            self._loop.close()
             raise
 
     def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop.run(coro)
 
     def generate(self, prompt: str | list, params=None, **kw) -> Iterator[RequestOutput]:
         stream = self._client.generate(prompt, params, **kw)
@@ -248,14 +245,9 @@ class Client:
         return self._run(self._client.model())
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if self._loop.alive:
             self._run(self._client.close())
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+            self._loop.close()
 
     def __enter__(self) -> "Client":
         return self

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from kvmux.outputs import KvmuxError
+from kvmux.outputs import KvmuxError, RequestOutput
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20  # bytes of one frame's body
@@ -36,6 +36,8 @@ ERROR_CODES = {
     "too_many_requests": "this connection already has its maximum of requests in flight; wait for one to end",
     "overloaded": "too many requests are waiting; retry later",
     "shutting_down": "the server is stopping and admits no new requests",
+    "not_running": "the engine behind the server is not running (it was stopped)",
+    "engine_dead": "an actor of the engine crashed; every request in flight fails with this code",
     "internal_error": "the server failed while handling the request",
 }
 
@@ -243,17 +245,18 @@ def parse_request(message: dict) -> Request:
 
 # -- server frames -----------------------------------------------------------------
 
-def num_samples(params: dict) -> int:
-    """How many finished frames end a generate request: one per parallel sample."""
-    n = params.get("n", 1)
-    return n if isinstance(n, int) and n >= 1 else 1
+_OUTPUT_FIELDS = ("index", "token_ids", "text", "finished", "finish_reason", "num_prompt_tokens",
+                  "num_output_tokens", "error")
 
 
-def output_frame(request_id: str, out) -> dict:
-    """The frame for one kvmux.outputs.RequestOutput."""
-    return {"type": "output", "id": request_id, "index": out.index, "token_ids": out.token_ids, "text": out.text,
-            "finished": out.finished, "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
-            "num_output_tokens": out.num_output_tokens, "error": out.error}
+def output_frame(request_id: str, out: RequestOutput) -> dict:
+    """The frame for one RequestOutput, under the client's id for its request."""
+    return {"type": "output", "id": request_id, **{name: getattr(out, name) for name in _OUTPUT_FIELDS}}
+
+
+def output_of(frame: dict) -> RequestOutput:
+    """The RequestOutput an output frame carries (the inverse of output_frame)."""
+    return RequestOutput(request_id=frame["id"], **{name: frame[name] for name in _OUTPUT_FIELDS})
 
 
 def result_frame(request_id: str, op: str, data: dict) -> dict:

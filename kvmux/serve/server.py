@@ -14,10 +14,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from kvmux.serve import protocol, unix_socket
 from kvmux.engine.supervisor import Engine
 from kvmux.outputs import KvmuxError
-from kvmux.sampling import SamplingParams
+from kvmux.sampling import SamplingParams, num_samples
+from kvmux.serve import protocol, unix_socket
 
 log = logging.getLogger("kvmux.serve.server")
 
@@ -155,7 +155,7 @@ class Connection:
         engine = self.server.engine
         stream = engine.generate(request.prompt, SamplingParams(**request.params),
                                  request_id=self.engine_id(request.id), priority=request.priority)
-        samples_left = protocol.num_samples(request.params)
+        samples_left = num_samples(request.params.get("n", 1))
         # aclosing: leaving early (a lost connection, cancellation) closes the stream, which aborts the request.
         async with contextlib.aclosing(stream):
             async for out in stream:
@@ -260,4 +260,4 @@ class Server:
         d = self.engine.describe()
         return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "max_model_len": d["max_model_len"],
                 "block_size": d["block_size"], "num_blocks": d["num_blocks"],
-                "block_bytes": self.engine.kv_cache.bytes_per_block, "vocab_size": self.engine.loaded.config.vocab_size}
+                "block_bytes": self.engine.kv_cache.geometry.block_bytes, "vocab_size": self.engine.loaded.config.vocab_size}

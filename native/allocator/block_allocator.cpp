@@ -208,11 +208,6 @@ std::vector<std::pair<BlockAllocator::BlockId, BlockAllocator::Hash>> BlockAlloc
     return out;
 }
 
-BlockAllocator::BlockId BlockAllocator::allocate() {
-    ensure_free(1);
-    return take_free_block();
-}
-
 std::vector<BlockAllocator::BlockId> BlockAllocator::allocate_n(BlockId n) {
     if (n < 0) throw BlockError("cannot allocate a negative number of blocks (" +
                                 std::to_string(n) + ")");
@@ -221,13 +216,6 @@ std::vector<BlockAllocator::BlockId> BlockAllocator::allocate_n(BlockId n) {
     blocks.reserve(static_cast<std::size_t>(n));
     for (BlockId i = 0; i < n; ++i) blocks.push_back(take_free_block());
     return blocks;
-}
-
-void BlockAllocator::incref(BlockId block) {
-    // A free block has no owner whose data could be shared; increfing it would
-    // resurrect a block that is still on the free list.
-    check_used(block);
-    ++refcount_[block];
 }
 
 bool BlockAllocator::decref(BlockId block) {
@@ -265,14 +253,6 @@ void BlockAllocator::free_blocks(const std::vector<BlockId>& blocks) {
         i = j;
     }
     for (BlockId b : blocks) decref(b);
-}
-
-std::pair<BlockAllocator::BlockId, bool> BlockAllocator::copy_on_write(BlockId block) {
-    check_used(block);
-    if (refcount_[block] == 1) return {block, false};
-    BlockId copy = allocate();
-    --refcount_[block];  // still >= 1: the other owners keep it
-    return {copy, true};
 }
 
 void BlockAllocator::check_invariants() const {

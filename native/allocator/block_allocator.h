@@ -61,20 +61,15 @@ public:
     BlockId num_cached_free() const { return static_cast<BlockId>(lru_.size()); }
     BlockId num_shared() const;  // blocks with more than one reference
 
-    BlockId allocate();
     std::vector<BlockId> allocate_n(BlockId n);  // all or nothing
 
-    void incref(BlockId block);
     bool decref(BlockId block);  // true if the block became free
     std::int32_t refcount(BlockId block) const;
 
-    void fork(const std::vector<BlockId>& blocks);         // incref each, atomically
+    // One more reference on each block, atomically. A free block has no owner
+    // whose data could be shared, so forking one is refused.
+    void fork(const std::vector<BlockId>& blocks);
     void free_blocks(const std::vector<BlockId>& blocks);  // decref each, atomically
-
-    // A writer about to modify `block` gets a private copy when it is shared:
-    // returns (new block, true) after moving one reference over, or
-    // (block, false) when the caller is the sole owner.
-    std::pair<BlockId, bool> copy_on_write(BlockId block);
 
     // Blocks cached under the longest leading run of `hashes` (not taken).
     std::vector<BlockId> lookup(const std::vector<Hash>& hashes) const;
@@ -90,7 +85,10 @@ public:
     // the same content was computed twice, and the first copy stays canonical.
     bool register_block(BlockId block, Hash hash);
     bool has_hash(BlockId block) const;
-    Hash block_hash(BlockId block) const;  // BlockError when the block is not cached
+    // BlockError when the block is not cached. Production code never asks (it
+    // keeps hashes beside its block tables); the tests read it as the oracle
+    // of which contents a cached block must hold.
+    Hash block_hash(BlockId block) const;
     // Drop up to n least recently used cached free blocks from the cache
     // (they stay free); returns how many were dropped.
     BlockId evict(BlockId n);

@@ -306,7 +306,7 @@ struct Kernel {
 
 template <int D, typename QT, typename KT>
 void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& slots,
-               const std::vector<AttentionPlan::Tile>& tiles, const std::vector<int32_t>& q_start,
+               const std::vector<AttentionMetadata::Tile>& tiles, const std::vector<int32_t>& q_start,
                const std::vector<int32_t>& q_len, const std::vector<int32_t>& ctx,
                const std::vector<int32_t>& tables, int64_t max_blocks) {
     using K = Kernel<D, QT, KT>;
@@ -331,7 +331,7 @@ void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& s
 
 template <typename QT, typename KT>
 void dispatch_dim(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& slots,
-                  const std::vector<AttentionPlan::Tile>& tiles, const std::vector<int32_t>& q_start,
+                  const std::vector<AttentionMetadata::Tile>& tiles, const std::vector<int32_t>& q_start,
                   const std::vector<int32_t>& q_len, const std::vector<int32_t>& ctx,
                   const std::vector<int32_t>& tables, int64_t max_blocks) {
     switch (s.dim) {
@@ -348,7 +348,7 @@ void dispatch_dim(const LayerArgs& a, const Shape& s, const std::vector<int64_t>
 
 }  // namespace
 
-AttentionPlan::AttentionPlan(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
+AttentionMetadata::AttentionMetadata(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
                              const std::vector<int64_t>& context_lens, const int32_t* block_tables,
                              int64_t max_blocks, int64_t block_size, int64_t num_blocks)
     : max_blocks_(max_blocks), block_size_(block_size), num_blocks_(num_blocks) {
@@ -401,12 +401,12 @@ AttentionPlan::AttentionPlan(const int64_t* slot_mapping, int64_t num_tokens, co
     std::stable_sort(tiles_.begin(), tiles_.end(), [&](const Tile& x, const Tile& y) { return cost(x) > cost(y); });
 }
 
-void AttentionPlan::run(const LayerArgs& a) const {
+void AttentionMetadata::run(const LayerArgs& a) const {
     if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0)
         fail("num_heads must be a positive multiple of num_kv_heads");
     if (a.head_dim < 1) fail("head_dim must be >= 1");
     if (a.num_blocks != num_blocks_ || a.block_size != block_size_)
-        fail("kv: pool shape differs from the one the plan was made for");
+        fail("kv: pool shape differs from the one the metadata was made for");
     if (a.layer < 0 || a.layer >= a.num_layers) fail("layer is outside [0, num_layers)");
     if (a.q.row_stride < a.num_heads * a.head_dim) fail("q: row stride smaller than a row");
     if (a.k.row_stride < a.num_kv_heads * a.head_dim) fail("k: row stride smaller than a row");

@@ -8,7 +8,7 @@
 //
 // The per-step metadata (slots, query/context lengths, block tables) is the
 // same in every layer, so it is validated and turned into a work list once per
-// step by AttentionPlan; AttentionPlan::run is the per-layer call.
+// step by AttentionMetadata; AttentionMetadata::run is the per-layer call.
 //
 // Everything is raw pointers and sizes: the Python side validates tensors,
 // and this module never links against torch.
@@ -48,11 +48,11 @@ struct LayerArgs {
     int num_threads;
 };
 
-class AttentionPlan {
+class AttentionMetadata {
    public:
     // slot_mapping [num_tokens]; block_tables [num_seqs, max_blocks] row-major.
     // Copies what it needs, so the caller's buffers may go away afterwards.
-    AttentionPlan(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
+    AttentionMetadata(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
                   const std::vector<int64_t>& context_lens, const int32_t* block_tables, int64_t max_blocks,
                   int64_t block_size, int64_t num_blocks);
 

@@ -1,4 +1,9 @@
-"""Random paged-attention inputs and a float64 reference, shared by the tests and the kernel benchmarks."""
+"""Float64 references of the kernels and the fresh random inputs they are checked on.
+
+The suite (tests/) and the kernel checks and benchmarks (bench/attention.py,
+bench/gpu_check.py) all check against these, so a kernel is held to one
+standard wherever it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmux.model.forward_batch import ForwardBatch, SeqChunk
-from kvmux.cache.kv_cache import KVCache
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.engine.messages import Chunk
+from kvmux.model.forward_batch import ForwardBatch
 
 NUM_LAYERS = 2
 LAYER = 1  # not layer 0, so a wrong layer offset shows
@@ -20,7 +26,7 @@ class Case:
     k: torch.Tensor
     v: torch.Tensor
     cache: KVCache
-    chunks: list[SeqChunk]
+    chunks: list[Chunk]
     scale: float
 
     def batch(self) -> ForwardBatch:
@@ -29,8 +35,8 @@ class Case:
 
     def fresh_cache(self) -> KVCache:
         """A copy of the pool as it was before any call."""
-        copy = object.__new__(KVCache)
-        copy.kv = self.cache.kv.clone()
+        copy = KVCache(self.cache.num_blocks, self.cache.geometry, self.cache.device)
+        copy.kv.copy_(self.cache.kv)
         return copy
 
 
@@ -49,12 +55,10 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
     rng.shuffle(blocks)
     chunks = []
     for n, c, nb in zip(query_lens, context_lens, need):
-        chunks.append(SeqChunk([0] * n, c - n, blocks[:nb]))
+        chunks.append(Chunk(f"s{len(chunks)}", c - n, [0] * n, blocks[:nb]))
         blocks = blocks[nb:]
-    # The pool is built directly (not through KVCache.__init__) so float16 pools work for the CUDA checks.
-    cache = object.__new__(KVCache)
-    cache.kv = torch.randn(num_blocks, NUM_LAYERS, 2, num_kv_heads, block_size, head_dim, generator=g) \
-        .to(kv_dtype).to(device)
+    cache = KVCache(num_blocks, PoolGeometry(NUM_LAYERS, num_kv_heads, head_dim, block_size, kv_dtype), device)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     T = sum(query_lens)
     q = torch.randn(T, num_heads, head_dim, generator=g).to(act_dtype).to(device)
     if strided_kv:
@@ -75,7 +79,7 @@ def reference_f64(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for chunk in case.chunks:
-        n, ctx = len(chunk.token_ids), chunk.start_pos + len(chunk.token_ids)
+        n, ctx = len(chunk.token_ids), chunk.position + len(chunk.token_ids)
         kv = layer_kv[torch.tensor(chunk.block_table)]              # [nb, 2, Hkv, bs, D]
         kv = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], -1, head_dim)[:, :, :ctx]
         keys = kv[0].repeat_interleave(group, 0)                    # [Hq, ctx, D]
