@@ -1,6 +1,7 @@
 """What callers get back: streamed deltas, collected completions, and errors."""
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 
 
@@ -56,6 +57,15 @@ class Completion:
     @property
     def samples(self) -> list[Completion]:
         return [self, *self.others]
+
+    @classmethod
+    async def collect(cls, outputs: AsyncIterable[RequestOutput]) -> Completion:
+        """The whole result of a request's stream of outputs."""
+        result = None
+        async for out in outputs:
+            result = result or cls(out.request_id)
+            result.add(out)
+        return result
 
     def add(self, out: RequestOutput) -> None:
         while len(self.others) < out.index:

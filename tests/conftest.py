@@ -6,6 +6,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from engine_helpers import MAX_NEW, PROMPTS, hf_greedy  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
 

@@ -7,12 +7,13 @@ import socket
 import tempfile
 
 import msgpack
-from engine_helpers import settled
 
 from kvmux import Engine
 from kvmux.engine.loop_thread import LoopThread
 from kvmux.serve import protocol
 from kvmux.serve.server import Server, ServerOptions
+
+from engine_helpers import settled
 
 # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer; sockets go here instead.
 SOCKETS = tempfile.TemporaryDirectory(prefix="kvx-", dir="/tmp")

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_model import make_tiny_model
-
 from bench.workload import WorkloadSpec, make_workload
+
+from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIAL = {0, 1, 2}

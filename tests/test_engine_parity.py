@@ -1,5 +1,6 @@
 """Greedy outputs are token-for-token those of transformers' generate, however the engine batches them."""
 import pytest
+
 from engine_helpers import PROMPTS, greedy, run_engine
 
 MAX_NEW = 12

@@ -3,6 +3,10 @@ import asyncio
 import random
 
 import pytest
+
+from kvmux import LLM, Engine, RequestRejected, SamplingParams
+from kvmux.engine.detokenize import detokenize_step, initial_offsets
+
 from engine_helpers import (
     PROMPT,
     ForwardGate,
@@ -13,9 +17,6 @@ from engine_helpers import (
     run_engine,
     settled,
 )
-
-from kvmux import LLM, Engine, RequestRejected, SamplingParams
-from kvmux.engine.detokenize import detokenize_step, initial_offsets
 
 
 def engine(tiny, **options):

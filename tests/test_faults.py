@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import PROMPT, ForwardGate, detokenizer_failing_on, failing_on_call, greedy, wire
-from server_helpers import Raw, Served
 
 from kvmux.serve.client import AsyncClient, Client, ServerError
+
+from engine_helpers import PROMPT, ForwardGate, detokenizer_failing_on, failing_on_call, greedy, wire
+from server_helpers import Raw, Served
 
 # A small pool, two seats and small prompt chunks, so that waiting, prefilling and preemption are easy to reach.
 SMALL = {"num_blocks": 8, "block_size": 8, "max_num_seqs": 2, "max_num_batched_tokens": 8, "max_pending": 16,

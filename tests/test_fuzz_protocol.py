@@ -12,11 +12,12 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import Raw, Served
-from tiny_model import make_tiny_model
 
 from kvmux.serve import protocol
 from kvmux.serve.client import Client
+
+from server_helpers import Raw, Served
+from tiny_model import make_tiny_model
 
 PROMPT = [5, 17, 33, 101, 250, 7, 9]
 SHORT = {"max_tokens": 3, "temperature": 0, "ignore_eos": True, "seed": 0}

@@ -7,12 +7,13 @@ import stat
 import time
 
 import pytest
-from engine_helpers import PROMPT, ForwardGate, greedy, wire
-from server_helpers import Raw, Served
 
 from kvmux.config import EngineConfig
 from kvmux.sampling import MAX_N
 from kvmux.serve.client import Client, ServerError
+
+from engine_helpers import PROMPT, ForwardGate, greedy, wire
+from server_helpers import Raw, Served
 
 LONG = wire(greedy(10))
 

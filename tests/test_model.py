@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_model import make_tiny_model
 
 from kvmux import SamplingParams
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
@@ -19,6 +18,8 @@ from kvmux.engine.messages import Chunk, Draw
 from kvmux.model import loader as loader_mod
 from kvmux.model.forward_batch import ForwardBatch
 from kvmux.model.loader import load_model
+
+from tiny_model import make_tiny_model
 
 VARIANTS = {
     "llama-kv1": dict(num_kv_heads=1),

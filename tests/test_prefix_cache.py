@@ -3,9 +3,10 @@ import asyncio
 import random
 
 import pytest
-from engine_helpers import assert_no_leaks, greedy, hf_greedy, settled
 
 from kvmux import Engine, RequestRejected, SamplingParams
+
+from engine_helpers import assert_no_leaks, greedy, hf_greedy, settled
 
 MAX_NEW = 8
 OPTIONS = dict(num_blocks=96, block_size=8)

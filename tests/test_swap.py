@@ -4,13 +4,14 @@ import random
 
 import pytest
 import torch
-from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, assert_no_leaks, greedy, random_prompt, run_engine
 
 from kvmux import Engine
 from kvmux.cache.tiers import DEVICE, HOST, BlockCopy
 from kvmux.cache.transfer import make_copier
 from kvmux.engine import messages
 from kvmux.engine.eviction import Policy, choose_mode, choose_victims
+
+from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, assert_no_leaks, greedy, random_prompt, run_engine
 
 TIGHT = dict(num_blocks=12, block_size=8)  # 96 slots; the prompts need ~650 together
 

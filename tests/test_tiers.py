@@ -5,13 +5,14 @@ import random
 
 import pytest
 import torch
-from engine_helpers import assert_no_leaks, greedy
 
 from kvmux import Engine
 from kvmux._native import BlockAllocator, OutOfBlocks
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.tiers import DEVICE, DISK, HOST, BlockCopy
 from kvmux.cache.transfer import BlockCopier, _runs
+
+from engine_helpers import assert_no_leaks, greedy
 
 BS = 4
 

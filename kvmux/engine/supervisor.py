@@ -186,11 +186,7 @@ class Engine:
 
     async def complete(self, prompt: Prompt, params: SamplingParams | None = None, **kw) -> Completion:
         """Run a request to the end and return its whole output (all n samples in `.samples`)."""
-        result = None
-        async for out in self.generate(prompt, params, **kw):
-            result = result or Completion(out.request_id)
-            result.add(out)
-        return result
+        return await Completion.collect(self.generate(prompt, params, **kw))
 
     async def abort(self, request_id: str) -> None:
         self.admission.send(messages.Abort(request_id))

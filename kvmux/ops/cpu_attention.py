@@ -12,14 +12,7 @@ import torch
 
 from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
-from kvmux.ops.tensor_checks import (
-    DTYPE_CODES,
-    check_out,
-    check_pool,
-    check_rows,
-    row_stride,
-    step_tensors,
-)
+from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
 
 if TYPE_CHECKING:
     from kvmux.model.forward_batch import ForwardBatch

@@ -179,11 +179,7 @@ class AsyncClient:
 
     async def complete(self, prompt: str | list, params=None, **kw) -> Completion:
         """Run a request to the end and return its whole output."""
-        result = None
-        async for out in self.generate(prompt, params, **kw):
-            result = result or Completion(out.request_id)
-            result.add(out)
-        return result
+        return await Completion.collect(self.generate(prompt, params, **kw))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a generate request of this client; False if it was no longer in flight."""
