@@ -9,8 +9,10 @@ from pathlib import Path
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-# OpenMP parallelises the CPU attention kernels that live in the same module.
-NATIVE_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# The x86-64 baseline every host of this project has (AVX2, FMA, F16C), never -march=native: the built
+# module must run on any such CPU. Kernels compile faster paths (AVX-512, BF16, VNNI, AMX) with target
+# attributes and pick them at run time (native/cpu/cpu_features.h). OpenMP parallelises the CPU kernels.
+NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-Inative", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", "0",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 

@@ -5,6 +5,7 @@
 
 #include "allocator/block_allocator.h"
 #include "dtype.h"
+#include "cpu/cpu_features.h"
 #include "cpu/fused_ops.h"
 #include "cpu/paged_attention.h"
 #include "cpu/packed_linear.h"
@@ -197,6 +198,18 @@ PYBIND11_MODULE(_native, m) {
         .value("f32", kvmux::DType::f32)
         .value("bf16", kvmux::DType::bf16)
         .value("f16", kvmux::DType::f16);
+    m.def(
+        "cpu_features",
+        [] {
+            const auto& f = kvmux::cpu_features();
+            return py::dict(py::arg("avx2") = f.avx2, py::arg("fma") = f.fma, py::arg("f16c") = f.f16c,
+                            py::arg("avx512f") = f.avx512f, py::arg("avx512bw") = f.avx512bw,
+                            py::arg("avx512vl") = f.avx512vl, py::arg("avx512bf16") = f.avx512bf16,
+                            py::arg("avx512vnni") = f.avx512vnni, py::arg("avxvnni") = f.avxvnni,
+                            py::arg("amx_tile") = f.amx_tile, py::arg("amx_bf16") = f.amx_bf16,
+                            py::arg("amx_int8") = f.amx_int8);
+        },
+        "The instruction sets this CPU (and, for AMX, the OS) lets the kernels use.");
     bind_block_allocator(m);
     bind_paged_attention(m);
     bind_packed_linear(m);
