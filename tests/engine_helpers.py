@@ -52,6 +52,14 @@ async def settled(engine: Engine, timeout: float = 30.0, busy=lambda: False) -> 
     assert_no_leaks(engine)
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """Yield to the event loop (the engine's, when run there) until condition() holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
 def run_engine(model: str | None, prompts, params, **options):
     """Complete every prompt concurrently; returns (completions, stats) and checks nothing leaked."""
     params = params if isinstance(params, list) else [params] * len(prompts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,14 @@ def test_online_and_shared_prefix_variants():
 
 
 def test_bench_end_to_end_on_tiny_model(tmp_path):
-    model = make_tiny_model(tmp_path / "tiny")
+    """`kvmux bench` from another folder: relative --model and --out mean that folder's."""
+    make_tiny_model(tmp_path / "tiny")
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--model", str(model), "--requests", "5", "--max-prompt-len", "48",
+    cmd = [sys.executable, "-m", "kvmux", "bench", "--model", "tiny", "--requests", "5", "--max-prompt-len", "48",
            "--max-output-len", "32", "--mode", "both", "--rate", "20", "--static-batch-sizes", "4",
-           "--out", str(out), "--quick"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+           "--out", "results", "--quick"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "bench_float32_quick.json").read_text())
     assert (out / "bench_float32_quick.png").stat().st_size > 0

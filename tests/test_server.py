@@ -22,7 +22,7 @@ from kvmux.serve import protocol
 from kvmux.serve.client import AsyncClient, Client, ConnectionFailed, ConnectionLost, ServerError
 from kvmux.serve.unix_socket import SocketInUse
 
-from engine_helpers import PROMPT, ForwardGate, greedy, wire
+from engine_helpers import PROMPT, ForwardGate, greedy, until, wire
 from server_helpers import Raw, Served, short_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,14 +175,6 @@ def error_of(raw: Raw, message: dict | bytes) -> dict:
     frame = raw.recv()
     assert frame["type"] == "error", frame
     return frame
-
-
-async def until(condition, timeout: float = 30.0) -> None:
-    """Yield to the server's loop until condition() holds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0)
 
 
 def test_every_error_code(served):
@@ -409,11 +401,15 @@ def test_serve_cli_client_and_sigterm(tiny):
             server.kill()
 
 
-def test_examples_runner_passes_on_a_tiny_model(tiny):
-    listed = subprocess.run([sys.executable, "-m", "examples", "--list"], cwd=ROOT, capture_output=True, text=True)
+def test_examples_runner_passes_on_a_tiny_model(tiny, tmp_path):
+    """`kvmux examples` from any folder, with the runner's own options."""
+    kvmux = [sys.executable, "-m", "kvmux", "examples"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    listed = subprocess.run(kvmux + ["--list"], cwd=tmp_path, env=env, capture_output=True, text=True)
     names = {line.split()[0] for line in listed.stdout.splitlines()}
     assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats"} <= names
-    done = subprocess.run([sys.executable, "-m", "examples", "--model", tiny], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(kvmux + ["-v", "-j", "2", "--timeout", "200", "--model", tiny], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(names)} passed, 0 failed" in done.stdout
+    assert "requests in flight" in done.stdout  # -v shows the examples' own output

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor
 from kvmux.engine.detokenize import initial_offsets
+from kvmux.sampling import DEFAULT_MAX_TOKENS
 
 
 @dataclass
@@ -74,13 +75,16 @@ class Admission(Actor):
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_params", str(exc))
         cap = self.limits.max_tokens_limit
-        if cap is not None and sub.params.max_tokens > cap:
+        if cap is not None and sub.params.max_tokens is not None and sub.params.max_tokens > cap:
             return self._reject(sub.request_id, "invalid_params",
                                 f"max_tokens ({sub.params.max_tokens}) exceeds this engine's limit of {cap}")
         try:
             prompt_ids = self._tokenize(sub)
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_prompt", str(exc))
+        if sub.params.max_tokens is None:  # the default: as much as fits, up to DEFAULT_MAX_TOKENS
+            room = min(self.limits.max_model_len, self.limits.pool_tokens) - len(prompt_ids)
+            sub.params.max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room, cap or DEFAULT_MAX_TOKENS))
         problem = self._too_long(len(prompt_ids), sub.params.max_tokens)
         if problem:
             return self._reject(sub.request_id, "prompt_too_long", problem)
@@ -96,6 +100,9 @@ class Admission(Actor):
 
     def _tokenize(self, sub: messages.Submit) -> list[int]:
         if sub.chat is not None:
+            if not self.tokenizer.chat_template:
+                raise ValueError("this model has no chat template, so chat messages cannot be formatted; send the "
+                                 "prompt as raw text instead (`--raw` on the command line, a string in Python)")
             text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif sub.prompt is not None:

@@ -11,13 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.cache.transfer import DiskPool, host_pool, make_copier
-from kvmux.config import EngineConfig
+from kvmux.config import MODEL_ENV, ConfigError, EngineConfig
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.decode import Decode
@@ -25,7 +26,8 @@ from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
 from kvmux.engine.router import Router
 from kvmux.engine.runner import Runner
-from kvmux.model.loader import LoadedModel, load_model
+from kvmux.model.loader import LoadedModel, default_model_path, load_model
+from kvmux.model.metadata import context_length
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
 from kvmux.sampling import SamplingParams, num_samples
 
@@ -62,13 +64,19 @@ class Engine:
     async def start(self) -> None:
         cfg = self.config
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        model = cfg.model or os.environ.get(MODEL_ENV)
+        source = Path(model).expanduser() if model else default_model_path()
+        context = context_length(source)  # read without loading, so a bad setting fails before the load
+        if cfg.max_model_len and context and cfg.max_model_len > context:
+            raise ConfigError("max_model_len", f"is {cfg.max_model_len}, beyond the model's context length of "
+                                               f"{context} tokens")
         # One thread runs every forward, so exactly one runs at a time and the
         # event loop stays free for admissions and streaming meanwhile.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvmux-forward")
         loop = asyncio.get_running_loop()
         dtype = getattr(torch, cfg.dtype)
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
-            load_model, cfg.model, dtype, cfg.device, attention_backend=cfg.attention_backend))
+            load_model, model, dtype, cfg.device, attention_backend=cfg.attention_backend))
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads

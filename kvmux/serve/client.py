@@ -75,7 +75,7 @@ class AsyncClient:
             await self._reader_task
 
     async def __aenter__(self) -> "AsyncClient":
-        return await self.connect()
+        return self if self._writer is not None else await self.connect()
 
     async def __aexit__(self, *exc) -> None:
         await self.close()

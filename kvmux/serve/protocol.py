@@ -47,7 +47,7 @@ OPS = ("generate", "abort", "stats", "health", "model")
 # mirror kvmux.sampling.SamplingParams (a test keeps the two in step); the
 # engine validates the values.
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
-    "max_tokens": (int,),
+    "max_tokens": (int, type(None)),
     "temperature": (int, float),
     "top_k": (int,),
     "top_p": (int, float),
