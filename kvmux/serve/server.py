@@ -69,6 +69,8 @@ class Connection:
 
     async def send(self, frame: dict) -> None:
         async with self.write_lock:
+            if self.writer.transport.is_closing():  # cut, or closed by the client: the frame has nowhere to go
+                raise ConnectionResetError("the connection is closing")
             self.writer.write(protocol.encode(frame))
             try:
                 await asyncio.wait_for(self.writer.drain(), self.server.options.write_timeout)
@@ -96,6 +98,7 @@ class Connection:
                     return
                 self.server.frames_received += 1
                 await self.handle(message)
+                del message  # a connection waiting for its next frame holds none decoded (one can be ~80x its size)
         except ConnectionError:
             pass  # the client went away; the finally below cleans up
         except Exception as exc:  # a bug in reading frames: the byte stream can no longer be split, so say why and go
