@@ -40,8 +40,10 @@ def served(tiny):
 
 @pytest.fixture(scope="module")
 def roomy(tiny):
-    """Frames of the default size, a pool that holds every request it admits, 4 in flight per connection."""
-    s = Served(tiny, {"max_pending": 12, "num_blocks": 512}, max_frame=1 << 20, max_inflight_per_connection=4)
+    """Frames of the default size (and time to send them with tracemalloc on), a pool that holds every request it
+    admits, 4 in flight per connection."""
+    s = Served(tiny, {"max_pending": 12, "num_blocks": 512}, max_frame=1 << 20, read_timeout=30,
+               max_inflight_per_connection=4)
     with Client(s.path) as client:  # warm: what the first request builds once is not what requests pin
         client.complete(PROMPT, {**greedy(4).__dict__, **BIGGEST_LISTS})
     yield s
@@ -202,6 +204,40 @@ def test_memory_requests_pin_is_bounded_per_connection_and_globally(roomy):
         assert all(f["finish_reason"] == "length" for f in last.values())
         raw.close()
     roomy.settle()
+
+
+def test_a_refused_frame_is_not_held_while_its_refusal_waits(roomy):
+    """A 1 MiB frame of empty arrays decodes to ~60 MiB. Refused, its answer waits behind those of a client that
+    does not read; the decoded frame must not be held meanwhile (a connection would pin 60x its frame limit)."""
+    raw = Raw(roomy.path, timeout=120)
+    # 16 samples of 240 tokens: more answers than the socket and the server's buffer hold, so that (with asyncio's
+    # 64 KiB high-water mark passed) the server's writes to us wait.
+    raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": {**wire(greedy(240)), "n": 16}})
+    roomy.call(until(lambda: roomy.server.stats_data(), lambda s: s["unsent_bytes"] > 64 * KIB))
+    head = b"\x83\xa2op\xa5stats\xa2id\xa1e\xa1a\xdd"  # {"op": "stats", "id": "e", "a": [...]}
+    empties = roomy.server.options.max_frame - len(head) - 4
+    body = head + empties.to_bytes(4, "big") + b"\x90" * empties
+    received = roomy.call(roomy.server.stats_data())["frames_received"]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        raw.send_bytes(body)  # refused for its unknown field "a", once the answers before it have gone
+        roomy.call(until(lambda: roomy.server.stats_data(), lambda s: s["frames_received"] > received))
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 8 << 20, f"{held / 2**20:.0f} MiB held while the refusal waits"
+    raw.close()
+    roomy.settle()
+
+
+async def until(poll, predicate, timeout: float = 60.0) -> dict:
+    """poll() on the server's loop until predicate(its result) holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate(result := await poll()):
+        assert asyncio.get_running_loop().time() < deadline, f"never reached: {result}"
+        await asyncio.sleep(0.005)
+    return result
 
 
 def test_a_caller_that_lags_gets_bigger_pieces_not_more(roomy):

@@ -438,6 +438,22 @@ def test_client_errors():
 
     asyncio.run(main())
 
+    # A "server" answering with a frame the client cannot route: the request hears why instead of waiting forever.
+    path = os.path.join(short_dir(), "odd.sock")
+
+    async def odd():
+        async def answer_oddly(reader, writer):
+            await protocol.read_frame(reader)
+            writer.write(protocol.encode({"type": "output", "id": ["not", "a", "str"]}))
+            await reader.read()  # and stay connected
+        listener = await asyncio.start_unix_server(answer_oddly, path)
+        async with AsyncClient(path) as client:
+            with pytest.raises(ConnectionLost, match="could not be handled"):
+                await asyncio.wait_for(client.complete(PROMPT, SHORT), 30)
+        listener.close()
+
+    asyncio.run(odd())
+
 
 def test_server_error_is_raised_by_the_client(served):
     with Client(served.path) as client:
@@ -552,7 +568,8 @@ def test_sigterm_ends_within_its_bound_while_a_client_reads_nothing(tiny):
             while control.stats()["unsent_bytes"] == 0:
                 assert time.monotonic() < deadline, "the server never had answers it could not send"
         server.send_signal(signal.SIGTERM)
-        bound, slack = grace + drain, 10  # slack: stopping the engine and the process on a loaded machine
+        # Slack: stopping the engine, and the interpreter tearing torch down (10 s seen with the load average at 7).
+        bound, slack = grace + drain, 30
         try:
             assert server.wait(timeout=bound + slack) == 0, server.communicate()
         except subprocess.TimeoutExpired:

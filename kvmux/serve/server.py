@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from kvmux.engine.supervisor import Engine
@@ -97,8 +98,13 @@ class Connection:
                 if message is None or self.writer.transport.is_closing():
                     return
                 self.server.frames_received += 1
-                await self.handle(message)
-                del message  # a connection waiting for its next frame holds none decoded (one can be ~80x its size)
+                answer = self.answer(message)
+                # Acting on a frame is synchronous; only its answer may wait (on a client that does not read). The
+                # decoded frame, up to ~80x its size, is dropped first, so neither that wait nor a connection
+                # idle between frames holds it.
+                del message
+                if answer is not None:
+                    await answer
         except ConnectionError:
             pass  # the client went away; the finally below cleans up
         except Exception as exc:  # a bug in reading frames: the byte stream can no longer be split, so say why and go
@@ -107,38 +113,37 @@ class Connection:
         finally:
             await self.close(self.server.options.write_timeout)
 
-    async def handle(self, message: dict) -> None:
-        """Dispatch one frame. Whatever goes wrong is that frame's internal_error; the connection goes on."""
+    def answer(self, message: dict) -> Awaitable[None] | None:
+        """Act on one frame and return what the reader must send before it reads on, if anything. Whatever goes
+        wrong is that frame's internal_error; the connection goes on."""
         try:
-            await self.dispatch(message)
-        except ConnectionError:
-            raise
+            return self.dispatch(message)
         except Exception as exc:
             log.exception("a frame on connection %d failed", self.number)
             request_id = message.get("id")
-            await self.send_error(request_id if isinstance(request_id, str) else None, "internal_error",
-                                  f"handling the frame failed: {type(exc).__name__}: {exc}")
+            return self.send_error(request_id if isinstance(request_id, str) else None, "internal_error",
+                                   f"handling the frame failed: {type(exc).__name__}: {exc}")
 
-    async def dispatch(self, message: dict) -> None:
+    def dispatch(self, message: dict) -> Awaitable[None] | None:
         try:
             request = protocol.parse_request(message)
         except protocol.ProtocolError as exc:
-            return await self.send_error(exc.request_id, exc.code, exc.message)
+            return self.send_error(exc.request_id, exc.code, exc.message)
         if request.id in self.tasks:
-            return await self.send_error(request.id, "duplicate_request_id",
-                                         f"id {request.id!r} is already in flight on this connection")
+            return self.send_error(request.id, "duplicate_request_id",
+                                   f"id {request.id!r} is already in flight on this connection")
         if isinstance(request, protocol.Abort):
-            # Answered here, before the next frame is read: a client at its in-flight limit can still abort,
-            # and a flood of aborts is throttled by how fast the client reads the answers.
-            return await self.abort(request)
+            # Answered before the next frame is read: a client at its in-flight limit can still abort, and a
+            # flood of aborts is throttled by how fast the client reads the answers.
+            return self.guard(request.id, self.abort(request))
         limit = self.server.options.max_inflight_per_connection
         if len(self.active) >= limit:
-            return await self.send_error(request.id, "too_many_requests",
-                                         f"{len(self.active)} requests are in flight on this connection, "
-                                         f"the limit is {limit}; wait for one to end")
+            return self.send_error(request.id, "too_many_requests",
+                                   f"{len(self.active)} requests are in flight on this connection, "
+                                   f"the limit is {limit}; wait for one to end")
         if isinstance(request, protocol.Generate):
             if self.server.closing:
-                return await self.send_error(request.id, "shutting_down", "the server is shutting down")
+                return self.send_error(request.id, "shutting_down", "the server is shutting down")
             # The engine's stream takes the prompt and parameters; the handler keeps only the id, so the request
             # is held once, by the engine, for as long as it runs.
             stream = self.server.engine.generate(request.prompt, SamplingParams(**request.params),
@@ -151,6 +156,7 @@ class Connection:
         self.tasks[request.id] = task
         self.active.add(task)
         task.add_done_callback(self.active.discard)
+        return None
 
     async def guard(self, request_id: str, handler) -> None:
         """Run one request's handler; whatever it raises becomes an error frame for that request alone."""
