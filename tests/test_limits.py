@@ -30,6 +30,22 @@ BIGGEST_LISTS = {"stop": [chr(0x10000 + i) * MAX_STOP_CHARS for i in range(MAX_S
                  "stop_token_ids": list(range(1000, 1000 + MAX_STOP_TOKEN_IDS))}
 
 
+class Traced:
+    """Python memory allocated in this process (the server's thread included) since the block began and not
+    freed: what requests pin, measured with tracemalloc."""
+
+    def __enter__(self) -> "Traced":
+        tracemalloc.start()
+        self.base = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def held(self) -> int:
+        return tracemalloc.get_traced_memory()[0] - self.base
+
+    def __exit__(self, *exc) -> None:
+        tracemalloc.stop()
+
+
 @pytest.fixture(scope="module")
 def served(tiny):
     s = Served(tiny, {"max_pending": 3, "max_prompt_tokens": 20, "max_tokens_limit": 10},
@@ -154,14 +170,10 @@ def test_what_one_request_carries_is_bounded(roomy):
     assert raw.until_finished("ok")["finish_reason"] == "length"  # exactly at every limit
 
     attack = {"op": "generate", "id": "a", "prompt": PROMPT, "params": {**LONG, "stop_token_ids": [40000] * 330_000}}
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
+    with Traced() as traced:
         for i in range(8):
             assert "at most" in refused(attack["params"])
-        pinned = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
+        pinned = traced.held()
     assert pinned < 2 << 20, f"8 refused requests still pin {pinned / 2**20:.1f} MiB"
     raw.close()
     roomy.settle()
@@ -177,13 +189,11 @@ def test_memory_requests_pin_is_bounded_per_connection_and_globally(roomy):
     pending = roomy.engine.config.max_pending
     conns = [Raw(roomy.path, timeout=60) for _ in range(pending // per_connection)]
     with ForwardGate(roomy.engine) as gate:
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
+        with Traced() as traced:
             for i in range(per_connection):
                 conns[0].send({"op": "generate", "id": f"g{i}", "prompt": prompt, "params": params})
             roomy.wait_for(lambda s: s["requests_live"] == per_connection)
-            one = tracemalloc.get_traced_memory()[0] - base
+            one = traced.held()
             for raw in conns[1:]:
                 for i in range(per_connection):
                     raw.send({"op": "generate", "id": f"g{i}", "prompt": prompt, "params": params})
@@ -192,9 +202,7 @@ def test_memory_requests_pin_is_bounded_per_connection_and_globally(roomy):
             for _ in range(max_tokens - 2):
                 gate.allow(1)
                 gate.wait_held()
-            every = tracemalloc.get_traced_memory()[0] - base
-        finally:
-            tracemalloc.stop()
+            every = traced.held()
     assert one <= per_connection * per_request + CONNECTION_BYTES, (
         f"one connection pins {one / KIB:.0f} KiB, bound {(per_connection * per_request + CONNECTION_BYTES) / KIB:.0f}")
     bound = pending * per_request + len(conns) * CONNECTION_BYTES
@@ -218,14 +226,10 @@ def test_a_refused_frame_is_not_held_while_its_refusal_waits(roomy):
     empties = roomy.server.options.max_frame - len(head) - 4
     body = head + empties.to_bytes(4, "big") + b"\x90" * empties
     received = roomy.call(roomy.server.stats_data())["frames_received"]
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
+    with Traced() as traced:
         raw.send_bytes(body)  # refused for its unknown field "a", once the answers before it have gone
         roomy.call(until(lambda: roomy.server.stats_data(), lambda s: s["frames_received"] > received))
-        held = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
+        held = traced.held()
     assert held < 8 << 20, f"{held / 2**20:.0f} MiB held while the refusal waits"
     raw.close()
     roomy.settle()

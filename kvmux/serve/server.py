@@ -253,8 +253,8 @@ class Server:
     async def start(self) -> None:
         sock = unix_socket.bind(self.options.socket_path, self.options.socket_mode)
         self._inode = os.lstat(self.options.socket_path).st_ino
-        # The reader stops taking a client's bytes once READ_BUFFER x 2 of them wait unread (the frame being read
-        # may be larger): a connection holds at most about one frame of input.
+        # The reader stops taking a client's bytes once 2 x READ_BUFFER of them wait unread (plus the chunk being
+        # received; the frame being read may be larger): a connection holds about one frame of input at most.
         self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_BUFFER)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
