@@ -5,15 +5,18 @@
     python -m bench.soak --model path/to/tiny --duration 15 --warmup 5 --max-model-len 256
 
 Clients stream, complete, abort, vanish mid-request, share prefixes, send
-oversize prompts, bad parameters, garbage frames and bursts past the
-per-connection limit. At the end every request must have ended with its
-complete output, an abort it asked for, or an error with an expected code;
-the server must still answer; every block tier must be whole again
-(device `blocks_free == blocks_total`, no host block held, nothing left
-swapped out; cached blocks count as free); and the server's
-resident memory must not have grown by more than the stated bound (plus the
-host pool, whose pages become resident as it fills) after
-warm-up. Exit status 0 when all of that holds.
+oversize prompts, bad parameters, garbage frames, bursts past the
+per-connection limit, and try to pin memory (requests with every list at its
+limit, and frames near the frame limit whose lists are past theirs). At the
+end every request must have ended with its complete output, an abort it asked
+for, or an error with an expected code; the server must still answer; every
+block tier must be whole again (device `blocks_free == blocks_total`, no host
+block held, nothing left swapped out; cached blocks count as free); the
+server's resident memory must not have grown by more than the stated bound
+(plus the host pool, whose pages become resident as it fills) after warm-up;
+and SIGTERM, sent while a client floods the server and reads nothing, must
+end the server within grace period + drain timeout (+ slack). Exit status 0
+when all of that holds.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmux.sampling import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
 from kvmux.serve import protocol
 from kvmux.serve.client import AsyncClient, ConnectionLost, ServerError
 
@@ -40,6 +44,14 @@ WORDS = ("the page table maps each block of keys and values to a slot in the poo
 SYSTEM = "You are a careful assistant inside a soak test. Answer briefly and stay on topic. " * 20
 # Characters of a text prompt left for the chat template's own tokens (SmolLM2's adds a default system prompt).
 TEMPLATE_ROOM = 64
+# A request's lists at their limits (4-byte characters: the largest strings), and issue 13's frame: 330,000 stop
+# token ids in 0.94 MiB, within the default frame limit, which used to pin 25 MiB for the request's life.
+LIST_LIMITS = {"stop": [chr(0x10000 + i) * MAX_STOP_CHARS for i in range(MAX_STOP)],
+               "stop_token_ids": list(range(1000, 1000 + MAX_STOP_TOKEN_IDS))}
+PAST_LIMITS = {"stop_token_ids": [40000] * 330_000}
+# Seconds beyond grace period + drain timeout that stopping the engine (the step under way) and the process may
+# take: the interpreter's teardown of torch alone took 2-10 s on the shared 2-core machine under load.
+SHUTDOWN_SLACK = 30.0
 
 # Each kind of client action, its weight in the mix, and the error codes that count as a correct answer for it.
 # overloaded is always acceptable: under load the engine may hold its maximum of pending requests.
@@ -54,6 +66,7 @@ KINDS = {
     "invalid": (4, {"invalid_params", "invalid_field", "invalid_prompt"}),
     "garbage": (3, {"malformed_frame", "frame_too_large"}),
     "burst": (4, {"too_many_requests"}),
+    "pin": (2, {"invalid_params"}),
 }
 ALWAYS_OK = {"overloaded"}
 
@@ -74,6 +87,8 @@ class SoakConfig:
     max_num_batched_tokens: int = 128  # small prompt chunks, so decodes keep moving while prompts are computed
     max_inflight_per_connection: int = 8
     threads: int = 1  # torch threads of the server
+    grace_period: float = 5.0  # the server's, on SIGTERM
+    drain_timeout: float = 5.0  # the server's: after the grace period, for the last answers to reach clients
     request_timeout: float = 180.0  # a request without its last frame by then counts as a hang
     # Allowed growth of the server's resident memory after warm-up, beyond the host pool: that pool is
     # allocated untouched and its pages become resident as blocks are first swapped or demoted to it.
@@ -262,6 +277,35 @@ class Soak:
         finally:
             writer.transport.abort()  # no goodbye: the server must notice and abort the requests
 
+    async def pin(self) -> None:
+        """Pin what one client can: on a fresh connection, requests with every list at its limit and one frame
+        whose lists are past theirs, all sent before a single answer is read."""
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        try:
+            count = self.rng.randint(1, self.cfg.max_inflight_per_connection - 1)
+            self.tally.requests += count  # one() counted the one past the limits
+            params = self.params(max_tokens=self.cfg.max_tokens, **LIST_LIMITS)
+            requests = {f"p{i}": params for i in range(count)}
+            requests["past"] = {**params, **PAST_LIMITS}
+            started = time.monotonic()
+            for request_id, p in requests.items():
+                writer.write(protocol.encode({"op": "generate", "id": request_id, "prompt": self.prompt(), "params": p}))
+            await writer.drain()
+            outputs = collections.defaultdict(list)
+            while requests:
+                frame = await protocol.read_frame(reader, timeout=None)
+                if frame is None:
+                    return self.tally.problem(f"pin: the server closed the connection, {sorted(requests)} unanswered")
+                if frame["type"] == "error":
+                    self.expected_error("pin", ServerError(frame["code"], frame["message"]))
+                    requests.pop(frame["id"], None)
+                    continue
+                outputs[frame["id"]].append(protocol.output_of(frame))
+                if frame["finished"]:
+                    self.check_complete("pin", outputs.pop(frame["id"]), requests.pop(frame["id"]), started, None)
+        finally:
+            writer.transport.abort()
+
     async def garbage(self) -> None:
         reader, writer = await asyncio.open_unix_connection(self.path)
         try:
@@ -306,6 +350,8 @@ class Soak:
             await self.garbage()
         elif kind == "burst":
             await self.burst()
+        elif kind == "pin":
+            await self.pin()
         else:
             await self.generate(client, kind)
 
@@ -348,7 +394,7 @@ def start_server(cfg: SoakConfig, socket_path: str, log_path: str) -> subprocess
            "--max-tokens-limit", str(cfg.max_tokens), "--max-pending", str(cfg.max_pending),
            "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
            "--max-inflight-per-connection", str(cfg.max_inflight_per_connection), "--threads", str(cfg.threads),
-           "--read-timeout", "5", "--grace-period", "5"]
+           "--read-timeout", "5", "--grace-period", str(cfg.grace_period), "--drain-timeout", str(cfg.drain_timeout)]
     if cfg.model:
         cmd += ["--model", cfg.model]
     log = open(log_path, "w")
@@ -419,13 +465,18 @@ async def run(cfg: SoakConfig) -> dict:
             stats = await drained(control)
             health = await control.health()
             rss_end = rss_mib(server.pid)
+            flood, flood_unsent = await unread_flood(path, control)
     finally:
+        shutdown_started = time.monotonic()
         server.send_signal(signal.SIGTERM)
+        shutdown_bound = cfg.grace_period + cfg.drain_timeout
         try:
-            exit_status = server.wait(timeout=60)
+            exit_status = server.wait(timeout=shutdown_bound + 60)
         except subprocess.TimeoutExpired:
             server.kill()
             exit_status = "killed"
+        shutdown_seconds = time.monotonic() - shutdown_started
+    flood.transport.abort()
     t = soak.tally
     leaks = leaks_of(stats)
     growth = rss_end - rss_warm
@@ -446,6 +497,8 @@ async def run(cfg: SoakConfig) -> dict:
         "hangs": t.hangs, "problems": len(t.problems), "problem_samples": t.problems[:20],
         "leaks": leaks, "leaks_found": sum(leaks.values()),
         "healthy": health["status"] == "ok", "server_exit_status": exit_status,
+        "shutdown_seconds": round(shutdown_seconds, 1), "shutdown_bound_s": shutdown_bound,
+        "shutdown_unsent_bytes": flood_unsent,
         "rss_mib_after_warmup": round(rss_warm, 1), "rss_mib_peak": round(peak, 1), "rss_mib_end": round(rss_end, 1),
         "rss_growth_mib": round(growth, 1), "rss_bound_mib": cfg.rss_bound_mib,
         "host_pool_mib": round(host_pool_mib, 1), "rss_growth_allowed_mib": round(allowed, 1),
@@ -455,10 +508,27 @@ async def run(cfg: SoakConfig) -> dict:
     }
     checks = {"no leaks": summary["leaks_found"] == 0, "no hangs": t.hangs == 0, "no problems": not t.problems,
               "healthy": summary["healthy"], "all accounted": summary["unaccounted"] == 0,
-              "rss bounded": growth <= allowed, "clean exit": exit_status == 0}
+              "rss bounded": growth <= allowed, "clean exit": exit_status == 0,
+              "shutdown met a client that reads nothing": flood_unsent > 0,
+              "shutdown bounded": shutdown_seconds <= shutdown_bound + SHUTDOWN_SLACK}
     summary["failed_checks"] = [name for name, ok in checks.items() if not ok]
     summary["passed"] = not summary["failed_checks"]
     return summary
+
+
+async def unread_flood(path: str, control: AsyncClient) -> tuple[asyncio.StreamWriter, int]:
+    """Connect a client that sends a generate and a flood of stats frames and reads nothing, and wait until the
+    server holds answers it cannot send: shutdown must not wait for them. Returns the connection (to be kept
+    open until the server has gone) and the server's unsent bytes."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    frames = [{"op": "generate", "id": "g", "prompt": "the page table", "params": {"max_tokens": 16}}]
+    frames += [{"op": "stats", "id": f"s{i}"} for i in range(400)]
+    writer.write(b"".join(map(protocol.encode, frames)))
+    await writer.drain()
+    deadline = time.monotonic() + 60
+    while not (stats := await control.stats())["unsent_bytes"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return writer, stats["unsent_bytes"]
 
 
 async def _sample_while(workers: list[asyncio.Task], pid: int) -> float:
@@ -489,6 +559,8 @@ def print_summary(s: dict) -> None:
           f"MiB = {s['rss_growth_allowed_mib']} MiB)")
     print(f"  leaks found = {s['leaks_found']} {s['leaks']}, hangs = {s['hangs']}, problems = {s['problems']}, "
           f"healthy = {s['healthy']}, server exit = {s['server_exit_status']}")
+    print(f"  shutdown with a client reading nothing ({s['shutdown_unsent_bytes']} bytes unsent): "
+          f"{s['shutdown_seconds']} s (bound: grace + drain = {s['shutdown_bound_s']} s)")
     for p in s["problem_samples"]:
         print(f"    problem: {p}")
     print("PASSED" if s["passed"] else "FAILED: " + ", ".join(s["failed_checks"]))

@@ -206,7 +206,8 @@ async def _serve(args: argparse.Namespace) -> int:
     check_socket_folder(args.socket)
     unix_socket.claim(args.socket)  # fail before the model load, not after it
     options = ServerOptions(args.socket, args.socket_mode, args.max_frame_bytes, args.read_timeout,
-                            args.grace_period, args.max_inflight_per_connection, args.write_timeout)
+                            args.grace_period, args.max_inflight_per_connection, args.write_timeout,
+                            args.drain_timeout, args.max_connections)
     async with Engine(**engine_options(args)) as engine:
         server = Server(engine, options)
         await server.start()
@@ -216,7 +217,8 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         print(f"kvmux: serving {engine.loaded.name} on {args.socket}", file=sys.stderr, flush=True)
         await stop.wait()
-        print(f"kvmux: shutting down (grace period {args.grace_period:g} s)", file=sys.stderr, flush=True)
+        print(f"kvmux: shutting down (grace period {args.grace_period:g} s, drain timeout {args.drain_timeout:g} s)",
+              file=sys.stderr, flush=True)
         await server.shutdown()
     return 0
 
@@ -340,6 +342,11 @@ def build_parser() -> Parser:
                        help="requests one connection may have in flight (too_many_requests)")
     serve.add_argument("--write-timeout", type=float, default=60.0,
                        help="seconds a client may leave answers unread before it is disconnected")
+    serve.add_argument("--drain-timeout", type=float, default=5.0,
+                       help="on shutdown, seconds after the grace period for the last answers to reach clients; "
+                            "connections not drained by then are cut")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="connections open at once (too_many_connections)")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 

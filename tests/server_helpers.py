@@ -13,8 +13,11 @@ from kvmux.engine.loop_thread import LoopThread
 from kvmux.serve import protocol
 from kvmux.serve.server import Server, ServerOptions
 
-from engine_helpers import settled
+from engine_helpers import PROMPT, ForwardGate, greedy, settled, wire
 
+# A small pool, two seats and small prompt chunks, so that waiting, prefilling and preemption are easy to reach.
+SMALL = {"num_blocks": 8, "block_size": 8, "max_num_seqs": 2, "max_num_batched_tokens": 8, "max_pending": 16,
+         "enable_prefix_caching": False}
 # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer; sockets go here instead.
 SOCKETS = tempfile.TemporaryDirectory(prefix="kvx-", dir="/tmp")
 
@@ -110,3 +113,22 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def step_until(served, gate: ForwardGate, predicate) -> dict:
+    """Let forwards through one at a time until predicate(stats) holds at a held forward."""
+    gate.wait_held()
+    while not predicate(stats := served.stats()):
+        gate.allow(1)
+        gate.wait_held()
+    return stats
+
+
+def start_pair(served, gate: ForwardGate) -> tuple[Raw, Raw]:
+    """On a SMALL engine, two sequences of 7 + 40 tokens need 6 blocks each of the 8: the later one ("b") is
+    preempted as they grow."""
+    first, second = Raw(served.path), Raw(served.path)
+    first.send({"op": "generate", "id": "a", "prompt": PROMPT, "params": wire(greedy(40))})
+    step_until(served, gate, lambda s: s["running"] == 1)
+    second.send({"op": "generate", "id": "b", "prompt": PROMPT[::-1], "params": wire(greedy(40))})
+    return first, second

@@ -15,11 +15,7 @@ import pytest
 from kvmux.serve.client import AsyncClient, Client, ServerError
 
 from engine_helpers import PROMPT, ForwardGate, detokenizer_failing_on, failing_on_call, greedy, wire
-from server_helpers import Raw, Served
-
-# A small pool, two seats and small prompt chunks, so that waiting, prefilling and preemption are easy to reach.
-SMALL = {"num_blocks": 8, "block_size": 8, "max_num_seqs": 2, "max_num_batched_tokens": 8, "max_pending": 16,
-         "enable_prefix_caching": False}
+from server_helpers import SMALL, Raw, Served, start_pair, step_until
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +37,6 @@ def serves_the_next_request(served) -> None:
     with Client(served.path) as client:
         assert client.complete(PROMPT, greedy(5)).num_output_tokens == 5
     served.settle()
-
-
-def step_until(served, gate: ForwardGate, predicate) -> dict:
-    """Let forwards through one at a time until predicate(stats) holds at a held forward."""
-    gate.wait_held()
-    while not predicate(stats := served.stats()):
-        gate.allow(1)
-        gate.wait_held()
-    return stats
 
 
 def test_forward_raising_mid_step_fails_its_batch(served):
@@ -160,15 +147,6 @@ def test_vanish_while_decoding(served):
         assert served.stats()["running"] == 1
         gone.close()
     serves_the_next_request(served)
-
-
-def start_pair(served, gate: ForwardGate) -> tuple[Raw, Raw]:
-    """Two sequences of 7 + 40 tokens need 6 blocks each of the 8: the later one is preempted as they grow."""
-    first, second = Raw(served.path), Raw(served.path)
-    first.send({"op": "generate", "id": "a", "prompt": PROMPT, "params": wire(greedy(40))})
-    step_until(served, gate, lambda s: s["running"] == 1)
-    second.send({"op": "generate", "id": "b", "prompt": PROMPT[::-1], "params": wire(greedy(40))})
-    return first, second
 
 
 def test_vanish_while_preempted(served):

@@ -1,5 +1,5 @@
 """Fuzzing the socket protocol: arbitrary bytes, truncated frames, wrong lengths, deep or huge msgpack values,
-wrong types for every field, and sequences of valid and invalid operations. The server answers each with an
+wrong types for every field, maps with bin or mixed str and bin keys, and sequences of valid and invalid operations. The server answers each with an
 error frame or a clean disconnect, never an internal error, never hangs a connection, and a well-behaved
 client on another connection keeps getting the right outputs throughout."""
 from __future__ import annotations
@@ -29,12 +29,15 @@ READ_TIMEOUT = 0.3
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # What a request's answer may be refused with; internal_error would be a server bug.
-REQUEST_CODES = set(protocol.ERROR_CODES) - {"internal_error", "frame_too_large", "frame_timeout", "shutting_down"}
+REQUEST_CODES = set(protocol.ERROR_CODES) - {"internal_error", "frame_too_large", "frame_timeout", "shutting_down",
+                                             "too_many_connections"}
 
+# Map keys: str as the protocol says, bin (bytes) as msgpack also allows, and so maps mixing the two.
+map_keys = st.text(max_size=6) | st.binary(max_size=6)
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1) | st.floats()
     | st.text(max_size=12) | st.binary(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(map_keys, inner, max_size=4),
     max_leaves=12)
 
 
@@ -163,12 +166,51 @@ def test_wrong_types_for_every_field(served, message):
     served.settle()
 
 
+@st.composite
+def bin_keyed(draw):
+    """A valid request some of whose keys (at its top or in its params) are bin instead of str, or with bin
+    keys added beside its str ones."""
+    op = draw(st.sampled_from(sorted(FIELDS)))
+    message = base_message(op)
+    target = message["params"] if op == "generate" and draw(st.booleans()) else message
+    for key in draw(st.lists(st.sampled_from(sorted(target)), unique=True, max_size=3)):
+        target[key.encode()] = target.pop(key)
+    for key in draw(st.lists(map_keys, max_size=3)):
+        target[key] = draw(msgpack_values)
+    if all(isinstance(key, str) for key in target):
+        target[draw(st.binary(max_size=6))] = draw(msgpack_values)
+    return message
+
+
+@FUZZ
+@given(message=bin_keyed())
+def test_bin_and_mixed_keys_are_malformed_and_spare_the_connection(served, message):
+    """Keys are str: any bin key, anywhere, is malformed_frame (no id can be trusted), and the request already in
+    flight on the same connection runs to its end."""
+    raw = Raw(served.path, timeout=20)
+    raw.send({"op": "generate", "id": "first", "prompt": PROMPT, "params": SHORT})
+    raw.send_bytes(msgpack.packb(message, use_bin_type=True))
+    frames = answered_until_probe(raw)
+    assert frames is not None
+    errors = [f for f in frames if f["type"] == "error"]
+    assert [(f["code"], f["id"]) for f in errors] == [("malformed_frame", None)], errors
+    ended = [f for f in frames if f["id"] == "first" and f["finished"]]
+    while not ended:
+        frame = raw.recv()
+        check_frame(frame)
+        ended = [frame] if frame["id"] == "first" and frame["finished"] else []
+    assert ended[0]["finish_reason"] == "length"
+    raw.close()
+    served.settle()
+
+
 operations = st.one_of(
     st.builds(lambda i, n: {"op": "generate", "id": f"g{i}", "prompt": PROMPT, "params": {**SHORT, "n": n}},
               st.integers(0, 3), st.integers(1, 2)),
     st.builds(lambda i: {"op": "generate", "id": f"g{i}", "prompt": [], "params": SHORT}, st.integers(0, 3)),
     st.builds(lambda i, t: {"op": "abort", "id": f"a{i}", "target": f"g{t}"}, st.integers(0, 3), st.integers(0, 3)),
-    st.sampled_from([{"op": "stats", "id": "s"}, {"op": "model", "id": "m"}, {"op": "fly", "id": "x"}]),
+    st.sampled_from([{"op": "stats", "id": "s"}, {"op": "model", "id": "m"}, {"op": "fly", "id": "x"},
+                     {"op": "health", "id": "k", b"x": 1, "y": 2}]),
     st.binary(max_size=40),
 )
 

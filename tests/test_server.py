@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import select
 import signal
 import socket
 import stat
@@ -23,7 +24,7 @@ from kvmux.serve.client import AsyncClient, Client, ConnectionFailed, Connection
 from kvmux.serve.unix_socket import SocketInUse
 
 from engine_helpers import PROMPT, ForwardGate, greedy, until, wire
-from server_helpers import Raw, Served, short_dir
+from server_helpers import SMALL, Raw, Served, short_dir, start_pair, step_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = wire(greedy(200))  # stays in flight for a good while
@@ -33,6 +34,14 @@ SHORT = wire(greedy(8))
 @pytest.fixture(scope="module")
 def served(tiny):
     s = Served(tiny)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def small(tiny):
+    """A SMALL engine, where a request is easily preempted back to prefill."""
+    s = Served(tiny, {**SMALL, "preemption_mode": "recompute"})
     yield s
     s.close()
 
@@ -256,6 +265,21 @@ def test_every_error_code(served):
         raw.close()
         served.call(narrow.shutdown())
 
+        # A server allowing one connection answers a second one with why it is refused, and closes it.
+        single = served.start_server(os.path.join(short_dir(), "c.sock"), max_connections=1)
+        first = Raw(single.options.socket_path)
+        first.send({"op": "health", "id": "h"})
+        assert first.recv()["type"] == "result"  # the first connection is open and counted
+        second = Raw(single.options.socket_path)
+        frame = second.recv()
+        assert (frame["type"], frame["code"], frame["id"]) == ("error", "too_many_connections", None), frame
+        assert second.recv() is None
+        seen.add("too_many_connections")
+        first.send({"op": "health", "id": "h"})
+        assert first.recv()["type"] == "result"
+        first.close(), second.close()
+        served.call(single.shutdown())
+
         # A second server on the same engine, shutting down while a request runs: new work is refused.
         other = served.start_server(os.path.join(short_dir(), "o.sock"), grace_period=30)
         raw = Raw(other.options.socket_path)
@@ -276,6 +300,105 @@ def test_every_error_code(served):
     # test_a_stopped_engine_is_not_running below.
     assert seen == set(protocol.ERROR_CODES) - {"internal_error", "engine_dead", "not_running"}
     served.settle()
+
+
+def test_bin_and_mixed_keys_are_malformed_and_the_connection_goes_on(served):
+    """Keys are str. A frame mixing str and bin keys used to end the connection silently (sorting its unknown
+    keys raised outside any handler), cutting off the connection's other requests mid-stream."""
+    raw = Raw(served.path)
+    with ForwardGate(served.engine) as gate:  # "g" is in flight, and sends nothing until the gate opens
+        raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": SHORT})
+        gate.wait_held()
+        for message in ({"op": "health", "id": "k4", b"x": 1, "y": 2}, {b"op": "health", b"id": "k5"},
+                        {"op": "generate", "id": "k6", "prompt": PROMPT, "params": {b"max_tokens": 3}}):
+            frame = error_of(raw, msgpack.packb(message, use_bin_type=True))
+            assert (frame["code"], frame["id"]) == ("malformed_frame", None), frame
+            assert "keys must be msgpack str" in frame["message"]
+        gate.release()
+    last = raw.until_finished("g")
+    assert last["finish_reason"] == "length" and last["num_output_tokens"] == 8
+    raw.send({"op": "health", "id": "h"})
+    assert raw.recv()["data"]["status"] == "ok"
+    raw.close()
+    served.settle()
+
+
+def test_an_unexpected_failure_is_that_frames_internal_error(served, monkeypatch):
+    """No exception while handling one frame may end its connection: it is internal_error for that frame."""
+    real = protocol.parse_request
+
+    def fragile(message):
+        if message.get("id") == "boom":
+            raise RuntimeError("injected parse fault")
+        return real(message)
+    monkeypatch.setattr(protocol, "parse_request", fragile)
+    raw = Raw(served.path)
+    with ForwardGate(served.engine) as gate:
+        raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": SHORT})
+        gate.wait_held()
+        frame = error_of(raw, {"op": "health", "id": "boom"})
+        assert (frame["code"], frame["id"]) == ("internal_error", "boom") and "injected parse fault" in frame["message"]
+        gate.release()
+    assert raw.until_finished("g")["finish_reason"] == "length"  # the request in flight went on
+    raw.send({"op": "health", "id": "h"})
+    assert raw.recv()["data"]["status"] == "ok"
+    raw.close()
+    served.settle()
+
+
+def test_the_read_timeout_is_one_deadline_per_frame(served):
+    """A frame must be complete within the read timeout of its first byte. The header and the body each used to
+    get the whole timeout, so a frame whose header completed just before it was cut off only at about twice it."""
+    timeout = 2.0
+    server = served.start_server(os.path.join(short_dir(), "t.sock"), read_timeout=timeout)
+    raw = Raw(server.options.socket_path)
+    header = protocol.HEADER.pack(100)
+    raw.sock.sendall(header[:1])
+    started = time.monotonic()
+    time.sleep(0.9 * timeout)  # paces the sender: the header completes just inside the timeout
+    raw.sock.sendall(header[1:])
+    # Then the body trickles, one byte per 0.1 s, until the server answers.
+    while not select.select([raw.sock], [], [], 0.1)[0]:
+        raw.sock.sendall(b"\xc0")
+    frame = raw.recv()
+    cut_after = time.monotonic() - started
+    assert frame["code"] == "frame_timeout" and raw.recv() is None
+    assert cut_after < timeout + 1.0, f"cut off {cut_after:.2f} s after the frame's first byte, the timeout is {timeout} s"
+    raw.close()
+    served.call(server.shutdown())
+
+
+def test_an_id_reused_after_its_abort_runs_to_completion(served):
+    """Abort "a" while decode holds it (after its first token), then reuse the id: the abort's tombstone in
+    prefill, which did not hold it, must not end the new request."""
+    raw = Raw(served.path)
+    raw.send({"op": "generate", "id": "a", "prompt": PROMPT, "params": LONG})
+    assert raw.recv()["type"] == "output"  # its first token: decode holds it now
+    raw.send({"op": "abort", "id": "x", "target": "a"})
+    assert raw.until_finished("a")["finish_reason"] == "abort"
+    raw.send({"op": "generate", "id": "a", "prompt": PROMPT, "params": SHORT})
+    last = raw.until_finished("a")
+    assert (last["finish_reason"], last["num_output_tokens"]) == ("length", 8)
+    raw.close()
+    served.settle()
+
+
+def test_an_id_reused_after_its_abort_in_prefill_runs_to_completion(small):
+    """The same while prefill holds it: "b" has its first tokens and has been preempted back to prefill when it
+    is aborted; decode, which did not hold it, must not end the new "b"."""
+    with ForwardGate(small.engine) as gate:
+        first, second = start_pair(small, gate)
+        step_until(small, gate, lambda s: s["preempted_waiting"] == 1)
+        second.send({"op": "abort", "id": "x", "target": "b"})
+        aborted = second.until_finished("b")
+        assert aborted["finish_reason"] == "abort" and aborted["num_output_tokens"] > 0
+        second.send({"op": "generate", "id": "b", "prompt": PROMPT[::-1], "params": wire(greedy(10))})
+        gate.release()
+        last = second.until_finished("b")
+    assert (last["finish_reason"], last["num_output_tokens"]) == ("length", 10)
+    assert first.until_finished("a")["finish_reason"] == "length"
+    first.close(), second.close()
+    small.settle()
 
 
 def test_disconnect_mid_stream_frees_blocks(served):
@@ -306,6 +429,22 @@ def test_client_errors():
         listener.close()
 
     asyncio.run(main())
+
+    # A "server" answering with a frame the client cannot route: the request hears why instead of waiting forever.
+    path = os.path.join(short_dir(), "odd.sock")
+
+    async def odd():
+        async def answer_oddly(reader, writer):
+            await protocol.read_frame(reader)
+            writer.write(protocol.encode({"type": "output", "id": ["not", "a", "str"]}))
+            await reader.read()  # and stay connected
+        listener = await asyncio.start_unix_server(answer_oddly, path)
+        async with AsyncClient(path) as client:
+            with pytest.raises(ConnectionLost, match="could not be handled"):
+                await asyncio.wait_for(client.complete(PROMPT, SHORT), 30)
+        listener.close()
+
+    asyncio.run(odd())
 
 
 def test_server_error_is_raised_by_the_client(served):
@@ -397,6 +536,38 @@ def test_serve_cli_client_and_sigterm(tiny):
         assert server.wait(timeout=30) == 0, server.communicate()
         assert not os.path.exists(path)
     finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_sigterm_ends_within_its_bound_while_a_client_reads_nothing(tiny):
+    """A client floods stats and a generate and never reads. Shutdown used to wait for its unsent answers to
+    drain, for as long as it stayed connected; it must end within grace period + drain timeout."""
+    grace, drain = 1.0, 2.0
+    path = os.path.join(short_dir(), "k.sock")
+    server = subprocess.Popen([sys.executable, "-m", "kvmux", "serve", "--socket", path, "--model", tiny,
+                               "--num-blocks", "64", "--block-size", "8", "--grace-period", str(grace),
+                               "--drain-timeout", str(drain)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stuck = socket.socket(socket.AF_UNIX)
+    try:
+        wait_for_socket(path, server)
+        stuck.connect(path)
+        frames = [{"op": "generate", "id": "g", "prompt": PROMPT, "params": LONG}]
+        frames += [{"op": "stats", "id": f"s{i}"} for i in range(400)]
+        stuck.sendall(b"".join(map(protocol.encode, frames)))
+        with Client(path) as control:  # wait until the server holds answers that it cannot send
+            deadline = time.monotonic() + 60
+            while control.stats()["unsent_bytes"] == 0:
+                assert time.monotonic() < deadline, "the server never had answers it could not send"
+        server.send_signal(signal.SIGTERM)
+        # Slack: stopping the engine, and the interpreter tearing torch down (10 s seen with the load average at 7).
+        bound, slack = grace + drain, 30
+        try:
+            assert server.wait(timeout=bound + slack) == 0, server.communicate()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server was still running {bound + slack} s after SIGTERM (bound: grace + drain = {bound} s)")
+    finally:
+        stuck.close()
         if server.poll() is None:
             server.kill()
 

@@ -39,6 +39,7 @@ class Actor:
             except Exception as exc:  # noqa: BLE001 - one bad message must not stop the actor
                 log.exception("%s failed handling %s", self.name, type(message).__name__)
                 self.on_error(message, exc)
+            del message  # waiting for the next one, an actor holds none (a refused Submit can be large)
 
     async def handle(self, message) -> None:
         raise NotImplementedError

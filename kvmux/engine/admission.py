@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, replace
 
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor
@@ -92,8 +93,10 @@ class Admission(Actor):
         prefix_offset, read_offset = initial_offsets(len(prompt_ids))
         serial = self.live[sub.request_id] = next(self.serials)
         self.admitted += 1
+        # The one copy the request keeps for its life (validate bounded it): stop ids as 4-byte ints.
+        params = replace(sub.params, stop_token_ids=array("i", sub.params.stop_token_ids))
         self.prefill.send(messages.Admitted(messages.SeqState(
-            request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=sub.params,
+            request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
             seed=seed, arrival=sub.arrival, priority=sub.priority,
             prefix_offset=prefix_offset, read_offset=read_offset,
         )))

@@ -7,6 +7,7 @@ and rebuilt on the other side; nothing but these classes can be decoded.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field, fields
 
 import msgpack
@@ -271,9 +272,14 @@ _CLASSES = {cls.__name__: cls for cls in (
 )}
 _FIELDS = {cls: [f.name for f in fields(cls)] for cls in _CLASSES.values()}
 _TAG = "__t"
+# Token ids stored compactly, as array("i"): 4 bytes each on the wire and in memory, where a list of Python
+# ints takes 36 (admission so stores a request's stop_token_ids).
+_TOKEN_ARRAY = 1  # msgpack ext code
 
 
 def _to_wire(obj):
+    if isinstance(obj, array):
+        return msgpack.ExtType(_TOKEN_ARRAY, obj.tobytes())
     names = _FIELDS.get(type(obj))
     if names is None:
         raise TypeError(f"cannot encode {type(obj).__name__}: not a kvmux message")
@@ -289,9 +295,15 @@ def _from_wire(wire: dict):
     return _CLASSES[tag](**wire)
 
 
+def _ext_from_wire(code: int, data: bytes):
+    if code != _TOKEN_ARRAY:
+        raise ValueError(f"unknown msgpack ext type {code} in an engine message")
+    return array("i", data)
+
+
 def encode(message) -> bytes:
     return msgpack.packb(message, default=_to_wire, use_bin_type=True)
 
 
 def decode(data: bytes):
-    return msgpack.unpackb(data, object_hook=_from_wire, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, object_hook=_from_wire, ext_hook=_ext_from_wire, raw=False, strict_map_key=False)

@@ -24,7 +24,7 @@ from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
-from kvmux.engine.router import Router
+from kvmux.engine.router import OutputStream, Router
 from kvmux.engine.runner import Runner
 from kvmux.model.loader import LoadedModel, default_model_path, load_model
 from kvmux.model.metadata import context_length
@@ -131,7 +131,7 @@ class Engine:
         if not task.cancelled() and task.exception() is not None:
             log.error("actor %s died: %r; failing requests in flight", task.get_name(), task.exception())
             for stream in self.router.streams.values():
-                stream.put_nowait(KvmuxError("engine_dead", f"{task.get_name()} crashed: {task.exception()!r}"))
+                stream.put(KvmuxError("engine_dead", f"{task.get_name()} crashed: {task.exception()!r}"))
 
     async def stop(self) -> None:
         """Abort what is in flight, stop the actors and the forward thread."""
@@ -172,11 +172,12 @@ class Engine:
         if request_id in self.router.streams:
             raise RequestRejected("duplicate_request_id", f"request id {request_id!r} is already in flight")
         params = params or SamplingParams()
-        text, ids, chat = split_prompt(prompt)
-        stream: asyncio.Queue = asyncio.Queue()
-        self.router.streams[request_id] = stream
+        submit = messages.Submit(request_id, *split_prompt(prompt), replace(params), priority, time.monotonic())
+        stream = self.router.streams[request_id] = OutputStream()
         samples = self.router.samples_left[request_id] = num_samples(params.n)
-        self.admission.send(messages.Submit(request_id, text, ids, chat, replace(params), priority, time.monotonic()))
+        self.admission.send(submit)
+        # The request lives on in the actor that holds it; a stream may last long, so it keeps no copy here.
+        del prompt, params, submit
         finished = False
         try:
             while not finished:

@@ -89,6 +89,8 @@ class AsyncClient:
                 self._route(frame)
         except (KvmuxError, ConnectionError) as exc:
             reason = str(exc)
+        except Exception as exc:  # a frame this client cannot route (a server bug): every waiting request hears why
+            reason = f"a frame from the server could not be handled: {type(exc).__name__}: {exc}"
         self._lost = ConnectionLost("connection_lost", reason)
         for queue in self._pending.values():
             queue.put_nowait(self._lost)

@@ -23,7 +23,7 @@ MAX_ID_LEN = 256
 
 # Every error code a server sends, with what it means. The server sends no other code.
 ERROR_CODES = {
-    "malformed_frame": "the frame body is not a msgpack map (or uses ext types); the connection stays open",
+    "malformed_frame": "the frame body is not a msgpack map with str keys (or uses ext types); the connection stays open",
     "frame_too_large": "the length header exceeds the server's maximum frame size; the connection is closed",
     "frame_timeout": "a frame was only partly received within the read timeout; the connection is closed",
     "unknown_op": "the op field names no operation",
@@ -34,6 +34,7 @@ ERROR_CODES = {
     "prompt_too_long": "the prompt exceeds the prompt limit, or prompt + max_tokens exceed the context or the KV pool",
     "duplicate_request_id": "the id is already in flight on this connection",
     "too_many_requests": "this connection already has its maximum of requests in flight; wait for one to end",
+    "too_many_connections": "the server already has its maximum of connections open; the connection is closed",
     "overloaded": "too many requests are waiting; retry later",
     "shutting_down": "the server is stopping and admits no new requests",
     "not_running": "the engine behind the server is not running (it was stopped)",
@@ -78,24 +79,26 @@ def _no_ext(code: int, data: bytes):
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
-def _find_timestamp(value) -> bool:
-    """Whether a decoded value holds a msgpack Timestamp anywhere.
+def _refuse_what_msgpack_lets_through(value) -> None:
+    """Raise ProtocolError(malformed_frame) for what unpackb decodes but the protocol refuses, anywhere in value.
 
-    msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook,
-    so this is the one ext type that must be looked for after decoding.
-    Iterative, because a frame may nest as deep as msgpack allows.
+    Map keys must be str: strict_map_key also lets bin keys through (as bytes), and a frame mixing the two could
+    not even have its unknown fields sorted. And msgpack decodes ext type -1 (timestamp) itself, without
+    calling ext_hook. Iterative, because a frame may nest as deep as msgpack allows.
     """
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, msgpack.Timestamp):
-            return True
         if isinstance(item, dict):
-            stack.extend(item.keys())
+            bad = next((key for key in item if not isinstance(key, str)), None)
+            if bad is not None:
+                raise ProtocolError("malformed_frame", f"map keys must be msgpack str, got a {type(bad).__name__} "
+                                                       f"key {bad!r:.60}")
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+        elif isinstance(item, msgpack.Timestamp):
+            raise ProtocolError("malformed_frame", "msgpack ext types (here a timestamp) are not allowed")
 
 
 def encode(message: dict) -> bytes:
@@ -114,8 +117,7 @@ def decode(body: bytes) -> dict:
                             f"frame body is not valid msgpack: {type(exc).__name__}: {exc or 'unpack failed'}") from None
     if not isinstance(message, dict):
         raise ProtocolError("malformed_frame", f"frame body must be a msgpack map, got {type(message).__name__}")
-    if _find_timestamp(message):
-        raise ProtocolError("malformed_frame", "msgpack ext types (here a timestamp) are not allowed")
+    _refuse_what_msgpack_lets_through(message)
     return message
 
 
@@ -124,8 +126,9 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
     """Read one frame; None at a clean end of stream (between frames).
 
     The size is checked before the body is read, so an oversized frame costs
-    no memory. Once a frame has begun, the rest must arrive within `timeout`
-    so that a stalled peer cannot hold a half-read frame forever.
+    no memory. Once a frame has begun, all of it, header and body, must arrive
+    within `timeout` of its first byte (one deadline per frame), so that a
+    stalled or trickling peer cannot hold a half-read frame for longer.
     """
     try:
         first = await reader.read(1)
@@ -133,15 +136,22 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
         return None
     if not first:
         return None
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - loop.time())
+
     try:
-        rest = await asyncio.wait_for(reader.readexactly(HEADER.size - 1), timeout)
+        rest = await asyncio.wait_for(reader.readexactly(HEADER.size - 1), left())
         (size,) = HEADER.unpack(first + rest)
         if size > max_frame:
             raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds the maximum of {max_frame} bytes",
                                 fatal=True)
-        body = await asyncio.wait_for(reader.readexactly(size), timeout)
+        body = await asyncio.wait_for(reader.readexactly(size), left())
     except asyncio.TimeoutError:
-        raise ProtocolError("frame_timeout", f"a frame was not completed within {timeout} s", fatal=True) from None
+        raise ProtocolError("frame_timeout", f"a frame was not completed within {timeout} s of its first byte",
+                            fatal=True) from None
     except asyncio.IncompleteReadError:
         raise ProtocolError("malformed_frame", "the connection closed in the middle of a frame", fatal=True) from None
     return decode(body)
@@ -188,7 +198,7 @@ def _field(message: dict, name: str, types: tuple[type, ...], what: str, request
 
 
 def _check_fields(message: dict, allowed: set[str], op: str, request_id: str) -> None:
-    unknown = sorted(set(message) - allowed)
+    unknown = sorted(set(message) - allowed, key=repr)  # repr: total even for keys of mixed types
     if unknown:
         raise ProtocolError("invalid_field", f"{op} has no field(s) {', '.join(map(repr, unknown))}; "
                                              f"its fields are {', '.join(sorted(allowed))}", request_id=request_id)

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from kvmux.engine.supervisor import Engine
@@ -20,6 +21,7 @@ from kvmux.sampling import SamplingParams, num_samples
 from kvmux.serve import protocol, unix_socket
 
 log = logging.getLogger("kvmux.serve.server")
+READ_BUFFER = 64 << 10
 
 
 @dataclass
@@ -36,6 +38,13 @@ class ServerOptions:
     # Seconds a write may wait for the client to read. A client that stops reading would otherwise hold its
     # requests' tasks and output buffers forever; past this it is disconnected and its requests aborted.
     write_timeout: float = 60.0
+    # Seconds after the grace period for the last frames (aborted requests' final outputs) to reach clients on
+    # shutdown; a connection whose client has not read them by then is cut. Shutdown ends within
+    # grace_period + drain_timeout, whatever clients do.
+    drain_timeout: float = 5.0
+    # Connections open at once; more are answered with too_many_connections and closed. With the per-connection
+    # bounds this bounds the memory all clients together can pin (docs/protocol.md, Limits).
+    max_connections: int = 256
 
 
 class Connection:
@@ -56,8 +65,13 @@ class Connection:
         # Ids are the client's choice and unique only per connection; the engine needs them unique overall.
         return f"c{self.number}:{client_id}"
 
+    def unsent_bytes(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
     async def send(self, frame: dict) -> None:
         async with self.write_lock:
+            if self.writer.transport.is_closing():  # cut, or closed by the client: the frame has nowhere to go
+                raise ConnectionResetError("the connection is closing")
             self.writer.write(protocol.encode(frame))
             try:
                 await asyncio.wait_for(self.writer.drain(), self.server.options.write_timeout)
@@ -84,33 +98,57 @@ class Connection:
                 if message is None or self.writer.transport.is_closing():
                     return
                 self.server.frames_received += 1
-                await self.dispatch(message)
+                answer = self.answer(message)
+                # Acting on a frame is synchronous; only its answer may wait (on a client that does not read). The
+                # decoded frame, up to ~80x its size, is dropped first, so neither that wait nor a connection
+                # idle between frames holds it.
+                del message
+                if answer is not None:
+                    await answer
         except ConnectionError:
             pass  # the client went away; the finally below cleans up
+        except Exception as exc:  # a bug in reading frames: the byte stream can no longer be split, so say why and go
+            log.exception("reading from connection %d failed", self.number)
+            await self.send_error(None, "internal_error", f"reading a frame failed: {type(exc).__name__}: {exc}")
         finally:
-            await self.close()
+            await self.close(self.server.options.write_timeout)
 
-    async def dispatch(self, message: dict) -> None:
+    def answer(self, message: dict) -> Awaitable[None] | None:
+        """Act on one frame and return what the reader must send before it reads on, if anything. Whatever goes
+        wrong is that frame's internal_error; the connection goes on."""
+        try:
+            return self.dispatch(message)
+        except Exception as exc:
+            log.exception("a frame on connection %d failed", self.number)
+            request_id = message.get("id")
+            return self.send_error(request_id if isinstance(request_id, str) else None, "internal_error",
+                                   f"handling the frame failed: {type(exc).__name__}: {exc}")
+
+    def dispatch(self, message: dict) -> Awaitable[None] | None:
         try:
             request = protocol.parse_request(message)
         except protocol.ProtocolError as exc:
-            return await self.send_error(exc.request_id, exc.code, exc.message)
+            return self.send_error(exc.request_id, exc.code, exc.message)
         if request.id in self.tasks:
-            return await self.send_error(request.id, "duplicate_request_id",
-                                         f"id {request.id!r} is already in flight on this connection")
+            return self.send_error(request.id, "duplicate_request_id",
+                                   f"id {request.id!r} is already in flight on this connection")
         if isinstance(request, protocol.Abort):
-            # Answered here, before the next frame is read: a client at its in-flight limit can still abort,
-            # and a flood of aborts is throttled by how fast the client reads the answers.
-            return await self.abort(request)
+            # Answered before the next frame is read: a client at its in-flight limit can still abort, and a
+            # flood of aborts is throttled by how fast the client reads the answers.
+            return self.guard(request.id, self.abort(request))
         limit = self.server.options.max_inflight_per_connection
         if len(self.active) >= limit:
-            return await self.send_error(request.id, "too_many_requests",
-                                         f"{len(self.active)} requests are in flight on this connection, "
-                                         f"the limit is {limit}; wait for one to end")
+            return self.send_error(request.id, "too_many_requests",
+                                   f"{len(self.active)} requests are in flight on this connection, "
+                                   f"the limit is {limit}; wait for one to end")
         if isinstance(request, protocol.Generate):
             if self.server.closing:
-                return await self.send_error(request.id, "shutting_down", "the server is shutting down")
-            handler = self.generate(request)
+                return self.send_error(request.id, "shutting_down", "the server is shutting down")
+            # The engine's stream takes the prompt and parameters; the handler keeps only the id, so the request
+            # is held once, by the engine, for as long as it runs.
+            stream = self.server.engine.generate(request.prompt, SamplingParams(**request.params),
+                                                 request_id=self.engine_id(request.id), priority=request.priority)
+            handler = self.generate(request.id, stream, num_samples(request.params.get("n", 1)))
             self.generating.add(request.id)
         else:
             handler = self.query(request)
@@ -118,6 +156,7 @@ class Connection:
         self.tasks[request.id] = task
         self.active.add(task)
         task.add_done_callback(self.active.discard)
+        return None
 
     async def guard(self, request_id: str, handler) -> None:
         """Run one request's handler; whatever it raises becomes an error frame for that request alone."""
@@ -151,17 +190,13 @@ class Connection:
         with contextlib.suppress(ConnectionError):
             await self.send(protocol.error_frame(request_id, code, message))
 
-    async def generate(self, request: protocol.Generate) -> None:
-        engine = self.server.engine
-        stream = engine.generate(request.prompt, SamplingParams(**request.params),
-                                 request_id=self.engine_id(request.id), priority=request.priority)
-        samples_left = num_samples(request.params.get("n", 1))
+    async def generate(self, request_id: str, stream, samples_left: int) -> None:
         # aclosing: leaving early (a lost connection, cancellation) closes the stream, which aborts the request.
         async with contextlib.aclosing(stream):
             async for out in stream:
                 samples_left -= out.finished
-                frame = protocol.output_frame(request.id, out)
-                await (self.send_last(request.id, frame) if samples_left == 0 else self.send(frame))
+                frame = protocol.output_frame(request_id, out)
+                await (self.send_last(request_id, frame) if samples_left == 0 else self.send(frame))
 
     async def abort(self, request: protocol.Abort) -> None:
         found = request.target in self.generating
@@ -173,15 +208,24 @@ class Connection:
         data = await getattr(self.server, f"{request.op}_data")()
         await self.send_last(request.id, protocol.result_frame(request.id, request.op, data))
 
-    async def close(self) -> None:
-        """Cancel every request of this connection (aborting them in the engine) and close it."""
+    async def close(self, within: float) -> None:
+        """Cancel every request of this connection (aborting them in the engine) and close it. What is left
+        unsent may take `within` seconds to reach the client; past that the connection is cut, so closing
+        never waits on a client that does not read."""
         tasks = list(self.active)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.writer.close()
+        self.writer.close()  # flushes what is buffered, then closes
+        closed = asyncio.ensure_future(self.writer.wait_closed())
+        await asyncio.wait([closed], timeout=within)
+        if not closed.done():
+            log.warning("connection %d did not read its last %d bytes within %g s; cutting it", self.number,
+                        self.unsent_bytes(), within)
+            self.writer.transport.abort()  # drops the unsent buffer
+            await asyncio.wait([closed])
         with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
+            closed.result()
 
 
 class Server:
@@ -209,12 +253,19 @@ class Server:
     async def start(self) -> None:
         sock = unix_socket.bind(self.options.socket_path, self.options.socket_mode)
         self._inode = os.lstat(self.options.socket_path).st_ino
-        self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=self.options.max_frame + 64)
+        # The reader stops taking a client's bytes once 2 x READ_BUFFER of them wait unread (plus the chunk being
+        # received; the frame being read may be larger): a connection holds about one frame of input at most.
+        self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_BUFFER)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, next(self._numbers), reader, writer)
-        self.connections.add(conn)
         self._connections_total += 1
+        if len(self.connections) >= self.options.max_connections:
+            # Said once, then closed (bounded like any close): the client did nothing wrong but come late.
+            await conn.send_error(None, "too_many_connections", f"the server has {len(self.connections)} "
+                                  f"connections open, the limit is {self.options.max_connections}; retry later")
+            return await conn.close(self.options.write_timeout)
+        self.connections.add(conn)
         try:
             await conn.serve()
         finally:
@@ -224,24 +275,30 @@ class Server:
         return sum(len(c.generating) for c in self.connections)
 
     async def shutdown(self) -> None:
-        """Stop admitting, let in-flight requests finish within the grace period, abort the rest, close."""
+        """Stop admitting, let in-flight requests finish within the grace period, abort the rest, close.
+
+        Ends within grace_period + drain_timeout whatever clients do: the aborted requests' final frames get
+        drain_timeout to reach their clients, and a connection that has not taken them by then is cut.
+        """
         self.closing = True
         if self._listener is not None:
             self._listener.close()
         unix_socket.remove(self.options.socket_path, self._inode)
-        deadline = time.monotonic() + self.options.grace_period
-        while self.in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._until_idle(time.monotonic() + self.options.grace_period)
         # Abort what is left through the engine, so clients see a final frame with finish_reason "abort".
         for conn in list(self.connections):
             for client_id in list(conn.generating):
                 await self.engine.abort(conn.engine_id(client_id))
-        deadline = time.monotonic() + 5
-        while self.in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await asyncio.gather(*(c.close() for c in list(self.connections)), return_exceptions=True)
+        cutoff = time.monotonic() + self.options.drain_timeout
+        await self._until_idle(cutoff)
+        await asyncio.gather(*(c.close(max(0.0, cutoff - time.monotonic())) for c in list(self.connections)),
+                             return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
+
+    async def _until_idle(self, deadline: float) -> None:
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- query results ---------------------------------------------------------
 
@@ -249,7 +306,7 @@ class Server:
         stats = await self.engine.stats()
         stats.update(connections=len(self.connections), connections_total=self._connections_total,
                      requests_in_flight=self.in_flight(), frames_received=self.frames_received,
-                     errors_sent=self.errors_sent)
+                     errors_sent=self.errors_sent, unsent_bytes=sum(c.unsent_bytes() for c in self.connections))
         return stats
 
     async def health_data(self) -> dict:
