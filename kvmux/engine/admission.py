@@ -9,6 +9,8 @@ from kvmux.engine import messages
 from kvmux.engine.actor import Actor
 from kvmux.engine.detokenize import initial_offsets
 
+MAX_CACHE_SALT = 256  # characters of a request's cache salt
+
 
 @dataclass
 class Limits:
@@ -73,14 +75,20 @@ class Admission(Actor):
             sub.params.validate()
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_params", str(exc))
+        salt = sub.cache_salt
+        if salt is not None and not (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
+            return self._reject(sub.request_id, "invalid_params",
+                                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters")
         cap = self.limits.max_tokens_limit
-        if cap is not None and sub.params.max_tokens > cap:
+        if cap is not None and sub.params.max_tokens is not None and sub.params.max_tokens > cap:
             return self._reject(sub.request_id, "invalid_params",
                                 f"max_tokens ({sub.params.max_tokens}) exceeds this engine's limit of {cap}")
         try:
             prompt_ids = self._tokenize(sub)
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_prompt", str(exc))
+        if sub.params.max_tokens is None:
+            sub.params.max_tokens = self._room(len(prompt_ids))
         problem = self._too_long(len(prompt_ids), sub.params.max_tokens)
         if problem:
             return self._reject(sub.request_id, "prompt_too_long", problem)
@@ -91,7 +99,7 @@ class Admission(Actor):
         self.prefill.send(messages.Admitted(messages.SeqState(
             request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=sub.params,
             seed=seed, arrival=sub.arrival, priority=sub.priority,
-            prefix_offset=prefix_offset, read_offset=read_offset,
+            prefix_offset=prefix_offset, read_offset=read_offset, cache_salt=salt,
         )))
 
     def _tokenize(self, sub: messages.Submit) -> list[int]:
@@ -108,6 +116,12 @@ class Admission(Actor):
         if not ids:
             raise ValueError("the prompt is empty")
         return list(ids)
+
+    def _room(self, prompt_len: int) -> int:
+        """max_tokens for a request that left it open: what the context and the pool leave after the prompt
+        (at least 1, so that a prompt leaving no room is refused as too long)."""
+        room = min(self.limits.max_model_len, self.limits.pool_tokens) - prompt_len
+        return max(1, min(room, self.limits.max_tokens_limit or room))
 
     def _too_long(self, prompt_len: int, max_tokens: int) -> str | None:
         cap = self.limits.max_prompt_tokens

@@ -47,15 +47,19 @@ OPS = ("generate", "abort", "stats", "health", "model")
 # mirror kvmux.sampling.SamplingParams (a test keeps the two in step); the
 # engine validates the values.
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
-    "max_tokens": (int,),
+    "max_tokens": (int, type(None)),  # nil: as many as the context leaves
     "temperature": (int, float),
     "top_k": (int,),
     "top_p": (int, float),
+    "min_p": (int, float),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
     "seed": (int, type(None)),
     "stop": (list,),
     "stop_token_ids": (list,),
     "ignore_eos": (bool,),
     "n": (int,),  # parallel samples; each output frame says which one by its index
+    "logprobs": (int, type(None)),  # output frames then carry logprobs and top_logprobs
 }
 
 
@@ -155,6 +159,7 @@ class Generate:
     prompt: str | list
     params: dict = field(default_factory=dict)  # SamplingParams fields
     priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -230,12 +235,13 @@ def parse_request(message: dict) -> Request:
     if not 0 < len(request_id) <= MAX_ID_LEN or "\0" in request_id:
         raise ProtocolError("invalid_field", f"field 'id' must be 1 to {MAX_ID_LEN} characters, none of them NUL")
     if op == "generate":
-        _check_fields(message, {"op", "id", "prompt", "params", "priority"}, op, request_id)
+        _check_fields(message, {"op", "id", "prompt", "params", "priority", "cache_salt"}, op, request_id)
         prompt = _prompt(_field(message, "prompt", (str, list), "the prompt", request_id), request_id)
         params = _params(_field(message, "params", (dict,), "a map of sampling parameters", request_id, {}),
                          request_id)
         priority = _field(message, "priority", (int,), "an integer", request_id, 0)
-        return Generate(request_id, prompt, params, priority)
+        salt = _field(message, "cache_salt", (str, type(None)), "a string or nil", request_id, None)
+        return Generate(request_id, prompt, params, priority, salt)
     if op == "abort":
         _check_fields(message, {"op", "id", "target"}, op, request_id)
         return Abort(request_id, _field(message, "target", (str,), "the id of a generate request", request_id))
@@ -246,7 +252,7 @@ def parse_request(message: dict) -> Request:
 # -- server frames -----------------------------------------------------------------
 
 _OUTPUT_FIELDS = ("index", "token_ids", "text", "finished", "finish_reason", "num_prompt_tokens",
-                  "num_output_tokens", "error")
+                  "num_output_tokens", "error", "logprobs", "top_logprobs")
 
 
 def output_frame(request_id: str, out: RequestOutput) -> dict:

@@ -154,7 +154,8 @@ class Connection:
     async def generate(self, request: protocol.Generate) -> None:
         engine = self.server.engine
         stream = engine.generate(request.prompt, SamplingParams(**request.params),
-                                 request_id=self.engine_id(request.id), priority=request.priority)
+                                 request_id=self.engine_id(request.id), priority=request.priority,
+                                 cache_salt=request.cache_salt)
         samples_left = num_samples(request.params.get("n", 1))
         # aclosing: leaving early (a lost connection, cancellation) closes the stream, which aborts the request.
         async with contextlib.aclosing(stream):
