@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.8, help="0 for greedy [default: 0.8]")
     group.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens, 0 = all [default: 40]")
     group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass [default: 0.95]")
+    group.add_argument("--min-p", type=float, default=0.0,
+                       help="drop tokens less likely than this times the likeliest, 0 = off [default: 0]")
+    group.add_argument("--presence-penalty", type=float, default=0.0,
+                       help="lower the logit of every token already generated [default: 0]")
+    group.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="lower a token's logit by this per time it was generated [default: 0]")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
@@ -72,7 +79,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def sampling_fields(args: argparse.Namespace) -> dict:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos}
+            "top_p": args.top_p, "min_p": args.min_p, "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty, "seed": args.seed, "stop": args.stop,
+            "ignore_eos": args.ignore_eos}
 
 
 def sampling_params(args: argparse.Namespace):
@@ -135,20 +144,42 @@ async def _serve(args: argparse.Namespace) -> int:
     from kvmux.serve import unix_socket
     from kvmux.serve.server import Server, ServerOptions
 
-    unix_socket.claim(args.socket)  # fail before the model load, not after it
-    options = ServerOptions(args.socket, args.socket_mode, args.max_frame_bytes, args.read_timeout,
-                            args.grace_period, args.max_inflight_per_connection, args.write_timeout)
+    serve_http = args.port is not None or args.host is not None
+    socket_path = args.socket or (None if serve_http else default_socket_path())
+    # Fail before the model load, not after it.
+    if socket_path:
+        unix_socket.claim(socket_path)
+    if serve_http:
+        from kvmux.serve.http import HttpOptions, HttpServer, listen
+
+        http_options = HttpOptions(args.host or "127.0.0.1", 8000 if args.port is None else args.port, args.api_key,
+                                   args.served_model_name, args.max_body_bytes, args.read_timeout, args.write_timeout,
+                                   args.grace_period, args.max_connections)
+        try:
+            http_socket = listen(http_options.host, http_options.port)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {http_options.host}:{http_options.port} ({exc}); "
+                             "choose another --host or --port") from None
     async with Engine(**engine_options(args)) as engine:
-        server = Server(engine, options)
-        await server.start()
+        servers = []
+        if socket_path:
+            servers.append(Server(engine, ServerOptions(
+                socket_path, args.socket_mode, args.max_frame_bytes, args.read_timeout, args.grace_period,
+                args.max_inflight_per_connection, args.write_timeout)))
+            await servers[-1].start()
+            print(f"kvmux: serving {engine.loaded.name} on {socket_path}", file=sys.stderr, flush=True)
+        if serve_http:
+            servers.append(HttpServer(engine, http_options, http_socket))
+            await servers[-1].start()
+            print(f"kvmux: serving {servers[-1].model} on http://{http_options.host}:{servers[-1].port}/v1 "
+                  "(OpenAI API)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"kvmux: serving {engine.loaded.name} on {args.socket}", file=sys.stderr, flush=True)
         await stop.wait()
         print(f"kvmux: shutting down (grace period {args.grace_period:g} s)", file=sys.stderr, flush=True)
-        await server.shutdown()
+        await asyncio.gather(*(server.shutdown() for server in servers))
     return 0
 
 
@@ -223,23 +254,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    serve = commands.add_parser("serve", help="serve a model on a Unix socket",
-                                description="Load a model and serve it on a Unix socket (protocol: docs/protocol.md). "
+    serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI's API) and/or a Unix socket",
+                                description="Load a model and serve it: with --port (or --host), over HTTP with "
+                                            "OpenAI's API (docs/http.md); with --socket, or when no port is given, on "
+                                            "a Unix socket (docs/protocol.md); both at once from one engine. "
                                             "SIGINT/SIGTERM stop it gracefully.")
-    add_socket_arg(serve)
-    serve.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600,
-                       help="permissions of the socket file, in octal [default: 0600: only this user]")
-    serve.add_argument("--max-frame-bytes", type=int, default=protocol.DEFAULT_MAX_FRAME,
-                       help="largest frame a client may send [default: %(default)s]")
-    serve.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
-                       help="seconds a client has to finish sending a frame it started [default: %(default)s]")
-    serve.add_argument("--grace-period", type=float, default=10.0,
-                       help="seconds in-flight requests get to finish on shutdown [default: %(default)s]")
-    serve.add_argument("--max-inflight-per-connection", type=int, default=256,
-                       help="requests one connection may have in flight (too_many_requests) [default: %(default)s]")
-    serve.add_argument("--write-timeout", type=float, default=60.0,
-                       help="seconds a client may leave answers unread before it is disconnected "
-                            "[default: %(default)s]")
+    both = serve.add_argument_group("both servers")
+    both.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
+                      help="seconds a client has to finish sending a frame (socket) or a request body (HTTP) it "
+                           "started [default: %(default)s]")
+    both.add_argument("--write-timeout", type=float, default=60.0,
+                      help="seconds a client may leave answers unread before it is disconnected [default: %(default)s]")
+    both.add_argument("--grace-period", type=float, default=10.0,
+                      help="seconds in-flight requests get to finish on shutdown [default: %(default)s]")
+    http = serve.add_argument_group("HTTP")
+    http.add_argument("--host", default=None, help="address to listen on [default: 127.0.0.1, loopback only]")
+    http.add_argument("--port", type=int, default=None, help="port to listen on, 0 for any free one [default: 8000 "
+                                                             "when --host is given; no HTTP without either]")
+    http.add_argument("--api-key", default=os.environ.get("KVMUX_API_KEY"),
+                      help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize "
+                           "[default: $KVMUX_API_KEY; none]")
+    http.add_argument("--served-model-name", default=None,
+                      help="the model's name in the API [default: the model's folder or file stem]")
+    http.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                      help="largest request body (413 past it) [default: %(default)s]")
+    http.add_argument("--max-connections", type=int, default=1024,
+                      help="connections and requests at once; past it new ones get 503 [default: %(default)s]")
+    sock = serve.add_argument_group("Unix socket")
+    sock.add_argument("--socket", default=None,
+                      help=f"serve on this Unix socket [default: {default_socket_path()} when no --port is given]")
+    sock.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600,
+                      help="permissions of the socket file, in octal [default: 0600: only this user]")
+    sock.add_argument("--max-frame-bytes", type=int, default=protocol.DEFAULT_MAX_FRAME,
+                      help="largest frame a client may send [default: %(default)s]")
+    sock.add_argument("--max-inflight-per-connection", type=int, default=256,
+                      help="requests one connection may have in flight (too_many_requests) [default: %(default)s]")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 

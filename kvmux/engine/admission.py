@@ -104,7 +104,10 @@ class Admission(Actor):
 
     def _tokenize(self, sub: messages.Submit) -> list[int]:
         if sub.chat is not None:
-            text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, ...)
+                raise ValueError(f"the model's chat template refused the messages: {exc}") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif sub.prompt is not None:
             ids = self.tokenizer.encode(sub.prompt)

@@ -288,6 +288,8 @@ _TAG = "__t"
 def _to_wire(obj):
     names = _FIELDS.get(type(obj))
     if names is None:
+        if isinstance(obj, int):  # msgpack hands over the integers it cannot pack itself
+            raise OverflowError(f"the integer {obj} does not fit in 64 bits")
         raise TypeError(f"cannot encode {type(obj).__name__}: not a kvmux message")
     wire = {name: getattr(obj, name) for name in names}
     wire[_TAG] = type(obj).__name__

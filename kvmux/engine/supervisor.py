@@ -172,6 +172,10 @@ class Engine:
             self.admission.send(messages.Submit(request_id, text, ids, chat, replace(params), priority, arrival,
                                                 cache_salt))
         except (UnicodeEncodeError, OverflowError) as exc:  # a lone surrogate; an integer msgpack cannot carry
+            try:
+                params.validate()  # names the field, where a sampling parameter is what failed
+            except ValueError as bad:
+                raise RequestRejected("invalid_params", str(bad)) from None
             raise RequestRejected("invalid_params", f"the request cannot be encoded: {exc}") from None
         # Registered after the send, in the same turn of the loop: admission cannot answer before.
         stream: asyncio.Queue = asyncio.Queue()
