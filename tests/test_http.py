@@ -257,25 +257,23 @@ def test_models_health_tokenize_detokenize(http):
     assert raw(http, "POST", "/tokenize", {"prompt": "a", "messages": CHAT})[0] == 400
 
 
+COUNTED = [("kvmux_requests_finished_total", {"finish_reason": "length"}), ("kvmux_generation_tokens_total", {}),
+           ("kvmux_time_to_first_token_seconds_count", {}), ("kvmux_e2e_request_latency_seconds_count", {}),
+           ("kvmux_http_requests_total", {"route": "/v1/completions", "status": "200"}),
+           ("kvmux_requests_rejected_total", {"code": "invalid_params"})]
+
+
 def test_metrics_count_requests_and_read_the_engine(http):
     http.settle()
-    before = {name: metric(http, name, **labels) for name, labels in [
-        ("kvmux_requests_finished_total", {"finish_reason": "length"}), ("kvmux_generation_tokens_total", {}),
-        ("kvmux_time_to_first_token_seconds_count", {}), ("kvmux_e2e_request_latency_seconds_count", {}),
-        ("kvmux_http_requests_total", {"route": "/v1/completions", "status": "200"}),
-        ("kvmux_requests_rejected_total", {"code": "invalid_params"})]}
+    before = [metric(http, name, **labels) for name, labels in COUNTED]
     client = http.client()
     for _ in range(3):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=-1)
     http.settle()
-    after = {name: metric(http, name, **labels) for name, labels in [
-        ("kvmux_requests_finished_total", {"finish_reason": "length"}), ("kvmux_generation_tokens_total", {}),
-        ("kvmux_time_to_first_token_seconds_count", {}), ("kvmux_e2e_request_latency_seconds_count", {}),
-        ("kvmux_http_requests_total", {"route": "/v1/completions", "status": "200"}),
-        ("kvmux_requests_rejected_total", {"code": "invalid_params"})]}
-    assert [after[k] - before[k] for k in before] == [3, 12, 3, 3, 3, 1]
+    after = [metric(http, name, **labels) for name, labels in COUNTED]
+    assert [a - b for a, b in zip(after, before)] == [3, 12, 3, 3, 3, 1]
     assert metric(http, "kvmux_kv_blocks_free", tier="device") == http.engine.blocks.num_blocks
     assert metric(http, "kvmux_kv_blocks_used", tier="device") == 0
     assert metric(http, "kvmux_sequences", state="running") == 0
@@ -357,6 +355,35 @@ def test_a_failed_forward_is_500_or_an_error_event(http):
         runner.execute = real
     assert client.completions.create(model="m", prompt=PROMPT, max_tokens=3).choices[0].finish_reason == "length"
     http.settle()
+
+
+def test_an_engine_that_dies_fails_what_is_in_flight(tiny):
+    doomed = ServedHttp(tiny)
+    try:
+        decode = doomed.engine.decode
+        # A step failing, and then failing its batch too, is what no handler catches: the decode actor dies.
+        decode._build = failing_on_call(decode._build, 3, "injected bookkeeping fault")
+        decode._fail_batch = failing_on_call(decode._fail_batch, 1, "injected failure while failing")
+        client = doomed.async_client()
+
+        async def streamed():
+            stream = await client.completions.create(model="m", prompt=PROMPT, max_tokens=20, stream=True)
+            return [chunk async for chunk in stream]
+
+        async def main():
+            with ForwardGate(doomed.engine) as gate:  # both are running when the actor dies
+                runs = [asyncio.create_task(streamed()),
+                        asyncio.create_task(client.completions.create(model="m", prompt=PROMPT, max_tokens=20))]
+                await asyncio.to_thread(doomed.wait_for, lambda s: s["requests_live"] == 2)
+                gate.release()
+                return await asyncio.gather(*runs, return_exceptions=True)
+
+        stream_failure, whole_failure = asyncio.run(main())
+        # The stream had begun: the failure comes as an error event (the SDK raises APIError), not a status.
+        assert type(stream_failure) is openai.APIError and "decode" in str(stream_failure)
+        assert isinstance(whole_failure, openai.InternalServerError) and whole_failure.body["code"] == "engine_dead"
+    finally:
+        doomed.close()
 
 
 def test_api_key_overload_and_shutting_down(guarded):

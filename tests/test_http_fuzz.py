@@ -7,7 +7,7 @@ from bench.http_fuzz import ENGINE, fuzz
 
 from server_helpers import ServedHttp
 
-EXAMPLES = 25  # per operation and generation mode: about 200 cases, some seconds
+EXAMPLES = 20  # per operation and generation mode: about 180 cases, some seconds
 
 
 def test_fuzzing_the_api_breaks_nothing(tiny):

@@ -412,7 +412,7 @@ def test_serve_cli_client_and_sigterm(tiny):
 def test_examples_runner_passes_on_a_tiny_model(tiny):
     listed = subprocess.run([sys.executable, "-m", "examples", "--list"], cwd=ROOT, capture_output=True, text=True)
     names = {line.split()[0] for line in listed.stdout.splitlines()}
-    assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats"} <= names
+    assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats", "openai_client"} <= names
     done = subprocess.run([sys.executable, "-m", "examples", "--model", tiny], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

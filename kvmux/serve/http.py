@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import socket
 import time
@@ -328,6 +329,8 @@ class HttpServer:
                                                             for f, s in zip(firsts, streams)])
         except ClientGone:
             return Response(status_code=499)
+        except KvmuxError as exc:  # the engine failed under way (an actor died)
+            raise refused(exc, chat) from None
         finally:
             await _close(streams)
             self.active.difference_update(ids)
@@ -361,6 +364,9 @@ class HttpServer:
                     contextlib.aclosing(self.formatter.events(call, outputs, self._ended_event)) as events:
                 async for event in events:
                     yield event
+        except KvmuxError as exc:  # the engine failed under way (an actor died): the stream says so and ends
+            failure = refused(exc, call.chat)
+            yield json.dumps(error_body(failure.status, failure.code, failure.message))
         finally:
             await _close(streams)
             self.active.difference_update(ids)

@@ -30,7 +30,7 @@ ERROR_CODES = {
     "missing_field": "a required field is absent",
     "invalid_field": "a field has the wrong type or value, or is not a field of this op",
     "invalid_prompt": "the prompt is empty or holds token ids outside the vocabulary",
-    "invalid_params": "a sampling parameter is out of range",
+    "invalid_params": "a sampling parameter (or the cache salt) is out of range",
     "prompt_too_long": "the prompt exceeds the prompt limit, or prompt + max_tokens exceed the context or the KV pool",
     "duplicate_request_id": "the id is already in flight on this connection",
     "too_many_requests": "this connection already has its maximum of requests in flight; wait for one to end",
