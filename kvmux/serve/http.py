@@ -184,11 +184,8 @@ class HttpServer:
     async def start(self) -> None:
         sock = self._sock or listen(self.options.host, self.options.port)
         self.port = sock.getsockname()[1]
-        asgi = self.metrics.count_statuses(body_limits(
-            self.app, self.options.max_body_bytes, self.options.read_timeout,
-            lambda status: error_body(status, {408: "request_timeout", 413: "body_too_large"}[status],
-                                      {408: f"the request body did not arrive within {self.options.read_timeout:g} s",
-                                       413: f"the request body exceeds {self.options.max_body_bytes} bytes"}[status])))
+        asgi = self.metrics.count_statuses(body_limits(self.app, self.options.max_body_bytes,
+                                                       self.options.read_timeout, self._body_refused))
         config = uvicorn.Config(asgi, loop="none", lifespan="off", log_config=None, log_level="warning",
                                 access_log=False, ws="none", server_header=False,
                                 limit_concurrency=self.options.max_connections,
@@ -201,6 +198,12 @@ class HttpServer:
                 self._task.result()  # raises what stopped it
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+
+    def _body_refused(self, status: int) -> dict:
+        if status == 408:
+            return error_body(408, "request_timeout",
+                              f"the request body did not arrive within {self.options.read_timeout:g} s")
+        return error_body(413, "body_too_large", f"the request body exceeds {self.options.max_body_bytes} bytes")
 
     def in_flight(self) -> int:
         return len(self.active)
