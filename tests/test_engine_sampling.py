@@ -10,10 +10,18 @@ import torch
 from kvmux import Engine, SamplingParams
 from kvmux.serve.client import AsyncClient
 
-from engine_helpers import PROMPT, PROMPTS, assert_no_leaks, greedy, hf_greedy, settled, wire
+from engine_helpers import PROMPT, PROMPTS, greedy, hf_greedy, random_prompt, wire
 from server_helpers import Served
 
-OPTIONS = {"num_blocks": 96, "block_size": 8}
+OPTIONS = {"num_blocks": 96, "block_size": 8, "max_pending": 16}
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """One engine for the module, with the socket server in front of it for the protocol's test."""
+    s = Served(tiny, OPTIONS)
+    yield s
+    s.close()
 
 
 def hf_logprobs(hf_model, prompt: list[int], output: list[int]) -> torch.Tensor:
@@ -35,22 +43,20 @@ def hf_penalized_greedy(hf_model, prompt: list[int], n: int, presence: float, fr
     return out
 
 
-def run(model, coro_fn, **options):
-    async def main():
-        async with Engine(model, **{**OPTIONS, **options}) as engine:
-            result = await coro_fn(engine)
-            await settled(engine)
-            return result
-    return asyncio.run(main())
+def run(served: Served, coro_fn):
+    """coro_fn(engine) on the module's engine; then nothing may be left held."""
+    result = served.call(coro_fn(served.engine))
+    served.settle()
+    return result
 
 
-def test_greedy_logprobs_match_transformers(tiny, hf_tiny):
+def test_greedy_logprobs_match_transformers(served, hf_tiny):
     prompts = PROMPTS[2:6]
 
     async def go(engine):
         return await asyncio.gather(*(engine.complete(p, greedy(12, logprobs=5)) for p in prompts))
 
-    for prompt, done in zip(prompts, run(tiny, go)):
+    for prompt, done in zip(prompts, run(served, go)):
         ref = hf_logprobs(hf_tiny, prompt, done.token_ids)
         assert len(done.logprobs) == len(done.top_logprobs) == 12
         for i, token in enumerate(done.token_ids):
@@ -70,14 +76,14 @@ def assert_top(top: list, ref: torch.Tensor, k: int) -> None:
     assert float(rest.max()) <= top[-1][1] + 1e-4
 
 
-def test_sampled_logprobs_per_parallel_sample(tiny):
+def test_sampled_logprobs_per_parallel_sample(served):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_k=12, seed=5, n=3, logprobs=3, ignore_eos=True)
 
     async def go(engine):
         return await engine.complete(PROMPT, params), await engine.complete(PROMPT, SamplingParams(
             **{**wire(params), "n": 1}))
 
-    many, single = run(tiny, go)
+    many, single = run(served, go)
     assert single.token_ids == many.token_ids and single.logprobs == pytest.approx(many.logprobs)
     for sample in many.samples:
         assert len(sample.logprobs) == len(sample.token_ids) == 10
@@ -88,7 +94,7 @@ def test_sampled_logprobs_per_parallel_sample(tiny):
     assert len({tuple(s.token_ids) for s in many.samples}) > 1
 
 
-def test_penalties_match_the_formula_on_transformers_logits(tiny, hf_tiny):
+def test_penalties_match_the_formula_on_transformers_logits(served, hf_tiny):
     prompt = PROMPTS[4]
     plain = hf_greedy(hf_tiny, [prompt], 16)[0]
     expected = hf_penalized_greedy(hf_tiny, prompt, 16, presence=0.8, frequency=0.6)
@@ -97,43 +103,44 @@ def test_penalties_match_the_formula_on_transformers_logits(tiny, hf_tiny):
     async def go(engine):
         return await engine.complete(prompt, greedy(16, presence_penalty=0.8, frequency_penalty=0.6))
 
-    assert run(tiny, go).token_ids == expected
+    assert run(served, go).token_ids == expected
 
 
-def test_min_p_one_samples_the_greedy_continuation(tiny, reference):
+def test_min_p_one_samples_the_greedy_continuation(served, reference):
     async def go(engine):
         return await asyncio.gather(*(engine.complete(p, SamplingParams(
             max_tokens=8, temperature=1.7, min_p=1.0, seed=s, ignore_eos=True)) for s, p in enumerate(PROMPTS[:4])))
 
-    assert [c.token_ids for c in run(tiny, go)] == [r[:8] for r in reference[:4]]
+    assert [c.token_ids for c in run(served, go)] == [r[:8] for r in reference[:4]]
 
 
 def test_open_max_tokens_runs_to_the_context_length(tiny):
-    async def go(engine):
-        return await engine.complete(PROMPT, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
+    async def main():
+        async with Engine(tiny, **OPTIONS, max_model_len=40) as engine:
+            return await engine.complete(PROMPT, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
 
-    done = run(tiny, go, max_model_len=40)
+    done = asyncio.run(main())
     assert (done.num_output_tokens, done.finish_reason) == (40 - len(PROMPT), "length")
 
 
-def test_cache_salt_isolates_prefix_caches(tiny, hf_tiny):
-    prompt = PROMPTS[-1]  # 64 tokens: 7 cacheable blocks of 8
+def test_cache_salt_isolates_prefix_caches(served, hf_tiny):
+    prompt = random_prompt(1001, 64)  # 7 cacheable blocks of 8 that no other test of the module caches
 
     async def go(engine):
-        hits = []
+        hits = [(await engine.stats())["prefix_cache_hits"]]  # the engine's, since its start
         outputs = []
         for salt in (None, "a", "b", "a", None, "b"):
             outputs.append((await engine.complete(prompt, greedy(4), cache_salt=salt)).token_ids)
             hits.append((await engine.stats())["prefix_cache_hits"])
         return outputs, hits
 
-    outputs, hits = run(tiny, go)
+    outputs, hits = run(served, go)
     assert outputs == hf_greedy(hf_tiny, [prompt], 4) * 6  # outputs never depend on the cache
-    found = [b - a for a, b in zip([0] + hits, hits)]
+    found = [b - a for a, b in zip(hits, hits[1:])]
     assert found == [0, 0, 0, 56, 56, 56]  # a salt finds only its own blocks; the same salt shares as before
 
 
-def test_a_bad_cache_salt_is_refused(tiny):
+def test_a_bad_cache_salt_is_refused(served):
     async def go(engine):
         for salt in ("", "x" * 257, 7):
             with pytest.raises(Exception) as info:
@@ -144,19 +151,22 @@ def test_a_bad_cache_salt_is_refused(tiny):
         assert info.value.code == "invalid_params"
         assert (await engine.complete(PROMPT, greedy(2), cache_salt="x" * 256)).num_output_tokens == 2
 
-    run(tiny, go)
+    run(served, go)
 
 
-def test_request_records_reach_listeners(tiny):
+def test_request_records_reach_listeners(served):
     records = []
 
     async def go(engine):
         engine.request_listeners.append(records.append)
-        await engine.complete(PROMPT, SamplingParams(max_tokens=5, temperature=0.5, n=2, seed=1, ignore_eos=True))
-        with pytest.raises(Exception):
-            await engine.complete(PROMPT, greedy(0))
+        try:
+            await engine.complete(PROMPT, SamplingParams(max_tokens=5, temperature=0.5, n=2, seed=1, ignore_eos=True))
+            with pytest.raises(Exception):
+                await engine.complete(PROMPT, greedy(0))
+        finally:
+            engine.request_listeners.remove(records.append)
 
-    run(tiny, go)
+    run(served, go)
     done, refused = records
     assert done.finish_reasons == ["length", "length"] and done.num_output_tokens == 10 and done.longest_sample == 5
     assert done.num_prompt_tokens == len(PROMPT)
@@ -164,25 +174,20 @@ def test_request_records_reach_listeners(tiny):
     assert refused.rejected == "invalid_params" and refused.finish_reasons == []
 
 
-def test_the_socket_protocol_carries_the_new_fields(tiny):
-    served = Served(tiny, engine_options=OPTIONS)
+def test_the_socket_protocol_carries_the_new_fields(served):
     params = SamplingParams(max_tokens=6, temperature=0.8, min_p=0.05, presence_penalty=0.5,
                             frequency_penalty=0.3, seed=9, logprobs=2, ignore_eos=True)
-    try:
-        expected = served.call(served.engine.complete(PROMPT, params))
+    expected = served.call(served.engine.complete(PROMPT, params))
 
-        async def main():
-            async with AsyncClient(served.path) as client:
-                outs = [o async for o in client.generate(PROMPT, wire(params), cache_salt="t1")]
-                whole = await client.complete(PROMPT, {**wire(params), "max_tokens": None, "logprobs": None})
-                return outs, whole
+    async def main():
+        async with AsyncClient(served.path) as client:
+            outs = [o async for o in client.generate(PROMPT, wire(params), cache_salt="t1")]
+            whole = await client.complete(PROMPT, {**wire(params), "max_tokens": None, "logprobs": None})
+            return outs, whole
 
-        outs, whole = asyncio.run(main())
-        assert [t for o in outs for t in o.token_ids] == expected.token_ids
-        assert [v for o in outs for v in o.logprobs] == pytest.approx(expected.logprobs)
-        assert [top for o in outs for top in o.top_logprobs] == expected.top_logprobs
-        assert whole.logprobs is None and whole.finish_reason in ("stop", "length")
-        served.settle()
-        assert_no_leaks(served.engine)
-    finally:
-        served.close()
+    outs, whole = asyncio.run(main())
+    assert [t for o in outs for t in o.token_ids] == expected.token_ids
+    assert [v for o in outs for v in o.logprobs] == pytest.approx(expected.logprobs)
+    assert [top for o in outs for top in o.top_logprobs] == expected.top_logprobs
+    assert whole.logprobs is None and whole.finish_reason in ("stop", "length")
+    served.settle()

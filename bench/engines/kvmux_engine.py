@@ -13,7 +13,6 @@ from pathlib import Path
 from bench.job import Job
 from bench.metrics import Timing, summarize
 from kvmux import Engine, SamplingParams
-from kvmux.serve.http import HttpOptions, HttpServer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -64,6 +63,8 @@ async def _in_process(engine: Engine, job: Job, begin) -> list[Timing]:
 
 
 async def _over_http(engine: Engine, job: Job, begin) -> list[Timing]:
+    from kvmux.serve.http import HttpOptions, HttpServer  # only this run pays for importing the HTTP stack
+
     server = HttpServer(engine, HttpOptions(port=0))
     await server.start()
     try:
