@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvmux.sampling import SamplingParams
 from kvmux.serve.client import Client
 
-from engine_helpers import PROMPT, PROMPTS, ForwardGate, failing_on_call, greedy
+from engine_helpers import PROMPT, PROMPTS, ForwardGate, failing_on_call, greedy, kill_decode_at_step
 from server_helpers import ServedHttp, short_dir
 
 CHAT = [{"role": "user", "content": "hello world"}]
@@ -35,8 +35,9 @@ def http(tiny):
 
 @pytest.fixture(scope="module")
 def guarded(tiny):
-    """A server with an API key, room for two unfinished requests, and a short read timeout."""
-    s = ServedHttp(tiny, {"max_pending": 2}, api_key="s3cret", read_timeout=0.5)
+    """A server with an API key, room for two unfinished requests, and a short read timeout (long enough that
+    the SDK's own bodies, sent apart from their headers, arrive in time on a loaded machine)."""
+    s = ServedHttp(tiny, {"max_pending": 2}, api_key="s3cret", read_timeout=2.0)
     yield s
     s.close()
 
@@ -360,10 +361,7 @@ def test_a_failed_forward_is_500_or_an_error_event(http):
 def test_an_engine_that_dies_fails_what_is_in_flight(tiny):
     doomed = ServedHttp(tiny)
     try:
-        decode = doomed.engine.decode
-        # A step failing, and then failing its batch too, is what no handler catches: the decode actor dies.
-        decode._build = failing_on_call(decode._build, 3, "injected bookkeeping fault")
-        decode._fail_batch = failing_on_call(decode._fail_batch, 1, "injected failure while failing")
+        kill_decode_at_step(doomed.engine, 3)  # after both requests have their first tokens
         client = doomed.async_client()
 
         async def streamed():
