@@ -26,6 +26,8 @@ ENGINES = ("kvmux", "hf-static", "hf-cb")
 ONLINE_ENGINES = ("kvmux", "hf-cb")  # a static batch cannot take arrivals, so hf-static runs offline only
 # Issue 7's speed targets: kvmux output throughput vs. the best static batch and vs. transformers' CB.
 TARGETS = {"vs_static_best": 5.0, "vs_hf_cb": 3.0}
+# Issue 14's: what the HTTP front may cost against the in-process API on the same workload.
+HTTP_TARGETS = {"ttft_p50_cost_max": 0.05, "throughput_cost_max": 0.02}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="offline: all requests at once (throughput); online: Poisson arrivals at --rate (latency)")
     p.add_argument("--rate", type=float, default=1.0, help="online arrival rate, requests/s")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of these engines")
+    p.add_argument("--transport", choices=("api", "http"), default="api",
+                   help="api: kvmux through its asyncio API; http: also through its HTTP server (OpenAI API) with "
+                        "a client in another process, as kvmux-http, to compare the two")
     p.add_argument("--static-batch-sizes", default="8,32", help="hf-static batch sizes")
     p.add_argument("--shared-prefix", action="store_true",
                    help="every prompt starts with one shared --prefix-len token prefix, then a distinct suffix")
@@ -109,6 +114,9 @@ def plan(args, dtype: str, folder: str, offline, online) -> list[Job]:
                                  {"batch_size": b}) for b in map(int, args.static_batch_sizes.split(","))]
             elif mode == "offline" or engine in ONLINE_ENGINES:
                 jobs.append(Job(engine, engine, mode, dtype, args.model, folder, requests, dict(engine_opts)))
+                if engine == "kvmux" and args.transport == "http":
+                    jobs.append(Job(engine, "kvmux-http", mode, dtype, args.model, folder, requests,
+                                    {**engine_opts, "transport": "http"}))
     return jobs
 
 
@@ -145,6 +153,18 @@ def summarize_runs(runs: list[dict]) -> dict:
         summary["targets"] = TARGETS
         summary["targets_met"] = (summary["kvmux_vs_static_best"] >= TARGETS["vs_static_best"]
                                   and summary["kvmux_vs_hf_cb"] >= TARGETS["vs_hf_cb"])
+    http = {}
+    for mode in ("offline", "online"):
+        api = next((r for r in ok if r["label"] == "kvmux" and r["mode"] == mode), None)
+        front = next((r for r in ok if r["label"] == "kvmux-http" and r["mode"] == mode), None)
+        if api and front:
+            http[mode] = {"throughput_cost": 1 - front["output_tok_s"] / api["output_tok_s"]}
+            if api.get("ttft_s"):
+                http[mode]["ttft_p50_cost"] = front["ttft_s"]["p50"] / api["ttft_s"]["p50"] - 1
+            http[mode]["targets_met"] = (http[mode]["throughput_cost"] <= HTTP_TARGETS["throughput_cost_max"]
+                                         and http[mode].get("ttft_p50_cost", 0) <= HTTP_TARGETS["ttft_p50_cost_max"])
+    if http:
+        summary["http_vs_api"] = {**http, "targets": HTTP_TARGETS}
     return summary
 
 
@@ -172,6 +192,10 @@ def print_table(results: dict) -> None:
     for key in ("kvmux_vs_static_best", "kvmux_vs_hf_cb"):
         if key in s:
             print(f"{key}: {s[key]:.2f}x")
+    for mode, cost in s.get("http_vs_api", {}).items():
+        if mode != "targets":
+            print(f"HTTP vs API ({mode}): throughput cost {100 * cost['throughput_cost']:+.1f}%"
+                  + (f", TTFT p50 cost {100 * cost['ttft_p50_cost']:+.1f}%" if "ttft_p50_cost" in cost else ""))
 
 
 def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[int, set[int]]) -> Path:
@@ -197,7 +221,8 @@ def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[in
                   "(generated_tokens_incl_padding is the work actually done).",
                   "hf-cb streams results only in the online mode (streaming costs it a result per token)."],
     }
-    suffix = ("_shared" if args.shared_prefix else "") + ("_quick" if args.quick else "")
+    suffix = ("_shared" if args.shared_prefix else "") + ("_http" if args.transport == "http" else "") + \
+        ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{dtype}{suffix}.json"
     path.write_text(json.dumps(results, indent=1))

@@ -1,15 +1,18 @@
 """The examples runner: `python -m examples [NAME ...] [--list] [--model PATH]`.
 
 Runs each example as its own process and reports it as passed (exit status 0)
-or failed. Examples that talk to a server (NEEDS_SERVER = True in their
-source) share one `kvmux serve` that the runner starts on a private socket and
-stops with SIGTERM at the end; a server that does not exit cleanly fails the run.
+or failed. Examples that talk to a server share one `kvmux serve` that the
+runner starts on a private socket and a free loopback port, and stops with
+SIGTERM at the end; a server that does not exit cleanly fails the run. An
+example with NEEDS_SERVER = True in its source gets `--socket PATH`, one with
+NEEDS_SERVER = "http" gets `--base-url http://127.0.0.1:PORT/v1`.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,7 +32,7 @@ class Example:
     name: str
     path: Path
     summary: str
-    needs_server: bool
+    needs_server: bool | str  # False, True (the socket) or "http"
 
 
 def discover() -> list[Example]:
@@ -39,30 +42,33 @@ def discover() -> list[Example]:
             continue
         tree = ast.parse(path.read_text())
         # Read the marker without importing: importing an example would load torch in the runner.
-        needs_server = any(isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-                           and node.value.value is True and any(getattr(t, "id", None) == "NEEDS_SERVER"
-                                                                for t in node.targets)
-                           for node in tree.body)
+        needs_server = next((node.value.value for node in tree.body
+                             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                             and any(getattr(t, "id", None) == "NEEDS_SERVER" for t in node.targets)), False)
         summary = (ast.get_docstring(tree) or "").split("\n")[0]
         found.append(Example(path.stem, path, summary, needs_server))
     return found
 
 
 class ServerProcess:
-    """A `kvmux serve` child on a socket in a private temporary folder."""
+    """A `kvmux serve` child on a socket in a private temporary folder and on a free loopback port."""
 
     def __init__(self, model: str | None) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="kvmux-examples-")
         self.socket_path = os.path.join(self.folder.name, "kvmux.sock")
         self.log = open(os.path.join(self.folder.name, "server.log"), "w+")
-        command = [sys.executable, "-m", "kvmux", "serve", "--socket", self.socket_path]
+        command = [sys.executable, "-m", "kvmux", "serve", "--socket", self.socket_path, "--port", "0"]
         self.process = subprocess.Popen(command + (["--model", model] if model else []),
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self.started = time.monotonic()
+        self.base_url: str | None = None
 
     def wait_ready(self) -> None:
-        """Block until the server accepts connections; raise if it died or never did."""
-        while not self._accepts():
+        """Block until the server accepts connections on both; raise if it died or never did."""
+        while not self._accepts() or self.base_url is None:
+            # The server says where it serves HTTP (the port it was given is 0: any free one).
+            found = re.search(r"on (http://\S+)", self.output())
+            self.base_url = found.group(1) if found else None
             if self.process.poll() is not None or time.monotonic() > self.started + SERVER_START_TIMEOUT:
                 raise RuntimeError(f"the server did not start:\n{self.output()}")
             time.sleep(0.1)
@@ -76,8 +82,7 @@ class ServerProcess:
                 return False
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        return Path(self.log.name).read_text()  # its own handle: examples wait on the server from several threads
 
     def stop(self) -> str | None:
         """SIGTERM, then wait; returns a problem if the server did not shut down cleanly."""
@@ -103,7 +108,7 @@ def run_one(example: Example, model: str | None, server: ServerProcess | None, t
             server.wait_ready()
         except RuntimeError as exc:
             return False, str(exc)
-        args = ["--socket", server.socket_path]
+        args = ["--base-url", server.base_url] if example.needs_server == "http" else ["--socket", server.socket_path]
     else:
         args = ["--model", model] if model else []
     try:

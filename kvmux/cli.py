@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvmux.config import ConfigError, EngineConfig
 from kvmux.outputs import KvmuxError
-from kvmux.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from kvmux.sampling import SamplingParams
 from kvmux.serve import protocol
 from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 
@@ -104,12 +104,17 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     d = SamplingParams()
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                       help=f"most tokens to generate (default: {DEFAULT_MAX_TOKENS}, or fewer where the context "
-                            f"runs out first)")
+                       help="most tokens to generate (default: as many as the context leaves)")
     group.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy")
     group.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens, 0 = all")
     group.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling: the likeliest tokens "
                                                                     "holding this much probability")
+    group.add_argument("--min-p", type=float, default=d.min_p,
+                       help="drop tokens less likely than this times the likeliest, 0 = off")
+    group.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                       help="lower the logit of every token already generated")
+    group.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                       help="lower a token's logit by this per time it was generated")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
@@ -117,7 +122,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                            top_p=args.top_p, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos)
     try:
         params.validate()
     except ValueError as exc:  # e.g. "max_tokens must be an integer >= 1": name the flag
@@ -203,23 +210,44 @@ async def _serve(args: argparse.Namespace) -> int:
     from kvmux.serve import unix_socket
     from kvmux.serve.server import Server, ServerOptions
 
-    check_socket_folder(args.socket)
-    unix_socket.claim(args.socket)  # fail before the model load, not after it
-    options = ServerOptions(args.socket, args.socket_mode, args.max_frame_bytes, args.read_timeout,
-                            args.grace_period, args.max_inflight_per_connection, args.write_timeout,
-                            args.drain_timeout, args.max_connections)
+    serve_http = args.port is not None or args.host is not None
+    socket_path = args.socket or (None if serve_http else default_socket_path())
+    # Fail before the model load, not after it.
+    if socket_path:
+        check_socket_folder(socket_path)
+        unix_socket.claim(socket_path)
+    if serve_http:
+        from kvmux.serve.http import HttpOptions, HttpServer, listen
+
+        http_options = HttpOptions(args.host or "127.0.0.1", 8000 if args.port is None else args.port, args.api_key,
+                                   args.served_model_name, args.max_body_bytes, args.read_timeout, args.write_timeout,
+                                   args.grace_period, args.max_connections)
+        try:
+            http_socket = listen(http_options.host, http_options.port)
+        except OSError as exc:
+            raise ConfigError("port", f"{http_options.port} on {http_options.host}: cannot listen ({exc}); choose "
+                                      f"another --host or --port") from None
     async with Engine(**engine_options(args)) as engine:
-        server = Server(engine, options)
-        await server.start()
+        servers = []
+        if socket_path:
+            servers.append(Server(engine, ServerOptions(
+                socket_path, args.socket_mode, args.max_frame_bytes, args.read_timeout, args.grace_period,
+                args.max_inflight_per_connection, args.write_timeout, args.drain_timeout, args.max_connections)))
+            await servers[-1].start()
+            print(f"kvmux: serving {engine.loaded.name} on {socket_path}", file=sys.stderr, flush=True)
+        if serve_http:
+            servers.append(HttpServer(engine, http_options, http_socket))
+            await servers[-1].start()
+            print(f"kvmux: serving {servers[-1].model} on http://{http_options.host}:{servers[-1].port}/v1 "
+                  "(OpenAI API)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"kvmux: serving {engine.loaded.name} on {args.socket}", file=sys.stderr, flush=True)
         await stop.wait()
         print(f"kvmux: shutting down (grace period {args.grace_period:g} s, drain timeout {args.drain_timeout:g} s)",
               file=sys.stderr, flush=True)
-        await server.shutdown()
+        await asyncio.gather(*(server.shutdown() for server in servers))
     return 0
 
 
@@ -326,27 +354,45 @@ def build_parser() -> Parser:
     add_engine_args(chat)
     chat.set_defaults(func=_chat)
 
-    serve = command("serve", "serve a model on a Unix socket",
-                    "Load a model and serve it on a Unix socket (protocol: docs/protocol.md). It prints "
-                    "'kvmux: serving MODEL on SOCKET' once it accepts requests; SIGINT/SIGTERM stop it gracefully.")
-    add_socket_arg(serve, wait=False)
-    serve.add_argument("--socket-mode", type=lambda s: int(s, 8), default="600", metavar="OCTAL",
-                       help="permissions of the socket file (600: only this user)")
-    serve.add_argument("--max-frame-bytes", type=int, default=protocol.DEFAULT_MAX_FRAME,
-                       help="largest frame a client may send")
-    serve.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
-                       help="seconds a client has to finish sending a frame it started")
-    serve.add_argument("--grace-period", type=float, default=10.0,
-                       help="seconds in-flight requests get to finish on shutdown")
-    serve.add_argument("--max-inflight-per-connection", type=int, default=256,
-                       help="requests one connection may have in flight (too_many_requests)")
-    serve.add_argument("--write-timeout", type=float, default=60.0,
-                       help="seconds a client may leave answers unread before it is disconnected")
-    serve.add_argument("--drain-timeout", type=float, default=5.0,
-                       help="on shutdown, seconds after the grace period for the last answers to reach clients; "
-                            "connections not drained by then are cut")
-    serve.add_argument("--max-connections", type=int, default=256,
-                       help="connections open at once (too_many_connections)")
+    serve = command("serve", "serve a model over HTTP (OpenAI's API) and/or a Unix socket",
+                    "Load a model and serve it: with --port (or --host), over HTTP with OpenAI's API "
+                    "(docs/http.md); with --socket, or when no port is given, on a Unix socket (docs/protocol.md); "
+                    "both at once from one engine. It prints 'kvmux: serving MODEL on ...' once it accepts "
+                    "requests; SIGINT/SIGTERM stop it gracefully.")
+    both = serve.add_argument_group("both servers")
+    both.add_argument("--read-timeout", type=float, default=protocol.DEFAULT_READ_TIMEOUT,
+                      help="seconds a client has to finish sending a frame (socket) or a request body (HTTP) it "
+                           "started")
+    both.add_argument("--write-timeout", type=float, default=60.0,
+                      help="seconds a client may leave answers unread before it is disconnected")
+    both.add_argument("--grace-period", type=float, default=10.0,
+                      help="seconds in-flight requests get to finish on shutdown")
+    both.add_argument("--drain-timeout", type=float, default=5.0,
+                      help="on shutdown, seconds after the grace period for the last answers to reach clients; "
+                           "connections not drained by then are cut")
+    both.add_argument("--max-connections", type=int, default=512,
+                      help="connections open at once, on each server (the socket refuses more with "
+                           "too_many_connections, HTTP with 503)")
+    http = serve.add_argument_group("HTTP")
+    http.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, loopback only)")
+    http.add_argument("--port", type=int, default=None,
+                      help="port to listen on, 0 for any free one (default: 8000 when --host is given; no HTTP "
+                           "without either)")
+    http.add_argument("--api-key", default=os.environ.get("KVMUX_API_KEY"),
+                      help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize "
+                           "(default: $KVMUX_API_KEY, else none)")
+    http.add_argument("--served-model-name", default=None,
+                      help="the model's name in the API (default: the model's folder or file stem)")
+    http.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 past it)")
+    sock = serve.add_argument_group("Unix socket")
+    sock.add_argument("--socket", default=None,
+                      help=f"serve on this Unix socket (default: {default_socket_path()} when no --port is given)")
+    sock.add_argument("--socket-mode", type=lambda s: int(s, 8), default="600", metavar="OCTAL",
+                      help="permissions of the socket file (600: only this user)")
+    sock.add_argument("--max-frame-bytes", type=int, default=protocol.DEFAULT_MAX_FRAME,
+                      help="largest frame a client may send")
+    sock.add_argument("--max-inflight-per-connection", type=int, default=256,
+                      help="requests one connection may have in flight (too_many_requests)")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 

@@ -34,6 +34,11 @@ class RequestOutput:
     # n > 1, `finished` means this sample is done, and the request is done
     # when all n are.
     index: int = 0
+    # With SamplingParams.logprobs set, one entry per token of token_ids: its log-probability under the
+    # distribution it was drawn from, and that distribution's likeliest tokens as [token id, logprob]
+    # pairs, likeliest first (SamplingParams.logprobs of them, fewer if the filters left fewer). None otherwise.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[list]] | None = None
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Completion:
     num_output_tokens: int = 0
     error: str | None = None
     index: int = 0
+    logprobs: list[float] | None = None  # as in RequestOutput, for every token of token_ids
+    top_logprobs: list[list[list]] | None = None
     others: list[Completion] = field(default_factory=list, repr=False)  # samples 1..n-1
 
     @property
@@ -77,3 +84,8 @@ class Completion:
         target.num_prompt_tokens = out.num_prompt_tokens
         target.num_output_tokens = out.num_output_tokens
         target.error = out.error
+        if out.logprobs is not None:
+            if target.logprobs is None:
+                target.logprobs, target.top_logprobs = [], []
+            target.logprobs += out.logprobs
+            target.top_logprobs += out.top_logprobs

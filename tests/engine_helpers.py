@@ -98,6 +98,14 @@ def failing_on_call(fn, n: int, message: str):
     return wrapper
 
 
+def kill_decode_at_step(engine: Engine, n: int) -> None:
+    """Make the decode actor die at its n-th step: the step fails, and so does failing its batch, which is what
+    no handler catches."""
+    decode = engine.decode
+    decode._build = failing_on_call(decode._build, n, "injected bookkeeping fault")
+    decode._fail_batch = failing_on_call(decode._fail_batch, 1, "injected failure while failing")
+
+
 def detokenizer_failing_on(prefix: list[int]):
     """The decode actor's detokenize_step, except that it raises for a sequence starting with `prefix`."""
     import kvmux.engine.decode as decode_module

@@ -1,4 +1,4 @@
-"""What server tests share: an in-process server on a background loop, and a raw frame socket."""
+"""What server tests share: in-process socket and HTTP servers on a background loop, and a raw frame socket."""
 from __future__ import annotations
 
 import asyncio
@@ -7,10 +7,12 @@ import socket
 import tempfile
 
 import msgpack
+import openai
 
 from kvmux import Engine
 from kvmux.engine.loop_thread import LoopThread
 from kvmux.serve import protocol
+from kvmux.serve.http import HttpOptions, HttpServer
 from kvmux.serve.server import Server, ServerOptions
 
 from engine_helpers import PROMPT, ForwardGate, greedy, settled, wire
@@ -26,23 +28,16 @@ def short_dir() -> str:
     return tempfile.mkdtemp(dir=SOCKETS.name)
 
 
-class Served:
-    """An Engine and a Server on an event loop in a background thread, so tests can be plain clients."""
+class EngineThread:
+    """An Engine on an event loop in a background thread, so tests can be plain clients of its servers."""
 
-    def __init__(self, model: str, engine_options: dict | None = None, **server_options) -> None:
+    def __init__(self, model: str, engine_options: dict | None = None) -> None:
         self.loop = LoopThread("kvmux-test-server")
-        self.path = os.path.join(short_dir(), "s.sock")
         self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, **(engine_options or {})})
         self.call(self.engine.start())
-        self.server = self.start_server(self.path, **{"read_timeout": 0.5, "max_frame": 4096, **server_options})
 
     def call(self, coro, timeout: float = 60):
         return self.loop.run(coro, timeout)
-
-    def start_server(self, path: str, **options) -> Server:
-        server = Server(self.engine, ServerOptions(path, **options))
-        self.call(server.start())
-        return server
 
     def stats(self) -> dict:
         return self.call(self.engine.stats())
@@ -68,6 +63,36 @@ class Served:
         self.call(self.server.shutdown())
         self.call(self.engine.stop())
         self.loop.close()
+
+
+class Served(EngineThread):
+    """An Engine and a socket Server on a background loop."""
+
+    def __init__(self, model: str, engine_options: dict | None = None, **server_options) -> None:
+        super().__init__(model, engine_options)
+        self.path = os.path.join(short_dir(), "s.sock")
+        self.server = self.start_server(self.path, **{"read_timeout": 0.5, "max_frame": 4096, **server_options})
+
+    def start_server(self, path: str, **options) -> Server:
+        server = Server(self.engine, ServerOptions(path, **options))
+        self.call(server.start())
+        return server
+
+
+class ServedHttp(EngineThread):
+    """An Engine and an HTTP server (OpenAI's API) on a background loop, on a free loopback port."""
+
+    def __init__(self, model: str, engine_options: dict | None = None, **http_options) -> None:
+        super().__init__(model, {"num_blocks": 128, "max_pending": 256, **(engine_options or {})})
+        self.server = HttpServer(self.engine, HttpOptions(port=0, **http_options))
+        self.call(self.server.start())
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def client(self, **options) -> openai.OpenAI:
+        return openai.OpenAI(**{"base_url": self.url + "/v1", "api_key": "unused", "max_retries": 0, **options})
+
+    def async_client(self, **options) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(**{"base_url": self.url + "/v1", "api_key": "unused", "max_retries": 0, **options})
 
 
 class Raw:

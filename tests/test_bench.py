@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.workload import WorkloadSpec, make_workload
 
 from tiny_model import make_tiny_model
@@ -72,3 +74,17 @@ def test_bench_end_to_end_on_tiny_model(tmp_path):
     summary = results["summary"]
     assert summary["failed"] == [] and summary["static_best"] == "hf-static-b4"
     assert summary["kvmux_vs_static_best"] > 0 and summary["kvmux_vs_hf_cb"] > 0
+
+
+def test_http_transport_adds_a_kvmux_http_job_and_its_cost():
+    from bench.__main__ import parse_args, plan, summarize_runs
+
+    args = parse_args(["--mode", "online", "--engines", "kvmux,hf-cb", "--transport", "http"])
+    jobs = plan(args, "float32", "folder", None, [])
+    assert [(j.label, j.options.get("transport")) for j in jobs] == [("kvmux", None), ("kvmux-http", "http"),
+                                                                      ("hf-cb", None)]
+    runs = [{"label": label, "mode": "online", "engine": "kvmux", "output_tok_s": tok_s, "ttft_s": {"p50": ttft},
+             "lengths_exact": True} for label, tok_s, ttft in (("kvmux", 100.0, 0.200), ("kvmux-http", 99.0, 0.204))]
+    cost = summarize_runs(runs)["http_vs_api"]
+    assert cost["online"]["throughput_cost"] == pytest.approx(0.01)
+    assert cost["online"]["ttft_p50_cost"] == pytest.approx(0.02) and cost["online"]["targets_met"]

@@ -319,6 +319,32 @@ def test_cache_key_separates_hash_chains():
     assert plain._lookup_hashes(toks(9)) != other._lookup_hashes(toks(9))
 
 
+def test_a_salted_sequence_finds_none_of_another_salts_blocks():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(13)  # three full blocks the cache may serve, then the last token's own block
+    for seq_id, salt in (("u", None), ("a", "tenant-a")):
+        bm.allocate(seq_id, prompt, salt=salt)
+        bm.mark_computed(seq_id, 13)
+        bm.free(seq_id)
+    assert bm.cache_stats()["cached_blocks"] == 6  # the same tokens, cached twice: once per salt
+    assert bm.can_allocate_prompt(prompt, salt="tenant-b")
+    assert not bm.prefix_in_flight(prompt, salt="tenant-b")
+    assert bm.allocate("b", prompt, salt="tenant-b") == 0  # neither the unsalted copy nor tenant-a's
+    assert bm.allocate("a2", prompt, salt="tenant-a") == 12  # the same salt shares as before
+    assert bm.allocate("u2", prompt) == 12
+    assert set(bm.block_table("a2")[:3]).isdisjoint(bm.block_table("u2")[:3])
+    # A fork and a sequence grown past its prompt keep hashing under their salt.
+    bm.fork("a2", "a3")
+    bm.append_slots("a3", toks(16)[13:])
+    bm.mark_computed("a3", 16)
+    bm.free("a3")
+    assert bm.allocate("a4", toks(17), salt="tenant-a") == 16
+    assert bm.allocate("u3", toks(17)) == 12
+    for seq_id in ("b", "a2", "u2", "a4", "u3"):
+        bm.free(seq_id)
+    bm.check_invariants()
+
+
 def test_fork_shares_cached_prompt_and_copies_partial_block():
     bm = BlockManager(num_blocks=8, block_size=4)
     bm.allocate("p", toks(6))

@@ -14,7 +14,15 @@ import pytest
 
 from kvmux.serve.client import AsyncClient, Client, ServerError
 
-from engine_helpers import PROMPT, ForwardGate, detokenizer_failing_on, failing_on_call, greedy, wire
+from engine_helpers import (
+    PROMPT,
+    ForwardGate,
+    detokenizer_failing_on,
+    failing_on_call,
+    greedy,
+    kill_decode_at_step,
+    wire,
+)
 from server_helpers import SMALL, Raw, Served, start_pair, step_until
 
 
@@ -97,10 +105,7 @@ def test_detokenizer_raising_fails_only_its_request(served, monkeypatch):
 def test_a_dead_actor_fails_every_request_with_engine_dead(tiny):
     served = Served(tiny)
     try:
-        decode = served.engine.decode
-        # A step failing, and then failing its batch too, is what no handler catches: the actor dies.
-        decode._build = failing_on_call(decode._build, 1, "injected bookkeeping fault")
-        decode._fail_batch = failing_on_call(decode._fail_batch, 1, "injected failure while failing")
+        kill_decode_at_step(served.engine, 1)
         with Client(served.path) as client:
             with pytest.raises(ServerError) as info:
                 client.complete(PROMPT, greedy(5))

@@ -1,7 +1,8 @@
 """Every command and snippet in README.md runs verbatim (on the tiny model, through $KVMUX_MODEL).
 
 `make` lines are what the suite itself runs under, so blocks holding them are skipped; a Python snippet
-that talks to a server gets one, started the way the README says, before it runs.
+that talks to a server gets one, started the way the README says (`kvmux serve`, or `kvmux serve --port
+8000` for the OpenAI SDK's), before it runs.
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def test_snippet_runs_verbatim(index, env, tmp_path):
         assert "Traceback" not in err, err
         return
     server = None
-    if "Client(" in code:  # the README says: with a server running
-        server = subprocess.Popen(["kvmux", "serve"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    if "Client(" in code:  # the README says: with a server running (the one the snippet's comment names)
+        command = ["kvmux", "serve", "--port", "8000"] if "OpenAI(" in code else ["kvmux", "serve"]
+        server = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         if server is not None:
             assert any("kvmux: serving" in line for line in server.stderr), "the server did not start"

@@ -578,7 +578,8 @@ def test_examples_runner_passes_on_a_tiny_model(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     listed = subprocess.run(kvmux + ["--list"], cwd=tmp_path, env=env, capture_output=True, text=True)
     names = {line.split()[0] for line in listed.stdout.splitlines()}
-    assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats"} <= names
+    assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats",
+            "openai_client"} <= names
     done = subprocess.run(kvmux + ["-v", "-j", "2", "--timeout", "200", "--model", tiny], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,12 +1,20 @@
-"""kvmux through its asyncio API, plus a sampler of the KV pool for the waste and occupancy figures."""
+"""kvmux through its asyncio API or, with the job's transport "http", through its HTTP server and a client in
+another process (bench/http_load.py); plus a sampler of the KV pool for the waste and occupancy figures."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from bench.job import Job
 from bench.metrics import Timing, summarize
 from kvmux import Engine, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 BLOCK_SIZE = 16
 SAMPLE_INTERVAL_S = 0.02  # pool sampling period: a few hundred µs of work each, off the forward thread
@@ -47,6 +55,34 @@ async def _one(engine: Engine, timing: Timing, prompt: list[int], start: float) 
             raise RuntimeError(f"kvmux request {timing.request_id} failed: {out.error}")
 
 
+async def _in_process(engine: Engine, job: Job, begin) -> list[Timing]:
+    timings = [Timing(r.request_id, r.arrival, len(r.prompt_ids), r.output_len) for r in job.requests]
+    start = begin()
+    await asyncio.gather(*(_one(engine, t, r.prompt_ids, start) for t, r in zip(timings, job.requests)))
+    return timings
+
+
+async def _over_http(engine: Engine, job: Job, begin) -> list[Timing]:
+    from kvmux.serve.http import HttpOptions, HttpServer  # only this run pays for importing the HTTP stack
+
+    server = HttpServer(engine, HttpOptions(port=0))
+    await server.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kvmux-http-load-") as scratch:
+            job_path, out_path = Path(scratch) / "job.json", Path(scratch) / "timings.json"
+            replace(job, options={}).save(job_path)
+            client = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.http_load", f"http://127.0.0.1:{server.port}/v1", str(job_path),
+                str(out_path), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+            if (await client.stdout.readline()).strip() == b"start":  # its warm-up is done: the clocks start
+                begin()
+            if await client.wait() != 0:
+                raise RuntimeError(f"the HTTP load client failed with status {client.returncode}")
+            return [Timing(**t) for t in json.loads(out_path.read_text())]
+    finally:
+        await server.shutdown()
+
+
 async def _run(job: Job) -> dict:
     opts = job.options
     # The pool holds the whole workload at once, the same sizing rule hf-cb gets, so peak memory compares like
@@ -59,15 +95,22 @@ async def _run(job: Job) -> dict:
         # workload finds it in the prefix cache.
         await engine.complete(job.requests[0].prompt_ids[:16][::-1], SamplingParams(max_tokens=4, temperature=0))
         before = await engine.stats()
-        timings = [Timing(r.request_id, r.arrival, len(r.prompt_ids), r.output_len) for r in job.requests]
         trace = {"t": [], "blocks_used": [], "kv_waste": [], "per_request": []}
-        start = time.perf_counter()
-        sampler = asyncio.create_task(_sample_pool(engine, [r.request_id for r in job.requests], start,
-                                                   opts.get("sample_interval", SAMPLE_INTERVAL_S), trace))
+        samplers = []
+
+        def begin() -> float:
+            """The timed run starts: the clock and the pool sampler."""
+            start = time.perf_counter()
+            samplers.append(asyncio.create_task(_sample_pool(engine, [r.request_id for r in job.requests], start,
+                                                             opts.get("sample_interval", SAMPLE_INTERVAL_S), trace)))
+            return start
+
+        play = _over_http if opts.get("transport") == "http" else _in_process
         try:
-            await asyncio.gather(*(_one(engine, t, r.prompt_ids, start) for t, r in zip(timings, job.requests)))
+            timings = await play(engine, job, begin)
         finally:
-            sampler.cancel()
+            for sampler in samplers:
+                sampler.cancel()
         wall = max(t.last for t in timings)
         after = await engine.stats()
         result = summarize(timings, wall, latency=True)

@@ -10,7 +10,9 @@ after the forward that wrote it), it is registered in the allocator under a
 chained content hash, and a new sequence whose prompt starts with the same
 tokens shares it instead of computing it again. Only full blocks are ever
 cached, and a full block is never written again, so a shared cached block is
-read-only by construction.
+read-only by construction. A request's cache salt enters the chain's root, so
+requests of different salts never share a block (nor learn, by timing, that
+another tenant's prompt was cached).
 
 Tiers (kvmux/cache/tiers.py): cached blocks the device pool reclaims move down
 to a host pool and then a disk pool instead of being dropped, and a prefix
@@ -58,13 +60,14 @@ def block_hashes(parent: int, token_ids: Sequence[int], block_size: int) -> list
 
 
 class _Seq:
-    __slots__ = ("blocks", "num_tokens", "token_ids", "hashes", "num_registered", "pending_end")
+    __slots__ = ("blocks", "num_tokens", "token_ids", "root", "hashes", "num_registered", "pending_end")
 
-    def __init__(self, blocks: list[int], num_tokens: int, token_ids: list[int],
+    def __init__(self, blocks: list[int], num_tokens: int, token_ids: list[int], root: int,
                  hashes: list[int] | None = None, num_registered: int = 0, pending_end: int = 0):
         self.blocks = blocks
         self.num_tokens = num_tokens
         self.token_ids = token_ids  # every token that has a slot, to hash blocks as they fill
+        self.root = root  # parent hash of the first block: the engine's cache key and the request's salt
         self.hashes = hashes or []  # hashes of the leading full blocks, computed lazily
         self.num_registered = num_registered  # leading blocks already offered to the cache
         # Blocks [num_registered, pending_end) are prompt blocks this sequence
@@ -112,7 +115,13 @@ class BlockManager:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return -(-num_tokens // self.block_size)
 
-    def _lookup_hashes(self, token_ids: Sequence[int]) -> list[int]:
+    def root(self, salt: str | None) -> int:
+        """The hash chain's root for a request of this cache salt (None: unsalted)."""
+        if salt is None:
+            return self._root_hash
+        return _digest(self._root_hash.to_bytes(8, "little") + b"salt\0" + salt.encode("utf-8", "surrogatepass"))
+
+    def _lookup_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """Hashes a new sequence may match: full blocks, but never the one holding the last token.
 
         That token is always computed (its logits give the first output), and
@@ -121,14 +130,14 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         cacheable = (len(token_ids) - 1) // self.block_size * self.block_size
-        return block_hashes(self._root_hash, token_ids[:cacheable], self.block_size)
+        return block_hashes(self.root(salt), token_ids[:cacheable], self.block_size)
 
-    def can_allocate_prompt(self, token_ids: Sequence[int], reserve: int = 0) -> bool:
+    def can_allocate_prompt(self, token_ids: Sequence[int], reserve: int = 0, salt: str | None = None) -> bool:
         """Whether allocate(token_ids) fits, counting cache hits (free cached blocks revived still take room)."""
-        cost = self._alloc.prefix_cost(self._lookup_hashes(token_ids), self.blocks_for(len(token_ids)))
+        cost = self._alloc.prefix_cost(self._lookup_hashes(token_ids, salt), self.blocks_for(len(token_ids)))
         return cost + reserve <= self._alloc.num_free
 
-    def prefix_in_flight(self, token_ids: Sequence[int]) -> bool:
+    def prefix_in_flight(self, token_ids: Sequence[int], salt: str | None = None) -> bool:
         """Whether the next block this prompt misses is being computed by another sequence right now.
 
         Admitting it now would compute that KV a second time; waiting a step
@@ -136,19 +145,20 @@ class BlockManager:
         """
         if not self._pending:
             return False
-        hashes = self._lookup_hashes(token_ids)
+        hashes = self._lookup_hashes(token_ids, salt)
         hits = len(self._alloc.lookup(hashes))
         return hits < len(hashes) and hashes[hits] in self._pending
 
-    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """Reserve slots for every token of a new sequence, sharing cached blocks of its prefix.
+    def allocate(self, seq_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
+        """Reserve slots for every token of a new sequence, sharing cached blocks of its prefix
+        (only those cached under the same salt).
 
         Returns how many leading tokens already have their KV cached; the
         caller computes KV for the rest (always at least the last token).
         """
         if seq_id in self._seqs or seq_id in self._swapped:
             raise BlockError(f"sequence {seq_id!r} already exists")
-        hashes = self._lookup_hashes(token_ids)
+        hashes = self._lookup_hashes(token_ids, salt)
         blocks, device_hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
         # The run of cached blocks may go on below the device: promote it into the fresh blocks.
         from_host, from_disk = self.tiers.fetch(hashes[device_hits:], blocks[device_hits:])
@@ -156,8 +166,8 @@ class BlockManager:
         self.prefix_hit_blocks[0] += device_hits
         self.prefix_hit_blocks[1] += from_host
         self.prefix_hit_blocks[2] += from_disk
-        self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), hashes, num_registered=hits,
-                                  pending_end=len(hashes))
+        self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), self.root(salt), hashes,
+                                  num_registered=hits, pending_end=len(hashes))
         self._pending.update(hashes[hits:])
         if self.enable_prefix_caching:
             self.prefix_query_tokens += len(token_ids)
@@ -188,7 +198,7 @@ class BlockManager:
         """Hashes of the sequence's first `full` blocks, computing the missing ones."""
         if len(seq.hashes) < full:
             done = len(seq.hashes) * self.block_size
-            parent = seq.hashes[-1] if seq.hashes else self._root_hash
+            parent = seq.hashes[-1] if seq.hashes else seq.root
             seq.hashes += block_hashes(parent, seq.token_ids[done:full * self.block_size], self.block_size)
         return seq.hashes[:full]
 
@@ -237,7 +247,7 @@ class BlockManager:
         if child_id in self._seqs:
             raise BlockError(f"sequence {child_id!r} already exists")
         self._alloc.fork(parent.blocks)
-        self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens, list(parent.token_ids),
+        self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens, list(parent.token_ids), parent.root,
                                     list(parent.hashes), parent.num_registered)
 
     def free(self, seq_id: str) -> None:
@@ -264,7 +274,7 @@ class BlockManager:
         if host_blocks is None:
             return False
         self.free(seq_id)
-        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, hashes)
+        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, seq.root, hashes)
         return True
 
     def swap_in(self, seq_id: str) -> None:
@@ -275,7 +285,7 @@ class BlockManager:
         blocks, hits = self._alloc.acquire(hashes, len(seq.blocks) - len(hashes))
         self.tiers.swap_in(seq.blocks, blocks, hits)
         del self._swapped[seq_id]
-        self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.hashes,
+        self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.root, seq.hashes,
                                   num_registered=len(hashes), pending_end=len(hashes))
 
     def drop_swapped(self, seq_id: str) -> None:

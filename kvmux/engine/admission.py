@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor
 from kvmux.engine.detokenize import initial_offsets
-from kvmux.sampling import DEFAULT_MAX_TOKENS
+
+MAX_CACHE_SALT = 256  # characters of a request's cache salt
 
 
 @dataclass
@@ -75,6 +76,10 @@ class Admission(Actor):
             sub.params.validate()
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_params", str(exc))
+        salt = sub.cache_salt
+        if salt is not None and not (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
+            return self._reject(sub.request_id, "invalid_params",
+                                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters")
         cap = self.limits.max_tokens_limit
         if cap is not None and sub.params.max_tokens is not None and sub.params.max_tokens > cap:
             return self._reject(sub.request_id, "invalid_params",
@@ -83,9 +88,8 @@ class Admission(Actor):
             prompt_ids = self._tokenize(sub)
         except ValueError as exc:
             return self._reject(sub.request_id, "invalid_prompt", str(exc))
-        if sub.params.max_tokens is None:  # the default: as much as fits, up to DEFAULT_MAX_TOKENS
-            room = min(self.limits.max_model_len, self.limits.pool_tokens) - len(prompt_ids)
-            sub.params.max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room, cap or DEFAULT_MAX_TOKENS))
+        if sub.params.max_tokens is None:
+            sub.params.max_tokens = self._room(len(prompt_ids))
         problem = self._too_long(len(prompt_ids), sub.params.max_tokens)
         if problem:
             return self._reject(sub.request_id, "prompt_too_long", problem)
@@ -98,7 +102,7 @@ class Admission(Actor):
         self.prefill.send(messages.Admitted(messages.SeqState(
             request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
             seed=seed, arrival=sub.arrival, priority=sub.priority,
-            prefix_offset=prefix_offset, read_offset=read_offset,
+            prefix_offset=prefix_offset, read_offset=read_offset, cache_salt=salt,
         )))
 
     def _tokenize(self, sub: messages.Submit) -> list[int]:
@@ -106,7 +110,10 @@ class Admission(Actor):
             if not self.tokenizer.chat_template:
                 raise ValueError("this model has no chat template, so chat messages cannot be formatted; send the "
                                  "prompt as raw text instead (`--raw` on the command line, a string in Python)")
-            text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, ...)
+                raise ValueError(f"the model's chat template refused the messages: {exc}") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif sub.prompt is not None:
             ids = self.tokenizer.encode(sub.prompt)
@@ -118,6 +125,12 @@ class Admission(Actor):
         if not ids:
             raise ValueError("the prompt is empty")
         return list(ids)
+
+    def _room(self, prompt_len: int) -> int:
+        """max_tokens for a request that left it open: what the context and the pool leave after the prompt
+        (at least 1, so that a prompt leaving no room is refused as too long)."""
+        room = min(self.limits.max_model_len, self.limits.pool_tokens) - prompt_len
+        return max(1, min(room, self.limits.max_tokens_limit or room))
 
     def _too_long(self, prompt_len: int, max_tokens: int) -> str | None:
         cap = self.limits.max_prompt_tokens

@@ -24,7 +24,7 @@ from kvmux.engine import messages
 from kvmux.engine.actor import Actor, log
 from kvmux.engine.detokenize import detokenize_step
 from kvmux.engine.runner import Runner, StepWork
-from kvmux.engine.sampler import sample_seed
+from kvmux.engine.sampler import Sampled, sample_seed
 from kvmux.engine.tombstones import Tombstones
 
 
@@ -98,7 +98,7 @@ class Decode(Actor):
         else:
             log.warning("decode ignored an unexpected %s", type(message).__name__)
 
-    async def _await_forward(self, forward: asyncio.Future) -> list[int]:
+    async def _await_forward(self, forward: asyncio.Future) -> list[Sampled]:
         """The forward's sampled tokens. Statistics queries are answered meanwhile, so `stats()` never waits
         for a step; every other message is deferred to the step's end, when the state it acts on is settled."""
         getter = None
@@ -170,10 +170,10 @@ class Decode(Actor):
                 self.blocks.mark_computed(seq_id, num_tokens)
             tokens = iter(tokens)
             for seq in sampled:
-                token = next(tokens)
+                drawn = next(tokens)
                 if seq.unforked:
                     outputs += self._fork(seq, tokens)
-                outputs.append(self._advance_or_fail(seq, token))
+                outputs.append(self._advance_or_fail(seq, drawn))
         if outputs:
             self.router.send(messages.StepOutputs(outputs))
         now = time.perf_counter()
@@ -285,7 +285,8 @@ class Decode(Actor):
         tokens of all n samples from its logits."""
         forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
         chunk.block_table = self.blocks.block_table(seq.seq_id)
-        chunk.draw = messages.Draw(seq.params, seq.seed, seq.num_output_tokens, forks)
+        history = seq.token_ids[seq.num_prompt_tokens:] if seq.params.penalized else []
+        chunk.draw = messages.Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history)
         return chunk
 
     def _fork(self, seq: messages.SeqState, tokens) -> list[messages.SeqOutput]:
@@ -321,10 +322,10 @@ class Decode(Actor):
         if unfinished:
             self.prefill.send(messages.StepFailed(plan.step, unfinished, error))
 
-    def _advance_or_fail(self, seq: messages.SeqState, token: int) -> messages.SeqOutput:
+    def _advance_or_fail(self, seq: messages.SeqState, drawn: Sampled) -> messages.SeqOutput:
         """_advance, but a failure there (the tokenizer raising, say) ends only this sequence."""
         try:
-            return self._advance(seq, token)
+            return self._advance(seq, drawn)
         except Exception as exc:  # noqa: BLE001
             log.exception("finishing a token of %s failed", seq.request_id)
             if self.running.pop(seq.seq_id, None) is not None:
@@ -333,9 +334,10 @@ class Decode(Actor):
             return messages.SeqOutput(seq.request_id, [], "", "error", seq.num_prompt_tokens, seq.num_output_tokens,
                                       error=error, index=seq.index)
 
-    def _advance(self, seq: messages.SeqState, token: int) -> messages.SeqOutput:
+    def _advance(self, seq: messages.SeqState, drawn: Sampled) -> messages.SeqOutput:
         """Append a sampled token; detokenize; decide whether the sequence is done."""
         params = seq.params
+        token = drawn.token
         seq.token_ids.append(token)
         self.output_tokens += 1
         finish = None
@@ -364,8 +366,12 @@ class Decode(Actor):
         if finish:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
-        return messages.SeqOutput(seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens,
-                                index=seq.index)
+        first = seq.index == 0 and seq.num_output_tokens == 1
+        return messages.SeqOutput(
+            seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens, index=seq.index,
+            logprobs=None if drawn.logprob is None else [drawn.logprob],
+            top_logprobs=None if drawn.top is None else [drawn.top],
+            queue_s=seq.scheduled - seq.arrival if first else None)
 
     def _stats(self) -> dict:
         window = sum(n for _, n in self.recent)

@@ -45,6 +45,9 @@ class SeqState:
     # the one admitted; the others are forked from it once its prompt is
     # computed, each with its own seed (see sampler.sample_seed).
     index: int = 0
+    # Enters the root of the sequence's block hash chain: only requests of the same salt share prefix blocks.
+    cache_salt: str | None = None
+    scheduled: float = 0.0  # when prefill first gave it blocks (time.monotonic(), as arrival); 0: not yet
 
     @property
     def num_output_tokens(self) -> int:
@@ -84,6 +87,7 @@ class Submit:
     params: SamplingParams
     priority: int
     arrival: float
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -144,6 +148,8 @@ class Draw:
     # Seeds of further parallel samples that draw their first token from these
     # same logits (the prompt is computed once for all n samples).
     fork_seeds: list[int] = field(default_factory=list)
+    # The sample's output tokens so far, which presence and frequency penalties count; empty without penalties.
+    output_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +233,12 @@ class SeqOutput:
     num_output_tokens: int
     error: str | None = None
     index: int = 0  # which parallel sample
+    # Per token of token_ids, when the request asked for logprobs: its log-probability, and its likeliest
+    # alternatives as [token id, logprob] pairs (see RequestOutput).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[list]] | None = None
+    # On sample 0's first token: seconds from arrival until prefill first gave the request blocks.
+    queue_s: float | None = None
 
 
 @dataclass
@@ -282,6 +294,8 @@ def _to_wire(obj):
         return msgpack.ExtType(_TOKEN_ARRAY, obj.tobytes())
     names = _FIELDS.get(type(obj))
     if names is None:
+        if isinstance(obj, int):  # msgpack hands over the integers it cannot pack itself
+            raise OverflowError(f"the integer {obj} does not fit in 64 bits")
         raise TypeError(f"cannot encode {type(obj).__name__}: not a kvmux message")
     wire = {name: getattr(obj, name) for name in names}
     wire[_TAG] = type(obj).__name__

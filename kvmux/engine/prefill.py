@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 
 from kvmux.cache.block_manager import BlockManager
 from kvmux.engine import messages
@@ -97,18 +98,19 @@ class Prefill(Actor):
             # Keep the blocks the running batch needs for its next token, and a
             # watermark, unless nothing runs at all (then the whole pool is fair game).
             reserve = req.reserve_blocks + (self.watermark_blocks if req.num_running or self.in_progress else 0)
-            if not self.blocks.can_allocate_prompt(seq.token_ids, reserve=reserve):
+            if not self.blocks.can_allocate_prompt(seq.token_ids, reserve=reserve, salt=seq.cache_salt):
                 break
             # Its prefix is being computed for another sequence: wait for it to be cached.
-            if self.blocks.prefix_in_flight(seq.token_ids):
+            if self.blocks.prefix_in_flight(seq.token_ids, salt=seq.cache_salt):
                 break
             self.waiting.pop(0)
             try:
                 # Leading tokens whose KV is cached are shared, not recomputed.
-                cached = self.blocks.allocate(seq.seq_id, seq.token_ids)
+                cached = self.blocks.allocate(seq.seq_id, seq.token_ids, salt=seq.cache_salt)
             except Exception as exc:  # noqa: BLE001 - this sequence fails, the plan goes on
                 self.router.send(messages.StepOutputs(seq.ended(f"allocating KV blocks failed: {exc}")))
                 continue
+            seq.scheduled = seq.scheduled or time.monotonic()  # a preempted one keeps its first
             free_seats -= 1
             budget -= self._chunk(seq, cached, budget, chunks, handoffs)
         return messages.StepPlan(req.step, chunks, handoffs, num_waiting=len(self.waiting) + len(self.in_progress))

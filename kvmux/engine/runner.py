@@ -15,7 +15,7 @@ from kvmux.cache.kv_cache import KVCache
 from kvmux.cache.tiers import BlockCopy
 from kvmux.cache.transfer import BlockCopier
 from kvmux.engine.messages import Chunk
-from kvmux.engine.sampler import sample
+from kvmux.engine.sampler import Sampled, sample
 from kvmux.model.forward_batch import ForwardBatch
 
 
@@ -32,7 +32,7 @@ class Runner:
         self.copier = copier or BlockCopier([kv_cache.kv], kv_cache.geometry.block_bytes)
 
     @torch.inference_mode()
-    def execute(self, work: StepWork) -> list[int]:
+    def execute(self, work: StepWork) -> list[Sampled]:
         """Tokens sampled for the chunks with a draw, in their order; each followed by its forks' tokens."""
         # A copy out of a reclaimed block must read it before anything writes it.
         self.copier.apply(work.copies)
@@ -45,4 +45,5 @@ class Runner:
         if len(rows) != len(draws):
             logits = logits[torch.tensor(rows, device=logits.device)]
         seeded = [(d, seed) for d in draws for seed in (d.seed, *d.fork_seeds)]
-        return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded], [d.step for d, _ in seeded])
+        return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded], [d.step for d, _ in seeded],
+                      [d.output_ids for d, _ in seeded])

@@ -1,5 +1,14 @@
-"""The sampler: one token per row of logits, each row with its own parameters and random stream."""
+"""The sampler: one token per row of logits, each row with its own parameters and random stream.
+
+A row's distribution is built in SamplingParams' order: penalties on the sample's own output so far,
+temperature, then top-k, top-p and min-p, each removing tokens (their logits become -inf). The token is
+drawn from that distribution, and its logprobs, when asked for, are that distribution's log-probabilities,
+so a logprob is exactly what the draw saw. Greedy rows take the argmax of the penalized logits, and their
+logprobs are those logits' log-softmax (temperature 1: the argmax does not depend on it).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,28 +34,68 @@ def sample_seed(seed: int, index: int) -> int:
     return ((seed ^ 0x5DEECE66D) * 0xD1B54A32D192ED03 + index * _STEP_MIX) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> list[int]:
-    """Pick one token per row of logits [K, vocab]; seeds/steps give each row its random stream."""
-    out = logits.argmax(dim=-1).tolist()
+@dataclass
+class Sampled:
+    """One drawn token; with logprobs asked for, its log-probability and the likeliest alternatives."""
+
+    token: int
+    logprob: float | None = None
+    # (token id, logprob), likeliest first: as many as asked, fewer when the filters leave fewer tokens.
+    top: list[tuple[int, float]] | None = None
+
+
+def penalize(row: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:
+    """OpenAI's penalties: each token's logit minus frequency x its count in the output, minus presence if > 0."""
+    if not params.penalized or not output_ids:
+        return row
+    counts = torch.bincount(torch.tensor(output_ids, device=row.device), minlength=row.numel()).to(row.dtype)
+    return row - counts * params.frequency_penalty - (counts > 0).to(row.dtype) * params.presence_penalty
+
+
+def filtered(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: the logits of the distribution a sampled row draws from."""
+    # Shift the top logit to 0 and divide by at least a float32-representable temperature: a tiny one
+    # then sends the rest to -inf (greedy) instead of making inf/NaN probabilities, which would fail
+    # the whole batch's step and so hurt every other request in it.
+    row = (row - row.max()) / max(params.temperature, _MIN_TEMPERATURE)
+    if params.top_k and params.top_k < row.numel():
+        kth = torch.topk(row, params.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.softmax(row, dim=-1).sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        row = row.index_fill(0, order[drop], float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(row, dim=-1)
+        row = row.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return row
+
+
+def _with_logprobs(token: int, row: torch.Tensor, k: int) -> Sampled:
+    logprobs = torch.log_softmax(row, dim=-1)
+    top = []
+    if k:
+        values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+        top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]
+    return Sampled(token, float(logprobs[token]), top)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+           output_ids: list[list[int]]) -> list[Sampled]:
+    """One token per row of logits [K, vocab]; seeds/steps give each row its random stream, output_ids
+    each row's output so far (what penalties count; empty when the row has none)."""
+    out = [Sampled(t) for t in logits.argmax(dim=-1).tolist()]
     generator = torch.Generator(device=logits.device)
     for i, p in enumerate(params):
+        if p.greedy and not p.penalized and p.logprobs is None:
+            continue  # the argmax above
+        row = penalize(logits[i].float(), p, output_ids[i])
         if p.greedy:
-            continue
-        row = logits[i].float()
-        # Shift the top logit to 0 and divide by at least a float32-representable temperature: a tiny one
-        # then sends the rest to -inf (greedy) instead of making inf/NaN probabilities, which would fail
-        # the whole batch's step and so hurt every other request in it.
-        row = (row - row.max()) / max(p.temperature, _MIN_TEMPERATURE)
-        if p.top_k and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        generator.manual_seed(step_seed(seeds[i], steps[i]))
-        out[i] = int(torch.multinomial(probs, 1, generator=generator))
+            token = int(row.argmax()) if p.penalized else out[i].token
+        else:
+            row = filtered(row, p)
+            generator.manual_seed(step_seed(seeds[i], steps[i]))
+            token = int(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator))
+        out[i] = Sampled(token) if p.logprobs is None else _with_logprobs(token, row, p.logprobs)
     return out

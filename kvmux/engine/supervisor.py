@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,7 +24,7 @@ from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
-from kvmux.engine.router import OutputStream, Router
+from kvmux.engine.router import OutputStream, RequestRecord, Router
 from kvmux.engine.runner import Runner
 from kvmux.model.loader import LoadedModel, default_model_path, load_model
 from kvmux.model.metadata import context_length
@@ -158,12 +158,14 @@ class Engine:
         return self.loaded.tokenizer
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's output. prompt is raw text, token ids, or chat messages (the chat template is applied).
 
         With params.n > 1 the pieces of all n samples interleave, told apart by
         `index`; each sample's last piece has finished=True, and the stream
         ends after all n. Leaving the loop early (break, cancellation) aborts the request.
+        Requests share cached prefix blocks only with requests of the same `cache_salt` (None: unsalted).
         Raises RequestRejected when admission refuses it.
         """
         if not self._tasks:
@@ -172,10 +174,20 @@ class Engine:
         if request_id in self.router.streams:
             raise RequestRejected("duplicate_request_id", f"request id {request_id!r} is already in flight")
         params = params or SamplingParams()
-        submit = messages.Submit(request_id, *split_prompt(prompt), replace(params), priority, time.monotonic())
+        arrival = time.monotonic()
+        submit = messages.Submit(request_id, *split_prompt(prompt), replace(params), priority, arrival, cache_salt)
+        try:
+            self.admission.send(submit)
+        except (UnicodeEncodeError, OverflowError) as exc:  # a lone surrogate; an integer msgpack cannot carry
+            try:
+                params.validate()  # names the field, where a sampling parameter is what failed
+            except ValueError as bad:
+                raise RequestRejected("invalid_params", str(bad)) from None
+            raise RequestRejected("invalid_params", f"the request cannot be encoded: {exc}") from None
+        # Registered after the send, in the same turn of the loop: admission cannot answer before.
         stream = self.router.streams[request_id] = OutputStream()
         samples = self.router.samples_left[request_id] = num_samples(params.n)
-        self.admission.send(submit)
+        self.router.track(request_id, arrival)
         # The request lives on in the actor that holds it; a stream may last long, so it keeps no copy here.
         del prompt, params, submit
         finished = False
@@ -192,6 +204,11 @@ class Engine:
             del self.router.streams[request_id]
             if not finished:
                 self.admission.send(messages.Abort(request_id))
+
+    @property
+    def request_listeners(self) -> list[Callable[[RequestRecord], None]]:
+        """Called, on the engine's loop, with each request's RequestRecord once it has ended or was refused."""
+        return self.router.listeners
 
     async def complete(self, prompt: Prompt, params: SamplingParams | None = None, **kw) -> Completion:
         """Run a request to the end and return its whole output (all n samples in `.samples`)."""

@@ -149,7 +149,7 @@ class AsyncClient:
     # -- operations ----------------------------------------------------------------
 
     async def generate(self, prompt: str | list, params=None, *, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's output as deltas. params: a SamplingParams or a dict of its fields.
 
         With params n > 1 the samples' pieces interleave, told apart by `index`. Raises ServerError if the
@@ -158,8 +158,10 @@ class AsyncClient:
         """
         request_id = self._new_id(request_id)
         params = _params_map(params)
-        queue = await self._send({"op": "generate", "id": request_id, "prompt": prompt, "params": params,
-                                  "priority": priority})
+        frame = {"op": "generate", "id": request_id, "prompt": prompt, "params": params, "priority": priority}
+        if cache_salt is not None:
+            frame["cache_salt"] = cache_salt
+        queue = await self._send(frame)
         samples_left = num_samples(params.get("n", 1))  # with n > 1, one finished frame per sample
         try:
             while samples_left:

@@ -30,7 +30,7 @@ ERROR_CODES = {
     "missing_field": "a required field is absent",
     "invalid_field": "a field has the wrong type or value, or is not a field of this op",
     "invalid_prompt": "the prompt is empty or holds token ids outside the vocabulary",
-    "invalid_params": "a sampling parameter is out of range",
+    "invalid_params": "a sampling parameter (or the cache salt) is out of range",
     "prompt_too_long": "the prompt exceeds the prompt limit, or prompt + max_tokens exceed the context or the KV pool",
     "duplicate_request_id": "the id is already in flight on this connection",
     "too_many_requests": "this connection already has its maximum of requests in flight; wait for one to end",
@@ -48,15 +48,19 @@ OPS = ("generate", "abort", "stats", "health", "model")
 # mirror kvmux.sampling.SamplingParams (a test keeps the two in step); the
 # engine validates the values.
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
-    "max_tokens": (int, type(None)),
+    "max_tokens": (int, type(None)),  # nil: as many as the context leaves
     "temperature": (int, float),
     "top_k": (int,),
     "top_p": (int, float),
+    "min_p": (int, float),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
     "seed": (int, type(None)),
     "stop": (list,),
     "stop_token_ids": (list,),
     "ignore_eos": (bool,),
     "n": (int,),  # parallel samples; each output frame says which one by its index
+    "logprobs": (int, type(None)),  # output frames then carry logprobs and top_logprobs
 }
 
 
@@ -165,6 +169,7 @@ class Generate:
     prompt: str | list
     params: dict = field(default_factory=dict)  # SamplingParams fields
     priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -240,12 +245,13 @@ def parse_request(message: dict) -> Request:
     if not 0 < len(request_id) <= MAX_ID_LEN or "\0" in request_id:
         raise ProtocolError("invalid_field", f"field 'id' must be 1 to {MAX_ID_LEN} characters, none of them NUL")
     if op == "generate":
-        _check_fields(message, {"op", "id", "prompt", "params", "priority"}, op, request_id)
+        _check_fields(message, {"op", "id", "prompt", "params", "priority", "cache_salt"}, op, request_id)
         prompt = _prompt(_field(message, "prompt", (str, list), "the prompt", request_id), request_id)
         params = _params(_field(message, "params", (dict,), "a map of sampling parameters", request_id, {}),
                          request_id)
         priority = _field(message, "priority", (int,), "an integer", request_id, 0)
-        return Generate(request_id, prompt, params, priority)
+        salt = _field(message, "cache_salt", (str, type(None)), "a string or nil", request_id, None)
+        return Generate(request_id, prompt, params, priority, salt)
     if op == "abort":
         _check_fields(message, {"op", "id", "target"}, op, request_id)
         return Abort(request_id, _field(message, "target", (str,), "the id of a generate request", request_id))
@@ -256,7 +262,7 @@ def parse_request(message: dict) -> Request:
 # -- server frames -----------------------------------------------------------------
 
 _OUTPUT_FIELDS = ("index", "token_ids", "text", "finished", "finish_reason", "num_prompt_tokens",
-                  "num_output_tokens", "error")
+                  "num_output_tokens", "error", "logprobs", "top_logprobs")
 
 
 def output_frame(request_id: str, out: RequestOutput) -> dict:

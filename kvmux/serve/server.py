@@ -147,7 +147,8 @@ class Connection:
             # The engine's stream takes the prompt and parameters; the handler keeps only the id, so the request
             # is held once, by the engine, for as long as it runs.
             stream = self.server.engine.generate(request.prompt, SamplingParams(**request.params),
-                                                 request_id=self.engine_id(request.id), priority=request.priority)
+                                                 request_id=self.engine_id(request.id), priority=request.priority,
+                                                 cache_salt=request.cache_salt)
             handler = self.generate(request.id, stream, num_samples(request.params.get("n", 1)))
             self.generating.add(request.id)
         else:
