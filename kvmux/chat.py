@@ -1,4 +1,5 @@
-"""`kvmux chat`: a multi-turn chat in the terminal, on a local engine or a running server.
+"""`kvmux chat`: a multi-turn chat in the terminal, on a local engine or a running server (its Unix socket,
+or its OpenAI-compatible HTTP API).
 
 The engine (or the client) runs on an event loop in a background thread; the
 terminal belongs to the main thread, so Ctrl-C there interrupts whatever the
@@ -12,10 +13,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 import threading
 
 from kvmux.engine.loop_thread import LoopThread
+from kvmux.outputs import RequestOutput
 from kvmux.sampling import SamplingParams
 
 PROMPT = "you> "
@@ -123,6 +126,53 @@ def updated(params: SamplingParams, assignments: list[str]) -> SamplingParams:
     return new
 
 
+class HttpBackend:
+    """An OpenAI-compatible server (`kvmux serve --port`, or any other) as the chat's backend, through the
+    `openai` SDK: a reply streams as chat-completion chunks, and closing the stream drops the connection,
+    which aborts the request on the server."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        try:
+            from openai import AsyncOpenAI
+        except ImportError:
+            raise ValueError("kvmux chat --url needs the openai package: pip install openai") from None
+        self.base = url.rstrip("/").removesuffix("/v1") + "/v1"
+        self.client = AsyncOpenAI(base_url=self.base, api_key=api_key or "unused", max_retries=0)
+        self.name = ""
+
+    async def model(self) -> dict:
+        models = await self.client.models.list()
+        self.name = models.data[0].id
+        return {"model": self.name}
+
+    async def generate(self, messages: list[dict], params: SamplingParams):
+        stream = await self.client.chat.completions.create(
+            model=self.name, messages=messages, stream=True, max_tokens=params.max_tokens,
+            temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop or None,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            extra_body={"top_k": params.top_k, "min_p": params.min_p, "ignore_eos": params.ignore_eos,
+                        "stop_token_ids": params.stop_token_ids})
+        async with stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    yield RequestOutput("", [], choice.delta.content or "", choice.finish_reason is not None,
+                                        choice.finish_reason, 0, 0)
+
+    async def stats(self) -> dict:
+        """The server's kvmux_* gauges and counters, from its Prometheus /metrics."""
+        response = await self.client.get(self.base.removesuffix("/v1") + "/metrics", cast_to=str)
+        values = {}
+        for line in response.splitlines():
+            match = re.fullmatch(r"kvmux_(\w+?)(?:\{(.*)\})? (\S+)", line)
+            if match and not match.group(1).endswith("_bucket"):  # kvmux_sequences{state="running"} -> sequences_running
+                name = "_".join([match.group(1), *re.findall(r'="([^"]*)"', match.group(2) or "")])
+                values[name] = float(match.group(3))
+        return values
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 def run_chat(args: argparse.Namespace, params: SamplingParams) -> int:
     from kvmux.cli import connect, engine_options
 
@@ -131,7 +181,10 @@ def run_chat(args: argparse.Namespace, params: SamplingParams) -> int:
     loop = LoopThread("kvmux-chat")
     backend = None
     try:
-        if args.socket:
+        if args.url:
+            backend = HttpBackend(args.url, args.api_key)
+            title = f"{loop.run(backend.model())['model']} at {backend.base}"
+        elif args.socket:
             backend = loop.run(connect(args))
             title = f"{loop.run(backend.model())['model']} on {args.socket}"
         else:
@@ -144,5 +197,5 @@ def run_chat(args: argparse.Namespace, params: SamplingParams) -> int:
         return 0
     finally:
         if backend is not None:
-            loop.run(backend.close() if args.socket else backend.stop())
+            loop.run(backend.close() if args.url or args.socket else backend.stop())
         loop.close()

@@ -339,7 +339,8 @@ def build_parser() -> Parser:
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    chat = command("chat", "chat with a model in the terminal, on a local engine or a running server",
+    chat = command("chat", "chat with a model in the terminal, on a local engine or a running server (socket or "
+                           "HTTP)",
                    "A multi-turn chat. Replies stream as they are generated; the conversation is kept and sent "
                    "whole each turn (the prefix cache makes that cheap). Commands: /clear forgets the "
                    "conversation, /system TEXT sets the system message, /params shows the sampling parameters "
@@ -347,6 +348,11 @@ def build_parser() -> Parser:
                    "the reply being generated; Ctrl-D leaves.")
     chat.add_argument("--socket", default=None,
                       help="talk to the `kvmux serve` on this socket instead of loading a model here")
+    chat.add_argument("--url", default=None,
+                      help="talk to an OpenAI-compatible server instead (`kvmux serve --port`), e.g. "
+                           "http://127.0.0.1:8000")
+    chat.add_argument("--api-key", default=os.environ.get("KVMUX_API_KEY"),
+                      help="with --url: the server's API key (default: $KVMUX_API_KEY)")
     chat.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
                       help="with --socket: how long to wait for the server to come up")
     chat.add_argument("--system", default=None, help="the conversation's system message")

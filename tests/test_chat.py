@@ -33,7 +33,7 @@ def test_a_conversation_with_commands_on_a_local_engine(tiny):
     child.sendline("/params temperature=0.5 top_k=3")
     child.expect(r"temperature=0.5 top_k=3 ")
     child.sendline("/params temperature=-1")
-    child.expect_exact("[temperature must be >= 0]")
+    child.expect_exact("[temperature must be a finite number >= 0]")
     child.sendline("/stats")
     child.expect(r"blocks_total=64 ")
     child.expect_exact(PROMPT)
@@ -82,3 +82,28 @@ def test_ctrl_c_stops_a_reply_frees_its_blocks_and_the_chat_goes_on(served):
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 0
+
+
+def test_a_conversation_with_an_http_server_and_ctrl_c(tiny):
+    from server_helpers import ServedHttp
+
+    served = ServedHttp(tiny)
+    try:
+        with ForwardGate(served.engine) as gate:
+            child = spawn(["--url", served.url, "--temperature", "0", "--max-tokens", "200", "--ignore-eos"])
+            child.sendline("hello world")
+            gate.allow(3)
+            gate.wait_held()
+            child.sendcontrol("c")  # the chat drops the connection, which the server takes for an abort
+            child.expect_exact("[stopped]")
+            child.expect_exact(PROMPT)
+            gate.release()
+            served.settle()
+            child.sendline("/stats")
+            child.expect(r"sequences_running=0 ")
+            child.sendcontrol("d")
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == 0
+    finally:
+        served.close()
