@@ -59,7 +59,7 @@ def test_snippet_runs_verbatim(index, env, tmp_path):
         assert "Traceback" not in err, err
         return
     server = None
-    if "Client(" in code:  # the README says: with a server running (the one the snippet's comment names)
+    if "Client(" in code or "OpenAI(" in code:  # the README says: with a server running (the one its comment names)
         command = ["kvmux", "serve", "--port", "8000"] if "OpenAI(" in code else ["kvmux", "serve"]
         server = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,7 @@ def reference_logprobs(logits: torch.Tensor, p: SamplingParams, output_ids: list
         return torch.log_softmax(x, -1)
     x = x / p.temperature
     keep = torch.ones(len(x), dtype=torch.bool)
-    if p.top_k:
+    if p.top_k and p.top_k < len(x):
         keep &= x >= torch.sort(x, descending=True).values[p.top_k - 1]
     if p.top_p < 1:
         probs = torch.softmax(x.masked_fill(~keep, -math.inf), -1)
@@ -104,7 +104,7 @@ def test_min_p_one_keeps_only_the_likeliest_token():
 def test_min_p_sampling_frequencies_follow_the_reference():
     # Seeds are fixed, so this is deterministic; 4000 draws put each frequency within a few percent.
     logits = torch.tensor([2.0, 1.6, 1.0, 0.1, -0.5, -3.0])
-    p = SamplingParams(temperature=1.0, min_p=0.3)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.3)  # min_p alone
     probs = reference_logprobs(logits, p, []).exp()
     counts = torch.zeros(len(logits))
     for seed in range(4000):
