@@ -20,7 +20,8 @@ position, whether the next-token argmax agrees and the KL divergence of the
 bf16 distribution from the fp32 one. The bf16 model runs the kernels its load
 timed fastest; since those differ by row count (and a teacher-forced text is
 one many-row step), it is also run with each bf16 matmul kernel this CPU has
-forced through KVMUX_KERNELS, so the kernels decode steps use are measured too.
+forced through KVMUX_KERNELS, so the kernels decode steps use are measured too
+(and torch's oneDNN, which the engine does not choose by itself).
 
 Writes bench/results/efficiency.json and .png.
 """
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
               f"mean KL {q['kl_mean']:.5f} (p99 {q['kl_p99']:.5f})", flush=True)
         result["quality_by_kernel"] = by_kernel = {}
         previous = os.environ.get(kernel_choice.ENV)
-        for v in kernel_choice.candidates("linear", "bfloat16"):
+        for v in kernel_choice.runnable("linear", "bfloat16"):
             os.environ[kernel_choice.ENV] = f"linear={v.name}"
             try:
                 forced = load_model(args.model, dtype=torch.bfloat16, progress=False).model

@@ -11,8 +11,9 @@ on the machine hits all alike. Packing happens once, before the timing, as at
 model load. The variants are kernel_choice.VARIANTS' linear ones: `avx2` on
 float32 panels is the float32 model's kernel; on bf16 panels it widens them
 to float32; `avx512bf16` and `amx` multiply bf16 with float32 sums; `onednn`
-is torch's F.linear in bf16. The engine times the same candidates per shape
-and row range at load and keeps the fastest (kvmux/ops/linear.py). Writes
+is torch's F.linear in bf16 (bf16 results, so the engine runs it only when
+KVMUX_KERNELS names it). The engine times the others per shape and row range
+at load and keeps the fastest (kvmux/ops/linear.py). Writes
 bench/results/linear.json and .png.
 """
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     packed = {dtype: layers(weights, dtype) for dtype in (torch.float32, torch.bfloat16)}
     # (label, runners over every weight) per variant this CPU runs, and torch's float32 F.linear.
     variants = {f"{v.name} {fmt}": [runner(v.name, layer) for layer in packed[getattr(torch, fmt)]]
-                for fmt in ("float32", "bfloat16") for v in kernel_choice.candidates("linear", fmt)}
+                for fmt in ("float32", "bfloat16") for v in kernel_choice.runnable("linear", fmt)}
     variants["torch float32"] = [lambda x, w=w: F.linear(x, w) for w in weights]
     rows = []
     for m in map(int, args.rows.split(",")):

@@ -90,14 +90,19 @@ def test_the_plan_times_every_candidate_per_row_range_and_dispatches_by_rows():
         dense = packed_rows(layer.weight, torch.arange(40), 24).float()
         for rows in (1, 2, 3, 8, 9, 33, 129, 300):
             torch.testing.assert_close(layer.dispatch(x[:rows]), x[:rows] @ dense.T, atol=0.2, rtol=0.02)
-        # The [N, K] copy is kept only where oneDNN won a range.
-        assert (layer.dense is not None) == ("onednn" in plans[0].variants)
+        assert layer.dense is None  # oneDNN is no automatic candidate: no [N, K] copy
 
 
 def test_kvmux_kernels_pins_the_plan(monkeypatch):
     monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")
     (plan,) = plan_linears(layers(2, 40, 24, torch.bfloat16))
     assert plan.variants == ["avx2"] * len(ROW_RANGES) and plan.micros == [{}] * len(ROW_RANGES)
+    # oneDNN only when named; then each layer keeps the [N, K] copy it reads.
+    monkeypatch.setenv(kernel_choice.ENV, "linear=onednn")
+    group = layers(2, 40, 24, torch.bfloat16)
+    (plan,) = plan_linears(group)
+    assert plan.variants == ["onednn"] * len(ROW_RANGES)
+    assert all(layer.dense.shape == (40, 24) and layer.dense.dtype == torch.bfloat16 for layer in group)
     monkeypatch.setenv(kernel_choice.ENV, "linear=amx")
     with pytest.raises(ValueError, match="takes bfloat16, not float32"):
         plan_linears(layers(1, 40, 24, torch.float32))
@@ -112,7 +117,8 @@ def test_a_forced_variant_the_cpu_lacks_names_the_instruction_set(monkeypatch):
     with pytest.raises(RuntimeError, match="needs avx512f, avx512bw, avx512vl, avx512bf16, amx_tile, amx_bf16"):
         plan_linears(layers(1, 40, 24, torch.bfloat16))
     monkeypatch.delenv(kernel_choice.ENV)
-    assert [v.name for v in kernel_choice.candidates("linear", "bfloat16")] == ["avx2", "onednn"]
+    assert [v.name for v in kernel_choice.candidates("linear", "bfloat16")] == ["avx2"]
+    assert [v.name for v in kernel_choice.runnable("linear", "bfloat16")] == ["avx2", "onednn"]
 
 
 def test_a_malformed_kvmux_kernels_is_named(monkeypatch):

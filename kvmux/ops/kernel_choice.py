@@ -38,6 +38,7 @@ class Variant:
     needs: tuple[str, ...]     # instruction sets, as cpu_features() names them
     formats: tuple[str, ...]   # weight (linear) or KV (attention) dtypes it takes, as torch names them
     summary: str
+    automatic: bool = True     # a candidate when nothing is forced (else only when KVMUX_KERNELS names it)
 
     def missing(self) -> list[str]:
         """The instruction sets this CPU lacks for it (empty: it runs here)."""
@@ -51,8 +52,10 @@ VARIANTS: tuple[Variant, ...] = (
             "x rounded to bf16, vdpbf16ps over the panels, float32 sums"),
     Variant("linear", "amx", AVX512 + ("avx512bf16", "amx_tile", "amx_bf16"), ("bfloat16",),
             "x rounded to bf16, AMX tiles over the panels, float32 sums"),
+    # Its results are rounded to bf16 (torch's CPU F.linear has no float32 output for bf16 inputs), which cost
+    # 1.4 points of argmax agreement with float32 (97.8% vs 99.2%, python -m bench.efficiency): measured, not chosen.
     Variant("linear", "onednn", (), ("bfloat16",),
-            "torch's F.linear in bf16 (oneDNN) over an [N, K] copy of the weight"),
+            "torch's F.linear in bf16 (oneDNN) over an [N, K] copy of the weight; bf16 results", automatic=False),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16"),
             "float32 FMA; bf16 K/V widened once per chunk of keys"),
     Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16",),
@@ -93,8 +96,14 @@ def check_runnable(v: Variant) -> None:
                            f"unset {ENV} or choose another variant")
 
 
+def runnable(op: str, fmt: str) -> list[Variant]:
+    """Every variant of `op` for `fmt` this CPU runs (benchmarks and checks list these)."""
+    return [v for v in VARIANTS if v.op == op and fmt in v.formats and not v.missing()]
+
+
 def candidates(op: str, fmt: str) -> list[Variant]:
-    """The variants that may run `op` on `fmt` here: the one KVMUX_KERNELS forces, else every one this CPU runs."""
+    """The variants that may run `op` on `fmt` here: the one KVMUX_KERNELS forces, else every automatic one
+    this CPU runs."""
     name = forced(op)
     if name is not None:
         v = variant(op, name)
@@ -102,7 +111,7 @@ def candidates(op: str, fmt: str) -> list[Variant]:
             raise ValueError(f"{ENV}: {op} kernel {name!r} takes {', '.join(v.formats)}, not {fmt}")
         check_runnable(v)
         return [v]
-    found = [v for v in VARIANTS if v.op == op and fmt in v.formats and not v.missing()]
+    found = [v for v in runnable(op, fmt) if v.automatic]
     if not found:
         raise RuntimeError(f"no {op} kernel for {fmt} runs on this CPU (needs at least {', '.join(AVX2)})")
     return found
@@ -110,18 +119,20 @@ def candidates(op: str, fmt: str) -> list[Variant]:
 
 def fastest(runs: dict[str, Sequence[Callable[[], object]]], budget_s: float = 0.001,
             rounds: int = 4) -> dict[str, float]:
-    """The fastest single call of each candidate, in seconds, best first.
+    """The fastest single call of each candidate, in seconds of the calling thread's CPU time, best first.
 
     Each candidate is a sequence of calls (one per layer of a shape, say) taken in turn, so that successive
     calls read different weights as a forward does. Candidates are timed in interleaved rounds of about
-    `budget_s` each so that load on the machine hits all alike, and each call is timed on its own: the best
-    call is the one no other process interrupted (on a shared machine most are). After a warm-up call
-    each and two rounds, a candidate over 3x slower than the fastest is not timed again."""
+    `budget_s` each, and each call on its own, in CPU time: on a shared machine wall time mostly measures the
+    other processes (a call waits whenever they hold a core), CPU time only the kernel. The caller runs them
+    on one thread (the kernels split their work evenly across threads, so one thread's time ranks them as
+    several threads' would). After a warm-up call each and two rounds, a candidate over 3x slower than the
+    fastest is not timed again."""
     best, calls, turn = {}, {}, {name: 0 for name in runs}
     for name, fns in runs.items():
-        start = time.perf_counter()
+        start = time.thread_time()
         fns[0]()  # also the warm-up: first-touch page faults, AMX's first tile configuration
-        calls[name] = max(1, min(16, int(budget_s / (time.perf_counter() - start))))
+        calls[name] = max(1, min(16, int(budget_s / max(time.thread_time() - start, 1e-6))))
         best[name] = math.inf
     keep = dict(runs)
     for i in range(rounds):
@@ -129,9 +140,9 @@ def fastest(runs: dict[str, Sequence[Callable[[], object]]], budget_s: float = 0
             for _ in range(calls[name]):
                 fn = fns[turn[name] % len(fns)]
                 turn[name] += 1
-                start = time.perf_counter()
+                start = time.thread_time()
                 fn()
-                best[name] = min(best[name], time.perf_counter() - start)
+                best[name] = min(best[name], time.thread_time() - start)
         if i == 1:
             fastest_s = min(best.values())
             keep = {name: fns for name, fns in keep.items() if best[name] <= 3 * fastest_s}

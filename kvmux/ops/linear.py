@@ -12,10 +12,11 @@ AVX2 kernel. bf16 panels have several kernels (kernel_choice.VARIANTS): the
 AVX2 one widens the weights to float32 as it reads them (CPUs without bf16
 arithmetic: half the weight memory and traffic at float32 speed); on CPUs
 with bf16 units the AVX512-BF16 and AMX kernels round x to bf16 and multiply
-bf16 pairs into float32 sums; torch's F.linear in bf16 (oneDNN) is a
-candidate too, over an [N, K] copy of the weight kept only where it wins.
-Which is fastest depends on the shape and the row count, so `plan_linears`
-times the candidates at load on the model's own weights, per row range.
+bf16 pairs into float32 sums. Which is fastest depends on the shape and the
+row count, so `plan_linears` times the candidates at load on the model's own
+weights, per row range. torch's F.linear in bf16 (oneDNN, over an [N, K] copy
+of the weight) runs when KVMUX_KERNELS names it: its results are bf16, which
+cost more accuracy than the issue allows (kernel_choice.VARIANTS).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class ShapePlan:
     dtype: str
     layers: int
     variants: list[str]  # per ROW_RANGES
-    micros: list[dict[str, float]]  # per ROW_RANGES: microseconds per call of each candidate timed
+    micros: list[dict[str, float]]  # per ROW_RANGES: CPU microseconds per call (one thread), each candidate timed
 
     @property
     def bounds(self) -> list[int]:
@@ -168,30 +169,35 @@ class ShapePlan:
         ranges, previous = [], 0
         for r, chosen, micros in zip(ROW_RANGES, self.variants, self.micros):
             ranges.append({"rows": r.label(previous), "variant": chosen,
-                           "us_per_call": {k: round(v, 1) for k, v in micros.items()}})
+                           "cpu_us_per_call": {k: round(v, 1) for k, v in micros.items()}})
             previous = r.most or previous
         return {"shape": [self.out_features, self.in_features], "dtype": self.dtype, "layers": self.layers,
                 "ranges": ranges}
 
 
 def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
-    """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest."""
+    """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
+    Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
     first = layers[0]
     dtype = str(first.weight.dtype).removeprefix("torch.")
     names = [v.name for v in kernel_choice.candidates("linear", dtype)]
     variants, micros = [], []
-    for r in ROW_RANGES:
-        if len(names) == 1:
-            variants.append(names[0])
-            micros.append({})
-            continue
-        rows = max(1, min(r.timed, int(FLOP_CAP // (2 * first.out_features * first.in_features))))
-        x = torch.randn(rows, first.in_features)
-        timed = layers[:TIMED_LAYERS]
-        seconds = kernel_choice.fastest({name: [functools.partial(runner(name, layer), x) for layer in timed]
-                                         for name in names})
-        variants.append(next(iter(seconds)))
-        micros.append({name: s * 1e6 for name, s in seconds.items()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in ROW_RANGES:
+            if len(names) == 1:
+                variants.append(names[0])
+                micros.append({})
+                continue
+            rows = max(1, min(r.timed, int(FLOP_CAP // (2 * first.out_features * first.in_features))))
+            x = torch.randn(rows, first.in_features)
+            seconds = kernel_choice.fastest({name: [functools.partial(runner(name, layer), x)
+                                                    for layer in layers[:TIMED_LAYERS]] for name in names})
+            variants.append(next(iter(seconds)))
+            micros.append({name: s * 1e6 for name, s in seconds.items()})
+    finally:
+        torch.set_num_threads(threads)
     if "onednn" not in variants:
         for layer in layers:
             layer.dense = None

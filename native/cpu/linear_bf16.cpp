@@ -10,6 +10,10 @@
 // otherwise be merged with the baseline build's copy at link time.
 #include "cpu/packed_linear.h"
 
+#include "cpu/cpu_features.h"
+
+#if KVMUX_WIDE_KERNELS
+
 #include <cstring>
 
 #include <immintrin.h>
@@ -291,3 +295,20 @@ void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, c
 #pragma GCC pop_options
 
 }  // namespace kvmux
+
+#else  // a compiler without the instruction sets' intrinsics: linear_kernel_supported says no, nothing calls these
+
+namespace kvmux {
+
+void packed_linear_bf16_avx512(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const float*,
+                               float*, int64_t, int, uint16_t*) {
+    throw LinearError("packed_linear: built without the AVX512-BF16 kernel");
+}
+void packed_linear_bf16_amx(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*,
+                            int64_t, int, uint16_t*) {
+    throw LinearError("packed_linear: built without the AMX kernel");
+}
+
+}  // namespace kvmux
+
+#endif

@@ -69,94 +69,74 @@ struct Sums {
     void store(float* out, int64_t ldo, int cols) const {
         for (int i = 0; i < MT; ++i) std::memcpy(out + i * ldo, v[i], cols * sizeof(float));
     }
+#if defined(__AVX2__) && defined(__FMA__)
+    // The tile as 2 x MT accumulators (features 0-7, 8-15 of each row), and back.
+    void to_registers(__m256* c0, __m256* c1) const {
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i) {
+            c0[i] = _mm256_load_ps(v[i]);
+            c1[i] = _mm256_load_ps(v[i] + 8);
+        }
+    }
+    void from_registers(const __m256* c0, const __m256* c1) {
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i) {
+            _mm256_store_ps(v[i], c0[i]);
+            _mm256_store_ps(v[i] + 8, c1[i]);
+        }
+    }
+#endif
 };
 
-// out[MT, cols] (+)= x[MT, 0:kc] . W[0:kc, 16] for a float32 panel slice. Every loop over the accumulators is
-// unrolled so they stay in registers; `next`, when set, is the next panel's slice, fetched meanwhile.
-template <int MT>
-void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* out, int64_t ldo, int cols,
-          const float* bias, bool first, const float* next) {
-    Sums<MT> s(out, ldo, cols, bias, first);
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 c0[MT], c1[MT];
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-        c0[i] = _mm256_load_ps(s.v[i]);
-        c1[i] = _mm256_load_ps(s.v[i] + 8);
-    }
-    for (int64_t k = 0; k < kc; ++k) {
-        if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanelWidth), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(panel + k * kPanelWidth), w1 = _mm256_loadu_ps(panel + k * kPanelWidth + 8);
-#pragma GCC unroll 8
-        for (int i = 0; i < MT; ++i) {
-            const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
-            c0[i] = _mm256_fmadd_ps(xv, w0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(xv, w1, c1[i]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-        _mm256_store_ps(s.v[i], c0[i]);
-        _mm256_store_ps(s.v[i] + 8, c1[i]);
-    }
-#else
-    (void)next;
-    for (int64_t k = 0; k < kc; ++k)
-        for (int i = 0; i < MT; ++i)
-            for (int j = 0; j < kPanelWidth; ++j) s.v[i][j] += x[i * ldx + k] * panel[k * kPanelWidth + j];
-#endif
-    s.store(out, ldo, cols);
-}
+// Weight (k, feature j) of a panel slice, for the scalar fallback.
+inline float weight_at(const float* panel, int64_t k, int j) { return panel[k * kPanelWidth + j]; }
+inline float weight_at(const Bf16Pair* panel, int64_t k, int j) { return bf16_to_float(panel[k / 2].bits[2 * j + k % 2]); }
 
-// The same over a bf16 panel slice (kc / 2 pair rows, k0 even), widening each pair row as it is read: for the
-// few rows of a decode step, where the weights' traffic is the bound.
+#if defined(__AVX2__) && defined(__FMA__)
+// c[i] += x[i][k] * (w0 | w1) for the tile's rows.
 template <int MT>
-void tile(const float* x, int64_t ldx, const Bf16Pair* panel, int64_t kc, float* out, int64_t ldo, int cols,
-          const float* bias, bool first, const Bf16Pair* next) {
+inline void fma_rows(__m256* c0, __m256* c1, const float* x, int64_t ldx, int64_t k, __m256 w0, __m256 w1) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
+        c0[i] = _mm256_fmadd_ps(xv, w0, c0[i]);
+        c1[i] = _mm256_fmadd_ps(xv, w1, c1[i]);
+    }
+}
+#endif
+
+// out[MT, cols] (+)= x[MT, 0:kc] . W[0:kc, 16] for a panel slice: float32 rows of 16 features, or bf16 pair
+// rows (kc / 2 of them from an even k0) widened as they are read, for the few rows of a decode step where the
+// weights' traffic is the bound. Every loop over the accumulators is unrolled so they stay in registers;
+// `next`, when set, is the next panel's slice, fetched meanwhile.
+template <int MT, typename WT>
+void tile(const float* x, int64_t ldx, const WT* panel, int64_t kc, float* out, int64_t ldo, int cols,
+          const float* bias, bool first, const WT* next) {
     Sums<MT> s(out, ldo, cols, bias, first);
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 c0[MT], c1[MT];
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-        c0[i] = _mm256_load_ps(s.v[i]);
-        c1[i] = _mm256_load_ps(s.v[i] + 8);
-    }
-    const int64_t pairs = kc / 2;
-    for (int64_t q = 0; q < pairs; ++q) {
-        if (next) _mm_prefetch(reinterpret_cast<const char*>(next + q), _MM_HINT_T0);
-        __m256 e0, e1, o0, o1;
-        widen_pairs(panel[q].bits, e0, e1, o0, o1);
-#pragma GCC unroll 8
-        for (int i = 0; i < MT; ++i) {
-            const __m256 xe = _mm256_broadcast_ss(x + i * ldx + 2 * q);
-            const __m256 xo = _mm256_broadcast_ss(x + i * ldx + 2 * q + 1);
-            c0[i] = _mm256_fmadd_ps(xe, e0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(xe, e1, c1[i]);
-            c0[i] = _mm256_fmadd_ps(xo, o0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(xo, o1, c1[i]);
+    s.to_registers(c0, c1);
+    if constexpr (std::is_same_v<WT, float>) {
+        for (int64_t k = 0; k < kc; ++k) {
+            if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanelWidth), _MM_HINT_T0);
+            fma_rows<MT>(c0, c1, x, ldx, k, _mm256_loadu_ps(panel + k * kPanelWidth),
+                         _mm256_loadu_ps(panel + k * kPanelWidth + 8));
+        }
+    } else {
+        for (int64_t q = 0; q < (kc + 1) / 2; ++q) {
+            if (next) _mm_prefetch(reinterpret_cast<const char*>(next + q), _MM_HINT_T0);
+            __m256 e0, e1, o0, o1;
+            widen_pairs(panel[q].bits, e0, e1, o0, o1);
+            fma_rows<MT>(c0, c1, x, ldx, 2 * q, e0, e1);
+            if (2 * q + 1 < kc) fma_rows<MT>(c0, c1, x, ldx, 2 * q + 1, o0, o1);  // an odd K's last pair: one k
         }
     }
-    if (kc % 2) {  // an odd K's last k: the even half of its pair row
-        __m256 e0, e1, o0, o1;
-        widen_pairs(panel[pairs].bits, e0, e1, o0, o1);
-#pragma GCC unroll 8
-        for (int i = 0; i < MT; ++i) {
-            const __m256 xe = _mm256_broadcast_ss(x + i * ldx + kc - 1);
-            c0[i] = _mm256_fmadd_ps(xe, e0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(xe, e1, c1[i]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-        _mm256_store_ps(s.v[i], c0[i]);
-        _mm256_store_ps(s.v[i] + 8, c1[i]);
-    }
+    s.from_registers(c0, c1);
 #else
     (void)next;
     for (int64_t k = 0; k < kc; ++k)
         for (int i = 0; i < MT; ++i)
-            for (int j = 0; j < kPanelWidth; ++j)
-                s.v[i][j] += x[i * ldx + k] * bf16_to_float(panel[k / 2].bits[2 * j + k % 2]);
+            for (int j = 0; j < kPanelWidth; ++j) s.v[i][j] += x[i * ldx + k] * weight_at(panel, k, j);
 #endif
     s.store(out, ldo, cols);
 }
@@ -166,9 +146,9 @@ template <int MT, typename WT>
 void tile_rows(int rows, const float* x, int64_t ldx, const WT* panel, int64_t kc, float* out, int64_t ldo,
                int cols, const float* bias, bool first, const WT* next) {
     if constexpr (MT == 1) {
-        tile<1>(x, ldx, panel, kc, out, ldo, cols, bias, first, next);
+        tile<1, WT>(x, ldx, panel, kc, out, ldo, cols, bias, first, next);
     } else if (rows == MT) {
-        tile<MT>(x, ldx, panel, kc, out, ldo, cols, bias, first, next);
+        tile<MT, WT>(x, ldx, panel, kc, out, ldo, cols, bias, first, next);
     } else {
         tile_rows<MT - 1>(rows, x, ldx, panel, kc, out, ldo, cols, bias, first, next);
     }
@@ -254,7 +234,7 @@ void run(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* packed, in
 
 bool linear_kernel_supported(LinearKernel kernel) {
     const CpuFeatures& f = cpu_features();
-    const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl;
+    const bool avx512 = KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl;
     switch (kernel) {
         case LinearKernel::f32_avx2:
         case LinearKernel::bf16_widen_avx2:

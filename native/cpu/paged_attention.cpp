@@ -384,7 +384,8 @@ bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t 
         case AttentionKernel::avx2:
             return f.avx2 && f.fma;
         case AttentionKernel::avx512bf16:
-            return f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 && kv_dtype == DType::bf16 &&
+            return KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 &&
+                   kv_dtype == DType::bf16 &&
                    bf16_attend_supports(head_dim);
     }
     return false;

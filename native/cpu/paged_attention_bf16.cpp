@@ -2,6 +2,10 @@
 // instruction sets by a target pragma; paged_attention.cpp calls it only where the CPU has them.
 #include "cpu/paged_attention_bf16.h"
 
+#include "cpu/cpu_features.h"
+
+#if KVMUX_WIDE_KERNELS
+
 #include <immintrin.h>
 #include <type_traits>
 
@@ -281,3 +285,11 @@ void bf16_attend_avx512(const Bf16AttendItem& item) {
 }  // namespace kvmux
 
 #pragma GCC pop_options
+
+#else  // a compiler without AVX512-BF16 intrinsics: attention_kernel_supported says no, nothing calls this
+
+#include "cpu/paged_attention.h"
+
+void kvmux::bf16_attend_avx512(const Bf16AttendItem&) { throw AttentionError("built without the avx512bf16 kernel"); }
+
+#endif
