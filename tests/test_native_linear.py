@@ -121,6 +121,18 @@ def test_a_forced_variant_the_cpu_lacks_names_the_instruction_set(monkeypatch):
     assert [v.name for v in kernel_choice.runnable("linear", "bfloat16")] == ["avx2", "onednn"]
 
 
+def test_one_variant_name_may_have_an_entry_per_format(monkeypatch):
+    """How a new weight format adds its own kernels under existing names (an AVX2 kernel per format, say)."""
+    extra = kernel_choice.Variant("linear", "avx2", kernel_choice.AVX2, ("q4_1",), "a new format's AVX2 kernel")
+    monkeypatch.setattr(kernel_choice, "VARIANTS", kernel_choice.VARIANTS + (extra,))
+    assert kernel_choice.variant("linear", "avx2", "q4_1") is extra
+    assert kernel_choice.variant("linear", "avx2", "bfloat16").formats == ("float32", "bfloat16")
+    monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")
+    assert kernel_choice.candidates("linear", "q4_1") == [extra]
+    with pytest.raises(ValueError, match="'avx2' takes float32, bfloat16, q4_1, not q8_0"):
+        kernel_choice.candidates("linear", "q8_0")
+
+
 def test_a_malformed_kvmux_kernels_is_named(monkeypatch):
     monkeypatch.setenv(kernel_choice.ENV, "linear")
     with pytest.raises(ValueError, match="'linear' is not op=variant"):

@@ -64,7 +64,7 @@ class KernelCheck:
 
     def missing(self) -> list[str]:
         """Instruction sets this CPU lacks for the variant (empty: it runs here)."""
-        return kernel_choice.variant(self.op, self.variant).missing()
+        return kernel_choice.variant(self.op, self.variant, self.fmt).missing()
 
 
 # (rows, in, out, bias): decode and prefill shapes, partial row tiles and last panels, K split in several

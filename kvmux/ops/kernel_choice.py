@@ -2,8 +2,10 @@
 
 Every CPU kernel variant is one `Variant` in `VARIANTS`: the op it implements
 (as KVMUX_KERNELS names it), its name, the instruction sets it needs (as
-`cpu_features()` names them) and the formats it takes (weight dtypes for
-`linear`, KV dtypes for `attention`). The extension is built for the AVX2/FMA
+`cpu_features()` names them) and the formats it takes (weight formats for
+`linear`, KV dtypes for `attention`). One name may have several entries for
+different formats (an AVX2 kernel per weight format, say): KVMUX_KERNELS then
+pins each format to its own. The extension is built for the AVX2/FMA
 baseline and carries the faster variants compiled for their own instruction
 sets, so which ones may run is a run-time question; among those, an op whose
 speed depends on shapes times them at load (`fastest`).
@@ -59,7 +61,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16"),
             "float32 FMA; bf16 K/V widened once per chunk of keys"),
     Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16",),
-            "q, K, scores and V as bf16 pairs through vdpbf16ps, float32 sums and softmax"),
+            "q.K and the softmax weights.V as bf16 pairs through vdpbf16ps; float32 sums and softmax"),
 )
 
 
@@ -69,12 +71,19 @@ def cpu_features() -> dict[str, bool]:
     return _native.cpu_features()
 
 
-def variant(op: str, name: str) -> Variant:
-    for v in VARIANTS:
-        if v.op == op and v.name == name:
+def variant(op: str, name: str, fmt: str | None = None) -> Variant:
+    """The entry for `op`'s variant `name` (for `fmt`, where one name has entries for several formats)."""
+    named = [v for v in VARIANTS if v.op == op and v.name == name]
+    if not named:
+        known = ", ".join(dict.fromkeys(v.name for v in VARIANTS if v.op == op))
+        raise ValueError(f"{ENV}: {op} has no variant {name!r}; its variants: {known}")
+    if fmt is None:
+        return named[0]
+    for v in named:
+        if fmt in v.formats:
             return v
-    known = ", ".join(v.name for v in VARIANTS if v.op == op)
-    raise ValueError(f"{ENV}: {op} has no variant {name!r}; its variants: {known}")
+    takes = ", ".join(f for v in named for f in v.formats)
+    raise ValueError(f"{ENV}: {op} kernel {name!r} takes {takes}, not {fmt}")
 
 
 def forced(op: str) -> str | None:
@@ -106,9 +115,7 @@ def candidates(op: str, fmt: str) -> list[Variant]:
     this CPU runs."""
     name = forced(op)
     if name is not None:
-        v = variant(op, name)
-        if fmt not in v.formats:
-            raise ValueError(f"{ENV}: {op} kernel {name!r} takes {', '.join(v.formats)}, not {fmt}")
+        v = variant(op, name, fmt)
         check_runnable(v)
         return [v]
     found = [v for v in runnable(op, fmt) if v.automatic]

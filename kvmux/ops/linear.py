@@ -40,10 +40,7 @@ PANEL = _native.PANEL_WIDTH
 K_ALIGN = _native.BF16_K_ALIGN  # bf16 panels pad K to a multiple of this
 PANEL_DTYPES = (torch.float32, torch.bfloat16)
 _K = _native.LinearKernel
-# (variant, weight dtype) -> the native kernel; "onednn" is torch's F.linear.
-NATIVE_KERNELS = {("avx2", torch.float32): _K.f32_avx2, ("avx2", torch.bfloat16): _K.bf16_widen_avx2,
-                  ("avx512bf16", torch.bfloat16): _K.bf16_avx512, ("amx", torch.bfloat16): _K.bf16_amx}
-DEFAULT_KERNELS = {torch.float32: _K.f32_avx2, torch.bfloat16: _K.bf16_widen_avx2}
+DEFAULT_KERNELS = {torch.float32: _K.f32_avx2, torch.bfloat16: _K.bf16_widen_avx2}  # packed_linear's, by dtype
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -73,7 +70,7 @@ def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                   kernel: _native.LinearKernel | None = None) -> torch.Tensor:
     """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32.
-    `kernel` must suit the panels' dtype (NATIVE_KERNELS); None: the AVX2 one for it."""
+    `kernel` must suit the panels' dtype (RUNNERS pairs them); None: the AVX2 one for it."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
         raise ValueError(f"packed_linear: need x float32 [rows, in_features] on the CPU, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
@@ -124,14 +121,37 @@ class PackedLayer(Protocol):
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
+def weight_format(layer: PackedLayer) -> str:
+    """What a layer's kernels take (kernel_choice's formats): its `weight_format` if it says (a quantized
+    layer), else its packed weight's dtype."""
+    return getattr(layer, "weight_format", None) or str(layer.weight.dtype).removeprefix("torch.")
+
+
+def _native_runner(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Runner]:
+    return lambda layer: functools.partial(packed_linear, packed=layer.weight, out_features=layer.out_features,
+                                           bias=layer.bias, kernel=kernel)
+
+
+def _onednn_runner(layer: PackedLayer) -> Runner:
+    if layer.dense is None:
+        layer.dense = packed_rows(layer.weight, torch.arange(layer.out_features), layer.in_features)
+    return functools.partial(onednn_linear, dense=layer.dense, bias=layer.bias)
+
+
+# (variant, format) -> what makes one layer's x -> x W^T + b by that variant: one entry per kernel_choice
+# Variant and format it takes (a new weight format adds its own).
+RUNNERS: dict[tuple[str, str], Callable[[PackedLayer], Runner]] = {
+    ("avx2", "float32"): _native_runner(_K.f32_avx2),
+    ("avx2", "bfloat16"): _native_runner(_K.bf16_widen_avx2),
+    ("avx512bf16", "bfloat16"): _native_runner(_K.bf16_avx512),
+    ("amx", "bfloat16"): _native_runner(_K.bf16_amx),
+    ("onednn", "bfloat16"): _onednn_runner,
+}
+
+
 def runner(variant: str, layer: PackedLayer) -> Runner:
     """x -> x W^T + b for one packed layer, by the named variant."""
-    if variant == "onednn":
-        if layer.dense is None:
-            layer.dense = packed_rows(layer.weight, torch.arange(layer.out_features), layer.in_features)
-        return functools.partial(onednn_linear, dense=layer.dense, bias=layer.bias)
-    return functools.partial(packed_linear, packed=layer.weight, out_features=layer.out_features, bias=layer.bias,
-                             kernel=NATIVE_KERNELS[variant, layer.weight.dtype])
+    return RUNNERS[variant, weight_format(layer)](layer)
 
 
 @dataclass(frozen=True)
@@ -152,7 +172,7 @@ FLOP_CAP = 2e9  # a huge matmul (a large lm_head) is timed at fewer rows, so tha
 
 @dataclass
 class ShapePlan:
-    """The kernel for one matmul shape and weight dtype, per row range, and what each candidate measured."""
+    """The kernel for one matmul shape and weight format, per row range, and what each candidate measured."""
 
     out_features: int
     in_features: int
@@ -179,7 +199,7 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
     """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
     Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
     first = layers[0]
-    dtype = str(first.weight.dtype).removeprefix("torch.")
+    dtype = weight_format(first)
     names = [v.name for v in kernel_choice.candidates("linear", dtype)]
     variants, micros = [], []
     threads = torch.get_num_threads()
@@ -219,7 +239,7 @@ def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:
     """Plan every shape among `layers` and give each its Dispatch (`layer.dispatch`); log the choices."""
     groups: dict[tuple, list[PackedLayer]] = {}
     for layer in layers:
-        groups.setdefault((layer.out_features, layer.in_features, layer.weight.dtype), []).append(layer)
+        groups.setdefault((layer.out_features, layer.in_features, weight_format(layer)), []).append(layer)
     plans = []
     for group in groups.values():
         plan = plan_shape(group)
