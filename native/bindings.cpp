@@ -69,6 +69,11 @@ void bind_paged_attention(py::module_& m) {
     using kvmux::DType;
 
     py::register_exception<kvmux::AttentionError>(m, "AttentionError", PyExc_ValueError);
+    py::enum_<kvmux::AttentionKernel>(m, "AttentionKernel", "The CPU attention work-item kernels.")
+        .value("avx2", kvmux::AttentionKernel::avx2)
+        .value("avx512bf16", kvmux::AttentionKernel::avx512bf16);
+    m.def("attention_kernel_supported", &kvmux::attention_kernel_supported, py::arg("kernel"), py::arg("kv_dtype"),
+          py::arg("head_dim"), "Whether this CPU runs the kernel on a pool of kv_dtype with this head_dim.");
 
     py::class_<AttentionMetadata>(m, "AttentionMetadata",
                               "One step's attention metadata, validated once and reused by every layer.")
@@ -90,7 +95,8 @@ void bind_paged_attention(py::module_& m) {
             [](const AttentionMetadata& meta, std::uintptr_t q, int64_t q_stride, std::uintptr_t k, int64_t k_stride,
                std::uintptr_t v, int64_t v_stride, std::uintptr_t out, int act_dtype, std::uintptr_t kv,
                int kv_dtype, int64_t num_blocks, int64_t num_layers, int64_t block_size, int64_t layer,
-               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads) {
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads,
+               kvmux::AttentionKernel kernel) {
                 kvmux::LayerArgs a;
                 a.q = {reinterpret_cast<const void*>(q), q_stride};
                 a.k = {reinterpret_cast<const void*>(k), k_stride};
@@ -108,6 +114,7 @@ void bind_paged_attention(py::module_& m) {
                 a.head_dim = head_dim;
                 a.scale = scale;
                 a.num_threads = num_threads;
+                a.kernel = kernel;
                 // The engine's event loop runs beside the forward thread.
                 py::gil_scoped_release release;
                 meta.run(a);
@@ -116,33 +123,40 @@ void bind_paged_attention(py::module_& m) {
             py::arg("out"), py::arg("act_dtype"), py::arg("kv"), py::arg("kv_dtype"), py::arg("num_blocks"),
             py::arg("num_layers"), py::arg("block_size"), py::arg("layer"), py::arg("num_heads"),
             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_threads"),
+            py::arg("kernel") = kvmux::AttentionKernel::avx2,
             "Write this layer's new K/V into their slots, then attend every new query over its context.");
 }
 
 // Addresses again; kvmux/ops/linear.py checks the tensors.
 void bind_packed_linear(py::module_& m) {
+    using kvmux::LinearKernel;
+
+    py::register_exception<kvmux::LinearError>(m, "LinearError", PyExc_ValueError);
     m.attr("PANEL_WIDTH") = kvmux::kPanelWidth;
+    m.attr("BF16_K_ALIGN") = kvmux::kBf16KAlign;
+    py::enum_<LinearKernel>(m, "LinearKernel", "The native matmul kernels (native/cpu/packed_linear.h).")
+        .value("f32_avx2", LinearKernel::f32_avx2)
+        .value("bf16_widen_avx2", LinearKernel::bf16_widen_avx2)
+        .value("bf16_avx512", LinearKernel::bf16_avx512)
+        .value("bf16_amx", LinearKernel::bf16_amx);
+    m.def("linear_kernel_supported", &kvmux::linear_kernel_supported, py::arg("kernel"),
+          "Whether this CPU (and, for AMX, the OS) can run the kernel.");
     m.def(
         "packed_linear",
-        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t packed,
-           bool bf16_weight, int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride,
+        [](LinearKernel kernel, std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride,
+           std::uintptr_t packed, int64_t out_features, std::uintptr_t bias, std::uintptr_t out, int64_t out_stride,
            int num_threads) {
             py::gil_scoped_release release;
-            const auto* xf = reinterpret_cast<const float*>(x);
-            const auto* b = reinterpret_cast<const float*>(bias);
-            auto* o = reinterpret_cast<float*>(out);
-            if (bf16_weight)
-                kvmux::packed_linear_bf16w(xf, rows, in_features, x_stride, reinterpret_cast<const uint16_t*>(packed),
-                                           out_features, b, o, out_stride, num_threads);
-            else
-                kvmux::packed_linear_f32(xf, rows, in_features, x_stride, reinterpret_cast<const float*>(packed),
-                                         out_features, b, o, out_stride, num_threads);
+            kvmux::packed_linear(kernel, reinterpret_cast<const float*>(x), rows, in_features, x_stride,
+                                 reinterpret_cast<const void*>(packed), out_features,
+                                 reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), out_stride,
+                                 num_threads);
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("packed"),
-        py::arg("bf16_weight"), py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"),
+        py::arg("kernel"), py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"),
+        py::arg("packed"), py::arg("out_features"), py::arg("bias"), py::arg("out"), py::arg("out_stride"),
         py::arg("num_threads"),
-        "out[rows, out_features] = x @ weight.T (+ bias) from the packed weight (float32 or bf16 panels); x, bias "
-        "and out float32; bias 0 means none.");
+        "out[rows, out_features] = x @ weight.T (+ bias) from the packed weight in the layout of the kernel's "
+        "weight dtype; x, bias and out float32; bias 0 means none.");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.

@@ -61,11 +61,14 @@ async def until(condition, timeout: float = 30.0) -> None:
 
 
 def run_engine(model: str | None, prompts, params, **options):
-    """Complete every prompt concurrently; returns (completions, stats) and checks nothing leaked."""
+    """Complete every prompt concurrently; returns (completions, stats) and checks nothing leaked.
+
+    In float32 unless options say otherwise: what transformers' references are computed in (the engine's
+    default, auto, is bf16 on CPUs with bf16 units)."""
     params = params if isinstance(params, list) else [params] * len(prompts)
 
     async def main():
-        async with Engine(model, **options) as engine:
+        async with Engine(model, **{"dtype": "float32", **options}) as engine:
             done = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
             stats = await engine.stats()
             assert_no_leaks(engine)

@@ -33,7 +33,8 @@ class EngineThread:
 
     def __init__(self, model: str, engine_options: dict | None = None) -> None:
         self.loop = LoopThread("kvmux-test-server")
-        self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, **(engine_options or {})})
+        self.engine = Engine(model, **{"num_blocks": 64, "block_size": 8, "max_pending": 4, "dtype": "float32",
+                                     **(engine_options or {})})
         self.call(self.engine.start())
 
     def call(self, coro, timeout: float = 60):

@@ -88,3 +88,19 @@ def test_http_transport_adds_a_kvmux_http_job_and_its_cost():
     cost = summarize_runs(runs)["http_vs_api"]
     assert cost["online"]["throughput_cost"] == pytest.approx(0.01)
     assert cost["online"]["ttft_p50_cost"] == pytest.approx(0.02) and cost["online"]["targets_met"]
+
+
+def test_cpu_check_checks_what_runs_here_and_names_what_it_skips(tmp_path, monkeypatch):
+    from bench import cpu_check
+    from kvmux.ops import kernel_choice
+
+    # A host without AVX-512 or AMX: only the AVX2 variants (and torch's oneDNN) run.
+    monkeypatch.setattr(kernel_choice, "cpu_features", lambda: {"avx2": True, "fma": True})
+    assert cpu_check.main(["--only", "/bfloat16", "--min-time", "0.001", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cpu_check.json").read_text())
+    assert [c["check"] for c in result["checked"]] == ["linear/avx2/bfloat16", "linear/onednn/bfloat16",
+                                                         "attention/avx2/bfloat16"]
+    assert all(t["ok"] and t["kernel_ms"] > 0 and t["torch_ms"] > 0 for c in result["checked"] for t in c["trials"])
+    needs = {s["check"]: s["needs"] for s in result["skipped"]}
+    assert needs["linear/amx/bfloat16"] == ["avx512f", "avx512bw", "avx512vl", "avx512bf16", "amx_tile", "amx_bf16"]
+    assert needs["attention/avx512bf16/bfloat16"] == ["avx512f", "avx512bw", "avx512vl", "avx512bf16"]

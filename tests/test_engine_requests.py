@@ -20,7 +20,7 @@ from engine_helpers import (
 
 
 def engine(tiny, **options):
-    return Engine(tiny, **{"num_blocks": 128, "block_size": 8, **options})
+    return Engine(tiny, **{"num_blocks": 128, "block_size": 8, "dtype": "float32", **options})
 
 
 def sampled(seed, max_tokens=16, **kw):
@@ -219,7 +219,7 @@ def test_stats_report_the_pool(tiny):
 
 
 def test_sync_llm_wrapper(tiny):
-    with LLM(tiny, num_blocks=64, block_size=8) as llm:
+    with LLM(tiny, num_blocks=64, block_size=8, dtype="float32") as llm:
         done = llm.generate([PROMPT, PROMPT[:3]], greedy(5))
         assert [c.num_output_tokens for c in done] == [5, 5]
         chat = llm.generate([{"role": "user", "content": "hello world"}], greedy(3))
@@ -262,7 +262,7 @@ def test_broken_step_fails_its_batch_and_the_engine_goes_on(tiny):
 def test_default_pool_is_capped_at_what_the_seats_can_use(tiny):
     async def main():
         # 1 GiB would be ~260k blocks of the tiny model; 4 seats x 256-token context need 4 x 16 blocks of 16.
-        async with Engine(tiny, max_num_seqs=4, block_size=16) as e:
+        async with Engine(tiny, max_num_seqs=4, block_size=16, dtype="float32") as e:
             assert e.blocks.num_blocks == 4 * 16
         with pytest.raises(ValueError, match="smaller than one KV block"):
             async with Engine(tiny, kv_cache_gib=1e-9):

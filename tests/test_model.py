@@ -151,9 +151,13 @@ def test_bf16_kv_cache_close_to_fp32(model_dirs, backend):
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_bf16_weights_run(model_dirs, backend):
+@pytest.mark.parametrize("backend,kernels", [("torch", ""), ("native", ""), ("native", "linear=avx2,attention=avx2")])
+def test_bf16_weights_run(model_dirs, backend, kernels, monkeypatch):
+    """bf16 weights and KV, with the kernels timed fastest here and with the AVX2-only path other hosts run."""
+    monkeypatch.setenv("KVMUX_KERNELS", kernels)
     model = load_model(model_dirs["llama-kv2"], dtype=torch.bfloat16, progress=False, attention_backend=backend).model
+    if kernels:
+        assert all(plan.variants == ["avx2"] * len(plan.variants) for plan in model.kernel_plans)
     seqs = random_seqs(LENGTHS, seed=3)
     ours = run_incremental(model, new_cache(model, dtype=torch.bfloat16), seqs, SCHEDULES)
     for o, ref in zip(ours, hf_logits(model_dirs["llama-kv2"], seqs)):
@@ -221,7 +225,10 @@ def test_cpu_models_hold_only_packed_weights(model_dirs, dtype):
     model = load_model(model_dirs["qwen2"], dtype=dtype, progress=False).model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert model.packed and model.dtype == dtype
-    assert all(m.packed and m.weight.dim() == 3 and m.weight.dtype == dtype for m in linears)
+    assert all(m.packed and m.weight.dim() == (3 if dtype == torch.float32 else 4) and m.weight.dtype == dtype
+               and m.dispatch is not None for m in linears)
+    assert {(p.out_features, p.in_features) for p in model.kernel_plans} == \
+        {(m.out_features, m.in_features) for m in linears}
     # Activations are float32 from the embedding on: biases and norms follow.
     assert all(m.bias is None or m.bias.dtype == torch.float32 for m in linears)
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, RMSNorm))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kvmux.config import EngineConfig
-from kvmux.ops import attention
+from kvmux.ops import attention, kernel_choice
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
-from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64
+from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64, weight_rounding_bound
 
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path
@@ -64,7 +64,7 @@ def tolerance(act: torch.dtype) -> dict:
     return dict(atol=2e-5, rtol=1e-4) if act == torch.float32 else dict(atol=1.5e-2, rtol=1e-2)
 
 
-def run_case(c, device: str, kernel):
+def run_case(c, device: str, kernel, bf16_dots: bool = False):
     kind, (hq, hkv), d, bs, (act, kv), i = c
     qlens, ctx = shapes(kind, bs, random.Random(i))
     ctx = ctx[:len(qlens)]
@@ -75,14 +75,29 @@ def run_case(c, device: str, kernel):
     got = kernel(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(cache.kv.cpu(), want_pool.cpu()), "pool contents differ from the reference's writes"
-    ref = reference_f64(case, cache.kv)
     assert not torch.isnan(got).any(), "an output element was never written"
-    torch.testing.assert_close(got.double().cpu(), ref, **tolerance(act))
+    ref = reference_f64(case, cache.kv, bf16_q=bf16_dots)
+    if not bf16_dots:
+        torch.testing.assert_close(got.double().cpu(), ref, **tolerance(act))
+        return
+    # bf16 dot products: exact products of bf16 q and K, float32 sums, the softmax weights rounded to bf16.
+    bound = 2 * weight_rounding_bound(case, cache.kv) + 2e-5 + (2.0 ** -8 * ref.abs() if act == torch.bfloat16 else 0)
+    excess = (got.double().cpu() - ref).abs() - bound
+    assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the bf16 bound"
 
 
+@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
 @pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_cpu_kernel_matches_float64_reference(c):
-    run_case(c, "cpu", cpu_paged_attention)
+def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
+    """Every attention variant this CPU runs, forced through KVMUX_KERNELS as a host without it would be."""
+    missing = kernel_choice.variant("attention", variant).missing()
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    kind, gqa, d, bs, (act, kv), i = c
+    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128)):
+        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64 or 128")
+    monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
+    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16")
 
 
 @pytest.mark.skipif(not attention.native_available(torch.device("cuda")), reason="needs a GPU and kvmux._native_cuda")

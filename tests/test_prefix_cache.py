@@ -9,7 +9,7 @@ from kvmux import Engine, RequestRejected, SamplingParams
 from engine_helpers import assert_no_leaks, greedy, hf_greedy, settled
 
 MAX_NEW = 8
-OPTIONS = dict(num_blocks=96, block_size=8)
+OPTIONS = dict(num_blocks=96, block_size=8, dtype="float32")
 
 
 def ids(rng, n):
@@ -129,7 +129,7 @@ def test_parallel_samples_stream_with_index_and_preempt(tiny):
     prompt = ids(random.Random(8), 30)
 
     async def main():
-        async with Engine(tiny, num_blocks=12, block_size=8) as engine:
+        async with Engine(tiny, num_blocks=12, block_size=8, dtype="float32") as engine:
             seen: dict[int, list[int]] = {}
             finished = set()
             async for out in engine.generate(prompt, greedy(30, n=3)):

@@ -13,7 +13,7 @@ from kvmux.engine.eviction import Policy, choose_mode, choose_victims
 
 from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, assert_no_leaks, greedy, random_prompt, run_engine
 
-TIGHT = dict(num_blocks=12, block_size=8)  # 96 slots; the prompts need ~650 together
+TIGHT = dict(num_blocks=12, block_size=8, dtype="float32")  # 96 slots; the prompts need ~650 together
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
@@ -75,7 +75,7 @@ def test_abort_while_swapped_out_frees_the_host(tiny):
     prompts = [[rng.randrange(3, 320) for _ in range(30)] for _ in range(4)]
 
     async def main():
-        async with Engine(tiny, preemption_mode="swap", num_blocks=14, block_size=8) as engine:
+        async with Engine(tiny, preemption_mode="swap", num_blocks=14, block_size=8, dtype="float32") as engine:
             with ForwardGate(engine) as gate:
                 runs = [asyncio.ensure_future(engine.complete(p, greedy(40), request_id=f"r{i}"))
                         for i, p in enumerate(prompts)]

@@ -174,8 +174,8 @@ def test_prefix_comes_back_from_disk_with_identical_outputs(tiny, tmp_path):
     prompt = [rng.randrange(3, 320) for _ in range(41)]  # 5 full blocks of 8
     flush = [[rng.randrange(3, 320) for _ in range(41)] for _ in range(6)]
     block_bytes = 2 * 2 * 2 * 8 * 16 * 4  # layers, K/V, kv heads, block size, head dim, float32
-    options = dict(num_blocks=16, block_size=8, num_host_blocks=6, disk_cache_dir=str(tmp_path / "disk"),
-                   disk_cache_gib=64 * block_bytes / 2**30)
+    options = dict(num_blocks=16, block_size=8, num_host_blocks=6, dtype="float32",
+                   disk_cache_dir=str(tmp_path / "disk"), disk_cache_gib=64 * block_bytes / 2**30)
 
     async def main():
         async with Engine(tiny, **options) as engine:
@@ -203,7 +203,7 @@ def test_prefix_comes_back_from_host(tiny):
     other = [rng.randrange(3, 320) for _ in range(60)]
 
     async def main():
-        async with Engine(tiny, num_blocks=12, block_size=8, num_host_blocks=32) as engine:
+        async with Engine(tiny, num_blocks=12, block_size=8, num_host_blocks=32, dtype="float32") as engine:
             first = await engine.complete(prompt, greedy(6))
             # Takes 10 of the 12 blocks: the two coldest of prompt's 4 cached ones (its tail) go to the host.
             await engine.complete(other, greedy(20))

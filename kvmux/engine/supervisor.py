@@ -18,7 +18,7 @@ import torch
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.cache.transfer import DiskPool, host_pool, make_copier
-from kvmux.config import MODEL_ENV, ConfigError, EngineConfig
+from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.decode import Decode
@@ -74,9 +74,12 @@ class Engine:
         # event loop stays free for admissions and streaming meanwhile.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvmux-forward")
         loop = asyncio.get_running_loop()
-        dtype = getattr(torch, cfg.dtype)
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device)
+        dtype = getattr(torch, self.dtype)
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
             load_model, model, dtype, cfg.device, attention_backend=cfg.attention_backend))
+        self.kernels = self.loaded.model.kernel_choices()
+        log.info("attention kernel: %s", self.kernels["attention"])
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -99,7 +102,7 @@ class Engine:
                  self.disk_pool and self.disk_pool.tensor]
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode(),
+                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{self.dtype}".encode(),
                                    num_host_blocks=num_host, num_disk_blocks=num_disk)
         self.copier = make_copier(pools, geometry.block_bytes)
         self.max_model_len = max_model_len
@@ -231,16 +234,17 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
-            **self.copier.stats(),
+            **self.copier.stats(), **kernel_counts(self.kernels),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged
 
     def describe(self) -> dict:
-        """What is loaded: model name, context length, KV pool shape."""
-        return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.config.dtype,
+        """What is loaded: model name, dtype (`auto` resolved), context length, KV pool shape, and the kernels
+        chosen for this CPU (per matmul shape and row range, with what each candidate measured at load)."""
+        return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.dtype,
                 "max_model_len": self.max_model_len, "block_size": self.config.block_size,
-                "num_blocks": self.blocks.num_blocks, "config": asdict(self.config)}
+                "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "config": asdict(self.config)}
 
 
 def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dict] | None]:
@@ -251,6 +255,17 @@ def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dic
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         return None, None, [dict(m) for m in prompt]
     raise RequestRejected("invalid_prompt", "prompt must be a string, a list of token ids, or a list of chat messages")
+
+
+def kernel_counts(kernels: dict) -> dict[str, int]:
+    """The kernel choices as numbers (stats are numbers only): matmul (shape, row range) cells per kernel, and
+    1 for the attention kernel; describe() has the whole table."""
+    counts = {f"kernels_attention_{kernels['attention']}": 1}
+    for plan in kernels["linear"]:
+        for r in plan["ranges"]:
+            key = f"kernels_linear_{r['variant']}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:

@@ -19,8 +19,9 @@ from torch import nn
 from kvmux.cache.kv_cache import KVCache
 from kvmux.model.forward_batch import ForwardBatch
 from kvmux.ops import fused
-from kvmux.ops.attention import BACKENDS, paged_attention
-from kvmux.ops.linear import pack_weight, packed_linear, packed_rows
+from kvmux.ops.attention import BACKENDS, native_available, paged_attention
+from kvmux.ops.cpu_attention import attention_variant
+from kvmux.ops.linear import Dispatch, ShapePlan, pack_weight, packed_rows, plan_linears
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -30,9 +31,10 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). After `pack()` (CPU models, at load) the weight is held only in the native kernel's
-    panel layout, in its own dtype, with a float32 bias and float32 activations (see kvmux/linear.py), and
-    F.linear is no longer used."""
+    """y = x W^T (+ b). After `pack()` (CPU models, at load) the weight is held only in the native kernels'
+    panel layout, in its own dtype, with a float32 bias and float32 activations, and the model's
+    `pack_weights` gives it a `dispatch`: the kernel timed fastest for its shape at each row count
+    (kvmux/ops/linear.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -41,10 +43,12 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
         self.packed = False
+        self.dense: torch.Tensor | None = None  # an [N, K] copy, kept only for a kernel that reads one
+        self.dispatch: Dispatch | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return packed_linear(x, self.weight, self.out_features, self.bias)
+        if self.dispatch is not None:
+            return self.dispatch(x)
         return F.linear(x, self.weight, self.bias)
 
     def pack(self) -> None:
@@ -56,7 +60,7 @@ class Linear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight as [out, in]: the parameter itself, or a copy rebuilt from the packed panels."""
         if self.packed:
-            return packed_rows(self.weight, torch.arange(self.out_features))
+            return packed_rows(self.weight, torch.arange(self.out_features), self.in_features)
         return self.weight
 
 
@@ -85,7 +89,9 @@ class Embedding(Linear):
         super().__init__(hidden, vocab, False, dtype, device)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return packed_rows(self.weight, ids).float() if self.packed else F.embedding(ids, self.weight)
+        if self.packed:
+            return packed_rows(self.weight, ids, self.in_features).float()
+        return F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -241,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
         self.register_buffer("inv_freq", rope_inv_freq(config, attn.head_dim).to(device), persistent=False)
+        self.kernel_plans: list[ShapePlan] = []  # per matmul shape, once packed
 
     @property
     def dtype(self) -> torch.dtype:
@@ -296,17 +303,28 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.packed
 
     def pack_weights(self) -> None:
-        """Rewrite every matmul weight, in place of the original, into the native kernel's panels (CPU only;
-        see kvmux/linear.py). From then on activations are float32 whatever the weights' dtype, so norm
-        weights become float32 too (bf16 weights: bf16 memory and traffic, float32 arithmetic). After it the
-        model no longer loads checkpoints."""
+        """Rewrite every matmul weight, in place of the original, into the native kernels' panels and time
+        the kernels for each shape (CPU only; see kvmux/ops/linear.py); `kernel_plans` says what was chosen.
+        From then on activations are float32 whatever the weights' dtype, so norm weights become float32 too.
+        After it the model no longer loads checkpoints."""
         if self.device.type != "cpu":
             raise ValueError(f"pack_weights: only CPU models are packed, not one on {self.device}")
+        linears = []
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
+                linears.append(module)
             elif isinstance(module, RMSNorm):
                 module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
+        self.kernel_plans = plan_linears(linears)
+
+    def kernel_choices(self) -> dict:
+        """What runs each op here: per matmul shape, the kernel for each row range (and what each candidate
+        measured), and the attention kernel (over a KV pool of the model's dtype)."""
+        attention = self.attention_backend
+        if attention != "torch" and self.device.type == "cpu" and native_available(self.device):
+            attention = attention_variant(self.dtype, self.head_dim)
+        return {"linear": [plan.describe() for plan in self.kernel_plans], "attention": attention}
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""

@@ -12,23 +12,44 @@ import torch
 
 from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
+from kvmux.ops import kernel_choice
 from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
 
 if TYPE_CHECKING:
     from kvmux.model.forward_batch import ForwardBatch
 
+ATTENTION_KERNELS = {"avx2": _native.AttentionKernel.avx2, "avx512bf16": _native.AttentionKernel.avx512bf16}
+
+
+def attention_variant(kv_dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel for a pool of kv_dtype: the one KVMUX_KERNELS forces, else the fastest this CPU runs for it.
+
+    Unlike a matmul's, the choice does not depend on the step's shape: on SmolLM2's shapes the bf16
+    dot-product kernel measured faster than the float32 one from one decode token to whole prefill chunks
+    (`python -m bench.attention`), so VARIANTS lists attention's slowest first and the last that runs is taken.
+    """
+    fmt = str(kv_dtype).removeprefix("torch.")
+    runs = [v for v in kernel_choice.candidates("attention", fmt)
+            if _native.attention_kernel_supported(ATTENTION_KERNELS[v.name], _native.DType(DTYPE_CODES[kv_dtype]),
+                                                  head_dim)]
+    if not runs:
+        raise ValueError(f"{kernel_choice.ENV}: attention kernel {kernel_choice.forced('attention')!r} "
+                         f"does not take head_dim {head_dim} (its bf16 path takes 64 or 128)")
+    return runs[-1].name
 
 
 class CpuMetadata:
     """Per-step metadata of the CPU kernels (lives in batch.attn_metadata)."""
 
-    def __init__(self, batch: ForwardBatch, kv_cache: KVCache) -> None:
+    def __init__(self, batch: ForwardBatch, kv_cache: KVCache, variant: str | None = None) -> None:
+        """variant: the attention kernel to use (kernel_choice names); None: attention_variant's choice."""
         slots, tables = step_tensors(batch, kv_cache)
         self.native = _native.AttentionMetadata(
             slots.data_ptr(), batch.num_tokens, batch.query_lens, batch.context_lens,
             tables.data_ptr(), tables.shape[1], kv_cache.block_size, kv_cache.num_blocks)
         # Read once per step: torch's intra-op thread count is the engine's `threads` setting.
         self.num_threads = torch.get_num_threads()
+        self.kernel = ATTENTION_KERNELS[variant or attention_variant(kv_cache.dtype, kv_cache.head_dim)]
 
 
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
@@ -57,5 +78,5 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ca
     meta.native.run(q.data_ptr(), row_stride(q), k.data_ptr(), row_stride(k), v.data_ptr(), row_stride(v),
                   out.data_ptr(), DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype],
                   kv_cache.num_blocks, kv_cache.num_layers, kv_cache.block_size, layer,
-                  num_heads, num_kv_heads, head_dim, float(scale), meta.num_threads)
+                  num_heads, num_kv_heads, head_dim, float(scale), meta.num_threads, meta.kernel)
     return out

@@ -1,58 +1,85 @@
-"""The model's CPU matmuls: weights packed once at load, multiplied by the native kernel.
+"""The model's CPU matmuls: weights packed once at load, and per shape and row count the kernel timed fastest.
 
 torch's F.linear hands MKL a weight in its [N, K] storage, and MKL repacks it
 on every call; at the few rows of a decode step that repacking is most of the
 time. The engine owns its weights, so it packs each one once into 16-wide
-panels ([ceil(N/16), K, 16], see native/packed_linear.h) and `packed_linear`
-multiplies by them. Measured with SmolLM2-135M's shapes on this project's
-2-core AVX2 machine (`python -m bench.linear`), it is faster than F.linear up
-to a few hundred rows and on par above, so a packed model never calls
-F.linear; the packed weight also serves embedding lookups (`packed_rows`), so
-a tied embedding is stored once.
+panels (native/cpu/packed_linear.h) and the native kernels multiply by them;
+the packed weight also serves embedding lookups (`packed_rows`), so a tied
+embedding is stored once.
 
-Panels are float32 or bf16; activations are float32 either way. A CPU without
-bf16 arithmetic (this one) multiplies bf16 at a fraction of the float32 rate,
-so bf16 weights are widened as the kernel reads them: half the memory and
-weight traffic, float32 arithmetic.
+Activations are float32 whatever the weights' dtype. float32 panels run the
+AVX2 kernel. bf16 panels have several kernels (kernel_choice.VARIANTS): the
+AVX2 one widens the weights to float32 as it reads them (CPUs without bf16
+arithmetic: half the weight memory and traffic at float32 speed); on CPUs
+with bf16 units the AVX512-BF16 and AMX kernels round x to bf16 and multiply
+bf16 pairs into float32 sums. Which is fastest depends on the shape and the
+row count, so `plan_linears` times the candidates at load on the model's own
+weights, per row range. torch's F.linear in bf16 (oneDNN, over an [N, K] copy
+of the weight) runs when KVMUX_KERNELS names it: its results are bf16, which
+cost more accuracy than the issue allows (kernel_choice.VARIANTS).
 """
 
 from __future__ import annotations
+
+import bisect
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from kvmux import _native
+from kvmux.ops import kernel_choice
+
+log = logging.getLogger("kvmux")
 
 PANEL = _native.PANEL_WIDTH
+K_ALIGN = _native.BF16_K_ALIGN  # bf16 panels pad K to a multiple of this
 PANEL_DTYPES = (torch.float32, torch.bfloat16)
+_K = _native.LinearKernel
+DEFAULT_KERNELS = {torch.float32: _K.f32_avx2, torch.bfloat16: _K.bf16_widen_avx2}  # packed_linear's, by dtype
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] (float32 or bf16, CPU) -> [ceil(N / PANEL), K, PANEL] of the same dtype, zero-padded past N."""
+    """weight [N, K] (float32 or bf16, CPU) -> its panels, zero-padded past N (and for bf16 past K):
+    float32 [ceil(N / PANEL), K, PANEL]; bf16 [ceil(N / PANEL), Kp / 2, PANEL, 2], Kp = K rounded up to K_ALIGN,
+    each panel row holding PANEL features x 2 consecutive k (the bf16 dot-product and AMX operand layout)."""
     if weight.dtype not in PANEL_DTYPES or weight.device.type != "cpu" or weight.dim() != 2:
         raise ValueError(f"pack_weight: need a 2-D float32 or bfloat16 CPU weight, got {weight.dtype} "
                          f"{tuple(weight.shape)} on {weight.device}")
     n, k = weight.shape
-    if n % PANEL:
-        weight = F.pad(weight, (0, 0, 0, -n % PANEL))
-    return weight.reshape(-1, PANEL, k).transpose(1, 2).contiguous()
+    if weight.dtype == torch.float32:
+        return F.pad(weight, (0, 0, 0, -n % PANEL)).reshape(-1, PANEL, k).transpose(1, 2).contiguous()
+    padded = F.pad(weight, (0, -k % K_ALIGN, 0, -n % PANEL))
+    return padded.reshape(-1, PANEL, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()
 
 
-def _check_packed(packed: torch.Tensor, out_features: int) -> None:
-    if (packed.dtype not in PANEL_DTYPES or packed.device.type != "cpu" or packed.dim() != 3
-            or packed.shape[2] != PANEL or not packed.is_contiguous() or packed.shape[0] != -(-out_features // PANEL)):
+def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
+    float32 = packed.dtype == torch.float32 and packed.dim() == 3 and packed.shape[1:] == (in_features, PANEL)
+    bf16 = (packed.dtype == torch.bfloat16 and packed.dim() == 4
+            and packed.shape[1:] == (-(-in_features // K_ALIGN) * K_ALIGN // 2, PANEL, 2))
+    if not (float32 or bf16) or packed.device.type != "cpu" or not packed.is_contiguous() \
+            or packed.shape[0] != -(-out_features // PANEL):
         raise ValueError(f"packed weight {packed.dtype} {tuple(packed.shape)} on {packed.device} is not a packed "
-                         f"CPU weight of {out_features} output features (see pack_weight)")
+                         f"CPU weight of {out_features} x {in_features} features (see pack_weight)")
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32."""
-    _check_packed(packed, out_features)
-    in_features = packed.shape[1]
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"packed_linear: need x float32 [rows, {in_features}] on the CPU, got {x.dtype} "
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                  kernel: _native.LinearKernel | None = None) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32.
+    `kernel` must suit the panels' dtype (RUNNERS pairs them); None: the AVX2 one for it."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"packed_linear: need x float32 [rows, in_features] on the CPU, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
+    in_features = x.shape[1]
+    _check_packed(packed, in_features, out_features)
+    if kernel is None:
+        kernel = DEFAULT_KERNELS[packed.dtype]
+    elif (kernel == _K.f32_avx2) != (packed.dtype == torch.float32):
+        raise ValueError(f"packed_linear: kernel {kernel.name} does not take {packed.dtype} panels")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
         raise ValueError(f"packed_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
     if x.stride(1) != 1:
@@ -62,13 +89,164 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
-        _native.packed_linear(x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
-                              packed.data_ptr(), packed.dtype == torch.bfloat16, out_features,
-                              0 if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
-                              torch.get_num_threads())
+        _native.packed_linear(kernel, x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
+                              packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
+                              out.data_ptr(), out_features, torch.get_num_threads())
     return out
 
 
-def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def packed_rows(packed: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
     """Rows `ids` of the original [N, K] weight, read from its packed form (an embedding lookup)."""
-    return packed[ids // PANEL, :, ids % PANEL]
+    if packed.dim() == 3:
+        return packed[ids // PANEL, :, ids % PANEL]
+    return packed[ids // PANEL, :, ids % PANEL, :].reshape(ids.shape[0], -1)[:, :in_features]
+
+
+def onednn_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's F.linear in dense's dtype (oneDNN for bf16), float32 in and out like the native kernels."""
+    out = F.linear(x.to(dense.dtype), dense).float()
+    return out if bias is None else out.add_(bias)
+
+
+class PackedLayer(Protocol):
+    """What planning needs of a matmul layer (kvmux.model.llama.Linear once packed)."""
+
+    weight: torch.Tensor              # pack_weight's panels
+    bias: torch.Tensor | None         # float32
+    dense: torch.Tensor | None        # [N, K] copy of the weight, only while the onednn variant needs it
+    in_features: int
+    out_features: int
+
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def weight_format(layer: PackedLayer) -> str:
+    """What a layer's kernels take (kernel_choice's formats): its `weight_format` if it says (a quantized
+    layer), else its packed weight's dtype."""
+    return getattr(layer, "weight_format", None) or str(layer.weight.dtype).removeprefix("torch.")
+
+
+def _native_runner(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Runner]:
+    return lambda layer: functools.partial(packed_linear, packed=layer.weight, out_features=layer.out_features,
+                                           bias=layer.bias, kernel=kernel)
+
+
+def _onednn_runner(layer: PackedLayer) -> Runner:
+    if layer.dense is None:
+        layer.dense = packed_rows(layer.weight, torch.arange(layer.out_features), layer.in_features)
+    return functools.partial(onednn_linear, dense=layer.dense, bias=layer.bias)
+
+
+# (variant, format) -> what makes one layer's x -> x W^T + b by that variant: one entry per kernel_choice
+# Variant and format it takes (a new weight format adds its own).
+RUNNERS: dict[tuple[str, str], Callable[[PackedLayer], Runner]] = {
+    ("avx2", "float32"): _native_runner(_K.f32_avx2),
+    ("avx2", "bfloat16"): _native_runner(_K.bf16_widen_avx2),
+    ("avx512bf16", "bfloat16"): _native_runner(_K.bf16_avx512),
+    ("amx", "bfloat16"): _native_runner(_K.bf16_amx),
+    ("onednn", "bfloat16"): _onednn_runner,
+}
+
+
+def runner(variant: str, layer: PackedLayer) -> Runner:
+    """x -> x W^T + b for one packed layer, by the named variant."""
+    return RUNNERS[variant, weight_format(layer)](layer)
+
+
+@dataclass(frozen=True)
+class RowRange:
+    most: int | None  # rows in the range: above the previous range's `most`, up to this (None: no bound)
+    timed: int        # the row count the candidates are timed at
+
+    def label(self, previous: int) -> str:
+        return f"{previous + 1}+" if self.most is None else f"{previous + 1}-{self.most}"
+
+
+# Decode steps (a few to tens of rows) to prefill chunks (hundreds); above 128 rows every kernel is bound by
+# arithmetic, so one timing stands for all.
+ROW_RANGES = (RowRange(2, 1), RowRange(8, 4), RowRange(32, 16), RowRange(128, 64), RowRange(None, 256))
+TIMED_LAYERS = 8  # layers of a shape the timed calls take in turn, so their weights stream as in a step
+FLOP_CAP = 2e9  # a huge matmul (a large lm_head) is timed at fewer rows, so that loading stays quick
+
+
+@dataclass
+class ShapePlan:
+    """The kernel for one matmul shape and weight format, per row range, and what each candidate measured."""
+
+    out_features: int
+    in_features: int
+    dtype: str
+    layers: int
+    variants: list[str]  # per ROW_RANGES
+    micros: list[dict[str, float]]  # per ROW_RANGES: CPU microseconds per call (one thread), each candidate timed
+
+    @property
+    def bounds(self) -> list[int]:
+        return [r.most for r in ROW_RANGES[:-1]]
+
+    def describe(self) -> dict:
+        ranges, previous = [], 0
+        for r, chosen, micros in zip(ROW_RANGES, self.variants, self.micros):
+            ranges.append({"rows": r.label(previous), "variant": chosen,
+                           "cpu_us_per_call": {k: round(v, 1) for k, v in micros.items()}})
+            previous = r.most or previous
+        return {"shape": [self.out_features, self.in_features], "dtype": self.dtype, "layers": self.layers,
+                "ranges": ranges}
+
+
+def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
+    """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
+    Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
+    first = layers[0]
+    dtype = weight_format(first)
+    names = [v.name for v in kernel_choice.candidates("linear", dtype)]
+    variants, micros = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in ROW_RANGES:
+            if len(names) == 1:
+                variants.append(names[0])
+                micros.append({})
+                continue
+            rows = max(1, min(r.timed, int(FLOP_CAP // (2 * first.out_features * first.in_features))))
+            x = torch.randn(rows, first.in_features)
+            seconds = kernel_choice.fastest({name: [functools.partial(runner(name, layer), x)
+                                                    for layer in layers[:TIMED_LAYERS]] for name in names})
+            variants.append(next(iter(seconds)))
+            micros.append({name: s * 1e6 for name, s in seconds.items()})
+    finally:
+        torch.set_num_threads(threads)
+    if "onednn" not in variants:
+        for layer in layers:
+            layer.dense = None
+    return ShapePlan(first.out_features, first.in_features, dtype, len(layers), variants, micros)
+
+
+class Dispatch:
+    """A layer's matmul: the planned kernel for the row count of each call."""
+
+    def __init__(self, plan: ShapePlan, layer: PackedLayer) -> None:
+        self.bounds = plan.bounds
+        self.runners = [runner(v, layer) for v in plan.variants]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runners[bisect.bisect_left(self.bounds, x.shape[0])](x)
+
+
+def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:
+    """Plan every shape among `layers` and give each its Dispatch (`layer.dispatch`); log the choices."""
+    groups: dict[tuple, list[PackedLayer]] = {}
+    for layer in layers:
+        groups.setdefault((layer.out_features, layer.in_features, weight_format(layer)), []).append(layer)
+    plans = []
+    for group in groups.values():
+        plan = plan_shape(group)
+        for layer in group:
+            layer.dispatch = Dispatch(plan, layer)
+        plans.append(plan)
+        choices = ", ".join(f"{r['rows']} {r['variant']}" for r in plan.describe()["ranges"])
+        log.info("linear %d x %d %s (%d layers): rows %s", plan.out_features, plan.in_features, plan.dtype,
+                 plan.layers, choices)
+    return plans

@@ -70,13 +70,25 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
     return Case(q, k, v, cache, chunks, head_dim ** -0.5)
 
 
-def reference_f64(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
-    """Attention in float64 over the pool as the kernel left it (new K/V already in their slots)."""
+def reference_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool = False) -> torch.Tensor:
+    """Attention in float64 over the pool as the kernel left it (new K/V already in their slots); bf16_q: of
+    q * scale rounded to bf16 first, as the bf16 dot-product kernel multiplies it."""
+    return _attend_f64(case, pool_after, bf16_q)[0]
+
+
+def weight_rounding_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
+    """What rounding the softmax weights to bf16 (relative error <= 2^-9 each, their sum kept exact) can move
+    each output element by: 2^-9 * sum_t p_t |v_t|, per element of reference_f64(case, pool_after, True)."""
+    return _attend_f64(case, pool_after, True)[1] * 2.0 ** -9
+
+
+def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
     layer_kv = pool_after[:, LAYER].double().cpu()  # [NB, 2, Hkv, bs, D]
-    q = case.q.double().cpu()
+    # q * scale, in float64 or (as the bf16 kernel takes it) rounded to bf16 from float32.
+    q = (case.q.cpu().float() * case.scale).bfloat16().double() if bf16_q else case.q.cpu().double() * case.scale
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // layer_kv.shape[2]
-    out = torch.empty_like(q)
+    out, weighted_abs = torch.empty_like(q), torch.empty_like(q)
     start = 0
     for chunk in case.chunks:
         n, ctx = len(chunk.token_ids), chunk.position + len(chunk.token_ids)
@@ -84,13 +96,14 @@ def reference_f64(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
         kv = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], -1, head_dim)[:, :, :ctx]
         keys = kv[0].repeat_interleave(group, 0)                    # [Hq, ctx, D]
         values = kv[1].repeat_interleave(group, 0)
-        qs = q[start:start + n].transpose(0, 1) * case.scale        # [Hq, n, D]
+        qs = q[start:start + n].transpose(0, 1)                     # [Hq, n, D]
         scores = qs @ keys.transpose(1, 2)
         pos = torch.arange(ctx - n, ctx)[:, None]
-        scores = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf"))
-        out[start:start + n] = (scores.softmax(-1) @ values).transpose(0, 1)
+        weights = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf")).softmax(-1)
+        out[start:start + n] = (weights @ values).transpose(0, 1)
+        weighted_abs[start:start + n] = (weights @ values.abs()).transpose(0, 1)
         start += n
-    return out
+    return out, weighted_abs
 
 
 def expected_pool(case: Case) -> torch.Tensor:

@@ -4,6 +4,16 @@
 // and choose among them from these flags.
 #pragma once
 
+// Whether this build carries the kernels beyond the baseline: their files use GCC target pragmas with the
+// AVX512-BF16 and AMX intrinsics (GCC 11 or later). Elsewhere they are left out and reported unsupported.
+#ifndef KVMUX_WIDE_KERNELS
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define KVMUX_WIDE_KERNELS 1
+#else
+#define KVMUX_WIDE_KERNELS 0
+#endif
+#endif
+
 namespace kvmux {
 
 struct CpuFeatures {

@@ -1,4 +1,6 @@
 #include "cpu/paged_attention.h"
+#include "cpu/cpu_features.h"
+#include "cpu/paged_attention_bf16.h"
 #include "cpu/vec_math.h"
 
 #include <algorithm>
@@ -163,7 +165,30 @@ struct Shape {
 struct Scratch {
     std::vector<float> q, acc, m, l, scores, kbuf, vbuf;
     std::vector<int32_t> last_key;
+    std::vector<uint16_t> qb;          // the bf16 kernel's q
+    std::vector<int32_t> pp;           // its softmax weights as bf16 pairs
+    std::vector<uint32_t> kt, vp;      // its transposed keys, interleaved values
 };
+
+// A work item for the bf16 dot-product kernel (paged_attention_bf16.h), its scratch sized here.
+void attend_bf16(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* table, int32_t q_start,
+                 int32_t q_len, int32_t ctx, int32_t q_begin, int32_t q_end, int64_t h) {
+    const int64_t rows = (q_end - q_begin) * s.group;
+    w.qb.resize(rows * s.dim);
+    w.acc.resize(rows * s.dim);
+    w.m.resize(rows);
+    w.l.resize(rows);
+    w.scores.resize(rows * kBf16KeyChunk);
+    w.pp.resize(rows * kBf16KeyChunk / 2);
+    w.kt.resize(s.dim / 2 * kBf16KeyChunk);
+    w.vp.resize(kBf16KeyChunk / 2 * s.dim);
+    Bf16AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const uint16_t*>(a.kv),
+                        table, s.block_size, s.block_stride, s.layer_offset + h * s.head_stride, s.v_offset,
+                        s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale,
+                        w.qb.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(), w.pp.data(),
+                        w.kt.data(), w.vp.data()};
+    bf16_attend_avx512(item);
+}
 
 // D > 0: head_dim known at compile time, so the inner loops fully unroll and
 // the accumulators stay in registers; D == 0: any head_dim at run time.
@@ -323,8 +348,13 @@ void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& s
         for (int64_t it = 0; it < items; ++it) {
             const auto& tile = tiles[it / s.kv_heads];
             const int64_t h = it % s.kv_heads;
-            K::attend(a, s, scratch, tables.data() + tile.seq * max_blocks, q_start[tile.seq], q_len[tile.seq],
-                      ctx[tile.seq], tile.q_begin, tile.q_end, h);
+            const int32_t* table = tables.data() + tile.seq * max_blocks;
+            if (a.kernel == AttentionKernel::avx512bf16)
+                attend_bf16(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
+                            tile.q_end, h);
+            else
+                K::attend(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
+                          tile.q_end, h);
         }
     }
 }
@@ -347,6 +377,19 @@ void dispatch_dim(const LayerArgs& a, const Shape& s, const std::vector<int64_t>
 [[noreturn]] void fail(const std::string& what) { throw AttentionError(what); }
 
 }  // namespace
+
+bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t head_dim) {
+    const CpuFeatures& f = cpu_features();
+    switch (kernel) {
+        case AttentionKernel::avx2:
+            return f.avx2 && f.fma;
+        case AttentionKernel::avx512bf16:
+            return KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 &&
+                   kv_dtype == DType::bf16 &&
+                   bf16_attend_supports(head_dim);
+    }
+    return false;
+}
 
 AttentionMetadata::AttentionMetadata(const int64_t* slot_mapping, int64_t num_tokens, const std::vector<int64_t>& query_lens,
                              const std::vector<int64_t>& context_lens, const int32_t* block_tables,
@@ -426,6 +469,9 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     const bool q_bf16 = a.act_dtype == DType::bf16, kv_bf16 = a.kv_dtype == DType::bf16;
     if (!q_bf16 && a.act_dtype != DType::f32) fail("act_dtype must be f32 or bf16");
     if (!kv_bf16 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32 or bf16");
+    if (!attention_kernel_supported(a.kernel, a.kv_dtype, a.head_dim))
+        fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
+             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 pool and head_dim 64 or 128");
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };

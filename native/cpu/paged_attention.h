@@ -36,6 +36,13 @@ struct TokenRows {
     int64_t row_stride;  // elements between consecutive tokens
 };
 
+// Which work-item kernel attends (kvmux/ops/kernel_choice.py names them): float32 FMA over float32 or
+// widened bf16 K/V, or bf16 dot products (AVX512-BF16; a bf16 pool and head_dim 64 or 128).
+enum class AttentionKernel : int { avx2 = 0, avx512bf16 = 1 };
+
+// Whether this CPU can run `kernel` on a pool of kv_dtype with this head_dim.
+bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t head_dim);
+
 struct LayerArgs {
     TokenRows q, k, v;  // [T, Hq, D], [T, Hkv, D], [T, Hkv, D], all of act_dtype
     void* out;          // [T, Hq, D] contiguous, act_dtype; every element is written
@@ -46,6 +53,7 @@ struct LayerArgs {
     int64_t num_heads, num_kv_heads, head_dim;
     float scale;
     int num_threads;
+    AttentionKernel kernel = AttentionKernel::avx2;
 };
 
 class AttentionMetadata {

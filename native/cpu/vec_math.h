@@ -1,20 +1,24 @@
 // Vectorisable math shared by the CPU kernels.
+//
+// Internal linkage and builtins only: kernels compiled for wider instruction
+// sets (target pragmas) include this too, and a shared inline definition could
+// otherwise be emitted there with those instructions and chosen by the linker
+// for the baseline build's callers.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace kvmux {
+namespace {
 
 // exp for x <= 0 (softmax scores minus their max, -|x| in a sigmoid),
 // written so the compiler vectorises it: Cody-Waite range reduction plus the
 // Cephes polynomial, ~1 ulp. libm's scalar expf would cost more than the
 // arithmetic around it.
 inline float exp_nonpos(float x) {
-    x = std::max(x, -87.0f);  // below this 2^n underflows; the weight is ~0 anyway
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    x = x > -87.0f ? x : -87.0f;  // below this 2^n underflows; the weight is ~0 anyway
+    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -25,15 +29,16 @@ inline float exp_nonpos(float x) {
     p = p * r * r + r + 1.0f;
     const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
-    std::memcpy(&scale, &e, sizeof scale);
+    __builtin_memcpy(&scale, &e, sizeof scale);
     return p * scale;
 }
 
 // x * sigmoid(x), through exp of -|x| so that it never overflows.
 inline float silu(float x) {
-    const float e = exp_nonpos(-std::fabs(x));
+    const float e = exp_nonpos(-__builtin_fabsf(x));
     const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
     return x * sig;
 }
 
+}  // namespace
 }  // namespace kvmux

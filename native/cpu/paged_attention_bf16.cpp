@@ -1,0 +1,295 @@
+// The AVX512-BF16 work item of the CPU paged attention (see paged_attention_bf16.h). Compiled for those
+// instruction sets by a target pragma; paged_attention.cpp calls it only where the CPU has them.
+#include "cpu/paged_attention_bf16.h"
+
+#include "cpu/cpu_features.h"
+
+#if KVMUX_WIDE_KERNELS
+
+#include <immintrin.h>
+#include <type_traits>
+
+// GCC 12's unpack intrinsics pass an "undefined" vector through, which -Wmaybe-uninitialized misreads.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+
+#include "cpu/vec_math.h"
+
+namespace kvmux {
+namespace {
+
+constexpr int kChunk = kBf16KeyChunk;
+
+inline float bits_to_float(uint16_t b) {
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// Round to nearest even, as _mm512_cvtne2ps_pbh does (and torch's .to(torch.bfloat16)).
+inline uint16_t float_to_bits(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// exp_nonpos (vec_math.h) on 16 lanes at once: the same range reduction and polynomial.
+inline __m512 exp_nonpos16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                          _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    constexpr float kPoly[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                               5.0000001201e-1f};
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    for (const float c : kPoly) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// 16 rows of 16 dwords transposed in registers: r[i] lane j <- r[j] lane i.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // r[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c.
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+        const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+        t[c] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
+        t[8 + c] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// The chunk's keys as kt[pair i of head dims][key]: dword (k[2i], k[2i + 1]) of each of the n keys (0 past n).
+template <int D>
+void transpose_keys(const uint16_t* const* keys, int n, uint32_t* kt) {
+    for (int g = 0; g < kChunk; g += 16) {
+        for (int b = 0; b < D / 32; ++b) {  // 16 dword columns (32 head dims) at a time
+            __m512i r[16];
+            for (int t = 0; t < 16; ++t)
+                r[t] = g + t < n ? _mm512_loadu_si512(keys[g + t] + 32 * b) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (16 * b + i) * kChunk + g, r[i]);
+        }
+    }
+}
+
+// The chunk's values by key pairs: vp[pair][32-dim block][2 x 16 dwords], each dword (v[2p][d], v[2p + 1][d])
+// for the d of unpacklo / unpackhi within each 128-bit lane (undone by `unpermute` at the end).
+template <int D>
+void interleave_values(const uint16_t* const* values, int n, uint32_t* vp) {
+    for (int p = 0; 2 * p < n; ++p) {
+        for (int b = 0; b < D / 32; ++b) {
+            const __m512i a = _mm512_loadu_si512(values[2 * p] + 32 * b);
+            const __m512i c = 2 * p + 1 < n ? _mm512_loadu_si512(values[2 * p + 1] + 32 * b) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + p * D + 32 * b, _mm512_unpacklo_epi16(a, c));
+            _mm512_storeu_si512(vp + p * D + 32 * b + 16, _mm512_unpackhi_epi16(a, c));
+        }
+    }
+}
+
+// Head dim of accumulator slot s (the order interleave_values leaves them in).
+inline int unpermute(int s) {
+    const int block = s / 32, half = (s % 32) / 16, lane = (s % 16) / 4, i = s % 4;
+    return 32 * block + 8 * lane + 4 * half + i;
+}
+
+// scores[r][t] = q_r . k_t for R rows at once (rows share each load of K; 2R independent sums).
+template <int D, int R>
+void score_rows(const uint16_t* qb, const uint32_t* kt, float* scores) {
+    __m512 s[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_ps();
+    const int32_t* q32 = reinterpret_cast<const int32_t*>(qb);
+#pragma GCC unroll 4
+    for (int i = 0; i < D / 2; ++i) {
+        const __m512bh k0 = as_bh(_mm512_loadu_si512(kt + i * kChunk)), k1 = as_bh(_mm512_loadu_si512(kt + i * kChunk + 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m512bh qp = as_bh(_mm512_set1_epi32(q32[r * D / 2 + i]));
+            s[r][0] = _mm512_dpbf16_ps(s[r][0], qp, k0);
+            s[r][1] = _mm512_dpbf16_ps(s[r][1], qp, k1);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(scores + r * kChunk, s[r][0]);
+        _mm512_storeu_ps(scores + r * kChunk + 16, s[r][1]);
+    }
+}
+
+// acc[r] += sum over key pairs j < pairs of (p[r][2j], p[r][2j + 1]) . (v[2j], v[2j + 1]), R rows at once
+// (rows share each load of V).
+template <int D, int R>
+void accumulate_rows(const int32_t* pp, int pairs, const uint32_t* vp, float* acc) {
+    __m512 o[R][D / 16];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int j = 0; j < D / 16; ++j) o[r][j] = _mm512_loadu_ps(acc + r * D + 16 * j);
+    for (int q = 0; q < pairs; ++q) {
+        __m512bh v[D / 16];
+#pragma GCC unroll 8
+        for (int j = 0; j < D / 16; ++j) v[j] = as_bh(_mm512_loadu_si512(vp + q * D + 16 * j));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m512bh w = as_bh(_mm512_set1_epi32(pp[r * kChunk / 2 + q]));
+#pragma GCC unroll 8
+            for (int j = 0; j < D / 16; ++j) o[r][j] = _mm512_dpbf16_ps(o[r][j], w, v[j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + r * D + 16 * j, o[r][j]);
+}
+
+// Rows [r0, rows) in blocks of R (then of fewer), through fn<R>(first row).
+template <int R, typename Fn>
+void row_blocks(int r0, int rows, Fn&& fn) {
+    for (; r0 + R <= rows; r0 += R) fn(r0, std::integral_constant<int, R>{});
+    if constexpr (R > 1) row_blocks<R / 2>(r0, rows, fn);
+}
+
+template <int D>
+void attend(const Bf16AttendItem& a) {
+    const int64_t G = a.group;
+    const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
+    constexpr int kAccRows = D == 64 ? 4 : 2;  // D / 16 accumulators per row in 32 registers
+
+    // q, scaled, as bf16 pairs; the row's running max, sum and (permuted) output.
+    for (int32_t i = a.q_begin; i < a.q_end; ++i) {
+        const int64_t row0 = static_cast<int64_t>(a.q_start + i) * a.q_row_stride + a.h * G * D;
+        for (int64_t g = 0; g < G; ++g) {
+            const int r = static_cast<int>((i - a.q_begin) * G + g);
+            uint16_t* dst = a.qb + r * D;
+            if (a.q_bf16) {
+                const uint16_t* src = static_cast<const uint16_t*>(a.q) + row0 + g * D;
+                for (int d = 0; d < D; ++d) dst[d] = float_to_bits(bits_to_float(src[d]) * a.scale);
+            } else {
+                const float* src = static_cast<const float*>(a.q) + row0 + g * D;
+                for (int d = 0; d < D; d += 32) {
+                    const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + d), _mm512_set1_ps(a.scale));
+                    const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + d + 16), _mm512_set1_ps(a.scale));
+                    _mm512_storeu_si512(dst + d, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+                }
+            }
+            a.m[r] = -__builtin_inff();
+            a.l[r] = 0.0f;
+            for (int d = 0; d < D; ++d) a.acc[r * D + d] = 0.0f;
+        }
+    }
+
+    const int32_t num_keys = a.ctx - a.q_len + a.q_end;
+    const uint16_t* keys[kChunk];
+    const uint16_t* values[kChunk];
+    for (int32_t c0 = 0; c0 < num_keys; c0 += kChunk) {
+        const int n = num_keys - c0 < kChunk ? num_keys - c0 : kChunk;
+        // Walk the chunk block by block (no division per key).
+        int64_t blk = c0 / a.block_size, off = c0 % a.block_size;
+        const uint16_t* head = a.pool + a.table[blk] * a.block_stride + a.head_offset;
+        for (int t = 0; t < n; ++t) {
+            keys[t] = head + off * D;
+            values[t] = keys[t] + a.v_offset;
+            if (++off == a.block_size && t + 1 < n) {
+                off = 0;
+                head = a.pool + a.table[++blk] * a.block_stride + a.head_offset;
+            }
+        }
+        transpose_keys<D>(keys, n, a.kt);
+        interleave_values<D>(values, n, a.vp);
+        row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
+
+        // Online softmax per row, in registers; the weights go out as bf16 pairs (0 for keys the row does not see).
+        int pairs = 0;
+        for (int r = 0; r < rows; ++r) {
+            // Query token i = q_begin + r / G sits at position ctx - q_len + i and sees keys up to it.
+            const int32_t last = a.ctx - a.q_len + a.q_begin + static_cast<int32_t>(r / G);
+            const int valid = last - c0 + 1 < n ? last - c0 + 1 : n;
+            int32_t* pp = a.pp + r * kChunk / 2;
+            if (valid <= 0) {
+                _mm512_storeu_si512(pp, _mm512_setzero_si512());
+                continue;
+            }
+            pairs = (valid + 1) / 2 > pairs ? (valid + 1) / 2 : pairs;
+            const __mmask16 m0 = valid >= 16 ? 0xffff : static_cast<__mmask16>((1u << valid) - 1);
+            const __mmask16 m1 = valid >= 32 ? 0xffff : valid > 16 ? static_cast<__mmask16>((1u << (valid - 16)) - 1) : 0;
+            const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+            const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
+            const __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
+            const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+            const float mx = chunk_max > a.m[r] ? chunk_max : a.m[r];
+            const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
+            const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpos16(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
+            if (mx > a.m[r]) {
+                // The running max moved: earlier weights shrink by exp(old - new).
+                const float corr = exp_nonpos(a.m[r] - mx);
+                a.l[r] *= corr;
+                float* acc = a.acc + r * D;
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(corr)));
+                a.m[r] = mx;
+            }
+            a.l[r] += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+        }
+        row_blocks<kAccRows>(0, rows, [&](int r0, auto R) {
+            accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, a.vp, a.acc + r0 * D);
+        });
+    }
+
+    for (int32_t i = a.q_begin; i < a.q_end; ++i) {
+        const int64_t orow = (static_cast<int64_t>(a.q_start + i) * a.heads + a.h * G) * D;
+        for (int64_t g = 0; g < G; ++g) {
+            const int r = static_cast<int>((i - a.q_begin) * G + g);
+            const float inv = 1.0f / a.l[r];
+            const float* acc = a.acc + r * D;
+            if (a.q_bf16) {
+                uint16_t* o = static_cast<uint16_t*>(a.out) + orow + g * D;
+                for (int s = 0; s < D; ++s) o[unpermute(s)] = float_to_bits(acc[s] * inv);
+            } else {
+                float* o = static_cast<float*>(a.out) + orow + g * D;
+                for (int s = 0; s < D; ++s) o[unpermute(s)] = acc[s] * inv;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void bf16_attend_avx512(const Bf16AttendItem& item) {
+    if (item.dim == 64) attend<64>(item);
+    else attend<128>(item);
+}
+
+}  // namespace kvmux
+
+#pragma GCC pop_options
+
+#else  // a compiler without AVX512-BF16 intrinsics: attention_kernel_supported says no, nothing calls this
+
+#include "cpu/paged_attention.h"
+
+void kvmux::bf16_attend_avx512(const Bf16AttendItem&) { throw AttentionError("built without the avx512bf16 kernel"); }
+
+#endif
