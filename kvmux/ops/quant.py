@@ -1,0 +1,167 @@
+"""Weights kept in GGUF's Q8_0, Q4_0 and Q4_1 blocks, multiplied by the native int8 kernels.
+
+A GGUF row is a run of blocks of 32 values: an fp16 scale d (Q4_1 also an
+fp16 offset m) and 32 integers; Q8_0 w = d q (q int8), Q4_0 w = d (q - 8),
+Q4_1 w = d q + m (q in 0..15). `pack_blocks` keeps exactly those numbers,
+rearranged once into panels of 16 rows whose integers interleave in groups of
+4 along K (native/cpu/quant_linear.h), so the memory is the file's: 34, 18 or
+20 bytes per 32 weights instead of 128 in float32. `quant_linear` quantizes
+the activations per block of 32 as Q8_0 on the fly and runs integer dot
+products (vpdpbusd with VNNI, vpmaddubsw on plain AVX2) with one float
+multiply-add per block. `QuantWeight.rows` dequantizes single rows (embedding
+lookups), so a quantized embedding is also the tied LM head.
+
+The kernel variant is chosen at load from the CPU's features (or forced with
+KVMUX_KERNELS=quant_linear=avx2|avxvnni|avx512vnni, see kernel_choice.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvmux import _native
+from kvmux.ops import kernel_choice
+
+log = logging.getLogger(__name__)
+
+OP = "quant_linear"
+BLOCK = _native.QUANT_BLOCK  # values per block, along K
+PANEL = _native.QUANT_PANEL  # rows per panel
+QTYPES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the native QuantType
+# Bytes of one GGUF block (its header, then the integers), and of one panel's integers for one block.
+GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+PANEL_BLOCK_BYTES = {"q8_0": PANEL * BLOCK, "q4_0": PANEL * BLOCK // 2, "q4_1": PANEL * BLOCK // 2}
+# Variant -> (native QuantKernel, the instruction sets it needs), fastest first: on this project's Xeon
+# (AVX-512 + VNNI + AVX-VNNI) python -m bench.quant measured the 512-bit kernel ahead of the 256-bit one.
+VARIANTS = {
+    "avx512vnni": (2, ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")),
+    "avxvnni": (1, ("avx2", "fma", "f16c", "avxvnni")),
+    "avx2": (0, ("avx2", "fma", "f16c")),
+}
+PACK_PANELS = 256  # panels packed at a time, so packing a large tensor needs little scratch memory
+
+
+def missing_features(variant: str) -> list[str]:
+    """The instruction sets `variant` needs that this CPU lacks."""
+    return [n for n in VARIANTS[variant][1] if not kernel_choice.cpu_features().get(n)]
+
+
+def kernel_variant() -> str:
+    """The variant quantized matmuls use here: KVMUX_KERNELS's, else the fastest this CPU runs."""
+    forced = kernel_choice.forced(OP)
+    if forced is not None:
+        if forced not in VARIANTS:
+            raise ValueError(f"{kernel_choice.ENV}: {OP} has no variant {forced!r}; choose from {', '.join(VARIANTS)}")
+        kernel_choice.check_runnable(OP, forced, VARIANTS[forced][1])
+        return forced
+    return next(v for v in VARIANTS if not missing_features(v))
+
+
+@dataclass(eq=False)
+class QuantWeight:
+    """A [out_features, in_features] weight in quantized panels (see the module docstring)."""
+
+    qtype: str
+    out_features: int
+    in_features: int
+    quants: torch.Tensor        # uint8 [panels, blocks, PANEL_BLOCK_BYTES]
+    scales: torch.Tensor        # float16 [panels, blocks, PANEL]
+    mins: torch.Tensor | None   # float16 [panels, blocks, PANEL], Q4_1 only
+    kernel: str                 # the variant that multiplies it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.quants, self.scales, self.mins) if t is not None)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized to float32 [len(ids), in_features] (an embedding lookup)."""
+        panel, col = ids // PANEL, ids % PANEL
+        blocks = self.quants.shape[1]
+        d = self.scales[panel, :, col].float()[..., None]                      # [T, blocks, 1]
+        if self.qtype == "q8_0":
+            q = self.quants.view(torch.int8).view(-1, blocks, 8, PANEL, 4)[panel, :, :, col, :]
+            return (q.reshape(len(ids), blocks, BLOCK).float() * d).reshape(len(ids), -1)
+        b = self.quants.view(-1, blocks, 4, PANEL, 4)[panel, :, :, col, :]     # [T, blocks, 4, 4]
+        q = torch.stack((b & 15, b >> 4), dim=-2).reshape(len(ids), blocks, BLOCK).float()
+        w = (q - 8) * d if self.qtype == "q4_0" else q * d + self.mins[panel, :, col].float()[..., None]
+        return w.reshape(len(ids), -1)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 [out_features, in_features]."""
+        return self.rows(torch.arange(self.out_features))
+
+
+def pack_blocks(qtype: str, raw: torch.Tensor, kernel: str | None = None) -> QuantWeight:
+    """GGUF blocks, uint8 [N, K / 32 * block bytes] (a tensor's rows as the file stores them), into panels."""
+    if qtype not in QTYPES:
+        raise ValueError(f"quantized type {qtype!r} is not one kvmux multiplies; supported: {', '.join(QTYPES)}")
+    block_bytes = GGUF_BLOCK_BYTES[qtype]
+    if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % block_bytes:
+        raise ValueError(f"{qtype} blocks must be uint8 [rows, blocks * {block_bytes}], got {raw.dtype} "
+                         f"{tuple(raw.shape)}")
+    n, blocks = raw.shape[0], raw.shape[1] // block_bytes
+    panels = -(-n // PANEL)
+    quants = torch.empty(panels, blocks, PANEL_BLOCK_BYTES[qtype], dtype=torch.uint8)
+    scales = torch.empty(panels, blocks, PANEL, dtype=torch.float16)
+    mins = torch.empty_like(scales) if qtype == "q4_1" else None
+    header = 4 if qtype == "q4_1" else 2
+    for p0 in range(0, panels, PACK_PANELS):
+        p1 = min(panels, p0 + PACK_PANELS)
+        rows = raw[p0 * PANEL:p1 * PANEL]
+        if len(rows) < (p1 - p0) * PANEL:  # the last panel's missing rows: zero scales, so zero weights
+            rows = torch.cat([rows, rows.new_zeros((p1 - p0) * PANEL - len(rows), rows.shape[1])])
+        b = rows.reshape(p1 - p0, PANEL, blocks, block_bytes)
+        scales[p0:p1] = b[..., 0:2].contiguous().view(torch.float16)[..., 0].transpose(1, 2)
+        if mins is not None:
+            mins[p0:p1] = b[..., 2:4].contiguous().view(torch.float16)[..., 0].transpose(1, 2)
+        q = b[..., header:]
+        if qtype == "q8_0":  # chunk g, byte 4c + i: row c, k = 4g + i
+            quants[p0:p1] = q.reshape(p1 - p0, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4).flatten(2)
+        else:  # GGUF byte j holds k = j (low nibble) and j + 16; chunk h, byte 4c + i: k = 8h + i | 8h + 4 + i
+            k = torch.cat((q & 15, q >> 4), dim=-1).reshape(p1 - p0, PANEL, blocks, 4, 2, 4)
+            quants[p0:p1] = (k[..., 0, :] | (k[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).flatten(2)
+    return QuantWeight(qtype, n, blocks * BLOCK, quants, scales, mins, kernel or kernel_variant())
+
+
+def quantize_q8_0(weight: torch.Tensor) -> QuantWeight:
+    """A float weight [N, K] (K a multiple of 32) quantized to Q8_0 as llama.cpp does (the gguf package's)."""
+    import gguf
+
+    raw = gguf.quants.quantize(weight.detach().float().contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return pack_blocks("q8_0", torch.from_numpy(raw))
+
+
+def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None,
+                 kernel: str | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ weight.T (+ bias [N] float32), by `kernel` (default: the weight's)."""
+    k, n = weight.in_features, weight.out_features
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"quant_linear: need x float32 [rows, {k}] on the CPU, got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or bias.device.type != "cpu"):
+        raise ValueError(f"quant_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({n},)")
+    if weight.quants.shape != (-(-n // PANEL), k // BLOCK, PANEL_BLOCK_BYTES[weight.qtype]) or k % BLOCK:
+        raise ValueError(f"quant_linear: {weight.qtype} quants {tuple(weight.quants.shape)} are not the panels of a "
+                         f"[{n}, {k}] weight (see pack_blocks)")
+    if kernel is None:
+        kernel = weight.kernel  # checked against the CPU when the weight was packed
+    elif kernel not in VARIANTS:
+        raise ValueError(f"quant_linear: no kernel variant {kernel!r}; choose from {', '.join(VARIANTS)}")
+    elif missing := missing_features(kernel):
+        raise RuntimeError(f"quant_linear: kernel {kernel!r} needs {', '.join(missing)}, which this CPU lacks")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # held here: a temporary's address would dangle during the native call
+    rows = x.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    if rows:
+        mins = weight.mins.data_ptr() if weight.mins is not None else 0
+        _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, QTYPES[weight.qtype],
+                             weight.quants.data_ptr(), weight.scales.data_ptr(), mins, n,
+                             0 if bias is None else bias.data_ptr(), out.data_ptr(), n, VARIANTS[kernel][0],
+                             torch.get_num_threads())
+    return out

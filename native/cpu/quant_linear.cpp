@@ -1,0 +1,99 @@
+#include "cpu/quant_linear.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/quant_tiles.h"
+
+namespace kvmux {
+namespace {
+
+// Rows per pass over a thread's panels: their quantized activations (64 x K bytes) stay in L2 while the
+// panels, each a few KB for the whole of K, go by once per pass.
+constexpr int64_t kRowBlock = 64;
+
+// One block of 32 activations as Q8_0: d = amax / 127, q = round-half-even(x * (127 / amax)), and the sum of q.
+void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        m = _mm256_max_ps(m, _mm256_and_ps(v[j], magnitude));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    *d = amax / 127.0f;
+    __m256i qi[4], s = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+        qi[j] = _mm256_cvtps_epi32(
+            _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        s = _mm256_add_epi32(s, qi[j]);
+    }
+    // The packs interleave 128-bit lanes; the permutation puts the 8 groups of 4 bytes back in order.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    *sum = _mm_cvtsi128_si32(t);
+}
+
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
+    for (int64_t b = 0; b < K / kQuantBlock; ++b)
+        quantize_block(x + b * kQuantBlock, q + b * kQuantBlock, d + b, sums + b);
+}
+
+using TilesFn = void (*)(const QuantTileJob&, int64_t, int64_t, int64_t, int64_t);
+
+TilesFn tiles_for(QuantKernel kernel) {
+    switch (kernel) {
+        case QuantKernel::avxvnni: return quant_tiles_avxvnni;
+        case QuantKernel::avx512vnni: return quant_tiles_avx512vnni;
+        case QuantKernel::avx2: break;
+    }
+    return quant_tiles_avx2;
+}
+
+}  // namespace
+
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, int32_t* sums) {
+    const int64_t nb = K / kQuantBlock;
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, q + m * K, d + m * nb, sums + m * nb);
+}
+
+void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
+                  int64_t ldo, QuantKernel kernel, int num_threads) {
+    const int64_t K = w.K, nb = K / kQuantBlock;
+    const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
+    // The calling thread's scratch, reused across calls; OpenMP's threads reach it through the job's pointers.
+    thread_local std::vector<int8_t> xq_buf;
+    thread_local std::vector<float> xd_buf;
+    thread_local std::vector<int32_t> xs_buf;
+    xq_buf.resize(M * K);
+    xd_buf.resize(M * nb);
+    xs_buf.resize(M * nb);
+    int8_t* xq = xq_buf.data();
+    float* xd = xd_buf.data();
+    int32_t* xs = xs_buf.data();
+    const QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
+    const TilesFn tiles = tiles_for(kernel);
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, xq + m * K, xd + m * nb, xs + m * nb);
+        // Each thread owns a contiguous run of panels, so it streams its own part of W.
+        const int t = omp_get_thread_num();
+        const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) tiles(job, m0, std::min(M, m0 + kRowBlock), p0, p1);
+    }
+}
+
+}  // namespace kvmux
