@@ -1,19 +1,14 @@
 """Quantized models: a tiny GGUF written here (gguf's GGUFWriter) loads with its blocks kept, holds exactly the
 weights transformers dequantizes, and generates what the dequantized model would."""
-import math
-
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from kvmux.cache.kv_cache import KVCache, PoolGeometry
-from kvmux.engine.messages import Chunk
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.model.llama import Linear
 from kvmux.model.loader import load_model
 from kvmux.ops import kernel_choice, quant
 
-from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine
+from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, teacher_forced_logits
 from tiny_gguf import matmuls_as, write_tiny_gguf
 
 KEPT = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
@@ -39,16 +34,6 @@ def ggufs(tiny, tmp_path_factory) -> dict[str, str]:
     files["mixed"] = str(write_tiny_gguf(tiny, folder / "mixed.gguf", lambda name: next(
         (t for part, t in mixed.items() if f".{part}." in name), QT.F32)))
     return files
-
-
-def teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:
-    """Next-token logits at every position of `ids`, one forward over a fresh KV pool."""
-    blocks = math.ceil(len(ids) / 16)
-    cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, 16, model.dtype))
-    batch = ForwardBatch.build([Chunk("t", 0, ids, list(range(blocks)))], 16)
-    batch.logits_indices = torch.arange(len(ids))
-    with torch.inference_mode():
-        return model(batch, cache)
 
 
 @pytest.mark.parametrize("qtype", list(KEPT))

@@ -30,7 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
+from kvmux.ops.quant import kernel_variant, quantize_q8_0
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,6 @@ def gguf_metadata(gguf: Path) -> Path:
     def build(dst: Path) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from kvmux.model.gguf_weights import write_tensor_table
-
         log.info("reading %s's metadata (one-time, cached under %s)", gguf, cache_root())
         AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dst)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dst)
@@ -139,16 +139,13 @@ def gguf_metadata(gguf: Path) -> Path:
     return cached_folder(f"{gguf.stem}-{file_sha256(gguf)[:24]}-metadata", build)
 
 
-def quantize_q8_0(model: LlamaForCausalLM) -> dict:
+def quantize_matmuls_q8_0(model: LlamaForCausalLM) -> dict:
     """Every matmul weight whose rows are whole blocks quantized to Q8_0 (from a float checkpoint)."""
-    from kvmux.model.gguf_weights import Storage
-    from kvmux.ops.quant import kernel_variant, quantize_q8_0 as quantize
-
     storage = Storage(kernel_variant())
     for module in model.modules():
         if isinstance(module, Linear):
             if module.in_features % 32 == 0:
-                module.set_quantized(quantize(module.weight))
+                module.set_quantized(quantize_q8_0(module.weight))
             storage.matmuls["q8_0" if module.quant is not None else str(model.dtype).removeprefix("torch.")] += 1
             storage.weight_bytes += module.weight_bytes()
     return storage.as_dict()
@@ -214,13 +211,11 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
         storage = None
         if gguf_blocks:
-            from kvmux.model.gguf_weights import load_gguf
-
             storage = load_gguf(net, source, folder, requantize_q8_0=quantization == "q8_0").as_dict()
         else:
             load_weights(net, folder, progress)
             if quantization == "q8_0":
-                storage = quantize_q8_0(net)
+                storage = quantize_matmuls_q8_0(net)
         if on_cpu:
             net.pack_weights()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source,
