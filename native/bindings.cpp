@@ -168,18 +168,21 @@ void bind_quant_linear(py::module_& m) {
         py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"), py::arg("bias"),
         py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
         "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1), x "
-        "quantized per block on the fly by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI; bias 0 means none.");
+        "quantized per block on the fly (int16 for Q8_0, int8 for Q4) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI; "
+        "bias 0 means none.");
     m.def(
         "quantize_activations",
-        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, std::uintptr_t q, std::uintptr_t d,
-           std::uintptr_t sums) {
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int bits, std::uintptr_t q,
+           std::uintptr_t d, std::uintptr_t sums) {
             py::gil_scoped_release release;
-            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features,
-                                        reinterpret_cast<int8_t*>(q), reinterpret_cast<float*>(d),
+            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features, bits,
+                                        reinterpret_cast<void*>(q), reinterpret_cast<float*>(d),
                                         reinterpret_cast<int32_t*>(sums));
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("q"), py::arg("d"),
-        py::arg("sums"), "The per-block Q8_0 quantization quant_linear applies to its activations.");
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("bits"), py::arg("q"),
+        py::arg("d"), py::arg("sums"),
+        "The per-block quantization quant_linear applies to its activations: to int8 (bits 8, with each block's "
+        "sum) or int16 (bits 16).");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.

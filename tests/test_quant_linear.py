@@ -64,19 +64,23 @@ def test_kernel_reads_strided_rows_and_no_bias(variant):
     assert quant.quant_linear(x[:0], weight).shape == (0, 64)
 
 
-def test_activations_quantized_as_the_reference_says():
+@pytest.mark.parametrize("bits", [8, 16])
+def test_activations_quantized_as_the_reference_says(bits):
     g = torch.Generator().manual_seed(3)
+    levels = 2 ** (bits - 1) - 1
     x = torch.randn(6, 128, generator=g) * 3
     x[2, 32:64] = 0.0
     x[3, :32] = 0.0
-    x[3, :5] = torch.tensor([127.0, 2.5, 3.5, -2.5, 126.5])  # amax 127: the scale is 1 and the ties are exact
-    q, d = quantize_activations_ref(x)
-    assert q[3, :5].tolist() == [127, 2, 4, -2, 126]  # round half to even
-    nq = torch.empty(6, 128, dtype=torch.int8)
-    nd, ns = torch.empty(6, 4), torch.empty(6, 4, dtype=torch.int32)
-    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, nq.data_ptr(), nd.data_ptr(), ns.data_ptr())
+    x[3, :5] = torch.tensor([levels, 2.5, 3.5, -2.5, levels - 0.5])  # amax = L: scale 1, exact ties
+    q, d = quantize_activations_ref(x, bits)
+    assert q[3, :5].tolist() == [levels, 2, 4, -2, levels - 1]  # round half to even
+    nq = torch.empty(6, 128, dtype=torch.int8 if bits == 8 else torch.int16)
+    nd, ns = torch.empty(6, 4), torch.zeros(6, 4, dtype=torch.int32)
+    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, bits, nq.data_ptr(), nd.data_ptr(),
+                                       ns.data_ptr())
     assert torch.equal(nq.float(), q) and torch.equal(nd, d)
-    assert torch.equal(ns, q.reshape(6, 4, 32).sum(-1).int())
+    if bits == 8:
+        assert torch.equal(ns, q.reshape(6, 4, 32).sum(-1).int())
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

@@ -3,12 +3,13 @@
 A GGUF row is a run of blocks of 32 values: an fp16 scale d (Q4_1 also an
 fp16 offset m) and 32 integers; Q8_0 w = d q (q int8), Q4_0 w = d (q - 8),
 Q4_1 w = d q + m (q in 0..15). `pack_blocks` keeps exactly those numbers,
-rearranged once into panels of 16 rows whose integers interleave in groups of
-4 along K (native/cpu/quant_linear.h), so the memory is the file's: 34, 18 or
-20 bytes per 32 weights instead of 128 in float32. `quant_linear` quantizes
-the activations per block of 32 as Q8_0 on the fly and runs integer dot
-products (vpdpbusd with VNNI, vpmaddubsw on plain AVX2) with one float
-multiply-add per block. `QuantWeight.rows` dequantizes single rows (embedding
+rearranged once into panels of 16 rows whose integers interleave along K
+(native/cpu/quant_linear.h), so the memory is the file's: 34, 18 or 20 bytes
+per 32 weights instead of 128 in float32. `quant_linear` quantizes the
+activations per block of 32 on the fly, to int8 for Q4 weights (as llama.cpp
+does) and to int16 for Q8_0 (whose accuracy byte activations would spoil),
+and runs integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw /
+vpmaddwd on plain AVX2) with one float multiply-add per block. `QuantWeight.rows` dequantizes single rows (embedding
 lookups), so a quantized embedding is also the tied LM head.
 
 The kernel variant is chosen at load from the CPU's features (or forced with
@@ -31,6 +32,7 @@ OP = "quant_linear"
 BLOCK = _native.QUANT_BLOCK  # values per block, along K
 PANEL = _native.QUANT_PANEL  # rows per panel
 QTYPES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the native QuantType
+ACTIVATION_BITS = {"q8_0": 16, "q4_0": 8, "q4_1": 8}  # what the activations are quantized to, per weight type
 # Bytes of one GGUF block (its header, then the integers), and of one panel's integers for one block.
 GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 PANEL_BLOCK_BYTES = {"q8_0": PANEL * BLOCK, "q4_0": PANEL * BLOCK // 2, "q4_1": PANEL * BLOCK // 2}
@@ -82,7 +84,7 @@ class QuantWeight:
         blocks = self.quants.shape[1]
         d = self.scales[panel, :, col].float()[..., None]                      # [T, blocks, 1]
         if self.qtype == "q8_0":
-            q = self.quants.view(torch.int8).view(-1, blocks, 8, PANEL, 4)[panel, :, :, col, :]
+            q = self.quants.view(torch.int8).view(-1, blocks, 16, PANEL, 2)[panel, :, :, col, :]
             return (q.reshape(len(ids), blocks, BLOCK).float() * d).reshape(len(ids), -1)
         b = self.quants.view(-1, blocks, 4, PANEL, 4)[panel, :, :, col, :]     # [T, blocks, 4, 4]
         q = torch.stack((b & 15, b >> 4), dim=-2).reshape(len(ids), blocks, BLOCK).float()
@@ -118,8 +120,8 @@ def pack_blocks(qtype: str, raw: torch.Tensor, kernel: str | None = None) -> Qua
         if mins is not None:
             mins[p0:p1] = b[..., 2:4].contiguous().view(torch.float16)[..., 0].transpose(1, 2)
         q = b[..., header:]
-        if qtype == "q8_0":  # chunk g, byte 4c + i: row c, k = 4g + i
-            quants[p0:p1] = q.reshape(p1 - p0, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4).flatten(2)
+        if qtype == "q8_0":  # chunk g, byte 2c + i: row c, k = 2g + i
+            quants[p0:p1] = q.reshape(p1 - p0, PANEL, blocks, 16, 2).permute(0, 2, 3, 1, 4).flatten(2)
         else:  # GGUF byte j holds k = j (low nibble) and j + 16; chunk h, byte 4c + i: k = 8h + i | 8h + 4 + i
             k = torch.cat((q & 15, q >> 4), dim=-1).reshape(p1 - p0, PANEL, blocks, 4, 2, 4)
             quants[p0:p1] = (k[..., 0, :] | (k[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).flatten(2)

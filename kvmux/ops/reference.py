@@ -150,21 +150,25 @@ def dequantize_gguf_f64(qtype: str, raw: torch.Tensor) -> torch.Tensor:
     return dq + m
 
 
-def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [M, K] -> (q, d float32 [M, K / 32]) as the kernels quantize: per block of 32,
-    d = amax / 127 and q = round-half-even(x * (127 / amax)), in float32."""
+def quantize_activations_ref(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] -> (q, d float32 [M, K / 32]) as the kernels quantize: per block of 32, with
+    L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32."""
+    levels = 2.0 ** (bits - 1) - 1
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return torch.round(blocks * inv[..., None]).reshape(x.shape), amax / 127.0
+    # A tensor divided by a tensor: `levels / amax` would be amax.reciprocal() * levels, rounded differently.
+    inv = torch.where(amax > 0, torch.full_like(amax, levels) / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv[..., None]).reshape(x.shape), amax / levels
 
 
 def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, magnitude) in float64 with x quantized as the kernels do: y is what they compute bar float32 rounding,
     and magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
+    from kvmux.ops.quant import ACTIVATION_BITS
+
     dq, m = gguf_parts_f64(qtype, raw)
-    q, d = quantize_activations_ref(x)
+    q, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
     xq = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
     y = xq @ (dq + m).T
     return (y if bias is None else y + bias.double()), xq.abs() @ (dq.abs() + m.abs()).T
@@ -172,6 +176,8 @@ def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
 
 def activation_rounding_bound(qtype: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Bound on |y - x W^T| from quantizing x alone: each x is off by at most half its block's step d_x / 2."""
+    from kvmux.ops.quant import ACTIVATION_BITS
+
     w = dequantize_gguf_f64(qtype, raw).abs().reshape(raw.shape[0], -1, 32).sum(-1)   # [N, blocks]
-    _, d = quantize_activations_ref(x)
+    _, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
     return (d.double() / 2) @ w.T

@@ -9,13 +9,14 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/quant_tiles.h"
 
 namespace kvmux {
 namespace {
 
-inline int32_t load4(const int8_t* p) {  // 4 activation bytes, to be broadcast to every lane
+inline int32_t load4(const void* p) {  // 4 bytes of activations, to be broadcast to every lane
     int32_t v;
     std::memcpy(&v, p, sizeof v);
     return v;
@@ -28,13 +29,14 @@ inline int32_t load4(const int8_t* p) {  // 4 activation bytes, to be broadcast 
 // `Isa::start` may fold -off sum q_x into the accumulator's starting value.
 template <class Isa, QuantType T, int MT>
 void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
+    using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
     constexpr int64_t block_bytes = quant_panel_block_bytes(T);
-    constexpr int32_t off = Isa::template offset<T>();
+    constexpr int32_t off = T == QuantType::q4_0 ? 8 : 0;
     const int64_t nb = j.nb, K = j.w.K;
     const uint8_t* wq = j.w.quants + p * nb * block_bytes;
     const uint16_t* wd = j.w.scales + p * nb * kQuantPanel;
     const uint16_t* wm = T == QuantType::q4_1 ? j.w.mins + p * nb * kQuantPanel : nullptr;
-    const int8_t* xq = j.xq + m * K;
+    const XT* xq = static_cast<const XT*>(j.xq) + m * K;
     const float* xd = j.xd + m * nb;
     const int32_t* xs = j.xs + m * nb;
 
@@ -44,21 +46,23 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     for (int i = 0; i < MT; ++i) sum[i] = init;
     for (int64_t b = 0; b < nb; ++b, wq += block_bytes) {
         typename Isa::Acc acc[MT];
-#pragma GCC unroll 16
-        for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * xs[i * nb + b]);
-        const int8_t* xb = xq + b * kQuantBlock;
+        const XT* xb = xq + b * kQuantBlock;
         if constexpr (T == QuantType::q8_0) {
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; ++g) {
-                const typename Isa::W w = Isa::q8(wq + g * kQuantChunk);
 #pragma GCC unroll 16
-                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 4 * g));
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
+#pragma GCC unroll 16
+            for (int g = 0; g < 16; ++g) {  // 2 k per lane
+                const typename Isa::W w = Isa::q8(wq + g * 32);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 2 * g));
             }
         } else {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * xs[i * nb + b]);
 #pragma GCC unroll 4
-            for (int h = 0; h < 4; ++h) {
+            for (int h = 0; h < 4; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
                 typename Isa::W lo, hi;
-                Isa::q4(wq + h * kQuantChunk, lo, hi);
+                Isa::q4(wq + h * 64, lo, hi);
 #pragma GCC unroll 16
                 for (int i = 0; i < MT; ++i) {
                     Isa::template dot<T>(acc[i], lo, load4(xb + i * K + 8 * h));
@@ -77,8 +81,10 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
             }
         } else {
 #pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i)
-                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], -off * xs[i * nb + b]), d, xd[i * nb + b]);
+            for (int i = 0; i < MT; ++i) {
+                const int32_t correction = T == QuantType::q4_0 ? -off * xs[i * nb + b] : 0;
+                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[i * nb + b]);
+            }
         }
     }
 #pragma GCC unroll 16
@@ -158,11 +164,17 @@ struct Float256 {
         const __m256 vc = _mm256_set1_ps(c);
         for (int h = 0; h < 2; ++h) s.v[h] = _mm256_fmadd_ps(a.v[h], vc, s.v[h]);
     }
-    // 64 bytes of nibbles as their low and high halves, each 16 rows x 4 bytes.
     struct W {
         __m256i v[2];
-        __m256i sign[2];  // Q8_0 on AVX2 only: the signed weights, whose signs move onto x
     };
+    // 32 bytes of Q8_0 (16 rows x 2 k) widened to int16 pairs.
+    static W q8(const uint8_t* p) {
+        W w;
+        for (int h = 0; h < 2; ++h)
+            w.v[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+        return w;
+    }
+    // 64 bytes of nibbles as their low and high halves, each 16 rows x 4 bytes.
     static void q4(const uint8_t* p, W& lo, W& hi) {
         const __m256i mask = _mm256_set1_epi8(0x0F);
         for (int h = 0; h < 2; ++h) {

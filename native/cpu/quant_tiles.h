@@ -13,7 +13,7 @@ namespace kvmux {
 struct QuantTileJob {
     QuantWeights w;
     int64_t nb;           // blocks per row: K / 32
-    const int8_t* xq;     // [M, K] quantized activations
+    const void* xq;       // [M, K] quantized activations: int16 for Q8_0 weights, int8 for Q4
     const float* xd;      // [M, nb] their scales
     const int32_t* xs;    // [M, nb] the sum of each block's quants
     const float* bias;    // [N] or nullptr

@@ -1,8 +1,7 @@
 // quant_linear's AVX2 variant, the baseline every x86-64 host of the project runs (the build's own flags).
-// Without VNNI the integer dot product is vpmaddubsw (unsigned x signed bytes, pairs summed into saturating
-// int16) and vpmaddwd to widen: nibbles times activations (|q_x| <= 127) never saturate, even summed over a
-// block in int16 (8 x 2 x 15 x 127 < 2^15), but signed Q8_0 weights would, so for Q8_0 the weights' signs move
-// onto the activations (vpsignb) and their magnitudes multiply (2 x 128 x 127 < 2^15).
+// Without VNNI the byte dot product is vpmaddubsw (unsigned nibbles x signed activation bytes, pairs summed into
+// saturating int16; 2 x 15 x 127 never saturates, nor does a block's sum of 8 of them, 8 x 3810 < 2^15, so a
+// block accumulates in int16 and widens once with vpmaddwd), and Q8_0's int8 x int16 products are vpmaddwd.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -18,29 +17,16 @@ struct Avx2 : Float256 {
     static constexpr int kRows = 3;
     using Acc = Int;  // int16 pairs per row for Q4 (widened at the block's end), int32 for Q8_0
 
-    template <QuantType T>
-    static constexpr int32_t offset() { return T == QuantType::q4_0 ? 8 : 0; }
     static Acc start(int32_t) { return {{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
-
-    static W q8(const uint8_t* p) {
-        W w;
-        for (int h = 0; h < 2; ++h) {
-            w.sign[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
-            w.v[h] = _mm256_abs_epi8(w.sign[h]);
-        }
-        return w;
-    }
 
     template <QuantType T>
     static void dot(Acc& acc, const W& w, int32_t x4) {
         const __m256i x = _mm256_set1_epi32(x4);
         for (int h = 0; h < 2; ++h) {
-            if constexpr (T == QuantType::q8_0) {
-                const __m256i pairs = _mm256_maddubs_epi16(w.v[h], _mm256_sign_epi8(x, w.sign[h]));
-                acc.v[h] = _mm256_add_epi32(acc.v[h], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-            } else {
+            if constexpr (T == QuantType::q8_0)
+                acc.v[h] = _mm256_add_epi32(acc.v[h], _mm256_madd_epi16(w.v[h], x));
+            else
                 acc.v[h] = _mm256_add_epi16(acc.v[h], _mm256_maddubs_epi16(w.v[h], x));
-            }
         }
     }
 
