@@ -43,7 +43,9 @@ class LlamaCpp:
     def __init__(self, path: str, n_ctx: int, n_batch: int, n_seq_max: int, threads: int) -> None:
         lib = self.lib = _llama_cpp()
         lib.llama_backend_init()
-        lib.llama_log_set(lib.llama_log_callback(lambda *_: None), None)  # quiet: its log goes to stderr
+        # Quiet (its log goes to stderr); the callback is kept alive as long as llama.cpp may call it.
+        self._quiet = lib.llama_log_callback(lambda *_: None)
+        lib.llama_log_set(self._quiet, None)
         self.model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
