@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmux import _native
+from kvmux.ops.tensor_checks import linear_operands
 
 PANEL = _native.PANEL_WIDTH
 PANEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -50,17 +51,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32."""
     _check_packed(packed, out_features)
     in_features = packed.shape[1]
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"packed_linear: need x float32 [rows, {in_features}] on the CPU, got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
-        raise ValueError(f"packed_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()  # held here: a temporary's address would dangle during the native call
+    x, bias, out = linear_operands("packed_linear", x, in_features, out_features, bias)
     rows = x.shape[0]
-    out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
         _native.packed_linear(x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
                               packed.data_ptr(), packed.dtype == torch.bfloat16, out_features,

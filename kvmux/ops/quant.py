@@ -25,6 +25,7 @@ import torch
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
+from kvmux.ops.tensor_checks import linear_operands
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,7 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
                  kernel: str | None = None) -> torch.Tensor:
     """x [M, K] float32 @ weight.T (+ bias [N] float32), by `kernel` (default: the weight's)."""
     k, n = weight.in_features, weight.out_features
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"quant_linear: need x float32 [rows, {k}] on the CPU, got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or bias.device.type != "cpu"):
-        raise ValueError(f"quant_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({n},)")
+    x, bias, out = linear_operands(OP, x, k, n, bias)
     if weight.quants.shape != (-(-n // PANEL), k // BLOCK, PANEL_BLOCK_BYTES[weight.qtype]) or k % BLOCK:
         raise ValueError(f"quant_linear: {weight.qtype} quants {tuple(weight.quants.shape)} are not the panels of a "
                          f"[{n}, {k}] weight (see pack_blocks)")
@@ -154,12 +151,7 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
         raise ValueError(f"quant_linear: no kernel variant {kernel!r}; choose from {', '.join(VARIANTS)}")
     elif missing := missing_features(kernel):
         raise RuntimeError(f"quant_linear: kernel {kernel!r} needs {', '.join(missing)}, which this CPU lacks")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()  # held here: a temporary's address would dangle during the native call
     rows = x.shape[0]
-    out = torch.empty(rows, n, dtype=torch.float32)
     if rows:
         mins = weight.mins.data_ptr() if weight.mins is not None else 0
         _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, QTYPES[weight.qtype],
