@@ -129,7 +129,9 @@ def run_job(job: Job, scratch: Path) -> dict:
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         print(f"FAILED after {elapsed:.0f} s")
-        return {"engine": job.engine, "label": job.label, "mode": job.mode, "error": proc.stderr[-4000:]}
+        # A crash (a signal: negative status) may leave no message, so the status is recorded too.
+        return {"engine": job.engine, "label": job.label, "mode": job.mode,
+                "error": f"exit status {proc.returncode}\n{proc.stderr[-4000:]}"}
     result = json.loads(result_path.read_text())
     print(f"{result['output_tok_s']:8.1f} out tok/s  ({elapsed:.0f} s incl. load)", flush=True)
     return result
