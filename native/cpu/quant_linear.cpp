@@ -14,6 +14,10 @@ namespace {
 // Rows per pass over a thread's panels: their quantized activations (64 x K bytes) stay in L2 while the
 // panels, each a few KB for the whole of K, go by once per pass.
 constexpr int64_t kRowBlock = 64;
+// Up to this many rows the calling thread quantizes the activations before the threads start: a few rows take
+// microseconds, less than the barrier that would follow a parallel pass (and a barrier costs a time slice
+// whenever another process holds one of the cores).
+constexpr int64_t kSerialRows = 16;
 
 // One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
 // sum of q kept) or 32767 (int16).
@@ -101,10 +105,15 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
+    const bool serial = M <= kSerialRows;
+    if (serial)
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
 #pragma omp parallel num_threads(nt)
     {
+        if (!serial) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+            for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+        }
         // Each thread owns a contiguous run of panels, so it streams its own part of W.
         const int t = omp_get_thread_num();
         const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
