@@ -22,12 +22,15 @@ from bench.workload import WorkloadSpec, describe, distribution_means, make_work
 from kvmux.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("kvmux", "hf-static", "hf-cb")
-ONLINE_ENGINES = ("kvmux", "hf-cb")  # a static batch cannot take arrivals, so hf-static runs offline only
-# Issue 7's speed targets: kvmux output throughput vs. the best static batch and vs. transformers' CB.
+ENGINES = ("kvmux", "hf-static", "hf-cb")  # the default set
+PEERS = ("llama-cpp",)  # optional engines (the `peers` extra): --engines kvmux,llama-cpp
+ONLINE_ENGINES = ("kvmux", "hf-cb", "llama-cpp")  # a static batch cannot take arrivals: hf-static is offline only
+# Issue 7's speed targets: kvmux output throughput vs. the best static batch and vs. transformers' CB; issue 15's
+# vs. llama.cpp on the same GGUF (kvmux keeping its quantized blocks).
 TARGETS = {"vs_static_best": 5.0, "vs_hf_cb": 3.0}
 # Issue 14's: what the HTTP front may cost against the in-process API on the same workload.
 HTTP_TARGETS = {"ttft_p50_cost_max": 0.05, "throughput_cost_max": 0.02}
+TARGET_VS_LLAMA_CPP = 3.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,11 +41,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="float32",
                    help="weights and KV dtype of every engine (both: one run each)")
+    p.add_argument("--quantization", choices=("auto", "none", "q8_0"), default="auto",
+                   help="kvmux's --quantization: auto keeps a GGUF's quantized blocks (the default model's Q4_1), "
+                        "none dequantizes to --dtype")
     p.add_argument("--requests", type=int, default=None, help="number of requests [default: 64; --quick: 16]")
     p.add_argument("--mode", choices=("offline", "online", "both"), default="offline",
                    help="offline: all requests at once (throughput); online: Poisson arrivals at --rate (latency)")
     p.add_argument("--rate", type=float, default=1.0, help="online arrival rate, requests/s")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of these engines")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma-separated, from %(default)s and {', '.join(PEERS)} (llama-cpp-python: pip install "
+                        f"-e '.[peers]'; it runs the GGUF itself, the default model's Q4_1 file without --model)")
     p.add_argument("--transport", choices=("api", "http"), default="api",
                    help="api: kvmux through its asyncio API; http: also through its HTTP server (OpenAI API) with "
                         "a client in another process, as kvmux-http, to compare the two")
@@ -50,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-prefix", action="store_true",
                    help="every prompt starts with one shared --prefix-len token prefix, then a distinct suffix")
     p.add_argument("--prefix-len", type=int, default=256, help="tokens of the shared prefix")
-    p.add_argument("--model", default=None, help="safetensors folder [default: SmolLM2-135M-Instruct]")
+    p.add_argument("--model", default=None,
+                   help="safetensors folder or .gguf file [default: SmolLM2-135M-Instruct's Q4_1 GGUF]")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload draw")
     p.add_argument("--max-prompt-len", type=int, default=None, help="upper clip of prompt lengths [default: 512; --quick: 256]")
     p.add_argument("--max-output-len", type=int, default=None,
@@ -67,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.model is not None:
         args.model = str(Path(args.model).expanduser().resolve())
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = set(args.engines) - set(ENGINES)
+    unknown = set(args.engines) - set(ENGINES) - set(PEERS)
     if unknown:
-        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES + PEERS)}")
     return args
 
 
@@ -83,9 +92,12 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
 
 
 def hf_folder(model: str | None) -> str:
+    """The weights as a transformers folder: a GGUF (the default model's, without --model) dequantized."""
     from kvmux.model.loader import convert_gguf, default_model_path
 
-    return model if model else str(convert_gguf(default_model_path()))
+    if model is None or model.endswith(".gguf"):
+        return str(convert_gguf(Path(model) if model else default_model_path()))
+    return model
 
 
 def vocabulary(folder: str) -> tuple[int, set[int]]:
@@ -107,16 +119,18 @@ def plan(args, dtype: str, folder: str, offline, online) -> list[Job]:
             continue
         engine_opts = {"max_num_seqs": args.max_num_seqs,
                        "max_num_batched_tokens": args.max_num_batched_tokens or DEFAULT_STEP_TOKENS[mode]}
+        kvmux_opts = {**engine_opts, "quantization": args.quantization}
         for engine in args.engines:
             if engine == "hf-static":
                 if mode == "offline":
                     jobs += [Job(engine, f"hf-static-b{b}", mode, dtype, args.model, folder, requests,
                                  {"batch_size": b}) for b in map(int, args.static_batch_sizes.split(","))]
             elif mode == "offline" or engine in ONLINE_ENGINES:
-                jobs.append(Job(engine, engine, mode, dtype, args.model, folder, requests, dict(engine_opts)))
+                opts = kvmux_opts if engine == "kvmux" else engine_opts
+                jobs.append(Job(engine, engine, mode, dtype, args.model, folder, requests, dict(opts)))
                 if engine == "kvmux" and args.transport == "http":
                     jobs.append(Job(engine, "kvmux-http", mode, dtype, args.model, folder, requests,
-                                    {**engine_opts, "transport": "http"}))
+                                    {**opts, "transport": "http"}))
     return jobs
 
 
@@ -131,7 +145,9 @@ def run_job(job: Job, scratch: Path) -> dict:
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         print(f"FAILED after {elapsed:.0f} s")
-        return {"engine": job.engine, "label": job.label, "mode": job.mode, "error": proc.stderr[-4000:]}
+        # A crash (a signal: negative status) may leave no message, so the status is recorded too.
+        return {"engine": job.engine, "label": job.label, "mode": job.mode,
+                "error": f"exit status {proc.returncode}\n{proc.stderr[-4000:]}"}
     result = json.loads(result_path.read_text())
     print(f"{result['output_tok_s']:8.1f} out tok/s  ({elapsed:.0f} s incl. load)", flush=True)
     return result
@@ -165,6 +181,9 @@ def summarize_runs(runs: list[dict]) -> dict:
                                          and http[mode].get("ttft_p50_cost", 0) <= HTTP_TARGETS["ttft_p50_cost_max"])
     if http:
         summary["http_vs_api"] = {**http, "targets": HTTP_TARGETS}
+    if kvmux and "llama-cpp" in offline:
+        summary["kvmux_vs_llama_cpp"] = kvmux / offline["llama-cpp"]
+        summary["target_vs_llama_cpp"] = TARGET_VS_LLAMA_CPP
     return summary
 
 
@@ -175,6 +194,15 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
             "load_avg_at_start": os.getloadavg()}
+
+
+def cpu_flags() -> list[str]:
+    """The vector instruction sets this CPU has, as /proc/cpuinfo names them (recorded with every result)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx")))
 
 
 def print_table(results: dict) -> None:
@@ -189,7 +217,7 @@ def print_table(results: dict) -> None:
         print(f"{r['label']:<16} {r['mode']:<8} {r['output_tok_s']:10.1f} {r['total_tok_s']:10.1f} "
               f"{r['requests_s']:7.2f} {ttft:>9} {tpot:>9} {r['peak_rss_mib']:7.0f}MB")
     s = results["summary"]
-    for key in ("kvmux_vs_static_best", "kvmux_vs_hf_cb"):
+    for key in ("kvmux_vs_static_best", "kvmux_vs_hf_cb", "kvmux_vs_llama_cpp"):
         if key in s:
             print(f"{key}: {s[key]:.2f}x")
     for mode, cost in s.get("http_vs_api", {}).items():
@@ -211,6 +239,8 @@ def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[in
         "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct",
         "dtype": dtype,
+        "kvmux_quantization": args.quantization,
+        "cpu_flags": cpu_flags(),
         "workload": {"spec": spec.to_dict(), "distribution": distribution_means(spec), "drawn": drawn,
                      "modes": args.mode, "rate": args.rate if online else None,
                      "greedy": True, "ignore_eos": True},
@@ -219,9 +249,13 @@ def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[in
         "notes": ["hf-static runs offline only: a static batch cannot admit arrivals, so it has no online latency.",
                   "hf-static output tokens count each request's own length; a batch runs to its longest output "
                   "(generated_tokens_incl_padding is the work actually done).",
-                  "hf-cb streams results only in the online mode (streaming costs it a result per token)."],
+                  "hf-cb streams results only in the online mode (streaming costs it a result per token).",
+                  "llama-cpp runs the GGUF file itself (the default model's own Q4_1 file), batched greedy sequences "
+                  "in one unified KV cache, with the same threads, sequences and step budget as kvmux; kvmux runs "
+                  "with --quantization as recorded in kvmux_quantization."],
     }
-    suffix = ("_shared" if args.shared_prefix else "") + ("_http" if args.transport == "http" else "") + \
+    suffix = ("" if args.quantization == "auto" else f"_{args.quantization}") + \
+        ("_shared" if args.shared_prefix else "") + ("_http" if args.transport == "http" else "") + \
         ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{dtype}{suffix}.json"

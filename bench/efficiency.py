@@ -23,6 +23,12 @@ one many-row step), it is also run with each bf16 matmul kernel this CPU has
 forced through KVMUX_KERNELS, so the kernels decode steps use are measured too
 (and torch's oneDNN, which the engine does not choose by itself).
 
+Quantized (`--quantized`): the same teacher-forced comparison with fp32 (the
+GGUF dequantized) for kvmux keeping the file's blocks (the default model's
+Q4_1), kvmux quantizing every matmul to Q8_0, and llama.cpp's own logits on the
+same token ids from the same file (when llama-cpp-python is installed); and
+decode steps at 1-8 sequences, kept blocks vs fp32, in the same run.
+
 Writes bench/results/efficiency.json and .png.
 """
 
@@ -139,6 +145,67 @@ def quality(fp32, bf16, tokenizer, tokens_per_text: int) -> dict:
                 kl_p99=float(kl.quantile(0.99)), source="pydoc_data.topics (Python's reference documentation)")
 
 
+def text_ids(tokenizer, tokens_per_text: int) -> list[list[int]]:
+    """The token ids of the texts quality() reads."""
+    from pydoc_data.topics import topics
+
+    return [tokenizer(topics[topic])["input_ids"][:tokens_per_text] for topic in TOPICS]
+
+
+def kvmux_logits(model, ids: list[int]) -> torch.Tensor:
+    blocks = math.ceil(len(ids) / BLOCK)
+    batch = ForwardBatch.build([Chunk("text", 0, ids, list(range(blocks)))], BLOCK)
+    batch.logits_indices = torch.arange(len(ids))
+    with torch.inference_mode():
+        return model(batch, KVCache(blocks, geometry(model))).float()
+
+
+def agreement_with(reference: list[torch.Tensor], test: list[torch.Tensor]) -> dict:
+    """Argmax agreement and KL(reference || test) over every position of every text."""
+    ref = torch.cat([F.log_softmax(r, -1) for r in reference])
+    got = torch.cat([F.log_softmax(t, -1) for t in test])
+    kl = F.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
+    return dict(positions=len(ref), argmax_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+                kl_mean=float(kl.mean()), kl_p99=float(kl.quantile(0.99)))
+
+
+def quantized_comparison(model_arg: str | None, fp32, tokenizer, tokens_per_text: int, threads: int) -> dict:
+    """kvmux's kept blocks, kvmux's Q8_0 and llama.cpp vs fp32 (teacher-forced), and decode at 1-8 sequences."""
+    texts = text_ids(tokenizer, tokens_per_text)
+    reference = [kvmux_logits(fp32, ids) for ids in texts]
+    kept = load_model(model_arg, progress=False)  # quantization auto: a GGUF's own blocks
+    q8 = load_model(model_arg, quantization="q8_0", progress=False)
+    out = {"quality": {}, "storage": {"kept": kept.quantization, "q8_0": q8.quantization}}
+    for name, loaded in (("kvmux_kept", kept), ("kvmux_q8_0", q8)):
+        out["quality"][name] = agreement_with(reference, [kvmux_logits(loaded.model, ids) for ids in texts])
+    try:
+        from bench.engines.llama_cpp import LlamaCpp, gguf_path
+
+        llm = LlamaCpp(gguf_path(model_arg), max(map(len, texts)) + 16, max(map(len, texts)), 1, threads)
+    except (RuntimeError, ValueError) as exc:
+        out["quality"]["llama_cpp"] = {"skipped": str(exc)}
+    else:
+        out["quality"]["llama_cpp"] = agreement_with(reference, [torch.from_numpy(llm.logits(ids)) for ids in texts])
+        llm.close()
+    out["decode"] = []
+    for batch in (1, 2, 4, 8):
+        rates = {name: decode_efficiency(m, batch, 256, 16)["tokens_per_s"] for name, m in
+                 (("fp32", fp32), ("kept", kept.model))}
+        out["decode"].append(dict(batch=batch, fp32_tok_s=rates["fp32"], kept_tok_s=rates["kept"],
+                                  speedup=rates["kept"] / rates["fp32"]))
+        print(f"decode, {batch} sequences: fp32 {rates['fp32']:.1f} tok/s, kept blocks {rates['kept']:.1f} "
+              f"(x{rates['kept'] / rates['fp32']:.2f})", flush=True)
+    q = out["quality"]
+    for name, r in q.items():
+        if "argmax_agreement" in r:
+            print(f"{name} vs fp32 over {r['positions']} positions: argmax agreement {r['argmax_agreement']:.2%}, "
+                  f"mean KL {r['kl_mean']:.5f}", flush=True)
+    out["targets"] = {"q8_0_argmax_agreement": 0.97, "kept_within_llama_cpp": 0.01, "decode_speedup_1_to_8": 2.0}
+    if "argmax_agreement" in q["llama_cpp"]:
+        out["kept_minus_llama_cpp"] = q["kvmux_kept"]["argmax_agreement"] - q["llama_cpp"]["argmax_agreement"]
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -169,13 +236,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--tokens-per-text", type=int, default=256)
     p.add_argument("--skip-quality", action="store_true", help="no bf16 model, no quality comparison")
+    p.add_argument("--quantized", action="store_true",
+                   help="also compare quantized weights with fp32: kvmux keeping a GGUF's blocks, kvmux's Q8_0 and "
+                        "llama.cpp (if installed) on quality, kept blocks on decode at 1-8 sequences")
     p.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
 
-    loaded = load_model(args.model, dtype=torch.float32, progress=False)
+    loaded = load_model(args.model, dtype=torch.float32, progress=False, quantization="none")
     model = loaded.model
     rates = {str(rows): matmul_gflops(model, rows) for rows in (64, 512)}
     print(f"matmul over the model's weights: {rates['64']:.1f} GFLOP/s at 64 rows, {rates['512']:.1f} at 512",
@@ -191,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                   utilization_vs_64_rows=decode["achieved_gflops"] / rates["64"], target_utilization=0.5,
                   created=time.strftime("%Y-%m-%d %H:%M:%S"))
     if not args.skip_quality:
-        bf16 = load_model(args.model, dtype=torch.bfloat16, progress=False).model
+        bf16 = load_model(args.model, dtype=torch.bfloat16, progress=False, quantization="none").model
         result["decode_bfloat16"] = d16 = decode_efficiency(bf16, args.batch, args.prompt_len, args.steps)
         result["bf16_decode_speedup"] = decode["step_s_median"] / d16["step_s_median"]
         print(f"bf16 decode, {args.batch} sequences: {d16['tokens_per_s']:.1f} tok/s = "
@@ -206,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         for v in kernel_choice.runnable("linear", "bfloat16"):
             os.environ[kernel_choice.ENV] = f"linear={v.name}"
             try:
-                forced = load_model(args.model, dtype=torch.bfloat16, progress=False).model
+                forced = load_model(args.model, dtype=torch.bfloat16, progress=False,
+                                    quantization="none").model
             finally:
                 os.environ.pop(kernel_choice.ENV)
                 if previous is not None:
@@ -214,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
             by_kernel[v.name] = qv = quality(model, forced, loaded.tokenizer, args.tokens_per_text)
             print(f"  linear={v.name}: argmax agreement {qv['argmax_agreement']:.2%}, mean KL {qv['kl_mean']:.5f}",
                   flush=True)
+    if args.quantized:
+        result["quantized"] = quantized_comparison(args.model, model, loaded.tokenizer, args.tokens_per_text, threads)
     result["loadavg_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,7 @@ from bench.workload import Request
 
 @dataclass
 class Job:
-    engine: str  # kvmux | hf-static | hf-cb
+    engine: str  # kvmux | hf-static | hf-cb | llama-cpp
     label: str  # how results name it, e.g. hf-static-b8
     mode: str  # offline | online
     dtype: str  # float32 | bfloat16

@@ -47,7 +47,8 @@ def model_weights() -> list[torch.Tensor]:
 
 def layers(weights: list[torch.Tensor], dtype: torch.dtype) -> list[SimpleNamespace]:
     return [SimpleNamespace(weight=pack_weight(w.to(dtype)), bias=None, dense=None, in_features=w.shape[1],
-                            out_features=w.shape[0]) for w in weights]
+                            out_features=w.shape[0], weight_format=str(dtype).removeprefix("torch."))
+            for w in weights]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,9 +70,10 @@ def _occupancy(ax, runs: list[dict]) -> None:
 
 def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    _throughput(axes[0], results["runs"])
-    _latency(axes[1], results["runs"])
-    _occupancy(axes[2], results["runs"])
+    runs = [r for r in results["runs"] if "error" not in r]  # a failed engine is listed in the summary instead
+    _throughput(axes[0], runs)
+    _latency(axes[1], runs)
+    _occupancy(axes[2], runs)
     fig.suptitle(f"kvmux bench: {results['model']}, {results['dtype']}, {results['workload']['drawn']['requests']} "
                  f"requests, {results['machine']['cpu_count']} cores")
     fig.tight_layout()

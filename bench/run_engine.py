@@ -17,7 +17,7 @@ from bench.job import Job
 from bench.metrics import peak_rss_mib
 
 RUNNERS = {"kvmux": "bench.engines.kvmux_engine", "hf-static": "bench.engines.hf_static",
-           "hf-cb": "bench.engines.hf_cb"}
+           "hf-cb": "bench.engines.hf_cb", "llama-cpp": "bench.engines.llama_cpp"}
 
 
 def main(job_path: str, result_path: str) -> None:

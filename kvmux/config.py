@@ -48,6 +48,9 @@ class EngineConfig:
     dtype: str = setting("auto", "weights and KV cache dtype: auto is bfloat16 on CPUs with bf16 units (AVX512-BF16 "
                                  "or AMX), else float32 (bf16 and fp32 are accepted spellings)",
                          ("auto", "float32", "bfloat16"))
+    quantization: str = setting("auto", "auto: a GGUF's Q8_0/Q4_0/Q4_1 weights stay in their blocks (CPU); none: "
+                                        "dequantize to --dtype; q8_0: quantize every matmul to Q8_0 at load (CPU)",
+                                ("auto", "none", "q8_0"))
     device: str = setting("cpu", "where the model runs; cuda needs an NVIDIA GPU and a CUDA build of torch",
                           ("cpu", "cuda"))
     block_size: int = setting(16, "tokens per KV block", (8, 16, 32))
@@ -104,6 +107,8 @@ class EngineConfig:
             ("num_host_blocks", self.num_host_blocks is None or self.num_host_blocks >= 0, "must be >= 0"),
             ("disk_cache_gib", self.disk_cache_gib >= 0, "must be >= 0"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            ("quantization", self.quantization != "q8_0" or self.device == "cpu",
+             f"q8_0 runs on the CPU kernels only, not on {self.device}; use --quantization none"),
         ]
         for name, ok, problem in checks:
             if not ok:

@@ -9,6 +9,7 @@
 #include "cpu/fused_ops.h"
 #include "cpu/paged_attention.h"
 #include "cpu/packed_linear.h"
+#include "cpu/quant_linear.h"
 
 namespace py = pybind11;
 
@@ -159,6 +160,45 @@ void bind_packed_linear(py::module_& m) {
         "weight dtype; x, bias and out float32; bias 0 means none.");
 }
 
+// Addresses again; kvmux/ops/quant.py checks the tensors and that the CPU can run the kernel asked for.
+void bind_quant_linear(py::module_& m) {
+    m.attr("QUANT_BLOCK") = kvmux::kQuantBlock;
+    m.attr("QUANT_PANEL") = kvmux::kQuantPanel;
+    m.def(
+        "quant_linear",
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t quants,
+           std::uintptr_t scales, std::uintptr_t mins, int64_t out_features, std::uintptr_t bias, std::uintptr_t out,
+           int64_t out_stride, int kernel, int num_threads) {
+            const kvmux::QuantWeights w{static_cast<kvmux::QuantType>(qtype), out_features, in_features,
+                                        reinterpret_cast<const uint8_t*>(quants),
+                                        reinterpret_cast<const uint16_t*>(scales),
+                                        reinterpret_cast<const uint16_t*>(mins)};
+            py::gil_scoped_release release;
+            kvmux::quant_linear(reinterpret_cast<const float*>(x), rows, x_stride, w,
+                                reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), out_stride,
+                                static_cast<kvmux::QuantKernel>(kernel), num_threads);
+        },
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"),
+        py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"), py::arg("bias"),
+        py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
+        "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1), x "
+        "quantized per block on the fly (int16 for Q8_0, int8 for Q4) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI; "
+        "bias 0 means none.");
+    m.def(
+        "quantize_activations",
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int bits, std::uintptr_t q,
+           std::uintptr_t d, std::uintptr_t sums) {
+            py::gil_scoped_release release;
+            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features, bits,
+                                        reinterpret_cast<void*>(q), reinterpret_cast<float*>(d),
+                                        reinterpret_cast<int32_t*>(sums));
+        },
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("bits"), py::arg("q"),
+        py::arg("d"), py::arg("sums"),
+        "The per-block quantization quant_linear applies to its activations: to int8 (bits 8, with each block's "
+        "sum) or int16 (bits 16).");
+}
+
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.
 void bind_fused_ops(py::module_& m) {
     m.def(
@@ -227,5 +267,6 @@ PYBIND11_MODULE(_native, m) {
     bind_block_allocator(m);
     bind_paged_attention(m);
     bind_packed_linear(m);
+    bind_quant_linear(m);
     bind_fused_ops(m);
 }

@@ -88,6 +88,21 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos:
     return outs
 
 
+def teacher_forced_logits(model, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """The model's next-token logits at every position of `ids`: one forward over a fresh KV pool."""
+    from kvmux.cache.kv_cache import KVCache, PoolGeometry
+    from kvmux.engine.messages import Chunk
+    from kvmux.model.forward_batch import ForwardBatch
+
+    blocks = -(-len(ids) // block_size)
+    cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, block_size,
+                                         model.dtype))
+    batch = ForwardBatch.build([Chunk("text", 0, ids, list(range(blocks)))], block_size)
+    batch.logits_indices = torch.arange(len(ids))
+    with torch.inference_mode():
+        return model(batch, cache)
+
+
 def failing_on_call(fn, n: int, message: str):
     """fn, except that its n-th call raises RuntimeError(message): a fault injected mid-run."""
     calls = 0

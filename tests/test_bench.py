@@ -104,3 +104,28 @@ def test_cpu_check_checks_what_runs_here_and_names_what_it_skips(tmp_path, monke
     needs = {s["check"]: s["needs"] for s in result["skipped"]}
     assert needs["linear/amx/bfloat16"] == ["avx512f", "avx512bw", "avx512vl", "avx512bf16", "amx_tile", "amx_bf16"]
     assert needs["attention/avx512bf16/bfloat16"] == ["avx512f", "avx512bw", "avx512vl", "avx512bf16"]
+
+
+def test_bench_runs_llama_cpp_on_the_same_gguf(tmp_path, tiny):
+    """The optional peer (llama-cpp-python, the `peers` extra; `make test` does not install it)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[peers]')")
+    from gguf import GGMLQuantizationType as QT
+
+    from tiny_gguf import matmuls_as, write_tiny_gguf
+
+    model = write_tiny_gguf(tiny, tmp_path / "tiny.gguf", matmuls_as(QT.Q4_1))
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--model", str(model), "--engines", "kvmux,llama-cpp", "--requests", "5",
+           "--max-prompt-len", "48", "--max-output-len", "16", "--mode", "both", "--rate", "20", "--out", str(out),
+           "--quick"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "KVMUX_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "bench_float32_quick.json").read_text())
+    assert {(r["label"], r["mode"]) for r in results["runs"]} == {
+        ("kvmux", "offline"), ("llama-cpp", "offline"), ("kvmux", "online"), ("llama-cpp", "online")}
+    wanted = results["workload"]["drawn"]["output_tokens"]
+    for run in results["runs"]:
+        assert "error" not in run, run.get("error")
+        assert run["lengths_exact"] and run["output_tokens"] == wanted, run["label"]
+    assert results["summary"]["kvmux_vs_llama_cpp"] > 0 and results["kvmux_quantization"] == "auto"

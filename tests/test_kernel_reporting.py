@@ -26,7 +26,7 @@ def test_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, features, w
 
 def test_auto_is_the_default_and_dtypes_are_checked():
     assert EngineConfig().dtype == "auto"
-    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16, not 'float16'"):
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, not 'float16'"):
         EngineConfig(dtype="float16").validate()
 
 

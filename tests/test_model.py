@@ -282,13 +282,14 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_gguf_cache_hit_skips_conversion(model_dirs, tmp_path, monkeypatch):
-    """A .gguf whose content hash is already cached loads from the cache folder, unconverted."""
+    """A .gguf whose content hash is already cached loads from the cache folder, unconverted (the dequantizing
+    path: quantization="none")."""
     monkeypatch.setenv("KVMUX_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"not really gguf")  # converting this would fail
     key = f"tiny-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:24]}"
     shutil.copytree(model_dirs["llama-kv2"], tmp_path / "cache" / key)
-    lm = load_model(gguf, progress=False)
+    lm = load_model(gguf, progress=False, quantization="none")
     assert lm.name == "tiny" and lm.path == gguf and lm.config.vocab_size == 320
 
 
@@ -298,7 +299,7 @@ def test_default_model_matches_hf():
     """SmolLM2 through our loader (GGUF -> cached safetensors) against HF on the same cached weights."""
     from transformers import AutoModelForCausalLM
 
-    lm = load_model(None, progress=False)
+    lm = load_model(None, progress=False, quantization="none")
     folder = loader_mod.convert_gguf(loader_mod.default_model_path())
     ids = lm.tokenizer("The capital of France is").input_ids
     model = lm.model

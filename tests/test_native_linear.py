@@ -72,7 +72,8 @@ def layers(n: int, out_features: int, in_features: int, dtype: torch.dtype):
     from types import SimpleNamespace
 
     return [SimpleNamespace(weight=pack_weight(torch.randn(out_features, in_features).to(dtype)), bias=None,
-                            dense=None, in_features=in_features, out_features=out_features) for _ in range(n)]
+                            dense=None, in_features=in_features, out_features=out_features,
+                            weight_format=str(dtype).removeprefix("torch.")) for _ in range(n)]
 
 
 def test_the_plan_times_every_candidate_per_row_range_and_dispatches_by_rows():
@@ -121,16 +122,19 @@ def test_a_forced_variant_the_cpu_lacks_names_the_instruction_set(monkeypatch):
     assert [v.name for v in kernel_choice.runnable("linear", "bfloat16")] == ["avx2", "onednn"]
 
 
-def test_one_variant_name_may_have_an_entry_per_format(monkeypatch):
-    """How a new weight format adds its own kernels under existing names (an AVX2 kernel per format, say)."""
-    extra = kernel_choice.Variant("linear", "avx2", kernel_choice.AVX2, ("q4_1",), "a new format's AVX2 kernel")
-    monkeypatch.setattr(kernel_choice, "VARIANTS", kernel_choice.VARIANTS + (extra,))
-    assert kernel_choice.variant("linear", "avx2", "q4_1") is extra
-    assert kernel_choice.variant("linear", "avx2", "bfloat16").formats == ("float32", "bfloat16")
+def test_one_variant_name_has_an_entry_per_format(monkeypatch):
+    """avx2 names the float kernel and the quantized one: KVMUX_KERNELS=linear=avx2 pins each format to its own,
+    and a format no avx2 entry takes is named."""
+    floats, quantized = kernel_choice.variant("linear", "avx2", "bfloat16"), kernel_choice.variant("linear", "avx2", "q4_1")
+    assert floats.formats == ("float32", "bfloat16") and quantized.formats == ("q8_0", "q4_0", "q4_1")
     monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")
-    assert kernel_choice.candidates("linear", "q4_1") == [extra]
-    with pytest.raises(ValueError, match="'avx2' takes float32, bfloat16, q4_1, not q8_0"):
-        kernel_choice.candidates("linear", "q8_0")
+    assert kernel_choice.candidates("linear", "q4_1") == [quantized]
+    assert kernel_choice.candidates("linear", "float32") == [floats]
+    with pytest.raises(ValueError, match="'avx2' takes float32, bfloat16, q8_0, q4_0, q4_1, not q6_k"):
+        kernel_choice.candidates("linear", "q6_k")
+    monkeypatch.setenv(kernel_choice.ENV, "linear=amx")
+    with pytest.raises(ValueError, match="'amx' takes bfloat16, not q4_1"):
+        kernel_choice.candidates("linear", "q4_1")
 
 
 def test_a_malformed_kvmux_kernels_is_named(monkeypatch):

@@ -88,7 +88,8 @@ async def _run(job: Job) -> dict:
     # The pool holds the whole workload at once, the same sizing rule hf-cb gets, so peak memory compares like
     # for like; the slack covers the admission watermark.
     num_blocks = sum(-(-(len(r.prompt_ids) + r.output_len) // BLOCK_SIZE) for r in job.requests) + 64
-    async with Engine(job.model, dtype=job.dtype, block_size=BLOCK_SIZE, num_blocks=num_blocks,
+    async with Engine(job.model, dtype=job.dtype, quantization=opts.get("quantization", "auto"),
+                      block_size=BLOCK_SIZE, num_blocks=num_blocks,
                       max_num_seqs=opts.get("max_num_seqs", 64),
                       max_num_batched_tokens=opts.get("max_num_batched_tokens", 512)) as engine:
         # Warm-up: first-call costs stay out of the timed run. Its prompt is reversed so that no request of the

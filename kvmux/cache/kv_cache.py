@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,17 @@ class PoolGeometry:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in an anonymous mapping: the OS hands out zero pages as they are first written, so a
+    pool sized for many sequences holds memory only for the blocks in use (torch.zeros writes every page)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buffer = mmap.mmap(-1, max(1, numel * torch.empty((), dtype=dtype).element_size()),
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
+
+
 class KVCache:
     """Owns `kv[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]`.
 
@@ -46,7 +58,11 @@ class KVCache:
         self.geometry = geometry
         # Zeroed, not empty: attention multiplies masked-out slots by a zero
         # weight, and 0 * NaN from uninitialised memory would poison the output.
-        self.kv = torch.zeros(num_blocks, *geometry.block_shape, dtype=geometry.dtype, device=device)
+        shape = (num_blocks, *geometry.block_shape)
+        if torch.device(device).type == "cpu":
+            self.kv = zeros_on_touch(shape, geometry.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=geometry.dtype, device=device)
 
     @property
     def num_blocks(self) -> int:

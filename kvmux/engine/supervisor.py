@@ -77,7 +77,8 @@ class Engine:
         self.dtype = resolve_dtype(cfg.dtype, cfg.device)
         dtype = getattr(torch, self.dtype)
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
-            load_model, model, dtype, cfg.device, attention_backend=cfg.attention_backend))
+            load_model, model, dtype, cfg.device, attention_backend=cfg.attention_backend,
+            quantization=cfg.quantization))
         self.kernels = self.loaded.model.kernel_choices()
         log.info("attention kernel: %s", self.kernels["attention"])
         hf = self.loaded.config
@@ -101,8 +102,9 @@ class Engine:
         pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
                  self.disk_pool and self.disk_pool.tensor]
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
+        weights = f"{self.loaded.path}|{self.loaded.name}|{self.dtype}|{self.loaded.quantization}"
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=f"{self.loaded.path}|{self.loaded.name}|{self.dtype}".encode(),
+                                   cache_key=weights.encode(),
                                    num_host_blocks=num_host, num_disk_blocks=num_disk)
         self.copier = make_copier(pools, geometry.block_bytes)
         self.max_model_len = max_model_len
@@ -243,7 +245,8 @@ class Engine:
         """What is loaded: model name, dtype (`auto` resolved), context length, KV pool shape, and the kernels
         chosen for this CPU (per matmul shape and row range, with what each candidate measured at load)."""
         return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.dtype,
-                "max_model_len": self.max_model_len, "block_size": self.config.block_size,
+                "quantization": self.loaded.quantization, "max_model_len": self.max_model_len,
+                "block_size": self.config.block_size,
                 "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "config": asdict(self.config)}
 
 

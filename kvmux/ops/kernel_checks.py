@@ -11,7 +11,8 @@ A trial's bound is what the variant's arithmetic allows, not a loose
 tolerance: float32 sums (2^-20 of the sum of |terms|), plus whatever the variant
 rounds (x rounded to bf16 is rounded in the reference too, so it costs
 nothing; a bf16 output costs 2^-8 of it; attention's softmax weights rounded to
-bf16 cost weight_rounding_bound).
+bf16 cost weight_rounding_bound; a quantized matmul's activations are quantized
+in the reference exactly as the kernel quantizes them).
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kvmux.ops import kernel_choice
+from kvmux.ops import kernel_choice, quant
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
 from kvmux.ops.linear import pack_weight, runner
-from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64, weight_rounding_bound
+from kvmux.ops.quant import pack_blocks
+from kvmux.ops.reference import (
+    LAYER,
+    expected_pool,
+    make_case,
+    quant_linear_f64,
+    random_gguf_blocks,
+    reference_f64,
+    weight_rounding_bound,
+)
 
 SUM_ERROR = 2.0 ** -20  # float32 sums: relative to the sum of |terms| (~16 ulp; a wrong term costs ~1)
 BF16_ERROR = 2.0 ** -8  # a value rounded to bf16: twice its largest relative error
@@ -55,7 +65,7 @@ class Trial:
 class KernelCheck:
     op: str
     variant: str
-    fmt: str  # the weight (linear) or KV (attention) dtype
+    fmt: str  # the weight format (linear: a dtype or a GGUF block type) or KV dtype (attention)
     trials: Callable[[str, str, int], list[Trial]]  # (variant, fmt, seed) -> trials on fresh inputs
 
     @property
@@ -83,7 +93,8 @@ def linear_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         x = torch.randn(rows, k, generator=gen)
         weight = torch.randn(n, k, generator=gen).to(getattr(torch, fmt))
         bias = torch.randn(n, generator=gen) if with_bias else None
-        layer = SimpleNamespace(weight=pack_weight(weight), bias=bias, dense=None, in_features=k, out_features=n)
+        layer = SimpleNamespace(weight=pack_weight(weight), bias=bias, dense=None, in_features=k, out_features=n,
+                                weight_format=fmt)
         xr = (x.bfloat16() if variant in ROUNDS_X else x).double()
         w = weight.double()  # bf16 weights are exact in float64
         product = xr @ w.T
@@ -95,6 +106,30 @@ def linear_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         baseline = (lambda x=x, d=dense, b=bias: F.linear(x.to(d.dtype), d, None if b is None else b.to(d.dtype)))
         trials.append(Trial(f"{rows} x {k} -> {n}{' + bias' if with_bias else ''}",
                             lambda fn=runner(variant, layer), x=x: fn(x), ref, bound, baseline))
+    return trials
+
+
+# (rows, out, in): decode and prefill rows, partial tiles and panels, several row blocks; K in 32-value blocks.
+QUANT_SHAPES = [(1, 16, 32), (2, 40, 96), (5, 96, 576), (9, 200, 1536), (70, 48, 64), (131, 33, 128)]
+EPS32 = 2.0 ** -23
+
+
+def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
+    """x quantized per block exactly as the kernel does is part of the reference, so what is left is float32
+    rounding: a few ulps per block of the sum of |terms|."""
+    trials = []
+    for i, (rows, n, k) in enumerate(QUANT_SHAPES):
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        raw = random_gguf_blocks(fmt, n, k, gen)
+        x = torch.randn(rows, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        weight = pack_blocks(fmt, raw)
+        layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
+        ref, magnitude = quant_linear_f64(fmt, raw, x, bias)
+        bound = (k // 32 + 4) * EPS32 * (magnitude + bias.abs().double()) + 1e-30
+        dense = weight.dequantize()
+        trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=runner(variant, layer), x=x: fn(x), ref, bound,
+                            lambda x=x, d=dense, b=bias: F.linear(x, d, b)))
     return trials
 
 
@@ -136,6 +171,7 @@ CHECKS: tuple[KernelCheck, ...] = (
     KernelCheck("linear", "avx512bf16", "bfloat16", linear_trials),
     KernelCheck("linear", "amx", "bfloat16", linear_trials),
     KernelCheck("linear", "onednn", "bfloat16", linear_trials),
+    *(KernelCheck("linear", v, fmt, quant_trials) for v in quant.KERNELS for fmt in quant.QTYPES),
     KernelCheck("attention", "avx2", "float32", attention_trials),
     KernelCheck("attention", "avx2", "bfloat16", attention_trials),
     KernelCheck("attention", "avx512bf16", "bfloat16", attention_trials),

@@ -31,6 +31,7 @@ from kvmux import _native
 ENV = "KVMUX_KERNELS"
 AVX2 = ("avx2", "fma")
 AVX512 = ("avx512f", "avx512bw", "avx512vl")
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_1")  # GGUF block types kept quantized
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Variant:
     op: str                    # what KVMUX_KERNELS calls the op: linear, attention
     name: str                  # what KVMUX_KERNELS calls the variant
     needs: tuple[str, ...]     # instruction sets, as cpu_features() names them
-    formats: tuple[str, ...]   # weight (linear) or KV (attention) dtypes it takes, as torch names them
+    formats: tuple[str, ...]   # weight formats (linear: a dtype as torch names it, or a GGUF block type) or KV
+                               # dtypes (attention) it takes
     summary: str
     automatic: bool = True     # a candidate when nothing is forced (else only when KVMUX_KERNELS names it)
 
@@ -58,6 +60,13 @@ VARIANTS: tuple[Variant, ...] = (
     # 1.4 points of argmax agreement with float32 (97.8% vs 99.2%, python -m bench.efficiency): measured, not chosen.
     Variant("linear", "onednn", (), ("bfloat16",),
             "torch's F.linear in bf16 (oneDNN) over an [N, K] copy of the weight; bf16 results", automatic=False),
+    # Quantized weights (kvmux/ops/quant.py): activations quantized per block, integer dot products.
+    Variant("linear", "avx2", AVX2 + ("f16c",), QUANT_FORMATS,
+            "int8 (int16 for Q8_0) activations, vpmaddubsw / vpmaddwd over quantized blocks"),
+    Variant("linear", "avxvnni", AVX2 + ("f16c", "avxvnni"), QUANT_FORMATS,
+            "int8 (int16 for Q8_0) activations, 256-bit vpdpbusd / vpdpwssd over quantized blocks"),
+    Variant("linear", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), QUANT_FORMATS,
+            "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16"),
             "float32 FMA; bf16 K/V widened once per chunk of keys"),
     Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16",),

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
+from kvmux.ops.quant import QuantWeight, quant_linear
+from kvmux.ops.tensor_checks import linear_operands
 
 log = logging.getLogger("kvmux")
 
@@ -71,23 +73,14 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias
                   kernel: _native.LinearKernel | None = None) -> torch.Tensor:
     """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32.
     `kernel` must suit the panels' dtype (RUNNERS pairs them); None: the AVX2 one for it."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
-        raise ValueError(f"packed_linear: need x float32 [rows, in_features] on the CPU, got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    in_features = x.shape[1]
+    in_features = x.shape[-1]
+    x, bias, out = linear_operands("packed_linear", x, in_features, out_features, bias)
     _check_packed(packed, in_features, out_features)
     if kernel is None:
         kernel = DEFAULT_KERNELS[packed.dtype]
     elif (kernel == _K.f32_avx2) != (packed.dtype == torch.float32):
         raise ValueError(f"packed_linear: kernel {kernel.name} does not take {packed.dtype} panels")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
-        raise ValueError(f"packed_linear: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()  # held here: a temporary's address would dangle during the native call
     rows = x.shape[0]
-    out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
         _native.packed_linear(kernel, x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
                               packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
@@ -111,25 +104,25 @@ def onednn_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | Non
 class PackedLayer(Protocol):
     """What planning needs of a matmul layer (kvmux.model.llama.Linear once packed)."""
 
-    weight: torch.Tensor              # pack_weight's panels
+    weight: torch.Tensor | None       # pack_weight's panels (None when quantized)
+    quant: QuantWeight | None         # quantized blocks (kvmux/ops/quant.py)
     bias: torch.Tensor | None         # float32
     dense: torch.Tensor | None        # [N, K] copy of the weight, only while the onednn variant needs it
     in_features: int
     out_features: int
+    weight_format: str                # what its kernels take: a float dtype (float32, bfloat16) or q8_0/q4_0/q4_1
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def weight_format(layer: PackedLayer) -> str:
-    """What a layer's kernels take (kernel_choice's formats): its `weight_format` if it says (a quantized
-    layer), else its packed weight's dtype."""
-    return getattr(layer, "weight_format", None) or str(layer.weight.dtype).removeprefix("torch.")
-
-
 def _native_runner(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Runner]:
     return lambda layer: functools.partial(packed_linear, packed=layer.weight, out_features=layer.out_features,
                                            bias=layer.bias, kernel=kernel)
+
+
+def _quant_runner(variant: str) -> Callable[[PackedLayer], Runner]:
+    return lambda layer: functools.partial(quant_linear, weight=layer.quant, bias=layer.bias, kernel=variant)
 
 
 def _onednn_runner(layer: PackedLayer) -> Runner:
@@ -146,12 +139,14 @@ RUNNERS: dict[tuple[str, str], Callable[[PackedLayer], Runner]] = {
     ("avx512bf16", "bfloat16"): _native_runner(_K.bf16_avx512),
     ("amx", "bfloat16"): _native_runner(_K.bf16_amx),
     ("onednn", "bfloat16"): _onednn_runner,
+    **{(variant, qtype): _quant_runner(variant) for variant in ("avx2", "avxvnni", "avx512vnni")
+       for qtype in ("q8_0", "q4_0", "q4_1")},
 }
 
 
 def runner(variant: str, layer: PackedLayer) -> Runner:
     """x -> x W^T + b for one packed layer, by the named variant."""
-    return RUNNERS[variant, weight_format(layer)](layer)
+    return RUNNERS[variant, layer.weight_format](layer)
 
 
 @dataclass(frozen=True)
@@ -199,7 +194,7 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
     """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
     Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
     first = layers[0]
-    dtype = weight_format(first)
+    dtype = first.weight_format
     names = [v.name for v in kernel_choice.candidates("linear", dtype)]
     variants, micros = [], []
     threads = torch.get_num_threads()
@@ -239,7 +234,7 @@ def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:
     """Plan every shape among `layers` and give each its Dispatch (`layer.dispatch`); log the choices."""
     groups: dict[tuple, list[PackedLayer]] = {}
     for layer in layers:
-        groups.setdefault((layer.out_features, layer.in_features, weight_format(layer)), []).append(layer)
+        groups.setdefault((layer.out_features, layer.in_features, layer.weight_format), []).append(layer)
     plans = []
     for group in groups.values():
         plan = plan_shape(group)

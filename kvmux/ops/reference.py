@@ -113,3 +113,84 @@ def expected_pool(case: Case) -> torch.Tensor:
     cache = case.fresh_cache()
     torch_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)
     return cache.kv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantized matmuls (kvmux/ops/quant.py, native/cpu/quant_linear.h): GGUF blocks read straight from their bytes,
+# independently of the kernels' panel layout, and activations quantized as the kernels quantize them.
+
+def random_gguf_blocks(qtype: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Fresh GGUF blocks of every integer the type can hold (Q8_0's -128 too), uint8 [rows, cols / 32 * bytes]."""
+    from kvmux.ops.quant import BLOCK, GGUF_BLOCK_BYTES
+
+    blocks = cols // BLOCK
+    scale = (torch.rand(rows, blocks, 1, generator=generator) * 0.02 + 1e-4).half()
+    header = [scale]
+    if qtype == "q8_0":
+        q = torch.randint(-128, 128, (rows, blocks, BLOCK), generator=generator, dtype=torch.int8).view(torch.uint8)
+    else:
+        q = torch.randint(0, 256, (rows, blocks, BLOCK // 2), generator=generator, dtype=torch.uint8)
+        if qtype == "q4_1":
+            header.append((torch.randn(rows, blocks, 1, generator=generator) * 0.05).half())
+    raw = torch.cat([h.view(torch.uint8) for h in header] + [q], dim=-1)
+    assert raw.shape[-1] == GGUF_BLOCK_BYTES[qtype]
+    return raw.reshape(rows, -1)
+
+
+def gguf_parts_f64(qtype: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF blocks uint8 [N, bytes] -> (d q', m) float64 [N, K] with w = d q' + m, decoded from the bytes as
+    llama.cpp defines them: q' = q for Q8_0 and Q4_1, q - 8 for Q4_0; m = 0 except for Q4_1."""
+    from kvmux.ops.quant import GGUF_BLOCK_BYTES
+
+    b = raw.reshape(raw.shape[0], -1, GGUF_BLOCK_BYTES[qtype])
+    d = b[..., 0:2].contiguous().view(torch.float16).double()                   # [N, blocks, 1]
+    m = torch.zeros_like(d)
+    if qtype == "q8_0":
+        dq = b[..., 2:].contiguous().view(torch.int8).double() * d
+    else:
+        q = b[..., 4:] if qtype == "q4_1" else b[..., 2:]
+        q = torch.cat((q & 15, q >> 4), dim=-1).double()                         # byte j: k = j, j + 16
+        if qtype == "q4_1":
+            dq, m = q * d, b[..., 2:4].contiguous().view(torch.float16).double()
+        else:
+            dq = (q - 8) * d
+    return dq.reshape(raw.shape[0], -1), m.expand(*dq.shape[:2], 32).reshape(raw.shape[0], -1)
+
+
+def dequantize_gguf_f64(qtype: str, raw: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks uint8 [N, bytes] -> the weight in float64 [N, K]."""
+    dq, m = gguf_parts_f64(qtype, raw)
+    return dq + m
+
+
+def quantize_activations_ref(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] -> (q, d float32 [M, K / 32]) as the kernels quantize: per block of 32, with
+    L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32."""
+    levels = 2.0 ** (bits - 1) - 1
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)
+    # A tensor divided by a tensor: `levels / amax` would be amax.reciprocal() * levels, rounded differently.
+    inv = torch.where(amax > 0, torch.full_like(amax, levels) / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv[..., None]).reshape(x.shape), amax / levels
+
+
+def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, magnitude) in float64 with x quantized as the kernels do: y is what they compute bar float32 rounding,
+    and magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
+    from kvmux.ops.quant import ACTIVATION_BITS
+
+    dq, m = gguf_parts_f64(qtype, raw)
+    q, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
+    xq = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
+    y = xq @ (dq + m).T
+    return (y if bias is None else y + bias.double()), xq.abs() @ (dq.abs() + m.abs()).T
+
+
+def activation_rounding_bound(qtype: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bound on |y - x W^T| from quantizing x alone: each x is off by at most half its block's step d_x / 2."""
+    from kvmux.ops.quant import ACTIVATION_BITS
+
+    w = dequantize_gguf_f64(qtype, raw).abs().reshape(raw.shape[0], -1, 32).sum(-1)   # [N, blocks]
+    _, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
+    return (d.double() / 2) @ w.T

@@ -316,7 +316,9 @@ class Server:
 
     async def model_data(self) -> dict:
         d = self.engine.describe()
-        return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "max_model_len": d["max_model_len"],
+        return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "quantization": d["quantization"],
+                "max_model_len": d["max_model_len"],
                 "block_size": d["block_size"], "num_blocks": d["num_blocks"],
-                "block_bytes": self.engine.kv_cache.geometry.block_bytes, "vocab_size": self.engine.loaded.config.vocab_size,
+                "block_bytes": self.engine.kv_cache.geometry.block_bytes,
+                "vocab_size": self.engine.loaded.config.vocab_size,
                 "kernels": d["kernels"], "config": d["config"]}

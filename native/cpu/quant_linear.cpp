@@ -1,0 +1,124 @@
+#include "cpu/quant_linear.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/quant_tiles.h"
+
+namespace kvmux {
+namespace {
+
+// Rows per pass over a thread's panels: their quantized activations (64 x K bytes) stay in L2 while the
+// panels, each a few KB for the whole of K, go by once per pass.
+constexpr int64_t kRowBlock = 64;
+// Up to this many rows the calling thread quantizes the activations before the threads start: a few rows take
+// microseconds, less than the barrier that would follow a parallel pass (and a barrier costs a time slice
+// whenever another process holds one of the cores).
+constexpr int64_t kSerialRows = 16;
+
+// One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
+// sum of q kept) or 32767 (int16).
+template <typename XT>
+void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
+    constexpr float levels = sizeof(XT) == 1 ? 127.0f : 32767.0f;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        m = _mm256_max_ps(m, _mm256_and_ps(v[j], magnitude));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
+    *d = amax / levels;
+    __m256i qi[4];
+    for (int j = 0; j < 4; ++j)
+        qi[j] = _mm256_cvtps_epi32(
+            _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // The packs work within 128-bit lanes; the permutations put the values back in order.
+    const __m256i lo = _mm256_packs_epi32(qi[0], qi[1]), hi = _mm256_packs_epi32(qi[2], qi[3]);
+    if constexpr (sizeof(XT) == 2) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(lo, 0xd8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), _mm256_permute4x64_epi64(hi, 0xd8));
+    } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(
+                                _mm256_packs_epi16(lo, hi), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        *sum = _mm_cvtsi128_si32(t);
+    }
+}
+
+// Row m of x into the activations' buffers (q of `bits`, d and sums).
+void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, int bits, void* q, float* d, int32_t* sums) {
+    const int64_t nb = K / kQuantBlock;
+    for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + m * ldx + b * kQuantBlock;
+        const int64_t at = m * K + b * kQuantBlock;
+        if (bits == 16)
+            quantize_block(xb, static_cast<int16_t*>(q) + at, d + m * nb + b, nullptr);
+        else
+            quantize_block(xb, static_cast<int8_t*>(q) + at, d + m * nb + b, sums + m * nb + b);
+    }
+}
+
+using TilesFn = void (*)(const QuantTileJob&, int64_t, int64_t, int64_t, int64_t);
+
+TilesFn tiles_for(QuantKernel kernel) {
+    switch (kernel) {
+        case QuantKernel::avxvnni: return quant_tiles_avxvnni;
+        case QuantKernel::avx512vnni: return quant_tiles_avx512vnni;
+        case QuantKernel::avx2: break;
+    }
+    return quant_tiles_avx2;
+}
+
+}  // namespace
+
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, void* q, float* d,
+                          int32_t* sums) {
+    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, q, d, sums);
+}
+
+void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
+                  int64_t ldo, QuantKernel kernel, int num_threads) {
+    const int64_t K = w.K, nb = K / kQuantBlock;
+    const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
+    const int bits = activation_bits(w.type);
+    // The calling thread's scratch, reused across calls; OpenMP's threads reach it through the job's pointers.
+    thread_local std::vector<int16_t> xq_buf;
+    thread_local std::vector<float> xd_buf;
+    thread_local std::vector<int32_t> xs_buf;
+    xq_buf.resize(M * K * bits / 16);
+    xd_buf.resize(M * nb);
+    xs_buf.resize(M * nb);
+    void* xq = xq_buf.data();
+    float* xd = xd_buf.data();
+    int32_t* xs = xs_buf.data();
+    const QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
+    const TilesFn tiles = tiles_for(kernel);
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
+    const bool serial = M <= kSerialRows;
+    if (serial)
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+#pragma omp parallel num_threads(nt)
+    {
+        if (!serial) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+        }
+        // Each thread owns a contiguous run of panels, so it streams its own part of W.
+        const int t = omp_get_thread_num();
+        const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) tiles(job, m0, std::min(M, m0 + kRowBlock), p0, p1);
+    }
+}
+
+}  // namespace kvmux

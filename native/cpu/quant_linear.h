@@ -1,0 +1,65 @@
+// y = x W^T (+ bias) with W kept in GGUF's Q8_0, Q4_0 or Q4_1 blocks and x quantized per block on the fly.
+//
+// GGUF stores a weight row as blocks of 32 values, each block one fp16 scale d
+// (and, for Q4_1, an fp16 offset m) and 32 integers: Q8_0 w = d q with q int8,
+// Q4_0 w = d (q - 8) and Q4_1 w = d q + m with q a nibble in 0..15. The engine
+// keeps exactly those numbers, rearranged once at load into panels of 16 rows
+// (kvmux/ops/quant.py packs them):
+//   quants [ceil(N / 16), K / 32, block bytes]  per panel and block, its 16 rows' integers interleaved
+//                                               along K, so one 32-bit lane of a vector holds one output
+//                                               feature's next few k:
+//     Q8_0: 16 chunks of 32 bytes; chunk g, byte 2c + i = q[row c][k = 2g + i]   (2 k per lane once widened)
+//     Q4:   4 chunks of 64 bytes;  chunk h, byte 4c + i = q[c][8h + i] | q[c][8h + 4 + i] << 4   (4 k per lane)
+//   scales [ceil(N / 16), K / 32, 16] fp16      d per row and block
+//   mins   [ceil(N / 16), K / 32, 16] fp16      m per row and block (Q4_1 only)
+// Rows past N are zero (scale 0). Activations are quantized per row and block
+// of 32 with d_x = amax / L and q_x = round-half-even(x * (L / amax)):
+// - for Q4 weights to bytes (L = 127, as llama.cpp does), multiplied 4 per lane
+//   by vpdpbusd (VNNI) or vpmaddubsw (AVX2); the sum of each block's q_x is
+//   kept for the offsets: sum_k w x = d_x (d (sum q q_x - off sum q_x) + m sum q_x),
+//   off 8 for Q4_0 and 0 for Q4_1;
+// - for Q8_0 weights to int16 (L = 32767), multiplied 2 per lane by vpdpwssd
+//   (VNNI) or vpmaddwd (AVX2): byte activations would make the activations'
+//   rounding, not the weights', the larger error (measured on SmolLM2-135M:
+//   95.9% argmax agreement with float32 instead of 98.2%), and on AVX2 16-bit
+//   products cost no more than the sign juggling signed bytes would need.
+// A block then costs integer dot products and one float multiply-add per 16
+// outputs per row.
+#pragma once
+
+#include <cstdint>
+
+namespace kvmux {
+
+enum class QuantType : int { q8_0 = 0, q4_0 = 1, q4_1 = 2 };
+
+// The instruction sets a kernel is built for; the caller checks the CPU has them (kvmux/ops/quant.py).
+enum class QuantKernel : int { avx2 = 0, avxvnni = 1, avx512vnni = 2 };
+
+constexpr int64_t kQuantBlock = 32;       // values per block, along K
+constexpr int64_t kQuantPanel = 16;       // rows per panel
+
+constexpr int64_t quant_panel_block_bytes(QuantType t) {  // one panel's quants for one block
+    return t == QuantType::q8_0 ? kQuantPanel * kQuantBlock : kQuantPanel * kQuantBlock / 2;
+}
+// Bits of the activations multiplied by weights of type t.
+constexpr int activation_bits(QuantType t) { return t == QuantType::q8_0 ? 16 : 8; }
+
+struct QuantWeights {
+    QuantType type;
+    int64_t N, K;              // out and in features; K a multiple of 32
+    const uint8_t* quants;
+    const uint16_t* scales;    // fp16 bits
+    const uint16_t* mins;      // fp16 bits; Q4_1 only, else nullptr
+};
+
+// x: [M, K] float32 with row stride ldx; bias: [N] or nullptr; out: [M, N] with row stride ldo.
+void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
+                  int64_t ldo, QuantKernel kernel, int num_threads);
+
+// The activation quantization every kernel applies, for the tests' reference: q [M, K] of int8 (bits 8) or
+// int16 (bits 16), d and sums [M, K / 32].
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, void* q, float* d,
+                          int32_t* sums);
+
+}  // namespace kvmux

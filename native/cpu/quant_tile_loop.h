@@ -1,0 +1,189 @@
+// The tile loop every quant_tiles_<variant>.cpp shares, written against that
+// file's instruction-set type `Isa` (its vectors and integer dot product).
+//
+// Included once per variant file, after the file's `#pragma GCC target`, and
+// everything here sits in an anonymous namespace: each file compiles its own
+// internal copy for its own instruction set, so the linker can never pick one
+// variant's code for another's (as it may with ordinary inline functions).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/quant_tiles.h"
+
+namespace kvmux {
+namespace {
+
+inline int32_t load4(const void* p) {  // 4 bytes of activations, to be broadcast to every lane
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// out[m:m+MT, panel p] = x[m:m+MT] . W[panel p]^T (+ bias), over every block of K.
+//
+// Per block, each row's integer dot products run into an Acc; at the block's
+// end it is scaled into the row's float Sum: d_x (d (acc - off sum q_x) + m sum q_x).
+// `Isa::start` may fold -off sum q_x into the accumulator's starting value.
+template <class Isa, QuantType T, int MT>
+void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
+    using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
+    constexpr int64_t block_bytes = quant_panel_block_bytes(T);
+    constexpr int32_t off = T == QuantType::q4_0 ? 8 : 0;
+    const int64_t nb = j.nb, K = j.w.K;
+    const uint8_t* wq = j.w.quants + p * nb * block_bytes;
+    const uint16_t* wd = j.w.scales + p * nb * kQuantPanel;
+    const uint16_t* wm = T == QuantType::q4_1 ? j.w.mins + p * nb * kQuantPanel : nullptr;
+    const XT* xq = static_cast<const XT*>(j.xq) + m * K;
+    const float* xd = j.xd + m * nb;
+    const int32_t* xs = j.xs + m * nb;
+
+    typename Isa::Sum sum[MT];
+    const typename Isa::Sum init = j.bias ? Isa::load(j.bias + p * kQuantPanel, cols) : Isa::zero();
+#pragma GCC unroll 16
+    for (int i = 0; i < MT; ++i) sum[i] = init;
+    for (int64_t b = 0; b < nb; ++b, wq += block_bytes) {
+        typename Isa::Acc acc[MT];
+        const XT* xb = xq + b * kQuantBlock;
+        if constexpr (T == QuantType::q8_0) {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
+#pragma GCC unroll 16
+            for (int g = 0; g < 16; ++g) {  // 2 k per lane
+                const typename Isa::W w = Isa::q8(wq + g * 32);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 2 * g));
+            }
+        } else {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * xs[i * nb + b]);
+#pragma GCC unroll 4
+            for (int h = 0; h < 4; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
+                typename Isa::W lo, hi;
+                Isa::q4(wq + h * 64, lo, hi);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; ++i) {
+                    Isa::template dot<T>(acc[i], lo, load4(xb + i * K + 8 * h));
+                    Isa::template dot<T>(acc[i], hi, load4(xb + i * K + 8 * h + 4));
+                }
+            }
+        }
+        const typename Isa::Sum d = Isa::half(wd + b * kQuantPanel);
+        if constexpr (T == QuantType::q4_1) {
+            const typename Isa::Sum mins = Isa::half(wm + b * kQuantPanel);
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) {
+                const float dx = xd[i * nb + b];
+                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], 0), d, dx);
+                Isa::mul_add(sum[i], mins, dx * static_cast<float>(xs[i * nb + b]));
+            }
+        } else {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) {
+                const int32_t correction = T == QuantType::q4_0 ? -off * xs[i * nb + b] : 0;
+                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[i * nb + b]);
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MT; ++i) Isa::store(j.out + (m + i) * j.ldo + p * kQuantPanel, sum[i], cols);
+}
+
+// A tile of rows <= MT rows.
+template <class Isa, QuantType T, int MT>
+void tile_rows(int rows, const QuantTileJob& j, int64_t m, int64_t p, int cols) {
+    if constexpr (MT == 1) {
+        tile<Isa, T, 1>(j, m, p, cols);
+    } else if (rows == MT) {
+        tile<Isa, T, MT>(j, m, p, cols);
+    } else {
+        tile_rows<Isa, T, MT - 1>(rows, j, m, p, cols);
+    }
+}
+
+template <class Isa, QuantType T>
+void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t left = j.w.N - p * kQuantPanel;
+        const int cols = static_cast<int>(left < kQuantPanel ? left : kQuantPanel);
+        for (int64_t m = m0; m < m1; m += Isa::kRows) {
+            const int64_t rows = m1 - m < Isa::kRows ? m1 - m : Isa::kRows;
+            tile_rows<Isa, T, Isa::kRows>(static_cast<int>(rows), j, m, p, cols);
+        }
+    }
+}
+
+template <class Isa>
+void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    switch (j.w.type) {
+        case QuantType::q8_0: return run_tiles<Isa, QuantType::q8_0>(j, m0, m1, p0, p1);
+        case QuantType::q4_0: return run_tiles<Isa, QuantType::q4_0>(j, m0, m1, p0, p1);
+        case QuantType::q4_1: return run_tiles<Isa, QuantType::q4_1>(j, m0, m1, p0, p1);
+    }
+}
+
+// The float side of a 256-bit variant: 16 outputs as two 8-float vectors.
+struct Float256 {
+    struct Sum {
+        __m256 v[2];
+    };
+    static Sum zero() { return {{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
+    static Sum load(const float* p, int cols) {
+        alignas(32) float buf[kQuantPanel] = {};
+        if (cols < kQuantPanel) p = static_cast<const float*>(std::memcpy(buf, p, cols * sizeof(float)));
+        return {{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}};
+    }
+    static void store(float* p, const Sum& s, int cols) {
+        if (cols == kQuantPanel) {
+            _mm256_storeu_ps(p, s.v[0]);
+            _mm256_storeu_ps(p + 8, s.v[1]);
+            return;
+        }
+        alignas(32) float buf[kQuantPanel];
+        _mm256_store_ps(buf, s.v[0]);
+        _mm256_store_ps(buf + 8, s.v[1]);
+        std::memcpy(p, buf, cols * sizeof(float));
+    }
+    static Sum half(const uint16_t* p) {
+        return {{_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))}};
+    }
+    struct Int {
+        __m256i v[2];
+    };
+    // sum += float(t) * d * dx
+    static void scale_add(Sum& s, const Int& t, const Sum& d, float dx) {
+        const __m256 vx = _mm256_set1_ps(dx);
+        for (int h = 0; h < 2; ++h)
+            s.v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.v[h]), _mm256_mul_ps(d.v[h], vx), s.v[h]);
+    }
+    // sum += a * c
+    static void mul_add(Sum& s, const Sum& a, float c) {
+        const __m256 vc = _mm256_set1_ps(c);
+        for (int h = 0; h < 2; ++h) s.v[h] = _mm256_fmadd_ps(a.v[h], vc, s.v[h]);
+    }
+    struct W {
+        __m256i v[2];
+    };
+    // 32 bytes of Q8_0 (16 rows x 2 k) widened to int16 pairs.
+    static W q8(const uint8_t* p) {
+        W w;
+        for (int h = 0; h < 2; ++h)
+            w.v[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+        return w;
+    }
+    // 64 bytes of nibbles as their low and high halves, each 16 rows x 4 bytes.
+    static void q4(const uint8_t* p, W& lo, W& hi) {
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+            lo.v[h] = _mm256_and_si256(v, mask);
+            hi.v[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        }
+    }
+};
+
+}  // namespace
+}  // namespace kvmux

@@ -1,0 +1,139 @@
+"""The int8 kernels over GGUF Q8_0 / Q4_0 / Q4_1 blocks, every variant this CPU runs, against float64 references."""
+import pytest
+import torch
+
+from kvmux.ops import kernel_choice, quant
+from kvmux.ops.reference import (
+    activation_rounding_bound,
+    dequantize_gguf_f64,
+    quant_linear_f64,
+    quantize_activations_ref,
+    random_gguf_blocks,
+)
+
+QTYPES = list(quant.QTYPES)
+# (rows, out_features, in_features): one row (decode), partial tiles and panels, several row blocks.
+SHAPES = [(1, 16, 32), (2, 40, 96), (5, 96, 576), (9, 200, 1536), (70, 48, 64), (131, 33, 128)]
+EPS32 = 2.0 ** -23
+
+
+def runnable(variant: str) -> None:
+    missing = kernel_choice.variant("linear", variant, "q8_0").missing()
+    if missing:
+        pytest.skip(f"kernel variant {variant} needs {', '.join(missing)}, which this CPU lacks")
+
+
+def case(qtype: str, rows: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    raw = random_gguf_blocks(qtype, n, k, g)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, k // 32, 1, generator=g).repeat_interleave(32, 1)[..., 0]
+    x[0, :32] = 0.0  # a block of zeros: scale 0
+    if rows > 1:
+        x[1, 5] = 40.0  # an outlier that sets its block's scale
+    return raw, x, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("variant", list(quant.KERNELS))
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_kernel_matches_float64_reference(variant, qtype):
+    runnable(variant)
+    for i, (rows, n, k) in enumerate(SHAPES):
+        raw, x, bias = case(qtype, rows, n, k, seed=100 * i + QTYPES.index(qtype))
+        weight = quant.pack_blocks(qtype, raw)
+        out = quant.quant_linear(x, weight, bias, kernel=variant)
+        ref, magnitude = quant_linear_f64(qtype, raw, x, bias)
+        # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
+        tol = (k // 32 + 4) * EPS32 * (magnitude + bias.abs().double())
+        err = (out.double() - ref).abs()
+        assert (err <= tol).all(), f"{qtype} {variant} {rows}x{n}x{k}: worst {(err / tol).max():.2f} x tolerance"
+        # Against the unquantized product, the activations' rounding (half a step per value) bounds the error.
+        exact = x.double() @ dequantize_gguf_f64(qtype, raw).T + bias.double()
+        bound = activation_rounding_bound(qtype, raw, x) * (1 + 1e-5) + tol
+        assert ((out.double() - exact).abs() <= bound).all(), f"{qtype} {variant} {rows}x{n}x{k}"
+
+
+@pytest.mark.parametrize("variant", list(quant.KERNELS))
+def test_kernel_reads_strided_rows_and_no_bias(variant):
+    runnable(variant)
+    raw, x, _ = case("q4_1", 7, 64, 96, seed=7)
+    wide = torch.zeros(7, 200)
+    wide[:, 50:146] = x
+    weight = quant.pack_blocks("q4_1", raw)
+    torch.testing.assert_close(quant.quant_linear(wide[:, 50:146], weight, kernel=variant),
+                               quant.quant_linear(x, weight, kernel=variant), rtol=0, atol=0)
+    assert quant.quant_linear(x[:0], weight, kernel=variant).shape == (0, 64)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_activations_quantized_as_the_reference_says(bits):
+    g = torch.Generator().manual_seed(3)
+    levels = 2 ** (bits - 1) - 1
+    x = torch.randn(6, 128, generator=g) * 3
+    x[2, 32:64] = 0.0
+    x[3, :32] = 0.0
+    x[3, :5] = torch.tensor([levels, 2.5, 3.5, -2.5, levels - 0.5])  # amax = L: scale 1, exact ties
+    q, d = quantize_activations_ref(x, bits)
+    assert q[3, :5].tolist() == [levels, 2, 4, -2, levels - 1]  # round half to even
+    nq = torch.empty(6, 128, dtype=torch.int8 if bits == 8 else torch.int16)
+    nd, ns = torch.empty(6, 4), torch.zeros(6, 4, dtype=torch.int32)
+    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, bits, nq.data_ptr(), nd.data_ptr(),
+                                       ns.data_ptr())
+    assert torch.equal(nq.float(), q) and torch.equal(nd, d)
+    if bits == 8:
+        assert torch.equal(ns, q.reshape(6, 4, 32).sum(-1).int())
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_packed_blocks_dequantize_to_the_files_values(qtype):
+    """Rows read back from the panels equal the GGUF blocks' values: the gguf package's decoding, and float64's."""
+    import gguf
+
+    g = torch.Generator().manual_seed(11)
+    raw = random_gguf_blocks(qtype, 37, 96, g)  # 37 rows: a partial last panel
+    weight = quant.pack_blocks(qtype, raw)
+    assert weight.nbytes < raw.numel() * 1.01 + 3 * 32 * 16  # the file's bytes, plus the last panel's padding
+    theirs = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper()))
+    assert torch.equal(weight.dequantize(), torch.from_numpy(theirs))
+    assert torch.equal(weight.dequantize().double(), dequantize_gguf_f64(qtype, raw))
+    ids = torch.tensor([36, 0, 17, 17, 5])
+    assert torch.equal(weight.rows(ids), weight.dequantize()[ids])
+
+
+def test_q8_0_quantization_of_float_weights_is_within_half_a_step():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 64, generator=g)
+    got = quant.quantize_q8_0(w).dequantize()
+    step = w.reshape(48, 2, 32).abs().amax(-1, keepdim=True) / 127
+    # fp16 scales: half a step of rounding, plus the scale's own relative error (2^-11) on values up to 127 steps.
+    assert ((got - w).reshape(48, 2, 32).abs() <= step * (0.5 + 127 * 2 ** -11)).all()
+
+
+def test_bad_inputs_are_refused_with_what_was_wrong():
+    g = torch.Generator().manual_seed(1)
+    weight = quant.pack_blocks("q8_0", random_gguf_blocks("q8_0", 16, 64, g))
+    with pytest.raises(ValueError, match=r"float32 \[rows, 64\]"):
+        quant.quant_linear(torch.randn(2, 32), weight)
+    with pytest.raises(ValueError, match="float32"):
+        quant.quant_linear(torch.randn(2, 64).double(), weight)
+    with pytest.raises(ValueError, match="bias"):
+        quant.quant_linear(torch.randn(2, 64), weight, torch.randn(15))
+    with pytest.raises(ValueError, match="no kernel variant 'sse2'"):
+        quant.quant_linear(torch.randn(2, 64), weight, kernel="sse2")
+    with pytest.raises(ValueError, match="not one kvmux multiplies"):
+        quant.pack_blocks("q6_k", torch.zeros(16, 210, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        quant.pack_blocks("q4_0", torch.zeros(16, 19, dtype=torch.uint8))
+
+
+def test_a_variant_the_cpu_lacks_is_refused_naming_the_instruction_set(monkeypatch):
+    # A CPU without VNNI: only the AVX2 variant runs, and asking for a VNNI one names what is missing.
+    plain = {**kernel_choice.cpu_features(), "avx512vnni": False, "avxvnni": False}
+    monkeypatch.setattr(kernel_choice, "cpu_features", lambda: plain)
+    monkeypatch.setattr(quant, "runnable_kernels", lambda: frozenset({"avx2"}))
+    assert [v.name for v in kernel_choice.candidates("linear", "q4_1")] == ["avx2"]
+    weight = quant.pack_blocks("q8_0", torch.zeros(16, 34, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="needs avxvnni"):
+        quant.quant_linear(torch.randn(1, 32), weight, kernel="avxvnni")
+    monkeypatch.setenv(kernel_choice.ENV, "linear=avx512vnni")
+    with pytest.raises(RuntimeError, match="needs avx512vnni"):
+        kernel_choice.candidates("linear", "q8_0")
