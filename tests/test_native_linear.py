@@ -125,7 +125,8 @@ def test_a_forced_variant_the_cpu_lacks_names_the_instruction_set(monkeypatch):
 def test_one_variant_name_has_an_entry_per_format(monkeypatch):
     """avx2 names the float kernel and the quantized one: KVMUX_KERNELS=linear=avx2 pins each format to its own,
     and a format no avx2 entry takes is named."""
-    floats, quantized = kernel_choice.variant("linear", "avx2", "bfloat16"), kernel_choice.variant("linear", "avx2", "q4_1")
+    floats = kernel_choice.variant("linear", "avx2", "bfloat16")
+    quantized = kernel_choice.variant("linear", "avx2", "q4_1")
     assert floats.formats == ("float32", "bfloat16") and quantized.formats == ("q8_0", "q4_0", "q4_1")
     monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")
     assert kernel_choice.candidates("linear", "q4_1") == [quantized]
