@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kvmux.model.llama import LlamaForCausalLM
+from kvmux.parallel.sharding import rank_config, shard_weight
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ def convert_gguf(gguf: Path) -> Path:
     return cached_folder(f"{gguf.stem}-{file_sha256(gguf)[:24]}", build)
 
 
-def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -> None:
+def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True, shard=None) -> None:
+    """Every tensor of the folder's safetensors files into the model (a tensor-parallel rank's slice of each,
+    with `shard`)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {folder}")
@@ -124,18 +127,15 @@ def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -
         with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
             for h in handles:
                 for name in h.keys():
-                    yield name, h.get_tensor(name)
+                    tensor = h.get_tensor(name)
+                    yield name, tensor if shard is None else shard_weight(name, tensor, shard)
                     bar.update()
 
     model.load_hf_weights(tensors())
 
 
-def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", progress: bool = True,
-               attention_backend: str = "auto") -> LoadedModel:
-    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct."""
-    from transformers import AutoConfig, AutoTokenizer
-
+def _resolve(model: str | os.PathLike | None) -> tuple[Path, str, Path]:
+    """(what was asked for, the model's name, the safetensors folder holding it: a GGUF's converted copy)."""
     if model is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
@@ -155,14 +155,36 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         raise FileNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    return source, name, folder
 
+
+def load_model_info(model: str | os.PathLike | None = None, *args, **kwargs) -> LoadedModel:
+    """Everything of load_model but the weights (`model` None): what a tensor-parallel driver needs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, name, folder = _resolve(model)
+    return LoadedModel(model=None, tokenizer=AutoTokenizer.from_pretrained(folder),
+                       config=AutoConfig.from_pretrained(folder), name=name, path=source)
+
+
+def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", progress: bool = True,
+               attention_backend: str = "auto", collectives=None) -> LoadedModel:
+    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct.
+
+    With `collectives` (kvmux/parallel/collectives.py), only the slice of the model its shard holds."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, name, folder = _resolve(model)
     config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    shard = collectives and collectives.shard
     # no_grad rather than inference_mode: inference tensors would refuse
     # in-place updates outside inference mode later.
     with torch.no_grad():
-        net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
-        load_weights(net, folder, progress)
+        net = LlamaForCausalLM(config if shard is None else rank_config(config, shard), dtype=dtype, device=device,
+                               attention_backend=attention_backend, collectives=collectives)
+        load_weights(net, folder, progress, shard)
         if torch.device(device).type == "cpu":
             net.pack_weights()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source)
