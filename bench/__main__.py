@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=None,
                    help="upper clip of output lengths [default: 256; --quick: 32]")
     p.add_argument("--max-num-seqs", type=int, default=64, help="concurrent sequences, kvmux and hf-cb")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="kvmux's model ranks (each a process with cores / ranks threads)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step, kvmux and hf-cb [default: offline 2048 (whole prompts per step, for "
                         "throughput), online 512 (short steps, for time per output token)]")
@@ -117,7 +119,7 @@ def plan(args, dtype: str, folder: str, offline, online) -> list[Job]:
     for mode, requests in (("offline", offline), ("online", online)):
         if requests is None:
             continue
-        engine_opts = {"max_num_seqs": args.max_num_seqs,
+        engine_opts = {"max_num_seqs": args.max_num_seqs, "tensor_parallel_size": args.tensor_parallel_size,
                        "max_num_batched_tokens": args.max_num_batched_tokens or DEFAULT_STEP_TOKENS[mode]}
         kvmux_opts = {**engine_opts, "quantization": args.quantization}
         for engine in args.engines:
@@ -254,8 +256,9 @@ def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[in
                   "in one unified KV cache, with the same threads, sequences and step budget as kvmux; kvmux runs "
                   "with --quantization as recorded in kvmux_quantization."],
     }
+    tp = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     suffix = ("" if args.quantization == "auto" else f"_{args.quantization}") + \
-        ("_shared" if args.shared_prefix else "") + ("_http" if args.transport == "http" else "") + \
+        ("_shared" if args.shared_prefix else "") + tp + ("_http" if args.transport == "http" else "") + \
         ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{dtype}{suffix}.json"

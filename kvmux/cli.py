@@ -270,6 +270,20 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """This machine's share of a tensor-parallel engine's ranks, until the engine stops them."""
+    from kvmux.parallel.driver import Launch, start_ranks
+
+    launch = Launch(args.tensor_parallel_size, args.distributed_init_method, args.nnodes)
+    if not 1 <= args.node_rank < args.nnodes:
+        raise ConfigError("node_rank", f"must be in [1, {args.nnodes}) (node 0 runs the engine itself)")
+    ranks = start_ranks(launch, args.distributed_init_method, args.node_rank, args.model)
+    print(f"kvmux: {len(ranks)} ranks of {launch.size} joining {args.distributed_init_method}", file=sys.stderr,
+          flush=True)
+    codes = [rank.wait() for rank in ranks]
+    return max(codes)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from kvmux.chat import run_chat
 
@@ -416,6 +430,19 @@ def build_parser() -> Parser:
     add_socket_arg(stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
     stats.set_defaults(func=_stats)
+
+    worker = command("worker", "run this machine's ranks of a tensor-parallel engine started elsewhere",
+                     "Join the engine that `kvmux serve --tensor-parallel-size N --nnodes K "
+                     "--distributed-init-method tcp://HOST:PORT` started on node 0: this machine runs N / K of "
+                     "its ranks, each with its slice of the model, until the engine stops them. The model and "
+                     "settings must be the engine's; a rank that loads anything else is refused at startup.")
+    worker.add_argument("--tensor-parallel-size", type=int, required=True, help="the engine's number of ranks")
+    worker.add_argument("--nnodes", type=int, required=True, help="machines the ranks span")
+    worker.add_argument("--node-rank", type=int, required=True, help="this machine's index, 1..nnodes-1")
+    worker.add_argument("--distributed-init-method", required=True, help="the engine's tcp://HOST:PORT")
+    worker.add_argument("--model", default=None, help="the model as this machine has it (default: the engine's "
+                                                       "path)")
+    worker.set_defaults(func=_worker)
 
     # The runners parse their own options (--help included): everything after the command passes through.
     for name, func, help in (("examples", _examples, "list or run the examples (`kvmux examples --help`)"),

@@ -84,6 +84,12 @@ class EngineConfig:
     attention_backend: str = setting("auto", "paged attention: native (C++/CUDA kernels), torch (the reference) "
                                              "or auto (native where built for the device)",
                                      ("auto", "native", "torch"))
+    tensor_parallel_size: int = setting(1, "model ranks, each a process holding 1/N of the attention heads, MLP "
+                                           "features and vocabulary (and its slice of every KV block)")
+    distributed_init_method: str | None = setting(
+        None, "torch.distributed rendezvous of the ranks, e.g. tcp://HOST:PORT (default: a free port on this "
+              "machine; needed with --nnodes > 1)")
+    nnodes: int = setting(1, "machines the ranks span; the others run `kvmux worker`")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that cannot work, before anything is loaded."""
@@ -109,6 +115,11 @@ class EngineConfig:
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
             ("quantization", self.quantization != "q8_0" or self.device == "cpu",
              f"q8_0 runs on the CPU kernels only, not on {self.device}; use --quantization none"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("nnodes", self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,
+             "must be >= 1 and divide --tensor-parallel-size (every machine runs as many ranks)"),
+            ("distributed_init_method", self.nnodes == 1 or self.distributed_init_method is not None,
+             "is needed to span machines (tcp://HOST:PORT of this one, reachable from the others)"),
         ]
         for name, ok, problem in checks:
             if not ok:

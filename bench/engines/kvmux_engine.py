@@ -22,7 +22,10 @@ MAX_TRACE_SAMPLES = 600  # kept in the results file (the plot needs no more)
 
 # Counters that accumulate over the engine's life; the timed run reports their growth.
 _COUNTERS = ("steps", "output_tokens", "forward_seconds", "step_seconds", "preemptions", "prompt_tokens_computed",
-             "prefix_cache_queries", "prefix_cache_hits")
+             "prefix_cache_queries", "prefix_cache_hits",
+             # Under tensor parallelism: the forward's time split (rank 0's compute and collectives, the driver's
+             # step broadcasts) and the bytes rank 0 all-reduced or gathered.
+             "tp_steps", "tp_compute_seconds", "tp_collective_seconds", "tp_broadcast_seconds", "tp_collective_bytes")
 
 
 async def _sample_pool(engine: Engine, ids: list[str], start: float, interval: float, trace: dict) -> None:
@@ -91,7 +94,8 @@ async def _run(job: Job) -> dict:
     async with Engine(job.model, dtype=job.dtype, quantization=opts.get("quantization", "auto"),
                       block_size=BLOCK_SIZE, num_blocks=num_blocks,
                       max_num_seqs=opts.get("max_num_seqs", 64),
-                      max_num_batched_tokens=opts.get("max_num_batched_tokens", 512)) as engine:
+                      max_num_batched_tokens=opts.get("max_num_batched_tokens", 512),
+                      tensor_parallel_size=opts.get("tensor_parallel_size", 1)) as engine:
         # Warm-up: first-call costs stay out of the timed run. Its prompt is reversed so that no request of the
         # workload finds it in the prefix cache.
         await engine.complete(job.requests[0].prompt_ids[:16][::-1], SamplingParams(max_tokens=4, temperature=0))

@@ -196,7 +196,7 @@ class Decode(Actor):
                                            self.blocks.num_tokens(sid))
                           for sid, s in self.running.items()]
             per_token = self.forward_seconds / self.tokens_forwarded if self.tokens_forwarded else 0.0
-            self.eviction.send(messages.Pressure(step, short, candidates, per_token, self.runner.copier.bytes_per_s()))
+            self.eviction.send(messages.Pressure(step, short, candidates, per_token, self.runner.copy_bytes_per_s()))
             order = await self._reply(messages.PreemptOrder, step)
             self.swapped_out, self.swapped_blocks = order.num_swapped, order.swapped_blocks
             self._swap_in(order.swap_in)

@@ -40,6 +40,8 @@ class Runner:
         batch = ForwardBatch.build(work.chunks, self.kv_cache.block_size, self.kv_cache.device)
         logits = self.model(batch, self.kv_cache)
         self.copier.after_forward()
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
+            return []
         draws = [c.draw for c in work.chunks if c.draw is not None]
         rows = [i for i, d in enumerate(draws) for _ in range(1 + len(d.fork_seeds))]
         if len(rows) != len(draws):
@@ -47,3 +49,9 @@ class Runner:
         seeded = [(d, seed) for d in draws for seed in (d.seed, *d.fork_seeds)]
         return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded], [d.step for d, _ in seeded],
                       [d.output_ids for d, _ in seeded])
+
+    def copy_bytes_per_s(self) -> float:
+        return self.copier.bytes_per_s()
+
+    def stats(self) -> dict:
+        return self.copier.stats()

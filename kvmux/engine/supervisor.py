@@ -26,9 +26,12 @@ from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
 from kvmux.engine.router import OutputStream, RequestRecord, Router
 from kvmux.engine.runner import Runner
-from kvmux.model.loader import LoadedModel, default_model_path, load_model
+from kvmux.model.loader import LoadedModel, default_model_path, load_model, load_model_info
 from kvmux.model.metadata import context_length
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
+from kvmux.parallel.driver import Launch, ParallelRunner
+from kvmux.parallel.sharding import Shard
+from kvmux.parallel.worker import Spec
 from kvmux.sampling import SamplingParams, num_samples
 
 log = logging.getLogger("kvmux")
@@ -50,6 +53,8 @@ class Engine:
         self.loaded: LoadedModel | None = None
         self._tasks: list[asyncio.Task] = []
         self._query_ids = itertools.count()
+        self._stopping = asyncio.Lock()
+        self.disk_pool = None
         self._started_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------
@@ -76,15 +81,20 @@ class Engine:
         loop = asyncio.get_running_loop()
         self.dtype = resolve_dtype(cfg.dtype, cfg.device)
         dtype = getattr(torch, self.dtype)
+        parallel = cfg.tensor_parallel_size > 1
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
-            load_model, model, dtype, cfg.device, attention_backend=cfg.attention_backend,
-            quantization=cfg.quantization))
-        self.kernels = self.loaded.model.kernel_choices()
-        log.info("attention kernel: %s", self.kernels["attention"])
+            load_model_info if parallel else load_model, model, dtype, cfg.device,
+            attention_backend=cfg.attention_backend, quantization=cfg.quantization))
+        # Under tensor parallelism each rank plans its own kernels (and logs them); the driver has no weights.
+        self.kernels = None if parallel else self.loaded.model.kernel_choices()
+        if self.kernels:
+            log.info("attention kernel: %s", self.kernels["attention"])
         hf = self.loaded.config
         max_model_len = cfg.max_model_len or hf.max_position_embeddings
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        geometry = PoolGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, cfg.block_size, dtype)
+        # Under tensor parallelism a block's bytes are a rank's: its KV heads' slice (the budgets are per rank).
+        kv_heads = len(Shard.of(hf, 0, cfg.tensor_parallel_size).kv_heads) if parallel else hf.num_key_value_heads
+        geometry = PoolGeometry(hf.num_hidden_layers, kv_heads, head_dim, cfg.block_size, dtype)
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             # The budget, but no more than every seat holding a full-length
@@ -94,19 +104,27 @@ class Engine:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block "
                                  f"({geometry.block_bytes} bytes)")
-        self.kv_cache = KVCache(num_blocks, geometry, cfg.device)
         num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else \
             int(cfg.host_cache_gib * 2**30) // geometry.block_bytes
         num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
-        self.disk_pool = DiskPool(geometry, num_disk, cfg.disk_cache_dir) if num_disk else None
-        pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
-                 self.disk_pool and self.disk_pool.tensor]
+        self.geometry = geometry
+        if parallel:
+            spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
+                        cfg.block_size, num_blocks, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
+            launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
+            self.runner = await loop.run_in_executor(self.executor, functools.partial(
+                ParallelRunner, launch, spec, hf, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
+        else:
+            self.kv_cache = KVCache(num_blocks, geometry, cfg.device)
+            self.disk_pool = DiskPool(geometry, num_disk, cfg.disk_cache_dir) if num_disk else None
+            pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
+                     self.disk_pool and self.disk_pool.tensor]
+            self.runner = Runner(self.loaded.model, self.kv_cache, make_copier(pools, geometry.block_bytes))
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
         weights = f"{self.loaded.path}|{self.loaded.name}|{self.dtype}|{self.loaded.quantization}"
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
                                    cache_key=weights.encode(),
                                    num_host_blocks=num_host, num_disk_blocks=num_disk)
-        self.copier = make_copier(pools, geometry.block_bytes)
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
@@ -116,7 +134,7 @@ class Engine:
         policy = Policy(cfg.preemption_mode, low_blocks=low, high_blocks=max(low, int(cfg.high_watermark * num_blocks)),
                         block_bytes=geometry.block_bytes)
         self.eviction = Eviction(self.blocks, policy, router=self.router)
-        self.decode = Decode(self.blocks, Runner(self.loaded.model, self.kv_cache, self.copier), self.executor,
+        self.decode = Decode(self.blocks, self.runner, self.executor,
                              tokenizer, eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
                              prefill=self.prefill, eviction=self.eviction, router=self.router)
         self.prefill.decode = self.decode
@@ -138,10 +156,22 @@ class Engine:
             for stream in self.router.streams.values():
                 stream.put(KvmuxError("engine_dead", f"{task.get_name()} crashed: {task.exception()!r}"))
 
+    def _fail(self, reason: str) -> None:
+        """Part of the engine is gone for good (a tensor-parallel rank): fail every request and stop."""
+        log.error("%s; failing requests in flight and stopping the engine", reason)
+        for stream in self.router.streams.values():
+            stream.put_nowait(KvmuxError("engine_dead", reason))
+        self._failing = asyncio.create_task(self.stop())
+
     async def stop(self) -> None:
-        """Abort what is in flight, stop the actors and the forward thread."""
+        """Abort what is in flight, stop the actors, the forward thread and any tensor-parallel ranks."""
         if not self._tasks:
             return
+        async with self._stopping:
+            if self._tasks:
+                await self._stop()
+
+    async def _stop(self) -> None:
         for request_id in list(self.router.streams):
             await self.abort(request_id)
         for actor in self._actors + [self.router]:
@@ -151,8 +181,10 @@ class Engine:
             task.cancel()
         self._tasks = []
         self.executor.shutdown(wait=True)
-        if self.disk_pool is not None:  # no copy can touch the disk tier any more
-            self.copier.pools[2] = None
+        if isinstance(self.runner, ParallelRunner):
+            await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
+        elif self.disk_pool is not None:  # no copy can touch the disk tier any more
+            self.runner.copier.pools[2] = None
             self.disk_pool.close()
             self.disk_pool = None
 
@@ -236,7 +268,7 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
-            **self.copier.stats(), **kernel_counts(self.kernels),
+            **self.runner.stats(), **kernel_counts(self.kernels),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged
@@ -260,9 +292,11 @@ def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dic
     raise RequestRejected("invalid_prompt", "prompt must be a string, a list of token ids, or a list of chat messages")
 
 
-def kernel_counts(kernels: dict) -> dict[str, int]:
+def kernel_counts(kernels: dict | None) -> dict[str, int]:
     """The kernel choices as numbers (stats are numbers only): matmul (shape, row range) cells per kernel, and
-    1 for the attention kernel; describe() has the whole table."""
+    1 for the attention kernel; describe() has the whole table (None under tensor parallelism: none here)."""
+    if kernels is None:
+        return {}
     counts = {f"kernels_attention_{kernels['attention']}": 1}
     for plan in kernels["linear"]:
         for r in plan["ranges"]:

@@ -229,8 +229,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str,
+                 collectives=None) -> None:
         super().__init__()
+        self.collectives = collectives  # tensor parallel: sums the row-parallel projections' partial outputs
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = Attention(config, layer_idx, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -243,24 +245,31 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
         h = self.self_attn(h, cos, sin, batch, kv_cache, backend)
+        if self.collectives is not None:
+            self.collectives.all_reduce(h)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return self.mlp(h), residual
+        h = self.mlp(h)
+        if self.collectives is not None:
+            self.collectives.all_reduce(h)
+        return h, residual
 
 
 class Backbone(nn.Module):
     """HF's `model.` sub-tree: embeddings, layers, final norm."""
 
-    def __init__(self, config, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config, dtype: torch.dtype, device: torch.device | str, collectives=None) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device, collectives)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", collectives=None) -> None:
+        """collectives: a tensor-parallel rank's (kvmux/parallel/collectives.py), for a model built from its
+        rank_config and loaded with its slices; None for the whole model."""
         super().__init__()
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} is not supported; "
@@ -270,7 +279,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self._dtype = dtype
         self.attention_backend = attention_backend
-        self.model = Backbone(config, dtype, device)
+        self.collectives = collectives
+        self.model = Backbone(config, dtype, device, collectives)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else \
             Linear(config.hidden_size, config.vocab_size, False, dtype, device)
@@ -358,10 +368,14 @@ class LlamaForCausalLM(nn.Module):
             attention = attention_variant(self.dtype, self.head_dim)
         return {"linear": [plan.describe() for plan in self.kernel_plans], "attention": attention}
 
-    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
-        """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices`."""
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
+        """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices` (under tensor
+        parallelism on model rank 0, and None on the other ranks)."""
         embed = self.model.embed_tokens
-        x = embed.lookup(batch.input_ids)
+        if self.collectives is None:
+            x = embed.lookup(batch.input_ids)
+        else:
+            x = self.collectives.embed(embed.lookup, batch.input_ids)
         cos, sin = fused.rope_tables(batch.positions, self.inv_freq, x.dtype)
         residual = None
         for layer in self.model.layers:
@@ -369,4 +383,5 @@ class LlamaForCausalLM(nn.Module):
         # The final norm is per token, so only the rows that need logits go through it and lm_head.
         rows = batch.logits_indices
         x = self.model.norm(x[rows] + residual[rows])
-        return (embed if self.lm_head is None else self.lm_head)(x).float()
+        logits = (embed if self.lm_head is None else self.lm_head)(x).float()
+        return logits if self.collectives is None else self.collectives.gather_logits(logits)

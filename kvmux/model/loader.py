@@ -33,6 +33,7 @@ from tqdm import tqdm
 from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
 from kvmux.ops.quant import quantize_q8_0
+from kvmux.parallel.sharding import rank_config, shard_weight
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,9 @@ def quantize_matmuls_q8_0(model: LlamaForCausalLM) -> dict:
     return storage.as_dict()
 
 
-def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -> None:
+def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True, shard=None) -> None:
+    """Every tensor of the folder's safetensors files into the model (a tensor-parallel rank's slice of each,
+    with `shard`)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {folder}")
@@ -162,25 +165,17 @@ def load_weights(model: LlamaForCausalLM, folder: Path, progress: bool = True) -
         with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress) as bar:
             for h in handles:
                 for name in h.keys():
-                    yield name, h.get_tensor(name)
+                    tensor = h.get_tensor(name)
+                    yield name, tensor if shard is None else shard_weight(name, tensor, shard)
                     bar.update()
 
     model.load_hf_weights(tensors())
 
 
-def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", progress: bool = True,
-               attention_backend: str = "auto", quantization: str = "auto") -> LoadedModel:
-    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct; `quantization`
-    as in the module docstring."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
-    on_cpu = torch.device(device).type == "cpu"
-    if quantization == "q8_0" and not on_cpu:
-        raise ValueError(f"quantization q8_0 runs on the CPU kernels only; on {device} use quantization none")
-
+def _resolve(model: str | os.PathLike | None, gguf_blocks: bool) -> tuple[Path, str, Path, bool]:
+    """(what was asked for, the model's name, the folder holding its config and tokenizer, whether its weights
+    come from a GGUF's own blocks): a GGUF's metadata folder when `gguf_blocks` is wanted, else its converted
+    safetensors copy."""
     if model is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
@@ -190,30 +185,59 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
                                     f"(expected a safetensors folder or a .gguf file)")
         name = source.stem if source.is_file() else source.name
 
-    gguf_blocks = False  # whether the weights come from the GGUF's own blocks
     if source.is_file():
         if source.suffix != ".gguf":
             raise ValueError(f"{source} is a file but not a .gguf; pass a .gguf file or a safetensors folder")
-        gguf_blocks = on_cpu and quantization != "none"
         folder = gguf_metadata(source) if gguf_blocks else convert_gguf(source)
     else:
-        folder = source
+        folder, gguf_blocks = source, False
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    return source, name, folder, gguf_blocks
 
+
+def load_model_info(model: str | os.PathLike | None = None, *args, **kwargs) -> LoadedModel:
+    """Everything of load_model but the weights (`model` None): what a tensor-parallel driver needs. A GGUF is
+    converted here once (cached), so the ranks, which slice float weights, find the copy it describes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, name, folder, _ = _resolve(model, gguf_blocks=False)
+    return LoadedModel(model=None, tokenizer=AutoTokenizer.from_pretrained(folder),
+                       config=AutoConfig.from_pretrained(folder), name=name, path=source)
+
+
+def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", progress: bool = True,
+               attention_backend: str = "auto", quantization: str = "auto", collectives=None) -> LoadedModel:
+    """Load a safetensors folder, a .gguf file, or (None) the default SmolLM2-135M-Instruct; `quantization`
+    as in the module docstring.
+
+    With `collectives` (kvmux/parallel/collectives.py), only the slice of the model its shard holds: sliced
+    from float weights, so a GGUF is dequantized (`auto` means `none` there; `q8_0` quantizes each slice)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if quantization == "q8_0" and not on_cpu:
+        raise ValueError(f"quantization q8_0 runs on the CPU kernels only; on {device} use quantization none")
+    shard = collectives and collectives.shard
+    source, name, folder, gguf_blocks = _resolve(model, gguf_blocks=on_cpu and quantization != "none"
+                                                 and shard is None)
     config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # no_grad rather than inference_mode: inference tensors would refuse
     # in-place updates outside inference mode later.
     with torch.no_grad():
-        net = LlamaForCausalLM(config, dtype=dtype, device=device, attention_backend=attention_backend)
+        net = LlamaForCausalLM(config if shard is None else rank_config(config, shard), dtype=dtype, device=device,
+                               attention_backend=attention_backend, collectives=collectives)
         storage = None
         if gguf_blocks:
             storage = load_gguf(net, source, folder, requantize_q8_0=quantization == "q8_0").as_dict()
         else:
-            load_weights(net, folder, progress)
+            load_weights(net, folder, progress, shard)
             if quantization == "q8_0":
                 storage = quantize_matmuls_q8_0(net)
         if on_cpu:

@@ -319,6 +319,6 @@ class Server:
         return {"model": d["model"], "path": str(d["path"]), "dtype": d["dtype"], "quantization": d["quantization"],
                 "max_model_len": d["max_model_len"],
                 "block_size": d["block_size"], "num_blocks": d["num_blocks"],
-                "block_bytes": self.engine.kv_cache.geometry.block_bytes,
+                "block_bytes": self.engine.geometry.block_bytes,
                 "vocab_size": self.engine.loaded.config.vocab_size,
                 "kernels": d["kernels"], "config": d["config"]}

@@ -1,0 +1,172 @@
+"""A tensor-parallel rank: its slice of the model and of the KV pool, running one step per message.
+
+Started by the engine (`python -m kvmux.parallel.worker`, one process per
+local rank) or, on another machine, by `kvmux worker`. Global rank 0 is the
+engine's driver, which holds no weights; ranks 1..N are the model ranks
+0..N-1. A step arrives as one broadcast object (the runner's StepWork: the
+chunks with their block tables and draws, and the block copies); every
+model rank applies the copies to its own slices, runs the forward (the
+collectives join the ranks inside it), and model rank 0 samples and sends
+the tokens back to the driver.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from kvmux.engine.sampler import Sampled
+
+if TYPE_CHECKING:
+    from kvmux.engine.runner import StepWork
+
+
+@dataclass
+class Spec:
+    """What every rank must agree on, sent by the driver once the group is up."""
+
+    model: str  # what the driver loaded: a folder, or a GGUF the driver has converted (the ranks find it cached)
+    dtype: str
+    quantization: str
+    device: str
+    attention_backend: str
+    block_size: int
+    num_blocks: int
+    num_host_blocks: int
+    num_disk_blocks: int
+    disk_cache_dir: str | None
+    size: int  # model ranks
+
+
+def fingerprint(config, spec: Spec) -> str:
+    """What a rank loaded and how: ranks whose fingerprints differ would compute nonsense together."""
+    settings = {k: v for k, v in vars(spec).items() if k != "model"}
+    model = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps([model, settings], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def timeout() -> timedelta:
+    # A collective that waits longer means a rank is gone or stuck; the driver pings idle ranks well within it.
+    return timedelta(seconds=float(os.environ.get("KVMUX_TP_TIMEOUT", "30")))
+
+
+def model_group(size: int):
+    """The model ranks' group (global ranks 1..size); every process of the world must create it."""
+    return dist.new_group(list(range(1, size + 1)), timeout=timeout())
+
+
+def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
+    from kvmux.cache.kv_cache import KVCache, PoolGeometry
+    from kvmux.cache.transfer import DiskPool, host_pool, make_copier
+    from kvmux.engine.runner import Runner
+    from kvmux.model.loader import load_model, load_model_info
+    from kvmux.parallel.collectives import Collectives
+    from kvmux.parallel.sharding import Shard
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=init_method, world_size=world_size, rank=rank, timeout=timeout())
+    spec_holder = [None]
+    dist.broadcast_object_list(spec_holder, src=0)
+    spec: Spec = spec_holder[0]
+    group = model_group(spec.size)
+    shard = Shard.of(load_model_info(model_override or spec.model).config, rank - 1, spec.size)
+    collectives = Collectives(shard, group)
+    dtype = getattr(torch, spec.dtype)
+    loaded = load_model(model_override or spec.model, dtype, spec.device, progress=False,
+                        attention_backend=spec.attention_backend, quantization=spec.quantization,
+                        collectives=collectives)
+    model = loaded.model
+    geometry = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, spec.block_size, dtype)
+    kv_cache = KVCache(spec.num_blocks, geometry, spec.device)
+    disk = DiskPool(geometry, spec.num_disk_blocks, spec.disk_cache_dir) if spec.num_disk_blocks else None
+    pools = [kv_cache.kv, host_pool(geometry, spec.num_host_blocks, pinned=kv_cache.kv.is_cuda),
+             disk and disk.tensor]
+    runner = Runner(model, kv_cache, make_copier(pools, geometry.block_bytes))
+    dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
+    compute_seconds = 0.0
+    try:
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0)
+            kind, payload = message[0]
+            if kind == "step":
+                started = time.perf_counter()
+                tokens = runner.execute(payload)  # Sampled, on rank 0
+                compute_seconds += time.perf_counter() - started
+                if shard.rank == 0:  # the tokens, and this rank's counters for the driver's stats
+                    copies = runner.copier.stats()
+                    counters = [compute_seconds - collectives.seconds, collectives.seconds, collectives.bytes,
+                                copies["block_copy_bytes"], copies["block_copy_seconds"],
+                                copies["block_copy_wait_seconds"]]
+                    dist.send(torch.tensor(counters + encode_samples(tokens, payload), dtype=torch.float64), dst=0)
+            elif kind == "stop":
+                return
+            # "ping": the driver keeps idle ranks' waits short of the timeout
+    finally:
+        if disk is not None:
+            disk.close()
+        dist.destroy_process_group()
+
+
+def sample_widths(work: StepWork) -> list[int]:
+    """Floats each sampled row of `work` takes in rank 0's reply: the token, and with logprobs asked for its
+    logprob and `logprobs` (id, logprob) pairs. The driver knows the step, so the reply needs no lengths."""
+    return [1 if c.draw.params.logprobs is None else 2 + 2 * c.draw.params.logprobs
+            for c in work.chunks if c.draw is not None for _ in range(1 + len(c.draw.fork_seeds))]
+
+
+def encode_samples(samples: list[Sampled], work: StepWork) -> list[float]:
+    """Sampled rows as float64s (token ids and float32 logprobs are exact); missing alternatives (the filters
+    left fewer tokens than asked) are NaN pairs."""
+    out = []
+    for s, width in zip(samples, sample_widths(work)):
+        out.append(s.token)
+        if width > 1:
+            out.append(s.logprob)
+            for i in range((width - 2) // 2):
+                out.extend(s.top[i] if i < len(s.top) else (math.nan, math.nan))
+    return out
+
+
+def decode_samples(values: list[float], work: StepWork) -> list[Sampled]:
+    samples, i = [], 0
+    for width in sample_widths(work):
+        token = int(values[i])
+        if width == 1:
+            samples.append(Sampled(token))
+        else:
+            pairs = values[i + 2:i + width]
+            top = [(int(t), v) for t, v in zip(pairs[::2], pairs[1::2]) if not math.isnan(t)]
+            samples.append(Sampled(token, values[i + 1], top))
+        i += width
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvmux.parallel.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rank", type=int, required=True, help="global rank (1..N; 0 is the driver)")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://host:port")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this rank")
+    p.add_argument("--model", default=None, help="the model as this machine has it (default: the driver's path)")
+    args = p.parse_args(argv)
+    try:
+        serve(args.rank, args.world_size, args.init_method, args.threads, args.model)
+    except Exception as exc:  # noqa: BLE001 - a rank's death is reported by its peers; say why here too
+        print(f"kvmux worker rank {args.rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
