@@ -92,7 +92,7 @@ def test_help_shows_each_default_once_and_the_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     out = capsys.readouterr().out
-    assert "--preemption-mode {swap,recompute,auto}" in out and "--dtype {float32,bfloat16}" in out
+    assert "--preemption-mode {swap,recompute,auto}" in out and "--dtype {auto,float32,bfloat16}" in out
     assert "--temperature TEMPERATURE" in out and "0 for greedy [default: 0.8]" in out
     with pytest.raises(SystemExit):
         cli.main(["--version"])
