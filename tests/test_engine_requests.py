@@ -1,10 +1,12 @@
 """Sampling, stopping, aborts, bad input and failures: each request gets what it asked for, and nothing leaks."""
 import asyncio
+import contextlib
 import random
 
 import pytest
 
-from kvmux import LLM, Engine, RequestRejected, SamplingParams
+from kvmux import LLM, Engine, KvmuxError, RequestRejected, SamplingParams
+from kvmux.engine import messages
 from kvmux.engine.detokenize import detokenize_step, initial_offsets
 
 from engine_helpers import (
@@ -16,6 +18,7 @@ from engine_helpers import (
     greedy,
     run_engine,
     settled,
+    until,
 )
 
 
@@ -198,6 +201,27 @@ def test_forward_runs_off_the_event_loop(tiny):
                 assert stats["running"] == 1 and stats["steps"] == 1
                 gate.release()
                 assert (await run).num_output_tokens == 6
+    asyncio.run(main())
+
+
+def test_stop_that_arrives_during_the_last_forward_ends_the_engine(tiny):
+    """The Shutdown reaches decode while the forward that ends its only request is held, so decode sees it
+    only after that forward, with nothing left to run: it must stop then, not wait for another message
+    (it used to sit there until stop's 30 s timeout cancelled it)."""
+    async def main():
+        e = engine(tiny)
+        await e.start()
+        with ForwardGate(e) as gate:
+            run = asyncio.create_task(e.complete(PROMPT, greedy(1)))
+            await gate.held()
+            stop = asyncio.create_task(e.stop())
+            await until(lambda: any(isinstance(m, messages.Shutdown) for m in e.decode.deferred))
+            gate.release()
+            await asyncio.wait_for(stop, 20)
+        assert not e._tasks
+        # Its caller hears of it, whether the request had finished or the engine stopped first.
+        with contextlib.suppress(KvmuxError):
+            assert (await asyncio.wait_for(run, 20)).num_output_tokens == 1
     asyncio.run(main())
 
 

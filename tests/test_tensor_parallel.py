@@ -27,7 +27,7 @@ from kvmux.parallel.sharding import Shard, rank_config, shard_weight
 from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, greedy, hf_greedy, run_engine
 from tiny_model import make_tiny_model, tiny_config
 
-TP = dict(num_blocks=96, block_size=8, threads=1)
+TP = dict(num_blocks=96, block_size=8, threads=1, dtype="float32")  # parity is checked in float32
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def _sharded_logits(rank: int, size: int, port: int, path: str, seqs: list[list[
         with torch.inference_mode():
             logits = model(batch, cache)
         if rank == 0:
-            out.put(logits)
+            out.put(logits.numpy())  # by value: a tensor would pass a file descriptor this process must outlive
     finally:
         dist.destroy_process_group()
 
@@ -122,7 +122,7 @@ def test_sharded_logits_are_the_whole_models_within_1e4(kv4, hf_tiny, size):
     procs = [ctx.Process(target=_sharded_logits, args=(r, size, port, kv4, seqs, out)) for r in range(size)]
     for p in procs:
         p.start()
-    logits = out.get(timeout=120)
+    logits = torch.from_numpy(out.get(timeout=120))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -173,7 +173,8 @@ def test_smollm2_on_three_ranks_matches_transformers():
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer(t).input_ids for t in ("The capital of France is", "def fibonacci(n):")]
     want = hf_greedy(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), prompts, 12)
-    done, _ = run_engine(None, prompts, greedy(12), tensor_parallel_size=3, num_blocks=64, threads=1)
+    done, _ = run_engine(None, prompts, greedy(12), tensor_parallel_size=3, num_blocks=64, threads=1,
+                         dtype="float32")
     assert [c.token_ids for c in done] == want
 
 

@@ -68,7 +68,8 @@ class Decode(Actor):
             for message in self.deferred:  # those that arrived during the last forward, in order
                 self._dispatch(message)
             self.deferred.clear()
-            if not self.running and not self.prefill_ready and not self.swapped_out:
+            # A Shutdown deferred during the last forward has been handled by now: do not wait for another.
+            if not self.stopping and not self.running and not self.prefill_ready and not self.swapped_out:
                 self._dispatch(await self.receive())
             while not self.inbox.empty():
                 self._dispatch(self.receive_nowait())

@@ -160,7 +160,7 @@ class Engine:
         """Part of the engine is gone for good (a tensor-parallel rank): fail every request and stop."""
         log.error("%s; failing requests in flight and stopping the engine", reason)
         for stream in self.router.streams.values():
-            stream.put_nowait(KvmuxError("engine_dead", reason))
+            stream.put(KvmuxError("engine_dead", reason))
         self._failing = asyncio.create_task(self.stop())
 
     async def stop(self) -> None:
@@ -180,6 +180,10 @@ class Engine:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        # The actors stopped before the aborts could end these (Shutdown overtakes an abort on its way):
+        # their callers get an error instead of a stream that never ends.
+        for stream in self.router.streams.values():
+            stream.put(KvmuxError("not_running", "the engine stopped before this request finished"))
         self.executor.shutdown(wait=True)
         if isinstance(self.runner, ParallelRunner):
             await asyncio.get_running_loop().run_in_executor(None, self.runner.close)

@@ -94,9 +94,10 @@ class ParallelRunner:
         want = fingerprint(config, spec)
         wrong = [rank for rank, p in enumerate(prints[1:], start=1) if p != want]
         if wrong:
-            self.close()
-            raise RankFailure(f"ranks {wrong} loaded another model or other settings than the engine; start every "
-                              f"rank with the same --model and engine options")
+            reason = (f"ranks {wrong} loaded another model or other settings than the engine; start every rank "
+                      f"with the same --model and engine options")
+            self.close(refused=reason)
+            raise RankFailure(reason)
         self.pinger = threading.Thread(target=self._ping, name="kvmux-tp-ping", daemon=True)
         self.pinger.start()
 
@@ -158,13 +159,14 @@ class ParallelRunner:
                     self.last_op = time.monotonic()
                     self.lock.release()
 
-    def close(self) -> None:
-        """Stop the ranks (asking first, then killing whoever is left) and leave the group."""
+    def close(self, refused: str | None = None) -> None:
+        """Stop the ranks (asking first, then killing whoever is left) and leave the group; `refused` tells
+        them the engine would not run with them, and why (they exit with an error saying so)."""
         with self.lock:
             if dist.is_initialized():
                 if not self.failed:
                     try:
-                        self._broadcast(("stop", None))
+                        self._broadcast(("refused", refused) if refused else ("stop", None))
                     except Exception:  # noqa: BLE001 - the ranks are going anyway
                         pass
                 dist.destroy_process_group()

@@ -111,6 +111,8 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                     dist.send(torch.tensor(counters + encode_samples(tokens, payload), dtype=torch.float64), dst=0)
             elif kind == "stop":
                 return
+            elif kind == "refused":
+                raise RuntimeError(f"the engine refused this rank: {payload}")
             # "ping": the driver keeps idle ranks' waits short of the timeout
     finally:
         if disk is not None:
