@@ -100,13 +100,15 @@ class Chat:
             except KeyboardInterrupt:
                 print()
                 continue
-            if line.startswith("/"):
-                try:
+            try:
+                if line.startswith("/"):
                     self.command(line)
-                except ValueError as exc:
-                    print(f"[{exc}]")
-            elif line:
-                self.turn(line)
+                elif line:
+                    self.turn(line)
+            except ValueError as exc:
+                print(f"[{exc}]")
+            except KeyboardInterrupt:  # between the prompt and the reply's stream: nothing to stop yet
+                print("\n[stopped]", flush=True)
 
 
 def updated(params: SamplingParams, assignments: list[str]) -> SamplingParams:

@@ -43,6 +43,7 @@ def test_a_conversation_with_commands_on_a_local_engine(tiny):
     child.expect_exact("[conversation cleared]")
     child.sendline("/fly")
     child.expect_exact("[unknown command /fly; /help lists them]")
+    child.expect_exact(PROMPT)  # consumed here, so the next one matched is the prompt after the reply
     child.sendline("again")
     child.expect_exact(PROMPT)
     child.sendcontrol("c")  # at the prompt: a fresh prompt, the chat goes on
