@@ -129,3 +129,14 @@ def test_bench_runs_llama_cpp_on_the_same_gguf(tmp_path, tiny):
         assert "error" not in run, run.get("error")
         assert run["lengths_exact"] and run["output_tokens"] == wanted, run["label"]
     assert results["summary"]["kvmux_vs_llama_cpp"] > 0 and results["kvmux_quantization"] == "auto"
+
+
+def test_efficiency_runs_on_the_tiny_model(tiny, tmp_path):
+    """bench.efficiency drives the runner directly: a change of what the runner returns must not break it."""
+    from bench import efficiency
+
+    efficiency.main(["--model", tiny, "--batch", "2", "--prompt-len", "16", "--steps", "4", "--tokens-per-text", "24",
+                     "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "efficiency.json").read_text())
+    assert result["decode"]["tokens_per_s"] > 0 and 0 <= result["quality"]["argmax_agreement"] <= 1
+    assert (tmp_path / "efficiency.png").is_file()
