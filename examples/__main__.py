@@ -57,7 +57,10 @@ class ServerProcess:
         self.folder = tempfile.TemporaryDirectory(prefix="kvmux-examples-")
         self.socket_path = os.path.join(self.folder.name, "kvmux.sock")
         self.log = open(os.path.join(self.folder.name, "server.log"), "w+")
-        command = [sys.executable, "-m", "kvmux", "serve", "--socket", self.socket_path, "--port", "0"]
+        # float32: the examples run side by side on this one server and check that greedy and seeded outputs
+        # repeat; in bf16 a matmul's kernel follows the step's row count, so their last bits would not.
+        command = [sys.executable, "-m", "kvmux", "serve", "--socket", self.socket_path, "--port", "0",
+                   "--dtype", "float32"]
         self.process = subprocess.Popen(command + (["--model", model] if model else []),
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self.started = time.monotonic()

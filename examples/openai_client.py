@@ -17,6 +17,7 @@ def main(base_url: str) -> None:
     stream = client.chat.completions.create(model=model, messages=question, max_tokens=16, temperature=0,
                                             stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    # Holds on a float32 or quantized server whatever else it runs (bf16 kernels vary with the batch's rows).
     assert streamed == answer.choices[0].message.content, "greedy output is the same streamed or not"
 
     scored = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
