@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kvmux.ops import kernel_choice, quant
+from kvmux.ops.kernel_checks import QUANT_SHAPES, quant_sum_bound
 from kvmux.ops.reference import (
     activation_rounding_bound,
     dequantize_gguf_f64,
@@ -12,9 +13,6 @@ from kvmux.ops.reference import (
 )
 
 QTYPES = list(quant.QTYPES)
-# (rows, out_features, in_features): one row (decode), partial tiles and panels, several row blocks.
-SHAPES = [(1, 16, 32), (2, 40, 96), (5, 96, 576), (9, 200, 1536), (70, 48, 64), (131, 33, 128)]
-EPS32 = 2.0 ** -23
 
 
 def runnable(variant: str) -> None:
@@ -37,13 +35,13 @@ def case(qtype: str, rows: int, n: int, k: int, seed: int):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_kernel_matches_float64_reference(variant, qtype):
     runnable(variant)
-    for i, (rows, n, k) in enumerate(SHAPES):
+    for i, (rows, n, k) in enumerate(QUANT_SHAPES):
         raw, x, bias = case(qtype, rows, n, k, seed=100 * i + QTYPES.index(qtype))
         weight = quant.pack_blocks(qtype, raw)
         out = quant.quant_linear(x, weight, bias, kernel=variant)
         ref, magnitude = quant_linear_f64(qtype, raw, x, bias)
         # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
-        tol = (k // 32 + 4) * EPS32 * (magnitude + bias.abs().double())
+        tol = quant_sum_bound(k, magnitude, bias)
         err = (out.double() - ref).abs()
         assert (err <= tol).all(), f"{qtype} {variant} {rows}x{n}x{k}: worst {(err / tol).max():.2f} x tolerance"
         # Against the unquantized product, the activations' rounding (half a step per value) bounds the error.

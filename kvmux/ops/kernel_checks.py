@@ -114,6 +114,12 @@ QUANT_SHAPES = [(1, 16, 32), (2, 40, 96), (5, 96, 576), (9, 200, 1536), (70, 48,
 EPS32 = 2.0 ** -23
 
 
+def quant_sum_bound(k: int, magnitude: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What float32 rounding may leave of a quantized matmul whose activations the reference quantizes as the
+    kernel does: a few ulps per block of 32 of the sum of |terms| (quant_linear_f64's magnitude)."""
+    return (k // 32 + 4) * EPS32 * (magnitude + bias.abs().double())
+
+
 def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
     """x quantized per block exactly as the kernel does is part of the reference, so what is left is float32
     rounding: a few ulps per block of the sum of |terms|."""
@@ -126,7 +132,7 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         weight = pack_blocks(fmt, raw)
         layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
         ref, magnitude = quant_linear_f64(fmt, raw, x, bias)
-        bound = (k // 32 + 4) * EPS32 * (magnitude + bias.abs().double()) + 1e-30
+        bound = quant_sum_bound(k, magnitude, bias) + 1e-30
         dense = weight.dequantize()
         trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=runner(variant, layer), x=x: fn(x), ref, bound,
                             lambda x=x, d=dense, b=bias: F.linear(x, d, b)))
