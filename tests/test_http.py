@@ -354,7 +354,8 @@ def test_a_failed_forward_is_500_or_an_error_event(http):
             list(client.completions.create(model="m", prompt=PROMPT, max_tokens=8, stream=True))
     finally:
         runner.execute = real
-    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=3).choices[0].finish_reason == "length"
+    done = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length"
     http.settle()
 
 
@@ -395,7 +396,8 @@ def test_api_key_overload_and_shutting_down(guarded):
 
         async def main():
             with ForwardGate(guarded.engine):  # two requests held in flight fill max_pending
-                runs = [asyncio.create_task(client.completions.create(model="m", prompt=PROMPT, max_tokens=4))
+                runs = [asyncio.create_task(client.completions.create(model="m", prompt=PROMPT, max_tokens=4,
+                                                                    extra_body={"ignore_eos": True}))
                         for _ in range(2)]
                 await asyncio.to_thread(guarded.wait_for, lambda s: s["requests_live"] == 2)
                 with pytest.raises(openai.RateLimitError) as info:

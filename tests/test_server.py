@@ -519,7 +519,8 @@ def test_serve_cli_client_and_sigterm(tiny):
         wait_for_socket(path, server)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         cli = [sys.executable, "-m", "kvmux"]
-        done = subprocess.run(cli + ["client", "--socket", path, "--raw", "--max-tokens", "5", "hello world"],
+        done = subprocess.run(cli + ["client", "--socket", path, "--raw", "--max-tokens", "5", "--ignore-eos",
+                                     "hello world"],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert "5 output tokens" in done.stderr and "finish: length" in done.stderr
