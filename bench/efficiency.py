@@ -127,7 +127,7 @@ def quality(fp32, bf16, tokenizer, tokens_per_text: int) -> dict:
     agree = total = 0
     kls = []
     for topic in TOPICS:
-        ids = tokenizer(topics[topic])["input_ids"][:tokens_per_text]
+        ids = tokenizer.encode(topics[topic])[:tokens_per_text]
         logits = {}
         for name, model in (("fp32", fp32), ("bf16", bf16)):
             blocks = math.ceil(len(ids) / BLOCK)
@@ -149,7 +149,7 @@ def text_ids(tokenizer, tokens_per_text: int) -> list[list[int]]:
     """The token ids of the texts quality() reads."""
     from pydoc_data.topics import topics
 
-    return [tokenizer(topics[topic])["input_ids"][:tokens_per_text] for topic in TOPICS]
+    return [tokenizer.encode(topics[topic])[:tokens_per_text] for topic in TOPICS]
 
 
 def kvmux_logits(model, ids: list[int]) -> torch.Tensor:

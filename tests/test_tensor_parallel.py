@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from kvmux import Engine, KvmuxError, SamplingParams
+from kvmux.model.config import ModelConfig
 from kvmux.parallel.driver import RankFailure
 from kvmux.parallel.sharding import Shard, rank_config, shard_weight
 
@@ -45,7 +47,8 @@ def kv4_reference(kv4):
 # -- the split -------------------------------------------------------------------------
 
 def test_shards_hold_whole_heads_and_replicate_kv_heads_past_their_count():
-    config = tiny_config(num_kv_heads=2)  # 4 query heads of 16, 2 KV heads, 128 MLP features, vocab 320
+    # 4 query heads of 16, 2 KV heads, 128 MLP features, vocab 320
+    config = ModelConfig.from_dict(tiny_config(num_kv_heads=2).to_dict())
     two = [Shard.of(config, r, 2) for r in range(2)]
     assert [(list(s.heads), list(s.kv_heads), s.features) for s in two] == [
         ([0, 1], [0], range(0, 64)), ([2, 3], [1], range(64, 128))]
@@ -56,13 +59,13 @@ def test_shards_hold_whole_heads_and_replicate_kv_heads_past_their_count():
     cfg = rank_config(config, four[3])
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
             cfg.vocab_size) == (1, 1, 16, 32, 80)
-    three = tiny_config(num_kv_heads=2, vocab=320)
+    three = ModelConfig.from_dict(tiny_config(num_kv_heads=2, vocab=320).to_dict())
     with pytest.raises(ValueError, match="does not divide the model: its 4 query heads"):
         Shard.of(three, 0, 3)
 
 
 def test_weight_slices():
-    config = tiny_config(num_kv_heads=2, vocab=322)  # a vocabulary the ranks split unevenly
+    config = ModelConfig.from_dict(tiny_config(num_kv_heads=2, vocab=322).to_dict())  # split unevenly by the ranks
     shard = Shard.of(config, 1, 2)
     q = torch.arange(64 * 64.0).view(64, 64)
     assert torch.equal(shard_weight("model.layers.0.self_attn.q_proj.weight", q, shard), q[32:64])
@@ -92,9 +95,7 @@ def _sharded_logits(rank: int, size: int, port: int, path: str, seqs: list[list[
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=size, rank=rank)
     try:
-        from transformers import AutoConfig
-
-        shard = Shard.of(AutoConfig.from_pretrained(path), rank, size)
+        shard = Shard.of(ModelConfig.from_folder(Path(path)), rank, size)
         model = load_model(path, progress=False, collectives=Collectives(shard, dist.group.WORLD)).model
         cache = KVCache(32, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, 8))
         chunks = [Chunk(f"s{i}", 0, s, [4 * i + j for j in range(4)], Draw(SamplingParams(), 0, 0))

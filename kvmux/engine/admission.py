@@ -111,7 +111,7 @@ class Admission(Actor):
                 raise ValueError("this model has no chat template, so chat messages cannot be formatted; send the "
                                  "prompt as raw text instead (`--raw` on the command line, a string in Python)")
             try:
-                text = self.tokenizer.apply_chat_template(sub.chat, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(sub.chat)
             except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, ...)
                 raise ValueError(f"the model's chat template refused the messages: {exc}") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -89,12 +89,11 @@ class Engine:
         self.kernels = None if parallel else self.loaded.model.kernel_choices()
         if self.kernels:
             log.info("attention kernel: %s", self.kernels["attention"])
-        hf = self.loaded.config
-        max_model_len = cfg.max_model_len or hf.max_position_embeddings
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        arch = self.loaded.config
+        max_model_len = cfg.max_model_len or arch.max_position_embeddings
         # Under tensor parallelism a block's bytes are a rank's: its KV heads' slice (the budgets are per rank).
-        kv_heads = len(Shard.of(hf, 0, cfg.tensor_parallel_size).kv_heads) if parallel else hf.num_key_value_heads
-        geometry = PoolGeometry(hf.num_hidden_layers, kv_heads, head_dim, cfg.block_size, dtype)
+        kv_heads = len(Shard.of(arch, 0, cfg.tensor_parallel_size).kv_heads) if parallel else arch.num_key_value_heads
+        geometry = PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, dtype)
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             # The budget, but no more than every seat holding a full-length
@@ -113,7 +112,7 @@ class Engine:
                         cfg.block_size, num_blocks, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
-                ParallelRunner, launch, spec, hf, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
+                ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
             self.kv_cache = KVCache(num_blocks, geometry, cfg.device)
             self.disk_pool = DiskPool(geometry, num_disk, cfg.disk_cache_dir) if num_disk else None
@@ -140,7 +139,7 @@ class Engine:
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,
-                        block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=hf.vocab_size,
+                        block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=arch.vocab_size,
                         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit)
         self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router)
         self.router.admission = self.admission
@@ -311,6 +310,6 @@ def kernel_counts(kernels: dict | None) -> dict[str, int]:
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
     ids = {loaded.tokenizer.eos_token_id}
-    configured = getattr(loaded.config, "eos_token_id", None)
+    configured = loaded.config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}

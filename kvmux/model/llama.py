@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmux.cache.kv_cache import KVCache
+from kvmux.model.config import ModelConfig
 from kvmux.model.forward_batch import ForwardBatch
 from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, native_available, paged_attention
@@ -139,19 +140,8 @@ class RMSNorm(nn.Module):
         return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_parameters(config) -> dict:
-    """RoPE settings from a transformers-5 `rope_parameters` dict or the older `rope_theta`/`rope_scaling`."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    legacy = getattr(config, "rope_scaling", None) or {}
-    for key, value in legacy.items():
-        params.setdefault(key, value)
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
-
-
-def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
-    params = rope_parameters(config)
+def rope_inv_freq(config: ModelConfig, head_dim: int) -> torch.Tensor:
+    params = config.rope_parameters
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = params["rope_type"]
@@ -174,20 +164,20 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.splits = (q_size, kv_size, kv_size)
 
         # Qwen2 always has q/k/v biases (and none on o_proj); in Llama-style
         # configs `attention_bias` puts a bias on all four.
-        attention_bias = bool(getattr(config, "attention_bias", False))
+        attention_bias = config.attention_bias
         qkv_bias = attention_bias or config.model_type == "qwen2"
         self.qkv_proj = MergedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      qkv_bias, dtype, device)
@@ -216,10 +206,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         inter = config.intermediate_size
-        bias = bool(getattr(config, "mlp_bias", False))
+        bias = config.mlp_bias
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": inter, "up_proj": inter},
                                          bias, dtype, device)
         self.down_proj = Linear(inter, config.hidden_size, bias, dtype, device)
@@ -229,7 +219,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype: torch.dtype, device: torch.device | str,
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str,
                  collectives=None) -> None:
         super().__init__()
         self.collectives = collectives  # tensor parallel: sums the row-parallel projections' partial outputs
@@ -257,7 +247,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """HF's `model.` sub-tree: embeddings, layers, final norm."""
 
-    def __init__(self, config, dtype: torch.dtype, device: torch.device | str, collectives=None) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, collectives=None) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device, collectives)
@@ -266,7 +256,7 @@ class Backbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  attention_backend: str = "auto", collectives=None) -> None:
         """collectives: a tensor-parallel rank's (kvmux/parallel/collectives.py), for a model built from its
         rank_config and loaded with its slices; None for the whole model."""
@@ -281,7 +271,7 @@ class LlamaForCausalLM(nn.Module):
         self.attention_backend = attention_backend
         self.collectives = collectives
         self.model = Backbone(config, dtype, device, collectives)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = config.tie_word_embeddings
         self.lm_head = None if self.tie_word_embeddings else \
             Linear(config.hidden_size, config.vocab_size, False, dtype, device)
         attn = self.model.layers[0].self_attn

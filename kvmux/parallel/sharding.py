@@ -15,11 +15,13 @@ other difference (kvmux/parallel/collectives.py).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import torch
+
+from kvmux.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,7 @@ class Shard:
 
     @classmethod
     def of(cls, config, rank: int, size: int) -> Shard:
-        shard = cls(rank, size, config.num_attention_heads, config.num_key_value_heads,
-                    getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        shard = cls(rank, size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                     config.intermediate_size, config.vocab_size)
         shard.check()
         return shard
@@ -83,15 +84,10 @@ class Shard:
         return range(self.rank * self.vocab_per_rank, (self.rank + 1) * self.vocab_per_rank)
 
 
-def rank_config(config, shard: Shard):
+def rank_config(config: ModelConfig, shard: Shard) -> ModelConfig:
     """The config of a rank's model: its heads, KV heads, MLP features and vocabulary slice."""
-    cfg = copy.deepcopy(config)
-    cfg.head_dim = shard.head_dim  # no longer hidden_size // heads once the heads are split
-    cfg.num_attention_heads = len(shard.heads)
-    cfg.num_key_value_heads = len(shard.kv_heads)
-    cfg.intermediate_size = len(shard.features)
-    cfg.vocab_size = shard.vocab_per_rank
-    return cfg
+    return dataclasses.replace(config, num_attention_heads=len(shard.heads), num_key_value_heads=len(shard.kv_heads),
+                               intermediate_size=len(shard.features), vocab_size=shard.vocab_per_rank)
 
 
 def _rows(t: torch.Tensor, heads: range, head_dim: int) -> torch.Tensor:

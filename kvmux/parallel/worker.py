@@ -51,8 +51,7 @@ class Spec:
 def fingerprint(config, spec: Spec) -> str:
     """What a rank loaded and how: ranks whose fingerprints differ would compute nonsense together."""
     settings = {k: v for k, v in vars(spec).items() if k != "model"}
-    model = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    return hashlib.sha256(json.dumps([model, settings], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([config.to_dict(), settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def timeout() -> timedelta:

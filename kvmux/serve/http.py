@@ -405,8 +405,7 @@ class HttpServer:
             raise ApiError(400, "invalid_field", "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
             try:
-                text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template([m.for_template() for m in body.messages])
             except Exception as exc:  # noqa: BLE001 - as admission: a template raises what it likes
                 raise ApiError(400, "invalid_prompt", f"the model's chat template refused the messages: {exc}",
                                "messages") from None

@@ -1,0 +1,110 @@
+"""The model's tokenizer, run by the `tokenizers` library without transformers in the serving process.
+
+transformers decides how a checkpoint's tokenizer files become a tokenizer (which class, its post-processor,
+its special tokens, its chat template). kvmux lets it decide once per set of files and keeps the result under
+the disk cache: the fast tokenizer as transformers configured it, and the few settings around it. Every later
+load reads that with `tokenizers` alone, so the tokens are transformers' own while the process saves the
+memory its import and its tokenizer objects take (about 100 MB of the 500 MB `make run` used to peak at). Chat
+templates are rendered by transformers' own renderer, whose module loads without the rest of the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+
+from kvmux.model.disk_cache import cached_folder
+
+# The files transformers may read to build a tokenizer: a change to any of them is a new cache entry.
+SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+_BACKEND, _SETTINGS = "tokenizer.json", "kvmux_tokenizer.json"
+
+
+@dataclass
+class Tokenizer:
+    backend: tokenizers.Tokenizer
+    special_tokens: dict[str, str]  # bos_token, eos_token, ...: what a chat template sees by those names
+    chat_template: str | None
+    clean_up_spaces: bool  # transformers' space clean-up after decoding (WordPiece-style tokenizers only)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        text = self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return clean_up_spaces(text) if self.clean_up_spaces else text
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's template writes it, as transformers' apply_chat_template renders it
+        (keys whose value is None dropped, the special tokens passed by name)."""
+        if not self.chat_template:
+            raise ValueError("the model has no chat template")
+        chat = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        rendered, _ = chat_renderer()([chat], chat_template=self.chat_template,
+                                            add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return rendered[0]
+
+
+def chat_renderer():
+    """transformers' chat-template renderer. Its import takes half a second and 25 MB (it brings huggingface_hub
+    and more), so the loader imports it once the weights are in, where it neither raises the peak of loading nor
+    makes a first request wait for it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    return render_jinja_template
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization: no space before punctuation and common English contractions."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer of a model folder, built by transformers on first use of these files and cached."""
+    settings_folder = cached_folder(f"tokenizer-{_source_key(folder)}", lambda dst: _build(folder, dst))
+    settings = json.loads((settings_folder / _SETTINGS).read_text())
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(settings_folder / _BACKEND)), settings["special_tokens"],
+                     settings["chat_template"], settings["clean_up_spaces"])
+
+
+def _source_key(folder: Path) -> str:
+    h = hashlib.sha256(importlib.metadata.version("transformers").encode())  # another version may build it otherwise
+    for name in SOURCE_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _build(folder: Path, dst: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(folder)
+    if not hf.is_fast:
+        raise ValueError(f"the tokenizer in {folder} has no fast (tokenizers) form; kvmux runs fast tokenizers only")
+    try:
+        template = hf.get_chat_template()
+    except ValueError:  # transformers raises when the tokenizer has none
+        template = None
+    bpe = type(hf.backend_tokenizer.model).__name__ == "BPE"
+    forced = getattr(hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    hf.backend_tokenizer.save(str(dst / _BACKEND))
+    (dst / _SETTINGS).write_text(json.dumps({
+        "special_tokens": hf.special_tokens_map, "chat_template": template,
+        "clean_up_spaces": bool(hf.clean_up_tokenization_spaces) and (not bpe or forced)}))
