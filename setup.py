@@ -12,7 +12,9 @@ from setuptools import setup
 # The x86-64 baseline every host of this project has (AVX2, FMA, F16C), never -march=native: the built
 # module must run on any such CPU. Kernels compile faster paths (AVX-512, BF16, VNNI, AMX) with target
 # attributes and pick them at run time (native/cpu/cpu_features.h). OpenMP parallelises the CPU kernels.
-NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# -fno-trapping-math lets GCC turn the selects in exp and silu into vector blends (without it those loops ran
+# scalar: silu_mul 7x slower at 8 rows); no kernel reads the floating-point exception flags, and no value changes.
+NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-trapping-math", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-Inative", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", "0",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 

@@ -36,8 +36,8 @@ inline float exp_nonpos(float x) {
 // x * sigmoid(x), through exp of -|x| so that it never overflows.
 inline float silu(float x) {
     const float e = exp_nonpos(-__builtin_fabsf(x));
-    const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-    return x * sig;
+    const float r = 1.0f / (1.0f + e);  // one division for both signs, so the loop stays branch-free and vectorises
+    return x * (x >= 0.0f ? r : e * r);
 }
 
 }  // namespace
