@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
-from kvmux.ops.quant import QuantWeight, quant_linear
-from kvmux.ops.tensor_checks import linear_operands
+from kvmux.ops.quant import QuantLinear, QuantWeight
+from kvmux.ops.tensor_checks import linear_bias, linear_input
 
 log = logging.getLogger("kvmux")
 
@@ -69,23 +69,37 @@ def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> 
                          f"CPU weight of {out_features} x {in_features} features (see pack_weight)")
 
 
+class PackedLinear:
+    """x -> x @ weight.T (+ bias) for packed = pack_weight(weight), by `kernel` (it must suit the panels' dtype,
+    as RUNNERS pairs them; None: the AVX2 one for it). Panels, bias and kernel are checked once, here, as
+    QuantLinear does; x on every call."""
+
+    def __init__(self, packed: torch.Tensor, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None, kernel: _native.LinearKernel | None = None) -> None:
+        _check_packed(packed, in_features, out_features)
+        if kernel is None:
+            kernel = DEFAULT_KERNELS[packed.dtype]
+        elif (kernel == _K.f32_avx2) != (packed.dtype == torch.float32):
+            raise ValueError(f"packed_linear: kernel {kernel.name} does not take {packed.dtype} panels")
+        # Held, so the addresses the kernel is given stay valid for as long as this lives.
+        self.packed, self.bias = packed, linear_bias("packed_linear", bias, out_features)
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        x, out = linear_input("packed_linear", x, k, n)
+        rows = x.shape[0]
+        if rows:
+            _native.packed_linear(self.kernel, x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k,
+                                  self.packed.data_ptr(), n, 0 if self.bias is None else self.bias.data_ptr(),
+                                  out.data_ptr(), n, torch.get_num_threads())
+        return out
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                   kernel: _native.LinearKernel | None = None) -> torch.Tensor:
-    """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32.
-    `kernel` must suit the panels' dtype (RUNNERS pairs them); None: the AVX2 one for it."""
-    in_features = x.shape[-1]
-    x, bias, out = linear_operands("packed_linear", x, in_features, out_features, bias)
-    _check_packed(packed, in_features, out_features)
-    if kernel is None:
-        kernel = DEFAULT_KERNELS[packed.dtype]
-    elif (kernel == _K.f32_avx2) != (packed.dtype == torch.float32):
-        raise ValueError(f"packed_linear: kernel {kernel.name} does not take {packed.dtype} panels")
-    rows = x.shape[0]
-    if rows:
-        _native.packed_linear(kernel, x.data_ptr(), rows, in_features, x.stride(0) if rows > 1 else in_features,
-                              packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(),
-                              out.data_ptr(), out_features, torch.get_num_threads())
-    return out
+    """x [M, K] @ weight.T (+ bias [N]) where packed = pack_weight(weight); x, bias and the result float32."""
+    return PackedLinear(packed, x.shape[-1], out_features, bias, kernel)(x)
 
 
 def packed_rows(packed: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -117,12 +131,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _native_runner(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Runner]:
-    return lambda layer: functools.partial(packed_linear, packed=layer.weight, out_features=layer.out_features,
-                                           bias=layer.bias, kernel=kernel)
+    return lambda layer: PackedLinear(layer.weight, layer.in_features, layer.out_features, layer.bias, kernel)
 
 
 def _quant_runner(variant: str) -> Callable[[PackedLayer], Runner]:
-    return lambda layer: functools.partial(quant_linear, weight=layer.quant, bias=layer.bias, kernel=variant)
+    return lambda layer: QuantLinear(layer.quant, layer.bias, variant)
 
 
 def _onednn_runner(layer: PackedLayer) -> Runner:

@@ -26,7 +26,7 @@ import torch
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
-from kvmux.ops.tensor_checks import linear_operands
+from kvmux.ops.tensor_checks import linear_bias, linear_input
 
 BLOCK = _native.QUANT_BLOCK  # values per block, along K
 PANEL = _native.QUANT_PANEL  # rows per panel
@@ -119,24 +119,40 @@ def quantize_q8_0(weight: torch.Tensor) -> QuantWeight:
     return pack_blocks("q8_0", torch.from_numpy(raw))
 
 
+class QuantLinear:
+    """x -> x @ weight.T (+ bias) by one kernel variant. The weight, bias and kernel are checked once, here: a
+    layer's matmul runs every step, and re-checking what never changes cost as much as a small matmul at
+    decode's few rows. x is checked on every call."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, kernel: str = "avx2") -> None:
+        k, n = weight.in_features, weight.out_features
+        if weight.quants.shape != (-(-n // PANEL), k // BLOCK, PANEL_BLOCK_BYTES[weight.qtype]) or k % BLOCK:
+            raise ValueError(f"quant_linear: {weight.qtype} quants {tuple(weight.quants.shape)} are not the panels "
+                             f"of a [{n}, {k}] weight (see pack_blocks)")
+        if kernel not in runnable_kernels():
+            if kernel not in KERNELS:
+                raise ValueError(f"quant_linear: no kernel variant {kernel!r}; choose from {', '.join(KERNELS)}")
+            kernel_choice.check_runnable(kernel_choice.variant("linear", kernel, weight.qtype))
+        # Held, so the addresses the kernel is given stay valid for as long as this lives.
+        self.weight, self.bias = weight, linear_bias("quant_linear", bias, n)
+        self.in_features, self.out_features = k, n
+        self.weight_args = (QTYPES[weight.qtype], weight.quants.data_ptr(), weight.scales.data_ptr(),
+                            0 if weight.mins is None else weight.mins.data_ptr(), n,
+                            0 if self.bias is None else self.bias.data_ptr())
+        self.kernel = KERNELS[kernel]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        x, out = linear_input("quant_linear", x, k, n)
+        rows = x.shape[0]
+        if rows:
+            _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, *self.weight_args,
+                                 out.data_ptr(), n, self.kernel, torch.get_num_threads())
+        return out
+
+
 def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None,
                  kernel: str = "avx2") -> torch.Tensor:
     """x [M, K] float32 @ weight.T (+ bias [N] float32), by the `kernel` variant (the model's Dispatch names the
     one timed fastest; the AVX2 baseline by default)."""
-    k, n = weight.in_features, weight.out_features
-    x, bias, out = linear_operands("quant_linear", x, k, n, bias)
-    if weight.quants.shape != (-(-n // PANEL), k // BLOCK, PANEL_BLOCK_BYTES[weight.qtype]) or k % BLOCK:
-        raise ValueError(f"quant_linear: {weight.qtype} quants {tuple(weight.quants.shape)} are not the panels of a "
-                         f"[{n}, {k}] weight (see pack_blocks)")
-    if kernel not in runnable_kernels():
-        if kernel not in KERNELS:
-            raise ValueError(f"quant_linear: no kernel variant {kernel!r}; choose from {', '.join(KERNELS)}")
-        kernel_choice.check_runnable(kernel_choice.variant("linear", kernel, weight.qtype))
-    rows = x.shape[0]
-    if rows:
-        mins = weight.mins.data_ptr() if weight.mins is not None else 0
-        _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, QTYPES[weight.qtype],
-                             weight.quants.data_ptr(), weight.scales.data_ptr(), mins, n,
-                             0 if bias is None else bias.data_ptr(), out.data_ptr(), n, KERNELS[kernel],
-                             torch.get_num_threads())
-    return out
+    return QuantLinear(weight, bias, kernel)(x)

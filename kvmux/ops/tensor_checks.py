@@ -17,20 +17,23 @@ DTYPE_CODES = {torch.float32: int(_native.DType.f32), torch.bfloat16: int(_nativ
                torch.float16: int(_native.DType.f16)}
 
 
-def linear_operands(op: str, x: torch.Tensor, in_features: int, out_features: int,
-                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """What a CPU matmul kernel is handed: x float32 [rows, in_features] with unit column stride (copied if
-    not), bias float32 [out_features] contiguous or None, and the float32 [rows, out_features] output to fill."""
+def linear_bias(op: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
+    """A CPU matmul kernel's bias: float32 [out_features] contiguous, or None."""
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
+        raise ValueError(f"{op}: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
+    return None if bias is None else bias.contiguous()  # the caller holds it while the kernel reads its address
+
+
+def linear_input(op: str, x: torch.Tensor, in_features: int,
+                 out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a CPU matmul kernel is handed on each call: x float32 [rows, in_features] with unit column stride
+    (copied if not), and the float32 [rows, out_features] output to fill."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"{op}: need x float32 [rows, {in_features}] on the CPU, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"):
-        raise ValueError(f"{op}: bias {bias.dtype} {tuple(bias.shape)}, expected float32 ({out_features},)")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()  # the caller holds it: a temporary's address would dangle during the native call
-    return x, bias, torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    return x, torch.empty(x.shape[0], out_features, dtype=torch.float32)
 
 
 def check_rows(name: str, t: torch.Tensor, rows: int, heads: int, head_dim: int,
