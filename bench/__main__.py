@@ -181,6 +181,10 @@ def summarize_runs(runs: list[dict]) -> dict:
                 http[mode]["ttft_p50_cost"] = front["ttft_s"]["p50"] / api["ttft_s"]["p50"] - 1
             http[mode]["targets_met"] = (http[mode]["throughput_cost"] <= HTTP_TARGETS["throughput_cost_max"]
                                          and http[mode].get("ttft_p50_cost", 0) <= HTTP_TARGETS["ttft_p50_cost_max"])
+            # The engine process's extra CPU over HTTP is the front's own cost; the client's is the load's.
+            http[mode]["cpu_seconds"] = {"api_engine": api["cpu_seconds"]["engine_process"],
+                                         "http_engine": front["cpu_seconds"]["engine_process"],
+                                         "http_client": front["cpu_seconds"]["client_process"]}
     if http:
         summary["http_vs_api"] = {**http, "targets": HTTP_TARGETS}
     if kvmux and "llama-cpp" in offline:
@@ -224,8 +228,11 @@ def print_table(results: dict) -> None:
             print(f"{key}: {s[key]:.2f}x")
     for mode, cost in s.get("http_vs_api", {}).items():
         if mode != "targets":
+            cpu = cost["cpu_seconds"]
             print(f"HTTP vs API ({mode}): throughput cost {100 * cost['throughput_cost']:+.1f}%"
-                  + (f", TTFT p50 cost {100 * cost['ttft_p50_cost']:+.1f}%" if "ttft_p50_cost" in cost else ""))
+                  + (f", TTFT p50 cost {100 * cost['ttft_p50_cost']:+.1f}%" if "ttft_p50_cost" in cost else "")
+                  + f"; CPU s: engine process {cpu['api_engine']:.1f} (API) / {cpu['http_engine']:.1f} (HTTP), "
+                    f"HTTP client {cpu['http_client']:.1f}")
 
 
 def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[int, set[int]]) -> Path:

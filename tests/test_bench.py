@@ -84,10 +84,13 @@ def test_http_transport_adds_a_kvmux_http_job_and_its_cost():
     assert [(j.label, j.options.get("transport")) for j in jobs] == [("kvmux", None), ("kvmux-http", "http"),
                                                                       ("hf-cb", None)]
     runs = [{"label": label, "mode": "online", "engine": "kvmux", "output_tok_s": tok_s, "ttft_s": {"p50": ttft},
-             "lengths_exact": True} for label, tok_s, ttft in (("kvmux", 100.0, 0.200), ("kvmux-http", 99.0, 0.204))]
+             "lengths_exact": True, "cpu_seconds": {"engine_process": engine_cpu, "client_process": client_cpu}}
+            for label, tok_s, ttft, engine_cpu, client_cpu in (("kvmux", 100.0, 0.200, 50.0, 0.0),
+                                                              ("kvmux-http", 99.0, 0.204, 52.0, 9.0))]
     cost = summarize_runs(runs)["http_vs_api"]
     assert cost["online"]["throughput_cost"] == pytest.approx(0.01)
     assert cost["online"]["ttft_p50_cost"] == pytest.approx(0.02) and cost["online"]["targets_met"]
+    assert cost["online"]["cpu_seconds"] == {"api_engine": 50.0, "http_engine": 52.0, "http_client": 9.0}
 
 
 def test_cpu_check_checks_what_runs_here_and_names_what_it_skips(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ async def _run(job: Job) -> dict:
             return start
 
         play = _over_http if opts.get("transport") == "http" else _in_process
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             timings = await play(engine, job, begin)
         finally:
@@ -120,7 +122,20 @@ async def _run(job: Job) -> dict:
         after = await engine.stats()
         result = summarize(timings, wall, latency=True)
         result["kvmux"] = _engine_metrics(before, after, trace, engine.blocks.num_blocks)
+        # Where the CPU went, to tell the HTTP front's cost from its client's: both share the machine's cores.
+        result["cpu_seconds"] = {"engine_process": _cpu(resource.RUSAGE_SELF) - _cpu_of(own),
+                                 "client_process": _cpu(resource.RUSAGE_CHILDREN) - _cpu_of(children)}
     return result
+
+
+def _cpu_of(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu(who: int) -> float:
+    """CPU seconds, user and system: of this process (RUSAGE_SELF) or of its ended children (the HTTP client,
+    its whole life)."""
+    return _cpu_of(resource.getrusage(who))
 
 
 def _engine_metrics(before: dict, after: dict, trace: dict, blocks_total: int) -> dict:
