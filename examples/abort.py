@@ -19,7 +19,8 @@ async def main(socket_path: str) -> None:
                 # The stream goes on until the server's final frame. (Leaving the loop with break aborts too.)
                 await client.abort("story")
         print(f"\n[{out.num_output_tokens} of up to 200 tokens, finish: {out.finish_reason}]")
-        assert out.finish_reason == "abort"
+        # The answer goes on while the abort travels: on a fast model or a busy machine it can end first.
+        assert out.finish_reason in ("abort", "length"), out.finish_reason
         stats = await client.stats()
         print(f"requests in flight: {stats['requests_in_flight']}")
 

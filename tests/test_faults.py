@@ -54,7 +54,11 @@ def test_forward_raising_mid_step_fails_its_batch(served):
     try:
         async def main():
             async with AsyncClient(served.path) as client:
-                return await asyncio.gather(*(client.complete(PROMPT, greedy(12)) for _ in range(2)))
+                with ForwardGate(served.engine) as gate:  # both are planned into the steps before the faulty one
+                    runs = [asyncio.create_task(client.complete(PROMPT, greedy(12))) for _ in range(2)]
+                    await asyncio.to_thread(served.wait_for, lambda s: s["requests_live"] == 2)
+                    gate.release()
+                    return await asyncio.gather(*runs)
         done = asyncio.run(main())
     finally:
         runner.execute = real

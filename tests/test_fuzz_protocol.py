@@ -262,7 +262,8 @@ def test_trickled_frame_is_cut_off(served):
             raw.sock.sendall(b"\xc0")
             time.sleep(0.05)
     closed = time.monotonic() - started
-    assert closed < READ_TIMEOUT + 1.0
+    # Slack for a loaded machine: a deadline that each byte renews never cuts, and fails in pytest.raises.
+    assert closed < READ_TIMEOUT + 3.0
     raw.close()
 
 
