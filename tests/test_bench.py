@@ -50,17 +50,17 @@ def test_bench_end_to_end_on_tiny_model(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "kvmux", "bench", "--model", "tiny", "--requests", "5", "--max-prompt-len", "48",
            "--max-output-len", "32", "--mode", "both", "--rate", "20", "--static-batch-sizes", "4",
-           "--out", "results", "--quick"]
+           "--out", "results", "--quick", "--transport", "http"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((out / "bench_float32_quick.json").read_text())
-    assert (out / "bench_float32_quick.png").stat().st_size > 0
+    results = json.loads((out / "bench_float32_http_quick.json").read_text())
+    assert (out / "bench_float32_http_quick.png").stat().st_size > 0
     assert {"command", "machine", "dtype", "workload", "runs", "summary"} <= set(results)
     assert results["machine"]["cpu_count"] >= 1 and results["workload"]["distribution"]["output_mean"] > 0
     labels = {(r["label"], r["mode"]) for r in results["runs"]}
-    assert labels == {("kvmux", "offline"), ("hf-static-b4", "offline"), ("hf-cb", "offline"),
-                      ("kvmux", "online"), ("hf-cb", "online")}
+    assert labels == {("kvmux", "offline"), ("kvmux-http", "offline"), ("hf-static-b4", "offline"),
+                      ("hf-cb", "offline"), ("kvmux", "online"), ("kvmux-http", "online"), ("hf-cb", "online")}
     wanted = results["workload"]["drawn"]["output_tokens"]
     for run in results["runs"]:
         assert "error" not in run, run.get("error")
@@ -73,6 +73,8 @@ def test_bench_end_to_end_on_tiny_model(tmp_path):
     assert {"preemptions", "prefix_hit_rate", "step_overhead_share"} <= set(kv)
     summary = results["summary"]
     assert summary["failed"] == [] and summary["static_best"] == "hf-static-b4"
+    # The HTTP client (bench/http_load.py) played the same workload in a process of its own.
+    assert summary["http_vs_api"]["online"]["cpu_seconds"]["http_client"] > 0
     assert summary["kvmux_vs_static_best"] > 0 and summary["kvmux_vs_hf_cb"] > 0
 
 

@@ -96,7 +96,7 @@ async def _run(job: Job) -> dict:
                       block_size=BLOCK_SIZE, num_blocks=num_blocks,
                       max_num_seqs=opts.get("max_num_seqs", 64),
                       max_num_batched_tokens=opts.get("max_num_batched_tokens", 512),
-                      tensor_parallel_size=opts.get("tensor_parallel_size", 1)) as engine:
+                      tensor_parallel_size=opts.get("tensor_parallel_size", 1), threads=opts.get("threads")) as engine:
         # Warm-up: first-call costs stay out of the timed run. Its prompt is reversed so that no request of the
         # workload finds it in the prefix cache.
         await engine.complete(job.requests[0].prompt_ids[:16][::-1], SamplingParams(max_tokens=4, temperature=0))
