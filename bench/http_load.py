@@ -34,7 +34,10 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict, on_chunk
             data = line[len(b"data: "):].strip()
             if data == b"[DONE]":
                 return
-            on_chunk(json.loads(data))
+            event = json.loads(data)
+            if "error" in event:  # the server ended the stream early and says why
+                raise RuntimeError(f"the server ended the stream: {event['error']}")
+            on_chunk(event)
     raise RuntimeError("the event stream ended without [DONE]")
 
 

@@ -51,7 +51,7 @@ def test_bench_end_to_end_on_tiny_model(tmp_path):
     cmd = [sys.executable, "-m", "kvmux", "bench", "--model", "tiny", "--requests", "5", "--max-prompt-len", "48",
            "--max-output-len", "32", "--mode", "both", "--rate", "20", "--static-batch-sizes", "4",
            "--out", "results", "--quick", "--transport", "http"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "bench_float32_http_quick.json").read_text())

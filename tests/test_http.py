@@ -443,7 +443,9 @@ def test_disconnect_mid_stream_frees_blocks(http):
             # back, so no data event need follow while the gate holds).
             start = b""
             while b"\r\n\r\n" not in start:
-                start += sock.recv(65536)
+                piece = sock.recv(65536)
+                assert piece, f"the server closed the connection after {start!r}"
+                start += piece
             assert start.startswith(b"HTTP/1.1 200"), start
             gate.wait_held()
             assert http.engine.blocks.num_free < http.engine.blocks.num_blocks

@@ -99,6 +99,20 @@ def test_a_config_leaving_fields_out_takes_transformers_defaults(tmp_path):
         assert ours.rope_parameters == theirs.rope_parameters
 
 
+def test_a_config_with_an_explicit_null_or_both_rope_forms_reads_as_transformers_does(tmp_path):
+    from transformers import AutoConfig
+
+    base = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    both_ropes = {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    for kind, extra in (("llama", {"num_key_value_heads": None}), ("llama", both_ropes)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": kind, **base, **extra}))
+        ours, theirs = ModelConfig.from_folder(tmp_path), AutoConfig.from_pretrained(tmp_path)
+        assert {f: getattr(ours, f) for f in FIELDS} == transformers_reading(theirs), kind
+        assert ours.rope_parameters == theirs.rope_parameters, kind
+
+
 def test_a_config_missing_what_the_model_needs_says_which(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(ValueError, match="lacks vocab_size, intermediate_size, num_hidden_layers, num_attention_heads"):
@@ -107,6 +121,21 @@ def test_a_config_missing_what_the_model_needs_says_which(tmp_path):
 
 def test_tokenizer_is_transformers_own(tiny):
     assert_tokenizer_matches_transformers(Path(tiny))
+    with pytest.raises(ValueError, match="empty conversation"):
+        load_tokenizer(Path(tiny)).apply_chat_template([])
+
+
+def test_truncation_or_padding_saved_in_tokenizer_json_does_not_cut_or_pad_prompts(tmp_path):
+    """transformers switches both off on every encode; a tokenizer cached with them on would cut every prompt."""
+    import tokenizers
+
+    folder = make_tiny_model(tmp_path / "m")
+    backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.enable_truncation(3)
+    backend.enable_padding(length=64, pad_id=0, pad_token="<|endoftext|>")
+    backend.save(str(folder / "tokenizer.json"))
+    assert_tokenizer_matches_transformers(folder)
+    assert len(load_tokenizer(folder).encode("the quick brown fox jumps over a lazy dog")) > 3
 
 
 @needs_smollm2

@@ -112,7 +112,7 @@ async def _run(job: Job) -> dict:
             return start
 
         play = _over_http if opts.get("transport") == "http" else _in_process
-        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        own, children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
         try:
             timings = await play(engine, job, begin)
         finally:
@@ -123,19 +123,16 @@ async def _run(job: Job) -> dict:
         result = summarize(timings, wall, latency=True)
         result["kvmux"] = _engine_metrics(before, after, trace, engine.blocks.num_blocks)
         # Where the CPU went, to tell the HTTP front's cost from its client's: both share the machine's cores.
-        result["cpu_seconds"] = {"engine_process": _cpu(resource.RUSAGE_SELF) - _cpu_of(own),
-                                 "client_process": _cpu(resource.RUSAGE_CHILDREN) - _cpu_of(children)}
+        result["cpu_seconds"] = {"engine_process": _cpu(resource.RUSAGE_SELF) - own,
+                                 "client_process": _cpu(resource.RUSAGE_CHILDREN) - children}
     return result
 
 
-def _cpu_of(usage: resource.struct_rusage) -> float:
-    return usage.ru_utime + usage.ru_stime
-
-
 def _cpu(who: int) -> float:
-    """CPU seconds, user and system: of this process (RUSAGE_SELF) or of its ended children (the HTTP client,
-    its whole life)."""
-    return _cpu_of(resource.getrusage(who))
+    """CPU seconds, user and system: of this process (RUSAGE_SELF; not a tensor-parallel engine's ranks) or of
+    its ended children (the HTTP client, its whole life)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _engine_metrics(before: dict, after: dict, trace: dict, blocks_total: int) -> dict:

@@ -28,6 +28,7 @@ from kvmux.engine.router import OutputStream, RequestRecord, Router
 from kvmux.engine.runner import Runner
 from kvmux.model.loader import LoadedModel, default_model_path, load_model, load_model_info
 from kvmux.model.metadata import context_length
+from kvmux.model.tokenizer import chat_renderer
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
 from kvmux.parallel.driver import Launch, ParallelRunner
 from kvmux.parallel.sharding import Shard
@@ -85,6 +86,8 @@ class Engine:
         self.loaded = await loop.run_in_executor(self.executor, functools.partial(
             load_model_info if parallel else load_model, model, dtype, cfg.device,
             attention_backend=cfg.attention_backend, quantization=cfg.quantization))
+        if self.loaded.tokenizer.chat_template:
+            await loop.run_in_executor(self.executor, chat_renderer)  # after the weights (see chat_renderer)
         # Under tensor parallelism each rank plans its own kernels (and logs them); the driver has no weights.
         self.kernels = None if parallel else self.loaded.model.kernel_choices()
         if self.kernels:

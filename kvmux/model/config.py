@@ -50,7 +50,10 @@ class ModelConfig:
         return cls(
             model_type=kind, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or _KV_HEADS.get(kind, heads),
+            num_attention_heads=heads,
+            # An explicit null means one per query head, as transformers' config classes read it.
+            num_key_value_heads=(d["num_key_value_heads"] if "num_key_value_heads" in d else _KV_HEADS.get(kind))
+            or heads,
             head_dim=d.get("head_dim") or _HEAD_DIM.get(kind, d["hidden_size"] // heads),
             max_position_embeddings=d.get("max_position_embeddings") or _MAX_POSITIONS.get(kind, 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -66,10 +69,9 @@ class ModelConfig:
 
 
 def _rope_parameters(d: dict) -> dict:
-    """transformers 5's `rope_parameters`, or the older `rope_theta` and `rope_scaling` folded into that form."""
-    params = dict(d.get("rope_parameters") or {})
-    for key, value in (d.get("rope_scaling") or {}).items():
-        params.setdefault(key, value)
+    """transformers 5's `rope_parameters`, or the older `rope_scaling` (which wins where both are given, as in
+    transformers) with `rope_theta`, in that form."""
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))
     return params

@@ -11,9 +11,10 @@
   Q8_0 at load, from a safetensors model or from a GGUF's other types.
 Quantized models take their config and tokenizer from transformers' reading
 of the GGUF's metadata, cached (without weights) beside the converted folders.
-The serving process reads configs and tokenizers without transformers
-(kvmux/model/config.py, kvmux/model/tokenizer.py); it imports transformers
-only to build one of these cache entries.
+The serving process reads configs and tokenizers without transformers' config
+and tokenizer classes (kvmux/model/config.py, kvmux/model/tokenizer.py): it
+uses them only to build one of these cache entries, and of transformers
+otherwise only the chat-template renderer.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kvmux.model.config import ModelConfig
 from kvmux.model.disk_cache import cache_root, cached_folder, file_sha256
 from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
-from kvmux.model.tokenizer import Tokenizer, chat_renderer, load_tokenizer
+from kvmux.model.tokenizer import Tokenizer, load_tokenizer
 from kvmux.ops.quant import quantize_q8_0
 from kvmux.parallel.sharding import rank_config, shard_weight
 
@@ -216,7 +217,5 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         if on_cpu:
             net.pack_weights()
     trim_heap()
-    if tokenizer.chat_template:
-        chat_renderer()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source,
                        quantization=storage)

@@ -20,10 +20,13 @@ import tokenizers
 
 from kvmux.model.disk_cache import cached_folder
 
-# The files transformers may read to build a tokenizer: a change to any of them is a new cache entry.
+# The files transformers may read to build a tokenizer (config.json names its class when tokenizer_config.json
+# does not): a change to any of them is a new cache entry.
 SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+                "chat_template.jinja", "chat_template.json", "tokenizer.model", "tekken.json", "vocab.json",
+                "merges.txt", "config.json")
 _BACKEND, _SETTINGS = "tokenizer.json", "kvmux_tokenizer.json"
+_FORMAT = 2  # of the settings file: a change to what _build writes makes new entries
 
 
 @dataclass
@@ -46,13 +49,15 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
-        return clean_up_spaces(text) if self.clean_up_spaces else text
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's template writes it, as transformers' apply_chat_template renders it
         (keys whose value is None dropped, the special tokens passed by name)."""
         if not self.chat_template:
             raise ValueError("the model has no chat template")
+        if not messages:
+            raise ValueError("cannot apply the chat template to an empty conversation")
         chat = [{k: v for k, v in message.items() if v is not None} for message in messages]
         rendered, _ = chat_renderer()([chat], chat_template=self.chat_template,
                                             add_generation_prompt=add_generation_prompt, **self.special_tokens)
@@ -61,14 +66,14 @@ class Tokenizer:
 
 def chat_renderer():
     """transformers' chat-template renderer. Its import takes half a second and 25 MB (it brings huggingface_hub
-    and more), so the loader imports it once the weights are in, where it neither raises the peak of loading nor
+    and more), so the engine imports it once the weights are in, where it neither raises the peak of loading nor
     makes a first request wait for it."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     return render_jinja_template
 
 
-def clean_up_spaces(text: str) -> str:
+def clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization: no space before punctuation and common English contractions."""
     for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
@@ -80,12 +85,15 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     """The tokenizer of a model folder, built by transformers on first use of these files and cached."""
     settings_folder = cached_folder(f"tokenizer-{_source_key(folder)}", lambda dst: _build(folder, dst))
     settings = json.loads((settings_folder / _SETTINGS).read_text())
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(settings_folder / _BACKEND)), settings["special_tokens"],
-                     settings["chat_template"], settings["clean_up_spaces"])
+    backend = tokenizers.Tokenizer.from_file(str(settings_folder / _BACKEND))
+    backend.encode_special_tokens = settings["split_special_tokens"]  # transformers sets it on every encode
+    return Tokenizer(backend, settings["special_tokens"], settings["chat_template"], settings["clean_up_spaces"])
 
 
 def _source_key(folder: Path) -> str:
-    h = hashlib.sha256(importlib.metadata.version("transformers").encode())  # another version may build it otherwise
+    # Other versions of transformers or tokenizers may build or read it otherwise.
+    versions = f"{_FORMAT} {importlib.metadata.version('transformers')} {importlib.metadata.version('tokenizers')}"
+    h = hashlib.sha256(versions.encode())
     for name in SOURCE_FILES:
         if (folder / name).is_file():
             h.update(name.encode() + b"\0" + (folder / name).read_bytes())
@@ -102,9 +110,15 @@ def _build(folder: Path, dst: Path) -> None:
         template = hf.get_chat_template()
     except ValueError:  # transformers raises when the tokenizer has none
         template = None
-    bpe = type(hf.backend_tokenizer.model).__name__ == "BPE"
+    backend = hf.backend_tokenizer
+    bpe = type(backend.model).__name__ == "BPE"
     forced = getattr(hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
-    hf.backend_tokenizer.save(str(dst / _BACKEND))
+    # A tokenizer.json may carry truncation or padding settings, which transformers switches off on every encode
+    # call: saved with them, every prompt would be cut or padded.
+    backend.no_truncation()
+    backend.no_padding()
+    backend.save(str(dst / _BACKEND))
     (dst / _SETTINGS).write_text(json.dumps({
         "special_tokens": hf.special_tokens_map, "chat_template": template,
-        "clean_up_spaces": bool(hf.clean_up_tokenization_spaces) and (not bpe or forced)}))
+        "clean_up_spaces": bool(hf.clean_up_tokenization_spaces) and (not bpe or forced),
+        "split_special_tokens": bool(getattr(hf, "split_special_tokens", False))}))

@@ -46,7 +46,7 @@ def runnable_kernels() -> frozenset[str]:
     return frozenset(v.name for v in kernel_choice.runnable("linear", "q8_0"))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)  # frozen: QuantLinear holds its tensors' addresses
 class QuantWeight:
     """A [out_features, in_features] weight in quantized panels (see the module docstring)."""
 
