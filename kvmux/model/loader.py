@@ -167,8 +167,9 @@ def _resolve(model: str | os.PathLike | None, gguf_blocks: bool) -> tuple[Path, 
 
 
 def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps them, so the tens of MB a tokenizer's JSON parse
-    or the kernel timing frees would stay in the process's RSS for good (and under the weights loaded next)."""
+    """Hand the heap's free pages back to the OS. glibc keeps them, so the tens of MB a tokenizer's JSON parse,
+    the weights' reading or the kernel timing frees would stay in the process's RSS for good (and under what
+    is allocated next)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except AttributeError:  # a C library without malloc_trim: nothing to hand back this way
@@ -215,6 +216,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
             if quantization == "q8_0":
                 storage = quantize_matmuls_q8_0(net)
         if on_cpu:
+            trim_heap()  # what reading the weights freed, before the kernel timing allocates on top of it
             net.pack_weights()
     trim_heap()
     return LoadedModel(model=net.eval(), tokenizer=tokenizer, config=config, name=name, path=source,
