@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # transformers' class defaults where the supported model types differ; every other default is the same for all.
@@ -32,13 +32,12 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    # rope_theta, rope_type and the scaling's own keys (transformers 5's `rope_parameters`)
-    rope_parameters: dict = field(default_factory=lambda: {"rope_theta": 10000.0, "rope_type": "default"})
-    eos_token_id: int | list[int] | None = None
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    rope_parameters: dict  # rope_theta, rope_type and the scaling's own keys (transformers 5's `rope_parameters`)
+    eos_token_id: int | list[int] | None
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
