@@ -74,7 +74,8 @@ def chat_renderer():
 
 
 def clean_up_tokenization(text: str) -> str:
-    """transformers' clean_up_tokenization: no space before punctuation and common English contractions."""
+    """transformers' clean_up_tokenization: no space before punctuation and common English contractions. A copy:
+    transformers keeps it as a method of its tokenizer base class, whose import this module exists to avoid."""
     for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(spaced, joined)
