@@ -171,6 +171,25 @@ void row_blocks(int r0, int rows, Fn&& fn) {
     if constexpr (R > 1) row_blocks<R / 2>(r0, rows, fn);
 }
 
+// Asks for the keys and values of the chunk from key c0 on (if any) while this one is worked on: a chunk's
+// rows sit in per-block runs of block_size * dim values, each run too short for the hardware prefetcher
+// to ramp up on, so without this every run starts with a wait on memory.
+template <int D>
+void prefetch_chunk(const Bf16AttendItem& a, int32_t c0, int32_t num_keys) {
+    const int32_t end = c0 + kChunk < num_keys ? c0 + kChunk : num_keys;
+    for (int32_t key = c0; key < end;) {
+        const int64_t blk = key / a.block_size, off = key % a.block_size;
+        const int64_t run = (a.block_size - off < end - key ? a.block_size - off : end - key);
+        const char* k = reinterpret_cast<const char*>(a.pool + a.table[blk] * a.block_stride + a.head_offset + off * D);
+        const char* v = k + a.v_offset * static_cast<int64_t>(sizeof(uint16_t));
+        for (int64_t byte = 0; byte < run * D * static_cast<int64_t>(sizeof(uint16_t)); byte += 64) {
+            _mm_prefetch(k + byte, _MM_HINT_T0);
+            _mm_prefetch(v + byte, _MM_HINT_T0);
+        }
+        key += static_cast<int32_t>(run);
+    }
+}
+
 template <int D>
 void attend(const Bf16AttendItem& a) {
     const int64_t G = a.group;
@@ -216,6 +235,7 @@ void attend(const Bf16AttendItem& a) {
                 head = a.pool + a.table[++blk] * a.block_stride + a.head_offset;
             }
         }
+        prefetch_chunk<D>(a, c0 + kChunk, num_keys);
         transpose_keys<D>(keys, n, a.kt);
         interleave_values<D>(values, n, a.vp);
         row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
