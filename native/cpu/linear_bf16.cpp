@@ -80,9 +80,10 @@ void store_sums(const float* acc, int64_t ld, int rows, int cols, const float* b
 inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
 // out[MT, NP * 16] = xb[MT, Kp] . panels, NP (1 or 2) adjacent panels, sums in registers over all of K.
+// `ahead`, when set, is the next two panels, fetched into L2 meanwhile at the pace this tile reads its own.
 template <int MT, int NP>
-void tile512(const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t panel_stride, float* out, int64_t ldo,
-             int64_t cols, const float* bias) {
+void tile512(const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t panel_stride, const uint16_t* ahead,
+             float* out, int64_t ldo, int64_t cols, const float* bias) {
     __m512 acc[MT][NP];
 #pragma GCC unroll 16
     for (int i = 0; i < MT; ++i)
@@ -91,6 +92,10 @@ void tile512(const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t pane
     const int32_t* x32 = reinterpret_cast<const int32_t*>(xb);
     const int64_t pairs = Kp / 2;
     for (int64_t q = 0; q < pairs; ++q) {
+        if (ahead) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + q * 2 * kPanelWidth), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + panel_stride + q * 2 * kPanelWidth), _MM_HINT_T1);
+        }
         __m512i w[NP];
 #pragma GCC unroll 2
         for (int j = 0; j < NP; ++j) w[j] = _mm512_loadu_si512(panel + j * panel_stride + q * 2 * kPanelWidth);
@@ -115,14 +120,14 @@ void tile512(const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t pane
 }
 
 template <int MT, int NP>
-void tile512_rows(int rows, const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t panel_stride, float* out,
-                  int64_t ldo, int64_t cols, const float* bias) {
+void tile512_rows(int rows, const uint16_t* xb, int64_t Kp, const uint16_t* panel, int64_t panel_stride,
+                  const uint16_t* ahead, float* out, int64_t ldo, int64_t cols, const float* bias) {
     if constexpr (MT == 1) {
-        tile512<1, NP>(xb, Kp, panel, panel_stride, out, ldo, cols, bias);
+        tile512<1, NP>(xb, Kp, panel, panel_stride, ahead, out, ldo, cols, bias);
     } else if (rows == MT) {
-        tile512<MT, NP>(xb, Kp, panel, panel_stride, out, ldo, cols, bias);
+        tile512<MT, NP>(xb, Kp, panel, panel_stride, ahead, out, ldo, cols, bias);
     } else {
-        tile512_rows<MT - 1, NP>(rows, xb, Kp, panel, panel_stride, out, ldo, cols, bias);
+        tile512_rows<MT - 1, NP>(rows, xb, Kp, panel, panel_stride, ahead, out, ldo, cols, bias);
     }
 }
 
@@ -150,13 +155,16 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
                 const int64_t cols = N - p * kPanelWidth;
                 const uint16_t* panel = packed + p * panel_stride;
                 const float* b = bias ? bias + p * kPanelWidth : nullptr;
+                // The first rows read the pair from memory: fetch the next pair meanwhile.
+                const uint16_t* ahead = m0 == 0 && p + 3 < own.end ? panel + 2 * panel_stride : nullptr;
                 for (int64_t m = m0; m < m1; m += kRows512) {
                     const int rows = static_cast<int>(lesser(kRows512, m1 - m));
                     float* o = out + m * ldo + p * kPanelWidth;
+                    const uint16_t* fetch = m == m0 ? ahead : nullptr;
                     if (two)
-                        tile512_rows<kRows512, 2>(rows, xb + m * Kp, Kp, panel, panel_stride, o, ldo, cols, b);
+                        tile512_rows<kRows512, 2>(rows, xb + m * Kp, Kp, panel, panel_stride, fetch, o, ldo, cols, b);
                     else
-                        tile512_rows<kRows512, 1>(rows, xb + m * Kp, Kp, panel, panel_stride, o, ldo, cols, b);
+                        tile512_rows<kRows512, 1>(rows, xb + m * Kp, Kp, panel, panel_stride, fetch, o, ldo, cols, b);
                 }
             }
         }
