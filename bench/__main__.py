@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.job import Job
 from bench.workload import WorkloadSpec, describe, distribution_means, make_workload
-from kvmux.cli import HelpFormatter
+from kvmux.cli.main import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("kvmux", "hf-static", "hf-cb")  # the default set

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from kvmux.checks.reference import LAYER, make_case
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import cpu_paged_attention
-from kvmux.ops.reference import LAYER, make_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16)  # and 30 layers

@@ -5,7 +5,7 @@
     python -m bench.cpu_check --only linear/  # the checks whose name contains it
 
 Each variant runs on fresh random inputs against its float64 reference
-(kvmux/ops/kernel_checks.py: the same trials the suite runs), then is timed
+(kvmux/checks/kernels.py: the same trials the suite runs), then is timed
 against torch on the same inputs (F.linear in the weight's dtype; the torch
 paged-attention reference), alternating, median of repeated calls. A variant
 needing an instruction set this CPU lacks is skipped and listed with it (the
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.attention import time_ms
+from kvmux.checks.kernels import CHECKS
 from kvmux.ops import kernel_choice
-from kvmux.ops.kernel_checks import CHECKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -46,13 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
-from kvmux.engine.messages import Chunk, Draw
-from kvmux.engine.runner import Runner, StepWork
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.model.llama import Embedding, Linear
 from kvmux.model.loader import load_model
 from kvmux.ops import kernel_choice
+from kvmux.runner.runner import Runner
 from kvmux.sampling import SamplingParams
+from kvmux.step.forward_batch import ForwardBatch
+from kvmux.step.work import Chunk, Draw, StepWork
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
@@ -127,7 +127,7 @@ def quality(fp32, bf16, tokenizer, tokens_per_text: int) -> dict:
     agree = total = 0
     kls = []
     for topic in TOPICS:
-        ids = tokenizer.encode(topics[topic])[:tokens_per_text]
+        ids = tokenizer.tokenize(topics[topic])[:tokens_per_text]
         logits = {}
         for name, model in (("fp32", fp32), ("bf16", bf16)):
             blocks = math.ceil(len(ids) / BLOCK)
@@ -149,7 +149,7 @@ def text_ids(tokenizer, tokens_per_text: int) -> list[list[int]]:
     """The token ids of the texts quality() reads."""
     from pydoc_data.topics import topics
 
-    return [tokenizer.encode(topics[topic])[:tokens_per_text] for topic in TOPICS]
+    return [tokenizer.tokenize(topics[topic])[:tokens_per_text] for topic in TOPICS]
 
 
 def kvmux_logits(model, ids: list[int]) -> torch.Tensor:

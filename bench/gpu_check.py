@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64  # noqa: E402
+from kvmux.checks.reference import LAYER, expected_pool, make_case, reference_f64  # noqa: E402
 
 # Relative error (max |out - ref| / max |ref|) allowed per activation dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http_fuzz.json")
     args = parser.parse_args(argv)
 
-    from kvmux.engine.loop_thread import LoopThread
     from kvmux.engine.supervisor import Engine
+    from kvmux.loop_thread import LoopThread
     from kvmux.serve.http import HttpOptions, HttpServer
 
     loop = LoopThread("kvmux-fuzz")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from bench.attention import time_ms
 from bench.cpu_check import cpu_flags
 from kvmux.ops import kernel_choice
-from kvmux.ops.linear import pack_weight, runner
+from kvmux.ops.linear import matmul, pack_weight
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, INTER, QKV, VOCAB, LAYERS = 576, 1536, 960, 49152, 30  # SmolLM2-135M
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     weights = model_weights()
     packed = {dtype: layers(weights, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    # (label, runners over every weight) per variant this CPU runs, and torch's float32 F.linear.
-    variants = {f"{v.name} {fmt}": [runner(v.name, layer) for layer in packed[getattr(torch, fmt)]]
+    # (label, matmuls over every weight) per variant this CPU runs, and torch's float32 F.linear.
+    variants = {f"{v.name} {fmt}": [matmul(v.name, layer) for layer in packed[getattr(torch, fmt)]]
                 for fmt in ("float32", "bfloat16") for v in kernel_choice.runnable("linear", fmt)}
     variants["torch float32"] = [lambda x, w=w: F.linear(x, w) for w in weights]
     rows = []

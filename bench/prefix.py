@@ -36,9 +36,9 @@ SYSTEM_TEXT = (
 def build_prompts(tokenizer, num_requests: int, system_tokens: int) -> list[list[int]]:
     ids: list[int] = []
     while len(ids) < system_tokens:
-        ids += tokenizer.encode(SYSTEM_TEXT, add_special_tokens=False)
+        ids += tokenizer.tokenize(SYSTEM_TEXT, add_special_tokens=False)
     system = ids[:system_tokens]
-    return [system + tokenizer.encode(f"\nQuestion {i}: how many blocks does a {16 * (i + 1)}-token prompt "
+    return [system + tokenizer.tokenize(f"\nQuestion {i}: how many blocks does a {16 * (i + 1)}-token prompt "
                                       f"use when blocks hold {8 + i % 3 * 8} tokens?\nAnswer:",
                                       add_special_tokens=False)
             for i in range(num_requests)]

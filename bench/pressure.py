@@ -41,7 +41,7 @@ def build_prompts(tokenizer, num_requests: int, prompt_tokens: int) -> list[list
     for _ in range(num_requests):
         ids: list[int] = []
         while len(ids) < prompt_tokens:
-            ids += tokenizer.encode(" " + " ".join(rng.choice(words) for _ in range(32)), add_special_tokens=False)
+            ids += tokenizer.tokenize(" " + " ".join(rng.choice(words) for _ in range(32)), add_special_tokens=False)
         prompts.append(ids[:prompt_tokens])
     return prompts
 

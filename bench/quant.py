@@ -23,9 +23,9 @@ import torch
 
 from bench.attention import time_ms
 from bench.linear import HEAD_ROWS, ROWS, model_weights
+from kvmux.checks.reference import random_gguf_blocks
 from kvmux.ops import kernel_choice, quant
 from kvmux.ops.linear import pack_weight, packed_linear
-from kvmux.ops.reference import random_gguf_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

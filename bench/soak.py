@@ -260,7 +260,7 @@ class Soak:
             self.tally.requests += count
             self.tally.aborted += count
             for i in range(count):
-                writer.write(protocol.encode({"op": "generate", "id": f"d{i}", "prompt": self.prompt(),
+                writer.write(protocol.pack_frame({"op": "generate", "id": f"d{i}", "prompt": self.prompt(),
                                               "params": self.params(max_tokens=self.cfg.max_tokens)}))
             await writer.drain()
             # Read a few frames, but never wait for one after the last request has ended: an error frame
@@ -289,7 +289,8 @@ class Soak:
             requests["past"] = {**params, **PAST_LIMITS}
             started = time.monotonic()
             for request_id, p in requests.items():
-                writer.write(protocol.encode({"op": "generate", "id": request_id, "prompt": self.prompt(), "params": p}))
+                writer.write(protocol.pack_frame({"op": "generate", "id": request_id, "prompt": self.prompt(),
+                                                  "params": p}))
             await writer.drain()
             outputs = collections.defaultdict(list)
             while requests:
@@ -523,7 +524,7 @@ async def unread_flood(path: str, control: AsyncClient) -> tuple[asyncio.StreamW
     reader, writer = await asyncio.open_unix_connection(path)
     frames = [{"op": "generate", "id": "g", "prompt": "the page table", "params": {"max_tokens": 16}}]
     frames += [{"op": "stats", "id": f"s{i}"} for i in range(400)]
-    writer.write(b"".join(map(protocol.encode, frames)))
+    writer.write(b"".join(map(protocol.pack_frame, frames)))
     await writer.drain()
     deadline = time.monotonic() + 60
     while not (stats := await control.stats())["unsent_bytes"] and time.monotonic() < deadline:

@@ -1,5 +1,5 @@
 import sys
 
-from kvmux.cli import main
+from kvmux.cli.main import main
 
 sys.exit(main())

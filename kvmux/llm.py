@@ -6,8 +6,8 @@ import atexit
 import uuid
 import weakref
 
-from kvmux.engine.loop_thread import LoopThread
 from kvmux.engine.supervisor import Engine, Prompt
+from kvmux.loop_thread import LoopThread
 from kvmux.outputs import Completion, KvmuxError
 from kvmux.sampling import SamplingParams
 

@@ -1,4 +1,5 @@
-"""What callers get back: streamed deltas, collected completions, and errors."""
+"""What callers get back: streamed deltas, collected completions, and errors; and what listeners to the engine
+get once a request has ended (its timeline)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
@@ -89,3 +90,21 @@ class Completion:
                 target.logprobs, target.top_logprobs = [], []
             target.logprobs += out.logprobs
             target.top_logprobs += out.top_logprobs
+
+
+@dataclass
+class RequestRecord:
+    """One request's timeline, told to listeners once it has ended or was refused. Times are seconds
+    since its arrival, as the router saw its outputs."""
+
+    request_id: str
+    arrival: float  # time.monotonic()
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # over all samples
+    longest_sample: int = 0  # output tokens of its longest sample
+    queue_s: float | None = None  # until prefill first gave it blocks
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    end_s: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)  # one per sample
+    rejected: str | None = None  # admission's code, when it was refused

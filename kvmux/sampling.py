@@ -1,7 +1,7 @@
 """How a request samples: SamplingParams, which every interface (asyncio API, socket, HTTP, CLI) shares.
 
 Imports nothing heavy, so the client side can use it without torch; the sampler that applies these
-parameters to logits is kvmux/engine/sampler.py.
+parameters to logits is kvmux/runner/sampler.py.
 """
 from __future__ import annotations
 

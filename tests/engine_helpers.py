@@ -91,8 +91,8 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos:
 def teacher_forced_logits(model, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """The model's next-token logits at every position of `ids`: one forward over a fresh KV pool."""
     from kvmux.cache.kv_cache import KVCache, PoolGeometry
-    from kvmux.engine.messages import Chunk
-    from kvmux.model.forward_batch import ForwardBatch
+    from kvmux.step.forward_batch import ForwardBatch
+    from kvmux.step.work import Chunk
 
     blocks = -(-len(ids) // block_size)
     cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, block_size,

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 import kvmux.engine.supervisor
-from kvmux import LLM, SamplingParams, cli
+from kvmux import LLM, SamplingParams
+from kvmux.cli import main as cli
 
 from engine_helpers import PROMPT, greedy
 

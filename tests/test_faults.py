@@ -69,13 +69,13 @@ def test_forward_raising_mid_step_fails_its_batch(served):
 
 def test_tokenizer_raising_fails_only_its_request(served):
     tokenizer = served.engine.tokenizer
-    real = tokenizer.encode
+    real = tokenizer.tokenize
 
     def picky(text, *args, **kw):
         if "boom" in text:
             raise RuntimeError("injected tokenizer fault")
         return real(text, *args, **kw)
-    tokenizer.encode = picky
+    tokenizer.tokenize = picky
     try:
         async def main():
             async with AsyncClient(served.path) as client:
@@ -86,7 +86,7 @@ def test_tokenizer_raising_fails_only_its_request(served):
                 assert (await good).num_output_tokens == 10
         asyncio.run(main())
     finally:
-        del tokenizer.encode
+        del tokenizer.tokenize
     serves_the_next_request(served)
 
 

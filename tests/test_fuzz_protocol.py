@@ -272,7 +272,7 @@ def test_decoding_one_frame_is_bounded():
     within 80 times the frame's size, and its objects are freed as soon as validation refuses it."""
     body = b"\x81\xa1a\xdd" + (MAX_FRAME * 8).to_bytes(4, "big") + b"\x90" * (MAX_FRAME * 8)
     tracemalloc.start()
-    protocol.decode(body)
+    protocol.unpack_frame(body)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 80 * len(body)

@@ -249,7 +249,7 @@ def test_models_health_tokenize_detokenize(http):
     assert (status, json.loads(content)) == (200, {"status": "ok"})
     status, _, content = raw(http, "POST", "/tokenize", {"prompt": "hello world"})
     tokens = json.loads(content)["tokens"]
-    assert status == 200 and tokens == http.engine.tokenizer.encode("hello world")
+    assert status == 200 and tokens == http.engine.tokenizer.tokenize("hello world")
     assert json.loads(raw(http, "POST", "/detokenize", {"tokens": tokens})[2]) == {"prompt": "hello world"}
     status, _, content = raw(http, "POST", "/tokenize", {"messages": CHAT})
     chat_tokens = json.loads(content)["tokens"]

@@ -2,8 +2,8 @@
 a variant this CPU lacks is skipped, naming the instruction set, and runs on the next host that has it."""
 import pytest
 
+from kvmux.checks.kernels import CHECKS
 from kvmux.ops import kernel_choice
-from kvmux.ops.kernel_checks import CHECKS
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.name)

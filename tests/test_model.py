@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from kvmux import SamplingParams
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
-from kvmux.engine.messages import Chunk, Draw
 from kvmux.model import loader as loader_mod
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.model.loader import load_model
+from kvmux.step.forward_batch import ForwardBatch
+from kvmux.step.work import Chunk, Draw
 
 from tiny_model import make_tiny_model
 
@@ -210,7 +210,7 @@ def test_loader_round_trip(model_dirs):
     lm = load_model(path, progress=False)
     assert lm.name == "untied" and lm.path == path
     assert lm.config.model_type == "llama" and lm.tokenizer.eos_token == "<|endoftext|>"
-    assert lm.tokenizer.decode(lm.tokenizer.encode("the quick fox")) == "the quick fox"
+    assert lm.tokenizer.detokenize(lm.tokenizer.tokenize("the quick fox")) == "the quick fox"
     state = load_file(path / "model.safetensors")
     ours = lm.model.hf_parameters()
     assert set(ours) == set(state)
@@ -301,7 +301,7 @@ def test_default_model_matches_hf():
 
     lm = load_model(None, progress=False, quantization="none")
     folder = loader_mod.convert_gguf(loader_mod.default_model_path())
-    ids = lm.tokenizer.encode("The capital of France is")
+    ids = lm.tokenizer.tokenize("The capital of France is")
     model = lm.model
     cache = new_cache(model, num_blocks=8, block_size=16)
     batch = all_logits(ForwardBatch.build([chunk(ids, 0, [3])], 16))

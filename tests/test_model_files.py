@@ -70,12 +70,12 @@ def assert_tokenizer_matches_transformers(folder: Path) -> None:
     assert (ours.eos_token, ours.eos_token_id) == (theirs.eos_token, theirs.eos_token_id)
     for text in TEXTS:
         for special in (True, False):
-            ids = ours.encode(text, add_special_tokens=special)
+            ids = ours.tokenize(text, add_special_tokens=special)
             assert ids == theirs.encode(text, add_special_tokens=special), (text, special)
             for skip in (True, False):
-                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+                assert ours.detokenize(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
     every_id = list(range(len(theirs)))
-    assert ours.decode(every_id) == theirs.decode(every_id)
+    assert ours.detokenize(every_id) == theirs.decode(every_id)
     for chat in CHATS:
         assert ours.apply_chat_template(chat) == theirs.apply_chat_template(chat, tokenize=False,
                                                                             add_generation_prompt=True)
@@ -126,7 +126,8 @@ def test_tokenizer_is_transformers_own(tiny):
 
 
 def test_truncation_or_padding_saved_in_tokenizer_json_does_not_cut_or_pad_prompts(tmp_path):
-    """transformers switches both off on every encode; a tokenizer cached with them on would cut every prompt."""
+    """transformers switches both off on every encode (what Tokenizer.tokenize calls); a tokenizer cached with them
+    on would cut every prompt."""
     import tokenizers
 
     folder = make_tiny_model(tmp_path / "m")
@@ -135,7 +136,7 @@ def test_truncation_or_padding_saved_in_tokenizer_json_does_not_cut_or_pad_promp
     backend.enable_padding(length=64, pad_id=0, pad_token="<|endoftext|>")
     backend.save(str(folder / "tokenizer.json"))
     assert_tokenizer_matches_transformers(folder)
-    assert len(load_tokenizer(folder).encode("the quick brown fox jumps over a lazy dog")) > 3
+    assert len(load_tokenizer(folder).tokenize("the quick brown fox jumps over a lazy dog")) > 3
 
 
 @needs_smollm2

@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
+from kvmux.checks.reference import LAYER, expected_pool, make_case, reference_f64, weight_rounding_bound
 from kvmux.config import EngineConfig
 from kvmux.ops import attention, kernel_choice
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
-from kvmux.ops.reference import LAYER, expected_pool, make_case, reference_f64, weight_rounding_bound
 
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path

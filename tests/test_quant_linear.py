@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from kvmux.ops import kernel_choice, quant
-from kvmux.ops.kernel_checks import QUANT_SHAPES, quant_sum_bound
-from kvmux.ops.reference import (
+from kvmux.checks.kernels import QUANT_SHAPES, quant_sum_bound
+from kvmux.checks.reference import (
     activation_rounding_bound,
     dequantize_gguf_f64,
     quant_linear_f64,
     quantize_activations_ref,
     random_gguf_blocks,
 )
+from kvmux.ops import kernel_choice, quant
 
 QTYPES = list(quant.QTYPES)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvmux.engine.sampler import sample
+from kvmux.runner.sampler import sample
 from kvmux.sampling import SamplingParams
 
 VOCAB = 50

@@ -55,12 +55,12 @@ def test_param_types_match_sampling_params():
 
 def test_frames_round_trip_and_decoding_is_strict():
     message = {"op": "generate", "id": "x", "prompt": "héllo", "params": {"stop": ["\n"]}}
-    encoded = protocol.encode(message)
+    encoded = protocol.pack_frame(message)
     assert protocol.HEADER.unpack(encoded[:4])[0] == len(encoded) - 4
-    assert protocol.decode(encoded[4:]) == message
+    assert protocol.unpack_frame(encoded[4:]) == message
     for bad in (msgpack.packb(msgpack.ExtType(1, b"x")), msgpack.packb({1: "int key"}), msgpack.packb([1]), b"\xc1"):
         with pytest.raises(protocol.ProtocolError) as info:
-            protocol.decode(bad)
+            protocol.unpack_frame(bad)
         assert info.value.code == "malformed_frame"
 
 
@@ -339,13 +339,13 @@ def test_bin_and_mixed_keys_are_malformed_and_the_connection_goes_on(served):
 
 def test_an_unexpected_failure_is_that_frames_internal_error(served, monkeypatch):
     """No exception while handling one frame may end its connection: it is internal_error for that frame."""
-    real = protocol.parse_request
+    real = protocol.parse_op
 
     def fragile(message):
         if message.get("id") == "boom":
             raise RuntimeError("injected parse fault")
         return real(message)
-    monkeypatch.setattr(protocol, "parse_request", fragile)
+    monkeypatch.setattr(protocol, "parse_op", fragile)
     raw = Raw(served.path)
     with ForwardGate(served.engine) as gate:
         raw.send({"op": "generate", "id": "g", "prompt": PROMPT, "params": SHORT})
@@ -458,7 +458,7 @@ def test_client_errors():
     async def odd():
         async def answer_oddly(reader, writer):
             await protocol.read_frame(reader)
-            writer.write(protocol.encode({"type": "output", "id": ["not", "a", "str"]}))
+            writer.write(protocol.pack_frame({"type": "output", "id": ["not", "a", "str"]}))
             await reader.read()  # and stay connected
         listener = await asyncio.start_unix_server(answer_oddly, path)
         async with AsyncClient(path) as client:
@@ -577,7 +577,7 @@ def test_sigterm_ends_within_its_bound_while_a_client_reads_nothing(tiny):
         stuck.connect(path)
         frames = [{"op": "generate", "id": "g", "prompt": PROMPT, "params": LONG}]
         frames += [{"op": "stats", "id": f"s{i}"} for i in range(400)]
-        stuck.sendall(b"".join(map(protocol.encode, frames)))
+        stuck.sendall(b"".join(map(protocol.pack_frame, frames)))
         with Client(path) as control:  # wait until the server holds answers that it cannot send
             deadline = time.monotonic() + 60
             while control.stats()["unsent_bytes"] == 0:

@@ -58,7 +58,7 @@ def test_quantized_default_model_answers_sensibly():
     assert "7" in kept[2].text and "11" in kept[2].text
     for chat, c in zip(chats, kept):
         text = dense.tokenizer.apply_chat_template(chat)
-        prompt = dense.tokenizer.encode(text, add_special_tokens=False)
+        prompt = dense.tokenizer.tokenize(text, add_special_tokens=False)
         logits = teacher_forced_logits(dense.model, prompt + c.token_ids)[len(prompt) - 1:-1]
         chosen = torch.tensor(c.token_ids)
         agreement = float((logits.argmax(-1) == chosen).float().mean())

@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 
 from kvmux import Engine, KvmuxError, SamplingParams
 from kvmux.model.config import ModelConfig
+from kvmux.model.sharding import Shard, rank_config, shard_weight
 from kvmux.parallel.driver import RankFailure
-from kvmux.parallel.sharding import Shard, rank_config, shard_weight
 
 from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, greedy, hf_greedy, run_engine
 from tiny_model import make_tiny_model, tiny_config
@@ -87,10 +87,10 @@ def _sharded_logits(rank: int, size: int, port: int, path: str, seqs: list[list[
     import torch.distributed as dist
 
     from kvmux.cache.kv_cache import KVCache, PoolGeometry
-    from kvmux.engine.messages import Chunk, Draw
-    from kvmux.model.forward_batch import ForwardBatch
     from kvmux.model.loader import load_model
     from kvmux.parallel.collectives import Collectives
+    from kvmux.step.forward_batch import ForwardBatch
+    from kvmux.step.work import Chunk, Draw
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=size, rank=rank)

@@ -16,13 +16,13 @@ class Actor:
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
 
     def send(self, message) -> None:
-        self.inbox.put_nowait(messages.encode(message))
+        self.inbox.put_nowait(messages.pack(message))
 
     async def receive(self):
-        return messages.decode(await self.inbox.get())
+        return messages.unpack(await self.inbox.get())
 
     def receive_nowait(self):
-        return messages.decode(self.inbox.get_nowait())
+        return messages.unpack(self.inbox.get_nowait())
 
     async def run(self) -> None:
         """Handle messages one at a time until Shutdown.

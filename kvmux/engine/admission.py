@@ -114,9 +114,9 @@ class Admission(Actor):
                 text = self.tokenizer.apply_chat_template(sub.chat)
             except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, ...)
                 raise ValueError(f"the model's chat template refused the messages: {exc}") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = self.tokenizer.tokenize(text, add_special_tokens=False)
         elif sub.prompt is not None:
-            ids = self.tokenizer.encode(sub.prompt)
+            ids = self.tokenizer.tokenize(sub.prompt)
         else:
             ids = sub.prompt_ids or []
             bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.limits.vocab_size), None)

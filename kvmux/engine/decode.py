@@ -23,9 +23,10 @@ from kvmux.cache.block_manager import BlockManager
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor, log
 from kvmux.engine.detokenize import detokenize_step
-from kvmux.engine.runner import Runner, StepWork
-from kvmux.engine.sampler import Sampled, sample_seed
 from kvmux.engine.tombstones import Tombstones
+from kvmux.runner.runner import Runner
+from kvmux.runner.sampler import sample_seed
+from kvmux.step.work import Chunk, Draw, Sampled, StepWork
 
 
 class Decode(Actor):
@@ -109,7 +110,7 @@ class Decode(Actor):
                 await asyncio.wait((forward, getter), return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     break  # the forward is done; the queued message stays in the inbox
-                message = messages.decode(getter.result())
+                message = messages.unpack(getter.result())
                 if isinstance(message, messages.StatsQuery):
                     self._dispatch(message)
                 else:
@@ -188,14 +189,14 @@ class Decode(Actor):
         swapped-out ones back when eviction says they fit; returns the blocks the next tokens take."""
         asked_back = False
         while True:
-            need = sum(self.blocks.blocks_needed_to_append(rid, 1) for rid in self.running)
+            need = sum(self.blocks.blocks_needed_to_append(seq_id, 1) for seq_id in self.running)
             short = need - self.blocks.num_free
             if short <= 0 and (asked_back or not self.swapped_out):
                 return need
             asked_back |= short <= 0
-            candidates = [messages.Candidate(sid, s.arrival, s.priority, len(self.blocks.block_table(sid)),
-                                           self.blocks.num_tokens(sid))
-                          for sid, s in self.running.items()]
+            candidates = [messages.Candidate(seq_id, s.arrival, s.priority, len(self.blocks.block_table(seq_id)),
+                                             self.blocks.num_tokens(seq_id))
+                          for seq_id, s in self.running.items()]
             per_token = self.forward_seconds / self.tokens_forwarded if self.tokens_forwarded else 0.0
             self.eviction.send(messages.Pressure(step, short, candidates, per_token, self.runner.copy_bytes_per_s()))
             order = await self._reply(messages.PreemptOrder, step)
@@ -258,15 +259,15 @@ class Decode(Actor):
     def _build(self, plan: messages.StepPlan) -> tuple[StepWork, list[messages.SeqState], list[tuple[str, int]]]:
         """The forward's chunks, the sequences that get a token sampled (in logits order),
         and (seq_id, tokens whose KV exists after the forward) for the prefix cache."""
-        chunks: list[messages.Chunk] = []
+        chunks: list[Chunk] = []
         sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
-        for sid, seq in self.running.items():
+        for seq_id, seq in self.running.items():
             last = seq.token_ids[-1]
-            self.blocks.append_slots(sid, [last])
-            chunks.append(self._sampled_chunk(seq, messages.Chunk(sid, len(seq.token_ids) - 1, [last])))
+            self.blocks.append_slots(seq_id, [last])
+            chunks.append(self._sampled_chunk(seq, Chunk(seq_id, len(seq.token_ids) - 1, [last])))
             sampled.append(seq)
-            computed.append((sid, len(seq.token_ids)))
+            computed.append((seq_id, len(seq.token_ids)))
         finishing = {s.seq_id: s for s in plan.handoffs}
         for chunk in plan.chunks:
             seq = finishing.get(chunk.seq_id)
@@ -281,13 +282,13 @@ class Decode(Actor):
             computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
         return StepWork(chunks), sampled, computed
 
-    def _sampled_chunk(self, seq: messages.SeqState, chunk: messages.Chunk) -> messages.Chunk:
+    def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk) -> Chunk:
         """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first
         tokens of all n samples from its logits."""
         forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
         chunk.block_table = self.blocks.block_table(seq.seq_id)
         history = seq.token_ids[seq.num_prompt_tokens:] if seq.params.penalized else []
-        chunk.draw = messages.Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history)
+        chunk.draw = Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history)
         return chunk
 
     def _fork(self, seq: messages.SeqState, tokens) -> list[messages.SeqOutput]:
@@ -308,9 +309,9 @@ class Decode(Actor):
     def _fail_batch(self, plan: messages.StepPlan | None, error: str) -> None:
         """End every sequence of the step with an error: running ones, hand-offs, and (through prefill) the rest."""
         outputs = []
-        for sid in list(self.running):
-            seq = self.running.pop(sid)
-            self.blocks.free(sid)
+        for seq_id in list(self.running):
+            seq = self.running.pop(seq_id)
+            self.blocks.free(seq_id)
             outputs += seq.ended(error)
         handoffs = plan.handoffs if plan else []
         for seq in handoffs:  # those not yet moved into running

@@ -19,8 +19,8 @@ def detokenize_step(tokenizer, token_ids: list[int], prefix_offset: int, read_of
     sequence (the replacement character); they are retried with the next token.
     On the final token whatever is left is flushed, replacement characters and all.
     """
-    prefix = tokenizer.decode(token_ids[prefix_offset:read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(token_ids[prefix_offset:], skip_special_tokens=True)
+    prefix = tokenizer.detokenize(token_ids[prefix_offset:read_offset], skip_special_tokens=True)
+    full = tokenizer.detokenize(token_ids[prefix_offset:], skip_special_tokens=True)
     if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         return full[len(prefix):], read_offset, len(token_ids)
     return "", prefix_offset, read_offset

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 import msgpack
 
 from kvmux.sampling import SamplingParams
+from kvmux.step.work import Chunk, Draw
 
 
 @dataclass
@@ -136,36 +137,6 @@ class StepRequest:
     budget: int
     num_running: int
     reserve_blocks: int
-
-
-@dataclass
-class Draw:
-    """How the token after a chunk is sampled from its logits."""
-
-    params: SamplingParams
-    seed: int
-    step: int  # output tokens so far: which token of the sequence is drawn (its random stream)
-    # Seeds of further parallel samples that draw their first token from these
-    # same logits (the prompt is computed once for all n samples).
-    fork_seeds: list[int] = field(default_factory=list)
-    # The sample's output tokens so far, which presence and frequency penalties count; empty without penalties.
-    output_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Chunk:
-    """A sequence's share of one step: new tokens from `position` on.
-
-    The one type from prefill's plan through the runner into the forward
-    batch: prefill plans the tokens, decode adds the block table and, when the
-    chunk's last logits are sampled, the draw.
-    """
-
-    seq_id: str
-    position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
-    token_ids: list[int]
-    block_table: list[int] = field(default_factory=list)
-    draw: Draw | None = None
 
 
 @dataclass
@@ -315,9 +286,9 @@ def _ext_from_wire(code: int, data: bytes):
     return array("i", data)
 
 
-def encode(message) -> bytes:
+def pack(message) -> bytes:
     return msgpack.packb(message, default=_to_wire, use_bin_type=True)
 
 
-def decode(data: bytes):
+def unpack(data: bytes):
     return msgpack.unpackb(data, object_hook=_from_wire, ext_hook=_ext_from_wire, raw=False, strict_map_key=False)

@@ -8,6 +8,7 @@ from kvmux.cache.block_manager import BlockManager
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor
 from kvmux.engine.tombstones import Tombstones
+from kvmux.step.work import Chunk
 
 
 class Prefill(Actor):
@@ -80,11 +81,11 @@ class Prefill(Actor):
         self._end(held, error)
 
     def _fail(self, seq_ids: list[str], error: str) -> None:
-        self._end([self.in_progress[sid][0] for sid in seq_ids if sid in self.in_progress], error)
+        self._end([self.in_progress[seq_id][0] for seq_id in seq_ids if seq_id in self.in_progress], error)
 
     def _plan(self, req: messages.StepRequest) -> messages.StepPlan:
         budget = req.budget
-        chunks: list[messages.Chunk] = []
+        chunks: list[Chunk] = []
         handoffs: list[messages.SeqState] = []
         # Sequences already under way go first, so a long prompt advances every
         # step and its blocks are not held idle.
@@ -119,7 +120,7 @@ class Prefill(Actor):
         # At least one prompt token is always computed, so the last chunk has logits to sample from.
         done = min(done, len(seq.token_ids) - 1)
         n = min(budget, len(seq.token_ids) - done)
-        chunks.append(messages.Chunk(seq.seq_id, done, seq.token_ids[done:done + n],
+        chunks.append(Chunk(seq.seq_id, done, seq.token_ids[done:done + n],
                                      self.blocks.block_table(seq.seq_id)))
         self.prompt_tokens_computed += n
         if seq.num_preemptions:  # all but its newest token had been computed when it was preempted

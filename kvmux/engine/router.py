@@ -6,11 +6,10 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor, log
-from kvmux.outputs import RequestOutput, RequestRejected
+from kvmux.outputs import RequestOutput, RequestRecord, RequestRejected
 
 
 class OutputStream:
@@ -50,24 +49,6 @@ class OutputStream:
         if isinstance(item, RequestOutput) and self._unread.get(item.index) is item:
             del self._unread[item.index]
         return item
-
-
-@dataclass
-class RequestRecord:
-    """One request's timeline, told to listeners once it has ended or was refused. Times are seconds
-    since its arrival, as the router saw its outputs."""
-
-    request_id: str
-    arrival: float  # time.monotonic()
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0  # over all samples
-    longest_sample: int = 0  # output tokens of its longest sample
-    queue_s: float | None = None  # until prefill first gave it blocks
-    first_token_s: float | None = None
-    last_token_s: float | None = None
-    end_s: float = 0.0
-    finish_reasons: list[str] = field(default_factory=list)  # one per sample
-    rejected: str | None = None  # admission's code, when it was refused
 
 
 class Router(Actor):

@@ -16,23 +16,22 @@ from pathlib import Path
 import torch
 
 from kvmux.cache.block_manager import BlockManager
-from kvmux.cache.kv_cache import KVCache, PoolGeometry
-from kvmux.cache.transfer import DiskPool, host_pool, make_copier
+from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
-from kvmux.engine.router import OutputStream, RequestRecord, Router
-from kvmux.engine.runner import Runner
+from kvmux.engine.router import OutputStream, Router
 from kvmux.model.loader import LoadedModel, default_model_path, load_model, load_model_info
 from kvmux.model.metadata import context_length
+from kvmux.model.sharding import Shard
 from kvmux.model.tokenizer import chat_renderer
-from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRejected
+from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRecord, RequestRejected
 from kvmux.parallel.driver import Launch, ParallelRunner
-from kvmux.parallel.sharding import Shard
 from kvmux.parallel.worker import Spec
+from kvmux.runner.runner import Runner
 from kvmux.sampling import SamplingParams, num_samples
 
 log = logging.getLogger("kvmux")
@@ -55,7 +54,6 @@ class Engine:
         self._tasks: list[asyncio.Task] = []
         self._query_ids = itertools.count()
         self._stopping = asyncio.Lock()
-        self.disk_pool = None
         self._started_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------
@@ -117,11 +115,8 @@ class Engine:
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
-            self.kv_cache = KVCache(num_blocks, geometry, cfg.device)
-            self.disk_pool = DiskPool(geometry, num_disk, cfg.disk_cache_dir) if num_disk else None
-            pools = [self.kv_cache.kv, host_pool(geometry, num_host, pinned=self.kv_cache.kv.is_cuda),
-                     self.disk_pool and self.disk_pool.tensor]
-            self.runner = Runner(self.loaded.model, self.kv_cache, make_copier(pools, geometry.block_bytes))
+            self.runner = Runner.build(self.loaded.model, geometry, num_blocks, num_host, num_disk, cfg.disk_cache_dir,
+                                       cfg.device)
         # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
         weights = f"{self.loaded.path}|{self.loaded.name}|{self.dtype}|{self.loaded.quantization}"
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -187,12 +182,11 @@ class Engine:
         for stream in self.router.streams.values():
             stream.put(KvmuxError("not_running", "the engine stopped before this request finished"))
         self.executor.shutdown(wait=True)
+        # No step runs any more: tensor-parallel ranks can be stopped (which waits for them), the disk tier's file go.
         if isinstance(self.runner, ParallelRunner):
             await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
-        elif self.disk_pool is not None:  # no copy can touch the disk tier any more
-            self.runner.copier.pools[2] = None
-            self.disk_pool.close()
-            self.disk_pool = None
+        else:
+            self.runner.close()
 
     # -- requests ------------------------------------------------------------
 

@@ -1,2 +1,2 @@
-"""The Llama family over a packed batch (`llama`), its per-step input (`forward_batch`), and loading
-safetensors folders and GGUF files (`loader`)."""
+"""The Llama family over a packed batch (`llama`), loading safetensors folders and GGUF files (`loader`), and
+which slice of it a tensor-parallel rank holds (`sharding`)."""

@@ -18,12 +18,12 @@ from torch import nn
 
 from kvmux.cache.kv_cache import KVCache
 from kvmux.model.config import ModelConfig
-from kvmux.model.forward_batch import ForwardBatch
 from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, native_available, paged_attention
 from kvmux.ops.cpu_attention import attention_variant
 from kvmux.ops.linear import Dispatch, ShapePlan, pack_weight, packed_rows, plan_linears
 from kvmux.ops.quant import QuantWeight, quant_linear
+from kvmux.step.forward_batch import ForwardBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

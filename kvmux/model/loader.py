@@ -32,12 +32,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kvmux.model.config import ModelConfig
-from kvmux.model.disk_cache import cache_root, cached_folder, file_sha256
+from kvmux.model.conversion_cache import cache_root, cached_folder, file_sha256
 from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
+from kvmux.model.sharding import rank_config, shard_weight
 from kvmux.model.tokenizer import Tokenizer, load_tokenizer
 from kvmux.ops.quant import quantize_q8_0
-from kvmux.parallel.sharding import rank_config, shard_weight
 
 log = logging.getLogger(__name__)
 

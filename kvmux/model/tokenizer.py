@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tokenizers
 
-from kvmux.model.disk_cache import cached_folder
+from kvmux.model.conversion_cache import cached_folder
 
 # The files transformers may read to build a tokenizer (config.json names its class when tokenizer_config.json
 # does not): a change to any of them is a new cache entry.
@@ -44,10 +44,10 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 

@@ -14,23 +14,20 @@ backend by name:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops.cpu_attention import cpu_paged_attention
-
-if TYPE_CHECKING:
-    from kvmux.model.forward_batch import ForwardBatch
+from kvmux.step.forward_batch import ForwardBatch
 
 
 @dataclass
-class _DecodeGroup:
+class _OneTokenGroup:
     """All sequences with one new token, attended together in one SDPA call."""
 
-    token_idx: torch.Tensor     # [B] packed index of each decode token
+    token_idx: torch.Tensor     # [B] packed index of each one's token
     block_tables: torch.Tensor  # [B, nb] int64, nb = most blocks any of them uses
     mask: torch.Tensor          # [B, 1, 1, nb * block_size] bool, True where the slot is context
 
@@ -52,17 +49,17 @@ class _TorchMetadata:
 
     slot_blocks: torch.Tensor   # [T] block of each new token's slot
     slot_offsets: torch.Tensor  # [T] offset inside that block
-    decode: _DecodeGroup | None
+    one_token: _OneTokenGroup | None
     prefills: list[_PrefillSeq]
 
 
 def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
     device = batch.input_ids.device
-    decode_seqs, prefills = [], []
+    one_token_seqs, prefills = [], []
     start = 0
     for i, (qlen, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
         if qlen == 1:
-            decode_seqs.append((i, start, ctx))
+            one_token_seqs.append((i, start, ctx))
         else:
             nb = -(-ctx // block_size)
             mask = None
@@ -73,18 +70,18 @@ def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
             prefills.append(_PrefillSeq(start, start + qlen, batch.block_tables[i, :nb].long(), ctx, mask))
         start += qlen
 
-    decode = None
-    if decode_seqs:
-        rows = torch.tensor([i for i, _, _ in decode_seqs], device=device)
-        ctx = torch.tensor([c for _, _, c in decode_seqs], device=device)
-        nb = -(-max(c for _, _, c in decode_seqs) // block_size)
+    one_token = None
+    if one_token_seqs:
+        rows = torch.tensor([i for i, _, _ in one_token_seqs], device=device)
+        ctx = torch.tensor([c for _, _, c in one_token_seqs], device=device)
+        nb = -(-max(c for _, _, c in one_token_seqs) // block_size)
         mask = torch.arange(nb * block_size, device=device)[None, :] < ctx[:, None]
-        decode = _DecodeGroup(
-            token_idx=torch.tensor([s for _, s, _ in decode_seqs], device=device),
+        one_token = _OneTokenGroup(
+            token_idx=torch.tensor([s for _, s, _ in one_token_seqs], device=device),
             block_tables=batch.block_tables[rows, :nb].long(),
             mask=mask[:, None, None, :],
         )
-    return _TorchMetadata(batch.slot_mapping // block_size, batch.slot_mapping % block_size, decode, prefills)
+    return _TorchMetadata(batch.slot_mapping // block_size, batch.slot_mapping % block_size, one_token, prefills)
 
 
 def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
@@ -110,8 +107,8 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
-    if meta.decode is not None:
-        d = meta.decode
+    if meta.one_token is not None:
+        d = meta.one_token
         keys = _gather(layer_kv, d.block_tables, 0)    # [B, Hkv, N, D]
         values = _gather(layer_kv, d.block_tables, 1)
         # With one query token, the `group` query heads sharing a KV head can

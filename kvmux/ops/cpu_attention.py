@@ -6,17 +6,13 @@ the per-layer call checks only what changes between layers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops import kernel_choice
 from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
-
-if TYPE_CHECKING:
-    from kvmux.model.forward_batch import ForwardBatch
+from kvmux.step.forward_batch import ForwardBatch
 
 ATTENTION_KERNELS = {"avx2": _native.AttentionKernel.avx2, "avx512bf16": _native.AttentionKernel.avx512bf16}
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
-
-if TYPE_CHECKING:
-    from kvmux.model.forward_batch import ForwardBatch
+from kvmux.step.forward_batch import ForwardBatch
 
 
 @functools.cache

@@ -71,7 +71,7 @@ def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> 
 
 class PackedLinear:
     """x -> x @ weight.T (+ bias) for packed = pack_weight(weight), by `kernel` (it must suit the panels' dtype,
-    as RUNNERS pairs them; None: the AVX2 one for it). Panels, bias and kernel are checked once, here, as
+    as MATMULS pairs them; None: the AVX2 one for it). Panels, bias and kernel are checked once, here, as
     QuantLinear does; x on every call."""
 
     def __init__(self, packed: torch.Tensor, in_features: int, out_features: int,
@@ -127,18 +127,18 @@ class PackedLayer(Protocol):
     weight_format: str                # what its kernels take: a float dtype (float32, bfloat16) or q8_0/q4_0/q4_1
 
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Matmul = Callable[[torch.Tensor], torch.Tensor]  # x -> x W^T + b of one layer
 
 
-def _native_runner(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Runner]:
+def _native_matmul(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Matmul]:
     return lambda layer: PackedLinear(layer.weight, layer.in_features, layer.out_features, layer.bias, kernel)
 
 
-def _quant_runner(variant: str) -> Callable[[PackedLayer], Runner]:
+def _quant_matmul(variant: str) -> Callable[[PackedLayer], Matmul]:
     return lambda layer: QuantLinear(layer.quant, layer.bias, variant)
 
 
-def _onednn_runner(layer: PackedLayer) -> Runner:
+def _onednn_matmul(layer: PackedLayer) -> Matmul:
     if layer.dense is None:
         layer.dense = packed_rows(layer.weight, torch.arange(layer.out_features), layer.in_features)
     return functools.partial(onednn_linear, dense=layer.dense, bias=layer.bias)
@@ -146,20 +146,20 @@ def _onednn_runner(layer: PackedLayer) -> Runner:
 
 # (variant, format) -> what makes one layer's x -> x W^T + b by that variant: one entry per kernel_choice
 # Variant and format it takes (a new weight format adds its own).
-RUNNERS: dict[tuple[str, str], Callable[[PackedLayer], Runner]] = {
-    ("avx2", "float32"): _native_runner(_K.f32_avx2),
-    ("avx2", "bfloat16"): _native_runner(_K.bf16_widen_avx2),
-    ("avx512bf16", "bfloat16"): _native_runner(_K.bf16_avx512),
-    ("amx", "bfloat16"): _native_runner(_K.bf16_amx),
-    ("onednn", "bfloat16"): _onednn_runner,
-    **{(variant, qtype): _quant_runner(variant) for variant in ("avx2", "avxvnni", "avx512vnni")
+MATMULS: dict[tuple[str, str], Callable[[PackedLayer], Matmul]] = {
+    ("avx2", "float32"): _native_matmul(_K.f32_avx2),
+    ("avx2", "bfloat16"): _native_matmul(_K.bf16_widen_avx2),
+    ("avx512bf16", "bfloat16"): _native_matmul(_K.bf16_avx512),
+    ("amx", "bfloat16"): _native_matmul(_K.bf16_amx),
+    ("onednn", "bfloat16"): _onednn_matmul,
+    **{(variant, qtype): _quant_matmul(variant) for variant in ("avx2", "avxvnni", "avx512vnni")
        for qtype in ("q8_0", "q4_0", "q4_1")},
 }
 
 
-def runner(variant: str, layer: PackedLayer) -> Runner:
+def matmul(variant: str, layer: PackedLayer) -> Matmul:
     """x -> x W^T + b for one packed layer, by the named variant."""
-    return RUNNERS[variant, layer.weight_format](layer)
+    return MATMULS[variant, layer.weight_format](layer)
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
                 continue
             rows = max(1, min(r.timed, int(FLOP_CAP // (2 * first.out_features * first.in_features))))
             x = torch.randn(rows, first.in_features)
-            seconds = kernel_choice.fastest({name: [functools.partial(runner(name, layer), x)
+            seconds = kernel_choice.fastest({name: [functools.partial(matmul(name, layer), x)
                                                     for layer in layers[:TIMED_LAYERS]] for name in names})
             variants.append(next(iter(seconds)))
             micros.append({name: s * 1e6 for name, s in seconds.items()})
@@ -237,10 +237,10 @@ class Dispatch:
 
     def __init__(self, plan: ShapePlan, layer: PackedLayer) -> None:
         self.bounds = plan.bounds
-        self.runners = [runner(v, layer) for v in plan.variants]
+        self.matmuls = [matmul(v, layer) for v in plan.variants]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runners[bisect.bisect_left(self.bounds, x.shape[0])](x)
+        return self.matmuls[bisect.bisect_left(self.bounds, x.shape[0])](x)
 
 
 def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from kvmux.parallel.sharding import Shard
+from kvmux.model.sharding import Shard
 
 
 class Collectives:

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kvmux.engine.runner import StepWork
-from kvmux.engine.sampler import Sampled
-from kvmux.parallel.worker import Spec, decode_samples, fingerprint, model_group, sample_widths, timeout
+from kvmux.parallel.worker import Spec, fingerprint, model_group, sample_widths, timeout, unpack_samples
+from kvmux.step.work import Sampled, StepWork
 
 
 class RankFailure(RuntimeError):
@@ -126,7 +125,7 @@ class ParallelRunner:
             reply = torch.empty(len(self.RANK0_COUNTERS) + sum(sample_widths(work)), dtype=torch.float64)
             dist.recv(reply, src=1)
             self.counters = dict(zip(self.RANK0_COUNTERS, reply[:len(self.RANK0_COUNTERS)].tolist()))
-            return decode_samples(reply[len(self.RANK0_COUNTERS):].tolist(), work)
+            return unpack_samples(reply[len(self.RANK0_COUNTERS):].tolist(), work)
         return self._collective(step)
 
     # What model rank 0 reports after each step, before the sampled tokens.

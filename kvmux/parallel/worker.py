@@ -20,15 +20,11 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from kvmux.engine.sampler import Sampled
-
-if TYPE_CHECKING:
-    from kvmux.engine.runner import StepWork
+from kvmux.step.work import Sampled, StepWork
 
 
 @dataclass
@@ -65,12 +61,11 @@ def model_group(size: int):
 
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
-    from kvmux.cache.kv_cache import KVCache, PoolGeometry
-    from kvmux.cache.transfer import DiskPool, host_pool, make_copier
-    from kvmux.engine.runner import Runner
+    from kvmux.cache.kv_cache import PoolGeometry
     from kvmux.model.loader import load_model, load_model_info
+    from kvmux.model.sharding import Shard
     from kvmux.parallel.collectives import Collectives
-    from kvmux.parallel.sharding import Shard
+    from kvmux.runner.runner import Runner
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=init_method, world_size=world_size, rank=rank, timeout=timeout())
@@ -86,11 +81,8 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                         collectives=collectives)
     model = loaded.model
     geometry = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, spec.block_size, dtype)
-    kv_cache = KVCache(spec.num_blocks, geometry, spec.device)
-    disk = DiskPool(geometry, spec.num_disk_blocks, spec.disk_cache_dir) if spec.num_disk_blocks else None
-    pools = [kv_cache.kv, host_pool(geometry, spec.num_host_blocks, pinned=kv_cache.kv.is_cuda),
-             disk and disk.tensor]
-    runner = Runner(model, kv_cache, make_copier(pools, geometry.block_bytes))
+    runner = Runner.build(model, geometry, spec.num_blocks, spec.num_host_blocks, spec.num_disk_blocks,
+                          spec.disk_cache_dir, spec.device)
     dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
     compute_seconds = 0.0
     try:
@@ -107,15 +99,14 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                     counters = [compute_seconds - collectives.seconds, collectives.seconds, collectives.bytes,
                                 copies["block_copy_bytes"], copies["block_copy_seconds"],
                                 copies["block_copy_wait_seconds"]]
-                    dist.send(torch.tensor(counters + encode_samples(tokens, payload), dtype=torch.float64), dst=0)
+                    dist.send(torch.tensor(counters + pack_samples(tokens, payload), dtype=torch.float64), dst=0)
             elif kind == "stop":
                 return
             elif kind == "refused":
                 raise RuntimeError(f"the engine refused this rank: {payload}")
             # "ping": the driver keeps idle ranks' waits short of the timeout
     finally:
-        if disk is not None:
-            disk.close()
+        runner.close()
         dist.destroy_process_group()
 
 
@@ -126,7 +117,7 @@ def sample_widths(work: StepWork) -> list[int]:
             for c in work.chunks if c.draw is not None for _ in range(1 + len(c.draw.fork_seeds))]
 
 
-def encode_samples(samples: list[Sampled], work: StepWork) -> list[float]:
+def pack_samples(samples: list[Sampled], work: StepWork) -> list[float]:
     """Sampled rows as float64s (token ids and float32 logprobs are exact); missing alternatives (the filters
     left fewer tokens than asked) are NaN pairs."""
     out = []
@@ -139,7 +130,7 @@ def encode_samples(samples: list[Sampled], work: StepWork) -> list[float]:
     return out
 
 
-def decode_samples(values: list[float], work: StepWork) -> list[Sampled]:
+def unpack_samples(values: list[float], work: StepWork) -> list[Sampled]:
     samples, i = [], 0
     for width in sample_widths(work):
         token = int(values[i])

@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
-from kvmux.engine.loop_thread import LoopThread
+from kvmux.loop_thread import LoopThread
 from kvmux.outputs import Completion, KvmuxError, RequestOutput
 from kvmux.sampling import num_samples
 from kvmux.serve import protocol
@@ -123,7 +123,7 @@ class AsyncClient:
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[frame["id"]] = queue
         try:
-            self._writer.write(protocol.encode(frame))
+            self._writer.write(protocol.pack_frame(frame))
             await self._writer.drain()
         except ConnectionError as exc:
             del self._pending[frame["id"]]

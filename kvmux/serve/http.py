@@ -171,7 +171,7 @@ class HttpServer:
         self.formatter = Formatter(engine.tokenizer, self.model)
         self.metrics = Metrics(engine.kv_cache.geometry.block_bytes, ROUTES)
         self.closing = False
-        self.active: set[str] = set()  # engine request ids of the generations in flight
+        self.active: set[str] = set()  # the request_ids of the generations in flight
         self.created = int(time.time())
         self.app = self._build_app()
         self._sock = sock
@@ -248,9 +248,9 @@ class HttpServer:
                                     "description": "the answer, or with `stream` its server-sent events"}}
 
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=guarded,
-                          response_model=None, responses=generation(schema.ChatCompletion))
+                          response_model=None, responses=generation(schema.ChatCompletionResponse))
         app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=guarded,
-                          response_model=None, responses=generation(schema.Completion))
+                          response_model=None, responses=generation(schema.CompletionResponse))
         app.add_api_route("/v1/models", self.models, methods=["GET"], dependencies=guarded,
                           response_model=schema.ModelList, responses=errors)
         app.add_api_route("/v1/models/{model:path}", self.model_card, methods=["GET"], dependencies=guarded,
@@ -309,24 +309,25 @@ class HttpServer:
         prompts = prompts if chat else body.prompts()
         call = Call(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), chat, body.n if isinstance(body.n, int) else 1,
                     body.include_usage, bool(body.return_tokens_as_token_ids))
-        ids = [call.id] if len(prompts) == 1 else [f"{call.id}-{k}" for k in range(len(prompts))]
+        one = len(prompts) == 1
+        request_ids = [call.response_id if one else f"{call.response_id}-{k}" for k in range(len(prompts))]
         params = body.sampling_params()
-        streams = [self.engine.generate(p, params, request_id=i, priority=-(body.priority or 0),
-                                        cache_salt=body.cache_salt) for p, i in zip(prompts, ids)]
-        self.active.update(ids)
+        streams = [self.engine.generate(p, params, request_id=r, priority=-(body.priority or 0),
+                                        cache_salt=body.cache_salt) for p, r in zip(prompts, request_ids)]
+        self.active.update(request_ids)
         try:
             # The first output of each prompt comes before the answer starts, so a refusal is a status, not an event.
             firsts = await self._unless_gone(request, [anext(s) for s in streams])
         except BaseException as exc:
             await _close(streams)
-            self.active.difference_update(ids)
+            self.active.difference_update(request_ids)
             if isinstance(exc, KvmuxError):
                 raise refused(exc, chat) from None
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)
             raise
         if body.stream:
-            return EventStream(self._events(call, firsts, streams, ids), self.options.write_timeout)
+            return EventStream(self._events(call, firsts, streams, request_ids), self.options.write_timeout)
         try:
             completions = await self._unless_gone(request, [Completion.collect(_after(f, s))
                                                             for f, s in zip(firsts, streams)])
@@ -336,7 +337,7 @@ class HttpServer:
             raise refused(exc, chat) from None
         finally:
             await _close(streams)
-            self.active.difference_update(ids)
+            self.active.difference_update(request_ids)
         ended = next((s for c in completions for s in c.samples if s.finish_reason in ("abort", "error")), None)
         if ended is not None:
             raise self._ended_early(ended.finish_reason, ended.error)
@@ -361,7 +362,7 @@ class HttpServer:
             raise ClientGone()
         return work.result()
 
-    async def _events(self, call: Call, firsts: list, streams: list, ids: list[str]) -> AsyncIterator[str]:
+    async def _events(self, call: Call, firsts: list, streams: list, request_ids: list[str]) -> AsyncIterator[str]:
         try:
             async with contextlib.aclosing(_merged(firsts, streams)) as outputs, \
                     contextlib.aclosing(self.formatter.events(call, outputs, self._ended_event)) as events:
@@ -372,7 +373,7 @@ class HttpServer:
             yield json.dumps(error_body(failure.status, failure.code, failure.message))
         finally:
             await _close(streams)
-            self.active.difference_update(ids)
+            self.active.difference_update(request_ids)
 
     def _ended_early(self, finish_reason: str, error: str | None) -> ApiError:
         if finish_reason == "abort":
@@ -409,9 +410,9 @@ class HttpServer:
             except Exception as exc:  # noqa: BLE001 - as admission: a template raises what it likes
                 raise ApiError(400, "invalid_prompt", f"the model's chat template refused the messages: {exc}",
                                "messages") from None
-            tokens = tokenizer.encode(text, add_special_tokens=False)
+            tokens = tokenizer.tokenize(text, add_special_tokens=False)
         else:
-            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+            tokens = tokenizer.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         return {"count": len(tokens), "max_model_len": self.engine.max_model_len, "tokens": tokens}
 
     async def detokenize(self, body: schema.DetokenizeRequest) -> dict:
@@ -420,7 +421,7 @@ class HttpServer:
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, "invalid_prompt", f"token id {bad} is not in the vocabulary [0, {vocab})", "tokens")
-        return {"prompt": self.engine.tokenizer.decode(body.tokens)}
+        return {"prompt": self.engine.tokenizer.detokenize(body.tokens)}
 
     async def health(self) -> JSONResponse:
         if self.closing:

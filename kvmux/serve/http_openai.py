@@ -17,7 +17,9 @@ from kvmux.outputs import Completion, RequestOutput
 class Call:
     """One HTTP generation request as the formatter needs it."""
 
-    id: str  # chatcmpl-... or cmpl-...
+    # chatcmpl-... or cmpl-...: the OpenAI object's id, and the request_id the engine knows it by (with a prompt's
+    # index appended when a completions request has several prompts).
+    response_id: str
     created: int  # unix seconds
     chat: bool
     n: int  # samples per prompt
@@ -38,7 +40,7 @@ class Formatter:
             return f"token_id:{token_id}"
         text = self._texts.get(token_id)
         if text is None:
-            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+            text = self._texts[token_id] = self.tokenizer.detokenize([token_id])
         return text
 
     def _entry(self, call: Call, token_id: int, logprob: float) -> dict:
@@ -90,7 +92,7 @@ class Formatter:
 
     def _head(self, call: Call, chunk: bool = False) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if call.chat else "text_completion"
-        return {"id": call.id, "object": kind, "created": call.created, "model": self.model}
+        return {"id": call.response_id, "object": kind, "created": call.created, "model": self.model}
 
     # -- streams ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvmux.engine.router import RequestRecord
+from kvmux.outputs import RequestRecord
 
 # A `_created` series beside every counter and histogram doubles the scrape for a timestamp nobody graphs.
 disable_created_metrics()

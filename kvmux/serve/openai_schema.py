@@ -195,7 +195,7 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"]
     created: int
@@ -218,7 +218,7 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class Completion(BaseModel):
+class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"]
     created: int

@@ -105,12 +105,12 @@ def _refuse_what_msgpack_lets_through(value) -> None:
             raise ProtocolError("malformed_frame", "msgpack ext types (here a timestamp) are not allowed")
 
 
-def encode(message: dict) -> bytes:
+def pack_frame(message: dict) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict:
+def unpack_frame(body: bytes) -> dict:
     """One frame body to a dict; raises ProtocolError(malformed_frame)."""
     try:
         # unpackb caps every string, list and map length at the body's size, so nothing can claim more memory,
@@ -158,14 +158,14 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_
                             fatal=True) from None
     except asyncio.IncompleteReadError:
         raise ProtocolError("malformed_frame", "the connection closed in the middle of a frame", fatal=True) from None
-    return decode(body)
+    return unpack_frame(body)
 
 
 # -- messages --------------------------------------------------------------------
 
 @dataclass
-class Generate:
-    id: str
+class GenerateOp:
+    request_id: str  # the frame's "id"
     prompt: str | list
     params: dict = field(default_factory=dict)  # SamplingParams fields
     priority: int = 0
@@ -173,20 +173,20 @@ class Generate:
 
 
 @dataclass
-class Abort:
-    id: str
-    target: str  # the id of the generate request to abort
+class AbortOp:
+    request_id: str  # the frame's "id": the abort's own, which its result frame carries
+    target_request_id: str  # the frame's "target": the request_id of the generate request to abort
 
 
 @dataclass
-class Query:
+class QueryOp:
     """stats, health or model: no arguments, one result."""
 
-    id: str
-    op: str
+    request_id: str
+    name: str  # the frame's "op"
 
 
-Request = Generate | Abort | Query
+Op = GenerateOp | AbortOp | QueryOp
 
 
 def _field(message: dict, name: str, types: tuple[type, ...], what: str, request_id: str | None, default=...):
@@ -233,7 +233,7 @@ def _params(value: dict, request_id: str) -> dict:
     return params
 
 
-def parse_request(message: dict) -> Request:
+def parse_op(message: dict) -> Op:
     """Validate a decoded client frame; raises ProtocolError naming the first problem."""
     op = _field(message, "op", (str,), f"one of {', '.join(OPS)}", None)
     if op not in OPS:
@@ -251,12 +251,12 @@ def parse_request(message: dict) -> Request:
                          request_id)
         priority = _field(message, "priority", (int,), "an integer", request_id, 0)
         salt = _field(message, "cache_salt", (str, type(None)), "a string or nil", request_id, None)
-        return Generate(request_id, prompt, params, priority, salt)
+        return GenerateOp(request_id, prompt, params, priority, salt)
     if op == "abort":
         _check_fields(message, {"op", "id", "target"}, op, request_id)
-        return Abort(request_id, _field(message, "target", (str,), "the id of a generate request", request_id))
+        return AbortOp(request_id, _field(message, "target", (str,), "the id of a generate request", request_id))
     _check_fields(message, {"op", "id"}, op, request_id)
-    return Query(request_id, op)
+    return QueryOp(request_id, op)
 
 
 # -- server frames -----------------------------------------------------------------

@@ -54,16 +54,16 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.write_lock = asyncio.Lock()
-        self.tasks: dict[str, asyncio.Task] = {}  # client id -> the task answering it
+        self.tasks: dict[str, asyncio.Task] = {}  # request_id -> the task answering it
         # Every task of this connection until it has returned. A task leaves `tasks` just before its last
         # frame (so the id can be reused) but may then still wait to write; the in-flight limit and close()
         # count it until it is done, so a client that does not read cannot pile up tasks.
         self.active: set[asyncio.Task] = set()
-        self.generating: set[str] = set()  # the client ids among tasks that are generate requests
+        self.generating: set[str] = set()  # the request_ids among tasks that are generate requests
 
-    def engine_id(self, client_id: str) -> str:
-        # Ids are the client's choice and unique only per connection; the engine needs them unique overall.
-        return f"c{self.number}:{client_id}"
+    def engine_request_id(self, request_id: str) -> str:
+        # A client chooses its request_ids, unique only on its connection; the engine needs them unique overall.
+        return f"c{self.number}:{request_id}"
 
     def unsent_bytes(self) -> int:
         return self.writer.transport.get_write_buffer_size()
@@ -72,7 +72,7 @@ class Connection:
         async with self.write_lock:
             if self.writer.transport.is_closing():  # cut, or closed by the client: the frame has nowhere to go
                 raise ConnectionResetError("the connection is closing")
-            self.writer.write(protocol.encode(frame))
+            self.writer.write(protocol.pack_frame(frame))
             try:
                 await asyncio.wait_for(self.writer.drain(), self.server.options.write_timeout)
             except asyncio.TimeoutError:
@@ -126,35 +126,35 @@ class Connection:
 
     def dispatch(self, message: dict) -> Awaitable[None] | None:
         try:
-            request = protocol.parse_request(message)
+            op = protocol.parse_op(message)
         except protocol.ProtocolError as exc:
             return self.send_error(exc.request_id, exc.code, exc.message)
-        if request.id in self.tasks:
-            return self.send_error(request.id, "duplicate_request_id",
-                                   f"id {request.id!r} is already in flight on this connection")
-        if isinstance(request, protocol.Abort):
+        if op.request_id in self.tasks:
+            return self.send_error(op.request_id, "duplicate_request_id",
+                                   f"id {op.request_id!r} is already in flight on this connection")
+        if isinstance(op, protocol.AbortOp):
             # Answered before the next frame is read: a client at its in-flight limit can still abort, and a
             # flood of aborts is throttled by how fast the client reads the answers.
-            return self.guard(request.id, self.abort(request))
+            return self.guard(op.request_id, self.abort(op))
         limit = self.server.options.max_inflight_per_connection
         if len(self.active) >= limit:
-            return self.send_error(request.id, "too_many_requests",
+            return self.send_error(op.request_id, "too_many_requests",
                                    f"{len(self.active)} requests are in flight on this connection, "
                                    f"the limit is {limit}; wait for one to end")
-        if isinstance(request, protocol.Generate):
+        if isinstance(op, protocol.GenerateOp):
             if self.server.closing:
-                return self.send_error(request.id, "shutting_down", "the server is shutting down")
+                return self.send_error(op.request_id, "shutting_down", "the server is shutting down")
             # The engine's stream takes the prompt and parameters; the handler keeps only the id, so the request
             # is held once, by the engine, for as long as it runs.
-            stream = self.server.engine.generate(request.prompt, SamplingParams(**request.params),
-                                                 request_id=self.engine_id(request.id), priority=request.priority,
-                                                 cache_salt=request.cache_salt)
-            handler = self.generate(request.id, stream, num_samples(request.params.get("n", 1)))
-            self.generating.add(request.id)
+            stream = self.server.engine.generate(op.prompt, SamplingParams(**op.params),
+                                                 request_id=self.engine_request_id(op.request_id), priority=op.priority,
+                                                 cache_salt=op.cache_salt)
+            handler = self.generate(op.request_id, stream, num_samples(op.params.get("n", 1)))
+            self.generating.add(op.request_id)
         else:
-            handler = self.query(request)
-        task = asyncio.create_task(self.guard(request.id, handler))
-        self.tasks[request.id] = task
+            handler = self.query(op)
+        task = asyncio.create_task(self.guard(op.request_id, handler))
+        self.tasks[op.request_id] = task
         self.active.add(task)
         task.add_done_callback(self.active.discard)
         return None
@@ -199,15 +199,16 @@ class Connection:
                 frame = protocol.output_frame(request_id, out)
                 await (self.send_last(request_id, frame) if samples_left == 0 else self.send(frame))
 
-    async def abort(self, request: protocol.Abort) -> None:
-        found = request.target in self.generating
+    async def abort(self, op: protocol.AbortOp) -> None:
+        found = op.target_request_id in self.generating
         if found:
-            await self.server.engine.abort(self.engine_id(request.target))
-        await self.send(protocol.result_frame(request.id, "abort", {"target": request.target, "aborted": found}))
+            await self.server.engine.abort(self.engine_request_id(op.target_request_id))
+        await self.send(protocol.result_frame(op.request_id, "abort",
+                                              {"target": op.target_request_id, "aborted": found}))
 
-    async def query(self, request: protocol.Query) -> None:
-        data = await getattr(self.server, f"{request.op}_data")()
-        await self.send_last(request.id, protocol.result_frame(request.id, request.op, data))
+    async def query(self, op: protocol.QueryOp) -> None:
+        data = await getattr(self.server, f"{op.name}_data")()
+        await self.send_last(op.request_id, protocol.result_frame(op.request_id, op.name, data))
 
     async def close(self, within: float) -> None:
         """Cancel every request of this connection (aborting them in the engine) and close it. What is left
@@ -288,8 +289,8 @@ class Server:
         await self._until_idle(time.monotonic() + self.options.grace_period)
         # Abort what is left through the engine, so clients see a final frame with finish_reason "abort".
         for conn in list(self.connections):
-            for client_id in list(conn.generating):
-                await self.engine.abort(conn.engine_id(client_id))
+            for request_id in list(conn.generating):
+                await self.engine.abort(conn.engine_request_id(request_id))
         cutoff = time.monotonic() + self.options.drain_timeout
         await self._until_idle(cutoff)
         await asyncio.gather(*(c.close(max(0.0, cutoff - time.monotonic())) for c in list(self.connections)),

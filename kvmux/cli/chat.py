@@ -17,7 +17,8 @@ import re
 import sys
 import threading
 
-from kvmux.engine.loop_thread import LoopThread
+from kvmux.cli.options import connect, engine_options
+from kvmux.loop_thread import LoopThread
 from kvmux.outputs import RequestOutput
 from kvmux.sampling import SamplingParams
 
@@ -176,8 +177,6 @@ class HttpBackend:
 
 
 def run_chat(args: argparse.Namespace, params: SamplingParams) -> int:
-    from kvmux.cli import connect, engine_options
-
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     loop = LoopThread("kvmux-chat")

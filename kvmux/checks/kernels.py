@@ -5,7 +5,7 @@ one the CPU supports (tests/test_kernel_checks.py; the others skip, naming the
 instruction set), and `python -m bench.cpu_check` runs them all and times each
 against torch on the same inputs. A new kernel joins both with its Variant in
 kernel_choice.VARIANTS and one entry here (reusing a trial builder where its
-op has one: `linear_trials` takes any weight format `runner` knows).
+op has one: `linear_trials` takes any weight format `matmul` knows).
 
 A trial's bound is what the variant's arithmetic allows, not a loose
 tolerance: float32 sums (2^-20 of the sum of |terms|), plus whatever the variant
@@ -24,12 +24,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kvmux.ops import kernel_choice, quant
-from kvmux.ops.attention import torch_paged_attention
-from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
-from kvmux.ops.linear import pack_weight, runner
-from kvmux.ops.quant import pack_blocks
-from kvmux.ops.reference import (
+from kvmux.checks.reference import (
     LAYER,
     expected_pool,
     make_case,
@@ -38,6 +33,11 @@ from kvmux.ops.reference import (
     reference_f64,
     weight_rounding_bound,
 )
+from kvmux.ops import kernel_choice, quant
+from kvmux.ops.attention import torch_paged_attention
+from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
+from kvmux.ops.linear import matmul, pack_weight
+from kvmux.ops.quant import pack_blocks
 
 SUM_ERROR = 2.0 ** -20  # float32 sums: relative to the sum of |terms| (~16 ulp; a wrong term costs ~1)
 BF16_ERROR = 2.0 ** -8  # a value rounded to bf16: twice its largest relative error
@@ -105,7 +105,7 @@ def linear_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         dense = weight.to(x.dtype if fmt == "float32" else weight.dtype)
         baseline = (lambda x=x, d=dense, b=bias: F.linear(x.to(d.dtype), d, None if b is None else b.to(d.dtype)))
         trials.append(Trial(f"{rows} x {k} -> {n}{' + bias' if with_bias else ''}",
-                            lambda fn=runner(variant, layer), x=x: fn(x), ref, bound, baseline))
+                            lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound, baseline))
     return trials
 
 
@@ -134,7 +134,7 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         ref, magnitude = quant_linear_f64(fmt, raw, x, bias)
         bound = quant_sum_bound(k, magnitude, bias) + 1e-30
         dense = weight.dequantize()
-        trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=runner(variant, layer), x=x: fn(x), ref, bound,
+        trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound,
                             lambda x=x, d=dense, b=bias: F.linear(x, d, b)))
     return trials
 

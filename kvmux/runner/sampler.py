@@ -8,40 +8,29 @@ logprobs are those logits' log-softmax (temperature 1: the argmax does not depen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kvmux.sampling import SamplingParams
+from kvmux.step.work import Sampled
 
 _MIN_TEMPERATURE = 1e-30  # well above float32's smallest normal, far below any useful value
 
-# Seeds are mixed with the token index so that each step draws from its own
-# stream: the draw depends only on (seed, step), never on batch composition or
+# Seeds are mixed with the token index so that each output token draws from its own
+# stream: the draw depends only on (seed, token_index), never on batch composition or
 # on whether the sequence was preempted and recomputed in between.
-_STEP_MIX = 0x9E3779B97F4A7C15
+_INDEX_MIX = 0x9E3779B97F4A7C15
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 6364136223846793005 + step * _STEP_MIX) & 0x7FFF_FFFF_FFFF_FFFF
+def draw_seed(seed: int, token_index: int) -> int:
+    return (seed * 6364136223846793005 + token_index * _INDEX_MIX) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def sample_seed(seed: int, index: int) -> int:
     """Seed of parallel sample `index`: sample 0 keeps the request's seed, so it equals an n=1 request."""
     if index == 0:
         return seed
-    # A different multiplier from step_seed, so sample streams never line up with step streams.
-    return ((seed ^ 0x5DEECE66D) * 0xD1B54A32D192ED03 + index * _STEP_MIX) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-@dataclass
-class Sampled:
-    """One drawn token; with logprobs asked for, its log-probability and the likeliest alternatives."""
-
-    token: int
-    logprob: float | None = None
-    # (token id, logprob), likeliest first: as many as asked, fewer when the filters leave fewer tokens.
-    top: list[tuple[int, float]] | None = None
+    # A different multiplier from draw_seed, so sample streams never line up with token streams.
+    return ((seed ^ 0x5DEECE66D) * 0xD1B54A32D192ED03 + index * _INDEX_MIX) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def penalize(row: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:
@@ -81,9 +70,9 @@ def _with_logprobs(token: int, row: torch.Tensor, k: int) -> Sampled:
     return Sampled(token, float(logprobs[token]), top)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], token_indices: list[int],
            output_ids: list[list[int]]) -> list[Sampled]:
-    """One token per row of logits [K, vocab]; seeds/steps give each row its random stream, output_ids
+    """One token per row of logits [K, vocab]; seeds and token_indices give each row its random stream, output_ids
     each row's output so far (what penalties count; empty when the row has none)."""
     out = [Sampled(t) for t in logits.argmax(dim=-1).tolist()]
     generator = torch.Generator(device=logits.device)
@@ -95,7 +84,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
             token = int(row.argmax()) if p.penalized else out[i].token
         else:
             row = filtered(row, p)
-            generator.manual_seed(step_seed(seeds[i], steps[i]))
+            generator.manual_seed(draw_seed(seeds[i], token_indices[i]))
             token = int(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator))
         out[i] = Sampled(token) if p.logprobs is None else _with_logprobs(token, row, p.logprobs)
     return out

@@ -1,6 +1,6 @@
 """Float64 references of the kernels and the fresh random inputs they are checked on.
 
-The suite (tests/) and the kernel checks and benchmarks (bench/attention.py,
+The suite (tests/) and the kernel checks and benchmarks (kvmux.checks.kernels, bench/attention.py,
 bench/gpu_check.py) all check against these, so a kernel is held to one
 standard wherever it runs.
 """
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
-from kvmux.engine.messages import Chunk
-from kvmux.model.forward_batch import ForwardBatch
+from kvmux.ops.attention import torch_paged_attention
+from kvmux.ops.quant import ACTIVATION_BITS, BLOCK, GGUF_BLOCK_BYTES
+from kvmux.step.forward_batch import ForwardBatch
+from kvmux.step.work import Chunk
 
 NUM_LAYERS = 2
 LAYER = 1  # not layer 0, so a wrong layer offset shows
@@ -108,8 +110,6 @@ def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[tor
 
 def expected_pool(case: Case) -> torch.Tensor:
     """The pool after the torch reference wrote this step's K/V (what every backend must leave)."""
-    from kvmux.ops.attention import torch_paged_attention
-
     cache = case.fresh_cache()
     torch_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)
     return cache.kv
@@ -121,8 +121,6 @@ def expected_pool(case: Case) -> torch.Tensor:
 
 def random_gguf_blocks(qtype: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """Fresh GGUF blocks of every integer the type can hold (Q8_0's -128 too), uint8 [rows, cols / 32 * bytes]."""
-    from kvmux.ops.quant import BLOCK, GGUF_BLOCK_BYTES
-
     blocks = cols // BLOCK
     scale = (torch.rand(rows, blocks, 1, generator=generator) * 0.02 + 1e-4).half()
     header = [scale]
@@ -140,8 +138,6 @@ def random_gguf_blocks(qtype: str, rows: int, cols: int, generator: torch.Genera
 def gguf_parts_f64(qtype: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF blocks uint8 [N, bytes] -> (d q', m) float64 [N, K] with w = d q' + m, decoded from the bytes as
     llama.cpp defines them: q' = q for Q8_0 and Q4_1, q - 8 for Q4_0; m = 0 except for Q4_1."""
-    from kvmux.ops.quant import GGUF_BLOCK_BYTES
-
     b = raw.reshape(raw.shape[0], -1, GGUF_BLOCK_BYTES[qtype])
     d = b[..., 0:2].contiguous().view(torch.float16).double()                   # [N, blocks, 1]
     m = torch.zeros_like(d)
@@ -178,8 +174,6 @@ def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, magnitude) in float64 with x quantized as the kernels do: y is what they compute bar float32 rounding,
     and magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
-    from kvmux.ops.quant import ACTIVATION_BITS
-
     dq, m = gguf_parts_f64(qtype, raw)
     q, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
     xq = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
@@ -189,8 +183,6 @@ def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
 
 def activation_rounding_bound(qtype: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Bound on |y - x W^T| from quantizing x alone: each x is off by at most half its block's step d_x / 2."""
-    from kvmux.ops.quant import ACTIVATION_BITS
-
     w = dequantize_gguf_f64(qtype, raw).abs().reshape(raw.shape[0], -1, 32).sum(-1)   # [N, blocks]
     _, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
     return (d.double() / 2) @ w.T

@@ -7,29 +7,34 @@ the copier, before the forward that may depend on them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from kvmux.cache.kv_cache import KVCache
-from kvmux.cache.tiers import BlockCopy
-from kvmux.cache.transfer import BlockCopier
-from kvmux.engine.messages import Chunk
-from kvmux.engine.sampler import Sampled, sample
-from kvmux.model.forward_batch import ForwardBatch
-
-
-@dataclass
-class StepWork:
-    chunks: list[Chunk]  # each with its block table; those with a draw get a token sampled
-    copies: list[BlockCopy] = field(default_factory=list)  # in order, before the forward
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.cache.tiers import DISK
+from kvmux.cache.transfer import BlockCopier, DiskPool, host_pool, make_copier
+from kvmux.runner.sampler import sample
+from kvmux.step.forward_batch import ForwardBatch
+from kvmux.step.work import Sampled, StepWork
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, copier: BlockCopier | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, copier: BlockCopier | None = None,
+                 disk_pool: DiskPool | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.copier = copier or BlockCopier([kv_cache.kv], kv_cache.geometry.block_bytes)
+        self.disk_pool = disk_pool
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, geometry: PoolGeometry, num_blocks: int, num_host_blocks: int,
+              num_disk_blocks: int, disk_cache_dir: str | None, device: str) -> Runner:
+        """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
+        asynchronous copies) and, with disk blocks, the disk tier's file in disk_cache_dir."""
+        kv_cache = KVCache(num_blocks, geometry, device)
+        disk_pool = DiskPool(geometry, num_disk_blocks, disk_cache_dir) if num_disk_blocks else None
+        pools = [kv_cache.kv, host_pool(geometry, num_host_blocks, pinned=kv_cache.kv.is_cuda),
+                 disk_pool and disk_pool.tensor]
+        return cls(model, kv_cache, make_copier(pools, geometry.block_bytes), disk_pool)
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[Sampled]:
@@ -47,11 +52,18 @@ class Runner:
         if len(rows) != len(draws):
             logits = logits[torch.tensor(rows, device=logits.device)]
         seeded = [(d, seed) for d in draws for seed in (d.seed, *d.fork_seeds)]
-        return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded], [d.step for d, _ in seeded],
-                      [d.output_ids for d, _ in seeded])
+        return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded],
+                      [d.token_index for d, _ in seeded], [d.output_ids for d, _ in seeded])
 
     def copy_bytes_per_s(self) -> float:
         return self.copier.bytes_per_s()
 
     def stats(self) -> dict:
         return self.copier.stats()
+
+    def close(self) -> None:
+        """Delete the disk tier's file; call once no step runs any more."""
+        if self.disk_pool is not None:
+            self.copier.pools[DISK] = None
+            self.disk_pool.close()
+            self.disk_pool = None

@@ -1,0 +1,115 @@
+"""The options several commands share, read from EngineConfig and SamplingParams so that the command line,
+the Python API and the server agree on names, allowed values and defaults; the prompt a command is given; and
+the connection to the server that --socket names."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+
+from kvmux.config import ConfigError, EngineConfig
+from kvmux.sampling import SamplingParams
+from kvmux.serve.unix_socket import default_socket_path
+
+DTYPE_SPELLINGS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def dtype_name(text: str) -> str:
+    name = DTYPE_SPELLINGS.get(text.lower(), text.lower())
+    if name in ("float16", "fp16", "half"):
+        raise argparse.ArgumentTypeError("float16 is not supported: the CPU kernels have no float16 path; "
+                                         "use bfloat16 (bf16) for half the memory of float32")
+    return name
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        help, choices = f.metadata["help"], f.metadata["choices"] or None
+        if f.type == "bool":  # --flag / --no-flag
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            continue
+        kind = {"str": str, "int": int, "float": float}[f.type.split(" | ")[0]]  # "int | None" -> int
+        if f.name == "dtype":
+            kind = dtype_name
+        group.add_argument(flag(f.name), type=kind, default=f.default, choices=choices, help=help,
+                           metavar="{" + ",".join(map(str, choices)) + "}" if choices else None)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                       help="most tokens to generate (default: as many as the context leaves)")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy")
+    group.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens, 0 = all")
+    group.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling: the likeliest tokens "
+                                                                    "holding this much probability")
+    group.add_argument("--min-p", type=float, default=d.min_p,
+                       help="drop tokens less likely than this times the likeliest, 0 = off")
+    group.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                       help="lower the logit of every token already generated")
+    group.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                       help="lower a token's logit by this per time it was generated")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos)
+    try:
+        params.validate()
+    except ValueError as exc:  # e.g. "max_tokens must be an integer >= 1": name the flag
+        name, _, problem = str(exc).partition(" ")
+        raise ConfigError(name, problem) from None
+    return params
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    parser.add_argument("--system", default=None, help="a system message for the chat template")
+
+
+def build_prompt(args: argparse.Namespace) -> str | list[dict]:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.raw:
+        return prompt
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def add_socket_arg(parser: argparse.ArgumentParser, wait: bool = True) -> None:
+    parser.add_argument("--socket", default=default_socket_path(), help="the server's Unix socket")
+    if wait:
+        parser.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                            help="how long to wait for the server to come up (it accepts once its model is "
+                                 "loaded; the first start converts the model and takes longer)")
+
+
+async def connect(args: argparse.Namespace):
+    """An AsyncClient connected to --socket, retrying until --wait runs out."""
+    from kvmux.serve.client import AsyncClient, ConnectionFailed
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            return await AsyncClient(args.socket).connect()
+        except ConnectionFailed:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
