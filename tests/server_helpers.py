@@ -4,13 +4,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 import msgpack
 import openai
 
 from kvmux import Engine
-from kvmux.engine.loop_thread import LoopThread
+from kvmux.loop_thread import LoopThread
 from kvmux.serve import protocol
 from kvmux.serve.http import HttpOptions, HttpServer
 from kvmux.serve.server import Server, ServerOptions
@@ -26,6 +28,19 @@ SOCKETS = tempfile.TemporaryDirectory(prefix="kvx-", dir="/tmp")
 
 def short_dir() -> str:
     return tempfile.mkdtemp(dir=SOCKETS.name)
+
+
+def serve_http(*args: str) -> tuple[subprocess.Popen, str]:
+    """`kvmux serve --port 0 ARGS` in a process of its own, and its API's base URL once it serves HTTP."""
+    server = subprocess.Popen([sys.executable, "-m", "kvmux", "serve", "--port", "0", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:
+        line = server.stdout.readline()
+        if not line:
+            server.kill()
+            raise AssertionError(f"the server exited before it served HTTP (exit code {server.wait()})")
+        if "http://" in line:
+            return server, line.split()[line.split().index("on") + 1]
 
 
 class EngineThread:

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from http.client import HTTPConnection
 
 import openai
@@ -20,7 +18,7 @@ from kvmux.sampling import SamplingParams
 from kvmux.serve.client import Client
 
 from engine_helpers import PROMPT, PROMPTS, ForwardGate, failing_on_call, greedy, kill_decode_at_step
-from server_helpers import ServedHttp, short_dir
+from server_helpers import ServedHttp, serve_http, short_dir
 
 CHAT = [{"role": "user", "content": "hello world"}]
 EXACT = {"ignore_eos": True, "return_tokens_as_token_ids": True}  # exact lengths; logprobs name token ids
@@ -466,17 +464,9 @@ def test_disconnect_mid_stream_frees_blocks(http):
 
 def test_serve_http_and_socket_together_and_sigterm_drains(tiny):
     path = os.path.join(short_dir(), "h.sock")
-    server = subprocess.Popen([sys.executable, "-m", "kvmux", "serve", "--port", "0", "--socket", path,
-                               "--served-model-name", "tiny", "--model", tiny, "--num-blocks", "64",
-                               "--block-size", "8", "--grace-period", "30"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, url = serve_http("--socket", path, "--served-model-name", "tiny", "--model", tiny, "--num-blocks", "64",
+                             "--block-size", "8", "--grace-period", "30")
     try:
-        url = None
-        while url is None:
-            line = server.stdout.readline()
-            assert line, "the server exited before it served HTTP"
-            if "http://" in line:
-                url = line.split()[line.split().index("on") + 1]
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         with Client(path) as socket_client:  # the same engine answers on the socket

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -27,6 +28,7 @@ from kvmux.model.sharding import Shard, rank_config, shard_weight
 from kvmux.parallel.driver import RankFailure
 
 from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, greedy, hf_greedy, run_engine
+from server_helpers import serve_http
 from tiny_model import make_tiny_model, tiny_config
 
 TP = dict(num_blocks=96, block_size=8, threads=1, dtype="float32")  # parity is checked in float32
@@ -228,3 +230,24 @@ def test_a_rank_with_another_model_is_refused(tiny, kv4):
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_serve_http_with_two_ranks(tiny, reference):
+    """`kvmux serve --port P --tensor-parallel-size 2` serves chat and text completions; the HTTP server used to
+    read the pool's geometry from a KV cache the engine process has no more under tensor parallelism."""
+    server, url = serve_http("--model", tiny, "--served-model-name", "tiny", "--tensor-parallel-size", "2",
+                             "--threads", "1", "--dtype", "float32", "--num-blocks", "96", "--block-size", "8")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello world"}],
+                                              max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
+        text = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        tokens = [int(t.removeprefix("token_id:")) for t in text.choices[0].logprobs.tokens]
+        assert tokens == reference[3][:12]  # transformers' greedy tokens, through two ranks and HTTP
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()

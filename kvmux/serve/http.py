@@ -169,7 +169,7 @@ class HttpServer:
         self.options = options
         self.model = options.served_model_name or engine.loaded.name
         self.formatter = Formatter(engine.tokenizer, self.model)
-        self.metrics = Metrics(engine.kv_cache.geometry.block_bytes, ROUTES)
+        self.metrics = Metrics(engine.geometry.block_bytes, ROUTES)
         self.closing = False
         self.active: set[str] = set()  # the request_ids of the generations in flight
         self.created = int(time.time())
