@@ -90,6 +90,10 @@ class EngineConfig:
         None, "torch.distributed rendezvous of the ranks, e.g. tcp://HOST:PORT (default: a free port on this "
               "machine; needed with --nnodes > 1)")
     nnodes: int = setting(1, "machines the ranks span; the others run `kvmux worker`")
+    structured_max_bytes: int = setting(65536, "largest structured-output constraint (a JSON schema, regex, choice "
+                                               "list or grammar) a request may carry, in bytes of its text")
+    structured_compile_timeout: float = setting(10.0, "seconds a structured-output constraint may take to compile "
+                                                      "before its request is refused as invalid_params")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that cannot work, before anything is loaded."""
@@ -116,6 +120,8 @@ class EngineConfig:
             ("quantization", self.quantization != "q8_0" or self.device == "cpu",
              f"q8_0 runs on the CPU kernels only, not on {self.device}; use --quantization none"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("structured_max_bytes", self.structured_max_bytes >= 1, "must be >= 1"),
+            ("structured_compile_timeout", self.structured_compile_timeout > 0, "must be > 0"),
             ("nnodes", self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,
              "must be >= 1 and divide --tensor-parallel-size (every machine runs as many ranks)"),
             ("distributed_init_method", self.nnodes == 1 or self.distributed_init_method is not None,

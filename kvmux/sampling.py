@@ -18,10 +18,60 @@ MAX_STOP = 16  # stop strings
 MAX_STOP_CHARS = 256  # characters of one stop string (the stream holds back up to this much text)
 MAX_STOP_TOKEN_IDS = 1024  # stop token ids
 TOKEN_ID_LIMIT = 2**31  # token ids are below this (admission stores them as 4-byte ints)
+MAX_CHOICES = 256  # strings of a structured_outputs choice
+CONSTRAINT_FIELDS = ("json", "json_object", "regex", "choice", "grammar")  # StructuredOutputs' fields
 
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class StructuredOutputs:
+    """What a request's output must be, named as vLLM's StructuredOutputsParams: exactly one field is set.
+
+    Every token the constraint forbids is masked before any other sampling step, end-of-sequence is allowed
+    only where the output is complete, and a sample whose output can grow no further ends with finish_reason
+    "stop". max_tokens may still cut it short ("length"), mid-structure. The engine compiles the constraint with
+    llguidance and refuses one that does not compile, or is too large or too slow to, as invalid_params.
+    """
+
+    json: dict | str | None = None  # a JSON schema (draft 2020-12, as llguidance supports it), or its text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | None = None  # the output is one of these strings
+    grammar: str | None = None  # a Lark grammar, or llama.cpp's GBNF
+
+    @classmethod
+    def from_map(cls, fields: dict) -> StructuredOutputs:
+        """From a map of its fields, as the socket and HTTP carry it; ValueError names a field it does not have."""
+        unknown = sorted(set(fields) - set(CONSTRAINT_FIELDS), key=repr)
+        if unknown:
+            raise ValueError(f"structured_outputs has no field(s) {', '.join(map(repr, unknown))}; its fields are "
+                             f"{', '.join(CONSTRAINT_FIELDS)}")
+        return cls(**fields)
+
+    def fields_set(self) -> list[str]:
+        return [name for name in CONSTRAINT_FIELDS if getattr(self, name) not in (None, False)]
+
+    def problem(self) -> str | None:
+        """What makes it unusable before it is compiled (several fields set, a wrong type), or None."""
+        set_ = self.fields_set()
+        if len(set_) != 1:
+            return (f"structured_outputs must set exactly one of json, json_object, regex, choice, grammar "
+                    f"(it sets {', '.join(set_) or 'none'})")
+        if not isinstance(self.json, (dict, str, type(None))):
+            return "structured_outputs.json must be a JSON schema: an object, or its text"
+        if not isinstance(self.json_object, bool):
+            return "structured_outputs.json_object must be true or false"
+        for name in ("regex", "grammar"):
+            if not isinstance(getattr(self, name), (str, type(None))) or getattr(self, name) == "":
+                return f"structured_outputs.{name} must be a non-empty string"
+        if self.choice is not None and not (
+                isinstance(self.choice, list) and 0 < len(self.choice) <= MAX_CHOICES
+                and all(isinstance(c, str) and c for c in self.choice)):
+            return f"structured_outputs.choice must be a list of 1 to {MAX_CHOICES} non-empty strings"
+        return None
 
 
 @dataclass
@@ -52,6 +102,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # parallel samples of one prompt: it is prefilled once and its blocks are shared
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k likeliest alternatives
+    structured_outputs: StructuredOutputs | None = None  # a constraint on the output (JSON, regex, choice, grammar)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -86,6 +137,11 @@ class SamplingParams:
         yield (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]")
+        constraint = self.structured_outputs
+        yield (constraint is None or isinstance(constraint, StructuredOutputs),
+               "structured_outputs must be None or a StructuredOutputs")
+        problem = constraint and constraint.problem()
+        yield not problem, problem
 
     @property
     def greedy(self) -> bool:

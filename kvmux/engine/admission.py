@@ -1,6 +1,8 @@
-"""Admission: validates and tokenizes requests, enforces limits, applies backpressure, routes aborts."""
+"""Admission: validates and tokenizes requests, compiles their structured-output constraints, enforces limits,
+applies backpressure, routes aborts."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from array import array
@@ -8,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor
+from kvmux.engine.constraints import ConstraintError, Constraints
 from kvmux.engine.detokenize import initial_offsets
 
 MAX_CACHE_SALT = 256  # characters of a request's cache salt
@@ -27,9 +30,13 @@ class Limits:
 class Admission(Actor):
     name = "admission"
 
-    def __init__(self, tokenizer, limits: Limits, prefill: Actor, decode: Actor, router: Actor) -> None:
+    def __init__(self, tokenizer, limits: Limits, prefill: Actor, decode: Actor, router: Actor,
+                 constraints: Constraints) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.constraints = constraints
+        self.constraint_keys: dict[str, str] = {}  # request id -> the compiled constraint it holds
+        self.compiling: set[asyncio.Task] = set()
         self.limits = limits
         self.prefill = prefill
         self.decode = decode
@@ -53,6 +60,9 @@ class Admission(Actor):
         elif isinstance(message, messages.Finished):
             for request_id in message.request_ids:
                 self.live.pop(request_id, None)
+                key = self.constraint_keys.pop(request_id, None)
+                if key is not None:
+                    self.constraints.release(key)
         elif isinstance(message, messages.StatsQuery):
             self.router.send(messages.StatsReply(message.query_id, self.name, {
                 "requests_admitted": self.admitted, "requests_rejected": self.rejected, "requests_live": len(self.live),
@@ -99,11 +109,35 @@ class Admission(Actor):
         self.admitted += 1
         # The one copy the request keeps for its life (validate bounded it): stop ids as 4-byte ints.
         params = replace(sub.params, stop_token_ids=array("i", sub.params.stop_token_ids))
-        self.prefill.send(messages.Admitted(messages.SeqState(
+        seq = messages.SeqState(
             request_id=sub.request_id, serial=serial, token_ids=prompt_ids, num_prompt_tokens=len(prompt_ids), params=params,
             seed=seed, arrival=sub.arrival, priority=sub.priority,
             prefix_offset=prefix_offset, read_offset=read_offset, cache_salt=salt,
-        )))
+        )
+        if params.structured_outputs is None:
+            self.prefill.send(messages.Admitted(seq))
+            return None
+        # Compiling takes a thread and may take a while: admission goes on with other requests meanwhile. An abort
+        # that arrives first reaches prefill and decode by serial as usual, and ends the request when it comes.
+        task = asyncio.create_task(self._compile_then_admit(seq))
+        self.compiling.add(task)
+        task.add_done_callback(self.compiling.discard)
+        return None
+
+    async def _compile_then_admit(self, seq: messages.SeqState) -> None:
+        try:
+            key = await self.constraints.compile(seq.params.structured_outputs)
+        except ConstraintError as exc:
+            self.live.pop(seq.request_id, None)
+            self.admitted -= 1
+            return self._reject(seq.request_id, "invalid_params", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a broken compile refuses its request, not the engine
+            self.live.pop(seq.request_id, None)
+            self.admitted -= 1
+            return self._reject(seq.request_id, "internal_error", f"compiling structured_outputs failed: {exc!r}")
+        self.constraint_keys[seq.request_id] = seq.constraint = key
+        self.prefill.send(messages.Admitted(seq))
+        return None
 
     def _tokenize(self, sub: messages.Submit) -> list[int]:
         if sub.chat is not None:
@@ -111,7 +145,7 @@ class Admission(Actor):
                 raise ValueError("this model has no chat template, so chat messages cannot be formatted; send the "
                                  "prompt as raw text instead (`--raw` on the command line, a string in Python)")
             try:
-                text = self.tokenizer.apply_chat_template(sub.chat)
+                text = self.tokenizer.apply_chat_template(sub.chat, tools=sub.tools)
             except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, ...)
                 raise ValueError(f"the model's chat template refused the messages: {exc}") from None
             ids = self.tokenizer.tokenize(text, add_special_tokens=False)

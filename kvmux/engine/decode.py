@@ -22,6 +22,7 @@ from dataclasses import replace
 from kvmux.cache.block_manager import BlockManager
 from kvmux.engine import messages
 from kvmux.engine.actor import Actor, log
+from kvmux.engine.constraints import Constraints
 from kvmux.engine.detokenize import detokenize_step
 from kvmux.engine.tombstones import Tombstones
 from kvmux.runner.runner import Runner
@@ -33,7 +34,8 @@ class Decode(Actor):
     name = "decode"
 
     def __init__(self, blocks: BlockManager, runner: Runner, executor: Executor, tokenizer, eos_ids: set[int],
-                 max_num_batched_tokens: int, prefill: Actor, eviction: Actor, router: Actor) -> None:
+                 max_num_batched_tokens: int, prefill: Actor, eviction: Actor, router: Actor,
+                 constraints: Constraints) -> None:
         super().__init__()
         self.blocks = blocks
         self.runner = runner
@@ -44,6 +46,7 @@ class Decode(Actor):
         self.prefill = prefill
         self.eviction = eviction
         self.router = router
+        self.constraints = constraints
         self.running: dict[str, messages.SeqState] = {}  # by seq_id: each parallel sample runs on its own
         self.prefill_ready = False
         self.stopping = False
@@ -136,6 +139,7 @@ class Decode(Actor):
         for seq in held:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
+        self.constraints.retain(self.running)
         if held:
             self.router.send(messages.StepOutputs([out for seq in held for out in seq.ended(error)]))
 
@@ -176,6 +180,7 @@ class Decode(Actor):
                 if seq.unforked:
                     outputs += self._fork(seq, tokens)
                 outputs.append(self._advance_or_fail(seq, drawn))
+        self.constraints.retain(self.running)
         if outputs:
             self.router.send(messages.StepOutputs(outputs))
         now = time.perf_counter()
@@ -262,10 +267,11 @@ class Decode(Actor):
         chunks: list[Chunk] = []
         sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
+        masked: list = []  # the matchers of the draws under structured outputs, in mask_row order
         for seq_id, seq in self.running.items():
             last = seq.token_ids[-1]
             self.blocks.append_slots(seq_id, [last])
-            chunks.append(self._sampled_chunk(seq, Chunk(seq_id, len(seq.token_ids) - 1, [last])))
+            chunks.append(self._sampled_chunk(seq, Chunk(seq_id, len(seq.token_ids) - 1, [last]), masked))
             sampled.append(seq)
             computed.append((seq_id, len(seq.token_ids)))
         finishing = {s.seq_id: s for s in plan.handoffs}
@@ -276,19 +282,23 @@ class Decode(Actor):
                     continue  # aborted in prefill since it planned the chunk: its blocks are gone
                 chunks.append(chunk)
             else:
-                chunks.append(self._sampled_chunk(seq, chunk))
+                chunks.append(self._sampled_chunk(seq, chunk, masked))
                 sampled.append(seq)
                 self.running[seq.seq_id] = seq
             computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
-        return StepWork(chunks), sampled, computed
+        # The masks are filled on another thread while the forward runs; sampling waits for them.
+        return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None), sampled, computed
 
-    def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk) -> Chunk:
+    def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk, masked: list) -> Chunk:
         """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first
-        tokens of all n samples from its logits."""
+        tokens of all n samples from its logits (all under one mask: their outputs are empty alike)."""
         forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
         chunk.block_table = self.blocks.block_table(seq.seq_id)
         history = seq.token_ids[seq.num_prompt_tokens:] if seq.params.penalized else []
         chunk.draw = Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history)
+        if seq.constraint is not None:
+            chunk.draw.mask_row = len(masked)
+            masked.append(self.constraints.matcher(seq.seq_id, seq.constraint, seq.token_ids[seq.num_prompt_tokens:]))
         return chunk
 
     def _fork(self, seq: messages.SeqState, tokens) -> list[messages.SeqOutput]:
@@ -318,6 +328,7 @@ class Decode(Actor):
             if self.blocks.has(seq.seq_id):
                 self.blocks.free(seq.seq_id)
                 outputs += seq.ended(error)
+        self.constraints.retain(self.running)
         self.router.send(messages.StepOutputs(outputs))
         finishing = {s.seq_id for s in handoffs}
         unfinished = [c.seq_id for c in plan.chunks if c.seq_id not in finishing] if plan else []
@@ -345,6 +356,9 @@ class Decode(Actor):
         finish = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
             finish = "stop"
+        elif seq.constraint is not None and self.constraints.matcher(
+                seq.seq_id, seq.constraint, seq.token_ids[seq.num_prompt_tokens:]).is_stopped():
+            finish = "stop"  # the output is complete: the constraint allows no further token (but end-of-sequence)
         elif seq.num_output_tokens >= params.max_tokens:
             finish = "length"
         text, seq.prefix_offset, seq.read_offset = detokenize_step(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import msgpack
 
-from kvmux.sampling import SamplingParams
+from kvmux.sampling import SamplingParams, StructuredOutputs
 from kvmux.step.work import Chunk, Draw
 
 
@@ -49,6 +49,8 @@ class SeqState:
     # Enters the root of the sequence's block hash chain: only requests of the same salt share prefix blocks.
     cache_salt: str | None = None
     scheduled: float = 0.0  # when prefill first gave it blocks (time.monotonic(), as arrival); 0: not yet
+    # Under structured outputs: the compiled constraint's key (engine.constraints), which admission holds for it.
+    constraint: str | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -89,6 +91,7 @@ class Submit:
     priority: int
     arrival: float
     cache_salt: str | None = None
+    tools: list[dict] | None = None  # with chat: the tools the chat template is given (OpenAI's function format)
 
 
 @dataclass
@@ -249,7 +252,7 @@ class Shutdown:
 
 
 _CLASSES = {cls.__name__: cls for cls in (
-    SamplingParams, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Draw, Chunk,
+    SamplingParams, StructuredOutputs, SeqState, Submit, Abort, Admitted, Requeue, WorkAvailable, StepRequest, Draw, Chunk,
     StepFailed, StepPlan, Candidate, Pressure, Preemption, PreemptOrder, Swapped, SeqOutput, StepOutputs, Finished, Rejected,
     StatsQuery, StatsReply, Shutdown,
 )}

@@ -20,6 +20,7 @@ from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
+from kvmux.engine.constraints import Constraints
 from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
@@ -125,6 +126,9 @@ class Engine:
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
+        eos_ids = eos_token_ids(self.loaded)
+        self.constraints = Constraints(tokenizer.backend.to_str(), arch.vocab_size, eos_ids, cfg.structured_max_bytes,
+                                       cfg.structured_compile_timeout)
         low = int(cfg.watermark * num_blocks)
         self.router = Router()
         self.prefill = Prefill(self.blocks, cfg.max_num_seqs, watermark_blocks=low, router=self.router)
@@ -132,14 +136,15 @@ class Engine:
                         block_bytes=geometry.block_bytes)
         self.eviction = Eviction(self.blocks, policy, router=self.router)
         self.decode = Decode(self.blocks, self.runner, self.executor,
-                             tokenizer, eos_token_ids(self.loaded), cfg.max_num_batched_tokens,
-                             prefill=self.prefill, eviction=self.eviction, router=self.router)
+                             tokenizer, eos_ids, cfg.max_num_batched_tokens,
+                             prefill=self.prefill, eviction=self.eviction, router=self.router,
+                             constraints=self.constraints)
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,
                         block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=arch.vocab_size,
                         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit)
-        self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router)
+        self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router, self.constraints)
         self.router.admission = self.admission
         self._actors = [self.admission, self.prefill, self.decode, self.eviction]
         self._tasks = [asyncio.create_task(a.run(), name=f"kvmux-{a.name}") for a in self._actors + [self.router]]
@@ -182,6 +187,7 @@ class Engine:
         for stream in self.router.streams.values():
             stream.put(KvmuxError("not_running", "the engine stopped before this request finished"))
         self.executor.shutdown(wait=True)
+        self.constraints.close()
         # No step runs any more: tensor-parallel ranks can be stopped (which waits for them), the disk tier's file go.
         if isinstance(self.runner, ParallelRunner):
             await asyncio.get_running_loop().run_in_executor(None, self.runner.close)
@@ -195,14 +201,15 @@ class Engine:
         return self.loaded.tokenizer
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                       request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0, cache_salt: str | None = None,
+                       tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's output. prompt is raw text, token ids, or chat messages (the chat template is applied).
 
         With params.n > 1 the pieces of all n samples interleave, told apart by
         `index`; each sample's last piece has finished=True, and the stream
         ends after all n. Leaving the loop early (break, cancellation) aborts the request.
         Requests share cached prefix blocks only with requests of the same `cache_salt` (None: unsalted).
+        With chat messages, `tools` (OpenAI's function definitions) are handed to the chat template.
         Raises RequestRejected when admission refuses it.
         """
         if not self._tasks:
@@ -212,10 +219,12 @@ class Engine:
             raise RequestRejected("duplicate_request_id", f"request id {request_id!r} is already in flight")
         params = params or SamplingParams()
         arrival = time.monotonic()
-        submit = messages.Submit(request_id, *split_prompt(prompt), replace(params), priority, arrival, cache_salt)
+        submit = messages.Submit(request_id, *split_prompt(prompt), replace(params), priority, arrival, cache_salt,
+                                 tools)
         try:
             self.admission.send(submit)
-        except (UnicodeEncodeError, OverflowError) as exc:  # a lone surrogate; an integer msgpack cannot carry
+        # A lone surrogate; an integer msgpack cannot carry; an object in the tools or messages that is not data.
+        except (UnicodeEncodeError, OverflowError, TypeError) as exc:
             try:
                 params.validate()  # names the field, where a sampling parameter is what failed
             except ValueError as bad:
@@ -268,7 +277,7 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
-            **self.runner.stats(), **kernel_counts(self.kernels),
+            **self.runner.stats(), **self.constraints.stats(), **kernel_counts(self.kernels),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged

@@ -51,16 +51,17 @@ class Tokenizer:
         text = self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """The conversation as the model's template writes it, as transformers' apply_chat_template renders it
-        (keys whose value is None dropped, the special tokens passed by name)."""
+        (keys whose value is None dropped, the special tokens passed by name, `tools` as the template's `tools`)."""
         if not self.chat_template:
             raise ValueError("the model has no chat template")
         if not messages:
             raise ValueError("cannot apply the chat template to an empty conversation")
         chat = [{k: v for k, v in message.items() if v is not None} for message in messages]
-        rendered, _ = chat_renderer()([chat], chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        rendered, _ = chat_renderer()([chat], tools=tools, chat_template=self.chat_template,
+                                      add_generation_prompt=add_generation_prompt, **self.special_tokens)
         return rendered[0]
 
 

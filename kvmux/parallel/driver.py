@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,9 @@ class ParallelRunner:
                 self.last_op = time.monotonic()
 
     def execute(self, work: StepWork) -> list[Sampled]:
+        if isinstance(work.masks, Future):  # the ranks need the masks themselves: they cannot wait on a future here
+            work = replace(work, masks=work.masks.result())
+
         def step() -> list[Sampled]:
             self._broadcast(("step", work))
             self.steps += 1

@@ -7,12 +7,15 @@ the copier, before the forward that may depend on them.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
+
 import torch
 
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.cache.tiers import DISK
 from kvmux.cache.transfer import BlockCopier, DiskPool, host_pool, make_copier
-from kvmux.runner.sampler import sample
+from kvmux.runner.sampler import mask_logits, sample
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Sampled, StepWork
 
@@ -24,6 +27,7 @@ class Runner:
         self.kv_cache = kv_cache
         self.copier = copier or BlockCopier([kv_cache.kv], kv_cache.geometry.block_bytes)
         self.disk_pool = disk_pool
+        self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
     @classmethod
     def build(cls, model: torch.nn.Module, geometry: PoolGeometry, num_blocks: int, num_host_blocks: int,
@@ -52,6 +56,12 @@ class Runner:
         if len(rows) != len(draws):
             logits = logits[torch.tensor(rows, device=logits.device)]
         seeded = [(d, seed) for d in draws for seed in (d.seed, *d.fork_seeds)]
+        if work.masks is not None:
+            started = time.perf_counter()
+            masks = work.masks.result() if isinstance(work.masks, Future) else work.masks
+            self.mask_wait_seconds += time.perf_counter() - started
+            constrained = [(i, d.mask_row) for i, (d, _) in enumerate(seeded) if d.mask_row is not None]
+            logits = mask_logits(logits, masks, [i for i, _ in constrained], [m for _, m in constrained])
         return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded],
                       [d.token_index for d, _ in seeded], [d.output_ids for d, _ in seeded])
 
@@ -59,7 +69,7 @@ class Runner:
         return self.copier.bytes_per_s()
 
     def stats(self) -> dict:
-        return self.copier.stats()
+        return {**self.copier.stats(), "structured_mask_wait_seconds": self.mask_wait_seconds}
 
     def close(self) -> None:
         """Delete the disk tier's file; call once no step runs any more."""

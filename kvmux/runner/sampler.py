@@ -1,6 +1,7 @@
 """The sampler: one token per row of logits, each row with its own parameters and random stream.
 
-A row's distribution is built in SamplingParams' order: penalties on the sample's own output so far,
+A row's distribution is built in SamplingParams' order: a structured output's mask first (`mask_logits`:
+forbidden tokens' logits become -inf), then penalties on the sample's own output so far,
 temperature, then top-k, top-p and min-p, each removing tokens (their logits become -inf). The token is
 drawn from that distribution, and its logprobs, when asked for, are that distribution's log-probabilities,
 so a logprob is exactly what the draw saw. Greedy rows take the argmax of the penalized logits, and their
@@ -31,6 +32,23 @@ def sample_seed(seed: int, index: int) -> int:
         return seed
     # A different multiplier from draw_seed, so sample streams never line up with token streams.
     return ((seed ^ 0x5DEECE66D) * 0xD1B54A32D192ED03 + index * _INDEX_MIX) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def mask_logits(logits: torch.Tensor, bitmasks: torch.Tensor, rows: list[int], mask_rows: list[int]) -> torch.Tensor:
+    """logits [K, vocab] with -inf wherever logits row rows[i]'s bitmask (bitmasks[mask_rows[i]], bit t of
+    int32 word t // 32 set where token t is allowed) forbids a token; a logit past the mask's width is forbidden."""
+    words = bitmasks[torch.tensor(mask_rows)].to(logits.device)
+    allowed = ((words.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool().flatten(1)  # [len(rows), 32 * words]
+    width = logits.shape[1]
+    if allowed.shape[1] < width:
+        allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
+    index = torch.tensor(rows, device=logits.device)
+    logits = logits.clone()
+    logits[index] = logits[index].masked_fill(~allowed[:, :width], float("-inf"))
+    return logits
 
 
 def penalize(row: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:

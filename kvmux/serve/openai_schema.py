@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvmux.sampling import SamplingParams
+from kvmux.sampling import SamplingParams, StructuredOutputs
 
 MAX_PROMPTS = 64  # prompts in one completions request (times n: the choices of one request)
 
@@ -73,6 +73,11 @@ class _Generation(_Body):
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None
     return_tokens_as_token_ids: bool | None = False  # logprobs name tokens "token_id:<id>", exactly
+    # Structured outputs: vLLM's extra body (json, json_object, regex, choice, grammar), and llama.cpp's server
+    # fields (grammar: GBNF or Lark; json_schema: a schema).
+    structured_outputs: dict | None = None
+    grammar: str | None = None
+    json_schema: dict | None = None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         defaults = SamplingParams()
@@ -84,11 +89,33 @@ class _Generation(_Body):
             top_k=defaults.top_k if self.top_k is None else 0 if self.top_k == -1 else self.top_k,
             min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=stop,
-            stop_token_ids=self.stop_token_ids or [], ignore_eos=bool(self.ignore_eos), logprobs=logprobs)
+            stop_token_ids=self.stop_token_ids or [], ignore_eos=bool(self.ignore_eos), logprobs=logprobs,
+            structured_outputs=self.constraint())
+
+    def constraints(self) -> dict[str, StructuredOutputs]:
+        """The constraints the body asks for, by the field that asks (at most one may)."""
+        found = {}
+        if self.structured_outputs is not None:
+            try:
+                found["structured_outputs"] = StructuredOutputs.from_map(self.structured_outputs)
+            except ValueError as exc:
+                raise FieldError("structured_outputs", str(exc)) from None
+        if self.grammar is not None:
+            found["grammar"] = StructuredOutputs(grammar=self.grammar)
+        if self.json_schema is not None:
+            found["json_schema"] = StructuredOutputs(json=self.json_schema)
+        return found
+
+    def constraint(self) -> StructuredOutputs | None:
+        found = self.constraints()
+        if len(found) > 1:
+            raise FieldError(sorted(found)[1], f"ask for one constraint, not several ({', '.join(sorted(found))})")
+        return next(iter(found.values()), None)
 
     def check_supported(self) -> None:
         if self.logit_bias:
             raise FieldError("logit_bias", "logit_bias is not supported by this server")
+        self.constraint()
 
     @property
     def include_usage(self) -> bool:
@@ -108,10 +135,25 @@ class ChatCompletionRequest(_Generation):
         super().check_supported()
         if self.tools:
             raise FieldError("tools", "tools (function calling) are not supported by this server")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise FieldError("response_format", "only response_format {\"type\": \"text\"} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def constraints(self) -> dict[str, StructuredOutputs]:
+        found = super().constraints()
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            found["response_format"] = StructuredOutputs(json_object=True)
+        elif kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise FieldError("response_format", "response_format json_schema needs {\"json_schema\": {\"name\": "
+                                                    "..., \"schema\": {...}}} with the schema an object")
+            found["response_format"] = StructuredOutputs(json=schema)
+        elif kind != "text":
+            raise FieldError("response_format", f"response_format type must be text, json_object or json_schema, "
+                                                f"not {kind!r}")
+        return found
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 from kvmux.outputs import KvmuxError, RequestOutput
+from kvmux.sampling import StructuredOutputs
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20  # bytes of one frame's body
@@ -61,6 +62,7 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "ignore_eos": (bool,),
     "n": (int,),  # parallel samples; each output frame says which one by its index
     "logprobs": (int, type(None)),  # output frames then carry logprobs and top_logprobs
+    "structured_outputs": (dict, type(None)),  # a map of StructuredOutputs fields: json, regex, choice, ...
 }
 
 
@@ -230,6 +232,12 @@ def _params(value: dict, request_id: str) -> dict:
                                                  f"{', '.join(sorted(PARAM_TYPES))}", request_id=request_id)
         names = "/".join("nil" if t is type(None) else t.__name__ for t in PARAM_TYPES[name])
         params[name] = _field(value, name, PARAM_TYPES[name], names, request_id)
+    constraint = params.get("structured_outputs")
+    if constraint is not None:
+        try:
+            params["structured_outputs"] = StructuredOutputs.from_map(constraint)  # the engine checks the values
+        except ValueError as exc:
+            raise ProtocolError("invalid_field", str(exc), request_id=request_id) from None
     return params
 
 

@@ -6,10 +6,15 @@ per sampled row. Chunks and draws also travel between the actors as messages, so
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmux.cache.tiers import BlockCopy
 from kvmux.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the actors pass these messages without torch ever needing them
+    import torch
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Draw:
     fork_seeds: list[int] = field(default_factory=list)
     # The sample's output tokens so far, which presence and frequency penalties count; empty without penalties.
     output_ids: list[int] = field(default_factory=list)
+    # Under structured outputs: the row of StepWork.masks that says which tokens it may draw (its forks' too).
+    mask_row: int | None = None
 
 
 @dataclass
@@ -48,6 +55,10 @@ class Chunk:
 class StepWork:
     chunks: list[Chunk]  # each with its block table; those with a draw get a token sampled
     copies: list[BlockCopy] = field(default_factory=list)  # in order, before the forward
+    # The token bitmasks of the draws with a mask_row, int32 [rows, ceil(vocab / 32)], bit t of a row set where
+    # token t is allowed; or the Future that fills them while the forward runs (the engine process resolves it
+    # before a step leaves for tensor-parallel ranks).
+    masks: torch.Tensor | Future | None = None
 
 
 @dataclass
