@@ -223,8 +223,9 @@ class Engine:
                                  tools)
         try:
             self.admission.send(submit)
-        # A lone surrogate; an integer msgpack cannot carry; an object in the tools or messages that is not data.
-        except (UnicodeEncodeError, OverflowError, TypeError) as exc:
+        # A lone surrogate; an integer msgpack cannot carry; an object in the tools or messages that is not data;
+        # nesting deeper than msgpack goes (a JSON schema, say: ValueError "recursion limit exceeded").
+        except (UnicodeEncodeError, OverflowError, TypeError, ValueError) as exc:
             try:
                 params.validate()  # names the field, where a sampling parameter is what failed
             except ValueError as bad:
