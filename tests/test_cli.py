@@ -51,6 +51,9 @@ def refused(capsys, argv: list[str]) -> str:
     (["serve", "--socket", "/nonexistent/dir/x.sock"], "--socket /nonexistent/dir/x.sock: the folder "
                                                         "/nonexistent/dir does not exist"),
     (["client", "--wait", "0", "--socket", "/nonexistent/x.sock", "hi"], "no kvmux server at /nonexistent/x.sock"),
+    (["generate", "--json-schema", "{not json", "hi"], "--json-schema is not valid JSON"),
+    (["generate", "--grammar", "@/no/such/file", "hi"], "--grammar cannot read /no/such/file"),
+    (["generate", "--regex", "a", "--choice", "b", "hi"], "not allowed with argument"),
 ])
 def test_bad_usage_is_one_clear_line_before_the_load(argv, says, capsys, no_load, tiny, monkeypatch):
     monkeypatch.setenv("KVMUX_MODEL", tiny)
@@ -133,3 +136,14 @@ def test_one_set_of_sampling_defaults():
     args = cli.build_parser().parse_args(["generate", "x"])
     assert (args.temperature, args.top_k, args.top_p, args.max_tokens) == (d.temperature, d.top_k, d.top_p,
                                                                            d.max_tokens)
+
+
+def test_generate_with_a_constraint(capsys, tiny, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                  "maximum": 99}}, "required": ["n"], "additionalProperties": False}))
+    assert cli.main(["generate", "--model", tiny, "--raw", "--temperature", "1", "--json-schema", f"@{schema}",
+                     "--max-tokens", "40", "hi"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["n"] <= 99
+    assert cli.main(["generate", "--model", tiny, "--raw", "--choice", "left", "--choice", "right", "hi"]) == 0
+    assert capsys.readouterr().out.strip() in ("left", "right")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 
 from kvmux.config import ConfigError, EngineConfig
-from kvmux.sampling import SamplingParams
+from kvmux.sampling import SamplingParams, StructuredOutputs
 from kvmux.serve.unix_socket import default_socket_path
 
 DTYPE_SPELLINGS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
@@ -64,13 +66,46 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    structured = parser.add_argument_group(
+        "structured output", "constrain the output (one of these; every token the constraint forbids is masked)")
+    one = structured.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="SCHEMA", help="a JSON schema the output is valid against: its text, "
+                                                             "or @FILE")
+    one.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    one.add_argument("--regex", help="a regular expression the whole output matches")
+    one.add_argument("--choice", action="append", help="the output is one of these strings (repeat the flag)")
+    one.add_argument("--grammar", help="a grammar the output is a sentence of, Lark or llama.cpp's GBNF: its text, "
+                                       "or @FILE")
+
+
+def _text_or_file(name: str, value: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {value[1:]}: {exc.strerror}") from None
+
+
+def structured_outputs(args: argparse.Namespace) -> StructuredOutputs | None:
+    if args.json_schema is not None:
+        text = _text_or_file("json_schema", args.json_schema)
+        try:
+            return StructuredOutputs(json=json.loads(text))
+        except ValueError as exc:
+            raise ConfigError("json_schema", f"is not valid JSON: {exc}") from None
+    if args.grammar is not None:
+        return StructuredOutputs(grammar=_text_or_file("grammar", args.grammar))
+    if args.json_object or args.regex is not None or args.choice:
+        return StructuredOutputs(json_object=args.json_object, regex=args.regex, choice=args.choice)
+    return None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
-                            ignore_eos=args.ignore_eos)
+                            ignore_eos=args.ignore_eos, structured_outputs=structured_outputs(args))
     try:
         params.validate()
     except ValueError as exc:  # e.g. "max_tokens must be an integer >= 1": name the flag
