@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 
 # Tests never reach a model hub: everything they load is built by the tests or shipped in a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +18,18 @@ def tiny(tmp_path_factory) -> str:
     """The tiny random-weight Llama (4 query heads, 2 KV heads, vocab 320) with its tokenizer: the model
     every engine, server and example test runs."""
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_long(tiny, tmp_path_factory) -> str:
+    """The tiny model with 2048 positions instead of 256 (its random weights take any position): room for a
+    conversation with tools, whose description in the generic tool-calling format alone outgrows 256 tokens
+    of its tokenizer (about one token per character)."""
+    model = tmp_path_factory.mktemp("tiny_long") / "m"
+    shutil.copytree(tiny, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    return str(model)
 
 
 @pytest.fixture(scope="session")

@@ -285,7 +285,7 @@ def test_metrics_count_requests_and_read_the_engine(http):
     ({"temperature": -1}, "temperature"), ({"max_tokens": "10"}, "max_tokens"), ({"n": 0}, "n"),
     ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"stream": "yes"}, "stream"), ({"tools": [{"type": "function"}]}, "tools"), ({"min_p": 2}, "min_p"),
+    ({"stream": "yes"}, "stream"), ({"tools": [{"type": "function"}]}, "tools.0.function"), ({"min_p": 2}, "min_p"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"seed": 2**64}, "seed"), ({"max_tokens": 100000}, "messages"),
 ])
 def test_bad_chat_requests_are_400_naming_the_field(http, fields, param):

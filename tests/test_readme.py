@@ -1,4 +1,5 @@
-"""Every command and snippet in README.md runs verbatim (on the tiny model, through $KVMUX_MODEL).
+"""Every command and snippet in README.md runs verbatim (on the tiny model with room for tools, through
+$KVMUX_MODEL).
 
 `make` lines are what the suite itself runs under, so blocks holding them are skipped; a Python snippet
 that talks to a server gets one, started the way the README says (`kvmux serve`, or `kvmux serve --port
@@ -27,13 +28,13 @@ def test_the_readme_has_snippets_to_run():
 
 
 @pytest.fixture
-def env(tiny, tmp_path) -> dict:
+def env(tiny_long, tmp_path) -> dict:
     """The README's environment: the venv's commands on PATH, the tiny model as the default, a private socket."""
     runtime = tmp_path / "run"
     runtime.mkdir()
     bin_dir = str(Path(sys.executable).parent)
     assert shutil.which("kvmux", path=bin_dir), f"no kvmux command in {bin_dir}"
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "KVMUX_MODEL": tiny,
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "KVMUX_MODEL": tiny_long,
             "XDG_RUNTIME_DIR": str(runtime), "PYTHONPATH": str(ROOT)}
 
 

@@ -595,16 +595,17 @@ def test_sigterm_ends_within_its_bound_while_a_client_reads_nothing(tiny):
             server.kill()
 
 
-def test_examples_runner_passes_on_a_tiny_model(tiny, tmp_path):
-    """`kvmux examples` from any folder, with the runner's own options."""
+def test_examples_runner_passes_on_a_tiny_model(tiny_long, tmp_path):
+    """`kvmux examples` from any folder, with the runner's own options (on the tiny model with room for tools)."""
     kvmux = [sys.executable, "-m", "kvmux", "examples"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     listed = subprocess.run(kvmux + ["--list"], cwd=tmp_path, env=env, capture_output=True, text=True)
     names = {line.split()[0] for line in listed.stdout.splitlines()}
     assert {"quickstart", "chat_stream", "shared_prefix", "parallel_sampling", "abort", "stats",
-            "openai_client"} <= names
-    done = subprocess.run(kvmux + ["-v", "-j", "2", "--timeout", "200", "--model", tiny], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=280)
+            "openai_client", "tool_calls"} <= names
+    done = subprocess.run(kvmux + ["-v", "-j", "2", "--timeout", "200", "--model", tiny_long], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(names)} passed, 0 failed" in done.stdout
     assert "requests in flight" in done.stdout  # -v shows the examples' own output
+    assert "called get_weather(" in done.stdout  # tool_calls' required call

@@ -26,11 +26,12 @@ from starlette.exceptions import HTTPException
 
 from kvmux.engine.supervisor import Engine
 from kvmux.outputs import Completion, KvmuxError, RequestOutput
-from kvmux.sampling import SamplingParams
+from kvmux.sampling import SamplingParams, StructuredOutputs
 from kvmux.serve import openai_schema as schema
 from kvmux.serve.http_asgi import EventStream, body_limits, disconnected
 from kvmux.serve.http_openai import Call, Formatter
 from kvmux.serve.metrics import CONTENT_TYPE, Metrics
+from kvmux.serve.tool_calls import ChatPrompt, ChatTools
 
 log = logging.getLogger("kvmux.serve.http")
 
@@ -89,6 +90,14 @@ def refused(exc: KvmuxError, chat: bool) -> ApiError:
         first = exc.message.split(" ", 1)[0]
         param = ("top_logprobs" if chat and first == "logprobs" else first) if first in SAMPLING_FIELDS else None
     return ApiError(status, exc.code, exc.message, param)
+
+
+def tools_refused(exc: KvmuxError) -> ApiError:
+    """A refusal of a request whose constraint is its tools' grammar: a constraint that does not compile is one
+    of the functions' parameters."""
+    if exc.code == "invalid_params" and exc.message.startswith("structured_outputs"):
+        return ApiError(400, exc.code, f"the tools' parameters cannot be enforced: {exc.message}", "tools")
+    return refused(exc, True)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -169,6 +178,7 @@ class HttpServer:
         self.options = options
         self.model = options.served_model_name or engine.loaded.name
         self.formatter = Formatter(engine.tokenizer, self.model)
+        self.chat_tools = ChatTools(engine.tokenizer)
         self.metrics = Metrics(engine.geometry.block_bytes, ROUTES)
         self.closing = False
         self.active: set[str] = set()  # the request_ids of the generations in flight
@@ -294,26 +304,43 @@ class HttpServer:
     # -- generation ------------------------------------------------------------------
 
     async def chat_completions(self, body: schema.ChatCompletionRequest, request: Request) -> Response:
-        return await self._generate(request, body, "chatcmpl", [[m.for_template() for m in body.messages]])
+        self._accept(body)
+        mode, only = body.tool_mode()
+        chat = self.chat_tools.prepare([m.for_template() for m in body.messages], self._tools(body.tools), mode,
+                                       only, body.parallel_tool_calls is not False)
+        return await self._generate(request, body, "chatcmpl", [chat.messages], chat)
 
     async def completions(self, body: schema.CompletionRequest, request: Request) -> Response:
-        return await self._generate(request, body, "cmpl", None)
+        self._accept(body)
+        return await self._generate(request, body, "cmpl", body.prompts())
 
-    async def _generate(self, request: Request, body, prefix: str, prompts: list | None) -> Response:
+    def _accept(self, body) -> None:
+        """Refuse a request this server will not run: it is closing, another model, a field it cannot serve."""
         self._serving(body.model)
-        chat = prompts is not None
         try:
             body.check_supported()
         except schema.FieldError as exc:
             raise ApiError(400, "invalid_field", str(exc), exc.param) from None
-        prompts = prompts if chat else body.prompts()
+
+    @staticmethod
+    def _tools(tools: list[schema.ToolDefinition] | None) -> list[dict]:
+        return [tool.model_dump(exclude_none=True) for tool in tools or []]
+
+    async def _generate(self, request: Request, body, prefix: str, prompts: list,
+                        chat_prompt: ChatPrompt | None = None) -> Response:
+        """Run a request's prompts (a chat request's one conversation, as chat_prompt prepared it) and answer."""
+        chat = chat_prompt is not None
         call = Call(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), chat, body.n if isinstance(body.n, int) else 1,
-                    body.include_usage, bool(body.return_tokens_as_token_ids))
+                    body.include_usage, bool(body.return_tokens_as_token_ids),
+                    tools=chat_prompt.use if chat else None)
         one = len(prompts) == 1
         request_ids = [call.response_id if one else f"{call.response_id}-{k}" for k in range(len(prompts))]
         params = body.sampling_params()
+        if chat and chat_prompt.grammar is not None:
+            params.structured_outputs = StructuredOutputs(grammar=chat_prompt.grammar)
         streams = [self.engine.generate(p, params, request_id=r, priority=-(body.priority or 0),
-                                        cache_salt=body.cache_salt) for p, r in zip(prompts, request_ids)]
+                                        cache_salt=body.cache_salt, tools=chat_prompt.tools if chat else None)
+                   for p, r in zip(prompts, request_ids)]
         self.active.update(request_ids)
         try:
             # The first output of each prompt comes before the answer starts, so a refusal is a status, not an event.
@@ -321,6 +348,8 @@ class HttpServer:
         except BaseException as exc:
             await _close(streams)
             self.active.difference_update(request_ids)
+            if isinstance(exc, KvmuxError) and chat and chat_prompt.grammar is not None:
+                raise tools_refused(exc) from None
             if isinstance(exc, KvmuxError):
                 raise refused(exc, chat) from None
             if isinstance(exc, ClientGone):
@@ -400,13 +429,16 @@ class HttpServer:
         return self._card()
 
     async def tokenize(self, body: schema.TokenizeRequest) -> dict:
-        self._serving(body.model)
+        self._accept(body)
         tokenizer = self.engine.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "invalid_field", "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
+            tools = self._tools(body.tools)
+            chat = self.chat_tools.prepare([m.for_template() for m in body.messages], tools,
+                                           "auto" if tools else "none")
             try:
-                text = tokenizer.apply_chat_template([m.for_template() for m in body.messages])
+                text = tokenizer.apply_chat_template(chat.messages, tools=chat.tools)
             except Exception as exc:  # noqa: BLE001 - as admission: a template raises what it likes
                 raise ApiError(400, "invalid_prompt", f"the model's chat template refused the messages: {exc}",
                                "messages") from None

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kvmux.outputs import Completion, RequestOutput
+from kvmux.serve.tool_calls import CallSieve, ToolUse
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Call:
     n: int  # samples per prompt
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name each token "token_id:<id>" instead of by its text
+    tools: ToolUse | None = None  # chat with tools: answers are read as tool calls where they are
     # Completions' logprobs carry each token's offset in its choice's text: where each choice has got to.
     offsets: dict[int, int] = field(default_factory=dict)
 
@@ -82,7 +84,7 @@ class Formatter:
                 logprobs = self.logprobs(call, index, sample.token_ids, sample.logprobs, sample.top_logprobs)
                 choice = {"index": index, "logprobs": logprobs, "finish_reason": sample.finish_reason}
                 if call.chat:
-                    choice["message"] = {"role": "assistant", "content": sample.text}
+                    choice["message"], choice["finish_reason"] = message(call, sample.text, sample.finish_reason)
                 else:
                     choice["text"] = sample.text
                 choices.append(choice)
@@ -114,6 +116,7 @@ class Formatter:
                 yield self._chunk(call, {"index": index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None})
         prompts, completion_tokens = {}, {}
+        sieves = {}  # with tools: each choice's text that may be a call, held back
         async for k, out in outputs:
             if out.finish_reason in ("abort", "error"):
                 yield json.dumps(refusal(out.finish_reason, out.error))
@@ -121,23 +124,54 @@ class Formatter:
             index = k * call.n + out.index
             prompts[k] = out.num_prompt_tokens
             completion_tokens[index] = out.num_output_tokens
-            # Tokens whose text is still held back (half a character, perhaps a stop string) wait, unless each
-            # token's logprobs must go out with it.
-            sends = bool(out.text or (out.token_ids and out.logprobs is not None))
+            text = out.text
+            if call.tools is not None:
+                text = sieves.setdefault(index, CallSieve(call.tools)).feed(text)
+            # Tokens whose text is still held back (half a character, perhaps a stop string, perhaps a tool call)
+            # wait, unless each token's logprobs must go out with it.
+            sends = bool(text or (out.token_ids and out.logprobs is not None))
             if sends:
                 logprobs = self.logprobs(call, index, out.token_ids, out.logprobs, out.top_logprobs)
-                body = {"delta": {"content": out.text}} if call.chat else {"text": out.text}
+                body = {"delta": {"content": text}} if call.chat else {"text": text}
                 last = out.finished and not call.chat  # chat sends its finish reason in a chunk of its own
                 yield self._chunk(call, {"index": index, **body, "logprobs": logprobs,
                                          "finish_reason": out.finish_reason if last else None})
-            if out.finished and (call.chat or not sends):
-                body = {"delta": {}} if call.chat else {"text": ""}
-                yield self._chunk(call, {"index": index, **body, "logprobs": None,
+            if out.finished and call.chat:
+                for choice in self._chat_ending(index, out.finish_reason, sieves.get(index)):
+                    yield self._chunk(call, choice)
+            elif out.finished and not sends:
+                yield self._chunk(call, {"index": index, "text": "", "logprobs": None,
                                          "finish_reason": out.finish_reason})
         if call.include_usage:
             yield json.dumps({**self._head(call, chunk=True), "choices": [],
                               "usage": usage(sum(prompts.values()), sum(completion_tokens.values()))})
         yield "[DONE]"
+
+    @staticmethod
+    def _chat_ending(index: int, finish_reason: str, sieve: CallSieve | None) -> list[dict]:
+        """A streamed chat choice's last chunks: what its sieve held, as content or as tool-call deltas (OpenAI's:
+        each call's id, type and name first, then its arguments), then the finish reason."""
+        held, calls = sieve.finish(finish_reason == "stop") if sieve else ("", None)
+        deltas = [{"content": held}] if held else []
+        for k, tool_call in enumerate(calls or []):
+            function = tool_call["function"]
+            deltas.append({"tool_calls": [{"index": k, "id": tool_call["id"], "type": "function",
+                                           "function": {"name": function["name"], "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": k, "function": {"arguments": function["arguments"]}}]})
+        deltas.append({})
+        last = "tool_calls" if calls else finish_reason
+        return [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None if delta else last}
+                for delta in deltas]
+
+
+def message(call: Call, text: str, finish_reason: str) -> tuple[dict, str]:
+    """A whole chat choice's message and finish reason: its tool calls, if it is calls of the request's tools
+    (only an answer that ended by itself can be)."""
+    parsed = call.tools.parse(text) if call.tools is not None and finish_reason == "stop" else None
+    if parsed is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    content, tool_calls = parsed
+    return {"role": "assistant", "content": content, "tool_calls": tool_calls}, "tool_calls"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

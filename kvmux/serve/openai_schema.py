@@ -7,6 +7,7 @@ speed; their models here document them in the OpenAPI schema (the fuzz test chec
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvmux.sampling import SamplingParams, StructuredOutputs
 
 MAX_PROMPTS = 64  # prompts in one completions request (times n: the choices of one request)
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 class _Body(BaseModel):
@@ -36,14 +39,81 @@ class TextPart(_Body):
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str  # the arguments as a JSON object's text
+
+
+class ToolCall(_Body):
+    """A call an assistant made: in an answer's message, and in the history a request sends back."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (its content may then be null)
+    tool_call_id: str | None = None  # a tool message: the call whose result it holds
 
     def for_template(self) -> dict:
-        """The message as the chat template takes it: text content, developer read as system."""
+        """The message as the chat template takes it: text content, developer read as system, and its calls
+        or the call it answers in OpenAI's shapes (kvmux.serve.tool_calls rewrites them for the model)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of type object; none: the function takes no arguments
+    strict: bool | None = None  # accepted: a required call's arguments always follow parameters
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise FieldError(f"messages.{i}.tool_calls", f"only assistant messages carry tool_calls, not "
+                                                         f"{message.role} messages")
+        if message.role == "tool" and message.tool_call_id is None:
+            raise FieldError(f"messages.{i}.tool_call_id", "a tool message needs the tool_call_id of the call "
+                                                           "whose result it holds")
+
+
+def check_tools(tools: list[ToolDefinition]) -> None:
+    seen = set()
+    for i, tool in enumerate(tools):
+        name = tool.function.name
+        if not TOOL_NAME.fullmatch(name):
+            raise FieldError(f"tools.{i}.function.name", f"a function name is 1 to 64 letters, digits, _ and -; "
+                                                         f"{name!r} is not")
+        if name in seen:
+            raise FieldError(f"tools.{i}.function.name", f"two tools are named {name!r}: names must be unique")
+        seen.add(name)
+        parameters = tool.function.parameters
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise FieldError(f"tools.{i}.function.parameters", "parameters must be a JSON schema of type object")
 
 
 class StreamOptions(_Body):
@@ -128,15 +198,41 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
     response_format: dict | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # "none", "auto" (the default with tools), "required"
+    parallel_tool_calls: bool | None = True
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise FieldError("tools", "tools (function calling) are not supported by this server")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
+        check_messages(self.messages)
+        check_tools(self.tools or [])
+        self._check_tool_choice()
+
+    def _check_tool_choice(self) -> None:
+        choice = self.tool_choice
+        if isinstance(choice, str) and choice not in TOOL_CHOICES:
+            raise FieldError("tool_choice", f'tool_choice must be "none", "auto", "required" or {{"type": '
+                                            f'"function", "function": {{"name": ...}}}}, not {choice!r}')
+        mode, only = self.tool_mode()
+        names = {tool.function.name for tool in self.tools or []}
+        if only is not None and only not in names:
+            raise FieldError("tool_choice", f"tool_choice names the function {only!r}, which is not among the tools")
+        if mode == "required" and not names:
+            raise FieldError("tool_choice", 'tool_choice "required" needs tools, and the request has none')
+        constrained = sorted(self.constraints()) if mode == "required" else []
+        if constrained:
+            raise FieldError(constrained[0], f"{constrained[0]} cannot be combined with a required tool call "
+                                             f"(tool_choice {'naming a function' if only else repr(mode)}): the "
+                                             f"call's grammar is the output's constraint")
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none", "auto" or "required", the one function a named tool_choice calls or None)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "required", self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none"), None
 
     def constraints(self) -> dict[str, StructuredOutputs]:
         found = super().constraints()
@@ -195,7 +291,12 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None  # with messages: shown to the model as a chat request shows them
     add_special_tokens: bool | None = True
+
+    def check_supported(self) -> None:
+        check_messages(self.messages or [])
+        check_tools(self.tools or [])
 
 
 class DetokenizeRequest(_Body):
@@ -227,14 +328,15 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the answer is tool calls alone
+    tool_calls: list[ToolCall] | None = None  # present when the answer calls tools (finish_reason "tool_calls")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
