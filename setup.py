@@ -11,10 +11,11 @@ from setuptools import setup
 
 # The x86-64 baseline every host of this project has (AVX2, FMA, F16C), never -march=native: the built
 # module must run on any such CPU. Kernels compile faster paths (AVX-512, BF16, VNNI, AMX) with target
-# attributes and pick them at run time (native/cpu/cpu_features.h). OpenMP parallelises the CPU kernels.
+# attributes and pick them at run time (native/cpu/cpu_features.h). The kernels' threads are kvmux's own pool
+# (native/cpu/thread_pool.h); OpenMP is used only for its `simd` loop pragmas.
 # -fno-trapping-math lets GCC turn the selects in exp and silu into vector blends (without it those loops ran
 # scalar: silu_mul 7x slower at 8 rows); no kernel reads the floating-point exception flags, and no value changes.
-NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-trapping-math", "-fopenmp"]
+NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-trapping-math", "-fopenmp-simd"]
 NVCC_FLAGS = ["-O3", "-Inative", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "--threads", "0",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
@@ -26,7 +27,6 @@ def cpu_extension() -> Pybind11Extension:
         include_dirs=["native"],
         cxx_std=17,
         extra_compile_args=NATIVE_FLAGS,
-        extra_link_args=["-fopenmp"],
         depends=sorted(glob("native/*.h") + glob("native/allocator/*.h") + glob("native/cpu/*.h")),
     )
 

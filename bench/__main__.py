@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="kvmux's model ranks (each a process with cores / ranks threads)")
     p.add_argument("--kvmux-threads", type=int, default=None,
-                   help="kvmux's torch threads [default: all cores]; with --transport http on a small machine, fewer "
+                   help="kvmux's kernel threads [default: the CPUs it may use]; with --transport http on a small machine, fewer "
                         "leave the HTTP client cores of its own, so the comparison shows the front, not the contention")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step, kvmux and hf-cb [default: offline 2048 (whole prompts per step, for "

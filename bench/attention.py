@@ -27,6 +27,7 @@ import torch
 from kvmux.checks.reference import LAYER, make_case
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import cpu_paged_attention
+from kvmux.ops.threads import set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16)  # and 30 layers
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="attention", help="stem of the result files")
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # torch's side of the comparisons
+    set_threads(threads)  # kvmux's kernels
 
     kernels = [] if args.skip_kernels else kernel_rows(torch.float32) + kernel_rows(torch.bfloat16)
     engine = []

@@ -27,6 +27,7 @@ import torch
 from bench.attention import time_ms
 from kvmux.checks.kernels import CHECKS
 from kvmux.ops import kernel_choice
+from kvmux.ops.threads import set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # torch's side of the comparisons
+    set_threads(threads)  # kvmux's kernels
     features = kernel_choice.cpu_features()
     print(f"CPU flags: {' '.join(cpu_flags())}\nkernels may use: {' '.join(k for k, v in features.items() if v)}")
     checked, skipped = [], []

@@ -49,6 +49,7 @@ from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.model.llama import Embedding, Linear
 from kvmux.model.loader import load_model
 from kvmux.ops import kernel_choice
+from kvmux.ops.threads import set_threads
 from kvmux.runner.runner import Runner
 from kvmux.sampling import SamplingParams
 from kvmux.step.forward_batch import ForwardBatch
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # torch's side of the comparisons
+    set_threads(threads)  # kvmux's kernels
 
     loaded = load_model(args.model, dtype=torch.float32, progress=False, quantization="none")
     model = loaded.model

@@ -33,6 +33,7 @@ from bench.attention import time_ms
 from bench.cpu_check import cpu_flags
 from kvmux.ops import kernel_choice
 from kvmux.ops.linear import matmul, pack_weight
+from kvmux.ops.threads import set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, INTER, QKV, VOCAB, LAYERS = 576, 1536, 960, 49152, 30  # SmolLM2-135M
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # torch's side of the comparisons
+    set_threads(threads)  # kvmux's kernels
     weights = model_weights()
     packed = {dtype: layers(weights, dtype) for dtype in (torch.float32, torch.bfloat16)}
     # (label, matmuls over every weight) per variant this CPU runs, and torch's float32 F.linear.

@@ -26,6 +26,7 @@ from bench.linear import HEAD_ROWS, ROWS, model_weights
 from kvmux.checks.reference import random_gguf_blocks
 from kvmux.ops import kernel_choice, quant
 from kvmux.ops.linear import pack_weight, packed_linear
+from kvmux.ops.threads import set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # torch's side of the comparisons
+    set_threads(threads)  # kvmux's kernels
     weights = model_weights()
     shapes = [tuple(w.shape) for w in weights]
     packed = [pack_weight(w) for w in weights]

@@ -79,7 +79,8 @@ class EngineConfig:
     disk_cache_dir: str | None = setting(None, "folder for a disk tier of cold cached prefixes, a memory-mapped "
                                                "file deleted at shutdown (default: no disk tier)")
     disk_cache_gib: float = setting(4.0, "bound on the disk tier's file, in GiB")
-    threads: int | None = setting(None, "torch threads for the forward (default: all cores)")
+    threads: int | None = setting(None, "kernel threads for the forward (default: the CPUs this process may use, "
+                                        "by its affinity mask and cgroup CPU quota)")
     enable_prefix_caching: bool = setting(True, "share the KV blocks of common prompt prefixes across requests")
     attention_backend: str = setting("auto", "paged attention: native (C++/CUDA kernels), torch (the reference) "
                                              "or auto (native where built for the device)",

@@ -10,6 +10,7 @@
 #include "cpu/paged_attention.h"
 #include "cpu/packed_linear.h"
 #include "cpu/quant_linear.h"
+#include "cpu/thread_pool.h"
 
 namespace py = pybind11;
 
@@ -264,6 +265,18 @@ PYBIND11_MODULE(_native, m) {
                             py::arg("amx_int8") = f.amx_int8);
         },
         "The instruction sets this CPU (and, for AMX, the OS) lets the kernels use.");
+    m.def(
+        "pool_stats",
+        [] {
+            const kvmux::PoolStats s = kvmux::pool_stats();
+            return py::dict(py::arg("calls") = s.calls, py::arg("shared_calls") = s.shared_calls,
+                            py::arg("helper_tasks") = s.helper_tasks, py::arg("stalls") = s.stalls,
+                            py::arg("solo_calls") = s.solo_calls, py::arg("helpers") = s.helpers);
+        },
+        "The kernels' thread pool since the process started (native/cpu/thread_pool.h): calls, calls the helpers "
+        "joined, tasks they ran, stalls on a descheduled helper, calls run alone after one, helper threads.");
+    m.def("set_task_delay", &kvmux::set_task_delay, py::arg("max_us"),
+          "Test hook: every pool task first sleeps a random 0..max_us microseconds (0: off).");
     bind_block_allocator(m);
     bind_paged_attention(m);
     bind_packed_linear(m);

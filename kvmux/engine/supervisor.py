@@ -29,6 +29,7 @@ from kvmux.model.loader import LoadedModel, default_model_path, load_model, load
 from kvmux.model.metadata import context_length
 from kvmux.model.sharding import Shard
 from kvmux.model.tokenizer import chat_renderer
+from kvmux.ops.threads import cpu_budget, pool_stats, set_threads, threads
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRecord, RequestRejected
 from kvmux.parallel.driver import Launch, ParallelRunner
 from kvmux.parallel.worker import Spec
@@ -68,7 +69,14 @@ class Engine:
 
     async def start(self) -> None:
         cfg = self.config
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        budget = cpu_budget()
+        set_threads(cfg.threads or budget.threads)
+        self.threads = {"threads": threads(), "chosen_by": "the threads setting" if cfg.threads else budget.reason(),
+                        "affinity_cpus": budget.affinity, "cpu_quota": budget.quota}
+        log.info("kernel threads: %d (%s)", self.threads["threads"], self.threads["chosen_by"])
+        # The forward's parallel work is kvmux's kernels, on their own pool: torch's OpenMP threads beside it
+        # spun on the same cores between torch's own ops and cost a fifth of the throughput (docs/benchmarks.md).
+        torch.set_num_threads(1)
         model = cfg.model or os.environ.get(MODEL_ENV)
         source = Path(model).expanduser() if model else default_model_path()
         context = context_length(source)  # read without loading, so a bad setting fails before the load
@@ -279,6 +287,7 @@ class Engine:
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
             **self.runner.stats(), **self.constraints.stats(), **kernel_counts(self.kernels),
+            threads=self.threads["threads"], **pool_stats(),
             uptime_s=time.monotonic() - self._started_at,
         )
         return merged
@@ -289,7 +298,8 @@ class Engine:
         return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.dtype,
                 "quantization": self.loaded.quantization, "max_model_len": self.max_model_len,
                 "block_size": self.config.block_size,
-                "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "config": asdict(self.config)}
+                "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "threads": self.threads,
+                "config": asdict(self.config)}
 
 
 def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dict] | None]:

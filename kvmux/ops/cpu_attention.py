@@ -12,6 +12,7 @@ from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops import kernel_choice
 from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
+from kvmux.ops.threads import threads
 from kvmux.step.forward_batch import ForwardBatch
 
 ATTENTION_KERNELS = {"avx2": _native.AttentionKernel.avx2, "avx512bf16": _native.AttentionKernel.avx512bf16}
@@ -43,8 +44,8 @@ class CpuMetadata:
         self.native = _native.AttentionMetadata(
             slots.data_ptr(), batch.num_tokens, batch.query_lens, batch.context_lens,
             tables.data_ptr(), tables.shape[1], kv_cache.block_size, kv_cache.num_blocks)
-        # Read once per step: torch's intra-op thread count is the engine's `threads` setting.
-        self.num_threads = torch.get_num_threads()
+        # Read once per step: the engine's `threads` setting (kvmux/ops/threads.py).
+        self.num_threads = threads()
         self.kernel = ATTENTION_KERNELS[variant or attention_variant(kv_cache.dtype, kv_cache.head_dim)]
 
 

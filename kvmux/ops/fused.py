@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmux import _native
+from kvmux.ops.threads import threads
 
 
 def _native_rows(*tensors: torch.Tensor) -> bool:
@@ -31,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _native_rows(x) and weight.dtype == torch.float32 and weight.is_contiguous():
         out = torch.empty(x.shape, dtype=torch.float32)
         _native.rms_norm_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), eps,
-                             out.data_ptr(), torch.get_num_threads())
+                             out.data_ptr(), threads())
         return out
     return _torch_rms_norm(x, weight, eps)
 
@@ -43,7 +44,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
             and weight.dtype == torch.float32 and weight.is_contiguous()):
         out = torch.empty(x.shape, dtype=torch.float32)
         _native.add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
-                                 eps, out.data_ptr(), torch.get_num_threads())
+                                 eps, out.data_ptr(), threads())
         return out, residual
     residual = residual + x
     return _torch_rms_norm(residual, weight, eps), residual
@@ -73,7 +74,7 @@ def rope_inplace(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tenso
             and rows.shape[1] >= heads * head_dim):
         return False
     _native.rope_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, head_dim, cos.data_ptr(),
-                     sin.data_ptr(), torch.get_num_threads())
+                     sin.data_ptr(), threads())
     return True
 
 
@@ -82,7 +83,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if _native_rows(gate_up) and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, inter, dtype=torch.float32)
-        _native.silu_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr(), torch.get_num_threads())
+        _native.silu_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr(), threads())
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

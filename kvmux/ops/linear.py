@@ -35,6 +35,7 @@ from kvmux import _native
 from kvmux.ops import kernel_choice
 from kvmux.ops.quant import QuantLinear, QuantWeight
 from kvmux.ops.tensor_checks import linear_bias, linear_input
+from kvmux.ops.threads import set_threads, threads
 
 log = logging.getLogger("kvmux")
 
@@ -92,7 +93,7 @@ class PackedLinear:
         if rows:
             _native.packed_linear(self.kernel, x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k,
                                   self.packed.data_ptr(), n, 0 if self.bias is None else self.bias.data_ptr(),
-                                  out.data_ptr(), n, torch.get_num_threads())
+                                  out.data_ptr(), n, threads())
         return out
 
 
@@ -210,8 +211,8 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
     dtype = first.weight_format
     names = [v.name for v in kernel_choice.candidates("linear", dtype)]
     variants, micros = [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    team = threads()
+    set_threads(1)
     try:
         for r in ROW_RANGES:
             if len(names) == 1:
@@ -225,7 +226,7 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
             variants.append(next(iter(seconds)))
             micros.append({name: s * 1e6 for name, s in seconds.items()})
     finally:
-        torch.set_num_threads(threads)
+        set_threads(team)
     if "onednn" not in variants:
         for layer in layers:
             layer.dense = None

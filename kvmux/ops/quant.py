@@ -27,6 +27,7 @@ import torch
 from kvmux import _native
 from kvmux.ops import kernel_choice
 from kvmux.ops.tensor_checks import linear_bias, linear_input
+from kvmux.ops.threads import threads
 
 BLOCK = _native.QUANT_BLOCK  # values per block, along K
 PANEL = _native.QUANT_PANEL  # rows per panel
@@ -147,7 +148,7 @@ class QuantLinear:
         rows = x.shape[0]
         if rows:
             _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, *self.weight_args,
-                                 out.data_ptr(), n, self.kernel, torch.get_num_threads())
+                                 out.data_ptr(), n, self.kernel, threads())
         return out
 
 

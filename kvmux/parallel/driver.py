@@ -17,7 +17,6 @@ ranks so that their waits for the next step stay inside the timeout.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from kvmux.ops.threads import cpu_budget
 from kvmux.parallel.worker import Spec, fingerprint, model_group, sample_widths, timeout, unpack_samples
 from kvmux.step.work import Sampled, StepWork
 
@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def start_ranks(launch: Launch, init_method: str, node_rank: int, model: str | None = None) -> list[subprocess.Popen]:
     """This machine's model ranks as child processes, their threads sharing its cores."""
-    threads = max(1, (os.cpu_count() or 1) // launch.local_ranks)
+    threads = max(1, cpu_budget().threads // launch.local_ranks)
     first = 1 + node_rank * launch.local_ranks
     return [subprocess.Popen([sys.executable, "-m", "kvmux.parallel.worker", "--rank", str(rank),
                               "--world-size", str(launch.size + 1), "--init-method", init_method,

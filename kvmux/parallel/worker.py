@@ -64,10 +64,12 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
     from kvmux.cache.kv_cache import PoolGeometry
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
+    from kvmux.ops.threads import set_threads
     from kvmux.parallel.collectives import Collectives
     from kvmux.runner.runner import Runner
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
+    torch.set_num_threads(1)  # the kernels' pool does the parallel work (Engine.start says why)
     dist.init_process_group("gloo", init_method=init_method, world_size=world_size, rank=rank, timeout=timeout())
     spec_holder = [None]
     dist.broadcast_object_list(spec_holder, src=0)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, required=True, help="global rank (1..N; 0 is the driver)")
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://host:port")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this rank")
+    p.add_argument("--threads", type=int, default=1, help="kernel threads of this rank")
     p.add_argument("--model", default=None, help="the model as this machine has it (default: the driver's path)")
     args = p.parse_args(argv)
     try:

@@ -1,5 +1,6 @@
 #include "cpu/fused_ops.h"
 
+#include "cpu/thread_pool.h"
 #include "cpu/vec_math.h"
 
 #include <algorithm>
@@ -8,10 +9,16 @@
 namespace kvmux {
 namespace {
 
-// Threads only when there is enough work to pay for waking them.
-int threads_for(int64_t elements, int num_threads) {
-    constexpr int64_t kPerThread = 1 << 15;
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elements / kPerThread)));
+// Rows 0..T-1, `width` floats each, split into tasks of at least kPerTask floats: a decode step's few rows
+// run on the calling thread, where waking helpers would cost more than the rows.
+template <typename F>
+void for_rows(int64_t T, int64_t width, int num_threads, F&& row) {
+    constexpr int64_t kPerTask = 1 << 14;
+    const int64_t tasks = task_count(T, num_threads, std::max<int64_t>(1, kPerTask / std::max<int64_t>(width, 1)));
+    parallel_for(tasks, num_threads, [&](int64_t task) {
+        const Span rows = split(T, tasks, task);
+        for (int64_t t = rows.begin; t < rows.end; ++t) row(t);
+    });
 }
 
 inline void normalise(const float* x, int64_t H, const float* weight, float eps, float* out) {
@@ -27,27 +34,24 @@ inline void normalise(const float* x, int64_t H, const float* weight, float eps,
 
 void rms_norm_f32(const float* x, int64_t T, int64_t H, int64_t ldx, const float* weight, float eps, float* out,
                   int num_threads) {
-#pragma omp parallel for num_threads(threads_for(T * H, num_threads)) schedule(static)
-    for (int64_t t = 0; t < T; ++t) normalise(x + t * ldx, H, weight, eps, out + t * H);
+    for_rows(T, H, num_threads, [&](int64_t t) { normalise(x + t * ldx, H, weight, eps, out + t * H); });
 }
 
 void add_rms_norm_f32(const float* x, float* residual, int64_t T, int64_t H, const float* weight, float eps,
                       float* out, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(T * H, num_threads)) schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
+    for_rows(T, H, num_threads, [&](int64_t t) {
         float* r = residual + t * H;
         const float* xt = x + t * H;
 #pragma omp simd
         for (int64_t i = 0; i < H; ++i) r[i] += xt[i];
         normalise(r, H, weight, eps, out + t * H);
-    }
+    });
 }
 
 void rope_f32(float* rows, int64_t T, int64_t ld, int64_t heads, int64_t dim, const float* cos, const float* sin,
               int num_threads) {
     const int64_t half = dim / 2;
-#pragma omp parallel for num_threads(threads_for(T * heads * dim, num_threads)) schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
+    for_rows(T, heads * dim, num_threads, [&](int64_t t) {
         const float* c = cos + t * half;
         const float* s = sin + t * half;
         for (int64_t h = 0; h < heads; ++h) {
@@ -60,18 +64,17 @@ void rope_f32(float* rows, int64_t T, int64_t ld, int64_t heads, int64_t dim, co
                 b[i] = bi * c[i] + ai * s[i];
             }
         }
-    }
+    });
 }
 
 void silu_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(T * I, num_threads)) schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
+    for_rows(T, I, num_threads, [&](int64_t t) {
         const float* g = gate_up + t * 2 * I;
         const float* u = g + I;
         float* o = out + t * I;
 #pragma omp simd
         for (int64_t i = 0; i < I; ++i) o[i] = silu(g[i]) * u[i];
-    }
+    });
 }
 
 }  // namespace kvmux

@@ -11,13 +11,13 @@
 #include "cpu/packed_linear.h"
 
 #include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
 
 #if KVMUX_WIDE_KERNELS
 
 #include <cstring>
 
 #include <immintrin.h>
-#include <omp.h>
 
 namespace kvmux {
 namespace {
@@ -31,11 +31,12 @@ constexpr int64_t kMr = 128;
 // Bytes of B per chunk of the AMX kernel (below): well inside L2 beside x's tiles.
 constexpr int64_t kAmxChunkBytes = 768 * 1024;
 
-// The range of panels thread t of nt owns: contiguous, so each thread streams its own part of W.
-struct PanelRange {
-    int64_t begin, end;
-};
-inline PanelRange thread_panels(int64_t panels, int t, int nt) { return {panels * t / nt, panels * (t + 1) / nt}; }
+// The panels of task `task` of `tasks`: a contiguous run, so whoever takes it streams that part of W, and
+// whole pairs of panels, which the kernels take two at a time.
+inline Span task_panels(int64_t panels, int64_t tasks, int64_t task) {
+    const Span pairs = split((panels + 1) / 2, tasks, task);
+    return {2 * pairs.begin, lesser(panels, 2 * pairs.end)};
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
@@ -51,23 +52,28 @@ void round_row(const float* src, int64_t n, int64_t width, uint16_t* dst) {
     }
 }
 
-// x as bf16 rows [M, Kp]. Every thread rounds its share of the rows; the implicit barrier of `omp for` then
-// makes all of xb ready for all.
-void round_x_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, uint16_t* xb) {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) round_row(x + m * ldx, K, Kp, xb + m * Kp);
+// x as bf16 rows [M, Kp], all of it ready when this returns.
+void round_x_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, uint16_t* xb, int nt) {
+    const int64_t tasks = task_count(M, nt, 16);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span rows = split(M, tasks, task);
+        for (int64_t m = rows.begin; m < rows.end; ++m) round_row(x + m * ldx, K, Kp, xb + m * Kp);
+    });
 }
 
 // x as AMX A tiles, which AMX loads faster than strided rows: rows in groups of 16, each group's K in tiles of
 // 16 rows x 32 k stored contiguously (1 KB; tile t of group g is the (g * Kp / 32 + t)-th). A last group of
 // fewer rows leaves the rest of its tiles unwritten: the tile configuration then loads only its rows.
-void round_x_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, uint16_t* xb) {
+void round_x_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, uint16_t* xb, int nt) {
     constexpr int64_t kTile = 16 * kBf16KAlign;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < Kp; k += kBf16KAlign)
-            round_row(x + m * ldx + k, K - k, kBf16KAlign,
-                      xb + ((m / 16) * (Kp / kBf16KAlign) + k / kBf16KAlign) * kTile + (m % 16) * kBf16KAlign);
+    const int64_t tasks = task_count(M, nt, 16);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span rows = split(M, tasks, task);
+        for (int64_t m = rows.begin; m < rows.end; ++m)
+            for (int64_t k = 0; k < Kp; k += kBf16KAlign)
+                round_row(x + m * ldx + k, K - k, kBf16KAlign,
+                          xb + ((m / 16) * (Kp / kBf16KAlign) + k / kBf16KAlign) * kTile + (m % 16) * kBf16KAlign);
+    });
 }
 
 // out[rows, cols] = acc[rows, ld] (+ bias): the tile's float32 sums, clipped to the matrix.
@@ -144,10 +150,10 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
     const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
     const int64_t panel_stride = Kp * kPanelWidth;  // uint16 per panel
     const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
-#pragma omp parallel num_threads(nt)
-    {
-        round_x_rows(x, M, K, ldx, Kp, xb);
-        const PanelRange own = thread_panels(panels, omp_get_thread_num(), nt);
+    round_x_rows(x, M, K, ldx, Kp, xb, nt);
+    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span own = task_panels(panels, tasks, task);
         for (int64_t m0 = 0; m0 < M; m0 += kMr) {
             const int64_t m1 = lesser(M, m0 + kMr);
             for (int64_t p = own.begin; p < own.end; p += 2) {
@@ -168,7 +174,7 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
                 }
             }
         }
-    }
+    });
 }
 
 #pragma GCC pop_options
@@ -271,10 +277,10 @@ void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, c
     const int64_t chunk = 2 * lesser(kAmxChunkBytes / (2 * panel_stride * 2) > 0 ? kAmxChunkBytes / (2 * panel_stride * 2) : 1,
                                      (panels + 1) / 2);
     const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
-#pragma omp parallel num_threads(nt)
-    {
-        round_x_tiles(x, M, K, ldx, Kp, xb);
-        const PanelRange own = thread_panels(panels, omp_get_thread_num(), nt);
+    round_x_tiles(x, M, K, ldx, Kp, xb, nt);
+    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span own = task_panels(panels, tasks, task);
         int configured_top = -1, configured_bottom = -1;
         for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk) {
             const int64_t c1 = lesser(own.end, c0 + chunk);
@@ -297,7 +303,7 @@ void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, c
             }
         }
         if (configured_top >= 0) _tile_release();
-    }
+    });
 }
 
 #pragma GCC pop_options

@@ -6,9 +6,8 @@
 #include <type_traits>
 #include <vector>
 
-#include <omp.h>
-
 #include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -189,13 +188,13 @@ void run(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* packed, in
     const int64_t passes = (K + kMaxKc - 1) / kMaxKc;
     const int64_t kc_max = ((K + passes - 1) / passes + kPerRow - 1) / kPerRow * kPerRow;
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
-    // Each thread owns a contiguous run of panels, so it streams its own part of W.
-#pragma omp parallel num_threads(nt)
-    {
+    // Each task is a contiguous run of panels, so whoever takes it streams that part of W.
+    const int64_t tasks = task_count(panels, nt, 2);
+    parallel_for(tasks, nt, [&](int64_t task) {
         // bf16 slices that several row tiles will read are widened once, into this buffer.
         thread_local std::vector<float> widened;
-        const int t = omp_get_thread_num();
-        const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+        const Span own = split(panels, tasks, task);
+        const int64_t p0 = own.begin, p1 = own.end;
         for (int64_t m0 = 0; m0 < M; m0 += kMr) {
             const int64_t m1 = std::min(M, m0 + kMr);
             for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
@@ -225,7 +224,7 @@ void run(const float* x, int64_t M, int64_t K, int64_t ldx, const WT* packed, in
                 }
             }
         }
-    }
+    });
 }
 
 [[noreturn]] void fail(const std::string& what) { throw LinearError(what); }

@@ -1,6 +1,7 @@
 #include "cpu/paged_attention.h"
 #include "cpu/cpu_features.h"
 #include "cpu/paged_attention_bf16.h"
+#include "cpu/thread_pool.h"
 #include "cpu/vec_math.h"
 
 #include <algorithm>
@@ -338,25 +339,21 @@ void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& s
     const int64_t items = static_cast<int64_t>(tiles.size()) * s.kv_heads;
     const int nt = std::max(1, std::min<int>(a.num_threads, static_cast<int>(std::max<int64_t>(items, 1))));
     // Every new key must be in the pool before any query reads it. The write
-    // is a few microseconds, so it runs before the threads start rather than
-    // adding a barrier that a descheduled thread would hold up.
+    // is a few microseconds, so it runs on the calling thread before the tasks
+    // are handed out rather than adding a wait a descheduled thread would hold up.
     K::write_kv(a, s, slots);
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_for(items, nt, [&](int64_t it) {
         thread_local Scratch scratch;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; ++it) {
-            const auto& tile = tiles[it / s.kv_heads];
-            const int64_t h = it % s.kv_heads;
-            const int32_t* table = tables.data() + tile.seq * max_blocks;
-            if (a.kernel == AttentionKernel::avx512bf16)
-                attend_bf16(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
-                            tile.q_end, h);
-            else
-                K::attend(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
-                          tile.q_end, h);
-        }
-    }
+        const auto& tile = tiles[it / s.kv_heads];
+        const int64_t h = it % s.kv_heads;
+        const int32_t* table = tables.data() + tile.seq * max_blocks;
+        if (a.kernel == AttentionKernel::avx512bf16)
+            attend_bf16(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
+                        tile.q_end, h);
+        else
+            K::attend(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
+                      tile.q_end, h);
+    });
 }
 
 template <typename QT, typename KT>

@@ -1,23 +1,24 @@
 #include "cpu/quant_linear.h"
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "cpu/quant_tiles.h"
+#include "cpu/thread_pool.h"
 
 namespace kvmux {
 namespace {
 
-// Rows per pass over a thread's panels: their quantized activations (64 x K bytes) stay in L2 while the
+// Rows per pass over a task's panels: their quantized activations (64 x K bytes) stay in L2 while the
 // panels, each a few KB for the whole of K, go by once per pass.
 constexpr int64_t kRowBlock = 64;
-// Up to this many rows the calling thread quantizes the activations before the threads start: a few rows take
-// microseconds, less than the barrier that would follow a parallel pass (and a barrier costs a time slice
-// whenever another process holds one of the cores).
+// Up to this many rows the calling thread quantizes the activations alone: a few rows take microseconds,
+// less than handing them out as tasks and waiting for them.
 constexpr int64_t kSerialRows = 16;
+// A task's panels at least: a run long enough that the hardware prefetcher streams it.
+constexpr int64_t kPanelsPerTask = 4;
 
 // One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
 // sum of q kept) or 32767 (int16).
@@ -92,7 +93,7 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const int64_t K = w.K, nb = K / kQuantBlock;
     const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
     const int bits = activation_bits(w.type);
-    // The calling thread's scratch, reused across calls; OpenMP's threads reach it through the job's pointers.
+    // The calling thread's scratch, reused across calls; the pool's helpers reach it through the job's pointers.
     thread_local std::vector<int16_t> xq_buf;
     thread_local std::vector<float> xd_buf;
     thread_local std::vector<int32_t> xs_buf;
@@ -105,20 +106,21 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
-    const bool serial = M <= kSerialRows;
-    if (serial)
+    if (M <= kSerialRows) {
         for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
-#pragma omp parallel num_threads(nt)
-    {
-        if (!serial) {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
-        }
-        // Each thread owns a contiguous run of panels, so it streams its own part of W.
-        const int t = omp_get_thread_num();
-        const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
-        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) tiles(job, m0, std::min(M, m0 + kRowBlock), p0, p1);
+    } else {
+        const int64_t row_tasks = task_count(M, nt, 4);
+        parallel_for(row_tasks, nt, [&](int64_t task) {
+            const Span rows = split(M, row_tasks, task);
+            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+        });
     }
+    // Each task is a contiguous run of panels, so whoever takes it streams that part of W.
+    const int64_t tasks = task_count(panels, nt, kPanelsPerTask);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span own = split(panels, tasks, task);
+        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) tiles(job, m0, std::min(M, m0 + kRowBlock), own.begin, own.end);
+    });
 }
 
 }  // namespace kvmux
