@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes, comma-separated")
     p.add_argument("--repeats", type=int, default=1, help="engine runs per backend and dtype")
     p.add_argument("--skip-kernels", action="store_true", help="engine runs only")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads [default: all cores]")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="attention", help="stem of the result files")
     args = p.parse_args(argv)

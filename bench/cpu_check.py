@@ -57,7 +57,7 @@ def run_check(check, seed: int, min_time: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads [default: all cores]")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per kernel and trial")
     p.add_argument("--only", default="", help="run only the checks whose name (op/variant/format) contains this")

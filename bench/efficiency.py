@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantized", action="store_true",
                    help="also compare quantized weights with fp32: kvmux keeping a GGUF's blocks, kvmux's Q8_0 and "
                         "llama.cpp (if installed) on quality, kept blocks on decode at 1-8 sequences")
-    p.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1

@@ -54,7 +54,7 @@ def layers(weights: list[torch.Tensor], dtype: torch.dtype) -> list[SimpleNamesp
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads [default: all cores]")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts [default: %(default)s]")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads [default: all cores]")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts [default: %(default)s]")
     p.add_argument("--types", default=",".join(quant.QTYPES), help="quantized types [default: %(default)s]")
     p.add_argument("--out", type=Path, default=RESULTS)
