@@ -145,3 +145,26 @@ def test_efficiency_runs_on_the_tiny_model(tiny, tmp_path):
     result = json.loads((tmp_path / "efficiency.json").read_text())
     assert result["decode"]["tokens_per_s"] > 0 and 0 <= result["quality"]["argmax_agreement"] <= 1
     assert (tmp_path / "efficiency.png").is_file()
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_real_shapes_writes_a_gguf_the_engine_runs(tmp_path, qtype):
+    """bench.real_shapes at a tiny shape: the file loads with its blocks kept and its shape, and decodes."""
+    import asyncio
+
+    from bench.real_shapes import Shape, write
+    from kvmux import Engine, SamplingParams
+    from kvmux.model.loader import default_model_path
+
+    shape = Shape(layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32, ffn=128, rope_base=10000.0, context=256)
+    path = write("tiny", shape, qtype, tmp_path / "tiny.gguf", default_model_path())
+
+    async def run():
+        async with Engine(str(path), num_blocks=16, block_size=16) as engine:
+            out = await engine.complete("Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+            return out.token_ids, engine.describe()
+
+    tokens, described = asyncio.run(run())
+    assert len(tokens) == 4
+    assert described["quantization"]["matmuls"] == {qtype: 2 * 4 + 1} and not described["quantization"]["dequantized"]
+    assert described["max_model_len"] == 256

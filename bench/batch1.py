@@ -1,0 +1,111 @@
+"""One user's decode against the memory roofline: batch-1 greedy tokens/s as a share of the read bandwidth
+measured in the same run.
+
+    python -m bench.real_shapes llama-3.2-1b --qtype q4_0
+    python -m bench.batch1 --model bench/models/llama-3.2-1b.q4_0.gguf
+
+A decode step of one sequence reads every matmul weight once (the tied embedding as the lm_head), so its
+floor is weight bytes / read bandwidth. Bandwidth: torch summing a 1 GiB float32 tensor on the same threads,
+best of 5. Decode: one request, a short prompt, 129 greedy tokens with EOS ignored, through the engine's API;
+tokens/s over the 128 gaps after the first token, best of 3 runs. Reported: tokens/s, the weight bytes, the
+bandwidth, and bytes x tokens/s / bandwidth (1.0: the roofline). Writes bench/results/batch1_<model>.json and
+.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import gguf
+import torch
+
+from kvmux import Engine, SamplingParams
+from kvmux.ops.threads import cpu_budget
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def read_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Bytes/s torch reads summing a large float32 tensor on `threads` threads, best of 5."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(int(gib * 2**30) // 4)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        return x.numel() * 4 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the matmul weights a decode step reads: every 2-D tensor (norms are 1-D, and tiny)."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2)
+
+
+async def decode_rate(model: str, threads: int, tokens: int, runs: int) -> tuple[float, dict]:
+    async with Engine(model, threads=threads) as engine:
+        params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+        await engine.complete("Warm up.", SamplingParams(max_tokens=8, temperature=0))
+        rates = []
+        for _ in range(runs):
+            stamps = []
+            async for _ in engine.generate("Tell me about paging the KV cache.", params):
+                stamps.append(time.perf_counter())
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        return max(rates), engine.describe()
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    ax.barh(["roofline", "kvmux"], [report["roofline_tok_s"], report["decode_tok_s"]], color=["#888", "#3a7"])
+    ax.set_xlabel(f"tokens/s at batch 1, {report['threads']} threads")
+    ax.set_title(f"{report['model']}: {report['share_of_roofline']:.0%} of the read bandwidth "
+                 f"({report['read_bandwidth_gb_s']:.1f} GB/s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="a .gguf file (bench.real_shapes writes some)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads [default: the CPUs kvmux may use]")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    threads = args.threads or cpu_budget().threads
+    load = os.getloadavg()
+    bandwidth = read_bandwidth(threads)
+    rate, described = asyncio.run(decode_rate(str(args.model), threads, args.tokens, args.runs))
+    nbytes = weight_bytes(args.model)
+    report = {"command": f"python -m bench.batch1 --model {args.model}", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "model": args.model.name, "threads": threads, "load_avg_before": load,
+              "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                                   if f.startswith(("avx", "amx"))}),
+              "weight_bytes": nbytes, "read_bandwidth_gb_s": bandwidth / 1e9, "decode_tok_s": rate,
+              "roofline_tok_s": bandwidth / nbytes, "share_of_roofline": rate * nbytes / bandwidth,
+              "kernels": described["kernels"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"batch1_{args.model.stem}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(f"{args.model.name}: {rate:.1f} tokens/s at batch 1; {nbytes / 1e6:.0f} MB of weights per token, read "
+          f"bandwidth {bandwidth / 1e9:.1f} GB/s (roofline {bandwidth / nbytes:.1f} tokens/s): "
+          f"{report['share_of_roofline']:.0%} of it. Wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
