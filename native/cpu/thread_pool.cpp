@@ -117,8 +117,13 @@ struct alignas(64) Pool {
             }
             seen = g;
             if (index >= helper_limit.load(std::memory_order_relaxed)) continue;
-            const int64_t ran = work(g, fn.load(std::memory_order_relaxed), ctx.load(std::memory_order_relaxed),
-                                     tasks.load(std::memory_order_relaxed));
+            const TaskFn f = fn.load(std::memory_order_relaxed);
+            void* const c = ctx.load(std::memory_order_relaxed);
+            const int64_t n = tasks.load(std::memory_order_relaxed);
+            // Pairs with the caller's release fence: had these reads seen a newer call's fields, the claim in
+            // work() sees that call's closed counter and takes nothing (a seqlock's read side).
+            std::atomic_thread_fence(std::memory_order_acquire);
+            const int64_t ran = work(g, f, c, n);
             if (ran) helper_tasks.fetch_add(ran, std::memory_order_relaxed);
         }
     }
@@ -171,6 +176,10 @@ void run_tasks(int64_t tasks, int max_threads, TaskFn fn, void* ctx) {
     p.start_helpers(max_threads - 1);
     p.shared_calls.fetch_add(1, std::memory_order_relaxed);
     const uint32_t g = p.generation.load(std::memory_order_relaxed) + 1;
+    // Close the counter before the fields change: a helper that read the previous call's generation and is
+    // about to claim with a mix of old and new fields then finds no task to take.
+    p.next.store(static_cast<uint64_t>(g) << 32 | 0xffffffffu, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
     p.fn.store(fn, std::memory_order_relaxed);
     p.ctx.store(ctx, std::memory_order_relaxed);
     p.tasks.store(tasks, std::memory_order_relaxed);
