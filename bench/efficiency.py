@@ -103,13 +103,13 @@ def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
     per_step = max(1, 2048 // prompt_len)  # prefill a few whole prompts per step, as the engine does offline
     for i in range(0, batch, per_step):
         work = [Chunk(f"s{j}", 0, prompts[j], tables[j], Draw(greedy, 0, 0)) for j in range(i, min(batch, i + per_step))]
-        last += [s.token for s in runner.execute(StepWork(work))]
+        last += [run[0].token for run in runner.execute(StepWork(work))]
     times = []
     for step in range(steps):
         pos = prompt_len + step
         start = time.perf_counter()
-        last = [s.token for s in runner.execute(StepWork([Chunk(f"s{j}", pos, [t], tables[j], Draw(greedy, 0, 0))
-                                                          for j, t in enumerate(last)]))]
+        work = StepWork([Chunk(f"s{j}", pos, [t], tables[j], Draw(greedy, 0, 0)) for j, t in enumerate(last)])
+        last = [run[0].token for run in runner.execute(work)]
         times.append(time.perf_counter() - start)
     steady = sorted(times[2:])[len(times[2:]) // 2]  # median, past the first steps' warm-up
     params = sum(n * k for n, k in matmul_shapes(model))  # the tied embedding counts once: as the lm_head

@@ -40,6 +40,58 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if features["avx512bf16"] or features["amx_bf16"] else "float32"
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix")
+
+
+@dataclass
+class SpeculativeConfig:
+    """How decode guesses tokens ahead and checks them in one forward (vLLM's speculative_config keys).
+
+    ngram: the last prompt_lookup_max..prompt_lookup_min tokens of a sequence are looked up in its own prompt and
+    output, and what followed their latest earlier occurrence is proposed. suffix: the same lookup, and also in the
+    outputs of earlier requests (suffix_cache_tokens of them), so repeated agent and template traffic speculates
+    even where the prompt does not hold the answer.
+    """
+
+    method: str
+    num_speculative_tokens: int = 4  # most tokens proposed per sequence and step
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # Speculation is skipped for a step with more running sequences than this: there the forward is no longer
+    # bound by reading the weights, and verifying rejected tokens costs more than accepted ones save.
+    max_batch: int = 8
+    suffix_cache_tokens: int = 1 << 20  # suffix: output tokens of earlier requests kept for lookup
+
+    @classmethod
+    def from_dict(cls, value: dict) -> SpeculativeConfig:
+        """Raise ConfigError naming the key that is wrong."""
+        if not isinstance(value, dict):
+            raise ConfigError("speculative_config", f"must be a JSON object, not {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError("speculative_config", f"has unknown keys {unknown}; known: {sorted(known)}")
+        if "method" not in value:
+            raise ConfigError("speculative_config", f"needs a method, one of {', '.join(SPECULATIVE_METHODS)}")
+        for name, v in value.items():
+            if name != "method" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ConfigError("speculative_config", f"{name} must be an integer, not {v!r}")
+        spec = cls(**value)
+        checks = [
+            ("method", spec.method in SPECULATIVE_METHODS,
+             f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {spec.method!r} (draft_model is not built yet)"),
+            ("num_speculative_tokens", 1 <= spec.num_speculative_tokens <= 32, "must be in 1..32"),
+            ("prompt_lookup_min", spec.prompt_lookup_min >= 1, "must be >= 1"),
+            ("prompt_lookup_max", spec.prompt_lookup_max >= spec.prompt_lookup_min, "must be >= prompt_lookup_min"),
+            ("max_batch", spec.max_batch >= 1, "must be >= 1"),
+            ("suffix_cache_tokens", spec.suffix_cache_tokens >= 0, "must be >= 0"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                raise ConfigError("speculative_config", f"{name} {problem}")
+        return spec
+
+
 @dataclass
 class EngineConfig:
     model: str | None = setting(
@@ -91,6 +143,10 @@ class EngineConfig:
         None, "torch.distributed rendezvous of the ranks, e.g. tcp://HOST:PORT (default: a free port on this "
               "machine; needed with --nnodes > 1)")
     nnodes: int = setting(1, "machines the ranks span; the others run `kvmux worker`")
+    speculative_config: dict | None = setting(
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
+              '4, "prompt_lookup_min": 2} proposes from the sequence itself; "suffix" also from earlier outputs; '
+              '"max_batch" (8) turns it off for larger steps (default: off)')
     structured_max_bytes: int = setting(65536, "largest structured-output constraint (a JSON schema, regex, choice "
                                                "list or grammar) a request may carry, in bytes of its text")
     structured_compile_timeout: float = setting(10.0, "seconds a structured-output constraint may take to compile "
@@ -131,6 +187,8 @@ class EngineConfig:
         for name, ok, problem in checks:
             if not ok:
                 raise ConfigError(name, problem)
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)
         if self.device == "cuda":
             import torch
 

@@ -242,6 +242,23 @@ class BlockManager:
         seq.num_tokens += n
         seq.token_ids.extend(token_ids)
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Take back the slots past the first num_tokens: those of draft tokens verification rejected.
+
+        Their blocks are the sequence's own (appended this step, never registered in the cache: mark_computed
+        only ever covers accepted tokens), so blocks wholly past the end go straight back to the free list."""
+        seq = self._get(seq_id)
+        if not 0 <= num_tokens <= seq.num_tokens:
+            raise BlockError(f"sequence {seq_id!r} has {seq.num_tokens} slots, cannot truncate to {num_tokens}")
+        keep = self.blocks_for(num_tokens)
+        if keep < seq.num_registered:
+            raise BlockError(f"sequence {seq_id!r}: truncating to {num_tokens} tokens would cut cached blocks")
+        self._alloc.free_blocks(seq.blocks[keep:][::-1])
+        del seq.blocks[keep:]
+        del seq.token_ids[num_tokens:]
+        del seq.hashes[num_tokens // self.block_size:]
+        seq.num_tokens = num_tokens
+
     def fork(self, parent_id: str, child_id: str) -> None:
         parent = self._get(parent_id)
         if child_id in self._seqs:

@@ -30,6 +30,16 @@ def dtype_name(text: str) -> str:
     return name
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, like '{{\"method\": \"ngram\"}}': {text!r}")
+    return value
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
@@ -37,7 +47,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":  # --flag / --no-flag
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=help)
             continue
-        kind = {"str": str, "int": int, "float": float}[f.type.split(" | ")[0]]  # "int | None" -> int
+        kind = {"str": str, "int": int, "float": float, "dict": json_object}[f.type.split(" | ")[0]]
         if f.name == "dtype":
             kind = dtype_name
         group.add_argument(flag(f.name), type=kind, default=f.default, choices=choices, help=help,

@@ -178,18 +178,29 @@ class Constraints:
         for seq_id in self.matchers.keys() - set(seq_ids):
             del self.matchers[seq_id]
 
-    def fill(self, matchers: list[llg.LLMatcher]) -> Future:
-        """The next-token bitmasks of these matchers, [len, ceil(vocab / 32)] int32, filled on the mask thread."""
+    def fill(self, matchers: list[tuple[llg.LLMatcher, list[int]]]) -> Future:
+        """The bitmasks of these (matcher, drafts), filled on the mask thread: int32 [rows, ceil(vocab / 32)], a
+        row for the matcher's next token, then one after each of its drafts (which the matcher allows)."""
         return self._masker.submit(self._fill, matchers)
 
-    def _fill(self, matchers: list[llg.LLMatcher]) -> torch.Tensor:
+    def _fill(self, matchers: list[tuple[llg.LLMatcher, list[int]]]) -> torch.Tensor:
         started = time.perf_counter()
         if self._llg_executor is None:
             self._llg_executor = llg.LLExecutor(num_threads=1)  # the cores belong to the forward
-        bitmask = llg_numpy.allocate_token_bitmask(len(matchers), self.vocab_size)
-        llg_numpy.fill_next_token_bitmask_par(self._llg_executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        rows, plain, drafted = 0, [], []
+        for matcher, drafts in matchers:
+            if drafts:
+                drafted.append((matcher, rows, drafts))
+            else:
+                plain.append((matcher, rows))
+            rows += 1 + len(drafts)
+        bitmask = llg_numpy.allocate_token_bitmask(rows, self.vocab_size)
+        if plain:
+            llg_numpy.fill_next_token_bitmask_par(self._llg_executor, plain, bitmask)
+        if drafted:  # each matcher consumes its drafts to fill their rows, and rolls back after
+            llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(self._llg_executor, drafted, bitmask)
         self.mask_seconds += time.perf_counter() - started
-        self.masks_filled += len(matchers)
+        self.masks_filled += rows
         return torch.from_numpy(bitmask)
 
     def stats(self) -> dict:

@@ -6,6 +6,12 @@ sampled, detokenized, checked against the stop conditions and streamed in one
 message; finished sequences give their blocks back at once, so waiting ones can
 join at the very next step (continuous batching).
 
+With speculative decoding a running sequence's token comes with draft tokens
+(engine/speculation.py): they take slots like any token, from the blocks left
+free once prefill has planned and out of the step's token budget, and the
+forward verifies them all. The slots of rejected drafts are taken back right
+after it, and only accepted tokens' blocks reach the prefix cache.
+
 Under pressure decode asks eviction for victims and carries its order out:
 a victim's blocks are swapped out to the host pool (eviction then holds the
 sequence) or dropped (prefill recomputes it). While sequences are swapped out,
@@ -24,6 +30,7 @@ from kvmux.engine import messages
 from kvmux.engine.actor import Actor, log
 from kvmux.engine.constraints import Constraints
 from kvmux.engine.detokenize import detokenize_step
+from kvmux.engine.speculation import Speculator
 from kvmux.engine.tombstones import Tombstones
 from kvmux.runner.runner import Runner
 from kvmux.runner.sampler import sample_seed
@@ -35,7 +42,7 @@ class Decode(Actor):
 
     def __init__(self, blocks: BlockManager, runner: Runner, executor: Executor, tokenizer, eos_ids: set[int],
                  max_num_batched_tokens: int, prefill: Actor, eviction: Actor, router: Actor,
-                 constraints: Constraints) -> None:
+                 constraints: Constraints, speculator: Speculator | None = None) -> None:
         super().__init__()
         self.blocks = blocks
         self.runner = runner
@@ -47,6 +54,7 @@ class Decode(Actor):
         self.eviction = eviction
         self.router = router
         self.constraints = constraints
+        self.speculator = speculator
         self.running: dict[str, messages.SeqState] = {}  # by seq_id: each parallel sample runs on its own
         self.prefill_ready = False
         self.stopping = False
@@ -149,14 +157,16 @@ class Decode(Actor):
         started = time.perf_counter()
         self.step += 1
         step = self.step
+        emitted = self.output_tokens
         reserve = await self._make_room(step)
+        drafts = self._propose()
 
-        self.prefill.send(messages.StepRequest(step, self.max_num_batched_tokens - len(self.running),
-                                             len(self.running), reserve + self.swapped_blocks))
+        budget = self.max_num_batched_tokens - len(self.running) - sum(map(len, drafts.values()))
+        self.prefill.send(messages.StepRequest(step, budget, len(self.running), reserve + self.swapped_blocks))
         plan = self.plan = await self._reply(messages.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
-        work, sampled, computed = self._build(plan)
+        work, sampled, computed = self._build(plan, drafts)
         if not work.chunks and not self.running and self.swapped_out:
             await asyncio.sleep(0.001)  # waiting for swapped sequences to fit: do not spin
         if work.chunks:
@@ -174,18 +184,23 @@ class Decode(Actor):
             # The step's KV now exists: only from here on may other sequences find it in the prefix cache.
             for seq_id, num_tokens in computed:
                 self.blocks.mark_computed(seq_id, num_tokens)
-            tokens = iter(tokens)
+            runs = iter(tokens)
             for seq in sampled:
-                drawn = next(tokens)
+                run = next(runs)
+                if seq.seq_id in drafts:
+                    self._settle_drafts(seq, len(drafts[seq.seq_id]), len(run) - 1)
                 if seq.unforked:
-                    outputs += self._fork(seq, tokens)
-                outputs.append(self._advance_or_fail(seq, drawn))
+                    outputs += self._fork(seq, runs)
+                outputs.append(self._advance_run(seq, run))
         self.constraints.retain(self.running)
+        if self.speculator is not None:
+            self.speculator.retain(self.running)
         if outputs:
             self.router.send(messages.StepOutputs(outputs))
         now = time.perf_counter()
+        emitted = self.output_tokens - emitted
         self.step_seconds += now - started
-        self.recent.append((now, len(sampled)))
+        self.recent.append((now, emitted))
         while self.recent and self.recent[0][0] < now - 10.0:
             self.recent.popleft()
 
@@ -261,17 +276,62 @@ class Decode(Actor):
                 outputs += seq.ended(error)
         return outputs
 
-    def _build(self, plan: messages.StepPlan) -> tuple[StepWork, list[messages.SeqState], list[tuple[str, int]]]:
+    def _propose(self) -> dict[str, list[int]]:
+        """Draft tokens for the running sequences this step, by seq_id (none where nothing is proposed)."""
+        if self.speculator is None or not self.running or not self.speculator.active(len(self.running)):
+            return {}
+        budget = self.max_num_batched_tokens - len(self.running)  # drafts never crowd out a running token
+        drafts = {}
+        for seq_id, seq in self.running.items():
+            # Never past max_tokens: the tokens a step emits are its accepted drafts and one more.
+            most = min(budget, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if most <= 0:
+                continue
+            proposal = self.speculator.propose(seq_id, seq.token_ids, most)
+            if proposal and seq.constraint is not None:  # only drafts the constraint allows, so each has a mask
+                matcher = self.constraints.matcher(seq_id, seq.constraint, seq.token_ids[seq.num_prompt_tokens:])
+                proposal = proposal[:matcher.validate_tokens(proposal)]
+            if proposal:
+                drafts[seq_id] = proposal
+                budget -= len(proposal)
+        if drafts:
+            self.speculator.steps += 1
+        return drafts
+
+    def _settle_drafts(self, seq: messages.SeqState, proposed: int, accepted: int) -> None:
+        """After the forward: give back the slots of rejected drafts, and offer the accepted ones' full blocks
+        to the prefix cache (the sequence's tokens do not include the run yet)."""
+        kept = len(seq.token_ids) + accepted  # KV exists for the last token and the accepted drafts
+        self.blocks.truncate(seq.seq_id, kept)
+        self.blocks.mark_computed(seq.seq_id, kept)
+        self.speculator.verified(seq.seq_id, proposed, accepted)
+
+    def _build(self, plan: messages.StepPlan, drafts: dict[str, list[int]]
+               ) -> tuple[StepWork, list[messages.SeqState], list[tuple[str, int]]]:
         """The forward's chunks, the sequences that get a token sampled (in logits order),
-        and (seq_id, tokens whose KV exists after the forward) for the prefix cache."""
+        and (seq_id, tokens whose KV exists after the forward) for the prefix cache.
+
+        Drafts get slots from the blocks still free after every running sequence's token has one; a draft
+        that finds none is dropped (from `drafts` too)."""
         chunks: list[Chunk] = []
         sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
-        masked: list = []  # the matchers of the draws under structured outputs, in mask_row order
+        masked: list = []  # (matcher, drafts) of the draws under structured outputs, in mask_row order
         for seq_id, seq in self.running.items():
-            last = seq.token_ids[-1]
-            self.blocks.append_slots(seq_id, [last])
-            chunks.append(self._sampled_chunk(seq, Chunk(seq_id, len(seq.token_ids) - 1, [last]), masked))
+            self.blocks.append_slots(seq_id, seq.token_ids[-1:])
+        for seq_id, proposal in list(drafts.items()):
+            fits = len(proposal)
+            while fits and self.blocks.blocks_needed_to_append(seq_id, fits) > self.blocks.num_free:
+                fits -= 1
+            if fits:
+                drafts[seq_id] = proposal[:fits]
+                self.blocks.append_slots(seq_id, drafts[seq_id])
+            else:
+                del drafts[seq_id]
+        for seq_id, seq in self.running.items():
+            proposal = drafts.get(seq_id, [])
+            chunk = Chunk(seq_id, len(seq.token_ids) - 1, seq.token_ids[-1:] + proposal)
+            chunks.append(self._sampled_chunk(seq, chunk, masked, proposal))
             sampled.append(seq)
             computed.append((seq_id, len(seq.token_ids)))
         finishing = {s.seq_id: s for s in plan.handoffs}
@@ -282,26 +342,27 @@ class Decode(Actor):
                     continue  # aborted in prefill since it planned the chunk: its blocks are gone
                 chunks.append(chunk)
             else:
-                chunks.append(self._sampled_chunk(seq, chunk, masked))
+                chunks.append(self._sampled_chunk(seq, chunk, masked, []))
                 sampled.append(seq)
                 self.running[seq.seq_id] = seq
             computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
         # The masks are filled on another thread while the forward runs; sampling waits for them.
         return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None), sampled, computed
 
-    def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk, masked: list) -> Chunk:
+    def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk, masked: list, drafts: list[int]) -> Chunk:
         """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first
         tokens of all n samples from its logits (all under one mask: their outputs are empty alike)."""
         forks = [sample_seed(seq.seed, i) for i in range(1, seq.params.n)] if seq.unforked else []
         chunk.block_table = self.blocks.block_table(seq.seq_id)
         history = seq.token_ids[seq.num_prompt_tokens:] if seq.params.penalized else []
-        chunk.draw = Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history)
+        chunk.draw = Draw(seq.params, seq.seed, seq.num_output_tokens, forks, history, drafts=drafts)
         if seq.constraint is not None:
-            chunk.draw.mask_row = len(masked)
-            masked.append(self.constraints.matcher(seq.seq_id, seq.constraint, seq.token_ids[seq.num_prompt_tokens:]))
+            chunk.draw.mask_row = sum(1 + len(d) for _, d in masked)
+            masked.append((self.constraints.matcher(seq.seq_id, seq.constraint,
+                                                    seq.token_ids[seq.num_prompt_tokens:]), drafts))
         return chunk
 
-    def _fork(self, seq: messages.SeqState, tokens) -> list[messages.SeqOutput]:
+    def _fork(self, seq: messages.SeqState, runs) -> list[messages.SeqOutput]:
         """Start samples 1..n-1 of a request: each shares every prompt block of sample 0.
 
         Called before sample 0 takes its own first token, so the samples share
@@ -313,7 +374,7 @@ class Decode(Actor):
             child = replace(seq, index=i, seed=sample_seed(seq.seed, i), token_ids=list(seq.token_ids))
             self.blocks.fork(seq.seq_id, child.seq_id)
             self.running[child.seq_id] = child
-            outputs.append(self._advance_or_fail(child, next(tokens)))
+            outputs.append(self._advance_run(child, next(runs)))
         return outputs
 
     def _fail_batch(self, plan: messages.StepPlan | None, error: str) -> None:
@@ -334,6 +395,21 @@ class Decode(Actor):
         unfinished = [c.seq_id for c in plan.chunks if c.seq_id not in finishing] if plan else []
         if unfinished:
             self.prefill.send(messages.StepFailed(plan.step, unfinished, error))
+
+    def _advance_run(self, seq: messages.SeqState, run: list[Sampled]) -> messages.SeqOutput:
+        """Append a step's tokens one by one until one ends the sequence; one output for them all."""
+        out = self._advance_or_fail(seq, run[0])
+        for drawn in run[1:]:
+            if out.finish_reason is not None:
+                break
+            more = self._advance_or_fail(seq, drawn)
+            out.token_ids += more.token_ids
+            out.text += more.text
+            out.finish_reason, out.num_output_tokens, out.error = more.finish_reason, more.num_output_tokens, more.error
+            if out.logprobs is not None:
+                out.logprobs += more.logprobs or []
+                out.top_logprobs += more.top_logprobs or []
+        return out
 
     def _advance_or_fail(self, seq: messages.SeqState, drawn: Sampled) -> messages.SeqOutput:
         """_advance, but a failure there (the tokenizer raising, say) ends only this sequence."""
@@ -382,6 +458,8 @@ class Decode(Actor):
         if finish:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
+            if self.speculator is not None:
+                self.speculator.finished(seq.token_ids, seq.num_prompt_tokens)
         first = seq.index == 0 and seq.num_output_tokens == 1
         return messages.SeqOutput(
             seq.request_id, [token], delta, finish, seq.num_prompt_tokens, seq.num_output_tokens, index=seq.index,
@@ -398,4 +476,5 @@ class Decode(Actor):
             "forward_seconds": self.forward_seconds, "step_seconds": self.step_seconds,
             "preemptions": self.preemptions_swap + self.preemptions_recompute,
             "preemptions_swap": self.preemptions_swap, "preemptions_recompute": self.preemptions_recompute,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }

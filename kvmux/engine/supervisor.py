@@ -17,7 +17,7 @@ import torch
 
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.kv_cache import PoolGeometry
-from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, resolve_dtype
+from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.constraints import Constraints
@@ -25,6 +25,7 @@ from kvmux.engine.decode import Decode
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
 from kvmux.engine.router import OutputStream, Router
+from kvmux.engine.speculation import Speculator
 from kvmux.model.loader import LoadedModel, default_model_path, load_model, load_model_info
 from kvmux.model.metadata import context_length
 from kvmux.model.sharding import Shard
@@ -143,10 +144,14 @@ class Engine:
         policy = Policy(cfg.preemption_mode, low_blocks=low, high_blocks=max(low, int(cfg.high_watermark * num_blocks)),
                         block_bytes=geometry.block_bytes)
         self.eviction = Eviction(self.blocks, policy, router=self.router)
+        speculator = None
+        if cfg.speculative_config is not None:
+            speculator = Speculator(SpeculativeConfig.from_dict(cfg.speculative_config))
+            log.info("speculative decoding: %s", speculator.config)
         self.decode = Decode(self.blocks, self.runner, self.executor,
                              tokenizer, eos_ids, cfg.max_num_batched_tokens,
                              prefill=self.prefill, eviction=self.eviction, router=self.router,
-                             constraints=self.constraints)
+                             constraints=self.constraints, speculator=speculator)
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from kvmux.ops.threads import cpu_budget
-from kvmux.parallel.worker import Spec, fingerprint, model_group, sample_widths, timeout, unpack_samples
+from kvmux.parallel.worker import Spec, fingerprint, model_group, reply_size, timeout, unpack_samples
 from kvmux.step.work import Sampled, StepWork
 
 
@@ -119,14 +119,14 @@ class ParallelRunner:
             finally:
                 self.last_op = time.monotonic()
 
-    def execute(self, work: StepWork) -> list[Sampled]:
+    def execute(self, work: StepWork) -> list[list[Sampled]]:
         if isinstance(work.masks, Future):  # the ranks need the masks themselves: they cannot wait on a future here
             work = replace(work, masks=work.masks.result())
 
-        def step() -> list[Sampled]:
+        def step() -> list[list[Sampled]]:
             self._broadcast(("step", work))
             self.steps += 1
-            reply = torch.empty(len(self.RANK0_COUNTERS) + sum(sample_widths(work)), dtype=torch.float64)
+            reply = torch.empty(len(self.RANK0_COUNTERS) + reply_size(work), dtype=torch.float64)
             dist.recv(reply, src=1)
             self.counters = dict(zip(self.RANK0_COUNTERS, reply[:len(self.RANK0_COUNTERS)].tolist()))
             return unpack_samples(reply[len(self.RANK0_COUNTERS):].tolist(), work)

@@ -94,7 +94,7 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
             kind, payload = message[0]
             if kind == "step":
                 started = time.perf_counter()
-                tokens = runner.execute(payload)  # Sampled, on rank 0
+                tokens = runner.execute(payload)  # runs of Sampled, on rank 0
                 compute_seconds += time.perf_counter() - started
                 if shard.rank == 0:  # the tokens, and this rank's counters for the driver's stats
                     copies = runner.copier.stats()
@@ -112,38 +112,50 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
         dist.destroy_process_group()
 
 
-def sample_widths(work: StepWork) -> list[int]:
-    """Floats each sampled row of `work` takes in rank 0's reply: the token, and with logprobs asked for its
-    logprob and `logprobs` (id, logprob) pairs. The driver knows the step, so the reply needs no lengths."""
-    return [1 if c.draw.params.logprobs is None else 2 + 2 * c.draw.params.logprobs
+def sample_widths(work: StepWork) -> list[tuple[int, int]]:
+    """(tokens, floats per token) of each sampled row of `work` in rank 0's reply: a row emits up to one token
+    more than it has drafts, each its id and, with logprobs asked for, its logprob and `logprobs` (id, logprob)
+    pairs. The driver knows the step, so the reply needs no lengths but each row's count of tokens emitted."""
+    return [(1 + len(c.draw.drafts), 1 if c.draw.params.logprobs is None else 2 + 2 * c.draw.params.logprobs)
             for c in work.chunks if c.draw is not None for _ in range(1 + len(c.draw.fork_seeds))]
 
 
-def pack_samples(samples: list[Sampled], work: StepWork) -> list[float]:
-    """Sampled rows as float64s (token ids and float32 logprobs are exact); missing alternatives (the filters
-    left fewer tokens than asked) are NaN pairs."""
+def reply_size(work: StepWork) -> int:
+    return sum(1 + most * width for most, width in sample_widths(work))
+
+
+def pack_samples(runs: list[list[Sampled]], work: StepWork) -> list[float]:
+    """Each row's run as float64s (token ids and float32 logprobs are exact): its length, then its tokens,
+    padded to the most it may emit; missing alternatives (the filters left fewer tokens than asked) are NaN pairs."""
     out = []
-    for s, width in zip(samples, sample_widths(work)):
-        out.append(s.token)
-        if width > 1:
-            out.append(s.logprob)
-            for i in range((width - 2) // 2):
-                out.extend(s.top[i] if i < len(s.top) else (math.nan, math.nan))
+    for run, (most, width) in zip(runs, sample_widths(work)):
+        out.append(len(run))
+        for s in run:
+            out.append(s.token)
+            if width > 1:
+                out.append(s.logprob)
+                for i in range((width - 2) // 2):
+                    out.extend(s.top[i] if i < len(s.top) else (math.nan, math.nan))
+        out.extend([0.0] * ((most - len(run)) * width))
     return out
 
 
-def unpack_samples(values: list[float], work: StepWork) -> list[Sampled]:
-    samples, i = [], 0
-    for width in sample_widths(work):
-        token = int(values[i])
-        if width == 1:
-            samples.append(Sampled(token))
-        else:
-            pairs = values[i + 2:i + width]
-            top = [(int(t), v) for t, v in zip(pairs[::2], pairs[1::2]) if not math.isnan(t)]
-            samples.append(Sampled(token, values[i + 1], top))
-        i += width
-    return samples
+def unpack_samples(values: list[float], work: StepWork) -> list[list[Sampled]]:
+    runs, i = [], 0
+    for most, width in sample_widths(work):
+        run, at = [], i + 1
+        for _ in range(int(values[i])):
+            token = int(values[at])
+            if width == 1:
+                run.append(Sampled(token))
+            else:
+                pairs = values[at + 2:at + width]
+                top = [(int(t), v) for t, v in zip(pairs[::2], pairs[1::2]) if not math.isnan(t)]
+                run.append(Sampled(token, values[at + 1], top))
+            at += width
+        runs.append(run)
+        i += 1 + most * width
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:

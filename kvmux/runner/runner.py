@@ -15,9 +15,9 @@ import torch
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.cache.tiers import DISK
 from kvmux.cache.transfer import BlockCopier, DiskPool, host_pool, make_copier
-from kvmux.runner.sampler import mask_logits, sample
+from kvmux.runner.sampler import mask_logits, sample, verify
 from kvmux.step.forward_batch import ForwardBatch
-from kvmux.step.work import Sampled, StepWork
+from kvmux.step.work import Draw, Sampled, StepWork
 
 
 class Runner:
@@ -41,8 +41,9 @@ class Runner:
         return cls(model, kv_cache, make_copier(pools, geometry.block_bytes), disk_pool)
 
     @torch.inference_mode()
-    def execute(self, work: StepWork) -> list[Sampled]:
-        """Tokens sampled for the chunks with a draw, in their order; each followed by its forks' tokens."""
+    def execute(self, work: StepWork) -> list[list[Sampled]]:
+        """The tokens each chunk with a draw emits, in their order, each followed by its forks': a run of one
+        token, or with drafts the accepted ones and the token after them."""
         # A copy out of a reclaimed block must read it before anything writes it.
         self.copier.apply(work.copies)
         self.copier.before_forward({b for c in work.chunks for b in c.block_table})
@@ -51,19 +52,35 @@ class Runner:
         self.copier.after_forward()
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
             return []
-        draws = [c.draw for c in work.chunks if c.draw is not None]
-        rows = [i for i, d in enumerate(draws) for _ in range(1 + len(d.fork_seeds))]
-        if len(rows) != len(draws):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        seeded = [(d, seed) for d in draws for seed in (d.seed, *d.fork_seeds)]
+        # One group of rows per sample: a draw's logits rows, shared by its forks (which have no drafts).
+        groups: list[tuple[Draw, int, int]] = []  # (draw, seed, first row in `index`)
+        index: list[int] = []  # logits row of each sampled row
+        constrained: list[tuple[int, int]] = []  # (sampled row, mask row)
+        first = 0
+        for d in (c.draw for c in work.chunks if c.draw is not None):
+            width = 1 + len(d.drafts)
+            for seed in (d.seed, *d.fork_seeds):
+                groups.append((d, seed, len(index)))
+                if d.mask_row is not None:
+                    constrained += [(len(index) + j, d.mask_row + j) for j in range(width)]
+                index.extend(range(first, first + width))
+            first += width
+        if len(index) != logits.shape[0]:
+            logits = logits[torch.tensor(index, device=logits.device)]
         if work.masks is not None:
             started = time.perf_counter()
             masks = work.masks.result() if isinstance(work.masks, Future) else work.masks
             self.mask_wait_seconds += time.perf_counter() - started
-            constrained = [(i, d.mask_row) for i, (d, _) in enumerate(seeded) if d.mask_row is not None]
             logits = mask_logits(logits, masks, [i for i, _ in constrained], [m for _, m in constrained])
-        return sample(logits, [d.params for d, _ in seeded], [seed for _, seed in seeded],
-                      [d.token_index for d, _ in seeded], [d.output_ids for d, _ in seeded])
+        plain = [g for g in groups if not g[0].drafts]  # sampled together; each draw with drafts is verified
+        drawn = iter(())
+        if plain:
+            rows = logits if len(plain) == len(index) else \
+                logits[torch.tensor([row for _, _, row in plain], device=logits.device)]
+            drawn = iter(sample(rows, [d.params for d, _, _ in plain], [seed for _, seed, _ in plain],
+                                [d.token_index for d, _, _ in plain], [d.output_ids for d, _, _ in plain]))
+        return [verify(logits[row:row + 1 + len(d.drafts)], d.params, seed, d.token_index, d.output_ids, d.drafts)
+                if d.drafts else [next(drawn)] for d, seed, row in groups]
 
     def copy_bytes_per_s(self) -> float:
         return self.copier.bytes_per_s()

@@ -6,6 +6,10 @@ temperature, then top-k, top-p and min-p, each removing tokens (their logits bec
 drawn from that distribution, and its logprobs, when asked for, are that distribution's log-probabilities,
 so a logprob is exactly what the draw saw. Greedy rows take the argmax of the penalized logits, and their
 logprobs are those logits' log-softmax (temperature 1: the argmax does not depend on it).
+
+Speculative decoding (`verify`): a draw with drafts has a row of logits for its last token and one per draft.
+Row j's token is sampled exactly as it would be without speculation once drafts[:j] were accepted; the drafts
+are accepted while each equals the token sampled before it.
 """
 from __future__ import annotations
 
@@ -106,3 +110,30 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
             token = int(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator))
         out[i] = Sampled(token) if p.logprobs is None else _with_logprobs(token, row, p.logprobs)
     return out
+
+
+def verify(logits: torch.Tensor, params: SamplingParams, seed: int, token_index: int, output_ids: list[int],
+           drafts: list[int]) -> list[Sampled]:
+    """The run a draw with drafts emits from logits [len(drafts) + 1, vocab]: the accepted drafts, then the token
+    sampled after them (where a draft was rejected, or after the last).
+
+    Each token is drawn from the same random stream (seed, its token index) and distribution (penalties counting
+    the drafts before it) as without speculation, so the output is token for token the same. Our proposers
+    propose one token with certainty (q, a point mass on the draft d), and this is then the rejection-sampling
+    rule: d is accepted with probability p(d) = min(1, p(d) / q(d)), and on rejection the token is p given
+    "not d", the normalised residual max(0, p - q).
+    """
+    if params.greedy and not params.penalized and params.logprobs is None:
+        tokens = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and tokens[accepted] == drafts[accepted]:
+            accepted += 1
+        return [Sampled(t) for t in tokens[:accepted + 1]]
+    run = []
+    for j in range(len(drafts) + 1):
+        history = output_ids + drafts[:j] if params.penalized else []
+        drawn = sample(logits[j:j + 1], [params], [seed], [token_index + j], [history])[0]
+        run.append(drawn)
+        if j == len(drafts) or drawn.token != drafts[j]:
+            break
+    return run

@@ -179,7 +179,8 @@ class HttpServer:
         self.model = options.served_model_name or engine.loaded.name
         self.formatter = Formatter(engine.tokenizer, self.model)
         self.chat_tools = ChatTools(engine.tokenizer)
-        self.metrics = Metrics(engine.geometry.block_bytes, ROUTES)
+        spec = engine.config.speculative_config
+        self.metrics = Metrics(engine.geometry.block_bytes, ROUTES, spec["method"] if spec else None)
         self.closing = False
         self.active: set[str] = set()  # the request_ids of the generations in flight
         self.created = int(time.time())

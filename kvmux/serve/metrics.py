@@ -36,8 +36,9 @@ _TIERS = {"device": ("blocks_used", "blocks_total"), "host": ("host_blocks_used"
 class Metrics:
     """One registry per served engine; `observe` is the engine's request listener, `render` a scrape."""
 
-    def __init__(self, block_bytes: int, routes: set[str]) -> None:
+    def __init__(self, block_bytes: int, routes: set[str], speculative_method: str | None = None) -> None:
         self.block_bytes = block_bytes
+        self.speculative_method = speculative_method  # labels the speculation counters; None: none are shown
         self.routes = routes  # the HTTP paths counted by name; any other counts as "other"
         self.registry = CollectorRegistry()
         r = self.registry
@@ -142,5 +143,14 @@ class _EngineCollector:
                                   value=stats.get("prefix_cache_queries", 0))
         yield CounterMetricFamily("kvmux_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=stats.get("prefix_cache_hits", 0))
+        method = self.metrics.speculative_method
+        if method is not None:  # as vLLM's spec_decode counters; mean accepted length = 1 + accepted / drafts
+            for key, name, text in (
+                    ("spec_verified_draws", "drafts", "Sequence steps that verified draft tokens"),
+                    ("spec_draft_tokens", "draft_tokens", "Draft tokens proposed"),
+                    ("spec_accepted_tokens", "accepted_tokens", "Draft tokens accepted")):
+                family = CounterMetricFamily(f"kvmux_spec_decode_num_{name}", text + ", by method", labels=["method"])
+                family.add_metric([method], stats.get(key, 0))
+                yield family
         yield CounterMetricFamily("kvmux_block_copy_bytes", "Bytes of every KV block copy (copy-on-write, swaps, "
                                   "tier moves)", value=stats.get("block_copy_bytes", 0))

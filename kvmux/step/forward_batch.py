@@ -18,7 +18,8 @@ class ForwardBatch:
     query_lens: list[int]         # [S] new tokens per sequence, in packing order
     context_lens: list[int]       # [S] tokens in the KV cache for that sequence after this step
     block_tables: torch.Tensor    # [S, max_blocks] int32, padded with 0
-    logits_indices: torch.Tensor  # [K] int64 packed indices whose logits are returned
+    # [K] int64 packed indices whose logits are returned: a drawn chunk's last token, after its drafts' positions
+    logits_indices: torch.Tensor
     # Scratch for the attention backend: per-step metadata it derives once from
     # this batch and reuses in every layer.
     attn_metadata: Any = field(default=None, repr=False, compare=False)
@@ -29,7 +30,8 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
-        """From each chunk's tokens, position and block table; logits for the last token of chunks with a draw."""
+        """From each chunk's tokens, position and block table; logits for the last token of chunks with a draw,
+        and for the len(drafts) tokens before it (a draft's logits verify the draft after it)."""
         if not seqs:
             raise ValueError("ForwardBatch.build: no sequences")
         query_lens = [len(s.token_ids) for s in seqs]
@@ -59,7 +61,8 @@ class ForwardBatch:
         slot_mapping = blocks * block_size + positions % block_size
 
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
-        logits_indices = (ends - 1)[torch.tensor([s.draw is not None for s in seqs])]
+        logits_indices = torch.tensor([i for s, end in zip(seqs, ends.tolist()) if s.draw is not None
+                                       for i in range(end - 1 - len(s.draw.drafts), end)], dtype=torch.int64)
         return cls(
             input_ids=input_ids.to(device),
             positions=positions.to(device),

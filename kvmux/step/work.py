@@ -1,8 +1,8 @@
 """What one step asks of the forward thread, and what it gives back.
 
 Decode builds a `StepWork` from prefill's plan and its running sequences; the runner (or, under tensor
-parallelism, every rank) applies its block copies, runs the forward over its chunks and answers one `Sampled`
-per sampled row. Chunks and draws also travel between the actors as messages, so they hold only plain data.
+parallelism, every rank) applies its block copies, runs the forward over its chunks and answers, per sampled
+row, the run of `Sampled` tokens it emits: one, or with drafts the accepted ones and one more. Chunks and draws also travel between the actors as messages, so they hold only plain data.
 """
 from __future__ import annotations
 
@@ -31,8 +31,12 @@ class Draw:
     fork_seeds: list[int] = field(default_factory=list)
     # The sample's output tokens so far, which presence and frequency penalties count; empty without penalties.
     output_ids: list[int] = field(default_factory=list)
-    # Under structured outputs: the row of StepWork.masks that says which tokens it may draw (its forks' too).
+    # Under structured outputs: the row of StepWork.masks that says which tokens it may draw (its forks' too);
+    # with drafts, rows mask_row + j say what may follow the chunk's last token and drafts[:j].
     mask_row: int | None = None
+    # Speculative decoding: tokens proposed to follow the sequence, the chunk's last len(drafts) tokens. The
+    # forward returns logits for each of them too, and the draw emits the drafts it accepts and one token more.
+    drafts: list[int] = field(default_factory=list)
 
 
 @dataclass
