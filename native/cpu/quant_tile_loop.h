@@ -22,9 +22,9 @@ inline int32_t load4(const void* p) {  // 4 bytes of activations, to be broadcas
     return v;
 }
 
-// A tile of this few rows is bound by reading W: it asks for W this many bytes ahead of the block it works
-// on, so the next blocks are on their way while it computes.
-constexpr int kPrefetchRows = 2;
+// A tile asks for W this many bytes ahead of the block it works on, so the next blocks are on their way while
+// it computes. Measured (bench.quant, q4_0/q4_1, AVX512-VNNI): a pass over SmolLM2's weights at 3-8 rows -- a
+// speculative step's verification -- 15-20% faster than without, at 16-64 rows 6-16%, at 512 rows within 3%.
 constexpr int64_t kPrefetchAhead = 2048;
 
 // out[m:m+MT, panel p] = x[m:m+MT] . W[panel p]^T (+ bias), over every block of K.
@@ -50,10 +50,8 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
 #pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) sum[i] = init;
     for (int64_t b = 0; b < nb; ++b, wq += block_bytes) {
-        if constexpr (MT <= kPrefetchRows) {
 #pragma GCC unroll 8
-            for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
-        }
+        for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
         typename Isa::Acc acc[MT];
         const XT* xb = xq + b * kQuantBlock;
         if constexpr (T == QuantType::q8_0) {
