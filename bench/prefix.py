@@ -2,6 +2,7 @@
 
     python -m bench.prefix            # 32 requests, 512-token system prompt, 32 output tokens each
     python -m bench.prefix --quick    # 8 requests, 16 output tokens
+    python -m bench.prefix --restart  # a 2,000-token prefix: cold, cached in memory, after a restart
 
 Every request is the same system prompt followed by a short distinct
 question, all submitted at once (a burst), greedy with a fixed output length
@@ -9,6 +10,11 @@ so both runs do the same work. Reports time to first token (p50, p99), output
 throughput, prompt tokens computed by prefill, and the peak of KV blocks in
 use, for each setting; checks that the outputs are identical; writes
 bench/results/prefix.json and prefix.png.
+
+With --restart: the time to first token of one request whose 2,000-token prefix is new (cold), of one whose prefix
+an earlier request cached in this engine's memory, and of one whose prefix an earlier engine on the same
+`disk_cache_dir` cached (the engine restarted in between); three rounds, each on a fresh folder. Writes
+bench/results/prefix_restart.json and .png.
 """
 from __future__ import annotations
 
@@ -97,6 +103,74 @@ async def run(caching: bool, prompts: list[list[int]], max_tokens: int, options:
     }
 
 
+async def first_token_s(engine: Engine, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)):
+        if out.token_ids:
+            return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+async def restart_round(model, folder: str, prefix: list[int], questions: list[list[int]]) -> dict:
+    async with Engine(model, disk_cache_dir=folder) as engine:
+        await engine.complete("Warm-up: count to five.", SamplingParams(max_tokens=4, temperature=0))
+        cold = await first_token_s(engine, prefix + questions[0])
+        memory = await first_token_s(engine, prefix + questions[1])
+    started = time.perf_counter()
+    async with Engine(model, disk_cache_dir=folder) as engine:
+        start_s = time.perf_counter() - started
+        await engine.complete("Warm-up: count to five.", SamplingParams(max_tokens=4, temperature=0))
+        restarted = await first_token_s(engine, prefix + questions[2])
+        stats = await engine.stats()
+    return {"cold_s": cold, "memory_hit_s": memory, "after_restart_s": restarted, "engine_start_s": start_s,
+            "disk_blocks_restored": stats["disk_blocks_restored"], "prefix_cache_hits_disk": stats["prefix_cache_hits_disk"]}
+
+
+def restart_main(args) -> None:
+    import tempfile
+
+    async def rounds():
+        async with Engine(args.model, num_blocks=16) as probe:
+            prompts = build_prompts(probe.tokenizer, 3, args.system_tokens)
+        prefix = prompts[0][:args.system_tokens]
+        questions = [p[args.system_tokens:] for p in prompts]
+        out = []
+        for _ in range(3):
+            with tempfile.TemporaryDirectory(prefix="kvmux-bench-") as folder:
+                out.append(await restart_round(args.model, folder, prefix, questions))
+        return out
+
+    runs = asyncio.run(rounds())
+    median = {k: float(np.median([r[k] for r in runs])) for k in ("cold_s", "memory_hit_s", "after_restart_s",
+                                                                   "engine_start_s")}
+    report = {
+        "command": "python -m bench.prefix --restart", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))}),
+        "load_average_at_end": os.getloadavg()[0], "prefix_tokens": args.system_tokens, "runs": runs,
+        "median": median, "cold_over_restart": median["cold_s"] / median["after_restart_s"],
+        "restart_over_memory": median["after_restart_s"] / median["memory_hit_s"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prefix_restart.json").write_text(json.dumps(report, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    keys = [("cold_s", "cold"), ("memory_hit_s", "cached in memory"), ("after_restart_s", "after a restart")]
+    ax.bar([label for _, label in keys], [median[k] * 1e3 for k, _ in keys], color=["#888", "#3a7", "#37a"])
+    ax.set_ylabel("time to first token, ms (median of 3)")
+    ax.set_title(f"{args.system_tokens}-token prefix: cold / restart = {report['cold_over_restart']:.1f}x, "
+                 f"restart / memory = {report['restart_over_memory']:.2f}x", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out / "prefix_restart.png", dpi=110)
+    print(f"TTFT cold {median['cold_s'] * 1e3:.1f} ms, in memory {median['memory_hit_s'] * 1e3:.1f} ms, after a "
+          f"restart {median['after_restart_s'] * 1e3:.1f} ms (cold/restart {report['cold_over_restart']:.1f}x, "
+          f"restart/memory {report['restart_over_memory']:.2f}x); engine start {median['engine_start_s']:.2f} s")
+    print(f"wrote {args.out / 'prefix_restart.json'} and prefix_restart.png")
+
+
 def plot(off: dict, on: dict, path: Path) -> None:
     import matplotlib
 
@@ -128,11 +202,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 requests, 16 output tokens")
     parser.add_argument("--requests", type=int, default=None)
-    parser.add_argument("--system-tokens", type=int, default=512)
+    parser.add_argument("--system-tokens", type=int, default=None, help="default: 512, 2000 with --restart")
+    parser.add_argument("--restart", action="store_true", help="TTFT cold, cached in memory, after a restart")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.restart:
+        args.system_tokens = args.system_tokens or 2000
+        return restart_main(args)
+    args.system_tokens = args.system_tokens or 512
     num_requests = args.requests or (8 if args.quick else 32)
     max_tokens = args.max_tokens or (16 if args.quick else 32)
     options = {"model": args.model, "num_blocks": 4096}

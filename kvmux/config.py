@@ -100,6 +100,10 @@ class EngineConfig:
     dtype: str = setting("auto", "weights and KV cache dtype: auto is bfloat16 on CPUs with bf16 units (AVX512-BF16 "
                                  "or AMX), else float32 (bf16 and fp32 are accepted spellings)",
                          ("auto", "float32", "bfloat16"))
+    kv_cache_dtype: str = setting("auto", "how the KV cache stores K and V: auto in --dtype; int8 as int8 with a "
+                                          "float16 scale per token and head (about half of bf16's bytes, a "
+                                          "quarter of float32's, so about twice the sequences in --kv-cache-gib; "
+                                          "CPU kernels only)", ("auto", "int8"))
     quantization: str = setting("auto", "auto: a GGUF's Q8_0/Q4_0/Q4_1 weights stay in their blocks (CPU); none: "
                                         "dequantize to --dtype; q8_0: quantize every matmul to Q8_0 at load (CPU)",
                                 ("auto", "none", "q8_0"))
@@ -128,9 +132,11 @@ class EngineConfig:
     host_cache_gib: float = setting(1.0, "host memory for swapped-out sequences and cold cached prefixes, in GiB "
                                          "(0: none)")
     num_host_blocks: int | None = setting(None, "host pool size in blocks (default: sized from --host-cache-gib)")
-    disk_cache_dir: str | None = setting(None, "folder for a disk tier of cold cached prefixes, a memory-mapped "
-                                               "file deleted at shutdown (default: no disk tier)")
-    disk_cache_gib: float = setting(4.0, "bound on the disk tier's file, in GiB")
+    disk_cache_dir: str | None = setting(None, "folder for a disk tier of cached prefixes that outlives the engine: "
+                                               "every cached block is written there, and a restart with the same "
+                                               "folder and settings serves them (`kvmux cache info|clear DIR`; "
+                                               "default: no disk tier)")
+    disk_cache_gib: float = setting(4.0, "bound on the disk tier, in GiB; the least recently used blocks go first")
     threads: int | None = setting(None, "kernel threads for the forward (default: the CPUs this process may use, "
                                         "by its affinity mask and cgroup CPU quota)")
     enable_prefix_caching: bool = setting(True, "share the KV blocks of common prompt prefixes across requests")
@@ -177,6 +183,8 @@ class EngineConfig:
             ("quantization", self.quantization != "q8_0" or self.device == "cpu",
              f"q8_0 runs on the CPU kernels only, not on {self.device}; use --quantization none"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("kv_cache_dtype", self.kv_cache_dtype != "int8" or self.device == "cpu",
+             f"int8 is read by the CPU kernels only, not on {self.device}; use --kv-cache-dtype auto"),
             ("structured_max_bytes", self.structured_max_bytes >= 1, "must be >= 1"),
             ("structured_compile_timeout", self.structured_compile_timeout > 0, "must be > 0"),
             ("nnodes", self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,

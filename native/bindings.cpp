@@ -252,7 +252,8 @@ PYBIND11_MODULE(_native, m) {
     py::enum_<kvmux::DType>(m, "DType")
         .value("f32", kvmux::DType::f32)
         .value("bf16", kvmux::DType::bf16)
-        .value("f16", kvmux::DType::f16);
+        .value("f16", kvmux::DType::f16)
+        .value("i8", kvmux::DType::i8);
     m.def(
         "cpu_features",
         [] {

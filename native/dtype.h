@@ -5,6 +5,7 @@
 
 namespace kvmux {
 
-enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+// i8: a KV pool of int8 rows, each followed by its float16 scale (see paged_attention.h).
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2, i8 = 3 };
 
 }  // namespace kvmux

@@ -88,15 +88,17 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eos:
     return outs
 
 
-def teacher_forced_logits(model, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """The model's next-token logits at every position of `ids`: one forward over a fresh KV pool."""
+def teacher_forced_logits(model, ids: list[int], block_size: int = 16, kv_dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
+    """The model's next-token logits at every position of `ids`: one forward over a fresh KV pool (of kv_dtype,
+    default the model's)."""
     from kvmux.cache.kv_cache import KVCache, PoolGeometry
     from kvmux.step.forward_batch import ForwardBatch
     from kvmux.step.work import Chunk
 
     blocks = -(-len(ids) // block_size)
     cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, block_size,
-                                         model.dtype))
+                                         kv_dtype or model.dtype))
     batch = ForwardBatch.build([Chunk("text", 0, ids, list(range(blocks)))], block_size)
     batch.logits_indices = torch.arange(len(ids))
     with torch.inference_mode():

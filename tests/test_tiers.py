@@ -134,6 +134,7 @@ def test_random_workload_keeps_every_tier_consistent(caching):
                     assert not bm._alloc.has_hash(block), "a cached device block lost its contents"
                     pools[DEVICE][block] = value(digest)
             bm.mark_computed(sid, seq.num_tokens)
+        copier.apply(bm.take_copies())  # the write-through to disk of what was just cached, as before the next forward
         for sid in swapped:  # a swapped sequence's full host blocks hold its contents
             seq = bm._swapped[sid]
             for block, digest in zip(seq.blocks, seq.hashes):
@@ -161,9 +162,11 @@ def test_demotion_chain_queues_the_deepest_copy_first():
         bm.allocate(sid, [i] * BS + [9])  # one full block, then the last token's own block
         bm.mark_computed(sid, BS + 1)
         bm.free(sid)
-    # a's block went to the host; b's pushed it on to the disk.
+    # Each block is written through to the disk when cached; a's block went to the host when b's allocation
+    # reclaimed it, and b's pushed it on to the disk: the host block's copy out is queued before b's copy in.
     copies = bm.take_copies()
-    assert [(c.src_tier, c.dst_tier) for c in copies] == [(DEVICE, HOST), (HOST, DISK), (DEVICE, HOST)]
+    assert [(c.src_tier, c.dst_tier) for c in copies] == [(DEVICE, DISK), (DEVICE, HOST), (DEVICE, DISK),
+                                                          (HOST, DISK), (DEVICE, HOST), (DEVICE, DISK)]
     assert bm.tiers.disk.num_cached == 1 and bm.tiers.host.num_cached == 1
 
 
@@ -179,7 +182,7 @@ def test_prefix_comes_back_from_disk_with_identical_outputs(tiny, tmp_path):
 
     async def main():
         async with Engine(tiny, **options) as engine:
-            assert len(os.listdir(tmp_path / "disk")) == 1
+            assert len(os.listdir(tmp_path / "disk")) == 2  # the lock, and this model's store
             first = await engine.complete(prompt, greedy(6))
             for other in flush:  # each pushes the earlier ones down: device -> host -> disk
                 await engine.complete(other, greedy(6))
@@ -188,7 +191,8 @@ def test_prefix_comes_back_from_disk_with_identical_outputs(tiny, tmp_path):
             stats = await engine.stats()
             assert_no_leaks(engine)
             assert engine.blocks.tiers.host.num_free == 6
-        assert os.listdir(tmp_path / "disk") == []  # the disk tier's file goes with the engine
+        stores = [p for p in os.listdir(tmp_path / "disk") if p != "lock"]
+        assert sorted(os.listdir(tmp_path / "disk" / stores[0])) == ["journal.bin", "meta.json", "pool.bin"]  # kept
         return first, again, before, stats
 
     first, again, before, stats = asyncio.run(main())

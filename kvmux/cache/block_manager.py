@@ -190,7 +190,8 @@ class BlockManager:
         for i in range(seq.num_registered, full):
             # False means another block already holds this content; this copy
             # simply stays private and returns to the plain free list.
-            self._alloc.register_block(seq.blocks[i], seq.hashes[i])
+            if self._alloc.register_block(seq.blocks[i], seq.hashes[i]):
+                self.tiers.persist(seq.blocks[i], seq.hashes[i])
         self._end_pending(seq, full)
         seq.num_registered = full
 

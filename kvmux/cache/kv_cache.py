@@ -1,4 +1,9 @@
-"""The KV pool: one block-major tensor shared by every sequence, and the shape of one block."""
+"""The KV pool: one block-major tensor shared by every sequence, and the shape of one block.
+
+An int8 pool (`kv_cache_dtype="int8"`) stores each token's K or V of a head as a row of head_dim int8 values and
+their float16 scale (x ~ q * scale, scale = max|x| / 127): `quantize_rows` / `dequantize_rows` are the format,
+the native kernels write and read the same bytes (native/cpu/paged_attention.h).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,24 @@ from dataclasses import dataclass
 
 import torch
 
-POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float16 only where the CUDA kernels read it
+POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # float16 only where CUDA reads it
+INT8_SCALE_BYTES = 2  # an int8 row's float16 scale, after its values
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> int8 [..., D + 2]: the values q = round(x / scale) and the float16 scale = max|x| / 127 (rounded
+    to float16 before q is computed, as the kernels do; a row of zeros gets scale 0)."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / 127).half()
+    inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros((), device=x.device))
+    q = torch.round(x * inv).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """int8 [..., D + 2] -> float32 [..., D]."""
+    scale = rows[..., -INT8_SCALE_BYTES:].contiguous().view(torch.float16).float()
+    return rows[..., :-INT8_SCALE_BYTES].float() * scale
 
 
 @dataclass(frozen=True)
@@ -22,7 +44,8 @@ class PoolGeometry:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        row = self.head_dim + (INT8_SCALE_BYTES if self.dtype == torch.int8 else 0)
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, row)
 
     @property
     def block_bytes(self) -> int:

@@ -10,6 +10,10 @@ block stays cached below too, so evicting it again costs no copy):
   is a cold host block to the disk pool. The disk drops its coldest.
 - host/disk -> device: a prefix lookup that runs past the device's cached
   blocks goes on in the host, then the disk, and *promotes* what it finds.
+- write-through: with a disk tier, a block the device registers in its cache
+  is also copied to the disk at once (`persist`), where it outlives the
+  process (kvmux/cache/disk_store.py), so a restart finds every cached prefix;
+  demoting it later costs no copy.
 - swap: a preempted sequence's blocks are copied to the host pool and held
   there. Full blocks are acquired by hash, so a block several sequences share
   is stored on the host once; the partly filled last block is private.
@@ -31,12 +35,13 @@ DEVICE, HOST, DISK = 0, 1, 2
 
 
 class BlockCopy(NamedTuple):
-    """Copy one block's KV across all layers: copy-on-write, a swap, a demotion or a promotion."""
+    """Copy one block's KV across all layers: copy-on-write, a swap, a demotion, a promotion or a write-through."""
 
     src_tier: int
     src: int
     dst_tier: int
     dst: int
+    digest: int = 0  # the block's hash, for copies to and from the disk: what its journal records
 
 
 class Tiers:
@@ -56,6 +61,9 @@ class Tiers:
         self.blocks_deduplicated = 0  # swapped out without a copy: the host already held that content
         self.demoted = [0, 0, 0]  # cached blocks copied down into each tier
         self.dropped = 0  # cached blocks forgotten because the tier below had no room (or no tier below)
+        self.disk_restored = 0  # blocks a restart found on the disk
+        self.disk_corrupt = 0  # of those, dropped: their bytes failed their checksum
+        self.disk_bad_records = 0  # journal records dropped: cut short or failing their own check
 
     # -- the prefix tier ------------------------------------------------------
 
@@ -79,9 +87,33 @@ class Tiers:
             # must be queued before ours overwrites it.
             self._demote_reclaimed_host()
         if not already:
-            self.copies.append(BlockCopy(tier, block, dst_tier, dst))
+            self.copies.append(BlockCopy(tier, block, dst_tier, dst, digest))
             self.demoted[dst_tier] += 1
         lower.free_blocks([dst])  # cached and unheld: the tier's LRU keeps it
+
+    def persist(self, block: int, digest: int) -> None:
+        """The device just cached this block: copy it to the disk too, unless the disk holds its hash already."""
+        if not self.keep_prefixes or self.disk.num_blocks == 0 or self.disk.num_free == 0:
+            return
+        (dst,), (already,) = self.disk.acquire([digest])  # may reclaim the disk's coldest block: it is lost
+        if not already:
+            self.copies.append(BlockCopy(DEVICE, block, DISK, dst, digest))
+            self.demoted[DISK] += 1
+        self.disk.free_blocks([dst])
+
+    def restore_disk(self, blocks: list[tuple[int, int]], corrupt: int, bad_records: int = 0) -> None:
+        """The disk's blocks from before this process, (slot, hash) least recently used first, into its books."""
+        every = self.disk.allocate_n(self.disk.num_blocks)
+        assert every == list(range(self.disk.num_blocks)), "a fresh allocator hands out its blocks in order"
+        kept = set()
+        for slot, digest in blocks:
+            if self.disk.register_block(slot, digest):
+                kept.add(slot)
+        self.disk.free_blocks([slot for slot, _ in blocks if slot in kept])  # in this order: the LRU's
+        self.disk.free_blocks([b for b in reversed(every) if b not in kept])
+        self.disk_restored += len(kept)
+        self.disk_corrupt += corrupt
+        self.disk_bad_records += bad_records
 
     def fetch(self, hashes: list[int], fresh: list[int]) -> tuple[int, int]:
         """Fill fresh device blocks with the leading run of `hashes` found on the host, then on disk.
@@ -103,7 +135,7 @@ class Tiers:
         self.demote_reclaimed()
         sources = [(HOST, b) for b in held_host] + [(DISK, b) for b in held_disk]
         for (tier, src), dst, digest in zip(sources, fresh, hashes):
-            self.copies.append(BlockCopy(tier, src, DEVICE, dst))
+            self.copies.append(BlockCopy(tier, src, DEVICE, dst, digest))
             self.device.register_block(dst, digest)
         self.host.free_blocks(held_host)
         self.disk.free_blocks(held_disk)
@@ -155,6 +187,8 @@ class Tiers:
             "blocks_swap_deduplicated": self.blocks_deduplicated,
             "prefix_blocks_to_host": self.demoted[HOST], "prefix_blocks_to_disk": self.demoted[DISK],
             "prefix_blocks_dropped": self.dropped,
+            "disk_blocks_restored": self.disk_restored, "disk_blocks_corrupt": self.disk_corrupt,
+            "disk_journal_bad_records": self.disk_bad_records,
         }
 
     def check_invariants(self, host_holders: dict[int, int]) -> None:

@@ -2,7 +2,10 @@
 
 Each tier is a tensor `[blocks, *PoolGeometry.block_shape]`, so a block is one
 contiguous region and moving it is one copy. The host pool is pinned when the
-device is CUDA; the disk pool is a memory-mapped file.
+device is CUDA; the disk pool is a memory-mapped file that outlives the
+process (kvmux/cache/disk_store.py), whose journal the copier keeps: each
+block written there is recorded with its checksum once its bytes are in the
+file, each block read is recorded as recently used.
 
 A copier applies the block manager's queue of copies (copy-on-write, swaps,
 demotions, promotions; kvmux/cache/tiers.py) on the forward thread, in order,
@@ -18,13 +21,11 @@ before the forward:
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 
-import numpy as np
 import torch
 
+from kvmux.cache.disk_store import DiskStore
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.tiers import DEVICE, DISK, BlockCopy
 
@@ -36,32 +37,11 @@ def host_pool(geometry: PoolGeometry, num_blocks: int, pinned: bool) -> torch.Te
     return torch.empty((num_blocks, *geometry.block_shape), dtype=geometry.dtype, pin_memory=pinned)
 
 
-class DiskPool:
-    """A bounded pool of KV blocks in a memory-mapped file of `folder`, deleted on close.
-
-    The file is this engine's scratch space, not a persistent cache: block
-    hashes are only meaningful to the allocator that registered them.
-    """
-
-    def __init__(self, geometry: PoolGeometry, num_blocks: int, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix="kvmux-kv-", suffix=".bin", dir=folder)
-        os.close(fd)
-        # numpy has no bfloat16: map bytes and reinterpret them in torch.
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_blocks * geometry.block_bytes,))
-        self.tensor = torch.from_numpy(self._map).view(geometry.dtype).view(num_blocks, *geometry.block_shape)
-
-    def close(self) -> None:
-        """Delete the file; the mapping goes when the last tensor viewing it does."""
-        del self.tensor, self._map
-        os.unlink(self.path)
-
-
 def _runs(copies: list[BlockCopy]):
     """Consecutive copies between the same two tiers, batched. A batch reads all its sources before it writes,
     so a copy out of a block written earlier in the batch, or into one written already, starts a new one."""
     run_key, src, dst = None, [], []
-    for src_tier, s, dst_tier, d in copies:
+    for src_tier, s, dst_tier, d, _ in copies:
         if (src_tier, dst_tier) != run_key or d in dst or (src_tier == dst_tier and s in dst):
             if src:
                 yield run_key, src, dst
@@ -76,10 +56,12 @@ class BlockCopier:
     # Copy bandwidth assumed until one is measured (bytes/s): a conservative memcpy.
     PRIOR_BYTES_PER_S = 4e9
 
-    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int) -> None:
-        """pools[tier]: the device pool, the host pool, the disk pool (None where that tier is absent)."""
+    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> None:
+        """pools[tier]: the device pool, the host pool, the disk pool (None where that tier is absent); disk: the
+        store whose tensor the disk pool is."""
         self.pools = pools
         self.block_bytes = block_bytes
+        self.disk = disk
         self.bytes_moved = 0
         self.copy_seconds = 0.0  # time spent copying
         self.wait_seconds = 0.0  # of that, time the forward waited for it
@@ -92,10 +74,21 @@ class BlockCopier:
             source, target = self.pools[src_tier], self.pools[dst_tier]
             rows = source[torch.tensor(src, device=source.device)]
             target[torch.tensor(dst, device=target.device)] = rows.to(target.device)
+        self._journal(copies)
         elapsed = time.perf_counter() - started
         self.bytes_moved += len(copies) * self.block_bytes
         self.copy_seconds += elapsed
         self.wait_seconds += elapsed
+
+    def _journal(self, copies: list[BlockCopy]) -> None:
+        """Record the disk blocks these copies (all done) wrote and read."""
+        if self.disk is not None:
+            written = [(c.dst, c.digest) for c in copies if c.dst_tier == DISK]
+            if written:
+                self.disk.written(written)
+            read = [(c.src, c.digest) for c in copies if c.src_tier == DISK]
+            if read:
+                self.disk.touched(read)
 
     def before_forward(self, blocks: set[int]) -> None:
         """The forward is about to read or write these device blocks."""
@@ -109,7 +102,7 @@ class BlockCopier:
 
     def stats(self) -> dict:
         return {"block_copy_bytes": self.bytes_moved, "block_copy_seconds": self.copy_seconds,
-                "block_copy_wait_seconds": self.wait_seconds}
+                "block_copy_wait_seconds": self.wait_seconds, **(self.disk.stats() if self.disk else {})}
 
 
 class CudaBlockCopier(BlockCopier):
@@ -128,10 +121,10 @@ class CudaBlockCopier(BlockCopier):
     PRIOR_BYTES_PER_S = 2e10  # pinned PCIe 4 transfers
     _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 
-    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> None:
         import cupy  # only ever imported when the device is CUDA
 
-        super().__init__(pools, block_bytes)
+        super().__init__(pools, block_bytes, disk)
         self.cp = cupy
         self.device = pools[DEVICE].device
         with cupy.cuda.Device(self.device.index or 0):
@@ -155,7 +148,7 @@ class CudaBlockCopier(BlockCopier):
                 self.stream.wait_event(self.forward_done)
             start = cp.cuda.Event()
             start.record(self.stream)
-            for src_tier, src, dst_tier, dst in copies:
+            for src_tier, src, dst_tier, dst, _ in copies:
                 if DISK in (src_tier, dst_tier):
                     self.stream.synchronize()
                 if DEVICE in (src_tier, dst_tier):
@@ -167,7 +160,8 @@ class CudaBlockCopier(BlockCopier):
                     self.stream.synchronize()
             end = cp.cuda.Event()
             end.record(self.stream)
-        for src_tier, src, dst_tier, dst in copies:
+        self._journal(copies)  # disk copies ran synchronously
+        for src_tier, src, dst_tier, dst, _ in copies:
             for tier, block in ((src_tier, src), (dst_tier, dst)):
                 if tier == DEVICE:
                     self.pending[block] = end
@@ -211,10 +205,10 @@ class CudaBlockCopier(BlockCopier):
         self.timings = left
 
 
-def make_copier(pools: list[torch.Tensor | None], block_bytes: int) -> BlockCopier:
+def make_copier(pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> BlockCopier:
     if pools[DEVICE].is_cuda:
         try:
-            return CudaBlockCopier(pools, block_bytes)
+            return CudaBlockCopier(pools, block_bytes, disk)
         except ImportError:
             log.warning("CuPy is not installed: block copies run synchronously on the forward's stream")
-    return BlockCopier(pools, block_bytes)
+    return BlockCopier(pools, block_bytes, disk)

@@ -180,5 +180,6 @@ CHECKS: tuple[KernelCheck, ...] = (
     *(KernelCheck("linear", v, fmt, quant_trials) for v in quant.KERNELS for fmt in quant.QTYPES),
     KernelCheck("attention", "avx2", "float32", attention_trials),
     KernelCheck("attention", "avx2", "bfloat16", attention_trials),
+    KernelCheck("attention", "avx2", "int8", attention_trials),
     KernelCheck("attention", "avx512bf16", "bfloat16", attention_trials),
 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.cache.kv_cache import KVCache, PoolGeometry, dequantize_rows, quantize_rows
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.quant import ACTIVATION_BITS, BLOCK, GGUF_BLOCK_BYTES
 from kvmux.step.forward_batch import ForwardBatch
@@ -60,7 +60,11 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
         chunks.append(Chunk(f"s{len(chunks)}", c - n, [0] * n, blocks[:nb]))
         blocks = blocks[nb:]
     cache = KVCache(num_blocks, PoolGeometry(NUM_LAYERS, num_kv_heads, head_dim, block_size, kv_dtype), device)
-    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
+    if kv_dtype == torch.int8:  # rows of random values and scales, as quantize_rows writes them
+        rows = torch.randn(*cache.kv.shape[:-1], head_dim, generator=g)
+        cache.kv.copy_(quantize_rows(rows))
+    else:
+        cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     T = sum(query_lens)
     q = torch.randn(T, num_heads, head_dim, generator=g).to(act_dtype).to(device)
     if strided_kv:
@@ -85,7 +89,8 @@ def weight_rounding_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    layer_kv = pool_after[:, LAYER].double().cpu()  # [NB, 2, Hkv, bs, D]
+    layer_kv = pool_after[:, LAYER].cpu()  # [NB, 2, Hkv, bs, D], dequantized from an int8 pool's rows
+    layer_kv = (dequantize_rows(layer_kv) if layer_kv.dtype == torch.int8 else layer_kv).double()
     # q * scale, in float64 or (as the bf16 kernel takes it) rounded to bf16 from float32.
     q = (case.q.cpu().float() * case.scale).bfloat16().double() if bf16_q else case.q.cpu().double() * case.scale
     num_heads, head_dim = q.shape[1], q.shape[2]

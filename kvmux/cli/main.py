@@ -20,6 +20,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from kvmux.cache.disk_store import StoreLocked
 from kvmux.cli.options import (
     add_engine_args,
     add_prompt_args,
@@ -238,6 +239,25 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from kvmux.cache import disk_store
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"{args.dir} is no folder")
+    if args.action == "clear":
+        print(f"deleted {disk_store.clear(args.dir)} store(s) in {args.dir}")
+        return 0
+    stores = disk_store.describe(args.dir)
+    if args.json:
+        print(json.dumps(stores, indent=1))
+    elif not stores:
+        print(f"{args.dir}: no stores")
+    for s in [] if args.json else stores:
+        print(f"{s['fingerprint']}  {s['name']}  {s['dtype']}  block_size {s['block_size']}  "
+              f"{s['journal_records']} journal records  {s['disk_bytes'] / 2**20:.1f} MiB on disk  ({s['model']})")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="kvmux", formatter_class=HelpFormatter,
@@ -340,6 +360,14 @@ def build_parser() -> Parser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
     stats.set_defaults(func=_stats)
 
+    cache = command("cache", "show or empty a disk_cache_dir (the disk tier that outlives the engine)",
+                    "info: the stores in DIR (one per model and settings) with their size and blocks; clear: delete "
+                    "them (refused while an engine uses DIR).")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument("dir", metavar="DIR", help="the engine's --disk-cache-dir")
+    cache.add_argument("--json", action="store_true", help="info as JSON")
+    cache.set_defaults(func=_cache)
+
     worker = command("worker", "run this machine's ranks of a tensor-parallel engine started elsewhere",
                      "Join the engine that `kvmux serve --tensor-parallel-size N --nnodes K "
                      "--distributed-init-method tcp://HOST:PORT` started on node 0: this machine runs N / K of "
@@ -374,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvmux: error: {flag(exc.name)} {exc.problem}", file=sys.stderr)
         return 2
-    except (KvmuxError, ValueError, FileNotFoundError, SocketInUse) as exc:
+    except (KvmuxError, ValueError, FileNotFoundError, SocketInUse, StoreLocked) as exc:
         print(f"kvmux: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvmux.cache.block_manager import BlockManager
+from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
@@ -104,7 +105,8 @@ class Engine:
         max_model_len = cfg.max_model_len or arch.max_position_embeddings
         # Under tensor parallelism a block's bytes are a rank's: its KV heads' slice (the budgets are per rank).
         kv_heads = len(Shard.of(arch, 0, cfg.tensor_parallel_size).kv_heads) if parallel else arch.num_key_value_heads
-        geometry = PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, dtype)
+        kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else dtype
+        geometry = PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, kv_dtype)
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             # The budget, but no more than every seat holding a full-length
@@ -118,20 +120,26 @@ class Engine:
             int(cfg.host_cache_gib * 2**30) // geometry.block_bytes
         num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
         self.geometry = geometry
+        # Everything that shapes a KV block's bytes: it seeds every block hash, and names the disk tier's store.
+        kv_meta = kv_identity(self.loaded, self.dtype, geometry, cfg.tensor_parallel_size)
+        kv_key = store_key(kv_meta)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
-                        cfg.block_size, num_blocks, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
+                        cfg.block_size, num_blocks, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size,
+                        cfg.kv_cache_dtype)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
-            self.runner = Runner.build(self.loaded.model, geometry, num_blocks, num_host, num_disk, cfg.disk_cache_dir,
-                                       cfg.device)
-        # The cache key keeps blocks of different weights or KV dtypes apart, should two engines ever share hashes.
-        weights = f"{self.loaded.path}|{self.loaded.name}|{self.dtype}|{self.loaded.quantization}"
+            disk = DiskStore(cfg.disk_cache_dir, kv_key, kv_meta, geometry, num_disk) if num_disk else None
+            self.runner = Runner.build(self.loaded.model, geometry, num_blocks, num_host, disk, cfg.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=weights.encode(),
+                                   cache_key=kv_key.encode(),
                                    num_host_blocks=num_host, num_disk_blocks=num_disk)
+        if not parallel and self.runner.disk is not None:
+            opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
+            self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
+            log.info("disk cache %s: %d cached blocks from earlier runs", self.runner.disk.dir, len(opened.blocks))
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
@@ -305,6 +313,19 @@ class Engine:
                 "block_size": self.config.block_size,
                 "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "threads": self.threads,
                 "config": asdict(self.config)}
+
+
+def kv_identity(loaded: LoadedModel, dtype: str, geometry: PoolGeometry, tensor_parallel_size: int) -> dict:
+    """What makes a KV block's bytes what they are: the model's files (name, size, modification time), how it is
+    computed (dtype, quantization, rotary settings) and the block's geometry."""
+    path = Path(loaded.path).resolve()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    return {"model": str(path), "name": loaded.name,
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+            "dtype": dtype, "kv_dtype": str(geometry.dtype), "quantization": str(loaded.quantization),
+            "rope": loaded.config.rope_parameters,
+            "num_layers": geometry.num_layers, "num_kv_heads": geometry.num_kv_heads, "head_dim": geometry.head_dim,
+            "block_size": geometry.block_size, "tensor_parallel_size": tensor_parallel_size}
 
 
 def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dict] | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmux.cache.kv_cache import KVCache
+from kvmux.cache.kv_cache import KVCache, dequantize_rows, quantize_rows
 from kvmux.ops.cpu_attention import cpu_paged_attention
 from kvmux.step.forward_batch import ForwardBatch
 
@@ -86,9 +86,10 @@ def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
 
 def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
     """K (which=0) or V (1) of `blocks` [..., nb] as [..., Hkv, nb * block_size, D], in float32."""
-    g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D]
+    g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D (+ an int8 row's scale)]
+    g = dequantize_rows(g) if g.dtype == torch.int8 else g.float()
     g = g.movedim(-4, -3)                        # [..., Hkv, nb, bs, D]
-    return g.reshape(*g.shape[:-3], -1, g.shape[-1]).float()
+    return g.reshape(*g.shape[:-3], -1, g.shape[-1])
 
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
@@ -99,8 +100,9 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
     layer_kv = kv_cache.kv[:, layer]  # [NB, 2, Hkv, bs, D], a view into the pool
     # Put block and offset side by side so one index_put writes all new tokens.
-    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = k.to(kv_cache.dtype)
-    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = v.to(kv_cache.dtype)
+    store = quantize_rows if kv_cache.dtype == torch.int8 else (lambda x: x.to(kv_cache.dtype))
+    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = store(k)
+    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = store(v)
 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]

@@ -85,6 +85,8 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         raise ValueError(f"q: expected [tokens, heads, head_dim], got shape {tuple(q.shape)}")
     if q.device.type != "cuda":
         raise ValueError(f"q: on {q.device}, the CUDA kernels need cuda tensors")
+    if kv_cache.dtype == torch.int8:
+        raise ValueError("kv_cache: an int8 pool has no CUDA kernel yet; use --kv-cache-dtype auto on CUDA")
     if q.dtype not in DTYPE_CODES or kv_cache.dtype not in DTYPE_CODES:
         raise ValueError(f"q / kv_cache: dtypes {q.dtype} / {kv_cache.dtype} unsupported")
     num_tokens, num_heads, head_dim = q.shape

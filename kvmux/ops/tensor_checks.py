@@ -14,7 +14,7 @@ from kvmux.cache.kv_cache import KVCache
 
 # What every kernel is told its tensors hold (kvmux::DType in native/dtype.h).
 DTYPE_CODES = {torch.float32: int(_native.DType.f32), torch.bfloat16: int(_native.DType.bf16),
-               torch.float16: int(_native.DType.f16)}
+               torch.float16: int(_native.DType.f16), torch.int8: int(_native.DType.i8)}
 
 
 def linear_bias(op: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor | None:

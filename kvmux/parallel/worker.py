@@ -42,6 +42,7 @@ class Spec:
     num_disk_blocks: int
     disk_cache_dir: str | None
     size: int  # model ranks
+    kv_cache_dtype: str = "auto"
 
 
 def fingerprint(config, spec: Spec) -> str:
@@ -61,6 +62,7 @@ def model_group(size: int):
 
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
+    from kvmux.cache.disk_store import DiskStore
     from kvmux.cache.kv_cache import PoolGeometry
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
@@ -82,9 +84,16 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                         attention_backend=spec.attention_backend, quantization=spec.quantization,
                         collectives=collectives)
     model = loaded.model
-    geometry = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, spec.block_size, dtype)
-    runner = Runner.build(model, geometry, spec.num_blocks, spec.num_host_blocks, spec.num_disk_blocks,
-                          spec.disk_cache_dir, spec.device)
+    kv_dtype = torch.int8 if spec.kv_cache_dtype == "int8" else dtype
+    geometry = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, spec.block_size, kv_dtype)
+    disk = None
+    if spec.num_disk_blocks:
+        # Each rank holds its slice of the disk tier, which starts empty: under tensor parallelism it does not
+        # outlive the engine yet (which blocks are whole would need every rank's checksums).
+        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), "tensor-parallel", {"rank": rank},
+                         geometry, spec.num_disk_blocks)
+        disk.open(keep=False)
+    runner = Runner.build(model, geometry, spec.num_blocks, spec.num_host_blocks, disk, spec.device)
     dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
     compute_seconds = 0.0
     try:

@@ -12,9 +12,10 @@ from concurrent.futures import Future
 
 import torch
 
+from kvmux.cache.disk_store import DiskStore
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.cache.tiers import DISK
-from kvmux.cache.transfer import BlockCopier, DiskPool, host_pool, make_copier
+from kvmux.cache.transfer import BlockCopier, host_pool, make_copier
 from kvmux.runner.sampler import mask_logits, sample, verify
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Draw, Sampled, StepWork
@@ -22,23 +23,22 @@ from kvmux.step.work import Draw, Sampled, StepWork
 
 class Runner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, copier: BlockCopier | None = None,
-                 disk_pool: DiskPool | None = None) -> None:
+                 disk: DiskStore | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.copier = copier or BlockCopier([kv_cache.kv], kv_cache.geometry.block_bytes)
-        self.disk_pool = disk_pool
+        self.disk = disk
         self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
     @classmethod
     def build(cls, model: torch.nn.Module, geometry: PoolGeometry, num_blocks: int, num_host_blocks: int,
-              num_disk_blocks: int, disk_cache_dir: str | None, device: str) -> Runner:
+              disk: DiskStore | None, device: str) -> Runner:
         """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
-        asynchronous copies) and, with disk blocks, the disk tier's file in disk_cache_dir."""
+        asynchronous copies) and the disk tier's store, if any."""
         kv_cache = KVCache(num_blocks, geometry, device)
-        disk_pool = DiskPool(geometry, num_disk_blocks, disk_cache_dir) if num_disk_blocks else None
         pools = [kv_cache.kv, host_pool(geometry, num_host_blocks, pinned=kv_cache.kv.is_cuda),
-                 disk_pool and disk_pool.tensor]
-        return cls(model, kv_cache, make_copier(pools, geometry.block_bytes), disk_pool)
+                 disk and disk.tensor]
+        return cls(model, kv_cache, make_copier(pools, geometry.block_bytes, disk), disk)
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[list[Sampled]]:
@@ -89,8 +89,8 @@ class Runner:
         return {**self.copier.stats(), "structured_mask_wait_seconds": self.mask_wait_seconds}
 
     def close(self) -> None:
-        """Delete the disk tier's file; call once no step runs any more."""
-        if self.disk_pool is not None:
+        """Close the disk tier's store (its blocks stay for the next engine); call once no step runs any more."""
+        if self.disk is not None:
             self.copier.pools[DISK] = None
-            self.disk_pool.close()
-            self.disk_pool = None
+            self.disk.close()
+            self.disk = None

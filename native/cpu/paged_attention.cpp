@@ -153,12 +153,36 @@ inline void accumulate(float* acc, const float* p, const float* const* v, int32_
     }
 }
 
+// An int8 pool's row: dim values, then the float16 scale (see paged_attention.h).
+inline float row_scale(const int8_t* row, int64_t dim) {
+    uint16_t h;
+    std::memcpy(&h, row + dim, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+// x ~ q * scale with scale = max|x| / 127 rounded to float16 first, so that q is computed with the scale read
+// back; a row of zeros gets scale 0.
+template <typename QT>
+inline void quantize_row(const QT* x, int8_t* out, int64_t dim) {
+    float peak = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) peak = std::max(peak, std::fabs(to_float(x[d])));
+    const uint16_t h = _cvtss_sh(peak / 127.0f, _MM_FROUND_TO_NEAREST_INT);
+    const float scale = _cvtsh_ss(h);
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int64_t d = 0; d < dim; ++d) {
+        const float q = std::nearbyint(to_float(x[d]) * inv);
+        out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+    }
+    std::memcpy(out + dim, &h, sizeof h);
+}
+
 struct Shape {
     int64_t heads, kv_heads, group, dim;
+    int64_t row;  // elements per token of a (K or V, head) slab: dim, and an int8 pool's 2-byte scale
     int64_t block_size;
     int64_t block_stride;  // elements per block across all layers
     int64_t layer_offset;  // elements from a block's start to this layer's K
-    int64_t head_stride;   // elements per (K or V, head) slab: block_size * dim
+    int64_t head_stride;   // elements per (K or V, head) slab: block_size * row
     int64_t v_offset;      // elements from a layer's K to its V
 };
 
@@ -201,7 +225,7 @@ struct Kernel {
         const int64_t T = static_cast<int64_t>(slots.size());
         for (int64_t t = 0; t < T; ++t) {
             const int64_t block = slots[t] / s.block_size, off = slots[t] % s.block_size;
-            KT* kdst = pool + block * s.block_stride + s.layer_offset + off * dim;
+            KT* kdst = pool + block * s.block_stride + s.layer_offset + off * s.row;
             const QT* ksrc = static_cast<const QT*>(a.k.data) + t * a.k.row_stride;
             const QT* vsrc = static_cast<const QT*>(a.v.data) + t * a.v.row_stride;
             for (int64_t h = 0; h < s.kv_heads; ++h) {
@@ -209,10 +233,15 @@ struct Kernel {
                 KT* vd = kd + s.v_offset;
                 const QT* ks = ksrc + h * dim;
                 const QT* vs = vsrc + h * dim;
+                if constexpr (std::is_same_v<KT, int8_t>) {
+                    quantize_row(ks, kd, dim);
+                    quantize_row(vs, vd, dim);
+                } else {
 #pragma omp simd
-                for (int64_t d = 0; d < dim; ++d) {
-                    kd[d] = from_float<KT>(to_float(ks[d]));
-                    vd[d] = from_float<KT>(to_float(vs[d]));
+                    for (int64_t d = 0; d < dim; ++d) {
+                        kd[d] = from_float<KT>(to_float(ks[d]));
+                        vd[d] = from_float<KT>(to_float(vs[d]));
+                    }
                 }
             }
         }
@@ -260,7 +289,7 @@ struct Kernel {
             int64_t blk = c0 / s.block_size, off = c0 % s.block_size;
             const KT* head = pool + table[blk] * s.block_stride + head_offset;
             for (int32_t t = 0; t < n; ++t) {
-                krows[t] = head + off * dim;
+                krows[t] = head + off * s.row;
                 vrows[t] = krows[t] + s.v_offset;
                 if (++off == s.block_size && t + 1 < n) {
                     off = 0;
@@ -277,10 +306,19 @@ struct Kernel {
                 } else {
                     float* kb = w.kbuf.data() + t * dim;
                     float* vb = w.vbuf.data() + t * dim;
+                    if constexpr (std::is_same_v<KT, int8_t>) {
+                        const float ks = row_scale(krows[t], dim), vs = row_scale(vrows[t], dim);
 #pragma omp simd
-                    for (int64_t d = 0; d < dim; ++d) {
-                        kb[d] = to_float(krows[t][d]);
-                        vb[d] = to_float(vrows[t][d]);
+                        for (int64_t d = 0; d < dim; ++d) {
+                            kb[d] = static_cast<float>(krows[t][d]) * ks;
+                            vb[d] = static_cast<float>(vrows[t][d]) * vs;
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t d = 0; d < dim; ++d) {
+                            kb[d] = to_float(krows[t][d]);
+                            vb[d] = to_float(vrows[t][d]);
+                        }
                     }
                     kf[t] = kb;
                     vf[t] = vb;
@@ -458,21 +496,25 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     s.group = a.num_heads / a.num_kv_heads;
     s.dim = a.head_dim;
     s.block_size = block_size_;
-    s.head_stride = block_size_ * a.head_dim;
+    s.row = a.head_dim + (a.kv_dtype == DType::i8 ? 2 : 0);
+    s.head_stride = block_size_ * s.row;
     s.v_offset = a.num_kv_heads * s.head_stride;
     s.block_stride = a.num_layers * 2 * s.v_offset;
     s.layer_offset = a.layer * 2 * s.v_offset;
 
     const bool q_bf16 = a.act_dtype == DType::bf16, kv_bf16 = a.kv_dtype == DType::bf16;
+    const bool kv_i8 = a.kv_dtype == DType::i8;
     if (!q_bf16 && a.act_dtype != DType::f32) fail("act_dtype must be f32 or bf16");
-    if (!kv_bf16 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32 or bf16");
+    if (!kv_bf16 && !kv_i8 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32, bf16 or i8");
     if (!attention_kernel_supported(a.kernel, a.kv_dtype, a.head_dim))
         fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
              " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 pool and head_dim 64 or 128");
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };
-    if (q_bf16 && kv_bf16) go(bf16{}, bf16{});
+    if (kv_i8 && q_bf16) go(bf16{}, int8_t{});
+    else if (kv_i8) go(float{}, int8_t{});
+    else if (q_bf16 && kv_bf16) go(bf16{}, bf16{});
     else if (q_bf16) go(bf16{}, float{});
     else if (kv_bf16) go(float{}, bf16{});
     else go(float{}, float{});

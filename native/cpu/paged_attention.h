@@ -1,5 +1,10 @@
 // CPU paged attention over the block-major KV pool
-// kv[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim].
+// kv[num_blocks, num_layers, 2, num_kv_heads, block_size, row], row = head_dim
+// for float32 and bf16 pools. An int8 pool (DType::i8) stores each token's K
+// or V of a head as head_dim int8 values followed by their float16 scale
+// (row = head_dim + 2 bytes): x ~ q * scale, scale = max|x| / 127. The scale
+// travels inside the block, so every block copy (copy-on-write, swap, tiers,
+// disk) moves it with its values.
 //
 // One call per layer writes the step's new K/V into their slots and then
 // attends every new query token causally over its sequence's context, reading

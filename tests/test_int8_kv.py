@@ -1,0 +1,99 @@
+"""int8 KV blocks (kv_cache_dtype="int8"): the kernels write the format the reference defines, read it as the
+float64 reference does (test_kernel_checks runs that check), and everything that moves blocks keeps outputs the
+same: preemption by swap and recompute, prefix hits, the disk tier, tensor parallelism."""
+import asyncio
+
+import pytest
+import torch
+
+from kvmux import Engine
+from kvmux.cache.kv_cache import PoolGeometry, dequantize_rows, quantize_rows
+from kvmux.checks.reference import LAYER, expected_pool, make_case
+from kvmux.ops.cpu_attention import cpu_paged_attention
+
+from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, teacher_forced_logits
+
+INT8 = dict(kv_cache_dtype="int8", dtype="float32")
+
+
+def test_rows_round_trip_within_half_a_step():
+    x = torch.randn(50, 3, 64) * torch.logspace(-3, 2, 50)[:, None, None]
+    rows = quantize_rows(x)
+    assert rows.dtype == torch.int8 and rows.shape == (50, 3, 66)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((dequantize_rows(rows) - x).abs() <= 0.5 * step * 1.001 + 1e-7).all()
+    assert (dequantize_rows(quantize_rows(torch.zeros(2, 64))) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_writes_the_reference_format_byte_for_byte(dtype):
+    case = make_case([1, 19, 1, 40], [1, 51, 16, 40], 9, 3, 64, 16, torch.int8, dtype, seed=5)
+    want = expected_pool(case)
+    cache = case.fresh_cache()
+    cpu_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)
+    assert torch.equal(cache.kv, want)
+
+
+def test_int8_holds_about_twice_the_blocks_of_bf16(tiny):
+    """A row of head_dim values costs head_dim + 2 bytes against bf16's 2 * head_dim: 1.94x the blocks at head_dim
+    64 (SmolLM2, Llama 3.2), 3.88x float32's; the tiny model's head_dim 16 pays more for its scales."""
+    async def blocks(kv_cache_dtype):
+        async with Engine(tiny, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, kv_cache_gib=0.01,
+                          max_num_seqs=1024) as engine:
+            return engine.blocks.num_blocks, engine.geometry.head_dim
+    (bf16, head_dim), (int8, _) = asyncio.run(blocks("auto")), asyncio.run(blocks("int8"))
+    assert abs(int8 / bf16 - 2 * head_dim / (head_dim + 2)) < 0.01
+    smollm2 = [PoolGeometry(30, 3, 64, 16, dtype).block_bytes for dtype in (torch.int8, torch.bfloat16, torch.float32)]
+    assert smollm2[1] / smollm2[0] >= 1.9 and smollm2[2] / smollm2[0] >= 3.8
+
+
+def test_next_token_agrees_with_float32_kv(tiny):
+    """Teacher-forced over the prompts: the argmax with int8 KV is float32 KV's almost everywhere."""
+    from kvmux.model.loader import load_model
+
+    model = load_model(tiny, torch.float32).model
+    agree = total = 0
+    for prompt in PROMPTS[6:]:
+        exact = teacher_forced_logits(model, prompt)
+        quantized = teacher_forced_logits(model, prompt, kv_dtype=torch.int8)
+        agree += int((exact.argmax(-1) == quantized.argmax(-1)).sum())
+        total += len(prompt)
+    assert agree / total >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_outputs_survive_preemption_and_prefix_hits(tiny, mode):
+    roomy, _ = run_engine(tiny, PROMPTS, greedy(MAX_NEW), block_size=8, **INT8)
+    tight, stats = run_engine(tiny, PROMPTS + PROMPTS, greedy(MAX_NEW), num_blocks=12, block_size=8,
+                              preemption_mode=mode, **INT8)
+    assert [c.token_ids for c in tight] == [c.token_ids for c in roomy] * 2
+    assert stats[f"preemptions_{mode}"] > 0 and stats["prefix_cache_hits"] > 0
+
+
+def test_the_torch_reference_backend_gives_the_same_outputs(tiny):
+    native, _ = run_engine(tiny, PROMPTS[:6], greedy(16), attention_backend="native", **INT8)
+    reference, _ = run_engine(tiny, PROMPTS[:6], greedy(16), attention_backend="torch", **INT8)
+    assert [c.token_ids for c in native] == [c.token_ids for c in reference]
+
+
+def test_the_disk_tier_keeps_int8_blocks_apart(tiny, tmp_path):
+    roomy, _ = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, **INT8)
+    run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, dtype="float32", disk_cache_dir=str(tmp_path))
+    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), **INT8)
+    assert stats["disk_blocks_restored"] == 0  # the float32 engine's blocks are another store
+    assert [c.token_ids for c in again] == [c.token_ids for c in roomy]
+    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), **INT8)
+    assert stats["prefix_cache_hits_disk"] > 0 and [c.token_ids for c in again] == [c.token_ids for c in roomy]
+
+
+def test_tensor_parallel_ranks_hold_int8_slices(tiny):
+    one, _ = run_engine(tiny, PROMPTS[:4], greedy(12), **INT8)
+    two, _ = run_engine(tiny, PROMPTS[:4], greedy(12), tensor_parallel_size=2, threads=1, **INT8)
+    assert [c.token_ids for c in two] == [c.token_ids for c in one]
+
+
+def test_int8_on_cuda_is_refused_by_name():
+    from kvmux.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="kv_cache_dtype int8 is read by the CPU kernels only"):
+        EngineConfig(kv_cache_dtype="int8", device="cuda").validate()
