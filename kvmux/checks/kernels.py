@@ -182,4 +182,5 @@ CHECKS: tuple[KernelCheck, ...] = (
     KernelCheck("attention", "avx2", "bfloat16", attention_trials),
     KernelCheck("attention", "avx2", "int8", attention_trials),
     KernelCheck("attention", "avx512bf16", "bfloat16", attention_trials),
+    KernelCheck("attention", "avx512bf16", "int8", attention_trials),
 )

@@ -165,10 +165,12 @@ inline float row_scale(const int8_t* row, int64_t dim) {
 template <typename QT>
 inline void quantize_row(const QT* x, int8_t* out, int64_t dim) {
     float peak = 0.0f;
+#pragma omp simd reduction(max : peak)
     for (int64_t d = 0; d < dim; ++d) peak = std::max(peak, std::fabs(to_float(x[d])));
     const uint16_t h = _cvtss_sh(peak / 127.0f, _MM_FROUND_TO_NEAREST_INT);
     const float scale = _cvtsh_ss(h);
     const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+#pragma omp simd
     for (int64_t d = 0; d < dim; ++d) {
         const float q = std::nearbyint(to_float(x[d]) * inv);
         out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
@@ -207,8 +209,10 @@ void attend_bf16(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* 
     w.pp.resize(rows * kBf16KeyChunk / 2);
     w.kt.resize(s.dim / 2 * kBf16KeyChunk);
     w.vp.resize(kBf16KeyChunk / 2 * s.dim);
-    Bf16AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const uint16_t*>(a.kv),
-                        table, s.block_size, s.block_stride, s.layer_offset + h * s.head_stride, s.v_offset,
+    const int64_t bytes = a.kv_dtype == DType::i8 ? 1 : 2;  // of a pool element
+    Bf16AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const char*>(a.kv),
+                        a.kv_dtype == DType::i8, table, s.block_size, s.block_stride * bytes,
+                        (s.layer_offset + h * s.head_stride) * bytes, s.v_offset * bytes, s.row * bytes,
                         s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale,
                         w.qb.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(), w.pp.data(),
                         w.kt.data(), w.vp.data()};
@@ -420,7 +424,7 @@ bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t 
             return f.avx2 && f.fma;
         case AttentionKernel::avx512bf16:
             return KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 &&
-                   kv_dtype == DType::bf16 &&
+                   (kv_dtype == DType::bf16 || kv_dtype == DType::i8) &&
                    bf16_attend_supports(head_dim);
     }
     return false;
@@ -508,7 +512,7 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     if (!kv_bf16 && !kv_i8 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32, bf16 or i8");
     if (!attention_kernel_supported(a.kernel, a.kv_dtype, a.head_dim))
         fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
-             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 pool and head_dim 64 or 128");
+             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 or int8 pool and head_dim 64 or 128");
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };

@@ -12,7 +12,7 @@
 // GCC 12's unpack intrinsics pass an "undefined" vector through, which -Wmaybe-uninitialized misreads.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")
 
 #include "cpu/vec_math.h"
 
@@ -80,14 +80,27 @@ inline void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// Head dims 32b..32b+31 of a pool row as 32 bf16: loaded (bf16) or widened exactly (int8).
+template <bool I8>
+inline __m512i row_bf16x32(const char* row, int b) {
+    if constexpr (I8) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    } else {
+        return _mm512_loadu_si512(row + 64 * b);
+    }
+}
+
 // The chunk's keys as kt[pair i of head dims][key]: dword (k[2i], k[2i + 1]) of each of the n keys (0 past n).
-template <int D>
-void transpose_keys(const uint16_t* const* keys, int n, uint32_t* kt) {
+template <int D, bool I8>
+void transpose_keys(const char* const* keys, int n, uint32_t* kt) {
     for (int g = 0; g < kChunk; g += 16) {
         for (int b = 0; b < D / 32; ++b) {  // 16 dword columns (32 head dims) at a time
             __m512i r[16];
             for (int t = 0; t < 16; ++t)
-                r[t] = g + t < n ? _mm512_loadu_si512(keys[g + t] + 32 * b) : _mm512_setzero_si512();
+                r[t] = g + t < n ? row_bf16x32<I8>(keys[g + t], b) : _mm512_setzero_si512();
             transpose16(r);
             for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (16 * b + i) * kChunk + g, r[i]);
         }
@@ -96,12 +109,12 @@ void transpose_keys(const uint16_t* const* keys, int n, uint32_t* kt) {
 
 // The chunk's values by key pairs: vp[pair][32-dim block][2 x 16 dwords], each dword (v[2p][d], v[2p + 1][d])
 // for the d of unpacklo / unpackhi within each 128-bit lane (undone by `unpermute` at the end).
-template <int D>
-void interleave_values(const uint16_t* const* values, int n, uint32_t* vp) {
+template <int D, bool I8>
+void interleave_values(const char* const* values, int n, uint32_t* vp) {
     for (int p = 0; 2 * p < n; ++p) {
         for (int b = 0; b < D / 32; ++b) {
-            const __m512i a = _mm512_loadu_si512(values[2 * p] + 32 * b);
-            const __m512i c = 2 * p + 1 < n ? _mm512_loadu_si512(values[2 * p + 1] + 32 * b) : _mm512_setzero_si512();
+            const __m512i a = row_bf16x32<I8>(values[2 * p], b);
+            const __m512i c = 2 * p + 1 < n ? row_bf16x32<I8>(values[2 * p + 1], b) : _mm512_setzero_si512();
             _mm512_storeu_si512(vp + p * D + 32 * b, _mm512_unpacklo_epi16(a, c));
             _mm512_storeu_si512(vp + p * D + 32 * b + 16, _mm512_unpackhi_epi16(a, c));
         }
@@ -180,9 +193,9 @@ void prefetch_chunk(const Bf16AttendItem& a, int32_t c0, int32_t num_keys) {
     for (int32_t key = c0; key < end;) {
         const int64_t blk = key / a.block_size, off = key % a.block_size;
         const int64_t run = (a.block_size - off < end - key ? a.block_size - off : end - key);
-        const char* k = reinterpret_cast<const char*>(a.pool + a.table[blk] * a.block_stride + a.head_offset + off * D);
-        const char* v = k + a.v_offset * static_cast<int64_t>(sizeof(uint16_t));
-        for (int64_t byte = 0; byte < run * D * static_cast<int64_t>(sizeof(uint16_t)); byte += 64) {
+        const char* k = a.pool + a.table[blk] * a.block_stride + a.head_offset + off * a.row;
+        const char* v = k + a.v_offset;
+        for (int64_t byte = 0; byte < run * a.row; byte += 64) {
             _mm_prefetch(k + byte, _MM_HINT_T0);
             _mm_prefetch(v + byte, _MM_HINT_T0);
         }
@@ -190,7 +203,15 @@ void prefetch_chunk(const Bf16AttendItem& a, int32_t c0, int32_t num_keys) {
     }
 }
 
+// An int8 row's float16 scale, after its D values.
 template <int D>
+inline float row_scale(const char* row) {
+    uint16_t h;
+    __builtin_memcpy(&h, row + D, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+template <int D, bool I8>
 void attend(const Bf16AttendItem& a) {
     const int64_t G = a.group;
     const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
@@ -220,24 +241,29 @@ void attend(const Bf16AttendItem& a) {
     }
 
     const int32_t num_keys = a.ctx - a.q_len + a.q_end;
-    const uint16_t* keys[kChunk];
-    const uint16_t* values[kChunk];
+    const char* keys[kChunk];
+    const char* values[kChunk];
+    alignas(64) float kscale[kChunk] = {}, vscale[kChunk] = {};  // an int8 pool's per-key scales
     for (int32_t c0 = 0; c0 < num_keys; c0 += kChunk) {
         const int n = num_keys - c0 < kChunk ? num_keys - c0 : kChunk;
         // Walk the chunk block by block (no division per key).
         int64_t blk = c0 / a.block_size, off = c0 % a.block_size;
-        const uint16_t* head = a.pool + a.table[blk] * a.block_stride + a.head_offset;
+        const char* head = a.pool + a.table[blk] * a.block_stride + a.head_offset;
         for (int t = 0; t < n; ++t) {
-            keys[t] = head + off * D;
+            keys[t] = head + off * a.row;
             values[t] = keys[t] + a.v_offset;
+            if constexpr (I8) {
+                kscale[t] = row_scale<D>(keys[t]);
+                vscale[t] = row_scale<D>(values[t]);
+            }
             if (++off == a.block_size && t + 1 < n) {
                 off = 0;
                 head = a.pool + a.table[++blk] * a.block_stride + a.head_offset;
             }
         }
         prefetch_chunk<D>(a, c0 + kChunk, num_keys);
-        transpose_keys<D>(keys, n, a.kt);
-        interleave_values<D>(values, n, a.vp);
+        transpose_keys<D, I8>(keys, n, a.kt);
+        interleave_values<D, I8>(values, n, a.vp);
         row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
 
         // Online softmax per row, in registers; the weights go out as bf16 pairs (0 for keys the row does not see).
@@ -255,8 +281,12 @@ void attend(const Bf16AttendItem& a) {
             const __mmask16 m0 = valid >= 16 ? 0xffff : static_cast<__mmask16>((1u << valid) - 1);
             const __mmask16 m1 = valid >= 32 ? 0xffff : valid > 16 ? static_cast<__mmask16>((1u << (valid - 16)) - 1) : 0;
             const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-            const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
-            const __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
+            __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
+            __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
+            if constexpr (I8) {
+                s0 = _mm512_mask_mul_ps(s0, m0, s0, _mm512_load_ps(kscale));
+                s1 = _mm512_mask_mul_ps(s1, m1, s1, _mm512_load_ps(kscale + 16));
+            }
             const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
             const float mx = chunk_max > a.m[r] ? chunk_max : a.m[r];
             const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
@@ -271,7 +301,12 @@ void attend(const Bf16AttendItem& a) {
                 a.m[r] = mx;
             }
             a.l[r] += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-            _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+            if constexpr (I8)
+                _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+                                            _mm512_mul_ps(e1, _mm512_load_ps(vscale + 16)),
+                                            _mm512_mul_ps(e0, _mm512_load_ps(vscale)))));
+            else
+                _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
         }
         row_blocks<kAccRows>(0, rows, [&](int r0, auto R) {
             accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, a.vp, a.acc + r0 * D);
@@ -298,8 +333,8 @@ void attend(const Bf16AttendItem& a) {
 }  // namespace
 
 void bf16_attend_avx512(const Bf16AttendItem& item) {
-    if (item.dim == 64) attend<64>(item);
-    else attend<128>(item);
+    if (item.dim == 64) item.int8 ? attend<64, true>(item) : attend<64, false>(item);
+    else item.int8 ? attend<128, true>(item) : attend<128, false>(item);
 }
 
 }  // namespace kvmux
