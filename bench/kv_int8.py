@@ -47,15 +47,22 @@ def logits(model, ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
 
 
 def quality(model, texts: list[list[int]]) -> dict:
-    agree = total = 0
+    """int8 KV's next-token argmax against model-dtype KV's; and, to size that against what the model's own KV
+    dtype already moves, both against float32 KV."""
+    agree = {"int8_vs_model_dtype": 0, "model_dtype_vs_float32": 0, "int8_vs_float32": 0}
+    total = 0
     kl = 0.0
     for ids in texts:
         exact, quantized = logits(model, ids, model.dtype), logits(model, ids, torch.int8)
-        agree += int((exact.argmax(-1) == quantized.argmax(-1)).sum())
+        wide = logits(model, ids, torch.float32)
+        for key, (a, b) in {"int8_vs_model_dtype": (exact, quantized), "model_dtype_vs_float32": (wide, exact),
+                            "int8_vs_float32": (wide, quantized)}.items():
+            agree[key] += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
         kl += float(torch.nn.functional.kl_div(quantized.log_softmax(-1), exact.log_softmax(-1), log_target=True,
                                                reduction="sum"))
-    return {"tokens": total, "argmax_agreement": agree / total, "mean_kl": kl / total}
+    return {"tokens": total, "argmax_agreement": agree["int8_vs_model_dtype"] / total, "mean_kl": kl / total,
+            **{f"argmax_agreement_{k}": v / total for k, v in agree.items()}}
 
 
 def attention_ms(kv_dtype: torch.dtype, act_dtype: torch.dtype, context: int, seqs: int) -> float:
@@ -163,7 +170,8 @@ def main() -> None:
     print(f"blocks per GiB: {blocks} (int8 {report['block_ratio']['vs_bfloat16']:.2f}x bf16, "
           f"{report['block_ratio']['vs_float32']:.2f}x fp32)")
     print(f"argmax agreement with {dtype} KV: {q['argmax_agreement']:.2%} over {q['tokens']} tokens, "
-          f"mean KL {q['mean_kl']:.2e}")
+          f"mean KL {q['mean_kl']:.2e}; against float32 KV: {dtype} {q['argmax_agreement_model_dtype_vs_float32']:.2%}, "
+          f"int8 {q['argmax_agreement_int8_vs_float32']:.2%}")
     print(f"decode attention 8 x 4096: {dtype} {kv_ms[dtype]:.2f} ms, int8 {kv_ms['int8']:.2f} ms "
           f"({report['attention_4k']['speedup']:.2f}x)")
     for key in ("roomy", "tight"):
