@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from kvmux.cache.kv_cache import PoolGeometry
 
@@ -118,14 +119,18 @@ class DiskStore:
                 records[slot] = records.pop(slot)
         bad += len(data) % _RECORD.size != 0  # a record cut short
         kept, corrupt, seen = [], 0, set()
-        for slot, (digest, crc) in reversed(records.items()):  # newest first: the newest copy of a hash wins
-            if digest in seen:
-                continue
-            if checksum(self._slot(slot)) != crc:
-                corrupt += 1
-                continue
-            kept.append((slot, digest, crc))
-            seen.add(digest)
+        # Every block is read once: a bar where that takes a while (a full 4 GiB store, a few seconds).
+        with tqdm(total=len(records) * self.block_bytes, desc="checking the disk cache", unit="B", unit_scale=True,
+                  disable=len(records) * self.block_bytes < 2**28) as bar:
+            for slot, (digest, crc) in reversed(records.items()):  # newest first: the newest copy of a hash wins
+                bar.update(self.block_bytes)
+                if digest in seen:
+                    continue
+                if checksum(self._slot(slot)) != crc:
+                    corrupt += 1
+                    continue
+                kept.append((slot, digest, crc))
+                seen.add(digest)
         kept.reverse()  # oldest first, as the tier's LRU takes them
         tmp = self._journal_path.with_suffix(".tmp")
         tmp.write_bytes(b"".join(_pack(slot, _WRITE, digest, crc) for slot, digest, crc in kept))
