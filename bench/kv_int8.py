@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.__main__ import hf_folder, vocabulary
+from bench.__main__ import cpu_flags, hf_folder, vocabulary
 from bench.attention import time_ms
 from bench.efficiency import text_ids
 from bench.workload import WorkloadSpec, describe, make_workload
@@ -154,7 +154,7 @@ def main() -> None:
     report = {
         "command": "python -m bench.kv_int8" + (" --quick" if args.quick else ""),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "model": loaded.name, "model_dtype": dtype,
-        "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))}),
+        "cpu_flags": cpu_flags(),
         "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "blocks_per_gib": blocks,
         "block_ratio": {"vs_bfloat16": blocks["int8"] / blocks["bfloat16"],

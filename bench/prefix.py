@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.__main__ import cpu_flags
 from kvmux import Engine, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,7 +146,7 @@ def restart_main(args) -> None:
                                                                    "engine_start_s")}
     report = {
         "command": "python -m bench.prefix --restart", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))}),
+        "cpu_flags": cpu_flags(),
         "load_average_at_end": os.getloadavg()[0], "prefix_tokens": args.system_tokens, "runs": runs,
         "median": median, "cold_over_restart": median["cold_s"] / median["after_restart_s"],
         "restart_over_memory": median["after_restart_s"] / median["memory_hit_s"],

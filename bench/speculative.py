@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.__main__ import hf_folder, vocabulary
+from bench.__main__ import cpu_flags, hf_folder, vocabulary
 from bench.workload import WorkloadSpec, describe, make_workload
 from kvmux import Engine, SamplingParams
 
@@ -223,7 +223,7 @@ def main() -> None:
         "command": "python -m bench.speculative" + (" --quick" if args.quick else ""),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": result["model"],
-        "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))}),
+        "cpu_flags": cpu_flags(),
         "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "rounds": rounds,
         "single_stream": single,
