@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="safetensors folder or .gguf (default: the default model)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     dtype = resolve_dtype("auto", "cpu")
     loaded = load_model(args.model or default_model_path(), getattr(torch, dtype), quantization="auto")
     model = loaded.model
@@ -155,7 +156,7 @@ def main() -> None:
         "command": "python -m bench.kv_int8" + (" --quick" if args.quick else ""),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "model": loaded.name, "model_dtype": dtype,
         "cpu_flags": cpu_flags(),
-        "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "load_average_at_start": load_at_start,
         "blocks_per_gib": blocks,
         "block_ratio": {"vs_bfloat16": blocks["int8"] / blocks["bfloat16"],
                         "vs_float32": blocks["int8"] / blocks["float32"]},

@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=320, help="output tokens per task at most")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args()
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     rounds = 1 if args.quick else 2
     n = 16 if args.quick else 64
     copies = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16]
@@ -224,7 +225,7 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": result["model"],
         "cpu_flags": cpu_flags(),
-        "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "load_average_at_start": load_at_start,
         "rounds": rounds,
         "single_stream": single,
         "outputs": {t: result["single"][0]["off"][t]["text"] for t in TASKS},
