@@ -1,18 +1,20 @@
 """Speculative decoding: the outputs never change (greedy and seeded sampling alike), whatever happens to the
 sequences; the rule verification applies; the proposers; and no block outlives its sequence."""
+import asyncio
 import json
 import random
 
 import pytest
 import torch
 
-from kvmux import SamplingParams
+from kvmux import Engine, SamplingParams
 from kvmux.config import ConfigError, EngineConfig, SpeculativeConfig
+from kvmux.engine import messages
 from kvmux.engine.proposers import NgramIndex, SuffixCache, continuation
 from kvmux.runner.sampler import verify
 from kvmux.sampling import StructuredOutputs
 
-from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine
+from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, settled
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1, "max_batch": 64}
 SUFFIX = {**NGRAM, "method": "suffix"}
@@ -247,3 +249,36 @@ def test_a_bad_flag_is_refused_naming_it(tiny):
                           '{"method": "ngram", "num_speculative_tokens": 99}', "hi"], capture_output=True, text=True)
     assert run.returncode != 0
     assert "speculative" in run.stderr and "num_speculative_tokens must be in 1..32" in run.stderr
+
+
+def test_an_abort_while_the_step_is_planned_ends_only_its_request(tiny, reference):
+    """Drafts are proposed before decode waits for prefill's plan, and an abort handled during that wait takes
+    its sequence away: the step goes on for the others."""
+    async def main():
+        async with Engine(tiny, dtype="float32", speculative_config=NGRAM) as engine:
+            decode = engine.decode
+            reply, propose = decode._reply, decode._propose
+            aborted, drafted = [], {}
+
+            def remember():
+                drafted.clear()
+                drafted.update(propose())
+                return dict(drafted)
+
+            async def abort_during_the_plan(kind, step):
+                victims = [s for s in decode.running.values() if s.request_id == "victim" and s.seq_id in drafted]
+                if kind is messages.StepPlan and victims and not aborted:
+                    aborted.append(victims[0].seq_id)
+                    decode._dispatch(messages.Abort("victim", victims[0].serial))
+                return await reply(kind, step)
+            decode._reply, decode._propose = abort_during_the_plan, remember
+            victim = asyncio.ensure_future(engine.complete(PROMPTS[10], greedy(MAX_NEW), request_id="victim"))
+            other = await engine.complete(PROMPTS[11], greedy(MAX_NEW))
+            victim = await victim
+            await settled(engine)
+            return other, victim, aborted, await engine.stats()
+
+    other, victim, aborted, stats = asyncio.run(main())
+    assert aborted and victim.finish_reason == "abort"
+    assert other.token_ids == reference[11] and other.finish_reason == "length"
+    assert stats["spec_accepted_tokens"] > 0

@@ -166,6 +166,8 @@ class Decode(Actor):
         plan = self.plan = await self._reply(messages.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
+        # An abort handled while waiting for the plan took its sequence out of `running`, drafts and all.
+        drafts = {seq_id: d for seq_id, d in drafts.items() if seq_id in self.running}
         work, sampled, computed = self._build(plan, drafts)
         if not work.chunks and not self.running and self.swapped_out:
             await asyncio.sleep(0.001)  # waiting for swapped sequences to fit: do not spin
