@@ -113,12 +113,12 @@ async def first_token_s(engine: Engine, prompt: list[int]) -> float:
 
 
 async def restart_round(model, folder: str, prefix: list[int], questions: list[list[int]]) -> dict:
-    async with Engine(model, disk_cache_dir=folder) as engine:
+    async with Engine(model, disk_cache_dir=folder, disk_cache_gib=1.0) as engine:
         await engine.complete("Warm-up: count to five.", SamplingParams(max_tokens=4, temperature=0))
         cold = await first_token_s(engine, prefix + questions[0])
         memory = await first_token_s(engine, prefix + questions[1])
     started = time.perf_counter()
-    async with Engine(model, disk_cache_dir=folder) as engine:
+    async with Engine(model, disk_cache_dir=folder, disk_cache_gib=1.0) as engine:
         start_s = time.perf_counter() - started
         await engine.complete("Warm-up: count to five.", SamplingParams(max_tokens=4, temperature=0))
         restarted = await first_token_s(engine, prefix + questions[2])

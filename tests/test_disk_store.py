@@ -18,7 +18,7 @@ from kvmux.cache.disk_store import StoreLocked
 
 from engine_helpers import assert_no_leaks, greedy, random_prompt
 
-OPTIONS = dict(block_size=8, dtype="float32", num_blocks=64)
+OPTIONS = dict(block_size=8, dtype="float32", num_blocks=64, disk_cache_gib=0.01)
 PROMPTS = [random_prompt(seed, 57) for seed in range(3)]  # 7 full blocks each, the last token's block aside
 BLOCKS = 7
 
@@ -166,3 +166,16 @@ def test_the_cache_command_shows_and_clears_a_folder(tiny, tmp_path):
     assert "deleted 1 store" in cleared and not [p for p in tmp_path.iterdir() if p.is_dir()]
     _, stats = run(tiny, tmp_path, PROMPTS[:1])
     assert stats["disk_blocks_restored"] == 0
+
+
+def test_a_prefix_hot_on_the_device_stays_on_a_full_disk(tiny, tmp_path):
+    """The disk holds two prompts' blocks. A, B, then A again (a hit on the device, which the disk's journal
+    hears of), then C: the disk drops B, not A, and a restart still finds A."""
+    a, b, c = PROMPTS
+    room = {**OPTIONS, "disk_cache_gib": 16 * 4096 / 2**30}  # 16 blocks of the tiny model's 4 KiB
+    _, stats = run(tiny, tmp_path, [a, b, a, c], **room)
+    assert stats["disk_blocks_total"] == 16 and stats["prefix_cache_hits_device"] == BLOCKS * 8
+    _, stats = run(tiny, tmp_path, [a], **room)
+    assert stats["prefix_cache_hits_disk"] == BLOCKS * 8
+    _, stats = run(tiny, tmp_path, [b], **room)
+    assert stats["prefix_cache_hits_disk"] == 0

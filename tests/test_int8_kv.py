@@ -78,11 +78,11 @@ def test_the_torch_reference_backend_gives_the_same_outputs(tiny):
 
 def test_the_disk_tier_keeps_int8_blocks_apart(tiny, tmp_path):
     roomy, _ = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, **INT8)
-    run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, dtype="float32", disk_cache_dir=str(tmp_path))
-    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), **INT8)
+    run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, dtype="float32", disk_cache_dir=str(tmp_path), disk_cache_gib=0.01)
+    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), disk_cache_gib=0.01, **INT8)
     assert stats["disk_blocks_restored"] == 0  # the float32 engine's blocks are another store
     assert [c.token_ids for c in again] == [c.token_ids for c in roomy]
-    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), **INT8)
+    again, stats = run_engine(tiny, PROMPTS[-2:], greedy(8), block_size=8, disk_cache_dir=str(tmp_path), disk_cache_gib=0.01, **INT8)
     assert stats["prefix_cache_hits_disk"] > 0 and [c.token_ids for c in again] == [c.token_ids for c in roomy]
 
 

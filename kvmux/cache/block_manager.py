@@ -161,6 +161,7 @@ class BlockManager:
         hashes = self._lookup_hashes(token_ids, salt)
         blocks, device_hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
         # The run of cached blocks may go on below the device: promote it into the fresh blocks.
+        self.tiers.touch_disk(hashes[:device_hits])
         from_host, from_disk = self.tiers.fetch(hashes[device_hits:], blocks[device_hits:])
         hits = device_hits + from_host + from_disk
         self.prefix_hit_blocks[0] += device_hits

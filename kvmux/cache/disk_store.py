@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +92,21 @@ class DiskStore:
         pool = self.dir / "pool.bin"
         with open(pool, "a+b") as f:  # created empty, or kept; then sized to this engine's bound
             f.truncate(num_blocks * geometry.block_bytes)
+            # The room is taken now: a write into a mapped page the filesystem cannot back would kill the process
+            # (SIGBUS) in the middle of a step.
+            try:
+                os.posix_fallocate(f.fileno(), 0, num_blocks * geometry.block_bytes)
+            except OSError as exc:
+                self._lock.close()
+                raise OSError(f"disk_cache_dir {folder} has no room for disk_cache_gib "
+                              f"({num_blocks * geometry.block_bytes / 2**30:.2f} GiB): {exc.strerror}; free space "
+                              f"there or lower --disk-cache-gib") from None
         # numpy has no bfloat16: map bytes and reinterpret them in torch.
         self._map = np.memmap(pool, dtype=np.uint8, mode="r+", shape=(num_blocks * geometry.block_bytes,))
         self.tensor = torch.from_numpy(self._map).view(geometry.dtype).view(num_blocks, *geometry.block_shape)
         self._journal_path = self.dir / "journal.bin"
         self._journal: int | None = None
+        self._journal_lock = threading.Lock()
         self.blocks_written = 0
         self.bytes_written = 0
 
@@ -147,23 +158,41 @@ class DiskStore:
 
     def written(self, blocks: list[tuple[int, int]]) -> None:
         """These (slot, hash) now hold their blocks' bytes: journal them with their checksums."""
-        os.write(self._journal, b"".join(_pack(slot, _WRITE, digest, checksum(self._slot(slot)))
-                                         for slot, digest in blocks))
+        self._append(b"".join(_pack(slot, _WRITE, digest, checksum(self._slot(slot))) for slot, digest in blocks))
         self.blocks_written += len(blocks)
         self.bytes_written += len(blocks) * self.block_bytes
 
     def touched(self, blocks: list[tuple[int, int]]) -> None:
-        """These (slot, hash) were read: they are the most recently used."""
-        os.write(self._journal, b"".join(_pack(slot, _TOUCH, digest, 0) for slot, digest in blocks))
+        """These (slot, hash) were read or hit on the device: they are the most recently used."""
+        self._append(b"".join(_pack(slot, _TOUCH, digest, 0) for slot, digest in blocks))
+
+    def _append(self, records: bytes) -> None:
+        """One write (O_APPEND: whole, whichever thread writes); a failed or short one ends the journal for this
+        run, so the records after it cannot be misaligned: blocks not journaled are only missing at the next start."""
+        with self._journal_lock:  # the forward thread writes blocks, the engine's loop touches hits
+            if self._journal is None:
+                return
+            try:
+                done = os.write(self._journal, records)
+            except OSError as exc:
+                done, reason = -1, exc.strerror
+            else:
+                reason = f"{done} of {len(records)} bytes written"
+            if done != len(records):
+                log.warning("disk cache %s: the journal could not be written (%s); blocks cached from now on will "
+                            "not outlive this engine", self.dir, reason)
+                os.close(self._journal)
+                self._journal = None
 
     def stats(self) -> dict:
         return {"disk_blocks_written": self.blocks_written, "disk_bytes_written": self.bytes_written}
 
     def close(self) -> None:
         """Close the files and let the folder go; the blocks stay for the next engine."""
-        if self._journal is not None:
-            os.close(self._journal)
-            self._journal = None
+        with self._journal_lock:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
         self._map.flush()
         del self.tensor, self._map
         fcntl.flock(self._lock, fcntl.LOCK_UN)
@@ -173,7 +202,7 @@ class DiskStore:
 def describe(folder: str) -> list[dict]:
     """The stores in a disk_cache_dir: their settings, size, and blocks recorded (for `kvmux cache info`)."""
     out = []
-    for meta_path in sorted(Path(folder).glob("*/meta.json")):
+    for meta_path in sorted(Path(folder).glob("**/meta.json")):  # tensor-parallel ranks' under rank-N/
         store = meta_path.parent
         meta = json.loads(meta_path.read_text())
         journal = store / "journal.bin"
@@ -193,7 +222,7 @@ def clear(folder: str) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreLocked(f"disk_cache_dir {folder} is in use by a running kvmux engine; stop it first") from None
-        stores = [p.parent for p in root.glob("*/meta.json")]
+        stores = [p.parent for p in root.glob("**/meta.json")]
         for store in stores:
             shutil.rmtree(store)
     return len(stores)

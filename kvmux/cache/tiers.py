@@ -27,6 +27,7 @@ no block is written before its old contents are copied out.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kvmux._native import BlockAllocator
@@ -64,6 +65,9 @@ class Tiers:
         self.disk_restored = 0  # blocks a restart found on the disk
         self.disk_corrupt = 0  # of those, dropped: their bytes failed their checksum
         self.disk_bad_records = 0  # journal records dropped: cut short or failing their own check
+        # Tells the disk's journal which (disk block, hash) were just used, so its recency outlives the engine too
+        # (DiskStore.touched; None: the disk tier does not persist).
+        self.on_disk_touch: Callable[[list[tuple[int, int]]], None] | None = None
 
     # -- the prefix tier ------------------------------------------------------
 
@@ -89,6 +93,8 @@ class Tiers:
         if not already:
             self.copies.append(BlockCopy(tier, block, dst_tier, dst, digest))
             self.demoted[dst_tier] += 1
+        elif dst_tier == DISK and self.on_disk_touch is not None:
+            self.on_disk_touch([(dst, digest)])
         lower.free_blocks([dst])  # cached and unheld: the tier's LRU keeps it
 
     def persist(self, block: int, digest: int) -> None:
@@ -99,7 +105,20 @@ class Tiers:
         if not already:
             self.copies.append(BlockCopy(DEVICE, block, DISK, dst, digest))
             self.demoted[DISK] += 1
+        elif self.on_disk_touch is not None:
+            self.on_disk_touch([(dst, digest)])
         self.disk.free_blocks([dst])
+
+    def touch_disk(self, hashes: list[int]) -> None:
+        """A lookup hit these hashes on the device: where the disk holds them too, they are its most recently
+        used (else a prefix hot on the device all day would be the disk's coldest, the first it drops)."""
+        if self.on_disk_touch is None or not hashes:
+            return
+        held = self.disk.lookup(hashes)
+        if held:
+            blocks, _ = self.disk.acquire(hashes[:len(held)])
+            self.disk.free_blocks(blocks)
+            self.on_disk_touch(list(zip(blocks, hashes)))
 
     def restore_disk(self, blocks: list[tuple[int, int]], corrupt: int, bad_records: int = 0) -> None:
         """The disk's blocks from before this process, (slot, hash) least recently used first, into its books."""

@@ -139,6 +139,7 @@ class Engine:
         if not parallel and self.runner.disk is not None:
             opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
             self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
+            self.blocks.tiers.on_disk_touch = self.runner.disk.touched
             log.info("disk cache %s: %d cached blocks from earlier runs", self.runner.disk.dir, len(opened.blocks))
         self.max_model_len = max_model_len
 
