@@ -13,7 +13,7 @@ bench/results/prefix.json and prefix.png.
 
 With --restart: the time to first token of one request whose 2,000-token prefix is new (cold), of one whose prefix
 an earlier request cached in this engine's memory, and of one whose prefix an earlier engine on the same
-`disk_cache_dir` cached (the engine restarted in between); three rounds, each on a fresh folder. Writes
+`disk_cache_dir` cached (the engine restarted in between); five rounds, each on a fresh folder. Writes
 bench/results/prefix_restart.json and .png.
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def restart_main(args) -> None:
         prefix = prompts[0][:args.system_tokens]
         questions = [p[args.system_tokens:] for p in prompts]
         out = []
-        for _ in range(3):
+        for _ in range(5):
             with tempfile.TemporaryDirectory(prefix="kvmux-bench-") as folder:
                 out.append(await restart_round(args.model, folder, prefix, questions))
         return out
@@ -161,7 +161,7 @@ def restart_main(args) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     keys = [("cold_s", "cold"), ("memory_hit_s", "cached in memory"), ("after_restart_s", "after a restart")]
     ax.bar([label for _, label in keys], [median[k] * 1e3 for k, _ in keys], color=["#888", "#3a7", "#37a"])
-    ax.set_ylabel("time to first token, ms (median of 3)")
+    ax.set_ylabel("time to first token, ms (median of 5)")
     ax.set_title(f"{args.system_tokens}-token prefix: cold / restart = {report['cold_over_restart']:.1f}x, "
                  f"restart / memory = {report['restart_over_memory']:.2f}x", fontsize=9)
     fig.tight_layout()
