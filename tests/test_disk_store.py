@@ -179,3 +179,14 @@ def test_a_prefix_hot_on_the_device_stays_on_a_full_disk(tiny, tmp_path):
     assert stats["prefix_cache_hits_disk"] == BLOCKS * 8
     _, stats = run(tiny, tmp_path, [b], **room)
     assert stats["prefix_cache_hits_disk"] == 0
+
+
+def test_the_journal_is_compacted_while_the_engine_runs(tiny, tmp_path, expected, monkeypatch):
+    from kvmux.cache.disk_store import DiskStore
+
+    monkeypatch.setattr(DiskStore, "COMPACT_SLACK", 0)  # rewrite it whenever it holds over 4 records a live slot
+    run(tiny, tmp_path, PROMPTS * 8)  # rounds 2..8 touch what the first wrote: 147 touches for 21+ blocks
+    records = journal(tmp_path)
+    assert len(records) <= 4 * len({slot for slot, _, _ in records}) + BLOCKS
+    tokens, stats = run(tiny, tmp_path, PROMPTS)
+    assert tokens == expected and stats["prefix_cache_hits_disk"] == 3 * BLOCKS * 8

@@ -67,6 +67,8 @@ class Opened:
 
 
 class DiskStore:
+    COMPACT_SLACK = 4096  # journal records beyond 4 per live slot before it is rewritten
+
     def __init__(self, folder: str, fingerprint: str, meta: dict, geometry: PoolGeometry, num_blocks: int) -> None:
         self.root = Path(folder)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,8 @@ class DiskStore:
         self._journal_path = self.dir / "journal.bin"
         self._journal: int | None = None
         self._journal_lock = threading.Lock()
+        self._live: dict[int, tuple[int, int]] = {}  # slot -> (hash, checksum) as the journal says, oldest first
+        self._records = 0  # in the journal file
         self.blocks_written = 0
         self.bytes_written = 0
 
@@ -143,14 +147,22 @@ class DiskStore:
                 kept.append((slot, digest, crc))
                 seen.add(digest)
         kept.reverse()  # oldest first, as the tier's LRU takes them
-        tmp = self._journal_path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(_pack(slot, _WRITE, digest, crc) for slot, digest, crc in kept))
-        os.replace(tmp, self._journal_path)
-        self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND)
+        self._live = {slot: (digest, crc) for slot, digest, crc in kept}
+        self._rewrite()
         if corrupt or bad:
             log.warning("disk cache %s: dropped %d block(s) that failed their checksum and %d damaged journal "
                         "record(s)", self.dir, corrupt, bad)
         return Opened([(slot, digest) for slot, digest, _ in kept], corrupt, bad)
+
+    def _rewrite(self) -> None:
+        """The journal as one write record per live slot, oldest first: written aside, then renamed over it."""
+        tmp = self._journal_path.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(_pack(slot, _WRITE, digest, crc) for slot, (digest, crc) in self._live.items()))
+        os.replace(tmp, self._journal_path)
+        if self._journal is not None:
+            os.close(self._journal)
+        self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND)
+        self._records = len(self._live)
 
     def _slot(self, slot: int) -> memoryview:
         start = slot * self.block_bytes
@@ -158,20 +170,37 @@ class DiskStore:
 
     def written(self, blocks: list[tuple[int, int]]) -> None:
         """These (slot, hash) now hold their blocks' bytes: journal them with their checksums."""
-        self._append(b"".join(_pack(slot, _WRITE, digest, checksum(self._slot(slot))) for slot, digest in blocks))
+        entries = [(slot, digest, checksum(self._slot(slot))) for slot, digest in blocks]
+        self._append(b"".join(_pack(slot, _WRITE, digest, crc) for slot, digest, crc in entries), entries)
         self.blocks_written += len(blocks)
         self.bytes_written += len(blocks) * self.block_bytes
 
     def touched(self, blocks: list[tuple[int, int]]) -> None:
         """These (slot, hash) were read or hit on the device: they are the most recently used."""
-        self._append(b"".join(_pack(slot, _TOUCH, digest, 0) for slot, digest in blocks))
+        self._append(b"".join(_pack(slot, _TOUCH, digest, 0) for slot, digest in blocks),
+                     [(slot, digest, None) for slot, digest in blocks])
 
-    def _append(self, records: bytes) -> None:
+    def _append(self, records: bytes, entries: list[tuple[int, int, int | None]]) -> None:
         """One write (O_APPEND: whole, whichever thread writes); a failed or short one ends the journal for this
-        run, so the records after it cannot be misaligned: blocks not journaled are only missing at the next start."""
+        run, so the records after it cannot be misaligned: blocks not journaled are only missing at the next start.
+        entries: (slot, hash, checksum, None for a touch), which the live state follows; once the journal holds
+        a few times more records than live slots, it is rewritten from that state."""
         with self._journal_lock:  # the forward thread writes blocks, the engine's loop touches hits
             if self._journal is None:
                 return
+            for slot, digest, crc in entries:
+                if crc is not None:
+                    self._live.pop(slot, None)
+                    self._live[slot] = (digest, crc)
+                elif self._live.get(slot, (None,))[0] == digest:
+                    self._live[slot] = self._live.pop(slot)
+            self._records += len(entries)
+            if self._records > 4 * len(self._live) + self.COMPACT_SLACK:
+                try:
+                    self._rewrite()
+                    return
+                except OSError as exc:
+                    log.warning("disk cache %s: compacting the journal failed (%s)", self.dir, exc.strerror)
             try:
                 done = os.write(self._journal, records)
             except OSError as exc:

@@ -17,6 +17,7 @@ import torch
 
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.disk_store import DiskStore, store_key
+from kvmux.cache.disk_store import describe as describe_stores
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
@@ -141,6 +142,11 @@ class Engine:
             self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
             self.blocks.tiers.on_disk_touch = self.runner.disk.touched
             log.info("disk cache %s: %d cached blocks from earlier runs", self.runner.disk.dir, len(opened.blocks))
+            others = [s for s in describe_stores(cfg.disk_cache_dir) if s["fingerprint"] != kv_key]
+            if others:  # each model and setting has its own store, bounded alone: say what the folder holds
+                log.warning("disk_cache_dir %s also holds %d store(s) of other models or settings, %.1f GiB on disk "
+                            "(`kvmux cache info` lists them, `kvmux cache clear` deletes them)", cfg.disk_cache_dir,
+                            len(others), sum(s["disk_bytes"] for s in others) / 2**30)
         self.max_model_len = max_model_len
 
         tokenizer = self.loaded.tokenizer
