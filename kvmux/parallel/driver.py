@@ -75,6 +75,10 @@ class ParallelRunner:
         self.on_failure = on_failure
         self.failed: str | None = None
         self.lock = threading.Lock()  # one collective at a time: the forward thread's, or the pinger's
+        # Set by close: torch.distributed's group is one per process, so a pinger that outlived its engine
+        # would ping the next engine's group.
+        self.closing = threading.Event()
+        self.pinger: threading.Thread | None = None
         self.last_op = time.monotonic()
         self.broadcast_seconds = 0.0
         self.steps = 0
@@ -148,11 +152,10 @@ class ParallelRunner:
                 **self.counters}
 
     def _ping(self) -> None:
-        while not self.failed and dist.is_initialized():
-            time.sleep(self.PING_S / 2)
+        while not self.failed and not self.closing.wait(self.PING_S / 2):
             if time.monotonic() - self.last_op >= self.PING_S and self.lock.acquire(blocking=False):
                 try:
-                    if dist.is_initialized() and not self.failed:
+                    if dist.is_initialized() and not self.failed and not self.closing.is_set():
                         try:
                             self._broadcast(("ping", None))
                         except Exception as exc:  # noqa: BLE001
@@ -165,6 +168,9 @@ class ParallelRunner:
     def close(self, refused: str | None = None) -> None:
         """Stop the ranks (asking first, then killing whoever is left) and leave the group; `refused` tells
         them the engine would not run with them, and why (they exit with an error saying so)."""
+        self.closing.set()
+        if self.pinger is not None and self.pinger is not threading.current_thread():
+            self.pinger.join(timeout=2 * self.PING_S)
         with self.lock:
             if dist.is_initialized():
                 if not self.failed:
