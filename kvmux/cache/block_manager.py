@@ -107,6 +107,11 @@ class BlockManager:
         return self._alloc.num_free
 
     @property
+    def num_uncached_free(self) -> int:
+        """Free blocks whose taking evicts no cached prefix."""
+        return self._alloc.num_free - self._alloc.num_cached_free
+
+    @property
     def num_used(self) -> int:
         return self.num_blocks - self._alloc.num_free
 

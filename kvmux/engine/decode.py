@@ -313,8 +313,9 @@ class Decode(Actor):
         """The forward's chunks, the sequences that get a token sampled (in logits order),
         and (seq_id, tokens whose KV exists after the forward) for the prefix cache.
 
-        Drafts get slots from the blocks still free after every running sequence's token has one; a draft
-        that finds none is dropped (from `drafts` too)."""
+        Drafts get slots from the blocks still free after every running sequence's token has one, and only from
+        blocks that hold no cached prefix (a draft's slot is given back within the step: it must not cost a
+        prefix); a draft that finds none is dropped (from `drafts` too)."""
         chunks: list[Chunk] = []
         sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
@@ -323,7 +324,7 @@ class Decode(Actor):
             self.blocks.append_slots(seq_id, seq.token_ids[-1:])
         for seq_id, proposal in list(drafts.items()):
             fits = len(proposal)
-            while fits and self.blocks.blocks_needed_to_append(seq_id, fits) > self.blocks.num_free:
+            while fits and self.blocks.blocks_needed_to_append(seq_id, fits) > self.blocks.num_uncached_free:
                 fits -= 1
             if fits:
                 drafts[seq_id] = proposal[:fits]
