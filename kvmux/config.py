@@ -60,7 +60,9 @@ class SpeculativeConfig:
     # Speculation is skipped for a step with more running sequences than this: there the forward is no longer
     # bound by reading the weights, and verifying rejected tokens costs more than accepted ones save.
     max_batch: int = 8
-    suffix_cache_tokens: int = 1 << 20  # suffix: output tokens of earlier requests kept for lookup
+    # suffix: output tokens of earlier requests kept for lookup; each costs about 0.5 KB of memory (its n-grams
+    # in a dict, measured at prompt_lookup 2..4), so the default holds about 64 MB.
+    suffix_cache_tokens: int = 1 << 17
 
     @classmethod
     def from_dict(cls, value: dict) -> SpeculativeConfig:
@@ -82,7 +84,9 @@ class SpeculativeConfig:
              f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {spec.method!r} (draft_model is not built yet)"),
             ("num_speculative_tokens", 1 <= spec.num_speculative_tokens <= 32, "must be in 1..32"),
             ("prompt_lookup_min", spec.prompt_lookup_min >= 1, "must be >= 1"),
-            ("prompt_lookup_max", spec.prompt_lookup_max >= spec.prompt_lookup_min, "must be >= prompt_lookup_min"),
+            # Every token a sequence holds is indexed under each n in min..max, n tokens a key: bounded.
+            ("prompt_lookup_max", spec.prompt_lookup_min <= spec.prompt_lookup_max <= 32,
+             "must be >= prompt_lookup_min and <= 32"),
             ("max_batch", spec.max_batch >= 1, "must be >= 1"),
             ("suffix_cache_tokens", spec.suffix_cache_tokens >= 0, "must be >= 0"),
         ]

@@ -11,6 +11,7 @@ from kvmux import Engine, SamplingParams
 from kvmux.config import ConfigError, EngineConfig, SpeculativeConfig
 from kvmux.engine import messages
 from kvmux.engine.proposers import NgramIndex, SuffixCache, continuation
+from kvmux.engine.speculation import Speculator
 from kvmux.runner.sampler import verify
 from kvmux.sampling import StructuredOutputs
 
@@ -104,13 +105,23 @@ def test_tensor_parallel_with_speculation(tiny, reference):
     assert stats["spec_accepted_tokens"] > 0
 
 
-def test_the_suffix_method_proposes_from_earlier_outputs(tiny, reference):
-    """The second round's prompts are new, but the outputs they lead to were generated before."""
-    params = greedy(MAX_NEW)
-    done, stats = run_engine(tiny, [PROMPTS[10]] * 1 + [PROMPTS[11]], params, max_num_seqs=1,
+def test_the_suffix_method_proposes_from_earlier_outputs():
+    """An earlier request's output (with the end of its prompt) answers a sequence whose own tokens cannot."""
+    earlier, prompt_len = [1, 2, 3, 4, 5, 6, 7], 3  # prompt 1 2 3, output 4 5 6 7
+    suffix = Speculator(SpeculativeConfig.from_dict({"method": "suffix"}))
+    ngram = Speculator(SpeculativeConfig.from_dict({"method": "ngram"}))
+    for spec in (suffix, ngram):
+        spec.finished(earlier, prompt_len)
+    assert suffix.propose("b", [9, 8, 3, 4], 3) == [5, 6, 7]
+    assert ngram.propose("b", [9, 8, 3, 4], 3) == []
+    assert suffix.stats()["spec_suffix_cached_tokens"] == len(earlier)
+
+
+def test_suffix_outputs_are_transformers_with_earlier_outputs_cached(tiny, reference):
+    done, stats = run_engine(tiny, PROMPTS[10:], greedy(MAX_NEW), max_num_seqs=1,
                              speculative_config={**SUFFIX, "prompt_lookup_min": 2, "prompt_lookup_max": 4})
     assert [c.token_ids for c in done] == reference[10:]
-    assert stats["spec_suffix_cached_tokens"] > 0
+    assert stats["spec_suffix_cached_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
 
 
 # -- verification: the rejection rule ----------------------------------------------------------------------------
@@ -190,6 +201,7 @@ def test_the_suffix_cache_forgets_its_oldest_texts():
     ({"num_speculative_tokens": 2}, "needs a method"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be in 1..32"),
     ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max must be >="),
+    ({"method": "ngram", "prompt_lookup_max": 1000}, "prompt_lookup_max must be >= prompt_lookup_min and <= 32"),
     ({"method": "ngram", "lookahead": 3}, "unknown keys ['lookahead']"),
     ({"method": "ngram", "max_batch": "8"}, "max_batch must be an integer"),
 ])

@@ -99,7 +99,7 @@ class Tiers:
 
     def persist(self, block: int, digest: int) -> None:
         """The device just cached this block: copy it to the disk too, unless the disk holds its hash already."""
-        if not self.keep_prefixes or self.disk.num_blocks == 0 or self.disk.num_free == 0:
+        if not self.keep_prefixes or self.disk.num_blocks == 0:  # disk blocks are never held: all are free
             return
         (dst,), (already,) = self.disk.acquire([digest])  # may reclaim the disk's coldest block: it is lost
         if not already:
