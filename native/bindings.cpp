@@ -98,7 +98,7 @@ void bind_paged_attention(py::module_& m) {
                std::uintptr_t v, int64_t v_stride, std::uintptr_t out, int act_dtype, std::uintptr_t kv,
                int kv_dtype, int64_t num_blocks, int64_t num_layers, int64_t block_size, int64_t layer,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads,
-               kvmux::AttentionKernel kernel) {
+               kvmux::AttentionKernel kernel, int32_t window) {
                 kvmux::LayerArgs a;
                 a.q = {reinterpret_cast<const void*>(q), q_stride};
                 a.k = {reinterpret_cast<const void*>(k), k_stride};
@@ -117,6 +117,7 @@ void bind_paged_attention(py::module_& m) {
                 a.scale = scale;
                 a.num_threads = num_threads;
                 a.kernel = kernel;
+                a.window = window;
                 // The engine's event loop runs beside the forward thread.
                 py::gil_scoped_release release;
                 meta.run(a);
@@ -125,8 +126,9 @@ void bind_paged_attention(py::module_& m) {
             py::arg("out"), py::arg("act_dtype"), py::arg("kv"), py::arg("kv_dtype"), py::arg("num_blocks"),
             py::arg("num_layers"), py::arg("block_size"), py::arg("layer"), py::arg("num_heads"),
             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_threads"),
-            py::arg("kernel") = kvmux::AttentionKernel::avx2,
-            "Write this layer's new K/V into their slots, then attend every new query over its context.");
+            py::arg("kernel") = kvmux::AttentionKernel::avx2, py::arg("window") = 0,
+            "Write this layer's new K/V into their slots, then attend every new query over its context (its last "
+            "`window` keys where window > 0: a sliding-window layer).");
 }
 
 // Addresses again; kvmux/ops/linear.py checks the tensors.
@@ -182,22 +184,25 @@ void bind_quant_linear(py::module_& m) {
         py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"),
         py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"), py::arg("bias"),
         py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
-        "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1), x "
+        "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, "
+        "4 Q5_1, 5 Q6_K), x "
         "quantized per block on the fly (int16 for Q8_0, int8 for Q4) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI; "
         "bias 0 means none.");
     m.def(
         "quantize_activations",
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int bits, std::uintptr_t q,
-           std::uintptr_t d, std::uintptr_t sums) {
+           std::uintptr_t d, std::uintptr_t sums, int64_t block) {
+            if (block != 32 && !(block == 16 && bits == 8))
+                throw py::value_error("quantize_activations: block must be 32, or 16 with bits 8");
             py::gil_scoped_release release;
-            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features, bits,
+            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features, bits, block,
                                         reinterpret_cast<void*>(q), reinterpret_cast<float*>(d),
                                         reinterpret_cast<int32_t*>(sums));
         },
         py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("bits"), py::arg("q"),
-        py::arg("d"), py::arg("sums"),
+        py::arg("d"), py::arg("sums"), py::arg("block") = 32,
         "The per-block quantization quant_linear applies to its activations: to int8 (bits 8, with each block's "
-        "sum) or int16 (bits 16).");
+        "sum) or int16 (bits 16), per block of 32 (or 16: Q6_K's).");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.

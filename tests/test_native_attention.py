@@ -64,15 +64,16 @@ def tolerance(act: torch.dtype) -> dict:
     return dict(atol=2e-5, rtol=1e-4) if act == torch.float32 else dict(atol=1.5e-2, rtol=1e-2)
 
 
-def run_case(c, device: str, kernel, bf16_dots: bool = False):
+def run_case(c, device: str, kernel, bf16_dots: bool = False, window: int = 0):
     kind, (hq, hkv), d, bs, (act, kv), i = c
     qlens, ctx = shapes(kind, bs, random.Random(i))
     ctx = ctx[:len(qlens)]
-    case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=i, device=device)
+    case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=i, device=device, window=window)
     want_pool = expected_pool(case)
     cache = case.fresh_cache()
     out = torch.full_like(case.q, float("nan"))
-    got = kernel(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out)
+    extra = {"window": window} if window else {}
+    got = kernel(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out, **extra)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(cache.kv.cpu(), want_pool.cpu()), "pool contents differ from the reference's writes"
     assert not torch.isnan(got).any(), "an output element was never written"
@@ -98,6 +99,35 @@ def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
         pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64 or 128")
     monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
     run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16")
+
+
+# Windows shorter than, across and longer than a block, and one wider than every context (no key is cut).
+WINDOWS = [1, 5, 16, 37, 100, 5000]
+
+
+@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("c", CASES[:24], ids=case_id)
+def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypatch):
+    """A sliding-window layer's query sees only its last `window` keys (Gemma 3's local layers), in prefill
+    chunks, decodes and mixed steps, whatever the window's alignment with blocks and key chunks."""
+    missing = kernel_choice.variant("attention", variant).missing()
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    kind, gqa, d, bs, (act, kv), i = c
+    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128)):
+        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64 or 128")
+    monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
+    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16", window=WINDOWS[i % len(WINDOWS)])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_torch_reference_backend_applies_the_window(window):
+    """The torch backend (the one CUDA falls back to for windows) against float64, prefill and decode mixed."""
+    qlens, ctx = [1, 19, 1, 1, 40], [1, 51, 16, 300, 40]
+    case = make_case(qlens, ctx, 8, 2, 64, 16, torch.float32, torch.float32, seed=window, window=window)
+    cache = case.fresh_cache()
+    got = attention.torch_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, window)
+    torch.testing.assert_close(got.double(), reference_f64(case, cache.kv), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not attention.native_available(torch.device("cuda")), reason="needs a GPU and kvmux._native_cuda")

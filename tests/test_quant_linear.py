@@ -1,4 +1,5 @@
-"""The int8 kernels over GGUF Q8_0 / Q4_0 / Q4_1 blocks, every variant this CPU runs, against float64 references."""
+"""The int8 kernels over every GGUF block type kvmux keeps, every variant this CPU runs, against float64 references;
+the types' decoding against the gguf package's."""
 import pytest
 import torch
 
@@ -10,9 +11,16 @@ from kvmux.checks.reference import (
     quantize_activations_ref,
     random_gguf_blocks,
 )
-from kvmux.ops import kernel_choice, quant
+from kvmux.ops import gguf_blocks, kernel_choice, quant
 
-QTYPES = list(quant.QTYPES)
+QTYPES = list(gguf_blocks.FORM_OF)  # GGUF types
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def cols(qtype: str, k: int) -> int:
+    """k rounded up to whole blocks of the type (a K-quant's super-blocks hold 256)."""
+    values = gguf_blocks.GGUF_BLOCK[qtype][1]
+    return -(-k // values) * values
 
 
 def runnable(variant: str) -> None:
@@ -36,6 +44,7 @@ def case(qtype: str, rows: int, n: int, k: int, seed: int):
 def test_kernel_matches_float64_reference(variant, qtype):
     runnable(variant)
     for i, (rows, n, k) in enumerate(QUANT_SHAPES):
+        k = cols(qtype, k)
         raw, x, bias = case(qtype, rows, n, k, seed=100 * i + QTYPES.index(qtype))
         weight = quant.pack_blocks(qtype, raw)
         out = quant.quant_linear(x, weight, bias, kernel=variant)
@@ -62,23 +71,24 @@ def test_kernel_reads_strided_rows_and_no_bias(variant):
     assert quant.quant_linear(x[:0], weight, kernel=variant).shape == (0, 64)
 
 
-@pytest.mark.parametrize("bits", [8, 16])
-def test_activations_quantized_as_the_reference_says(bits):
+@pytest.mark.parametrize("bits,block", [(8, 32), (16, 32), (8, 16)])
+def test_activations_quantized_as_the_reference_says(bits, block):
     g = torch.Generator().manual_seed(3)
     levels = 2 ** (bits - 1) - 1
     x = torch.randn(6, 128, generator=g) * 3
     x[2, 32:64] = 0.0
     x[3, :32] = 0.0
     x[3, :5] = torch.tensor([levels, 2.5, 3.5, -2.5, levels - 0.5])  # amax = L: scale 1, exact ties
-    q, d = quantize_activations_ref(x, bits)
+    q, d = quantize_activations_ref(x, bits, block)
     assert q[3, :5].tolist() == [levels, 2, 4, -2, levels - 1]  # round half to even
+    nb = 128 // block
     nq = torch.empty(6, 128, dtype=torch.int8 if bits == 8 else torch.int16)
-    nd, ns = torch.empty(6, 4), torch.zeros(6, 4, dtype=torch.int32)
+    nd, ns = torch.empty(6, nb), torch.zeros(6, nb, dtype=torch.int32)
     quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, bits, nq.data_ptr(), nd.data_ptr(),
-                                       ns.data_ptr())
+                                       ns.data_ptr(), block)
     assert torch.equal(nq.float(), q) and torch.equal(nd, d)
     if bits == 8:
-        assert torch.equal(ns, q.reshape(6, 4, 32).sum(-1).int())
+        assert torch.equal(ns, q.reshape(6, nb, block).sum(-1).int())
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -87,11 +97,22 @@ def test_packed_blocks_dequantize_to_the_files_values(qtype):
     import gguf
 
     g = torch.Generator().manual_seed(11)
-    raw = random_gguf_blocks(qtype, 37, 96, g)  # 37 rows: a partial last panel
+    raw = random_gguf_blocks(qtype, 37, cols(qtype, 96), g)  # 37 rows: a partial last panel
     weight = quant.pack_blocks(qtype, raw)
-    assert weight.nbytes < raw.numel() * 1.01 + 3 * 32 * 16  # the file's bytes, plus the last panel's padding
-    theirs = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper()))
-    assert torch.equal(weight.dequantize(), torch.from_numpy(theirs))
+    # Per block of the form: its integers (a nibble, or a byte, each) and fp16 scales (and mins); 48 rows with
+    # the last panel's padding. Q4_0, Q4_1 and Q8_0: the file's own bytes.
+    form, size = weight.qtype, quant.BLOCKS[weight.qtype]
+    block_bytes = size // (2 if form in quant.NIBBLES else 1) + 2 * (1 + (form in quant.MINS))
+    assert weight.nbytes == 48 * weight.in_features // size * block_bytes
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype)))
+    if qtype in K_QUANTS:  # sub-block scales (and mins) held as fp16 products: each within 2^-11 of the product
+        parts = gguf_blocks.decode(qtype, raw)
+        size = quant.BLOCKS[parts.form]
+        m = torch.zeros_like(theirs) if parts.m is None else parts.m.float().repeat_interleave(size, 1)
+        bound = 2.0 ** -11 * (theirs.abs() + 2 * m.abs()) * 1.001 + 1e-9
+        assert ((weight.dequantize() - theirs).abs() <= bound).all()
+    else:
+        assert torch.equal(weight.dequantize(), theirs)
     assert torch.equal(weight.dequantize().double(), dequantize_gguf_f64(qtype, raw))
     ids = torch.tensor([36, 0, 17, 17, 5])
     assert torch.equal(weight.rows(ids), weight.dequantize()[ids])
@@ -118,7 +139,7 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
     with pytest.raises(ValueError, match="no kernel variant 'sse2'"):
         quant.quant_linear(torch.randn(2, 64), weight, kernel="sse2")
     with pytest.raises(ValueError, match="not one kvmux multiplies"):
-        quant.pack_blocks("q6_k", torch.zeros(16, 210, dtype=torch.uint8))
+        quant.pack_blocks("q2_k", torch.zeros(16, 84, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):
         quant.pack_blocks("q4_0", torch.zeros(16, 19, dtype=torch.uint8))
 

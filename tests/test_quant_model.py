@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType as QT
 from kvmux.model.llama import Linear
 from kvmux.model.loader import load_model
 from kvmux.ops import kernel_choice, quant
+from kvmux.ops.gguf_blocks import GGUF_BLOCK
 
 from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, teacher_forced_logits
 from tiny_gguf import matmuls_as, write_tiny_gguf
@@ -49,7 +50,7 @@ def test_gguf_blocks_stay_quantized_and_are_the_files_weights(ggufs, qtype):
     assert {r["variant"] for p in plans for r in p["ranges"]} <= quant.runnable_kernels()
     # The blocks' own bytes: 34, 18 or 20 per 32 weights, never a float copy.
     numel = sum(m.out_features * m.in_features for m in linears)
-    assert sum(m.quant.nbytes for m in linears) == numel // 32 * quant.GGUF_BLOCK_BYTES[qtype]
+    assert sum(m.quant.nbytes for m in linears) == numel // 32 * GGUF_BLOCK[qtype.upper()][0]
     # Exactly transformers' dequantized weights (q/k rows un-permuted as it does), norms included.
     ours, theirs = kept.model.hf_parameters(), dense.model.hf_parameters()
     assert ours.keys() == theirs.keys()

@@ -36,7 +36,7 @@ def on_threads(n: int, fn):
 def linear_cases():
     g = torch.Generator().manual_seed(0)
     for variant in kernel_choice.runnable("linear", "q8_0"):
-        for qtype in quant.QTYPES:
+        for qtype in quant.QTYPES:  # each form, from the GGUF type of its name
             weight = quant.pack_blocks(qtype, random_gguf_blocks(qtype, 200, 256, g))
             yield f"{variant} {qtype}", quant.QuantLinear(weight, torch.randn(200, generator=g), variant.name)
     for dtype in (torch.float32, torch.bfloat16):

@@ -14,7 +14,8 @@ import torch
 
 from kvmux.cache.kv_cache import KVCache, PoolGeometry, dequantize_rows, quantize_rows
 from kvmux.ops.attention import torch_paged_attention
-from kvmux.ops.quant import ACTIVATION_BITS, BLOCK, GGUF_BLOCK_BYTES
+from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, OFFSET, decode
+from kvmux.ops.quant import ACTIVATION_BITS, BLOCKS
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Chunk
 
@@ -30,6 +31,7 @@ class Case:
     cache: KVCache
     chunks: list[Chunk]
     scale: float
+    window: int = 0  # > 0: a sliding-window layer's, each query seeing its last `window` keys
 
     def batch(self) -> ForwardBatch:
         """A fresh batch each call, so no backend sees another's per-step metadata."""
@@ -44,7 +46,7 @@ class Case:
 
 def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
               block_size: int, kv_dtype: torch.dtype, act_dtype: torch.dtype, seed: int,
-              device: str = "cpu", strided_kv: bool = True) -> Case:
+              device: str = "cpu", strided_kv: bool = True, window: int = 0) -> Case:
     """Sequences with query_lens new tokens ending at context_lens, blocks shuffled across the pool.
 
     With strided_kv, k and v are column slices of one fused projection, as the model passes them.
@@ -73,7 +75,7 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
     else:
         k = torch.randn(T, num_kv_heads, head_dim, generator=g).to(act_dtype).to(device)
         v = torch.randn(T, num_kv_heads, head_dim, generator=g).to(act_dtype).to(device)
-    return Case(q, k, v, cache, chunks, head_dim ** -0.5)
+    return Case(q, k, v, cache, chunks, head_dim ** -0.5, window)
 
 
 def reference_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool = False) -> torch.Tensor:
@@ -105,8 +107,9 @@ def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[tor
         values = kv[1].repeat_interleave(group, 0)
         qs = q[start:start + n].transpose(0, 1)                     # [Hq, n, D]
         scores = qs @ keys.transpose(1, 2)
-        pos = torch.arange(ctx - n, ctx)[:, None]
-        weights = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf")).softmax(-1)
+        pos, keys_at = torch.arange(ctx - n, ctx)[:, None], torch.arange(ctx)[None, :]
+        unseen = (keys_at > pos) | ((keys_at <= pos - case.window) if case.window else False)
+        weights = scores.masked_fill(unseen, float("-inf")).softmax(-1)
         out[start:start + n] = (weights @ values).transpose(0, 1)
         weighted_abs[start:start + n] = (weights @ values.abs()).transpose(0, 1)
         start += n
@@ -121,73 +124,80 @@ def expected_pool(case: Case) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Quantized matmuls (kvmux/ops/quant.py, native/cpu/quant_linear.h): GGUF blocks read straight from their bytes,
-# independently of the kernels' panel layout, and activations quantized as the kernels quantize them.
+# Quantized matmuls (kvmux/ops/quant.py, native/cpu/quant_linear.h): GGUF blocks decoded into their form's numbers
+# (kvmux/ops/gguf_blocks.py, itself checked against the gguf package), independently of the kernels' panel
+# layout, and activations quantized as the kernels quantize them.
 
-def random_gguf_blocks(qtype: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """Fresh GGUF blocks of every integer the type can hold (Q8_0's -128 too), uint8 [rows, cols / 32 * bytes]."""
-    blocks = cols // BLOCK
-    scale = (torch.rand(rows, blocks, 1, generator=generator) * 0.02 + 1e-4).half()
-    header = [scale]
-    if qtype == "q8_0":
-        q = torch.randint(-128, 128, (rows, blocks, BLOCK), generator=generator, dtype=torch.int8).view(torch.uint8)
-    else:
-        q = torch.randint(0, 256, (rows, blocks, BLOCK // 2), generator=generator, dtype=torch.uint8)
-        if qtype == "q4_1":
-            header.append((torch.randn(rows, blocks, 1, generator=generator) * 0.05).half())
-    raw = torch.cat([h.view(torch.uint8) for h in header] + [q], dim=-1)
-    assert raw.shape[-1] == GGUF_BLOCK_BYTES[qtype]
+# Where each type's fp16 scales sit in its block: (byte offset, magnitude), and its signed offset's (Q4_1, Q5_1).
+_SCALES = {"Q4_K": [(0, 0.02 / 63), (2, 0.01 / 63)], "Q5_K": [(0, 0.02 / 63), (2, 0.01 / 63)],
+           "Q6_K": [(208, 0.02 / 127)]}
+_OFFSETS = {"Q4_1": 2, "Q5_1": 2}
+
+
+def random_gguf_blocks(gguf_type: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Fresh GGUF blocks of the type, uint8 [rows, cols / values per block * bytes]: random integers (every value
+    the type can hold) and sub-block scales, with fp16 scales of a realistic size."""
+    t = gguf_type.upper()
+    block_bytes, values = GGUF_BLOCK[t]
+    blocks = cols // values
+    raw = torch.randint(0, 256, (rows, blocks, block_bytes), generator=generator, dtype=torch.uint8)
+    for at, size in _SCALES.get(t, [(0, 0.02)]):
+        scale = (torch.rand(rows, blocks, 1, generator=generator) * size + size / 200).half()
+        raw[..., at:at + 2] = scale.view(torch.uint8)
+    if t in _OFFSETS:
+        at = _OFFSETS[t]
+        raw[..., at:at + 2] = (torch.randn(rows, blocks, 1, generator=generator) * 0.05).half().view(torch.uint8)
     return raw.reshape(rows, -1)
 
 
-def gguf_parts_f64(qtype: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF blocks uint8 [N, bytes] -> (d q', m) float64 [N, K] with w = d q' + m, decoded from the bytes as
-    llama.cpp defines them: q' = q for Q8_0 and Q4_1, q - 8 for Q4_0; m = 0 except for Q4_1."""
-    b = raw.reshape(raw.shape[0], -1, GGUF_BLOCK_BYTES[qtype])
-    d = b[..., 0:2].contiguous().view(torch.float16).double()                   # [N, blocks, 1]
-    m = torch.zeros_like(d)
-    if qtype == "q8_0":
-        dq = b[..., 2:].contiguous().view(torch.int8).double() * d
-    else:
-        q = b[..., 4:] if qtype == "q4_1" else b[..., 2:]
-        q = torch.cat((q & 15, q >> 4), dim=-1).double()                         # byte j: k = j, j + 16
-        if qtype == "q4_1":
-            dq, m = q * d, b[..., 2:4].contiguous().view(torch.float16).double()
-        else:
-            dq = (q - 8) * d
-    return dq.reshape(raw.shape[0], -1), m.expand(*dq.shape[:2], 32).reshape(raw.shape[0], -1)
+def gguf_parts_f64(gguf_type: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF blocks uint8 [N, bytes] -> (d (q - off), m) float64 [N, K] with w = d (q - off) + m, in the numbers
+    the kernels keep (a K-quant's sub-block scales as fp16 products)."""
+    rows = decode(gguf_type.upper(), raw)
+    size = BLOCKS[rows.form]
+    q = rows.q.view(torch.int8) if rows.form == "q8_0" else rows.q
+    d = rows.d.double().repeat_interleave(size, 1)
+    dq = (q.double() - OFFSET.get(rows.form, 0)) * d
+    m = torch.zeros_like(dq) if rows.m is None else rows.m.double().repeat_interleave(size, 1)
+    return dq, m
 
 
-def dequantize_gguf_f64(qtype: str, raw: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks uint8 [N, bytes] -> the weight in float64 [N, K]."""
-    dq, m = gguf_parts_f64(qtype, raw)
+def dequantize_gguf_f64(gguf_type: str, raw: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks uint8 [N, bytes] -> the weight in float64 [N, K] (as the kernels keep it)."""
+    dq, m = gguf_parts_f64(gguf_type, raw)
     return dq + m
 
 
-def quantize_activations_ref(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [M, K] -> (q, d float32 [M, K / 32]) as the kernels quantize: per block of 32, with
-    L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32."""
+def quantize_activations_ref(x: torch.Tensor, bits: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] -> (q, d float32 [M, K / block]) as the kernels quantize: per block of 32 (16 for Q6_K),
+    with L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32."""
     levels = 2.0 ** (bits - 1) - 1
-    blocks = x.float().reshape(x.shape[0], -1, 32)
+    blocks = x.float().reshape(x.shape[0], -1, block)
     amax = blocks.abs().amax(-1)
     # A tensor divided by a tensor: `levels / amax` would be amax.reciprocal() * levels, rounded differently.
     inv = torch.where(amax > 0, torch.full_like(amax, levels) / amax, torch.zeros_like(amax))
     return torch.round(blocks * inv[..., None]).reshape(x.shape), amax / levels
 
 
-def quant_linear_f64(qtype: str, raw: torch.Tensor, x: torch.Tensor,
+def _activations(gguf_type: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    form = FORM_OF[gguf_type.upper()]
+    q, d = quantize_activations_ref(x, ACTIVATION_BITS[form], BLOCKS[form])
+    return q, d, BLOCKS[form]
+
+
+def quant_linear_f64(gguf_type: str, raw: torch.Tensor, x: torch.Tensor,
                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, magnitude) in float64 with x quantized as the kernels do: y is what they compute bar float32 rounding,
     and magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
-    dq, m = gguf_parts_f64(qtype, raw)
-    q, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
-    xq = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
+    dq, m = gguf_parts_f64(gguf_type, raw)
+    q, d, size = _activations(gguf_type, x)
+    xq = (q.double().reshape(x.shape[0], -1, size) * d.double()[..., None]).reshape(x.shape)
     y = xq @ (dq + m).T
     return (y if bias is None else y + bias.double()), xq.abs() @ (dq.abs() + m.abs()).T
 
 
-def activation_rounding_bound(qtype: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def activation_rounding_bound(gguf_type: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Bound on |y - x W^T| from quantizing x alone: each x is off by at most half its block's step d_x / 2."""
-    w = dequantize_gguf_f64(qtype, raw).abs().reshape(raw.shape[0], -1, 32).sum(-1)   # [N, blocks]
-    _, d = quantize_activations_ref(x, ACTIVATION_BITS[qtype])
+    _, d, size = _activations(gguf_type, x)
+    w = dequantize_gguf_f64(gguf_type, raw).abs().reshape(raw.shape[0], -1, size).sum(-1)   # [N, blocks]
     return (d.double() / 2) @ w.T

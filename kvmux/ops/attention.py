@@ -29,7 +29,16 @@ class _OneTokenGroup:
 
     token_idx: torch.Tensor     # [B] packed index of each one's token
     block_tables: torch.Tensor  # [B, nb] int64, nb = most blocks any of them uses
-    mask: torch.Tensor          # [B, 1, 1, nb * block_size] bool, True where the slot is context
+    context_lens: torch.Tensor  # [B]
+    block_size: int
+
+    def mask(self, window: int) -> torch.Tensor:
+        """[B, 1, 1, nb * block_size] bool, True where the slot is context the token sees."""
+        slots = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.context_lens.device)
+        mask = slots[None, :] < self.context_lens[:, None]
+        if window:
+            mask &= slots[None, :] >= self.context_lens[:, None] - window
+        return mask[:, None, None, :]
 
 
 @dataclass
@@ -40,7 +49,17 @@ class _PrefillSeq:
     end: int
     block_table: torch.Tensor   # [nb] int64, just the blocks covering its context
     context_len: int
-    mask: torch.Tensor | None   # [query_len, context_len] bool; None = plain causal (no cached prefix)
+
+    def mask(self, window: int) -> torch.Tensor | None:
+        """[query_len, context_len] bool; None = plain causal (no cached prefix, no window)."""
+        qlen, ctx = self.end - self.start, self.context_len
+        if ctx == qlen and not window:
+            return None
+        # Query t sits at position ctx - qlen + t and sees keys 0..that position (the last `window` of them).
+        q_pos = torch.arange(ctx - qlen, ctx, device=self.block_table.device)[:, None]
+        keys = torch.arange(ctx, device=self.block_table.device)[None, :]
+        mask = keys <= q_pos
+        return mask & (keys > q_pos - window) if window else mask
 
 
 @dataclass
@@ -62,25 +81,17 @@ def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
             one_token_seqs.append((i, start, ctx))
         else:
             nb = -(-ctx // block_size)
-            mask = None
-            if ctx > qlen:
-                # Query t sits at position ctx - qlen + t and sees keys 0..that position.
-                q_pos = torch.arange(ctx - qlen, ctx, device=device)
-                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
-            prefills.append(_PrefillSeq(start, start + qlen, batch.block_tables[i, :nb].long(), ctx, mask))
+            prefills.append(_PrefillSeq(start, start + qlen, batch.block_tables[i, :nb].long(), ctx))
         start += qlen
 
     one_token = None
     if one_token_seqs:
         rows = torch.tensor([i for i, _, _ in one_token_seqs], device=device)
-        ctx = torch.tensor([c for _, _, c in one_token_seqs], device=device)
         nb = -(-max(c for _, _, c in one_token_seqs) // block_size)
-        mask = torch.arange(nb * block_size, device=device)[None, :] < ctx[:, None]
         one_token = _OneTokenGroup(
             token_idx=torch.tensor([s for _, s, _ in one_token_seqs], device=device),
             block_tables=batch.block_tables[rows, :nb].long(),
-            mask=mask[:, None, None, :],
-        )
+            context_lens=torch.tensor([c for _, _, c in one_token_seqs], device=device), block_size=block_size)
     return _TorchMetadata(batch.slot_mapping // block_size, batch.slot_mapping % block_size, one_token, prefills)
 
 
@@ -93,7 +104,7 @@ def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.T
 
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                          layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+                          layer: int, batch: ForwardBatch, scale: float, window: int = 0) -> torch.Tensor:
     meta = batch.attn_metadata
     if not isinstance(meta, _TorchMetadata):
         meta = batch.attn_metadata = _torch_metadata(batch, kv_cache.block_size)
@@ -116,15 +127,16 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         # With one query token, the `group` query heads sharing a KV head can
         # stand in the query-length axis: GQA without repeating K/V.
         qd = q[d.token_idx].float().view(-1, num_kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=d.mask, scale=scale)
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=d.mask(window), scale=scale)
         out[d.token_idx] = o.reshape(-1, num_heads, head_dim)
 
     for p in meta.prefills:
         keys = _gather(layer_kv, p.block_table, 0)[:, :p.context_len]  # [Hkv, ctx, D]
         values = _gather(layer_kv, p.block_table, 1)[:, :p.context_len]
         qp = q[p.start:p.end].float().transpose(0, 1)                  # [Hq, qlen, D]
+        mask = p.mask(window)
         o = F.scaled_dot_product_attention(
-            qp[None], keys[None], values[None], attn_mask=p.mask, is_causal=p.mask is None,
+            qp[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None,
             scale=scale, enable_gqa=True)
         out[p.start:p.end] = o[0].transpose(0, 1)
 
@@ -142,20 +154,24 @@ def native_available(device: torch.device) -> bool:
 
 
 def native_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                           layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+                           layer: int, batch: ForwardBatch, scale: float, window: int = 0) -> torch.Tensor:
     if q.device.type == "cuda":
+        if window:
+            raise ValueError("the CUDA attention kernel has no sliding window yet; run a sliding-window model "
+                             "(Gemma 3) on CUDA with attention_backend 'torch' or 'auto'")
         # Imported here so CPU-only installs never touch the CUDA module.
         from kvmux.ops.cuda_attention import cuda_paged_attention
         return cuda_paged_attention(q, k, v, kv_cache, layer, batch, scale)
     if q.device.type != "cpu":
         raise ValueError(f"q: no native attention kernel for device {q.device}")
-    return cpu_paged_attention(q, k, v, kv_cache, layer, batch, scale)
+    return cpu_paged_attention(q, k, v, kv_cache, layer, batch, scale, window=window)
 
 
 def auto_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                         layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
-    fn = native_paged_attention if native_available(q.device) else torch_paged_attention
-    return fn(q, k, v, kv_cache, layer, batch, scale)
+                         layer: int, batch: ForwardBatch, scale: float, window: int = 0) -> torch.Tensor:
+    native = native_available(q.device) and not (window and q.device.type == "cuda")
+    fn = native_paged_attention if native else torch_paged_attention
+    return fn(q, k, v, kv_cache, layer, batch, scale, window)
 
 
 _BACKENDS = {"torch": torch_paged_attention, "native": native_paged_attention, "auto": auto_paged_attention}
@@ -163,8 +179,10 @@ BACKENDS = tuple(_BACKENDS)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                    layer: int, batch: ForwardBatch, scale: float, backend: str = "auto") -> torch.Tensor:
-    """Write k, v [T, Hkv, D] into their slots, then attend q [T, Hq, D] causally over each context.
+                    layer: int, batch: ForwardBatch, scale: float, backend: str = "auto",
+                    window: int = 0) -> torch.Tensor:
+    """Write k, v [T, Hkv, D] into their slots, then attend q [T, Hq, D] causally over each context: over its
+    last `window` tokens (the query's own included) where window > 0, as a sliding-window layer does.
 
     Returns [T, Hq, D] in q's dtype.
     """
@@ -172,4 +190,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         fn = _BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(_BACKENDS)}") from None
-    return fn(q, k, v, kv_cache, layer, batch, scale)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: no sliding window), not {window}")
+    return fn(q, k, v, kv_cache, layer, batch, scale, window)

@@ -51,7 +51,7 @@ class CpuMetadata:
 
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                         layer: int, batch: ForwardBatch, scale: float,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Fused CPU kernel: write k, v into their slots, attend q; same contract as `paged_attention`."""
     meta = batch.attn_metadata
     if not isinstance(meta, CpuMetadata):
@@ -75,5 +75,5 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ca
     meta.native.run(q.data_ptr(), row_stride(q), k.data_ptr(), row_stride(k), v.data_ptr(), row_stride(v),
                   out.data_ptr(), DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype],
                   kv_cache.num_blocks, kv_cache.num_layers, kv_cache.block_size, layer,
-                  num_heads, num_kv_heads, head_dim, float(scale), meta.num_threads, meta.kernel)
+                  num_heads, num_kv_heads, head_dim, float(scale), meta.num_threads, meta.kernel, window)
     return out

@@ -31,7 +31,7 @@ from kvmux import _native
 ENV = "KVMUX_KERNELS"
 AVX2 = ("avx2", "fma")
 AVX512 = ("avx512f", "avx512bw", "avx512vl")
-QUANT_FORMATS = ("q8_0", "q4_0", "q4_1")  # GGUF block types kept quantized
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q6_k")  # the forms GGUF blocks are kept in (ops/quant.py)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class PackedLayer(Protocol):
     dense: torch.Tensor | None        # [N, K] copy of the weight, only while the onednn variant needs it
     in_features: int
     out_features: int
-    weight_format: str                # what its kernels take: a float dtype (float32, bfloat16) or q8_0/q4_0/q4_1
+    weight_format: str                # what its kernels take: a float dtype (float32, bfloat16) or a quantized form
 
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]  # x -> x W^T + b of one layer
@@ -154,7 +154,7 @@ MATMULS: dict[tuple[str, str], Callable[[PackedLayer], Matmul]] = {
     ("amx", "bfloat16"): _native_matmul(_K.bf16_amx),
     ("onednn", "bfloat16"): _onednn_matmul,
     **{(variant, qtype): _quant_matmul(variant) for variant in ("avx2", "avxvnni", "avx512vnni")
-       for qtype in ("q8_0", "q4_0", "q4_1")},
+       for qtype in kernel_choice.QUANT_FORMATS},
 }
 
 

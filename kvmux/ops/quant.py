@@ -1,16 +1,20 @@
-"""Weights kept in GGUF's Q8_0, Q4_0 and Q4_1 blocks, multiplied by the native int8 kernels.
+"""Weights kept in GGUF's quantized blocks, multiplied by the native int8 kernels.
 
-A GGUF row is a run of blocks of 32 values: an fp16 scale d (Q4_1 also an
-fp16 offset m) and 32 integers; Q8_0 w = d q (q int8), Q4_0 w = d (q - 8),
-Q4_1 w = d q + m (q in 0..15). `pack_blocks` keeps exactly those numbers,
+A GGUF row is a run of blocks: an fp16 scale d (some types also an fp16
+offset m) and integers, w = d (q - off) + m; kvmux/ops/gguf_blocks.py reads
+each type kvmux keeps (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K,
+Q5_K, Q6_K) into one of six forms (QTYPES). `pack` keeps those numbers,
 rearranged once into panels of 16 rows whose integers interleave along K
-(native/cpu/quant_linear.h), so the memory is the file's: 34, 18 or 20 bytes
-per 32 weights instead of 128 in float32. `quant_linear` quantizes the
-activations per block of 32 on the fly, to int8 for Q4 weights (as llama.cpp
-does) and to int16 for Q8_0 (whose accuracy byte activations would spoil),
-and runs integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw /
-vpmaddwd on plain AVX2) with one float multiply-add per block. `QuantWeight.rows` dequantizes single rows (embedding
-lookups), so a quantized embedding is also the tied LM head.
+(native/cpu/quant_linear.h): Q8_0 and Q4 in the file's own bytes (34, 18 or 20
+per 32 weights instead of 128 in float32), Q5 and Q6_K a byte per integer (34
+or 36 per 32; the file packs their high bits apart, which the kernels would
+have to reassemble on every read). `quant_linear` quantizes the activations
+per block on the fly, to int8 for every form but Q8_0 (as llama.cpp does) and
+to int16 for Q8_0 (whose accuracy byte activations would spoil), and runs
+integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
+plain AVX2) with one float multiply-add per block. `QuantWeight.rows`
+dequantizes single rows (embedding lookups), so a quantized embedding is also
+the tied LM head.
 
 The kernel variants (avx2, avxvnni, avx512vnni) are kernel_choice's linear
 variants for these formats: the model times them per shape at load like the
@@ -26,16 +30,19 @@ import torch
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
+from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, OFFSET, Rows, decode, widen
 from kvmux.ops.tensor_checks import linear_bias, linear_input
 from kvmux.ops.threads import threads
 
-BLOCK = _native.QUANT_BLOCK  # values per block, along K
+BLOCK = _native.QUANT_BLOCK  # values per block along K (Q6_K's: BLOCKS)
 PANEL = _native.QUANT_PANEL  # rows per panel
-QTYPES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the native QuantType
-ACTIVATION_BITS = {"q8_0": 16, "q4_0": 8, "q4_1": 8}  # what the activations are quantized to, per weight type
-# Bytes of one GGUF block (its header, then the integers), and of one panel's integers for one block.
-GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
-PANEL_BLOCK_BYTES = {"q8_0": PANEL * BLOCK, "q4_0": PANEL * BLOCK // 2, "q4_1": PANEL * BLOCK // 2}
+QTYPES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4, "q6_k": 5}  # the forms: the native QuantType
+BLOCKS = {**dict.fromkeys(QTYPES, BLOCK), "q6_k": 16}
+ACTIVATION_BITS = {**dict.fromkeys(QTYPES, 8), "q8_0": 16}  # what the activations are quantized to, per form
+NIBBLES = ("q4_0", "q4_1")  # two integers a byte; Q8_0 and the rest a byte each
+MINS = ("q4_1", "q5_1")
+# Bytes of one panel's integers for one block.
+PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] // (2 if f in NIBBLES else 1) for f in QTYPES}
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
 KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2}
 PACK_PANELS = 256  # panels packed at a time, so packing a large tensor needs little scratch memory
@@ -51,12 +58,12 @@ def runnable_kernels() -> frozenset[str]:
 class QuantWeight:
     """A [out_features, in_features] weight in quantized panels (see the module docstring)."""
 
-    qtype: str
+    qtype: str                  # the form (QTYPES)
     out_features: int
     in_features: int
     quants: torch.Tensor        # uint8 [panels, blocks, PANEL_BLOCK_BYTES]
     scales: torch.Tensor        # float16 [panels, blocks, PANEL]
-    mins: torch.Tensor | None   # float16 [panels, blocks, PANEL], Q4_1 only
+    mins: torch.Tensor | None   # float16 [panels, blocks, PANEL], q4_1 and q5_1 only
 
     @property
     def nbytes(self) -> int:
@@ -65,14 +72,19 @@ class QuantWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized to float32 [len(ids), in_features] (an embedding lookup)."""
         panel, col = ids // PANEL, ids % PANEL
-        blocks = self.quants.shape[1]
+        blocks, size = self.quants.shape[1], BLOCKS[self.qtype]
         d = self.scales[panel, :, col].float()[..., None]                      # [T, blocks, 1]
         if self.qtype == "q8_0":
             q = self.quants.view(torch.int8).view(-1, blocks, 16, PANEL, 2)[panel, :, :, col, :]
             return (q.reshape(len(ids), blocks, BLOCK).float() * d).reshape(len(ids), -1)
-        b = self.quants.view(-1, blocks, 4, PANEL, 4)[panel, :, :, col, :]     # [T, blocks, 4, 4]
-        q = torch.stack((b & 15, b >> 4), dim=-2).reshape(len(ids), blocks, BLOCK).float()
-        w = (q - 8) * d if self.qtype == "q4_0" else q * d + self.mins[panel, :, col].float()[..., None]
+        if self.qtype in NIBBLES:
+            b = self.quants.view(-1, blocks, 4, PANEL, 4)[panel, :, :, col, :]     # [T, blocks, 4, 4]
+            q = torch.stack((b & 15, b >> 4), dim=-2)
+        else:
+            q = self.quants.view(-1, blocks, size // 4, PANEL, 4)[panel, :, :, col, :]
+        w = (q.reshape(len(ids), blocks, size).float() - OFFSET.get(self.qtype, 0)) * d
+        if self.mins is not None:
+            w += self.mins[panel, :, col].float()[..., None]
         return w.reshape(len(ids), -1)
 
     def dequantize(self) -> torch.Tensor:
@@ -80,36 +92,70 @@ class QuantWeight:
         return self.rows(torch.arange(self.out_features))
 
 
-def pack_blocks(qtype: str, raw: torch.Tensor) -> QuantWeight:
-    """GGUF blocks, uint8 [N, K / 32 * block bytes] (a tensor's rows as the file stores them), into panels."""
-    if qtype not in QTYPES:
-        raise ValueError(f"quantized type {qtype!r} is not one kvmux multiplies; supported: {', '.join(QTYPES)}")
-    block_bytes = GGUF_BLOCK_BYTES[qtype]
-    if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % block_bytes:
-        raise ValueError(f"{qtype} blocks must be uint8 [rows, blocks * {block_bytes}], got {raw.dtype} "
-                         f"{tuple(raw.shape)}")
-    n, blocks = raw.shape[0], raw.shape[1] // block_bytes
-    panels = -(-n // PANEL)
-    quants = torch.empty(panels, blocks, PANEL_BLOCK_BYTES[qtype], dtype=torch.uint8)
+def _panels(rows: Rows, quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> None:
+    """Whole panels of `rows` (a multiple of PANEL of them) into the given slices of a QuantWeight's tensors."""
+    n, blocks, size = rows.q.shape[0], rows.d.shape[1], BLOCKS[rows.form]
+    p = n // PANEL
+    scales.copy_(rows.d.reshape(p, PANEL, blocks).transpose(1, 2))
+    if mins is not None:
+        mins.copy_(rows.m.reshape(p, PANEL, blocks).transpose(1, 2))
+    q = rows.q.reshape(p, PANEL, blocks, size)
+    if rows.form == "q8_0":  # chunk g, byte 2c + i: row c, k = 2g + i
+        quants.copy_(q.reshape(p, PANEL, blocks, 16, 2).permute(0, 2, 3, 1, 4).flatten(2))
+    elif rows.form in NIBBLES:  # chunk h, byte 4c + i: k = 8h + i (low nibble) | 8h + 4 + i (high)
+        k = q.reshape(p, PANEL, blocks, 4, 2, 4)
+        quants.copy_((k[..., 0, :] | (k[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).flatten(2))
+    else:  # a byte each; chunk g, byte 4c + i: k = 4g + i
+        quants.copy_(q.reshape(p, PANEL, blocks, size // 4, 4).permute(0, 2, 3, 1, 4).flatten(2))
+
+
+def _read(parts: list[tuple[str, torch.Tensor]], form: str, r0: int, r1: int) -> Rows:
+    """Rows r0..r1 of the parts stacked, in `form`."""
+    pieces, start = [], 0
+    for gguf_type, raw in parts:
+        a, b = max(r0, start), min(r1, start + raw.shape[0])
+        if a < b:
+            pieces.append(widen(decode(gguf_type, raw[a - start:b - start]), form))
+        start += raw.shape[0]
+    return Rows(form, *(None if getattr(pieces[0], f) is None else torch.cat([getattr(r, f) for r in pieces])
+                        for f in ("q", "d", "m")))
+
+
+def pack_parts(parts: list[tuple[str, torch.Tensor]], form: str | None = None) -> QuantWeight:
+    """GGUF tensors stacked along their rows (a merged matmul's parts), each (GGUF type, uint8 blocks [rows,
+    bytes per row] as the file stores them), into one QuantWeight of `form` (None: the first type's own; the
+    others must fit it exactly, gguf_blocks.common_form). Read a few hundred rows at a time, so packing a large
+    tensor needs little scratch memory."""
+    parts = [(t.upper(), raw) for t, raw in parts]
+    for t, raw in parts:
+        if t not in FORM_OF:
+            raise ValueError(f"quantized type {t!r} is not one kvmux multiplies; supported: {', '.join(FORM_OF)}")
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % GGUF_BLOCK[t][0]:
+            raise ValueError(f"{t} blocks must be uint8 [rows, blocks * {GGUF_BLOCK[t][0]}], got {raw.dtype} "
+                             f"{tuple(raw.shape)}")
+    form = form or FORM_OF[parts[0][0]]
+    lengths = {raw.shape[1] // GGUF_BLOCK[t][0] * GGUF_BLOCK[t][1] for t, raw in parts}
+    if len(lengths) != 1:
+        raise ValueError(f"parts of one weight have different row lengths {sorted(lengths)}")
+    k, n = lengths.pop(), sum(raw.shape[0] for _, raw in parts)
+    panels, blocks = -(-n // PANEL), k // BLOCKS[form]
+    quants = torch.empty(panels, blocks, PANEL_BLOCK_BYTES[form], dtype=torch.uint8)
     scales = torch.empty(panels, blocks, PANEL, dtype=torch.float16)
-    mins = torch.empty_like(scales) if qtype == "q4_1" else None
-    header = 4 if qtype == "q4_1" else 2
+    mins = torch.empty_like(scales) if form in MINS else None
     for p0 in range(0, panels, PACK_PANELS):
         p1 = min(panels, p0 + PACK_PANELS)
-        rows = raw[p0 * PANEL:p1 * PANEL]
-        if len(rows) < (p1 - p0) * PANEL:  # the last panel's missing rows: zero scales, so zero weights
-            rows = torch.cat([rows, rows.new_zeros((p1 - p0) * PANEL - len(rows), rows.shape[1])])
-        b = rows.reshape(p1 - p0, PANEL, blocks, block_bytes)
-        scales[p0:p1] = b[..., 0:2].contiguous().view(torch.float16)[..., 0].transpose(1, 2)
-        if mins is not None:
-            mins[p0:p1] = b[..., 2:4].contiguous().view(torch.float16)[..., 0].transpose(1, 2)
-        q = b[..., header:]
-        if qtype == "q8_0":  # chunk g, byte 2c + i: row c, k = 2g + i
-            quants[p0:p1] = q.reshape(p1 - p0, PANEL, blocks, 16, 2).permute(0, 2, 3, 1, 4).flatten(2)
-        else:  # GGUF byte j holds k = j (low nibble) and j + 16; chunk h, byte 4c + i: k = 8h + i | 8h + 4 + i
-            k = torch.cat((q & 15, q >> 4), dim=-1).reshape(p1 - p0, PANEL, blocks, 4, 2, 4)
-            quants[p0:p1] = (k[..., 0, :] | (k[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).flatten(2)
-    return QuantWeight(qtype, n, blocks * BLOCK, quants, scales, mins)
+        rows = _read(parts, form, p0 * PANEL, min(n, p1 * PANEL))
+        pad = (p1 - p0) * PANEL - len(rows.q)  # the last panel's missing rows: zero scales, so zero weights
+        if pad:
+            rows = Rows(form, *(None if x is None else torch.cat([x, x.new_zeros(pad, x.shape[1])])
+                                for x in (rows.q, rows.d, rows.m)))
+        _panels(rows, quants[p0:p1], scales[p0:p1], None if mins is None else mins[p0:p1])
+    return QuantWeight(form, n, k, quants, scales, mins)
+
+
+def pack_blocks(gguf_type: str, raw: torch.Tensor) -> QuantWeight:
+    """One GGUF tensor's blocks, uint8 [N, bytes per row], into panels of its type's form."""
+    return pack_parts([(gguf_type, raw)])
 
 
 def quantize_q8_0(weight: torch.Tensor) -> QuantWeight:
@@ -127,7 +173,8 @@ class QuantLinear:
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, kernel: str = "avx2") -> None:
         k, n = weight.in_features, weight.out_features
-        if weight.quants.shape != (-(-n // PANEL), k // BLOCK, PANEL_BLOCK_BYTES[weight.qtype]) or k % BLOCK:
+        size = BLOCKS[weight.qtype]
+        if weight.quants.shape != (-(-n // PANEL), k // size, PANEL_BLOCK_BYTES[weight.qtype]) or k % size:
             raise ValueError(f"quant_linear: {weight.qtype} quants {tuple(weight.quants.shape)} are not the panels "
                              f"of a [{n}, {k}] weight (see pack_blocks)")
         if kernel not in runnable_kernels():

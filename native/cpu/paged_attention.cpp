@@ -191,7 +191,7 @@ struct Shape {
 // Per-thread scratch, reused across work items and calls.
 struct Scratch {
     std::vector<float> q, acc, m, l, scores, kbuf, vbuf;
-    std::vector<int32_t> last_key;
+    std::vector<int32_t> first_key, last_key;
     std::vector<uint16_t> qb;          // the bf16 kernel's q
     std::vector<int32_t> pp;           // its softmax weights as bf16 pairs
     std::vector<uint32_t> kt, vp;      // its transposed keys, interleaved values
@@ -213,7 +213,7 @@ void attend_bf16(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* 
     Bf16AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const char*>(a.kv),
                         a.kv_dtype == DType::i8, table, s.block_size, s.block_stride * bytes,
                         (s.layer_offset + h * s.head_stride) * bytes, s.v_offset * bytes, s.row * bytes,
-                        s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale,
+                        s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale, a.window,
                         w.qb.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(), w.pp.data(),
                         w.kt.data(), w.vp.data()};
     bf16_attend_avx512(item);
@@ -261,6 +261,7 @@ struct Kernel {
         w.acc.assign(rows * dim, 0.0f);
         w.m.assign(rows, -std::numeric_limits<float>::infinity());
         w.l.assign(rows, 0.0f);
+        w.first_key.resize(rows);
         w.last_key.resize(rows);
         w.scores.resize(kKeyChunk);
         if constexpr (!std::is_same_v<KT, float>) {
@@ -268,7 +269,8 @@ struct Kernel {
             w.vbuf.resize(kKeyChunk * dim);
         }
 
-        // Query token i sits at position ctx - q_len + i and sees keys 0..that position.
+        // Query token i sits at position ctx - q_len + i and sees keys 0..that position (the window's last
+        // keys up to it in a sliding-window layer).
         const QT* qbase = static_cast<const QT*>(a.q.data);
         for (int32_t i = q_begin; i < q_end; ++i) {
             const QT* qrow = qbase + static_cast<int64_t>(q_start + i) * a.q.row_stride + h * G * dim;
@@ -279,6 +281,7 @@ struct Kernel {
 #pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * a.scale;
                 w.last_key[r] = ctx - q_len + i;
+                w.first_key[r] = a.window > 0 ? std::max(0, w.last_key[r] - a.window + 1) : 0;
             }
         }
 
@@ -287,7 +290,8 @@ struct Kernel {
         const int64_t head_offset = s.layer_offset + h * s.head_stride;
         const KT* krows[kKeyChunk];
         const KT* vrows[kKeyChunk];
-        for (int32_t c0 = 0; c0 < num_keys; c0 += kKeyChunk) {
+        // Keys before the first row's window are seen by no row of the tile.
+        for (int32_t c0 = w.first_key[0]; c0 < num_keys; c0 += kKeyChunk) {
             const int32_t n = std::min<int32_t>(kKeyChunk, num_keys - c0);
             // Walk the chunk block by block (no division per key).
             int64_t blk = c0 / s.block_size, off = c0 % s.block_size;
@@ -330,16 +334,18 @@ struct Kernel {
             }
 
             for (int64_t r = 0; r < rows; ++r) {
+                // The row sees the chunk's keys lo .. valid - 1.
+                const int32_t lo = std::max(0, w.first_key[r] - c0);
                 const int32_t valid = std::min<int32_t>(n, w.last_key[r] - c0 + 1);
-                if (valid <= 0) continue;
+                if (valid <= lo) continue;
                 const float* qr = w.q.data() + r * dim;
                 float* sc = w.scores.data();
-                dots<D>(qr, kf, valid, sc, dim);
+                dots<D>(qr, kf + lo, valid - lo, sc + lo, dim);
                 float mx = w.m[r];
-                for (int32_t t = 0; t < valid; ++t) mx = std::max(mx, sc[t]);
+                for (int32_t t = lo; t < valid; ++t) mx = std::max(mx, sc[t]);
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int32_t t = 0; t < valid; ++t) {
+                for (int32_t t = lo; t < valid; ++t) {
                     sc[t] = exp_nonpos(sc[t] - mx);
                     sum += sc[t];
                 }
@@ -353,7 +359,7 @@ struct Kernel {
                     w.m[r] = mx;
                 }
                 w.l[r] += sum;
-                accumulate<D>(acc, sc, vf, valid, dim);
+                accumulate<D>(acc, sc + lo, vf + lo, valid - lo, dim);
             }
         }
 
@@ -487,6 +493,7 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0)
         fail("num_heads must be a positive multiple of num_kv_heads");
     if (a.head_dim < 1) fail("head_dim must be >= 1");
+    if (a.window < 0) fail("window must be >= 0 (0: no sliding window)");
     if (a.num_blocks != num_blocks_ || a.block_size != block_size_)
         fail("kv: pool shape differs from the one the metadata was made for");
     if (a.layer < 0 || a.layer >= a.num_layers) fail("layer is outside [0, num_layers)");

@@ -57,6 +57,8 @@ struct LayerArgs {
     int64_t num_blocks, num_layers, block_size, layer;
     int64_t num_heads, num_kv_heads, head_dim;
     float scale;
+    // > 0: a sliding-window layer, where the query at position p sees keys p - window + 1 .. p only.
+    int32_t window = 0;
     int num_threads;
     AttentionKernel kernel = AttentionKernel::avx2;
 };

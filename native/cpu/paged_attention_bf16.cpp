@@ -244,7 +244,9 @@ void attend(const Bf16AttendItem& a) {
     const char* keys[kChunk];
     const char* values[kChunk];
     alignas(64) float kscale[kChunk] = {}, vscale[kChunk] = {};  // an int8 pool's per-key scales
-    for (int32_t c0 = 0; c0 < num_keys; c0 += kChunk) {
+    // The first row's window starts first; keys before it are seen by no row of the tile.
+    const int32_t first0 = a.window > 0 ? a.ctx - a.q_len + a.q_begin - a.window + 1 : 0;
+    for (int32_t c0 = first0 > 0 ? first0 : 0; c0 < num_keys; c0 += kChunk) {
         const int n = num_keys - c0 < kChunk ? num_keys - c0 : kChunk;
         // Walk the chunk block by block (no division per key).
         int64_t blk = c0 / a.block_size, off = c0 % a.block_size;
@@ -272,14 +274,16 @@ void attend(const Bf16AttendItem& a) {
             // Query token i = q_begin + r / G sits at position ctx - q_len + i and sees keys up to it.
             const int32_t last = a.ctx - a.q_len + a.q_begin + static_cast<int32_t>(r / G);
             const int valid = last - c0 + 1 < n ? last - c0 + 1 : n;
+            // and, in a sliding-window layer, only keys from last - window + 1 on: the chunk's keys lo .. valid - 1.
+            const int lo = a.window > 0 && last - a.window + 1 > c0 ? last - a.window + 1 - c0 : 0;
             int32_t* pp = a.pp + r * kChunk / 2;
-            if (valid <= 0) {
+            if (valid <= lo) {
                 _mm512_storeu_si512(pp, _mm512_setzero_si512());
                 continue;
             }
             pairs = (valid + 1) / 2 > pairs ? (valid + 1) / 2 : pairs;
-            const __mmask16 m0 = valid >= 16 ? 0xffff : static_cast<__mmask16>((1u << valid) - 1);
-            const __mmask16 m1 = valid >= 32 ? 0xffff : valid > 16 ? static_cast<__mmask16>((1u << (valid - 16)) - 1) : 0;
+            const uint32_t seen = (valid >= 32 ? ~0u : (1u << valid) - 1) & ~((1u << lo) - 1);
+            const __mmask16 m0 = static_cast<__mmask16>(seen), m1 = static_cast<__mmask16>(seen >> 16);
             const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
             __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
             __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);

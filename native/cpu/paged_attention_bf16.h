@@ -35,6 +35,7 @@ struct Bf16AttendItem {
     int64_t heads, group, dim, h;
     int32_t q_start, q_len, ctx, q_begin, q_end;
     float scale;
+    int32_t window;           // > 0: each query sees only the last `window` keys up to its own position
     // Scratch, rows = (q_end - q_begin) * group:
     uint16_t* qb;             // [rows, dim]
     float* acc;               // [rows, dim]

@@ -20,6 +20,31 @@ constexpr int64_t kSerialRows = 16;
 // A task's panels at least: a run long enough that the hardware prefetcher streams it.
 constexpr int64_t kPanelsPerTask = 4;
 
+// One block of 16 activations to bytes, as quantize_block does 32 (Q6_K's blocks).
+void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+    const __m256 m = _mm256_max_ps(_mm256_and_ps(v0, magnitude), _mm256_and_ps(v1, magnitude));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    *d = amax / 127.0f;
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // packs work within 128-bit lanes: the permutation puts the int16s in order, then each lane's low 8 bytes.
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xd8);
+    const __m256i b = _mm256_packs_epi16(w, w);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                     _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    const __m256i s = _mm256_add_epi32(q0, q1);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    *sum = _mm_cvtsi128_si32(t);
+}
+
 // One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
 // sum of q kept) or 32767 (int16).
 template <typename XT>
@@ -57,13 +82,16 @@ void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
     }
 }
 
-// Row m of x into the activations' buffers (q of `bits`, d and sums).
-void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, int bits, void* q, float* d, int32_t* sums) {
-    const int64_t nb = K / kQuantBlock;
+// Row m of x into the activations' buffers (q of `bits`, d and sums), per block of `block` (32, or 16 bytes).
+void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, int bits, int64_t block, void* q, float* d,
+                  int32_t* sums) {
+    const int64_t nb = K / block;
     for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + m * ldx + b * kQuantBlock;
-        const int64_t at = m * K + b * kQuantBlock;
-        if (bits == 16)
+        const float* xb = x + m * ldx + b * block;
+        const int64_t at = m * K + b * block;
+        if (block == 16)
+            quantize_block16(xb, static_cast<int8_t*>(q) + at, d + m * nb + b, sums + m * nb + b);
+        else if (bits == 16)
             quantize_block(xb, static_cast<int16_t*>(q) + at, d + m * nb + b, nullptr);
         else
             quantize_block(xb, static_cast<int8_t*>(q) + at, d + m * nb + b, sums + m * nb + b);
@@ -83,14 +111,14 @@ TilesFn tiles_for(QuantKernel kernel) {
 
 }  // namespace
 
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, void* q, float* d,
-                          int32_t* sums) {
-    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, q, d, sums);
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, int64_t block, void* q,
+                          float* d, int32_t* sums) {
+    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, q, d, sums);
 }
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads) {
-    const int64_t K = w.K, nb = K / kQuantBlock;
+    const int64_t block = quant_block(w.type), K = w.K, nb = K / block;
     const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
     const int bits = activation_bits(w.type);
     // The calling thread's scratch, reused across calls; the pool's helpers reach it through the job's pointers.
@@ -107,12 +135,12 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
     if (M <= kSerialRows) {
-        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs);
     } else {
         const int64_t row_tasks = task_count(M, nt, 4);
         parallel_for(row_tasks, nt, [&](int64_t task) {
             const Span rows = split(M, row_tasks, task);
-            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, xq, xd, xs);
+            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs);
         });
     }
     // Each task is a contiguous run of panels, so whoever takes it streams that part of W.

@@ -1,23 +1,26 @@
-// y = x W^T (+ bias) with W kept in GGUF's Q8_0, Q4_0 or Q4_1 blocks and x quantized per block on the fly.
+// y = x W^T (+ bias) with W kept in GGUF's quantized blocks and x quantized per block on the fly.
 //
 // GGUF stores a weight row as blocks of 32 values, each block one fp16 scale d
-// (and, for Q4_1, an fp16 offset m) and 32 integers: Q8_0 w = d q with q int8,
-// Q4_0 w = d (q - 8) and Q4_1 w = d q + m with q a nibble in 0..15. The engine
-// keeps exactly those numbers, rearranged once at load into panels of 16 rows
-// (kvmux/ops/quant.py packs them):
-//   quants [ceil(N / 16), K / 32, block bytes]  per panel and block, its 16 rows' integers interleaved
-//                                               along K, so one 32-bit lane of a vector holds one output
-//                                               feature's next few k:
+// (and, for Q4_1 / Q5_1, an fp16 offset m) and 32 integers: Q8_0 w = d q with q int8,
+// Q4_0 w = d (q - 8) and Q4_1 w = d q + m with q a nibble in 0..15, Q5_0 w = d (q - 16) and Q5_1
+// w = d q + m with q in 0..31. The K-quants group 8 or 16 such sub-blocks under one fp16 super-scale:
+// kvmux/ops/quant.py turns Q4_K into Q4_1's form, Q5_K into Q5_1's and Q6_K into blocks of 16 with
+// w = d (q - 32), q in 0..63, each sub-block's d = super-scale x its integer scale rounded to fp16. The
+// engine keeps those numbers, rearranged once at load into panels of 16 rows:
+//   quants [ceil(N / 16), K / B, block bytes]   per panel and block of B (32; 16 for Q6_K), its 16 rows'
+//                                               integers interleaved along K, so one 32-bit lane of a
+//                                               vector holds one output feature's next few k:
 //     Q8_0: 16 chunks of 32 bytes; chunk g, byte 2c + i = q[row c][k = 2g + i]   (2 k per lane once widened)
 //     Q4:   4 chunks of 64 bytes;  chunk h, byte 4c + i = q[c][8h + i] | q[c][8h + 4 + i] << 4   (4 k per lane)
-//   scales [ceil(N / 16), K / 32, 16] fp16      d per row and block
-//   mins   [ceil(N / 16), K / 32, 16] fp16      m per row and block (Q4_1 only)
+//     Q5, Q6_K: B / 4 chunks of 64 bytes, a byte per integer; chunk g, byte 4c + i = q[c][4g + i]
+//   scales [ceil(N / 16), K / B, 16] fp16       d per row and block
+//   mins   [ceil(N / 16), K / B, 16] fp16       m per row and block (Q4_1 and Q5_1 only)
 // Rows past N are zero (scale 0). Activations are quantized per row and block
 // of 32 with d_x = amax / L and q_x = round-half-even(x * (L / amax)):
-// - for Q4 weights to bytes (L = 127, as llama.cpp does), multiplied 4 per lane
-//   by vpdpbusd (VNNI) or vpmaddubsw (AVX2); the sum of each block's q_x is
+// - for Q4, Q5 and Q6_K weights to bytes (L = 127, as llama.cpp does; per 16 for Q6_K), multiplied 4 per
+//   lane by vpdpbusd (VNNI) or vpmaddubsw (AVX2); the sum of each block's q_x is
 //   kept for the offsets: sum_k w x = d_x (d (sum q q_x - off sum q_x) + m sum q_x),
-//   off 8 for Q4_0 and 0 for Q4_1;
+//   off 8 for Q4_0, 16 for Q5_0, 32 for Q6_K and 0 for Q4_1 and Q5_1;
 // - for Q8_0 weights to int16 (L = 32767), multiplied 2 per lane by vpdpwssd
 //   (VNNI) or vpmaddwd (AVX2): byte activations would make the activations'
 //   rounding, not the weights', the larger error (measured on SmolLM2-135M:
@@ -31,16 +34,26 @@
 
 namespace kvmux {
 
-enum class QuantType : int { q8_0 = 0, q4_0 = 1, q4_1 = 2 };
+enum class QuantType : int { q8_0 = 0, q4_0 = 1, q4_1 = 2, q5_0 = 3, q5_1 = 4, q6_k = 5 };
 
 // The instruction sets a kernel is built for; the caller checks the CPU has them (kvmux/ops/quant.py).
 enum class QuantKernel : int { avx2 = 0, avxvnni = 1, avx512vnni = 2 };
 
-constexpr int64_t kQuantBlock = 32;       // values per block, along K
+constexpr int64_t kQuantBlock = 32;       // values per block along K (Q6_K: quant_block)
 constexpr int64_t kQuantPanel = 16;       // rows per panel
 
+constexpr int64_t quant_block(QuantType t) { return t == QuantType::q6_k ? 16 : kQuantBlock; }
+// A byte per integer (Q5, Q6_K), rather than Q8_0's signed bytes or Q4's nibbles.
+constexpr bool byte_quants(QuantType t) {
+    return t == QuantType::q5_0 || t == QuantType::q5_1 || t == QuantType::q6_k;
+}
+constexpr bool has_mins(QuantType t) { return t == QuantType::q4_1 || t == QuantType::q5_1; }
+// What is subtracted from each unsigned integer: w = d (q - off).
+constexpr int32_t quant_offset(QuantType t) {
+    return t == QuantType::q4_0 ? 8 : t == QuantType::q5_0 ? 16 : t == QuantType::q6_k ? 32 : 0;
+}
 constexpr int64_t quant_panel_block_bytes(QuantType t) {  // one panel's quants for one block
-    return t == QuantType::q8_0 ? kQuantPanel * kQuantBlock : kQuantPanel * kQuantBlock / 2;
+    return t == QuantType::q4_0 || t == QuantType::q4_1 ? kQuantPanel * kQuantBlock / 2 : kQuantPanel * quant_block(t);
 }
 // Bits of the activations multiplied by weights of type t.
 constexpr int activation_bits(QuantType t) { return t == QuantType::q8_0 ? 16 : 8; }
@@ -50,7 +63,7 @@ struct QuantWeights {
     int64_t N, K;              // out and in features; K a multiple of 32
     const uint8_t* quants;
     const uint16_t* scales;    // fp16 bits
-    const uint16_t* mins;      // fp16 bits; Q4_1 only, else nullptr
+    const uint16_t* mins;      // fp16 bits; Q4_1 and Q5_1 only, else nullptr
 };
 
 // x: [M, K] float32 with row stride ldx; bias: [N] or nullptr; out: [M, N] with row stride ldo.
@@ -58,8 +71,8 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
                   int64_t ldo, QuantKernel kernel, int num_threads);
 
 // The activation quantization every kernel applies, for the tests' reference: q [M, K] of int8 (bits 8) or
-// int16 (bits 16), d and sums [M, K / 32].
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, void* q, float* d,
-                          int32_t* sums);
+// int16 (bits 16), d and sums [M, K / block], block 32 or (bits 8 only) 16.
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, int64_t block, void* q,
+                          float* d, int32_t* sums);
 
 }  // namespace kvmux

@@ -35,12 +35,12 @@ constexpr int64_t kPrefetchAhead = 2048;
 template <class Isa, QuantType T, int MT>
 void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
-    constexpr int64_t block_bytes = quant_panel_block_bytes(T);
-    constexpr int32_t off = T == QuantType::q4_0 ? 8 : 0;
+    constexpr int64_t block_bytes = quant_panel_block_bytes(T), B = quant_block(T);
+    constexpr int32_t off = quant_offset(T);
     const int64_t nb = j.nb, K = j.w.K;
     const uint8_t* wq = j.w.quants + p * nb * block_bytes;
     const uint16_t* wd = j.w.scales + p * nb * kQuantPanel;
-    const uint16_t* wm = T == QuantType::q4_1 ? j.w.mins + p * nb * kQuantPanel : nullptr;
+    const uint16_t* wm = has_mins(T) ? j.w.mins + p * nb * kQuantPanel : nullptr;
     const XT* xq = static_cast<const XT*>(j.xq) + m * K;
     const float* xd = j.xd + m * nb;
     const int32_t* xs = j.xs + m * nb;
@@ -53,8 +53,17 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
 #pragma GCC unroll 8
         for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
         typename Isa::Acc acc[MT];
-        const XT* xb = xq + b * kQuantBlock;
-        if constexpr (T == QuantType::q8_0) {
+        const XT* xb = xq + b * B;
+        if constexpr (byte_quants(T)) {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * xs[i * nb + b]);
+#pragma GCC unroll 8
+            for (int g = 0; g < B / 4; ++g) {  // 4 k per lane
+                const typename Isa::W w = Isa::bytes(wq + g * 64);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 4 * g));
+            }
+        } else if constexpr (T == QuantType::q8_0) {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
 #pragma GCC unroll 16
@@ -78,7 +87,7 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
             }
         }
         const typename Isa::Sum d = Isa::half(wd + b * kQuantPanel);
-        if constexpr (T == QuantType::q4_1) {
+        if constexpr (has_mins(T)) {
             const typename Isa::Sum mins = Isa::half(wm + b * kQuantPanel);
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) {
@@ -89,7 +98,7 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
         } else {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) {
-                const int32_t correction = T == QuantType::q4_0 ? -off * xs[i * nb + b] : 0;
+                const int32_t correction = off ? -off * xs[i * nb + b] : 0;
                 Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[i * nb + b]);
             }
         }
@@ -128,6 +137,9 @@ void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_
         case QuantType::q8_0: return run_tiles<Isa, QuantType::q8_0>(j, m0, m1, p0, p1);
         case QuantType::q4_0: return run_tiles<Isa, QuantType::q4_0>(j, m0, m1, p0, p1);
         case QuantType::q4_1: return run_tiles<Isa, QuantType::q4_1>(j, m0, m1, p0, p1);
+        case QuantType::q5_0: return run_tiles<Isa, QuantType::q5_0>(j, m0, m1, p0, p1);
+        case QuantType::q5_1: return run_tiles<Isa, QuantType::q5_1>(j, m0, m1, p0, p1);
+        case QuantType::q6_k: return run_tiles<Isa, QuantType::q6_k>(j, m0, m1, p0, p1);
     }
 }
 
@@ -180,6 +192,11 @@ struct Float256 {
         for (int h = 0; h < 2; ++h)
             w.v[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
         return w;
+    }
+    // 64 bytes of byte integers, 16 rows x 4 k.
+    static W bytes(const uint8_t* p) {
+        return {{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))}};
     }
     // 64 bytes of nibbles as their low and high halves, each 16 rows x 4 bytes.
     static void q4(const uint8_t* p, W& lo, W& hi) {

@@ -2,6 +2,7 @@
 // Without VNNI the byte dot product is vpmaddubsw (unsigned nibbles x signed activation bytes, pairs summed into
 // saturating int16; 2 x 15 x 127 never saturates, nor does a block's sum of 8 of them, 8 x 3810 < 2^15, so a
 // block accumulates in int16 and widens once with vpmaddwd), and Q8_0's int8 x int16 products are vpmaddwd.
+// Q5 and Q6_K integers (up to 31 and 63) would overflow a block's int16 sum, so each product pair widens at once.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -25,6 +26,9 @@ struct Avx2 : Float256 {
         for (int h = 0; h < 2; ++h) {
             if constexpr (T == QuantType::q8_0)
                 acc.v[h] = _mm256_add_epi32(acc.v[h], _mm256_madd_epi16(w.v[h], x));
+            else if constexpr (byte_quants(T))
+                acc.v[h] = _mm256_add_epi32(
+                    acc.v[h], _mm256_madd_epi16(_mm256_maddubs_epi16(w.v[h], x), _mm256_set1_epi16(1)));
             else
                 acc.v[h] = _mm256_add_epi16(acc.v[h], _mm256_maddubs_epi16(w.v[h], x));
         }
@@ -35,6 +39,10 @@ struct Avx2 : Float256 {
         if constexpr (T == QuantType::q8_0) return acc;
         const __m256i c = _mm256_set1_epi32(correction);
         Int t;
+        if constexpr (byte_quants(T)) {
+            for (int h = 0; h < 2; ++h) t.v[h] = _mm256_add_epi32(acc.v[h], c);
+            return t;
+        }
         for (int h = 0; h < 2; ++h) t.v[h] = _mm256_add_epi32(_mm256_madd_epi16(acc.v[h], _mm256_set1_epi16(1)), c);
         return t;
     }

@@ -27,6 +27,7 @@ struct Avx512Vnni {
     static W q8(const uint8_t* p) {  // 16 rows x 2 k, widened to int16
         return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
+    static W bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
     static void q4(const uint8_t* p, W& lo, W& hi) {
         const __m512i v = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0F);
         lo = _mm512_and_si512(v, mask);
