@@ -31,6 +31,8 @@ VARIANTS = {
     "mistral": dict(model_type="mistral", tie=False),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3"),
+    # 13-token sequences run past a window of 6: decodes and chunks see only its last keys in 2 of 3 layers.
+    "gemma3": dict(model_type="gemma3_text", num_layers=3, window=6),
 }
 
 

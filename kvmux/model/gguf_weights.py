@@ -1,4 +1,4 @@
-"""A GGUF file's weights loaded into the model as they are stored: Q8_0 / Q4_0 / Q4_1 kept in their blocks.
+"""A GGUF file's weights loaded into the model as they are stored: quantized tensors kept in their blocks.
 
 The gguf package's GGUFReader lists the tensors (name, type, shape, where
 the bytes are), once per file: parsing a file's metadata (its vocabulary is
@@ -11,15 +11,19 @@ each of the model's Hugging Face names. llama.cpp's converter permutes the
 rows of q and k for the `llama` architecture (its rotary embedding pairs
 neighbouring dimensions, Hugging Face's pairs the two halves of a head);
 transformers undoes that when it dequantizes, and so does this module, on the
-quantized rows (a row permutation leaves every block intact).
+quantized rows (a row permutation leaves every block intact). llama.cpp's
+converter stores Gemma's norm weights with Gemma's 1 added (its RMSNorm scales
+by 1 + weight); transformers takes it back out, and so does this module.
 
-What each matmul becomes (`Storage`): its own quantized type when every part
-of it (q, k and v for the merged qkv) has one type kvmux multiplies; Q8_0
-when `requantize_q8_0` is asked for (a Q8_0 tensor is kept as it is, any other
-is dequantized and quantized again); otherwise float weights, dequantized by
-the gguf package, and packed like a safetensors model's (so a Q6_K or F16
-tensor costs its float32 size, and the log says which tensors did so). Norms
-and biases are float weights either way.
+What each matmul becomes (`Storage`): the kernel form of its types
+(kvmux/ops/gguf_blocks.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) when
+every part of it (q, k and v for the merged qkv) reads into one form exactly (a
+Q5_0 q and k beside a Q8_0 v all become Q8_0); Q8_0 when `requantize_q8_0` is
+asked for (a Q8_0 tensor is kept as it is, any other is dequantized and
+quantized again); otherwise float weights, dequantized by the gguf package, and
+packed like a safetensors model's (so an F16 or IQ4 tensor costs its float32
+size, and the log says which tensors did so). Norms and biases are float
+weights either way.
 """
 
 from __future__ import annotations
@@ -35,13 +39,13 @@ import numpy as np
 import torch
 
 from kvmux.model.llama import Linear, LlamaForCausalLM, MergedLinear
-from kvmux.ops.quant import pack_blocks, quantize_q8_0
+from kvmux.ops.gguf_blocks import common_form, fits
+from kvmux.ops.quant import pack_parts, quantize_q8_0
 
 log = logging.getLogger(__name__)
 
-KEPT = {gguf.GGMLQuantizationType.Q8_0: "q8_0", gguf.GGMLQuantizationType.Q4_0: "q4_0",
-        gguf.GGMLQuantizationType.Q4_1: "q4_1"}
 PERMUTED_ARCHITECTURES = ("llama",)  # llama.cpp permutes q/k rows for these (transformers' LlamaTensorProcessor)
+NORMS_PLUS_ONE = ("gemma3",)  # llama.cpp stores these norms' weights + 1 (transformers' Gemma2TensorProcessor)
 IGNORED = ("rope_freqs.weight",)  # derived from the config here, as transformers does
 
 
@@ -140,6 +144,8 @@ class GGUFTensors:
         else:
             values = gguf.quants.dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1), t.type)
         w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        if self.architecture in NORMS_PLUS_ONE and hf_name.endswith("norm.weight"):
+            w = w - 1
         order = self._row_order(hf_name, shape[0])
         return w if order is None else w[order]
 
@@ -169,8 +175,7 @@ def load_gguf(net: LlamaForCausalLM, path: Path, metadata: Path, requantize_q8_0
             continue
         parts = weight_parts(prefix, module)
         dense_names -= set(parts)
-        kinds = {tensors.qtype(p) for p in parts}
-        kept = KEPT.get(kinds.pop()) if len(kinds) == 1 else None
+        kept = common_form([tensors.qtype(p).name for p in parts])
         if requantize_q8_0 and module.in_features % 32 == 0:
             quantized.append((module, parts, "q8_0"))
         elif kept is not None and not requantize_q8_0:
@@ -183,8 +188,9 @@ def load_gguf(net: LlamaForCausalLM, path: Path, metadata: Path, requantize_q8_0
     for name in dense_names:  # norms and biases
         params[name].copy_(tensors.dense(name))
     for module, parts, qtype in quantized:
-        if all(KEPT.get(tensors.qtype(p)) == qtype for p in parts):
-            weight = pack_blocks(qtype, torch.cat([tensors.blocks(p) for p in parts]))
+        types = [tensors.qtype(p).name for p in parts]
+        if fits(types, qtype):  # Q4_0 and Q5_0 read into Q8_0 exactly, so they are not requantized either
+            weight = pack_parts([(t, tensors.blocks(p)) for t, p in zip(types, parts)], qtype)
         else:  # requantizing to Q8_0
             weight = quantize_q8_0(torch.cat([tensors.dense(p) for p in parts]))
         module.set_quantized(weight)

@@ -25,8 +25,6 @@ from kvmux.ops.linear import Dispatch, ShapePlan, pack_weight, packed_rows, plan
 from kvmux.ops.quant import QuantWeight, quant_linear
 from kvmux.step.forward_batch import ForwardBatch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -140,13 +138,16 @@ class RMSNorm(nn.Module):
         return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(config: ModelConfig, head_dim: int) -> torch.Tensor:
-    params = config.rope_parameters
+def rope_inv_freq(config: ModelConfig, head_dim: int, params: dict | None = None) -> torch.Tensor:
+    """The rotary frequencies of `params` (None: the config's rope_parameters)."""
+    params = params or config.rope_parameters
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = params["rope_type"]
     if rope_type == "default":
         return inv_freq
+    if rope_type == "linear":  # positions slowed by `factor` (Gemma 3's global layers from 4B up)
+        return inv_freq / float(params["factor"])
     if rope_type == "llama3":
         factor = params["factor"]
         low_freq_factor = params["low_freq_factor"]
@@ -160,7 +161,7 @@ def rope_inv_freq(config: ModelConfig, head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_context / high_freq_factor) & (wavelen <= old_context / low_freq_factor)
         return torch.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only 'default', 'linear' and 'llama3')")
 
 
 class Attention(nn.Module):
@@ -247,30 +248,37 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """HF's `model.` sub-tree: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, collectives=None) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, collectives=None,
+                 layer=DecoderLayer, norm=RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device, collectives)
+        self.layers = nn.ModuleList(layer(config, i, dtype, device, collectives)
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = norm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
+    """The Llama family's causal LM; also the base of the other families' (kvmux/model/gemma3.py), which share its
+    loading, packing and kernel planning and bring their own layers and forward."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    decoder_layer, norm = DecoderLayer, RMSNorm
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  attention_backend: str = "auto", collectives=None) -> None:
         """collectives: a tensor-parallel rank's (kvmux/parallel/collectives.py), for a model built from its
         rank_config and loaded with its slices; None for the whole model."""
         super().__init__()
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {config.model_type!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if config.model_type not in self.model_types:
+            raise ValueError(f"{type(self).__name__} runs model types {', '.join(self.model_types)}, "
+                             f"not {config.model_type!r}")
         if attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, not {attention_backend!r}")
         self.config = config
         self._dtype = dtype
         self.attention_backend = attention_backend
         self.collectives = collectives
-        self.model = Backbone(config, dtype, device, collectives)
+        self.model = Backbone(config, dtype, device, collectives, self.decoder_layer, self.norm)
         self.tie_word_embeddings = config.tie_word_embeddings
         self.lm_head = None if self.tie_word_embeddings else \
             Linear(config.hidden_size, config.vocab_size, False, dtype, device)

