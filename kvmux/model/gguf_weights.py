@@ -109,11 +109,13 @@ class GGUFTensors:
     def qtype(self, hf_name: str) -> gguf.GGMLQuantizationType:
         return self.tensors[self.gguf_name(hf_name)].type
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, start: int = 0, nbytes: int | None = None) -> np.ndarray:
+        """`nbytes` of tensor `name`'s bytes from `start` on (all of them by default)."""
         t = self.tensors[name]
-        buf = np.empty(t.nbytes, dtype=np.uint8)
+        nbytes = t.nbytes - start if nbytes is None else nbytes
+        buf = np.empty(nbytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
-            f.seek(t.offset)
+            f.seek(t.offset + start)
             if f.readinto(buf) != len(buf):
                 raise ValueError(f"{self.path} is truncated: tensor {name} needs {t.nbytes} bytes")
         self.used.add(name)
@@ -126,13 +128,15 @@ class GGUFTensors:
         heads = self.config.num_attention_heads if "q_proj" in hf_name else self.config.num_key_value_heads
         return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
-    def blocks(self, hf_name: str) -> torch.Tensor:
-        """A quantized tensor's blocks, uint8 [rows, bytes per row], rows in Hugging Face's order."""
+    def blocks(self, hf_name: str) -> torch.Tensor | FileRows:
+        """A quantized tensor's blocks, uint8 [rows, bytes per row], rows in Hugging Face's order: read from the
+        file as they are sliced where the order is the file's (a 170 MB embedding is never held twice)."""
         name = self.gguf_name(hf_name)
         rows = self.tensors[name].shape[0]
-        raw = torch.from_numpy(self._read(name)).reshape(rows, -1)
         order = self._row_order(hf_name, rows)
-        return raw if order is None else raw[order]
+        if order is None:
+            return FileRows(self, name, rows, self.tensors[name].nbytes // rows)
+        return torch.from_numpy(self._read(name)).reshape(rows, -1)[order]
 
     def dense(self, hf_name: str) -> torch.Tensor:
         """Any tensor as float32 in Hugging Face's shape, dequantized by the gguf package where it is quantized."""
@@ -151,6 +155,29 @@ class GGUFTensors:
 
     def unused(self) -> list[str]:
         return sorted(set(self.tensors) - self.used - set(IGNORED))
+
+
+@dataclass
+class FileRows:
+    """Rows of a quantized tensor, read from the file when sliced (what kvmux.ops.quant.pack_parts reads)."""
+
+    tensors: GGUFTensors
+    name: str
+    rows: int
+    row_bytes: int
+    dtype = torch.uint8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.row_bytes
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.rows)
+        raw = self.tensors._read(self.name, start * self.row_bytes, (stop - start) * self.row_bytes)
+        return torch.from_numpy(raw).reshape(stop - start, self.row_bytes)
 
 
 def weight_parts(prefix: str, module: Linear) -> list[str]:
