@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,8 +73,10 @@ def _grammar(key: str) -> str:
 
 
 class Constraints:
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: set[int], max_bytes: int,
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_ids: set[int], max_bytes: int,
                  compile_timeout: float) -> None:
+        # Asked for on first use: a 262k-token vocabulary's JSON is 33 MB, and writing it out costs 120 MB more
+        # for a moment, which an engine that never sees a structured request should not pay.
         self.tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size  # the logits' width: masks cover it all
         self.eos_ids = sorted(eos_ids)
@@ -133,7 +136,7 @@ class Constraints:
     def _compile(self, key: str) -> llg.LLMatcher:
         """On the compiler thread: llguidance releases the GIL while it works."""
         if self._tokenizer is None:
-            self._tokenizer = llg.LLTokenizer(self.tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids)
+            self._tokenizer = llg.LLTokenizer(self.tokenizer_json(), n_vocab=self.vocab_size, eos_token=self.eos_ids)
         kind = key.split(":", 1)[0]
         try:
             grammar = _grammar(key)

@@ -151,7 +151,7 @@ class Engine:
 
         tokenizer = self.loaded.tokenizer
         eos_ids = eos_token_ids(self.loaded)
-        self.constraints = Constraints(tokenizer.backend.to_str(), arch.vocab_size, eos_ids, cfg.structured_max_bytes,
+        self.constraints = Constraints(tokenizer.backend.to_str, arch.vocab_size, eos_ids, cfg.structured_max_bytes,
                                        cfg.structured_compile_timeout)
         low = int(cfg.watermark * num_blocks)
         self.router = Router()

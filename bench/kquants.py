@@ -1,0 +1,123 @@
+"""The GGUF files people download, kept in their blocks (issue 26): storage, decode speed and quality.
+
+    python -m bench.kquants --model gemma-3-270m-q4_k_m.gguf   # a Q4_K_M file: Q4_K, Q5_0, Q6_K, Q8_0 tensors
+
+In one run, on one file:
+- storage: what each matmul is held as with `--quantization auto` (no tensor dequantized) and the MiB it takes;
+- decode steps at 1, 2, 4 and 8 sequences (256-token prompts, the runner's forward and sampling, median of 16
+  steps): the kept blocks against the same file dequantized to bf16 (`--quantization none --dtype bfloat16`, the
+  path every K-quant took before), alternated over `--rounds` rounds;
+- quality: teacher-forced next-token argmax agreement with the file dequantized to float32, over real English
+  text (Python's reference documentation), for the kept blocks and for llama.cpp's own logits on the same token
+  ids from the same file (when llama-cpp-python is installed).
+
+Writes bench/results/kquants_<file>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bench.efficiency import RESULTS, agreement_with, decode_efficiency, kvmux_logits, text_ids
+from kvmux.model.loader import load_model
+from kvmux.ops.threads import set_threads
+
+BATCHES = (1, 2, 4, 8)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, aq) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = result["decode"]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["bf16_tok_s"] for r in rows], 0.4, label="dequantized to bf16", color="#999")
+    ax.bar([i + 0.2 for i in x], [r["kept_tok_s"] for r in rows], 0.4, label="kept in blocks", color="#2a7")
+    for i, r in zip(x, rows):
+        ax.text(i + 0.2, r["kept_tok_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
+    ax.set_xticks(list(x), [f"{r['batch']} seq" for r in rows])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{result['model']}: decode, {result['threads']} threads")
+    ax.legend()
+    q = {k: v["argmax_agreement"] for k, v in result["quality"].items() if "argmax_agreement" in v}
+    aq.bar(list(q), [100 * v for v in q.values()], color=["#2a7", "#a52"][:len(q)])
+    for i, v in enumerate(q.values()):
+        aq.text(i, 100 * v, f"{100 * v:.2f}%", ha="center", va="bottom")
+    aq.set_ylim(min(100 * v for v in q.values()) - 5, 100)
+    aq.set_ylabel("argmax agreement with float32, %")
+    aq.set_title(f"teacher-forced, {result['quality_positions']} positions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a .gguf file")
+    p.add_argument("--rounds", type=int, default=2, help="decode rounds, kept and bf16 alternated [default: 2]")
+    p.add_argument("--tokens-per-text", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="threads of kvmux's kernels [default: all cores]")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    set_threads(threads)
+    load_start = os.getloadavg()
+
+    fp32 = load_model(args.model, dtype=torch.float32, quantization="none", progress=False)
+    kept = load_model(args.model, progress=False)
+    print(f"kept: {kept.quantization}", flush=True)
+    texts = text_ids(fp32.tokenizer, args.tokens_per_text)
+    reference = [kvmux_logits(fp32.model, ids) for ids in texts]
+    quality = {"kvmux_kept": agreement_with(reference, [kvmux_logits(kept.model, ids) for ids in texts])}
+    try:
+        from bench.engines.llama_cpp import LlamaCpp
+
+        llm = LlamaCpp(str(args.model), max(map(len, texts)) + 16, max(map(len, texts)), 1, threads)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        quality["llama_cpp"] = {"skipped": str(exc)}
+    else:
+        quality["llama_cpp"] = agreement_with(reference, [torch.from_numpy(llm.logits(ids)) for ids in texts])
+        llm.close()
+    del fp32, reference
+    for name, r in quality.items():
+        print(f"{name}: {r}", flush=True)
+
+    bf16 = load_model(args.model, dtype=torch.bfloat16, quantization="none", progress=False)
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for batch in BATCHES:
+            for name, model in (("kept", kept.model), ("bf16", bf16.model)):
+                rates.setdefault((name, batch), []).append(decode_efficiency(model, batch, 256, 16)["tokens_per_s"])
+    decode = []
+    for batch in BATCHES:
+        k, b = max(rates["kept", batch]), max(rates["bf16", batch])
+        decode.append(dict(batch=batch, kept_tok_s=k, bf16_tok_s=b, speedup=k / b,
+                           kept_rounds=rates["kept", batch], bf16_rounds=rates["bf16", batch]))
+        print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f})", flush=True)
+
+    agreement = {k: v.get("argmax_agreement") for k, v in quality.items()}
+    result = dict(command="python -m bench.kquants " + " ".join(argv or []), model=kept.name, threads=threads,
+                  storage=kept.quantization, kernels=kept.model.kernel_choices()["linear"], decode=decode,
+                  quality=quality, quality_positions=quality["kvmux_kept"]["positions"],
+                  targets={"decode_speedup_1_to_8": 2.0, "agreement_within_llama_cpp_points": 1.0},
+                  kept_minus_llama_cpp_points=None if agreement.get("llama_cpp") is None else
+                  100 * (agreement["kvmux_kept"] - agreement["llama_cpp"]),
+                  loadavg_at_start=load_start, loadavg_at_end=os.getloadavg(),
+                  created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"kquants_{Path(args.model).stem}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
