@@ -186,7 +186,8 @@ void bind_quant_linear(py::module_& m) {
         py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
         "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, "
         "4 Q5_1, 5 Q6_K), x "
-        "quantized per block on the fly (int16 for Q8_0, int8 for Q4) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI; "
+        "quantized per block on the fly (int16 for Q8_0, int8 for the rest) by kernel 0 AVX2, 1 AVX-VNNI, "
+        "2 AVX512-VNNI, 3 AMX; "
         "bias 0 means none.");
     m.def(
         "quantize_activations",

@@ -146,7 +146,7 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
 
 def test_a_variant_the_cpu_lacks_is_refused_naming_the_instruction_set(monkeypatch):
     # A CPU without VNNI: only the AVX2 variant runs, and asking for a VNNI one names what is missing.
-    plain = {**kernel_choice.cpu_features(), "avx512vnni": False, "avxvnni": False}
+    plain = {**kernel_choice.cpu_features(), "avx512vnni": False, "avxvnni": False, "amx_int8": False}
     monkeypatch.setattr(kernel_choice, "cpu_features", lambda: plain)
     monkeypatch.setattr(quant, "runnable_kernels", lambda: frozenset({"avx2"}))
     assert [v.name for v in kernel_choice.candidates("linear", "q4_1")] == ["avx2"]

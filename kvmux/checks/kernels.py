@@ -36,6 +36,7 @@ from kvmux.checks.reference import (
 from kvmux.ops import kernel_choice, quant
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
+from kvmux.ops.gguf_blocks import GGUF_BLOCK
 from kvmux.ops.linear import matmul, pack_weight
 from kvmux.ops.quant import pack_blocks
 
@@ -124,7 +125,9 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
     """x quantized per block exactly as the kernel does is part of the reference, so what is left is float32
     rounding: a few ulps per block of the sum of |terms|."""
     trials = []
+    values = GGUF_BLOCK[fmt.upper()][1]  # each form is checked on the GGUF type of its name (Q6_K: 256 a block)
     for i, (rows, n, k) in enumerate(QUANT_SHAPES):
+        k = -(-k // values) * values
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         raw = random_gguf_blocks(fmt, n, k, gen)
         x = torch.randn(rows, k, generator=gen)

@@ -25,7 +25,8 @@ import bisect
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
+from kvmux.ops.quant import PANEL as QUANT_PANEL
 from kvmux.ops.quant import QuantLinear, QuantWeight
 from kvmux.ops.tensor_checks import linear_bias, linear_input
 from kvmux.ops.threads import set_threads, threads
@@ -153,7 +155,7 @@ MATMULS: dict[tuple[str, str], Callable[[PackedLayer], Matmul]] = {
     ("avx512bf16", "bfloat16"): _native_matmul(_K.bf16_avx512),
     ("amx", "bfloat16"): _native_matmul(_K.bf16_amx),
     ("onednn", "bfloat16"): _onednn_matmul,
-    **{(variant, qtype): _quant_matmul(variant) for variant in ("avx2", "avxvnni", "avx512vnni")
+    **{(variant, qtype): _quant_matmul(variant) for variant in ("avx2", "avxvnni", "avx512vnni", "amx")
        for qtype in kernel_choice.QUANT_FORMATS},
 }
 
@@ -176,7 +178,10 @@ class RowRange:
 # arithmetic, so one timing stands for all.
 ROW_RANGES = (RowRange(2, 1), RowRange(8, 4), RowRange(32, 16), RowRange(128, 64), RowRange(None, 256))
 TIMED_LAYERS = 8  # layers of a shape the timed calls take in turn, so their weights stream as in a step
-FLOP_CAP = 2e9  # a huge matmul (a large lm_head) is timed at fewer rows, so that loading stays quick
+# A huge matmul (a large lm_head) is timed on its first output features only, so that loading stays quick; at the
+# range's own row count, because the kernels' order changes with it (Gemma 3's 262k x 640 Q8_0 lm_head: AVX512-VNNI
+# fastest at 5 rows, AMX 1.7x faster at 64).
+FLOP_CAP = 2e9
 
 
 @dataclass
@@ -204,6 +209,25 @@ class ShapePlan:
                 "ranges": ranges}
 
 
+def _timing_slice(layer: PackedLayer, rows: int) -> PackedLayer:
+    """The layer, or for a matmul over FLOP_CAP at `rows` its first whole panels of output features (every weight
+    format keeps its panels along its first dimension), as large as the cap allows."""
+    n, k = layer.out_features, layer.in_features
+    if 2 * rows * n * k <= FLOP_CAP:
+        return layer
+    panels = max(4, int(FLOP_CAP // (2 * rows * k * PANEL)))
+    quant = layer.quant
+    if quant is not None:
+        quant = replace(quant, out_features=panels * QUANT_PANEL,
+                                    quants=quant.quants[:panels], scales=quant.scales[:panels],
+                                    mins=None if quant.mins is None else quant.mins[:panels])
+    width = panels * (QUANT_PANEL if quant is not None else PANEL)
+    return SimpleNamespace(weight=None if layer.weight is None else layer.weight[:panels], quant=quant,
+                           bias=None if layer.bias is None else layer.bias[:width],
+                           dense=None if layer.dense is None else layer.dense[:width], in_features=k,
+                           out_features=width, weight_format=layer.weight_format)
+
+
 def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
     """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
     Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
@@ -219,10 +243,10 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
                 variants.append(names[0])
                 micros.append({})
                 continue
-            rows = max(1, min(r.timed, int(FLOP_CAP // (2 * first.out_features * first.in_features))))
-            x = torch.randn(rows, first.in_features)
-            seconds = kernel_choice.fastest({name: [functools.partial(matmul(name, layer), x)
-                                                    for layer in layers[:TIMED_LAYERS]] for name in names})
+            x = torch.randn(r.timed, first.in_features)
+            timed = [_timing_slice(layer, r.timed) for layer in layers[:TIMED_LAYERS]]
+            seconds = kernel_choice.fastest({name: [functools.partial(matmul(name, layer), x) for layer in timed]
+                                             for name in names})
             variants.append(next(iter(seconds)))
             micros.append({name: s * 1e6 for name, s in seconds.items()})
     finally:

@@ -44,7 +44,7 @@ MINS = ("q4_1", "q5_1")
 # Bytes of one panel's integers for one block.
 PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] // (2 if f in NIBBLES else 1) for f in QTYPES}
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
-KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2}
+KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3}
 PACK_PANELS = 256  # panels packed at a time, so packing a large tensor needs little scratch memory
 
 

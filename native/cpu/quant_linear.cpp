@@ -104,6 +104,7 @@ TilesFn tiles_for(QuantKernel kernel) {
     switch (kernel) {
         case QuantKernel::avxvnni: return quant_tiles_avxvnni;
         case QuantKernel::avx512vnni: return quant_tiles_avx512vnni;
+        case QuantKernel::amx: return quant_tiles_amx;
         case QuantKernel::avx2: break;
     }
     return quant_tiles_avx2;
@@ -131,7 +132,7 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     void* xq = xq_buf.data();
     float* xd = xd_buf.data();
     int32_t* xs = xs_buf.data();
-    const QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
+    QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
     if (M <= kSerialRows) {
@@ -142,6 +143,19 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
             const Span rows = split(M, row_tasks, task);
             for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs);
         });
+    }
+    if (kernel == QuantKernel::amx && w.type == QuantType::q8_0) {  // AMX multiplies bytes: int16 as two of them
+        thread_local std::vector<uint8_t> lo_buf;
+        thread_local std::vector<int8_t> hi_buf;
+        lo_buf.resize(M * K);
+        hi_buf.resize(M * K);
+        const int16_t* q16 = xq_buf.data();
+        for (int64_t i = 0; i < M * K; ++i) {
+            lo_buf[i] = static_cast<uint8_t>(q16[i] & 0xFF);
+            hi_buf[i] = static_cast<int8_t>(q16[i] >> 8);
+        }
+        job.x_lo = lo_buf.data();
+        job.x_hi = hi_buf.data();
     }
     // Each task is a contiguous run of panels, so whoever takes it streams that part of W.
     const int64_t tasks = task_count(panels, nt, kPanelsPerTask);

@@ -19,10 +19,14 @@ struct QuantTileJob {
     const float* bias;    // [N] or nullptr
     float* out;
     int64_t ldo;
+    // The AMX variant's Q8_0 activations: each int16 as 256 hi + lo, [M, K] each (else nullptr).
+    const uint8_t* x_lo = nullptr;
+    const int8_t* x_hi = nullptr;
 };
 
 void quant_tiles_avx2(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void quant_tiles_avxvnni(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void quant_tiles_avx512vnni(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+void quant_tiles_amx(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
 }  // namespace kvmux
