@@ -17,7 +17,7 @@ from kvmux.ops import attention, kernel_choice
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
 
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
-HEAD_DIMS = [64, 128, 64, 128, 40]        # 40 takes the run-time head_dim path
+HEAD_DIMS = [64, 128, 64, 128, 40, 256]   # 40 takes the run-time head_dim path; 256 is Gemma 3's
 BLOCK_SIZES = [8, 16, 32]
 DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
 
@@ -95,8 +95,8 @@ def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
     kind, gqa, d, bs, (act, kv), i = c
-    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128)):
-        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64 or 128")
+    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128, 256)):
+        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64, 128 or 256")
     monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
     run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16")
 
@@ -114,8 +114,8 @@ def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypa
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
     kind, gqa, d, bs, (act, kv), i = c
-    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128)):
-        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64 or 128")
+    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128, 256)):
+        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64, 128 or 256")
     monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
     run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16", window=WINDOWS[i % len(WINDOWS)])
 

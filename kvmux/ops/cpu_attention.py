@@ -31,7 +31,7 @@ def attention_variant(kv_dtype: torch.dtype, head_dim: int) -> str:
                                                   head_dim)]
     if not runs:
         raise ValueError(f"{kernel_choice.ENV}: attention kernel {kernel_choice.forced('attention')!r} "
-                         f"does not take head_dim {head_dim} (its bf16 path takes 64 or 128)")
+                         f"does not take head_dim {head_dim} (its bf16 path takes 64, 128 or 256)")
     return runs[-1].name
 
 

@@ -134,15 +134,18 @@ inline void dots(const float* q, const float* const* k, int32_t n, float* scores
 template <int D>
 inline void accumulate(float* acc, const float* p, const float* const* v, int32_t n, int64_t dim) {
     if constexpr (D > 0) {
-        constexpr int R = D / 8;
-        v8f a[R];
-        for (int j = 0; j < R; ++j) a[j] = load8(acc + 8 * j);
-        for (int32_t t = 0; t < n; ++t) {
-            const v8f pt = v8f{} + p[t];
-            const float* vt = v[t];
-            for (int j = 0; j < R; ++j) a[j] += pt * load8(vt + 8 * j);
+        // In slabs of at most 128 dimensions, whose sums fit the 16 vector registers (D = 256 takes two passes).
+        constexpr int S = D < 128 ? D : 128, R = S / 8;
+        for (int s0 = 0; s0 < D; s0 += S) {
+            v8f a[R];
+            for (int j = 0; j < R; ++j) a[j] = load8(acc + s0 + 8 * j);
+            for (int32_t t = 0; t < n; ++t) {
+                const v8f pt = v8f{} + p[t];
+                const float* vt = v[t] + s0;
+                for (int j = 0; j < R; ++j) a[j] += pt * load8(vt + 8 * j);
+            }
+            for (int j = 0; j < R; ++j) store8(acc + s0 + 8 * j, a[j]);
         }
-        for (int j = 0; j < R; ++j) store8(acc + 8 * j, a[j]);
     } else {
         for (int32_t t = 0; t < n; ++t) {
             const float pt = p[t];
@@ -414,6 +417,8 @@ void dispatch_dim(const LayerArgs& a, const Shape& s, const std::vector<int64_t>
             return run_layer<64, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
         case 128:
             return run_layer<128, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
+        case 256:  // Gemma's
+            return run_layer<256, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
         default:
             return run_layer<0, QT, KT>(a, s, slots, tiles, q_start, q_len, ctx, tables, max_blocks);
     }
@@ -519,7 +524,7 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     if (!kv_bf16 && !kv_i8 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32, bf16 or i8");
     if (!attention_kernel_supported(a.kernel, a.kv_dtype, a.head_dim))
         fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
-             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 or int8 pool and head_dim 64 or 128");
+             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 or int8 pool and head_dim 64, 128 or 256");
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };

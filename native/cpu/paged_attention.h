@@ -42,7 +42,7 @@ struct TokenRows {
 };
 
 // Which work-item kernel attends (kvmux/ops/kernel_choice.py names them): float32 FMA over float32 or
-// widened bf16 K/V, or bf16 dot products (AVX512-BF16; a bf16 pool and head_dim 64 or 128).
+// widened bf16 K/V, or bf16 dot products (AVX512-BF16; a bf16 pool and head_dim 64, 128 or 256).
 enum class AttentionKernel : int { avx2 = 0, avx512bf16 = 1 };
 
 // Whether this CPU can run `kernel` on a pool of kv_dtype with this head_dim.

@@ -215,7 +215,7 @@ template <int D, bool I8>
 void attend(const Bf16AttendItem& a) {
     const int64_t G = a.group;
     const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
-    constexpr int kAccRows = D == 64 ? 4 : 2;  // D / 16 accumulators per row in 32 registers
+    constexpr int kAccRows = D == 64 ? 4 : D == 128 ? 2 : 1;  // D / 16 accumulators per row in 32 registers
 
     // q, scaled, as bf16 pairs; the row's running max, sum and (permuted) output.
     for (int32_t i = a.q_begin; i < a.q_end; ++i) {
@@ -338,7 +338,8 @@ void attend(const Bf16AttendItem& a) {
 
 void bf16_attend_avx512(const Bf16AttendItem& item) {
     if (item.dim == 64) item.int8 ? attend<64, true>(item) : attend<64, false>(item);
-    else item.int8 ? attend<128, true>(item) : attend<128, false>(item);
+    else if (item.dim == 128) item.int8 ? attend<128, true>(item) : attend<128, false>(item);
+    else item.int8 ? attend<256, true>(item) : attend<256, false>(item);
 }
 
 }  // namespace kvmux

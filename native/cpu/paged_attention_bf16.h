@@ -47,8 +47,8 @@ struct Bf16AttendItem {
     uint32_t* vp;             // [kBf16KeyChunk / 2, dim]
 };
 
-// dim must be 64 or 128 (bf16_attend_supports).
-inline bool bf16_attend_supports(int64_t dim) { return dim == 64 || dim == 128; }
+// dim must be 64, 128 or 256 (bf16_attend_supports).
+inline bool bf16_attend_supports(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
 void bf16_attend_avx512(const Bf16AttendItem& item);
 
 }  // namespace kvmux
