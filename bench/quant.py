@@ -1,4 +1,4 @@
-"""CPU quantized linear: every int8 kernel variant this CPU runs, on Q8_0 / Q4_0 / Q4_1 weights, vs float32 panels.
+"""CPU quantized linear: every int8 kernel variant this CPU runs, on each quantized form, vs float32 panels.
 
     python -m bench.quant                      # SmolLM2-135M shapes, 1..2048 rows
     python -m bench.quant --rows 1,8,64 --types q4_1
@@ -25,6 +25,7 @@ from bench.attention import time_ms
 from bench.linear import HEAD_ROWS, ROWS, model_weights
 from kvmux.checks.reference import random_gguf_blocks
 from kvmux.ops import kernel_choice, quant
+from kvmux.ops.gguf_blocks import GGUF_BLOCK
 from kvmux.ops.linear import pack_weight, packed_linear
 from kvmux.ops.threads import set_threads
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="threads of torch and of kvmux's kernels [default: all cores]")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts [default: %(default)s]")
-    p.add_argument("--types", default=",".join(quant.QTYPES), help="quantized types [default: %(default)s]")
+    p.add_argument("--types", default=None, help="quantized forms [default: those whose GGUF block (Q6_K: 256 "
+                   "values) divides every shape's K: q8_0,q4_0,q4_1,q5_0,q5_1 for SmolLM2]")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     packed = [pack_weight(w) for w in weights]
     del weights
     g = torch.Generator().manual_seed(0)
-    qtypes = args.types.split(",")
+    fits = [t for t in quant.QTYPES if all(k % GGUF_BLOCK[t.upper()][1] == 0 for _, k in shapes)]
+    qtypes = args.types.split(",") if args.types else fits
+    if unfit := sorted(set(qtypes) - set(fits)):
+        p.error(f"--types {','.join(unfit)}: their GGUF blocks do not divide these shapes' in_features "
+                f"{sorted({k for _, k in shapes})}")
     quantized = {t: [quant.pack_blocks(t, random_gguf_blocks(t, n, k, g)) for n, k in shapes] for t in qtypes}
     entries = [v for v in kernel_choice.VARIANTS if v.op == "linear" and "q8_0" in v.formats]
     variants = [v.name for v in entries if not v.missing()]
