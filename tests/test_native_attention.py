@@ -87,10 +87,9 @@ def run_case(c, device: str, kernel, bf16_dots: bool = False, window: int = 0):
     assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the bf16 bound"
 
 
-@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
-@pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
-    """Every attention variant this CPU runs, forced through KVMUX_KERNELS as a host without it would be."""
+def force_variant(variant: str, c, monkeypatch) -> None:
+    """Force the attention variant through KVMUX_KERNELS, as a host without the others would run it; skip where
+    this CPU or the case's pool and head_dim do not take it."""
     missing = kernel_choice.variant("attention", variant).missing()
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
@@ -98,6 +97,13 @@ def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
     if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128, 256)):
         pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64, 128 or 256")
     monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
+
+
+@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("c", CASES, ids=case_id)
+def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
+    """Every attention variant this CPU runs."""
+    force_variant(variant, c, monkeypatch)
     run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16")
 
 
@@ -110,14 +116,8 @@ WINDOWS = [1, 5, 16, 37, 100, 5000]
 def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypatch):
     """A sliding-window layer's query sees only its last `window` keys (Gemma 3's local layers), in prefill
     chunks, decodes and mixed steps, whatever the window's alignment with blocks and key chunks."""
-    missing = kernel_choice.variant("attention", variant).missing()
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    kind, gqa, d, bs, (act, kv), i = c
-    if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128, 256)):
-        pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64, 128 or 256")
-    monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
-    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16", window=WINDOWS[i % len(WINDOWS)])
+    force_variant(variant, c, monkeypatch)
+    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16", window=WINDOWS[c[-1] % len(WINDOWS)])
 
 
 @pytest.mark.parametrize("window", WINDOWS)

@@ -10,6 +10,7 @@
 // otherwise be merged with the baseline build's copy at link time.
 #include "cpu/packed_linear.h"
 
+#include "cpu/amx_tiles.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
 
@@ -183,15 +184,6 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 
 namespace {
-
-// The layout ldtilecfg reads (palette 1).
-struct TileConfig {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
 
 // Tiles: C 0-3 (rows 0-15 | 16-31 x panel a | b), A 4-5 (x rows 0-15, 16-31), B 6-7 (panels a, b).
 // `top` and `bottom` are the rows of x in the two A tiles (bottom 0: one tile).

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/cpu_features.h"
 #include "cpu/quant_tiles.h"
 
@@ -22,17 +23,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,f16c,fma,amx-tile,amx-int8")
 
+#include "cpu/quant_tile_loop.h"
+
 namespace kvmux {
 namespace {
-
-// The layout ldtilecfg reads (palette 1).
-struct TileConfig {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
 
 // Tiles: C (0) and, for Q8_0, C of the high bytes (1); A (2), A of the high bytes (3); B (4).
 void configure(int rows, int a_bytes, int b_rows) {
@@ -67,19 +61,17 @@ inline void q4_rows(const uint8_t* block, uint8_t* rows) {
     }
 }
 
-constexpr int64_t kPrefetchAhead = 2048;  // bytes of W ahead of the block being multiplied, as the other variants
-
 // out[m:m+rows, panel p] over every block of K; rows <= 16.
 template <QuantType T>
 void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
     constexpr int64_t B = quant_block(T), block_bytes = quant_panel_block_bytes(T);
     constexpr int32_t off = quant_offset(T);
     const int64_t nb = j.nb, K = j.w.K;
-    const uint8_t* wq = j.w.quants + p * nb * block_bytes;
-    const uint16_t* wd = j.w.scales + p * nb * kQuantPanel;
-    const uint16_t* wm = has_mins(T) ? j.w.mins + p * nb * kQuantPanel : nullptr;
-    const float* xd = j.xd + m * nb;
-    const int32_t* xs = j.xs + m * nb;
+    const PanelRefs<T> r(j, m, p);
+    const uint8_t* wq = r.wq;
+    const uint16_t *wd = r.wd, *wm = r.wm;
+    const float* xd = r.xd;
+    const int32_t* xs = r.xs;
     const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1);
     const __m512 init = j.bias ? _mm512_maskz_loadu_ps(lanes, j.bias + p * kQuantPanel) : _mm512_setzero_ps();
     __m512 sum[16];
