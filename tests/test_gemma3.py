@@ -110,3 +110,20 @@ def test_real_gemma3_file():
     want = teacher_forced_logits(dense.model, ids).argmax(-1)
     got = teacher_forced_logits(kept.model, ids).argmax(-1)
     assert (got == want).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap"),
+                                     dict(num_blocks=12, preemption_mode="recompute"),
+                                     dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3})],
+                         ids=["swap", "recompute", "ngram"])
+def test_prefix_hits_preemption_and_speculation_keep_transformers_outputs(tiny, options):
+    """Sliding layers beside the pool's other paths: prompts sharing a 24-token prefix (cache hits that end past
+    the window, so a chunk after them reads a window of cached keys), a pool too small for all of them at once
+    (preempted and brought back), and drafts verified in one forward: every output is transformers' greedy one."""
+    shared = random_prompt(7, 24)
+    prompts = [shared + random_prompt(s, 5) for s in range(4)] * 2
+    done, stats = run_engine(str(tiny), prompts, greedy(16), block_size=8, **options)
+    assert [d.token_ids for d in done] == hf_greedy(tiny, prompts, 16)
+    assert stats["prefix_cache_hits"] > 0
+    if "preemption_mode" in options:
+        assert stats[f"preemptions_{options['preemption_mode']}"] > 0
