@@ -100,9 +100,9 @@ def test_packed_blocks_dequantize_to_the_files_values(qtype):
     raw = random_gguf_blocks(qtype, 37, cols(qtype, 96), g)  # 37 rows: a partial last panel
     weight = quant.pack_blocks(qtype, raw)
     # Bytes per 32 weights, 48 rows with the last panel's padding: the file's own for Q8_0, Q4_0, Q4_1, Q5_0 and
-    # Q5_1; Q4_K and Q5_K take Q4_1's and Q5_1's (a scale and min per 32 rather than 6-bit ones per super-block);
-    # Q6_K a byte per integer and an fp16 scale per 16.
-    per_32 = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 20, "Q5_K": 24, "Q6_K": 36}
+    # Q5_1; Q4_K and Q5_K take Q4_1's and Q5_1's (a scale and min per 32 rather than 6-bit ones per super-block),
+    # Q6_K its 6 bits and an fp16 scale per 16 (the file 26.25: an int8 scale per 16).
+    per_32 = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 20, "Q5_K": 24, "Q6_K": 28}
     assert weight.nbytes == 48 * weight.in_features // 32 * per_32[qtype]
     theirs = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype)))
     if qtype in K_QUANTS:  # sub-block scales (and mins) held as fp16 products: each within 2^-11 of the product

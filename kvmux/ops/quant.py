@@ -5,11 +5,11 @@ offset m) and integers, w = d (q - off) + m; kvmux/ops/gguf_blocks.py reads
 each type kvmux keeps (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K,
 Q5_K, Q6_K) into one of six forms (QTYPES). `pack` keeps those numbers,
 rearranged once into panels of 16 rows whose integers interleave along K
-(native/cpu/quant_linear.h): Q8_0, Q4 and Q5 in the file's own bytes (34, 18,
-20, 22 or 24 per 32 weights instead of 128 in float32; Q5 as Q4's nibbles and
-a plane of fifth bits the kernels add as 16 where set), Q6_K a byte per
-integer (36 per 32 against the file's 26.25: its 2-bit high parts would cost a
-shuffle per byte to put back). `quant_linear` quantizes the activations
+(native/cpu/quant_linear.h), in the file's bits per weight: Q8_0, Q4 and Q5 in
+its own bytes (34, 18, 20, 22 or 24 per 32 weights instead of 128 in float32),
+Q5 and Q6_K as Q4's nibbles and planes of their fifth (and sixth) bits the
+kernels add as 16 (and 32) where set; Q6_K 28 bytes per 32 against the file's
+26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear` quantizes the activations
 per block on the fly, to int8 for every form but Q8_0 (as llama.cpp does) and
 to int16 for Q8_0 (whose accuracy byte activations would spoil), and runs
 integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
@@ -40,11 +40,11 @@ PANEL = _native.QUANT_PANEL  # rows per panel
 QTYPES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4, "q6_k": 5}  # the forms: the native QuantType
 BLOCKS = {**dict.fromkeys(QTYPES, BLOCK), "q6_k": 16}
 ACTIVATION_BITS = {**dict.fromkeys(QTYPES, 8), "q8_0": 16}  # what the activations are quantized to, per form
-NIBBLES = ("q4_0", "q4_1", "q5_0", "q5_1")  # two integers' low 4 bits a byte; Q8_0 and Q6_K a byte each
-FIVE_BITS = ("q5_0", "q5_1")  # and after the nibbles, the integers' fifth bits: 8 bytes per chunk's low or high
+# Every form but Q8_0 (a signed byte each) keeps its integers' low 4 bits two a byte, then its high bits in planes.
+HIGH_PLANES = {"q4_0": 0, "q4_1": 0, "q5_0": 1, "q5_1": 1, "q6_k": 2}
 MINS = ("q4_1", "q5_1")
 # Bytes of one panel's integers for one block.
-PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] // (2 if f in NIBBLES else 1) + (64 if f in FIVE_BITS else 0)
+PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] if f == "q8_0" else PANEL * BLOCKS[f] // 2 + 2 * BLOCKS[f] * HIGH_PLANES[f]
                      for f in QTYPES}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit j of a mask byte
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
@@ -81,15 +81,14 @@ class QuantWeight:
         if self.qtype == "q8_0":
             q = self.quants.view(torch.int8).view(-1, blocks, 16, PANEL, 2)[panel, :, :, col, :]
             return (q.reshape(len(ids), blocks, BLOCK).float() * d).reshape(len(ids), -1)
-        if self.qtype in NIBBLES:
-            b = self.quants[..., :256].reshape(-1, blocks, 4, PANEL, 4)[panel, :, :, col, :]  # [T, blocks, 4, 4]
-            q = torch.stack((b & 15, b >> 4), dim=-2)                                      # [T, blocks, 4, 2, 4]
-            if self.qtype in FIVE_BITS:  # per chunk and half, bit 4c + i of its mask
-                masks = self.quants[panel, :, 256:].reshape(len(ids), blocks, 4, 2, 8)
-                bits = ((masks[..., None] & _BIT_WEIGHTS) != 0).flatten(-2).reshape(len(ids), blocks, 4, 2, PANEL, 4)
-                q = q + 16 * bits[torch.arange(len(ids)), :, :, :, col, :].to(torch.uint8)
-        else:
-            q = self.quants.view(-1, blocks, size // 4, PANEL, 4)[panel, :, :, col, :]
+        chunks, planes, nibbles = size // 8, HIGH_PLANES[self.qtype], PANEL * size // 2
+        b = self.quants[..., :nibbles].reshape(-1, blocks, chunks, PANEL, 4)[panel, :, :, col, :]  # [T, blocks, h, 4]
+        q = torch.stack((b & 15, b >> 4), dim=-2)                                          # [T, blocks, h, 2, 4]
+        if planes:  # per chunk, plane and half: bit 4c + i of its mask
+            masks = self.quants[panel, :, nibbles:].reshape(len(ids), blocks, chunks, planes, 2, 8)
+            bits = ((masks[..., None] & _BIT_WEIGHTS) != 0).flatten(-2).unflatten(-1, (PANEL, 4))
+            bits = bits[torch.arange(len(ids)), :, :, :, :, col, :].to(torch.uint8)          # [T, blocks, h, j, 2, 4]
+            q = q + sum(bits[:, :, :, j] << (4 + j) for j in range(planes))
         w = (q.reshape(len(ids), blocks, size).float() - OFFSET.get(self.qtype, 0)) * d
         if self.mins is not None:
             w += self.mins[panel, :, col].float()[..., None]
@@ -110,14 +109,14 @@ def _panels(rows: Rows, quants: torch.Tensor, scales: torch.Tensor, mins: torch.
     q = rows.q.reshape(p, PANEL, blocks, size)
     if rows.form == "q8_0":  # chunk g, byte 2c + i: row c, k = 2g + i
         quants.copy_(q.reshape(p, PANEL, blocks, 16, 2).permute(0, 2, 3, 1, 4).flatten(2))
-    elif rows.form in NIBBLES:  # chunk h, byte 4c + i: k = 8h + i (low nibble) | 8h + 4 + i (high)
-        k = q.reshape(p, PANEL, blocks, 4, 2, 4) & 15
-        quants[..., :256].copy_((k[..., 0, :] | (k[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).flatten(2))
-        if rows.form in FIVE_BITS:  # chunk h, half (low, high nibbles): a 64-bit mask, bit 4c + i of byte 4c + i
-            bits = (q.reshape(p, PANEL, blocks, 4, 2, 4) >> 4).permute(0, 2, 3, 4, 1, 5).reshape(p, blocks, 4, 2, 8, 8)
-            quants[..., 256:].copy_((bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8).flatten(2))
-    else:  # a byte each; chunk g, byte 4c + i: k = 4g + i
-        quants.copy_(q.reshape(p, PANEL, blocks, size // 4, 4).permute(0, 2, 3, 1, 4).flatten(2))
+    else:  # chunk h, byte 4c + i: k = 8h + i (low nibble) | 8h + 4 + i (high)
+        chunks, planes, nibbles = size // 8, HIGH_PLANES[rows.form], PANEL * size // 2
+        k = q.reshape(p, PANEL, blocks, chunks, 2, 4)
+        quants[..., :nibbles].copy_(((k[..., 0, :] & 15) | ((k[..., 1, :] & 15) << 4)).permute(0, 2, 3, 1, 4).flatten(2))
+        if planes:  # chunk h, plane j, half (low, high nibbles): a 64-bit mask, bit 4c + i of byte 4c + i's bit 4 + j
+            bits = torch.stack([(k >> (4 + j)) & 1 for j in range(planes)], dim=3)   # [p, c, blocks, j, h, 2, 4]
+            bits = bits.permute(0, 2, 4, 3, 5, 1, 6).reshape(p, blocks, chunks, planes, 2, 8, 8)
+            quants[..., nibbles:].copy_((bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8).flatten(2))
 
 
 def _read(parts: list[tuple[str, torch.Tensor]], form: str, r0: int, r1: int) -> Rows:

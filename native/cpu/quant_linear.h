@@ -6,15 +6,15 @@
 // w = d q + m with q in 0..31. The K-quants group 8 or 16 such sub-blocks under one fp16 super-scale:
 // kvmux/ops/quant.py turns Q4_K into Q4_1's form, Q5_K into Q5_1's and Q6_K into blocks of 16 with
 // w = d (q - 32), q in 0..63, each sub-block's d = super-scale x its integer scale rounded to fp16. The
-// engine keeps those numbers, rearranged once at load into panels of 16 rows:
+// engine keeps those numbers in the file's bits per weight, rearranged once at load into panels of 16 rows:
 //   quants [ceil(N / 16), K / B, block bytes]   per panel and block of B (32; 16 for Q6_K), its 16 rows'
 //                                               integers interleaved along K, so one 32-bit lane of a
 //                                               vector holds one output feature's next few k:
 //     Q8_0: 16 chunks of 32 bytes; chunk g, byte 2c + i = q[row c][k = 2g + i]   (2 k per lane once widened)
-//     Q4:   4 chunks of 64 bytes;  chunk h, byte 4c + i = q[c][8h + i] | q[c][8h + 4 + i] << 4   (4 k per lane)
-//     Q5:   Q4's 256 bytes of low nibbles, then per chunk h two 64-bit masks (low and high nibbles' k) whose
-//           bit 4c + i is the fifth bit of the integer at byte 4c + i: 320 bytes, the file's 5 bits a weight
-//     Q6_K: B / 4 chunks of 64 bytes, a byte per integer; chunk g, byte 4c + i = q[c][4g + i]
+//     Q4:   B / 8 chunks of 64 bytes; chunk h, byte 4c + i = q[c][8h + i] | q[c][8h + 4 + i] << 4 (4 k per lane)
+//     Q5, Q6_K: Q4's low nibbles, then per chunk h and high bit (Q5 the fifth; Q6_K the fifth and sixth) two
+//           64-bit masks (the low and the high nibbles' k) whose bit 4c + i is that bit of the integer at
+//           byte 4c + i: 320 bytes per block of 32 for Q5, 192 per 16 for Q6_K
 //   scales [ceil(N / 16), K / B, 16] fp16       d per row and block
 //   mins   [ceil(N / 16), K / B, 16] fp16       m per row and block (Q4_1 and Q5_1 only)
 // Rows past N are zero (scale 0). Activations are quantized per row and block
@@ -45,23 +45,18 @@ constexpr int64_t kQuantBlock = 32;       // values per block along K (Q6_K: qua
 constexpr int64_t kQuantPanel = 16;       // rows per panel
 
 constexpr int64_t quant_block(QuantType t) { return t == QuantType::q6_k ? 16 : kQuantBlock; }
-// A byte per integer (Q6_K), rather than Q8_0's signed bytes or Q4's and Q5's nibbles.
-constexpr bool byte_quants(QuantType t) { return t == QuantType::q6_k; }
-// Nibbles and, for Q5, a plane of fifth bits after them.
-constexpr bool nibble_quants(QuantType t) {
-    return t == QuantType::q4_0 || t == QuantType::q4_1 || t == QuantType::q5_0 || t == QuantType::q5_1;
+// Planes of high bits after the nibbles of every form but Q8_0 (whose integers are signed bytes).
+constexpr int high_planes(QuantType t) {
+    return t == QuantType::q5_0 || t == QuantType::q5_1 ? 1 : t == QuantType::q6_k ? 2 : 0;
 }
-constexpr bool five_bits(QuantType t) { return t == QuantType::q5_0 || t == QuantType::q5_1; }
-// Integers above 15, whose products AVX2 cannot sum over a block in int16.
-constexpr bool wide_quants(QuantType t) { return byte_quants(t) || five_bits(t); }
 constexpr bool has_mins(QuantType t) { return t == QuantType::q4_1 || t == QuantType::q5_1; }
 // What is subtracted from each unsigned integer: w = d (q - off).
 constexpr int32_t quant_offset(QuantType t) {
     return t == QuantType::q4_0 ? 8 : t == QuantType::q5_0 ? 16 : t == QuantType::q6_k ? 32 : 0;
 }
 constexpr int64_t quant_panel_block_bytes(QuantType t) {  // one panel's quants for one block
-    return five_bits(t) ? kQuantPanel * kQuantBlock / 2 + 64
-                        : nibble_quants(t) ? kQuantPanel * kQuantBlock / 2 : kQuantPanel * quant_block(t);
+    return t == QuantType::q8_0 ? kQuantPanel * kQuantBlock
+                                : kQuantPanel * quant_block(t) / 2 + 2 * quant_block(t) * high_planes(t);
 }
 // Bits of the activations multiplied by weights of type t.
 constexpr int activation_bits(QuantType t) { return t == QuantType::q8_0 ? 16 : 8; }

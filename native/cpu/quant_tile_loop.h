@@ -68,16 +68,7 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
         for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
         typename Isa::Acc acc[MT];
         const XT* xb = xq + b * B;
-        if constexpr (byte_quants(T)) {
-#pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * r.xs[i * nb + b]);
-#pragma GCC unroll 8
-            for (int g = 0; g < B / 4; ++g) {  // 4 k per lane
-                const typename Isa::W w = Isa::bytes(wq + g * 64);
-#pragma GCC unroll 16
-                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 4 * g));
-            }
-        } else if constexpr (T == QuantType::q8_0) {
+        if constexpr (T == QuantType::q8_0) {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
 #pragma GCC unroll 16
@@ -89,11 +80,14 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
         } else {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * r.xs[i * nb + b]);
+            constexpr int planes = high_planes(T);
 #pragma GCC unroll 4
-            for (int h = 0; h < 4; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
+            for (int h = 0; h < B / 8; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
                 typename Isa::W lo, hi;
                 Isa::q4(wq + h * 64, lo, hi);
-                if constexpr (five_bits(T)) Isa::fifth_bits(wq + 256 + 16 * h, lo, hi);
+#pragma GCC unroll 2
+                for (int j = 0; j < planes; ++j)
+                    Isa::high_bits(wq + 8 * B + 16 * (planes * h + j), lo, hi, static_cast<char>(16 << j));
 #pragma GCC unroll 16
                 for (int i = 0; i < MT; ++i) {
                     Isa::template dot<T>(acc[i], lo, load4(xb + i * K + 8 * h));
@@ -208,27 +202,22 @@ struct Float256 {
             w.v[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
         return w;
     }
-    // 64 bytes of byte integers, 16 rows x 4 k.
-    static W bytes(const uint8_t* p) {
-        return {{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))}};
-    }
-    // Q5's fifth bits (two 64-bit masks at p, bit j for byte j of lo and of hi) added as 16.
-    static void fifth_bits(const uint8_t* p, W& lo, W& hi) {
+    // A high bit plane (two 64-bit masks at p, bit j for byte j of lo and of hi) added as `value` (16 or 32).
+    static void high_bits(const uint8_t* p, W& lo, W& hi, char value) {
         uint32_t m[4];
         std::memcpy(m, p, sizeof m);
         for (int h = 0; h < 2; ++h) {
-            lo.v[h] = _mm256_or_si256(lo.v[h], sixteens(m[h]));
-            hi.v[h] = _mm256_or_si256(hi.v[h], sixteens(m[2 + h]));
+            lo.v[h] = _mm256_or_si256(lo.v[h], bit_bytes(m[h], value));
+            hi.v[h] = _mm256_or_si256(hi.v[h], bit_bytes(m[2 + h], value));
         }
     }
-    // 32 bits -> 32 bytes, byte j 16 where bit j is set.
-    static __m256i sixteens(uint32_t bits) {
+    // 32 bits -> 32 bytes, byte j `value` where bit j is set.
+    static __m256i bit_bytes(uint32_t bits, char value) {
         const __m256i spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(static_cast<int32_t>(bits)),
             _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
         const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-        return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), _mm256_set1_epi8(16));
+        return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), _mm256_set1_epi8(value));
     }
     // 64 bytes of nibbles as their low and high halves, each 16 rows x 4 bytes.
     static void q4(const uint8_t* p, W& lo, W& hi) {

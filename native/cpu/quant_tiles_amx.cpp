@@ -4,10 +4,9 @@
 // the other variants scale their accumulators (one multiply-add per row and 16 outputs, the offsets and mins from
 // the activation block's integer sum), so every variant computes the same integers.
 //
-// A tile's B operand is 4 k per 32-bit lane, 16 lanes (outputs) per row of 64 bytes: exactly a byte form's panel
-// block (Q6_K), loaded as it lies. Q4 and Q5 nibbles are split into their low and high halves first (chunk h's
-// low nibbles are B row 2h, its high ones row 2h + 1; Q5's fifth bits added), and Q8_0's pairs of k per lane are
-// interleaved into fours.
+// A tile's B operand is 4 k per 32-bit lane, 16 lanes (outputs) per row of 64 bytes. The nibble forms are split
+// into their low and high halves (chunk h's low nibbles are B row 2h, its high ones row 2h + 1; Q5's and Q6_K's
+// high bits added), and Q8_0's pairs of k per lane are interleaved into fours.
 // Activations are signed bytes against unsigned weights (tdpbsud); Q8_0's int16 activations are split into a
 // signed high byte and an unsigned low one, x = 256 hi + lo, two tile products (tdpbssd, tdpbusd) summed exactly.
 #include <immintrin.h>
@@ -52,18 +51,20 @@ inline void q8_rows(const uint8_t* block, uint8_t* rows) {
         _mm512_store_si512(rows + 64 * r, _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(block + 64 * r)));
 }
 
-// Q4's panel block, 4 chunks of 64 bytes of nibble pairs, as 8 B rows of bytes (Q5: their fifth bits added).
-template <bool Five>
-inline void q4_rows(const uint8_t* block, uint8_t* rows) {
-    const __m512i mask = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
-    for (int h = 0; h < 4; ++h) {
+// A panel block of B values of nibble pairs (B / 8 chunks of 64 bytes) and `Planes` high bit planes, as B / 4 B rows
+// of bytes: chunk h's low nibbles are row 2h, its high ones row 2h + 1, each plane's bits added where set.
+template <int B, int Planes>
+inline void nibble_rows(const uint8_t* block, uint8_t* rows) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < B / 8; ++h) {
         const __m512i v = _mm512_loadu_si512(block + 64 * h);
         __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        if constexpr (Five) {
+        for (int j = 0; j < Planes; ++j) {
             uint64_t m[2];
-            std::memcpy(m, block + 256 + 16 * h, sizeof m);
-            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(m[0]), lo, sixteen);
-            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(m[1]), hi, sixteen);
+            std::memcpy(m, block + 8 * B + 16 * (Planes * h + j), sizeof m);
+            const __m512i value = _mm512_set1_epi8(static_cast<char>(16 << j));
+            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(m[0]), lo, value);
+            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(m[1]), hi, value);
         }
         _mm512_store_si512(rows + 128 * h, lo);
         _mm512_store_si512(rows + 128 * h + 64, hi);
@@ -102,12 +103,8 @@ void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
             _tile_dpbssd(1, 3, 4);
             _tile_stored(1, c_hi, 64);
         } else {
-            if constexpr (byte_quants(T)) {
-                _tile_loadd(4, wq, 64);
-            } else {
-                q4_rows<five_bits(T)>(wq, wrows);
-                _tile_loadd(4, wrows, 64);
-            }
+            nibble_rows<B, high_planes(T)>(wq, wrows);
+            _tile_loadd(4, wrows, 64);
             _tile_loadd(2, static_cast<const int8_t*>(j.xq) + m * K + b * B, K);
             _tile_dpbsud(0, 2, 4);
         }

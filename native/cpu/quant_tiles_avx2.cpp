@@ -26,7 +26,7 @@ struct Avx2 : Float256 {
         for (int h = 0; h < 2; ++h) {
             if constexpr (T == QuantType::q8_0)
                 acc.v[h] = _mm256_add_epi32(acc.v[h], _mm256_madd_epi16(w.v[h], x));
-            else if constexpr (wide_quants(T))
+            else if constexpr (high_planes(T) > 0)
                 acc.v[h] = _mm256_add_epi32(
                     acc.v[h], _mm256_madd_epi16(_mm256_maddubs_epi16(w.v[h], x), _mm256_set1_epi16(1)));
             else
@@ -39,7 +39,7 @@ struct Avx2 : Float256 {
         if constexpr (T == QuantType::q8_0) return acc;
         const __m256i c = _mm256_set1_epi32(correction);
         Int t;
-        if constexpr (wide_quants(T)) {
+        if constexpr (high_planes(T) > 0) {
             for (int h = 0; h < 2; ++h) t.v[h] = _mm256_add_epi32(acc.v[h], c);
             return t;
         }

@@ -27,13 +27,12 @@ struct Avx512Vnni {
     static W q8(const uint8_t* p) {  // 16 rows x 2 k, widened to int16
         return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
-    static W bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
-    static void fifth_bits(const uint8_t* p, W& lo, W& hi) {  // Q5: two 64-bit masks, 16 added where set
+    static void high_bits(const uint8_t* p, W& lo, W& hi, char value) {  // two 64-bit masks, `value` where set
         uint64_t m[2];
         std::memcpy(m, p, sizeof m);
-        const __m512i sixteen = _mm512_set1_epi8(16);
-        lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(m[0]), lo, sixteen);
-        hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(m[1]), hi, sixteen);
+        const __m512i v = _mm512_set1_epi8(value);
+        lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(m[0]), lo, v);
+        hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(m[1]), hi, v);
     }
     static void q4(const uint8_t* p, W& lo, W& hi) {
         const __m512i v = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0F);
