@@ -20,39 +20,13 @@ constexpr int64_t kSerialRows = 16;
 // A task's panels at least: a run long enough that the hardware prefetcher streams it.
 constexpr int64_t kPanelsPerTask = 4;
 
-// One block of 16 activations to bytes, as quantize_block does 32 (Q6_K's blocks).
-void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
+// N activations (8 or 16 vectors' worth: 16 or 32) as integers of `levels`: d = amax / L and
+// qi = round-half-even(x * (L / amax)), as int32 vectors.
+template <int N>
+void round_block(const float* x, float levels, __m256i* qi, float* d) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
-    const __m256 m = _mm256_max_ps(_mm256_and_ps(v0, magnitude), _mm256_and_ps(v1, magnitude));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    const float amax = _mm_cvtss_f32(h);
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-    *d = amax / 127.0f;
-    const __m256i q0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m256i q1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // packs work within 128-bit lanes: the permutation puts the int16s in order, then each lane's low 8 bytes.
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xd8);
-    const __m256i b = _mm256_packs_epi16(w, w);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
-                     _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-    const __m256i s = _mm256_add_epi32(q0, q1);
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-    *sum = _mm_cvtsi128_si32(t);
-}
-
-// One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
-// sum of q kept) or 32767 (int16).
-template <typename XT>
-void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
-    constexpr float levels = sizeof(XT) == 1 ? 127.0f : 32767.0f;
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[4], m = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
+    __m256 v[N / 8], m = _mm256_setzero_ps();
+    for (int j = 0; j < N / 8; ++j) {
         v[j] = _mm256_loadu_ps(x + 8 * j);
         m = _mm256_max_ps(m, _mm256_and_ps(v[j], magnitude));
     }
@@ -62,10 +36,24 @@ void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
     const float amax = _mm_cvtss_f32(h);
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
     *d = amax / levels;
-    __m256i qi[4];
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < N / 8; ++j)
         qi[j] = _mm256_cvtps_epi32(
             _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+int32_t hsum(__m256i s) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+}
+
+// One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
+// sum of q kept) or 32767 (int16).
+template <typename XT>
+void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
+    __m256i qi[4];
+    round_block<32>(x, sizeof(XT) == 1 ? 127.0f : 32767.0f, qi, d);
     // The packs work within 128-bit lanes; the permutations put the values back in order.
     const __m256i lo = _mm256_packs_epi32(qi[0], qi[1]), hi = _mm256_packs_epi32(qi[2], qi[3]);
     if constexpr (sizeof(XT) == 2) {
@@ -74,12 +62,20 @@ void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
     } else {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(
                                 _mm256_packs_epi16(lo, hi), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-        *sum = _mm_cvtsi128_si32(t);
+        *sum = hsum(_mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3])));
     }
+}
+
+// One block of 16 activations to bytes (Q6_K's blocks), as quantize_block does 32.
+void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
+    __m256i qi[2];
+    round_block<16>(x, 127.0f, qi, d);
+    // packs work within 128-bit lanes: the permutation puts the int16s in order, then each lane's low 8 bytes.
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xd8);
+    const __m256i b = _mm256_packs_epi16(w, w);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                     _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    *sum = hsum(_mm256_add_epi32(qi[0], qi[1]));
 }
 
 // Row m of x into the activations' buffers (q of `bits`, d and sums), per block of `block` (32, or 16 bytes).
