@@ -133,6 +133,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused.rms_norm(x, self.weight, self.eps)
 
+    def pack(self) -> None:
+        """Its weight in float32, as packed models' activations are (CPU models, at load)."""
+        self.weight = nn.Parameter(self.weight.detach().float(), requires_grad=False)
+
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x): the residual add folded into the norm."""
         return fused.add_rms_norm(x, residual, self.weight, self.eps)
@@ -355,7 +359,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
                 linears.append(module)
             elif isinstance(module, RMSNorm):
-                module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=False)
+                module.pack()
         self.kernel_plans = plan_linears(linears)
 
     def kernel_choices(self) -> dict:

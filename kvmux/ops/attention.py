@@ -13,7 +13,7 @@ backend by name:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,17 @@ class _OneTokenGroup:
     block_tables: torch.Tensor  # [B, nb] int64, nb = most blocks any of them uses
     context_lens: torch.Tensor  # [B]
     block_size: int
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # by window: made once a step, read every layer
 
     def mask(self, window: int) -> torch.Tensor:
         """[B, 1, 1, nb * block_size] bool, True where the slot is context the token sees."""
-        slots = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.context_lens.device)
-        mask = slots[None, :] < self.context_lens[:, None]
-        if window:
-            mask &= slots[None, :] >= self.context_lens[:, None] - window
-        return mask[:, None, None, :]
+        if window not in self.masks:
+            slots = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.context_lens.device)
+            mask = slots[None, :] < self.context_lens[:, None]
+            if window:
+                mask &= slots[None, :] >= self.context_lens[:, None] - window
+            self.masks[window] = mask[:, None, None, :]
+        return self.masks[window]
 
 
 @dataclass
@@ -49,17 +52,22 @@ class _PrefillSeq:
     end: int
     block_table: torch.Tensor   # [nb] int64, just the blocks covering its context
     context_len: int
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # by window, as _OneTokenGroup's
 
     def mask(self, window: int) -> torch.Tensor | None:
         """[query_len, context_len] bool; None = plain causal (no cached prefix, no window)."""
-        qlen, ctx = self.end - self.start, self.context_len
-        if ctx == qlen and not window:
-            return None
-        # Query t sits at position ctx - qlen + t and sees keys 0..that position (the last `window` of them).
-        q_pos = torch.arange(ctx - qlen, ctx, device=self.block_table.device)[:, None]
-        keys = torch.arange(ctx, device=self.block_table.device)[None, :]
-        mask = keys <= q_pos
-        return mask & (keys > q_pos - window) if window else mask
+        if window not in self.masks:
+            qlen, ctx = self.end - self.start, self.context_len
+            mask = None
+            if ctx > qlen or window:
+                # Query t sits at position ctx - qlen + t and sees keys 0..that position (the last `window` of them).
+                q_pos = torch.arange(ctx - qlen, ctx, device=self.block_table.device)[:, None]
+                keys = torch.arange(ctx, device=self.block_table.device)[None, :]
+                mask = keys <= q_pos
+                if window:
+                    mask &= keys > q_pos - window
+            self.masks[window] = mask
+        return self.masks[window]
 
 
 @dataclass
