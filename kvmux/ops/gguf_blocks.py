@@ -85,9 +85,8 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode(gguf_type: str, raw: torch.Tensor) -> Rows:
     """GGUF blocks uint8 [N, bytes per row] (rows as the file stores them) in their own form."""
-    block_bytes, values = GGUF_BLOCK[gguf_type]
     n = raw.shape[0]
-    b = raw.reshape(n, -1, block_bytes)
+    b = raw.reshape(n, -1, GGUF_BLOCK[gguf_type][0])
     m = None
     if gguf_type == "Q8_0":
         d, q = _f16(b[..., 0:2]), b[..., 2:]

@@ -218,9 +218,8 @@ def _timing_slice(layer: PackedLayer, rows: int) -> PackedLayer:
     panels = max(4, int(FLOP_CAP // (2 * rows * k * PANEL)))
     quant = layer.quant
     if quant is not None:
-        quant = replace(quant, out_features=panels * QUANT_PANEL,
-                                    quants=quant.quants[:panels], scales=quant.scales[:panels],
-                                    mins=None if quant.mins is None else quant.mins[:panels])
+        quant = replace(quant, out_features=panels * QUANT_PANEL, quants=quant.quants[:panels],
+                        scales=quant.scales[:panels], mins=None if quant.mins is None else quant.mins[:panels])
     width = panels * (QUANT_PANEL if quant is not None else PANEL)
     return SimpleNamespace(weight=None if layer.weight is None else layer.weight[:panels], quant=quant,
                            bias=None if layer.bias is None else layer.bias[:width],

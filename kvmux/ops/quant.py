@@ -3,21 +3,22 @@
 A GGUF row is a run of blocks: an fp16 scale d (some types also an fp16
 offset m) and integers, w = d (q - off) + m; kvmux/ops/gguf_blocks.py reads
 each type kvmux keeps (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K,
-Q5_K, Q6_K) into one of six forms (QTYPES). `pack` keeps those numbers,
+Q5_K, Q6_K) into one of six forms (QTYPES). `pack_parts` keeps those numbers,
 rearranged once into panels of 16 rows whose integers interleave along K
 (native/cpu/quant_linear.h), in the file's bits per weight: Q8_0, Q4 and Q5 in
 its own bytes (34, 18, 20, 22 or 24 per 32 weights instead of 128 in float32),
 Q5 and Q6_K as Q4's nibbles and planes of their fifth (and sixth) bits the
 kernels add as 16 (and 32) where set; Q6_K 28 bytes per 32 against the file's
-26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear` quantizes the activations
-per block on the fly, to int8 for every form but Q8_0 (as llama.cpp does) and
-to int16 for Q8_0 (whose accuracy byte activations would spoil), and runs
+26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear`
+quantizes the activations per block on the fly, to int8 for every form but
+Q8_0 (as llama.cpp does) and to int16 for Q8_0 (whose accuracy byte
+activations would spoil), and runs
 integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
 plain AVX2) with one float multiply-add per block. `QuantWeight.rows`
 dequantizes single rows (embedding lookups), so a quantized embedding is also
 the tied LM head.
 
-The kernel variants (avx2, avxvnni, avx512vnni) are kernel_choice's linear
+The kernel variants (avx2, avxvnni, avx512vnni, amx) are kernel_choice's linear
 variants for these formats: the model times them per shape at load like the
 float kernels (kvmux/ops/linear.py), and KVMUX_KERNELS=linear=avx2 forces one.
 """
@@ -112,7 +113,8 @@ def _panels(rows: Rows, quants: torch.Tensor, scales: torch.Tensor, mins: torch.
     else:  # chunk h, byte 4c + i: k = 8h + i (low nibble) | 8h + 4 + i (high)
         chunks, planes, nibbles = size // 8, HIGH_PLANES[rows.form], PANEL * size // 2
         k = q.reshape(p, PANEL, blocks, chunks, 2, 4)
-        quants[..., :nibbles].copy_(((k[..., 0, :] & 15) | ((k[..., 1, :] & 15) << 4)).permute(0, 2, 3, 1, 4).flatten(2))
+        low, high = k[..., 0, :] & 15, k[..., 1, :] & 15
+        quants[..., :nibbles].copy_((low | (high << 4)).permute(0, 2, 3, 1, 4).flatten(2))
         if planes:  # chunk h, plane j, half (low, high nibbles): a 64-bit mask, bit 4c + i of byte 4c + i's bit 4 + j
             bits = torch.stack([(k >> (4 + j)) & 1 for j in range(planes)], dim=3)   # [p, c, blocks, j, h, 2, 4]
             bits = bits.permute(0, 2, 4, 3, 5, 1, 6).reshape(p, blocks, chunks, planes, 2, 8, 8)
