@@ -32,9 +32,10 @@ def random_prompt(seed: int, n: int) -> list[int]:
 
 
 def assert_no_leaks(engine: Engine) -> None:
-    """Nothing is held on any tier: every device and host block is free, nothing is swapped out."""
+    """Nothing is held on any tier: every device, sliding-window and host block is free, nothing is swapped out."""
     blocks = engine.blocks
     assert blocks.num_free == blocks.num_blocks, f"{blocks.num_blocks - blocks.num_free} device blocks leaked"
+    assert blocks.num_sliding_used == 0, f"{blocks.num_sliding_used} sliding-window slots leaked"
     host = blocks.tiers.host
     assert host.num_free == host.num_blocks, f"{host.num_blocks - host.num_free} host blocks leaked"
     assert not engine.eviction.swapped, f"sequences left swapped out: {list(engine.eviction.swapped)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 
 import pytest
@@ -112,18 +113,48 @@ def test_real_gemma3_file():
     assert (got == want).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap"),
+@pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap", sliding_window_pool=False),
+                                     dict(num_blocks=12, preemption_mode="swap"),
                                      dict(num_blocks=12, preemption_mode="recompute"),
                                      dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3})],
-                         ids=["swap", "recompute", "ngram"])
+                         ids=["swap-one-pool", "swap-sliding-pool", "recompute", "ngram"])
 def test_prefix_hits_preemption_and_speculation_keep_transformers_outputs(tiny, options):
     """Sliding layers beside the pool's other paths: prompts sharing a 24-token prefix (cache hits that end past
     the window, so a chunk after them reads a window of cached keys), a pool too small for all of them at once
-    (preempted and brought back), and drafts verified in one forward: every output is transformers' greedy one."""
+    (preempted and brought back), and drafts verified in one forward: every output is transformers' greedy one.
+    With a sliding-window pool, swap preemption falls back to recompute (the host keeps full-attention blocks)."""
     shared = random_prompt(7, 24)
     prompts = [shared + random_prompt(s, 5) for s in range(4)] * 2
     done, stats = run_engine(str(tiny), prompts, greedy(16), block_size=8, **options)
     assert [d.token_ids for d in done] == hf_greedy(tiny, prompts, 16)
     assert stats["prefix_cache_hits"] > 0
     if "preemption_mode" in options:
-        assert stats[f"preemptions_{options['preemption_mode']}"] > 0
+        mode = "swap" if options.get("sliding_window_pool") is False else "recompute"
+        assert stats[f"preemptions_{mode}"] > 0
+
+
+def test_a_sequence_past_the_window_gives_back_its_sliding_slots(tiny):
+    """One 120-token prompt and 30 decodes, in 16-token chunks, window 10, blocks of 8: outputs are transformers',
+    and the sliding layers hold only the blocks of the window and the chunk (measured at the end of the run, before
+    the sequence is freed, through stats); the full-attention layers hold every token."""
+    from kvmux import Engine
+
+    prompt = random_prompt(11, 120)
+    held = []
+
+    async def main():
+        async with Engine(str(tiny), dtype="float32", block_size=8, max_num_batched_tokens=16) as engine:
+            assert engine.pool.window == WINDOW and engine.pool.sliding_geometry.num_layers == 2
+            stream = engine.generate(prompt, greedy(30))
+            tokens = []
+            async for out in stream:
+                tokens += out.token_ids
+                stats = await engine.stats()
+                held.append((stats["kv_bytes_sliding_attention"], stats["kv_bytes_full_attention"]))
+            return tokens
+
+    assert asyncio.run(main()) == hf_greedy(tiny, [prompt], 30)[0]
+    sliding_slot = 2 * 2 * 1 * 8 * 16 * 4  # 2 layers, K and V, 1 KV head, 8 tokens, head_dim 16, float32
+    full_block = sliding_slot // 2
+    assert 0 < max(s for s, _ in held) <= sliding_slot * (-(-(WINDOW - 1) // 8) + 2 + 2)
+    assert max(f for _, f in held) >= full_block * (120 // 8)

@@ -19,6 +19,14 @@ to a host pool and then a disk pool instead of being dropped, and a prefix
 lookup goes on down there; a preempted sequence can be swapped out to the host
 pool (`swap_out`) and back (`swap_in`) with its block table rebuilt.
 
+Sliding-window layers (Gemma 3's five of six) read only the last `window` tokens, so their KV has a pool of its
+own (`num_sliding_blocks`, the engine sizes it for the windows of its running sequences): a sequence holds a
+sliding slot beside each of its blocks that some query to come still sees, and gives it back as its window moves
+on -- to the sliding pool's cached LRU when the block is a cached prefix block, so a later prefix hit can find it.
+A prefix hit is used only as far as the sliding slots of the window before its end are cached too; the blocks of
+the full-attention layers are held for every token, as before. A sequence with sliding slots is preempted by
+recompute, never swapped (the host tier keeps the full-attention layers' blocks only).
+
 Nothing here moves bytes: every copy a decision implies -- copy-on-write,
 swap, demotion, promotion -- joins one queue of `BlockCopy`s, in the order the
 copies must run, which the runner takes (`take_copies`) and applies before the
@@ -33,7 +41,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.cache.tiers import DEVICE, BlockCopy, Tiers
+from kvmux.cache.tiers import DEVICE, SLIDING, BlockCopy, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -60,11 +68,17 @@ def block_hashes(parent: int, token_ids: Sequence[int], block_size: int) -> list
 
 
 class _Seq:
-    __slots__ = ("blocks", "num_tokens", "token_ids", "root", "hashes", "num_registered", "pending_end")
+    __slots__ = ("blocks", "num_tokens", "token_ids", "root", "hashes", "num_registered", "pending_end", "sliding",
+                 "sliding_lo")
 
     def __init__(self, blocks: list[int], num_tokens: int, token_ids: list[int], root: int,
-                 hashes: list[int] | None = None, num_registered: int = 0, pending_end: int = 0):
+                 hashes: list[int] | None = None, num_registered: int = 0, pending_end: int = 0,
+                 sliding: list[int] | None = None, sliding_lo: int = 0):
         self.blocks = blocks
+        # With a sliding pool: per block, the sliding slot held beside it, or -1; blocks below sliding_lo hold none
+        # (no query to come sees them). Empty without one.
+        self.sliding = [-1] * len(blocks) if sliding is None else sliding
+        self.sliding_lo = sliding_lo
         self.num_tokens = num_tokens
         self.token_ids = token_ids  # every token that has a slot, to hash blocks as they fill
         self.root = root  # parent hash of the first block: the engine's cache key and the request's salt
@@ -79,10 +93,12 @@ class BlockManager:
     """Per-sequence block tables over the native allocator. Sequences are identified by a str id."""
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 cache_key: bytes = b"", num_host_blocks: int = 0, num_disk_blocks: int = 0):
+                 cache_key: bytes = b"", num_host_blocks: int = 0, num_disk_blocks: int = 0,
+                 num_sliding_blocks: int = 0, window: int = 0):
         """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain.
 
-        num_host_blocks / num_disk_blocks size the tiers below the device (0: none).
+        num_host_blocks / num_disk_blocks size the tiers below the device (0: none). num_sliding_blocks > 0: the
+        sliding-window layers' pool, for a window of `window` tokens (the query's own included).
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -101,6 +117,10 @@ class BlockManager:
                            copies=self._copies)
         self._swapped: dict[str, _Seq] = {}  # swapped-out sequences; their `blocks` are host blocks
         self.prefix_hit_blocks = [0, 0, 0]  # prefix cache hits found on the device, host, disk
+        if num_sliding_blocks and window <= 0:
+            raise ValueError(f"a sliding pool needs a window > 0, got {window}")
+        self.window = window if num_sliding_blocks else 0
+        self._sliding = BlockAllocator(num_sliding_blocks) if num_sliding_blocks else None
 
     @property
     def num_free(self) -> int:
@@ -115,6 +135,19 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - self._alloc.num_free
 
+    @property
+    def num_sliding_blocks(self) -> int:
+        return self._sliding.num_blocks if self._sliding is not None else 0
+
+    @property
+    def num_sliding_used(self) -> int:
+        """Sliding slots held by sequences (cached ones nobody holds are free)."""
+        return self._sliding.num_blocks - self._sliding.num_free if self._sliding is not None else 0
+
+    def _window_start(self, position: int) -> int:
+        """The first block a sliding layer's query at `position` reads, and every later query too."""
+        return max(0, position - self.window + 1) // self.block_size
+
     def blocks_for(self, num_tokens: int) -> int:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
@@ -126,7 +159,7 @@ class BlockManager:
             return self._root_hash
         return _digest(self._root_hash.to_bytes(8, "little") + b"salt\0" + salt.encode("utf-8", "surrogatepass"))
 
-    def _lookup_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
+    def _prompt_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """Hashes a new sequence may match: full blocks, but never the one holding the last token.
 
         That token is always computed (its logits give the first output), and
@@ -136,6 +169,26 @@ class BlockManager:
             return []
         cacheable = (len(token_ids) - 1) // self.block_size * self.block_size
         return block_hashes(self.root(salt), token_ids[:cacheable], self.block_size)
+
+    def _lookup_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
+        """The prompt's hashes a hit may use now (with a sliding pool, _within_sliding_cache's)."""
+        hashes = self._prompt_hashes(token_ids, salt)
+        return self._within_sliding_cache(hashes) if self._sliding is not None and hashes else hashes
+
+    def _within_sliding_cache(self, hashes: list[int]) -> list[int]:
+        """The leading hashes a hit may use with a sliding pool: as many as are cached in some tier, but only so
+        far that the sliding layers' window before the hit's end is cached in the sliding pool too."""
+        found = len(self._alloc.lookup(hashes))
+        found += self.tiers.available(hashes[found:])
+        last_missing, last = [], -1  # per block: the last one up to it whose sliding slot is not cached
+        for i, digest in enumerate(hashes[:found]):
+            if not self._sliding.lookup([digest]):
+                last = i
+            last_missing.append(last)
+        hits = found
+        while hits and last_missing[hits - 1] >= self._window_start(hits * self.block_size):
+            hits -= 1
+        return hashes[:hits]
 
     def can_allocate_prompt(self, token_ids: Sequence[int], reserve: int = 0, salt: str | None = None) -> bool:
         """Whether allocate(token_ids) fits, counting cache hits (free cached blocks revived still take room)."""
@@ -150,7 +203,7 @@ class BlockManager:
         """
         if not self._pending:
             return False
-        hashes = self._lookup_hashes(token_ids, salt)
+        hashes = self._prompt_hashes(token_ids, salt)
         hits = len(self._alloc.lookup(hashes))
         return hits < len(hashes) and hashes[hits] in self._pending
 
@@ -163,17 +216,25 @@ class BlockManager:
         """
         if seq_id in self._seqs or seq_id in self._swapped:
             raise BlockError(f"sequence {seq_id!r} already exists")
-        hashes = self._lookup_hashes(token_ids, salt)
-        blocks, device_hits = self._alloc.allocate_with_prefix(hashes, self.blocks_for(len(token_ids)))
+        hashes = self._prompt_hashes(token_ids, salt)
+        usable = self._within_sliding_cache(hashes) if self._sliding is not None and hashes else hashes
+        blocks, device_hits = self._alloc.allocate_with_prefix(usable, self.blocks_for(len(token_ids)))
         # The run of cached blocks may go on below the device: promote it into the fresh blocks.
         self.tiers.touch_disk(hashes[:device_hits])
-        from_host, from_disk = self.tiers.fetch(hashes[device_hits:], blocks[device_hits:])
+        from_host, from_disk = self.tiers.fetch(usable[device_hits:], blocks[device_hits:])
         hits = device_hits + from_host + from_disk
         self.prefix_hit_blocks[0] += device_hits
         self.prefix_hit_blocks[1] += from_host
         self.prefix_hit_blocks[2] += from_disk
+        sliding, sliding_lo = None, 0
+        if self._sliding is not None:
+            # The window before the first token to compute: cached (_within_sliding_cache made sure), so no fresh slot.
+            sliding_lo = self._window_start(hits * self.block_size)
+            window, _ = self._sliding.allocate_with_prefix(hashes[sliding_lo:hits], hits - sliding_lo)
+            sliding = [-1] * sliding_lo + window + [-1] * (len(blocks) - hits)
         self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), self.root(salt), hashes,
-                                  num_registered=hits, pending_end=len(hashes))
+                                  num_registered=hits, pending_end=len(hashes), sliding=sliding,
+                                  sliding_lo=sliding_lo)
         self._pending.update(hashes[hits:])
         if self.enable_prefix_caching:
             self.prefix_query_tokens += len(token_ids)
@@ -187,19 +248,45 @@ class BlockManager:
         only ever hit KV that really exists. A sequence freed meanwhile is skipped.
         """
         seq = self._seqs.get(seq_id)
-        if seq is None or not self.enable_prefix_caching:
+        if seq is None:
             return
-        full = min(num_tokens, seq.num_tokens) // self.block_size
-        if full <= seq.num_registered:
+        num_tokens = min(num_tokens, seq.num_tokens)
+        full = num_tokens // self.block_size
+        if self.enable_prefix_caching and full > seq.num_registered:
+            self._hash_full_blocks(seq, full)
+            for i in range(seq.num_registered, full):
+                # False means another block already holds this content; this copy
+                # simply stays private and returns to the plain free list.
+                if self._alloc.register_block(seq.blocks[i], seq.hashes[i]):
+                    self.tiers.persist(seq.blocks[i], seq.hashes[i])
+                if self._sliding is not None and seq.sliding[i] >= 0:
+                    self._sliding.register_block(seq.sliding[i], seq.hashes[i])
+            self._end_pending(seq, full)
+            seq.num_registered = full
+        if self._sliding is not None:
+            self._leave_window(seq, self._window_start(num_tokens))
+
+    def _leave_window(self, seq: _Seq, lo: int) -> None:
+        """Give back the sliding slots of the sequence's blocks below `lo`, which no query to come sees."""
+        if lo <= seq.sliding_lo:
             return
-        self._hash_full_blocks(seq, full)
-        for i in range(seq.num_registered, full):
-            # False means another block already holds this content; this copy
-            # simply stays private and returns to the plain free list.
-            if self._alloc.register_block(seq.blocks[i], seq.hashes[i]):
-                self.tiers.persist(seq.blocks[i], seq.hashes[i])
-        self._end_pending(seq, full)
-        seq.num_registered = full
+        held = [s for s in seq.sliding[seq.sliding_lo:lo] if s >= 0]
+        self._sliding.free_blocks(held[::-1])
+        seq.sliding[seq.sliding_lo:lo] = [-1] * (lo - seq.sliding_lo)
+        seq.sliding_lo = lo
+
+    def sliding_table(self, seq_id: str, start: int, end: int) -> list[int]:
+        """The sliding slot of each of the sequence's blocks (-1: none) for a chunk computing tokens start..end-1:
+        blocks it writes get fresh slots; the window before `start` must hold its slots already."""
+        seq = self._get(seq_id)
+        first = self._window_start(start)
+        missing = [i for i in range(first, self.blocks_for(end)) if seq.sliding[i] < 0]
+        if missing and missing[0] < start // self.block_size:
+            raise BlockError(f"sequence {seq_id!r}: block {missing[0]}, in the sliding window before token {start}, "
+                             f"has no sliding slot")
+        for i, slot in zip(missing, self._sliding.allocate_n(len(missing))):
+            seq.sliding[i] = slot
+        return list(seq.sliding)
 
     def _hash_full_blocks(self, seq: _Seq, full: int) -> list[int]:
         """Hashes of the sequence's first `full` blocks, computing the missing ones."""
@@ -245,6 +332,14 @@ class BlockManager:
             self._alloc.decref(src)  # other owners still hold it
             seq.blocks[-1] = dst
             self._copies.append(BlockCopy(DEVICE, src, DEVICE, dst))
+        if self._sliding is not None:
+            last = seq.sliding[-1] if seq.sliding else -1
+            if seq.num_tokens % self.block_size and last >= 0 and self._sliding.refcount(last) > 1:
+                (dst,) = self._sliding.allocate_n(1)
+                self._sliding.decref(last)
+                seq.sliding[-1] = dst
+                self._copies.append(BlockCopy(SLIDING, last, SLIDING, dst))
+            seq.sliding.extend([-1] * len(fresh))  # slots come when a chunk writes them (sliding_table)
         seq.blocks.extend(fresh)
         seq.num_tokens += n
         seq.token_ids.extend(token_ids)
@@ -262,6 +357,9 @@ class BlockManager:
             raise BlockError(f"sequence {seq_id!r}: truncating to {num_tokens} tokens would cut cached blocks")
         self._alloc.free_blocks(seq.blocks[keep:][::-1])
         del seq.blocks[keep:]
+        if self._sliding is not None:
+            self._sliding.free_blocks([s for s in seq.sliding[keep:][::-1] if s >= 0])
+            del seq.sliding[keep:]
         del seq.token_ids[num_tokens:]
         del seq.hashes[num_tokens // self.block_size:]
         seq.num_tokens = num_tokens
@@ -271,8 +369,11 @@ class BlockManager:
         if child_id in self._seqs:
             raise BlockError(f"sequence {child_id!r} already exists")
         self._alloc.fork(parent.blocks)
+        if self._sliding is not None:
+            self._sliding.fork([s for s in parent.sliding if s >= 0])
         self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens, list(parent.token_ids), parent.root,
-                                    list(parent.hashes), parent.num_registered)
+                                    list(parent.hashes), parent.num_registered, sliding=list(parent.sliding),
+                                    sliding_lo=parent.sliding_lo)
 
     def free(self, seq_id: str) -> None:
         # Last block first: cached blocks join the LRU in that order, so a
@@ -280,6 +381,8 @@ class BlockManager:
         # longer prefix needs, stays reachable longest.
         seq = self._get(seq_id)
         self._alloc.free_blocks(seq.blocks[::-1])
+        if self._sliding is not None:
+            self._sliding.free_blocks([s for s in seq.sliding[::-1] if s >= 0])
         self._end_pending(seq, seq.pending_end)
         del self._seqs[seq_id]
 
@@ -290,9 +393,12 @@ class BlockManager:
 
         Only for a sequence whose every slot has been computed (a running one
         between steps): its full blocks are then hashed by content, so blocks
-        it shares with others are stored on the host once.
+        it shares with others are stored on the host once. Never with a sliding pool (False): the host keeps
+        the full-attention layers' blocks only, so such a sequence is recomputed.
         """
         seq = self._get(seq_id)
+        if self._sliding is not None:
+            return False
         hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
         host_blocks = self.tiers.swap_out(seq.blocks, hashes)
         if host_blocks is None:
@@ -340,6 +446,8 @@ class BlockManager:
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
             "cached_blocks": self._alloc.num_cached,
             "shared_blocks": self._alloc.num_shared,
+            **({"sliding_blocks_used": self.num_sliding_used, "sliding_blocks_cached": self._sliding.num_cached}
+               if self._sliding is not None else {}),
         }
 
     def has(self, seq_id: str) -> bool:
@@ -404,10 +512,26 @@ class BlockManager:
             for i, block in enumerate(seq.blocks):
                 if self._alloc.has_hash(block) and (i + 1) * self.block_size > seq.num_tokens:
                     raise RuntimeError(f"sequence {seq_id!r} can still write into cached block {block}")
+        if self._sliding is not None:
+            self._check_sliding()
         self.tiers.check_invariants(Counter(b for seq in self._swapped.values() for b in seq.blocks))
         pending = Counter(h for seq in self._seqs.values() for h in seq.hashes[seq.num_registered:seq.pending_end])
         if pending != self._pending:
             raise RuntimeError(f"in-flight prefix blocks {dict(self._pending)} != {dict(pending)} held by sequences")
+
+    def _check_sliding(self) -> None:
+        self._sliding.check_invariants()
+        holders = Counter(s for seq in self._seqs.values() for s in seq.sliding if s >= 0)
+        for seq_id, seq in self._seqs.items():
+            if len(seq.sliding) != len(seq.blocks):
+                raise RuntimeError(f"sequence {seq_id!r}: {len(seq.sliding)} sliding entries for "
+                                   f"{len(seq.blocks)} blocks")
+            if any(s >= 0 for s in seq.sliding[:seq.sliding_lo]):
+                raise RuntimeError(f"sequence {seq_id!r} holds sliding slots below its window")
+        for slot in range(self._sliding.num_blocks):
+            if self._sliding.refcount(slot) != holders[slot]:
+                raise RuntimeError(f"sliding slot {slot} has refcount {self._sliding.refcount(slot)} "
+                                   f"but {holders[slot]} sequence(s) hold it")
 
     def _get(self, seq_id: str) -> _Seq:
         try:

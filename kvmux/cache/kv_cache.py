@@ -71,9 +71,13 @@ class KVCache:
 
     Block-major so that one block across all layers is a single contiguous
     region: copy-on-write and host swaps are then one copy per block.
+
+    `sliding`: the sliding-window layers' own pool, where a model has one (kvmux/cache/pool_plan.py); this one then
+    holds the full-attention layers only, each pool's layers numbered in model order.
     """
 
-    def __init__(self, num_blocks: int, geometry: PoolGeometry, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_blocks: int, geometry: PoolGeometry, device: torch.device | str = "cpu",
+                 sliding: KVCache | None = None) -> None:
         if geometry.dtype not in POOL_DTYPES:
             raise ValueError(f"KV cache dtype must be one of {POOL_DTYPES}, got {geometry.dtype}")
         if num_blocks < 1 or geometry.block_size < 1:
@@ -86,6 +90,7 @@ class KVCache:
             self.kv = zeros_on_touch(shape, geometry.dtype)
         else:
             self.kv = torch.zeros(shape, dtype=geometry.dtype, device=device)
+        self.sliding = sliding
 
     @property
     def num_blocks(self) -> int:

@@ -33,10 +33,12 @@ from typing import NamedTuple
 from kvmux._native import BlockAllocator
 
 DEVICE, HOST, DISK = 0, 1, 2
+SLIDING = 3  # the device's pool of sliding-window layers (block_manager.py): only copy-on-write copies within it
 
 
 class BlockCopy(NamedTuple):
-    """Copy one block's KV across all layers: copy-on-write, a swap, a demotion, a promotion or a write-through."""
+    """Copy one block's KV across all layers of its pool: copy-on-write, a swap, a demotion, a promotion or a
+    write-through."""
 
     src_tier: int
     src: int
@@ -133,6 +135,13 @@ class Tiers:
         self.disk_restored += len(kept)
         self.disk_corrupt += corrupt
         self.disk_bad_records += bad_records
+
+    def available(self, hashes: list[int]) -> int:
+        """How long a leading run of `hashes` the host, then the disk, hold (what fetch would promote)."""
+        if not (self.keep_prefixes and hashes):
+            return 0
+        n_host = len(self.host.lookup(hashes))
+        return n_host + len(self.disk.lookup(hashes[n_host:]))
 
     def fetch(self, hashes: list[int], fresh: list[int]) -> tuple[int, int]:
         """Fill fresh device blocks with the leading run of `hashes` found on the host, then on disk.

@@ -76,9 +76,14 @@ class BlockCopier:
             target[torch.tensor(dst, device=target.device)] = rows.to(target.device)
         self._journal(copies)
         elapsed = time.perf_counter() - started
-        self.bytes_moved += len(copies) * self.block_bytes
+        self.bytes_moved += sum(self._block_bytes(c.src_tier) for c in copies)
         self.copy_seconds += elapsed
         self.wait_seconds += elapsed
+
+    def _block_bytes(self, tier: int) -> int:
+        """A block's bytes in that tier's pool (the sliding-window pool's differ from the others')."""
+        pool = self.pools[tier]
+        return pool.stride(0) * pool.element_size()
 
     def _journal(self, copies: list[BlockCopy]) -> None:
         """Record the disk blocks these copies (all done) wrote and read."""
@@ -137,7 +142,7 @@ class CudaBlockCopier(BlockCopier):
         return self.cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
 
     def _ptr(self, tier: int, block: int) -> int:
-        return self.pools[tier].data_ptr() + block * self.block_bytes
+        return self.pools[tier].data_ptr() + block * self._block_bytes(tier)
 
     def apply(self, copies: list[BlockCopy]) -> None:
         if not copies:
@@ -152,9 +157,9 @@ class CudaBlockCopier(BlockCopier):
                 if DISK in (src_tier, dst_tier):
                     self.stream.synchronize()
                 if DEVICE in (src_tier, dst_tier):
-                    cp.cuda.runtime.memcpyAsync(self._ptr(dst_tier, dst), self._ptr(src_tier, src), self.block_bytes,
-                                                self._MEMCPY_DEFAULT, self.stream.ptr)
-                else:  # host <-> disk: both in CPU memory
+                    cp.cuda.runtime.memcpyAsync(self._ptr(dst_tier, dst), self._ptr(src_tier, src),
+                                                self._block_bytes(src_tier), self._MEMCPY_DEFAULT, self.stream.ptr)
+                else:  # host <-> disk in CPU memory; or within the sliding pool, on the forward's stream, in its order
                     self.pools[dst_tier][dst].copy_(self.pools[src_tier][src])
                 if DISK in (src_tier, dst_tier):
                     self.stream.synchronize()
@@ -166,7 +171,7 @@ class CudaBlockCopier(BlockCopier):
                 if tier == DEVICE:
                     self.pending[block] = end
         self.timings.append(("copy", start, end))
-        self.bytes_moved += len(copies) * self.block_bytes
+        self.bytes_moved += sum(self._block_bytes(c.src_tier) for c in copies)
         self._collect()
 
     def before_forward(self, blocks: set[int]) -> None:

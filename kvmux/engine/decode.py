@@ -349,6 +349,10 @@ class Decode(Actor):
                 sampled.append(seq)
                 self.running[seq.seq_id] = seq
             computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
+        if self.blocks.window:  # the sliding-window layers' slots: the chunk's blocks and the window before them
+            for chunk in chunks:
+                chunk.sliding_table = self.blocks.sliding_table(chunk.seq_id, chunk.position,
+                                                                chunk.position + len(chunk.token_ids))
         # The masks are filled on another thread while the forward runs; sampling waits for them.
         return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None), sampled, computed
 

@@ -19,6 +19,7 @@ from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.disk_store import describe as describe_stores
 from kvmux.cache.kv_cache import PoolGeometry
+from kvmux.cache.pool_plan import plan_pool
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
@@ -28,6 +29,7 @@ from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
 from kvmux.engine.router import OutputStream, Router
 from kvmux.engine.speculation import Speculator
+from kvmux.model.config import SLIDING
 from kvmux.model.loader import LoadedModel, default_model_path, load_model, load_model_info
 from kvmux.model.metadata import context_length
 from kvmux.model.sharding import Shard
@@ -107,36 +109,43 @@ class Engine:
         # Under tensor parallelism a block's bytes are a rank's: its KV heads' slice (the budgets are per rank).
         kv_heads = len(Shard.of(arch, 0, cfg.tensor_parallel_size).kv_heads) if parallel else arch.num_key_value_heads
         kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else dtype
-        geometry = PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, kv_dtype)
-        num_blocks = cfg.num_blocks
-        if num_blocks is None:
+        speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
+        sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if cfg.sliding_window_pool else 0
+        try:
             # The budget, but no more than every seat holding a full-length
             # sequence could use: a small model should not zero a gigabyte it never touches.
-            usable = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
-            num_blocks = min(int(cfg.kv_cache_gib * 2**30) // geometry.block_bytes, usable)
-            if num_blocks < 1:
-                raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} is smaller than one KV block "
-                                 f"({geometry.block_bytes} bytes)")
+            pool = plan_pool(PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, kv_dtype),
+                             budget_bytes=int(cfg.kv_cache_gib * 2**30), num_blocks=cfg.num_blocks,
+                             max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len,
+                             num_sliding_layers=sliding_layers, window=arch.sliding_window or 0,
+                             step_tokens=cfg.max_num_batched_tokens,
+                             lookahead=speculative.num_speculative_tokens if speculative else 0)
+        except ValueError as exc:
+            raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} {exc}") from None
+        geometry, num_blocks = pool.geometry, pool.num_blocks
+        if pool.window:
+            log.info("KV pool: %d blocks of the %d full-attention layers, %d of the %d sliding-window layers "
+                     "(window %d)", num_blocks, geometry.num_layers, pool.num_sliding_blocks,
+                     pool.sliding_geometry.num_layers, pool.window)
         num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else \
             int(cfg.host_cache_gib * 2**30) // geometry.block_bytes
         num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
-        self.geometry = geometry
+        self.geometry, self.pool = geometry, pool
         # Everything that shapes a KV block's bytes: it seeds every block hash, and names the disk tier's store.
         kv_meta = kv_identity(self.loaded, self.dtype, geometry, cfg.tensor_parallel_size)
         kv_key = store_key(kv_meta)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
-                        cfg.block_size, num_blocks, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size,
-                        cfg.kv_cache_dtype)
+                        pool, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
             disk = DiskStore(cfg.disk_cache_dir, kv_key, kv_meta, geometry, num_disk) if num_disk else None
-            self.runner = Runner.build(self.loaded.model, geometry, num_blocks, num_host, disk, cfg.device)
+            self.runner = Runner.build(self.loaded.model, pool, num_host, disk, cfg.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
-                                   cache_key=kv_key.encode(),
-                                   num_host_blocks=num_host, num_disk_blocks=num_disk)
+                                   cache_key=kv_key.encode(), num_host_blocks=num_host, num_disk_blocks=num_disk,
+                                   num_sliding_blocks=pool.num_sliding_blocks, window=pool.window)
         if not parallel and self.runner.disk is not None:
             opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
             self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
@@ -160,8 +169,8 @@ class Engine:
                         block_bytes=geometry.block_bytes)
         self.eviction = Eviction(self.blocks, policy, router=self.router)
         speculator = None
-        if cfg.speculative_config is not None:
-            speculator = Speculator(SpeculativeConfig.from_dict(cfg.speculative_config))
+        if speculative is not None:
+            speculator = Speculator(speculative)
             log.info("speculative decoding: %s", speculator.config)
         self.decode = Decode(self.blocks, self.runner, self.executor,
                              tokenizer, eos_ids, cfg.max_num_batched_tokens,
@@ -306,6 +315,7 @@ class Engine:
         merged.update(
             blocks_total=self.blocks.num_blocks, blocks_free=self.blocks.num_free, blocks_used=self.blocks.num_used,
             block_size=self.blocks.block_size, kv_waste=self.blocks.kv_waste(), **self.blocks.cache_stats(),
+            **self.pool.bytes_by_layer_group(self.blocks.num_used, self.blocks.num_sliding_used),
             **self.runner.stats(), **self.constraints.stats(), **kernel_counts(self.kernels),
             threads=self.threads["threads"], **pool_stats(),
             uptime_s=time.monotonic() - self._started_at,
@@ -318,7 +328,8 @@ class Engine:
         return {"model": self.loaded.name, "path": self.loaded.path, "dtype": self.dtype,
                 "quantization": self.loaded.quantization, "max_model_len": self.max_model_len,
                 "block_size": self.config.block_size,
-                "num_blocks": self.blocks.num_blocks, "kernels": self.kernels, "threads": self.threads,
+                "num_blocks": self.blocks.num_blocks, "num_sliding_blocks": self.blocks.num_sliding_blocks,
+                "sliding_window": self.pool.window, "kernels": self.kernels, "threads": self.threads,
                 "config": asdict(self.config)}
 
 

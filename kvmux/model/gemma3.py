@@ -47,6 +47,8 @@ class Gemma3Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.sliding = config.layer_types[layer_idx] == SLIDING
         self.window = config.sliding_window if self.sliding else 0
+        # Where the sliding layers have a pool of their own: this layer's place among the layers of its pool.
+        self.pool_layer = sum((t == SLIDING) == self.sliding for t in config.layer_types[:layer_idx])
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.splits = (q_size, kv_size, kv_size)
         bias = config.attention_bias
@@ -63,7 +65,12 @@ class Gemma3Attention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, self.scale, backend, self.window)
+        if kv_cache.sliding is None:
+            pool, pool_batch, layer = kv_cache, batch, self.layer_idx
+        else:
+            pool, pool_batch = (kv_cache.sliding, batch.sliding) if self.sliding else (kv_cache, batch)
+            layer = self.pool_layer
+        out = paged_attention(q, k, v, pool, layer, pool_batch, self.scale, backend, self.window)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 

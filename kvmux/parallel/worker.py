@@ -20,11 +20,15 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from kvmux.step.work import Sampled, StepWork
+
+if TYPE_CHECKING:
+    from kvmux.cache.pool_plan import PoolPlan
 
 
 @dataclass
@@ -36,13 +40,11 @@ class Spec:
     quantization: str
     device: str
     attention_backend: str
-    block_size: int
-    num_blocks: int
+    pool: PoolPlan  # the device's pools, of a rank's KV heads
     num_host_blocks: int
     num_disk_blocks: int
     disk_cache_dir: str | None
     size: int  # model ranks
-    kv_cache_dtype: str = "auto"
 
 
 def fingerprint(config, spec: Spec) -> str:
@@ -63,7 +65,6 @@ def model_group(size: int):
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
     from kvmux.cache.disk_store import DiskStore
-    from kvmux.cache.kv_cache import PoolGeometry
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
     from kvmux.ops.threads import set_threads
@@ -84,8 +85,7 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                         attention_backend=spec.attention_backend, quantization=spec.quantization,
                         collectives=collectives)
     model = loaded.model
-    kv_dtype = torch.int8 if spec.kv_cache_dtype == "int8" else dtype
-    geometry = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, spec.block_size, kv_dtype)
+    geometry = spec.pool.geometry
     disk = None
     if spec.num_disk_blocks:
         # Each rank holds its slice of the disk tier, which starts empty: under tensor parallelism it does not
@@ -93,7 +93,7 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
         disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), "tensor-parallel", {"rank": rank},
                          geometry, spec.num_disk_blocks)
         disk.open(keep=False)
-    runner = Runner.build(model, geometry, spec.num_blocks, spec.num_host_blocks, disk, spec.device)
+    runner = Runner.build(model, spec.pool, spec.num_host_blocks, disk, spec.device)
     dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
     compute_seconds = 0.0
     try:

@@ -13,7 +13,8 @@ from concurrent.futures import Future
 import torch
 
 from kvmux.cache.disk_store import DiskStore
-from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.cache.kv_cache import KVCache
+from kvmux.cache.pool_plan import PoolPlan
 from kvmux.cache.tiers import DISK
 from kvmux.cache.transfer import BlockCopier, host_pool, make_copier
 from kvmux.runner.sampler import mask_logits, sample, verify
@@ -31,14 +32,15 @@ class Runner:
         self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
     @classmethod
-    def build(cls, model: torch.nn.Module, geometry: PoolGeometry, num_blocks: int, num_host_blocks: int,
-              disk: DiskStore | None, device: str) -> Runner:
-        """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
-        asynchronous copies) and the disk tier's store, if any."""
-        kv_cache = KVCache(num_blocks, geometry, device)
-        pools = [kv_cache.kv, host_pool(geometry, num_host_blocks, pinned=kv_cache.kv.is_cuda),
-                 disk and disk.tensor]
-        return cls(model, kv_cache, make_copier(pools, geometry.block_bytes, disk), disk)
+    def build(cls, model: torch.nn.Module, pool: PoolPlan, num_host_blocks: int, disk: DiskStore | None,
+              device: str) -> Runner:
+        """A runner over fresh pools: the device's KV pool (and its sliding-window layers' pool, if planned), the
+        host tier (pinned where the device is a GPU, for asynchronous copies) and the disk tier's store, if any."""
+        sliding = KVCache(pool.num_sliding_blocks, pool.sliding_geometry, device) if pool.num_sliding_blocks else None
+        kv_cache = KVCache(pool.num_blocks, pool.geometry, device, sliding)
+        pools = [kv_cache.kv, host_pool(pool.geometry, num_host_blocks, pinned=kv_cache.kv.is_cuda),
+                 disk and disk.tensor, sliding and sliding.kv]
+        return cls(model, kv_cache, make_copier(pools, pool.geometry.block_bytes, disk), disk)
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[list[Sampled]]:

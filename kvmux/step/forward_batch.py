@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ class ForwardBatch:
     # Scratch for the attention backend: per-step metadata it derives once from
     # this batch and reuses in every layer.
     attn_metadata: Any = field(default=None, repr=False, compare=False)
+    # With a sliding-window pool (KVCache.sliding): the same batch over that pool's slots, for its layers.
+    sliding: ForwardBatch | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -31,7 +33,8 @@ class ForwardBatch:
     @classmethod
     def build(cls, seqs: list[Chunk], block_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
         """From each chunk's tokens, position and block table; logits for the last token of chunks with a draw,
-        and for the len(drafts) tokens before it (a draft's logits verify the draft after it)."""
+        and for the len(drafts) tokens before it (a draft's logits verify the draft after it). Chunks with
+        sliding tables (all or none) give the batch its `sliding` twin."""
         if not seqs:
             raise ValueError("ForwardBatch.build: no sequences")
         query_lens = [len(s.token_ids) for s in seqs]
@@ -44,10 +47,7 @@ class ForwardBatch:
                     f"block table of {len(s.block_table)} blocks cannot hold {ctx} tokens "
                     f"(block_size {block_size})")
 
-        max_blocks = max(len(s.block_table) for s in seqs)
-        block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            block_tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        block_tables = cls._tables([s.block_table for s in seqs])
 
         # Per-token quantities are derived with tensor ops rather than a python
         # loop over tokens, which would dominate for long prefill chunks.
@@ -63,7 +63,7 @@ class ForwardBatch:
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
         logits_indices = torch.tensor([i for s, end in zip(seqs, ends.tolist()) if s.draw is not None
                                        for i in range(end - 1 - len(s.draw.drafts), end)], dtype=torch.int64)
-        return cls(
+        batch = cls(
             input_ids=input_ids.to(device),
             positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
@@ -72,3 +72,24 @@ class ForwardBatch:
             block_tables=block_tables.to(device),
             logits_indices=logits_indices.to(device),
         )
+        with_sliding = sum(bool(s.sliding_table) for s in seqs)
+        if with_sliding:
+            if with_sliding < len(seqs):
+                raise ValueError("ForwardBatch.build: some chunks have sliding tables and some not")
+            tables = cls._tables([s.sliding_table for s in seqs])
+            slots = tables[seq_of_token, positions // block_size].long()
+            if (slots < 0).any():
+                raise ValueError("ForwardBatch.build: a new token's block has no sliding slot")
+            # Blocks no query sees (-1) name slot 0: a kernel reads from a query's window on, at most a tile's masked keys
+            # before it (any finite KV).
+            batch.sliding = replace(batch, slot_mapping=(slots * block_size + positions % block_size).to(device),
+                                    block_tables=tables.clamp(min=0).to(device))
+        return batch
+
+    @staticmethod
+    def _tables(rows: list[list[int]]) -> torch.Tensor:
+        """[S, max_blocks] int32, padded with 0."""
+        tables = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.int32)
+        for i, row in enumerate(rows):
+            tables[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        return tables

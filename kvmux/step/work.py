@@ -53,6 +53,8 @@ class Chunk:
     token_ids: list[int]
     block_table: list[int] = field(default_factory=list)
     draw: Draw | None = None
+    # With a sliding-window pool: per block, its slot there (-1: none; no query of the chunk sees it).
+    sliding_table: list[int] = field(default_factory=list)
 
 
 @dataclass

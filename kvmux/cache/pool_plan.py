@@ -1,0 +1,62 @@
+"""How the KV memory budget becomes pools: one pool of blocks for every layer or, for a model with sliding-window
+layers, one for its full-attention layers and one for its sliding ones.
+
+A sliding-window layer (five of Gemma 3's six) reads only the last `window` tokens, so a running sequence needs its
+KV for the window, not for the whole context. Their pool is sized for the windows of every seat (--max-num-seqs)
+plus one step's tokens, which the block manager never exceeds (a sequence holds at most the window's blocks, and
+those its chunk writes); what is left of the budget holds full-attention blocks, a fraction of a whole-model block's
+bytes. Where that many slots would cost more than a full-length pool, both pools get the full-length pool's count
+instead: one sliding slot per block can never run out either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kvmux.cache.kv_cache import PoolGeometry
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    geometry: PoolGeometry  # a block of the full-attention layers (of every layer, without a sliding pool)
+    num_blocks: int
+    sliding_geometry: PoolGeometry | None = None  # a slot of the sliding-window layers
+    num_sliding_blocks: int = 0
+    window: int = 0  # the sliding layers' window, in tokens (the query's own included); 0: no sliding pool
+
+    def bytes_by_layer_group(self, used_blocks: int, used_sliding: int) -> dict[str, int]:
+        """KV bytes held for these blocks and sliding slots in use: stats() keys, per pool's layers."""
+        held = used_blocks * self.geometry.block_bytes
+        if self.sliding_geometry is None:
+            return {"kv_bytes_all_layers": held}
+        return {"kv_bytes_full_attention": held,
+                "kv_bytes_sliding_attention": used_sliding * self.sliding_geometry.block_bytes}
+
+
+def plan_pool(geometry: PoolGeometry, *, budget_bytes: int, num_blocks: int | None, max_num_seqs: int,
+              max_model_len: int, num_sliding_layers: int = 0, window: int = 0, step_tokens: int = 0,
+              lookahead: int = 0) -> PoolPlan:
+    """geometry: a block of every layer. num_blocks: the full-attention pool's size, overriding the budget.
+
+    num_sliding_layers of the model's layers attend over a window of `window` tokens; step_tokens: the most tokens
+    one step computes; lookahead: the most draft tokens a sequence's step adds. Without sliding layers, or with a
+    window no shorter than max_model_len, one pool holds every layer.
+    """
+    bs = geometry.block_size
+    usable = max_num_seqs * -(-max_model_len // bs)  # every seat holding a full-length sequence
+    full_length = num_blocks
+    if full_length is None:
+        full_length = min(budget_bytes // geometry.block_bytes, usable)
+        if full_length < 1:
+            raise ValueError(f"is smaller than one KV block ({geometry.block_bytes} bytes)")
+    if not num_sliding_layers or not 0 < window < max_model_len:
+        return PoolPlan(geometry, full_length)
+    full = replace(geometry, num_layers=geometry.num_layers - num_sliding_layers)
+    sliding = replace(geometry, num_layers=num_sliding_layers)
+    per_seat = -(-(window - 1) // bs) + 2 + -(-(1 + lookahead) // bs)  # the window, its chunk, partial blocks
+    need = max_num_seqs * per_seat + -(-step_tokens // bs)
+    if num_blocks is not None:
+        return PoolPlan(full, num_blocks, sliding, min(need, num_blocks), window)
+    if need >= full_length:
+        return PoolPlan(full, full_length, sliding, full_length, window)
+    return PoolPlan(full, min((budget_bytes - need * sliding.block_bytes) // full.block_bytes, usable), sliding,
+                    need, window)

@@ -1,0 +1,124 @@
+"""The sliding-window layers' pool: slots held for the window only, prefix hits only where the window is cached,
+copy-on-write and truncation, and how the budget is split (kvmux/cache/block_manager.py, cache/pool_plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmux.cache.block_manager import BlockError, BlockManager
+from kvmux.cache.kv_cache import PoolGeometry
+from kvmux.cache.pool_plan import plan_pool
+from kvmux.cache.tiers import SLIDING
+
+BS, WINDOW = 8, 10  # a query sees itself and the 9 tokens before it: at most 3 blocks of 8
+
+
+def toks(n, start=100):
+    return list(range(start, start + n))
+
+
+def run_chunks(bm, seq_id, tokens, chunk):
+    """Compute a prompt chunk by chunk, as the engine does: slots for the chunk, then the forward's mark."""
+    done = 0
+    while done < len(tokens):
+        end = min(done + chunk, len(tokens))
+        table = bm.sliding_table(seq_id, done, end)
+        assert all(s >= 0 for s in table[max(0, done - WINDOW + 1) // BS:-(-end // BS)])
+        bm.mark_computed(seq_id, end)
+        bm.check_invariants()
+        done = end
+
+
+def test_a_long_sequence_holds_slots_for_its_window_only_and_gives_all_back():
+    bm = BlockManager(64, BS, num_sliding_blocks=8, window=WINDOW)
+    assert bm.allocate("a", toks(200)) == 0
+    run_chunks(bm, "a", toks(200), chunk=16)
+    # After 200 tokens the next query (at 200) sees 191..200: blocks 23 and 24 (24 being the one it writes).
+    assert bm.num_sliding_used == 2 and bm.num_used == 25
+    for n in range(200, 230):  # decodes
+        bm.append_slots("a", [7])
+        bm.sliding_table("a", n, n + 1)
+        bm.mark_computed("a", n + 1)
+        assert bm.num_sliding_used <= 3
+    bm.check_invariants()
+    bm.free("a")
+    assert bm.num_sliding_used == 0 and bm.num_free == 64
+    bm.check_invariants()
+
+
+def test_a_prefix_hit_needs_the_window_before_it_in_the_sliding_pool():
+    bm = BlockManager(64, BS, num_sliding_blocks=6, window=WINDOW)
+    prompt = toks(41)
+    bm.allocate("a", prompt)
+    run_chunks(bm, "a", prompt, chunk=41)
+    bm.free("a")
+    # Every full block is cached in both pools: a second copy of the prompt hits all five.
+    # The query at 40 sees 31..40: the cached slots of blocks 3 and 4 are taken back, the others stay free.
+    assert bm.allocate("b", prompt) == 40 and bm.num_sliding_used == 2
+    bm.check_invariants()
+    bm.free("b")
+    # Another sequence takes every sliding slot, evicting the cached ones: the full-attention blocks are still
+    # cached, but without the window's sliding KV a hit would be wrong, so none is used.
+    other = toks(41, start=900)
+    bm.allocate("x", other)
+    bm.sliding_table("x", 0, 41)
+    bm.free("x")
+    assert bm.allocate("c", prompt) == 0
+    run_chunks(bm, "c", prompt, chunk=16)
+    bm.free("c")
+    bm.check_invariants()
+
+
+def test_a_forks_partly_filled_block_is_copied_in_both_pools_and_drafts_give_theirs_back():
+    bm = BlockManager(32, BS, num_sliding_blocks=16, window=WINDOW)
+    bm.allocate("a", toks(12))
+    run_chunks(bm, "a", toks(12), chunk=12)
+    bm.fork("a", "b")
+    bm.append_slots("b", [1])
+    copies = bm.take_copies()
+    assert [c.src_tier for c in copies] == [0, SLIDING] and copies[1].dst not in bm._seqs["a"].sliding
+    bm.sliding_table("b", 12, 13)
+    bm.append_slots("a", [2, 3, 4, 5, 6, 7])  # a token and five drafts: into a third block
+    assert bm.sliding_table("a", 12, 18)[2] >= 0
+    used = bm.num_sliding_used
+    bm.truncate("a", 14)  # two kept: the third block and its slot go back
+    assert bm.num_sliding_used == used - 1
+    bm.check_invariants()
+    assert not bm.swap_out("a")  # the host keeps full-attention blocks only: recompute instead
+    for s in ("a", "b"):
+        bm.free(s)
+    assert bm.num_sliding_used == 0
+    bm.check_invariants()
+
+
+def test_a_chunk_whose_window_lost_its_slots_is_refused_by_name():
+    bm = BlockManager(32, BS, num_sliding_blocks=16, window=WINDOW)
+    bm.allocate("a", toks(40))
+    bm.sliding_table("a", 0, 16)
+    bm.mark_computed("a", 16)
+    with pytest.raises(BlockError, match="sliding window before token 32"):
+        bm.sliding_table("a", 32, 40)  # tokens 16..31 were never computed
+
+
+def gemma3_270m(dtype=torch.bfloat16) -> PoolGeometry:
+    return PoolGeometry(num_layers=18, num_kv_heads=1, head_dim=256, block_size=16, dtype=dtype)
+
+
+def test_the_budget_goes_to_the_full_attention_layers_beyond_the_windows():
+    budget = 2**30
+    kw = dict(budget_bytes=budget, num_blocks=None, max_num_seqs=64, max_model_len=32768, step_tokens=512)
+    one = plan_pool(gemma3_270m(), **kw)
+    split = plan_pool(gemma3_270m(), num_sliding_layers=15, window=512, **kw)
+    assert one.sliding_geometry is None and split.geometry.num_layers == 3 and split.sliding_geometry.num_layers == 15
+    assert split.num_sliding_blocks == 64 * (32 + 2 + 1) + 32  # each seat's window and chunk, one step's tokens
+    used = split.num_blocks * split.geometry.block_bytes + split.num_sliding_blocks * split.sliding_geometry.block_bytes
+    assert budget - split.geometry.block_bytes < used <= budget
+    assert split.num_blocks > 2.5 * one.num_blocks  # tokens the pool holds at once
+    # Where the windows of every seat cost as much as a full-length pool, both pools get its count of blocks.
+    crowded = plan_pool(gemma3_270m(), num_sliding_layers=15, window=512, **{**kw, "max_num_seqs": 256})
+    assert crowded.num_blocks == crowded.num_sliding_blocks == plan_pool(gemma3_270m(), **{**kw, "max_num_seqs": 256}).num_blocks
+    # No saving to make: no sliding layers, or a window as long as the context.
+    assert plan_pool(gemma3_270m(), num_sliding_layers=15, window=32768, **kw).sliding_geometry is None
+    with pytest.raises(ValueError, match="smaller than one KV block"):
+        plan_pool(gemma3_270m(), **{**kw, "budget_bytes": 1000})
