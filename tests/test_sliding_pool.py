@@ -9,7 +9,7 @@ import torch
 from kvmux.cache.block_manager import BlockError, BlockManager
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import plan_pool
-from kvmux.cache.tiers import SLIDING
+from kvmux.cache.tiers import HOST_SLIDING, SLIDING
 
 BS, WINDOW = 8, 10  # a query sees itself and the 9 tokens before it: at most 3 blocks of 8
 
@@ -85,10 +85,31 @@ def test_a_forks_partly_filled_block_is_copied_in_both_pools_and_drafts_give_the
     bm.truncate("a", 14)  # two kept: the third block and its slot go back
     assert bm.num_sliding_used == used - 1
     bm.check_invariants()
-    assert not bm.swap_out("a")  # the host keeps full-attention blocks only: recompute instead
     for s in ("a", "b"):
         bm.free(s)
     assert bm.num_sliding_used == 0
+    bm.check_invariants()
+
+
+def test_a_swapped_out_sequence_takes_its_window_to_the_host_and_back():
+    bm = BlockManager(32, BS, num_host_blocks=32, num_sliding_blocks=8, window=WINDOW)
+    bm.allocate("a", toks(30))
+    run_chunks(bm, "a", toks(30), chunk=30)
+    window = [(i, s) for i, s in enumerate(bm._seqs["a"].sliding) if s >= 0]
+    assert [i for i, _ in window] == [2, 3]  # the next query, at 30, sees 21..30
+    bm.take_copies()
+    assert bm.swap_out("a") and bm.num_sliding_used == 0
+    out = [c for c in bm.take_copies() if c.src_tier == SLIDING]
+    assert [(c.src, c.dst_tier) for c in out] == [(s, HOST_SLIDING) for _, s in window]
+    bm.check_invariants()
+    bm.swap_in("a")
+    back = [c for c in bm.take_copies() if c.dst_tier == SLIDING]
+    assert [c.src for c in back] == [c.dst for c in out]
+    assert [(i, s) for i, s in enumerate(bm._seqs["a"].sliding) if s >= 0] == [(i, c.dst) for (i, _), c in zip(window, back)]
+    bm.check_invariants()
+    assert bm.swap_out("a")
+    bm.drop_swapped("a")
+    assert bm.num_sliding_used == 0 and bm._host_sliding.num_free == 8
     bm.check_invariants()
 
 

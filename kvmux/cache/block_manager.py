@@ -24,8 +24,9 @@ own (`num_sliding_blocks`, the engine sizes it for the windows of its running se
 sliding slot beside each of its blocks that some query to come still sees, and gives it back as its window moves
 on -- to the sliding pool's cached LRU when the block is a cached prefix block, so a later prefix hit can find it.
 A prefix hit is used only as far as the sliding slots of the window before its end are cached too; the blocks of
-the full-attention layers are held for every token, as before. A sequence with sliding slots is preempted by
-recompute, never swapped (the host tier keeps the full-attention layers' blocks only).
+the full-attention layers are held for every token, as before. A swapped-out sequence takes its window's slots to
+the host's sliding pool; the host and disk tiers cache prefixes as full-attention blocks only. Swapped-out
+sequences keep their seats (Decode counts them), so the windows the device pool was sized for are never exceeded.
 
 Nothing here moves bytes: every copy a decision implies -- copy-on-write,
 swap, demotion, promotion -- joins one queue of `BlockCopy`s, in the order the
@@ -41,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.cache.tiers import DEVICE, SLIDING, BlockCopy, Tiers
+from kvmux.cache.tiers import DEVICE, HOST_SLIDING, SLIDING, BlockCopy, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -121,6 +122,8 @@ class BlockManager:
             raise ValueError(f"a sliding pool needs a window > 0, got {window}")
         self.window = window if num_sliding_blocks else 0
         self._sliding = BlockAllocator(num_sliding_blocks) if num_sliding_blocks else None
+        # Where swapped-out sequences keep their windows: as many slots as the device's (Runner.build sizes it alike).
+        self._host_sliding = BlockAllocator(num_sliding_blocks if num_host_blocks else 0)
 
     @property
     def num_free(self) -> int:
@@ -393,34 +396,52 @@ class BlockManager:
 
         Only for a sequence whose every slot has been computed (a running one
         between steps): its full blocks are then hashed by content, so blocks
-        it shares with others are stored on the host once. Never with a sliding pool (False): the host keeps
-        the full-attention layers' blocks only, so such a sequence is recomputed.
+        it shares with others are stored on the host once. Its sliding slots (the window) go to the host's
+        sliding pool, a copy each.
         """
         seq = self._get(seq_id)
-        if self._sliding is not None:
+        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0] if self._sliding is not None else []
+        if len(window) > self._host_sliding.num_free:
             return False
         hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
         host_blocks = self.tiers.swap_out(seq.blocks, hashes)
         if host_blocks is None:
             return False
+        sliding = [-1] * len(seq.blocks)
+        for i, slot in zip(window, self._host_sliding.allocate_n(len(window))):
+            sliding[i] = slot
+            self._copies.append(BlockCopy(SLIDING, seq.sliding[i], HOST_SLIDING, slot))
         self.free(seq_id)
-        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, seq.root, hashes)
+        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, seq.root, hashes,
+                                     sliding=sliding, sliding_lo=seq.sliding_lo)
         return True
 
     def swap_in(self, seq_id: str) -> None:
         """Bring a swapped-out sequence back into device blocks (OutOfBlocks, nothing done, if they are lacking)."""
         seq = self._swapped[seq_id]
+        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0]
+        if window and len(window) > self._sliding.num_free:
+            raise OutOfBlocks(f"sequence {seq_id!r} needs {len(window)} sliding slots, {self._sliding.num_free} free")
         hashes = self._device_hashes(seq)
         # Blocks still cached on the device are shared as they are; the rest are copied back up.
         blocks, hits = self._alloc.acquire(hashes, len(seq.blocks) - len(hashes))
         self.tiers.swap_in(seq.blocks, blocks, hits)
+        sliding = [-1] * len(blocks)
+        if window:
+            for i, slot in zip(window, self._sliding.allocate_n(len(window))):
+                self._copies.append(BlockCopy(HOST_SLIDING, seq.sliding[i], SLIDING, slot))
+                sliding[i] = slot
+            self._host_sliding.free_blocks([seq.sliding[i] for i in window])
         del self._swapped[seq_id]
         self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.root, seq.hashes,
-                                  num_registered=len(hashes), pending_end=len(hashes))
+                                  num_registered=len(hashes), pending_end=len(hashes),
+                                  sliding=sliding if self._sliding is not None else None, sliding_lo=seq.sliding_lo)
 
     def drop_swapped(self, seq_id: str) -> None:
         """Forget a swapped-out sequence (aborted): its host blocks return to the host pool."""
-        self.tiers.release(self._swapped.pop(seq_id).blocks)
+        seq = self._swapped.pop(seq_id)
+        self.tiers.release(seq.blocks)
+        self._host_sliding.free_blocks([slot for slot in seq.sliding if slot >= 0])
 
     def _device_hashes(self, seq: _Seq) -> list[int]:
         # Registered on the device only with prefix caching on, as computed blocks are.
@@ -521,6 +542,11 @@ class BlockManager:
 
     def _check_sliding(self) -> None:
         self._sliding.check_invariants()
+        on_host = Counter(s for seq in self._swapped.values() for s in seq.sliding if s >= 0)
+        if any(n > 1 for n in on_host.values()) or \
+                self._host_sliding.num_free != self._host_sliding.num_blocks - len(on_host):
+            raise RuntimeError(f"host sliding slots: {self._host_sliding.num_free} free, swapped sequences "
+                               f"hold {sorted(on_host)}")
         holders = Counter(s for seq in self._seqs.values() for s in seq.sliding if s >= 0)
         for seq_id, seq in self._seqs.items():
             if len(seq.sliding) != len(seq.blocks):

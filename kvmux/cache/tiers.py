@@ -33,7 +33,8 @@ from typing import NamedTuple
 from kvmux._native import BlockAllocator
 
 DEVICE, HOST, DISK = 0, 1, 2
-SLIDING = 3  # the device's pool of sliding-window layers (block_manager.py): only copy-on-write copies within it
+# The sliding-window layers' pools (block_manager.py): the device's, and the host's for swapped-out windows.
+SLIDING, HOST_SLIDING = 3, 4
 
 
 class BlockCopy(NamedTuple):

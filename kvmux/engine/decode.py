@@ -162,7 +162,9 @@ class Decode(Actor):
         drafts = self._propose()
 
         budget = self.max_num_batched_tokens - len(self.running) - sum(map(len, drafts.values()))
-        self.prefill.send(messages.StepRequest(step, budget, len(self.running), reserve + self.swapped_blocks))
+        # Swapped-out sequences keep their seats where they keep windows: the sliding pool is sized per seat.
+        seated = len(self.running) + (self.swapped_out if self.blocks.window else 0)
+        self.prefill.send(messages.StepRequest(step, budget, seated, reserve + self.swapped_blocks))
         plan = self.plan = await self._reply(messages.StepPlan, step)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
