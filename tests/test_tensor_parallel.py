@@ -27,7 +27,7 @@ from kvmux.model.config import ModelConfig
 from kvmux.model.sharding import Shard, rank_config, shard_weight
 from kvmux.parallel.driver import RankFailure
 
-from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, greedy, hf_greedy, run_engine
+from engine_helpers import MAX_NEW, PROMPTS, ForwardGate, greedy, hf_greedy, random_prompt, run_engine
 from server_helpers import serve_http
 from tiny_model import make_tiny_model, tiny_config
 
@@ -162,6 +162,22 @@ def test_preemption_prefix_caching_and_parallel_samples_as_with_one_rank(tiny, r
     two, stats = run_engine(tiny, prompts, params, tensor_parallel_size=2, **TP)
     assert [[s.token_ids for s in c.samples] for c in two] == [[s.token_ids for s in c.samples] for c in one]
     assert stats["prefix_cache_hits"] > 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_gemma3_with_its_sliding_window_pool_on_two_ranks(tmp_path_factory, mode):
+    """Each rank holds its KV head's slice of both pools: prompts past the 10-token window, a pool small enough
+    to preempt (a swap takes each rank's window slots to its host sliding pool), outputs transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tp") / "gemma3", model_type="gemma3_text", num_layers=3,
+                           num_kv_heads=2, window=10, seed=3)
+    prompts = [random_prompt(s, n) for s, n in enumerate([5, 24, 40, 33])]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    done, stats = run_engine(str(path), prompts, greedy(MAX_NEW), tensor_parallel_size=2,
+                             **dict(TP, num_blocks=12, preemption_mode=mode))
+    assert [c.token_ids for c in done] == hf_greedy(hf, prompts, MAX_NEW)
+    assert stats[f"preemptions_{mode}"] > 0 and stats["kv_bytes_sliding_attention"] == 0
 
 
 @pytest.mark.slow
