@@ -12,7 +12,7 @@ from kvmux.model.config import FULL, SLIDING, ModelConfig
 from kvmux.model.conversion_cache import cache_root
 from kvmux.model.loader import load_model
 
-from engine_helpers import greedy, random_prompt, run_engine, teacher_forced_logits
+from engine_helpers import assert_no_leaks, greedy, random_prompt, run_engine, teacher_forced_logits
 from tiny_model import make_tiny_model
 
 WINDOW = 10  # tokens a sliding layer sees: the longer prompts run past it, and every output does
@@ -157,3 +157,24 @@ def test_a_sequence_past_the_window_gives_back_its_sliding_slots(tiny):
     full_block = sliding_slot // 2
     assert 0 < max(s for s, _ in held) <= sliding_slot * (-(-(WINDOW - 1) // 8) + 2 + 2)
     assert max(f for _, f in held) >= full_block * (120 // 8)
+
+
+def test_each_sample_takes_a_seat_of_the_sliding_pool(tiny):
+    """The sliding pool is sized per seat, and every sample of a request forks a sequence with a window of its own:
+    n samples take n seats (a request waits until they are free), and n beyond --max-num-seqs is refused by name.
+    With one seat per sample, two requests of 3 and 1 samples fill four seats in small chunks past the window."""
+    from kvmux import Engine, RequestRejected
+
+    prompts = [random_prompt(5, 30), random_prompt(6, 12)]
+
+    async def main():
+        async with Engine(str(tiny), dtype="float32", block_size=8, max_num_batched_tokens=16, max_num_seqs=4) as e:
+            with pytest.raises(RequestRejected, match="max_num_seqs"):
+                await e.complete(prompts[0], greedy(4, n=5))
+            done = await asyncio.gather(e.complete(prompts[0], greedy(20, n=3)), e.complete(prompts[1], greedy(20)))
+            assert_no_leaks(e)
+            return done
+
+    many, one = asyncio.run(main())
+    want = hf_greedy(tiny, prompts, 20)
+    assert [s.token_ids for s in many.samples] == [want[0]] * 3 and one.token_ids == want[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmux.cache.block_manager import BlockError, BlockManager
+from kvmux.cache.block_manager import BlockError, BlockManager, OutOfBlocks
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import plan_pool
 from kvmux.cache.tiers import HOST_SLIDING, SLIDING
@@ -136,10 +136,29 @@ def test_the_budget_goes_to_the_full_attention_layers_beyond_the_windows():
     used = split.num_blocks * split.geometry.block_bytes + split.num_sliding_blocks * split.sliding_geometry.block_bytes
     assert budget - split.geometry.block_bytes < used <= budget
     assert split.num_blocks > 2.5 * one.num_blocks  # tokens the pool holds at once
-    # Where the windows of every seat cost as much as a full-length pool, both pools get its count of blocks.
+    # Where the windows of every seat cost more than they save (256 seats in 1 GiB), one pool it is.
     crowded = plan_pool(gemma3_270m(), num_sliding_layers=15, window=512, **{**kw, "max_num_seqs": 256})
-    assert crowded.num_blocks == crowded.num_sliding_blocks == plan_pool(gemma3_270m(), **{**kw, "max_num_seqs": 256}).num_blocks
+    assert crowded == plan_pool(gemma3_270m(), **{**kw, "max_num_seqs": 256})
+    # num_blocks given: that many full-attention blocks, and never fewer sliding slots than the seats need.
+    given = plan_pool(gemma3_270m(), num_sliding_layers=15, window=512, **{**kw, "num_blocks": 100})
+    assert (given.num_blocks, given.num_sliding_blocks) == (100, split.num_sliding_blocks)
     # No saving to make: no sliding layers, or a window as long as the context.
     assert plan_pool(gemma3_270m(), num_sliding_layers=15, window=32768, **kw).sliding_geometry is None
     with pytest.raises(ValueError, match="smaller than one KV block"):
         plan_pool(gemma3_270m(), **{**kw, "budget_bytes": 1000})
+
+
+def test_an_append_the_sliding_pool_cannot_copy_for_changes_nothing():
+    """A fork's partly filled last block needs a sliding copy too: with no slot free, append_slots fails before it
+    takes any block, so the sequence and both pools are as they were."""
+    bm = BlockManager(32, BS, num_sliding_blocks=2, window=WINDOW)
+    bm.allocate("a", toks(12))
+    bm.sliding_table("a", 0, 12)  # both slots
+    bm.mark_computed("a", 12)
+    bm.fork("a", "b")
+    before = (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].sliding))
+    with pytest.raises(OutOfBlocks, match="sliding slot"):
+        bm.append_slots("a", [1, 2, 3, 4, 5])  # into a third block, after copying the shared second one
+    assert (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].sliding)) == before
+    assert not bm.take_copies()
+    bm.check_invariants()

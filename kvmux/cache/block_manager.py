@@ -78,7 +78,7 @@ class _Seq:
         self.blocks = blocks
         # With a sliding pool: per block, the sliding slot held beside it, or -1; blocks below sliding_lo hold none
         # (no query to come sees them). Empty without one.
-        self.sliding = [-1] * len(blocks) if sliding is None else sliding
+        self.sliding = [] if sliding is None else sliding
         self.sliding_lo = sliding_lo
         self.num_tokens = num_tokens
         self.token_ids = token_ids  # every token that has a slot, to hash blocks as they fill
@@ -326,6 +326,10 @@ class BlockManager:
             return
         cow = self._cow_needed(seq)
         grow = self.blocks_for(seq.num_tokens + n) - len(seq.blocks)
+        last = seq.sliding[-1] if seq.sliding else -1
+        sliding_cow = last >= 0 and seq.num_tokens % self.block_size != 0 and self._sliding.refcount(last) > 1
+        if sliding_cow and not self._sliding.num_free:
+            raise OutOfBlocks(f"sequence {seq_id!r}: no free sliding slot to copy its last block's into")
         # One all-or-nothing allocation covers both the copy and the growth, so
         # running out of blocks leaves the sequence untouched.
         fresh = self._alloc.allocate_n(grow + cow)
@@ -335,13 +339,12 @@ class BlockManager:
             self._alloc.decref(src)  # other owners still hold it
             seq.blocks[-1] = dst
             self._copies.append(BlockCopy(DEVICE, src, DEVICE, dst))
+        if sliding_cow:
+            (dst,) = self._sliding.allocate_n(1)
+            self._sliding.decref(last)
+            seq.sliding[-1] = dst
+            self._copies.append(BlockCopy(SLIDING, last, SLIDING, dst))
         if self._sliding is not None:
-            last = seq.sliding[-1] if seq.sliding else -1
-            if seq.num_tokens % self.block_size and last >= 0 and self._sliding.refcount(last) > 1:
-                (dst,) = self._sliding.allocate_n(1)
-                self._sliding.decref(last)
-                seq.sliding[-1] = dst
-                self._copies.append(BlockCopy(SLIDING, last, SLIDING, dst))
             seq.sliding.extend([-1] * len(fresh))  # slots come when a chunk writes them (sliding_table)
         seq.blocks.extend(fresh)
         seq.num_tokens += n
@@ -400,14 +403,14 @@ class BlockManager:
         sliding pool, a copy each.
         """
         seq = self._get(seq_id)
-        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0] if self._sliding is not None else []
+        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0]
         if len(window) > self._host_sliding.num_free:
             return False
         hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
         host_blocks = self.tiers.swap_out(seq.blocks, hashes)
         if host_blocks is None:
             return False
-        sliding = [-1] * len(seq.blocks)
+        sliding = [-1] * len(seq.sliding)
         for i, slot in zip(window, self._host_sliding.allocate_n(len(window))):
             sliding[i] = slot
             self._copies.append(BlockCopy(SLIDING, seq.sliding[i], HOST_SLIDING, slot))
@@ -431,11 +434,13 @@ class BlockManager:
             for i, slot in zip(window, self._sliding.allocate_n(len(window))):
                 self._copies.append(BlockCopy(HOST_SLIDING, seq.sliding[i], SLIDING, slot))
                 sliding[i] = slot
+                if i < len(hashes):  # cached at once, as promoted blocks are: the copy runs before any forward
+                    self._sliding.register_block(slot, hashes[i])
             self._host_sliding.free_blocks([seq.sliding[i] for i in window])
         del self._swapped[seq_id]
         self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.root, seq.hashes,
                                   num_registered=len(hashes), pending_end=len(hashes),
-                                  sliding=sliding if self._sliding is not None else None, sliding_lo=seq.sliding_lo)
+                                  sliding=sliding if seq.sliding else None, sliding_lo=seq.sliding_lo)
 
     def drop_swapped(self, seq_id: str) -> None:
         """Forget a swapped-out sequence (aborted): its host blocks return to the host pool."""

@@ -3,10 +3,11 @@ layers, one for its full-attention layers and one for its sliding ones.
 
 A sliding-window layer (five of Gemma 3's six) reads only the last `window` tokens, so a running sequence needs its
 KV for the window, not for the whole context. Their pool is sized for the windows of every seat (--max-num-seqs)
-plus one step's tokens, which the block manager never exceeds (a sequence holds at most the window's blocks, and
-those its chunk writes); what is left of the budget holds full-attention blocks, a fraction of a whole-model block's
-bytes. Where that many slots would cost more than a full-length pool, both pools get the full-length pool's count
-instead: one sliding slot per block can never run out either.
+plus one step's tokens, which the block manager never exceeds: a sequence holds at most the window's blocks and
+those its chunk writes, and a swapped-out sequence and each sample of a request keep a seat of their own (Decode,
+Prefill). What is left of the budget holds full-attention blocks, a fraction of a whole-model block's bytes. Where
+that leaves fewer tokens than one pool of whole-model blocks would hold (many seats, a small budget), one pool it
+is. `num_blocks` given: that many full-attention blocks, and the sliding pool beside them.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def plan_pool(geometry: PoolGeometry, *, budget_bytes: int, num_blocks: int | No
     per_seat = -(-(window - 1) // bs) + 2 + -(-(1 + lookahead) // bs)  # the window, its chunk, partial blocks
     need = max_num_seqs * per_seat + -(-step_tokens // bs)
     if num_blocks is not None:
-        return PoolPlan(full, num_blocks, sliding, min(need, num_blocks), window)
-    if need >= full_length:
-        return PoolPlan(full, full_length, sliding, full_length, window)
-    return PoolPlan(full, min((budget_bytes - need * sliding.block_bytes) // full.block_bytes, usable), sliding,
-                    need, window)
+        return PoolPlan(full, num_blocks, sliding, need, window)
+    num_full = min((budget_bytes - need * sliding.block_bytes) // full.block_bytes, usable)
+    if num_full < full_length:  # the seats' windows cost more than they save: one pool
+        return PoolPlan(geometry, full_length)
+    return PoolPlan(full, num_full, sliding, need, window)

@@ -25,6 +25,8 @@ class Limits:
     vocab_size: int
     max_prompt_tokens: int | None = None  # an operator's cap, below what the context allows
     max_tokens_limit: int | None = None
+    # With a sliding-window pool every sample holds a seat of its own (its window): n beyond the seats never fits.
+    max_samples: int | None = None
 
 
 class Admission(Actor):
@@ -90,6 +92,11 @@ class Admission(Actor):
         if salt is not None and not (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
             return self._reject(sub.request_id, "invalid_params",
                                 f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters")
+        most = self.limits.max_samples
+        if most is not None and sub.params.n > most:
+            return self._reject(sub.request_id, "invalid_params",
+                                f"n ({sub.params.n}) exceeds max_num_seqs ({most}): with this model's sliding-window "
+                                f"pool each sample takes a seat; ask for fewer or raise --max-num-seqs")
         cap = self.limits.max_tokens_limit
         if cap is not None and sub.params.max_tokens is not None and sub.params.max_tokens > cap:
             return self._reject(sub.request_id, "invalid_params",

@@ -93,8 +93,8 @@ class Prefill(Actor):
             if budget <= 0:
                 break
             budget -= self._chunk(seq, done, budget, chunks, handoffs)
-        free_seats = self.max_num_seqs - req.num_running - len(self.in_progress)
-        while budget > 0 and free_seats > 0 and self.waiting:
+        free_seats = self.max_num_seqs - req.num_running - sum(self._seats(s) for s, _ in self.in_progress.values())
+        while budget > 0 and self.waiting and free_seats >= self._seats(self.waiting[0]):
             seq = self.waiting[0]
             # Keep the blocks the running batch needs for its next token, and a
             # watermark, unless nothing runs at all (then the whole pool is fair game).
@@ -112,9 +112,13 @@ class Prefill(Actor):
                 self.router.send(messages.StepOutputs(seq.ended(f"allocating KV blocks failed: {exc}")))
                 continue
             seq.scheduled = seq.scheduled or time.monotonic()  # a preempted one keeps its first
-            free_seats -= 1
+            free_seats -= self._seats(seq)
             budget -= self._chunk(seq, cached, budget, chunks, handoffs)
         return messages.StepPlan(req.step, chunks, handoffs, num_waiting=len(self.waiting) + len(self.in_progress))
+
+    def _seats(self, seq: messages.SeqState) -> int:
+        """Seats a sequence takes: with a sliding-window pool, sized per seat, one per sample it will fork into."""
+        return seq.params.n if self.blocks.window and seq.unforked else 1
 
     def _chunk(self, seq: messages.SeqState, done: int, budget: int, chunks: list, handoffs: list) -> int:
         # At least one prompt token is always computed, so the last chunk has logits to sample from.

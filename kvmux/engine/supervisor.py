@@ -180,7 +180,8 @@ class Engine:
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,
                         block_size=cfg.block_size, max_pending=cfg.max_pending, vocab_size=arch.vocab_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit)
+                        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens_limit=cfg.max_tokens_limit,
+                        max_samples=cfg.max_num_seqs if pool.window else None)
         self.admission = Admission(tokenizer, limits, self.prefill, self.decode, self.router, self.constraints)
         self.router.admission = self.admission
         self._actors = [self.admission, self.prefill, self.decode, self.eviction]
