@@ -4,7 +4,7 @@
 
 The same 16 distinct prompts (random token ids, --prompt-tokens each; distinct, so no prefix is shared), submitted
 at once, --max-tokens greedy tokens each, twice on the same --kv-cache-gib: with the sliding-window pool (the
-default) and with one pool where every layer keeps every token (`sliding_window_pool=False`). Stats are sampled
+default) and with one pool where every layer keeps every token (`sliding_window_pool="off"`). Stats are sampled
 every 0.2 s: the most sequences holding KV at once (running or prefilling), and the KV bytes each layer group holds
 at the peak of blocks in use. What a
 full-length pool would hold for the same tokens is the full-attention layers' bytes times layers / full-attention
@@ -113,12 +113,12 @@ def main() -> None:
                    dtype=args.dtype, max_model_len=args.prompt_tokens + args.max_tokens)
     load = os.getloadavg()[0]
     sliding = asyncio.run(run(args.model, prompts, args.max_tokens, options))
-    one = asyncio.run(run(args.model, prompts, args.max_tokens, {**options, "sliding_window_pool": False}))
+    one = asyncio.run(run(args.model, prompts, args.max_tokens, {**options, "sliding_window_pool": "off"}))
     same = sum(a == b for a, b in zip(sliding["outputs"], one["outputs"]))
     short = [[rng.randrange(1000, 200000) for _ in range(2000)] for _ in range(8)]
     parity = {**options, "kv_cache_gib": 2.0, "max_num_seqs": 8, "max_model_len": 2064}
     pair = [asyncio.run(run(args.model, short, 64, {**parity, "sliding_window_pool": pool}))["outputs"]
-            for pool in (True, False)]
+            for pool in ("on", "off")]
     same_schedule = sum(a == b for a, b in zip(*pair))
     result = {
         "model": Path(args.model).name, "num_prompts": args.num_prompts, "prompt_tokens": args.prompt_tokens,

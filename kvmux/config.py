@@ -117,9 +117,11 @@ class EngineConfig:
     num_blocks: int | None = setting(None, "KV pool size in blocks (default: sized from --kv-cache-gib)")
     kv_cache_gib: float = setting(1.0, "memory for the KV pool, in GiB (capped at what --max-num-seqs "
                                        "full-length sequences can use)")
-    sliding_window_pool: bool = setting(True, "models with sliding-window layers (Gemma 3): keep those layers' KV "
-                                              "for the window only, in a pool of their own, so --kv-cache-gib holds "
-                                              "more tokens (off: every layer keeps every token)")
+    sliding_window_pool: str = setting("auto", "models with sliding-window layers (Gemma 3): on keeps those layers' "
+                                               "KV for the window only, in a pool of their own, so --kv-cache-gib "
+                                               "holds more tokens; off keeps every layer's KV for every token; auto is "
+                                               "on unless --disk-cache-dir is set (the disk tier persists whole-model "
+                                               "blocks only: a restart finds those)", ("auto", "on", "off"))
     max_num_batched_tokens: int = setting(512, "token budget of one forward step (decode tokens + prompt chunks)")
     max_num_seqs: int = setting(64, "sequences running or prefilling at once")
     max_model_len: int | None = setting(None, "longest prompt + output, at most the model's context length "

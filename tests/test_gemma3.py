@@ -113,7 +113,7 @@ def test_real_gemma3_file():
     assert (got == want).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap", sliding_window_pool=False),
+@pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap", sliding_window_pool="off"),
                                      dict(num_blocks=12, preemption_mode="swap"),
                                      dict(num_blocks=12, preemption_mode="recompute"),
                                      dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3})],
@@ -178,3 +178,18 @@ def test_each_sample_takes_a_seat_of_the_sliding_pool(tiny):
     many, one = asyncio.run(main())
     want = hf_greedy(tiny, prompts, 20)
     assert [s.token_ids for s in many.samples] == [want[0]] * 3 and one.token_ids == want[1]
+
+
+def test_a_disk_tier_keeps_one_pool_unless_asked(tiny, tmp_path):
+    """The disk tier persists whole-model blocks: with --disk-cache-dir, auto keeps every layer in one pool, so a
+    restart finds its prefixes; `on` splits the pool anyway (and a restart then finds no window to hit with)."""
+    from kvmux import Engine
+
+    async def window(**options):
+        async with Engine(str(tiny), dtype="float32", **options) as engine:
+            return engine.pool.window
+
+    assert asyncio.run(window()) == WINDOW
+    assert asyncio.run(window(disk_cache_dir=str(tmp_path / "a"))) == 0
+    assert asyncio.run(window(disk_cache_dir=str(tmp_path / "b"), sliding_window_pool="on")) == WINDOW
+    assert asyncio.run(window(sliding_window_pool="off")) == 0

@@ -110,7 +110,8 @@ class Engine:
         kv_heads = len(Shard.of(arch, 0, cfg.tensor_parallel_size).kv_heads) if parallel else arch.num_key_value_heads
         kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else dtype
         speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
-        sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if cfg.sliding_window_pool else 0
+        split = cfg.sliding_window_pool == "on" or (cfg.sliding_window_pool == "auto" and not cfg.disk_cache_dir)
+        sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if split else 0
         try:
             # The budget, but no more than every seat holding a full-length
             # sequence could use: a small model should not zero a gigabyte it never touches.
