@@ -8,7 +8,7 @@ import torch
 
 from kvmux.cache.block_manager import BlockError, BlockManager, OutOfBlocks
 from kvmux.cache.kv_cache import PoolGeometry
-from kvmux.cache.pool_plan import plan_pool
+from kvmux.cache.pool_plan import host_blocks, plan_pool
 from kvmux.cache.tiers import HOST_SLIDING, SLIDING
 
 BS, WINDOW = 8, 10  # a query sees itself and the 9 tokens before it: at most 3 blocks of 8
@@ -162,3 +162,16 @@ def test_an_append_the_sliding_pool_cannot_copy_for_changes_nothing():
     assert (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].sliding)) == before
     assert not bm.take_copies()
     bm.check_invariants()
+
+
+def test_the_host_budget_holds_the_swapped_windows_first():
+    split = plan_pool(gemma3_270m(), budget_bytes=2**30, num_blocks=None, max_num_seqs=64, max_model_len=32768,
+                      num_sliding_layers=15, window=512, step_tokens=512)
+    slot, block = split.sliding_geometry.block_bytes, split.geometry.block_bytes
+    blocks, slots = host_blocks(split, 2**30)
+    assert slots == split.num_sliding_blocks and blocks == (2**30 - slots * slot) // block
+    assert host_blocks(split, 100 * 2**20) == (100 * 2**20 // block, 0)  # no room for the windows: none
+    assert host_blocks(split, 2**30, num_host_blocks=7) == (7, split.num_sliding_blocks)
+    assert host_blocks(split, 2**30, num_host_blocks=0) == (0, 0)
+    one = plan_pool(gemma3_270m(), budget_bytes=2**30, num_blocks=None, max_num_seqs=64, max_model_len=32768)
+    assert host_blocks(one, 2**30) == (2**30 // one.geometry.block_bytes, 0)

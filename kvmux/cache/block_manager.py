@@ -95,11 +95,13 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
                  cache_key: bytes = b"", num_host_blocks: int = 0, num_disk_blocks: int = 0,
-                 num_sliding_blocks: int = 0, window: int = 0):
+                 num_sliding_blocks: int = 0, window: int = 0, num_host_sliding_blocks: int | None = None):
         """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain.
 
         num_host_blocks / num_disk_blocks size the tiers below the device (0: none). num_sliding_blocks > 0: the
-        sliding-window layers' pool, for a window of `window` tokens (the query's own included).
+        sliding-window layers' pool, for a window of `window` tokens (the query's own included), and
+        num_host_sliding_blocks the host's for swapped-out windows (None: as many as the device's where there is a
+        host tier).
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -122,8 +124,9 @@ class BlockManager:
             raise ValueError(f"a sliding pool needs a window > 0, got {window}")
         self.window = window if num_sliding_blocks else 0
         self._sliding = BlockAllocator(num_sliding_blocks) if num_sliding_blocks else None
-        # Where swapped-out sequences keep their windows: as many slots as the device's (Runner.build sizes it alike).
-        self._host_sliding = BlockAllocator(num_sliding_blocks if num_host_blocks else 0)
+        if num_host_sliding_blocks is None:
+            num_host_sliding_blocks = num_sliding_blocks if num_host_blocks else 0
+        self._host_sliding = BlockAllocator(num_host_sliding_blocks)  # where swapped-out sequences keep windows
 
     @property
     def num_free(self) -> int:

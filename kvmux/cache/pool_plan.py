@@ -61,3 +61,17 @@ def plan_pool(geometry: PoolGeometry, *, budget_bytes: int, num_blocks: int | No
     if num_full < full_length:  # the seats' windows cost more than they save: one pool
         return PoolPlan(geometry, full_length)
     return PoolPlan(full, num_full, sliding, need, window)
+
+
+def host_blocks(pool: PoolPlan, host_bytes: int, num_host_blocks: int | None = None) -> tuple[int, int]:
+    """The host pool's full-attention blocks and sliding slots. `host_bytes` (--host-cache-gib) holds both: first as
+    many slots as the device has (every window a swap may take), where they fit (else none, and a sequence holding
+    a window is recomputed rather than swapped), then blocks. num_host_blocks given: that many blocks, and the
+    slots beside them if it is not 0."""
+    slots = pool.num_sliding_blocks
+    if num_host_blocks is not None:
+        return num_host_blocks, slots if num_host_blocks else 0
+    slot_bytes = pool.sliding_geometry.block_bytes if slots else 0
+    if slots * slot_bytes > host_bytes:
+        slots = 0
+    return (host_bytes - slots * slot_bytes) // pool.geometry.block_bytes, slots

@@ -19,7 +19,7 @@ from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.disk_store import describe as describe_stores
 from kvmux.cache.kv_cache import PoolGeometry
-from kvmux.cache.pool_plan import plan_pool
+from kvmux.cache.pool_plan import host_blocks, plan_pool
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
@@ -128,8 +128,7 @@ class Engine:
             log.info("KV pool: %d blocks of the %d full-attention layers, %d of the %d sliding-window layers "
                      "(window %d)", num_blocks, geometry.num_layers, pool.num_sliding_blocks,
                      pool.sliding_geometry.num_layers, pool.window)
-        num_host = cfg.num_host_blocks if cfg.num_host_blocks is not None else \
-            int(cfg.host_cache_gib * 2**30) // geometry.block_bytes
+        num_host, num_host_sliding = host_blocks(pool, int(cfg.host_cache_gib * 2**30), cfg.num_host_blocks)
         num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
         self.geometry, self.pool = geometry, pool
         # Everything that shapes a KV block's bytes: it seeds every block hash, and names the disk tier's store.
@@ -137,16 +136,17 @@ class Engine:
         kv_key = store_key(kv_meta)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
-                        pool, num_host, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
+                        pool, num_host, num_host_sliding, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
             disk = DiskStore(cfg.disk_cache_dir, kv_key, kv_meta, geometry, num_disk) if num_disk else None
-            self.runner = Runner.build(self.loaded.model, pool, num_host, disk, cfg.device)
+            self.runner = Runner.build(self.loaded.model, pool, num_host, num_host_sliding, disk, cfg.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
                                    cache_key=kv_key.encode(), num_host_blocks=num_host, num_disk_blocks=num_disk,
-                                   num_sliding_blocks=pool.num_sliding_blocks, window=pool.window)
+                                   num_sliding_blocks=pool.num_sliding_blocks, window=pool.window,
+                                   num_host_sliding_blocks=num_host_sliding)
         if not parallel and self.runner.disk is not None:
             opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
             self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)

@@ -42,6 +42,7 @@ class Spec:
     attention_backend: str
     pool: PoolPlan  # the device's pools, of a rank's KV heads
     num_host_blocks: int
+    num_host_sliding_blocks: int
     num_disk_blocks: int
     disk_cache_dir: str | None
     size: int  # model ranks
@@ -93,7 +94,7 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
         disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), "tensor-parallel", {"rank": rank},
                          geometry, spec.num_disk_blocks)
         disk.open(keep=False)
-    runner = Runner.build(model, spec.pool, spec.num_host_blocks, disk, spec.device)
+    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disk, spec.device)
     dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
     compute_seconds = 0.0
     try:

@@ -32,17 +32,17 @@ class Runner:
         self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
     @classmethod
-    def build(cls, model: torch.nn.Module, pool: PoolPlan, num_host_blocks: int, disk: DiskStore | None,
-              device: str) -> Runner:
+    def build(cls, model: torch.nn.Module, pool: PoolPlan, num_host_blocks: int, num_host_sliding_blocks: int,
+              disk: DiskStore | None, device: str) -> Runner:
         """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
         asynchronous copies) and the disk tier's store, if any; with sliding-window layers their device pool, and
-        with a host tier a host pool as large for the windows of swapped-out sequences."""
+        a host pool of slots for the windows of swapped-out sequences (pool_plan.host_blocks)."""
         sliding = KVCache(pool.num_sliding_blocks, pool.sliding_geometry, device) if pool.num_sliding_blocks else None
         kv_cache = KVCache(pool.num_blocks, pool.geometry, device, sliding)
         pinned = kv_cache.kv.is_cuda
         host_sliding = None
-        if sliding is not None and num_host_blocks:
-            host_sliding = host_pool(pool.sliding_geometry, pool.num_sliding_blocks, pinned)
+        if num_host_sliding_blocks:
+            host_sliding = host_pool(pool.sliding_geometry, num_host_sliding_blocks, pinned)
         pools = [kv_cache.kv, host_pool(pool.geometry, num_host_blocks, pinned), disk and disk.tensor,
                  sliding and sliding.kv, host_sliding]
         return cls(model, kv_cache, make_copier(pools, pool.geometry.block_bytes, disk), disk)
