@@ -117,6 +117,10 @@ def test_auto_compares_copy_and_recompute_costs():
     assert choose_mode(policy, cand("a", 0), host_free=1, seconds_per_token=1.0, copy_bytes_per_s=1e6) == "recompute"
     assert choose_mode(Policy("swap", 0, 0, 1000), cand("a", 0), 10, 0.0, 1.0) == "swap"
     assert choose_mode(Policy("recompute", 0, 0, 1000), cand("a", 0), 10, 1.0, 1e9) == "recompute"
+    # A window of 2 sliding slots of 3000 bytes is copied too: 16,000 bytes out and back, 16 s against 10 tokens.
+    windowed = messages.Candidate("w", 0, 0, 2, 10, num_sliding=2)
+    assert choose_mode(Policy("auto", 0, 0, 1000), windowed, 10, 1.0, 1000) == "swap"
+    assert choose_mode(Policy("auto", 0, 0, 1000, sliding_block_bytes=3000), windowed, 10, 1.0, 1000) == "recompute"
 
 
 def test_invalid_preemption_mode_is_refused():

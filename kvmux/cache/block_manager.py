@@ -489,6 +489,10 @@ class BlockManager:
         """Blocks held by each live sequence (shared blocks count for every holder)."""
         return {seq_id: len(seq.blocks) for seq_id, seq in self._seqs.items()}
 
+    def num_sliding_held(self, seq_id: str) -> int:
+        """Sliding-window slots the sequence holds (0 without a sliding pool)."""
+        return sum(slot >= 0 for slot in self._get(seq_id).sliding)
+
     def num_tokens(self, seq_id: str) -> int:
         return self._get(seq_id).num_tokens
 

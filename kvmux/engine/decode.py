@@ -219,7 +219,7 @@ class Decode(Actor):
                 return need
             asked_back |= short <= 0
             candidates = [messages.Candidate(seq_id, s.arrival, s.priority, len(self.blocks.block_table(seq_id)),
-                                             self.blocks.num_tokens(seq_id))
+                                             self.blocks.num_tokens(seq_id), self.blocks.num_sliding_held(seq_id))
                           for seq_id, s in self.running.items()]
             per_token = self.forward_seconds / self.tokens_forwarded if self.tokens_forwarded else 0.0
             self.eviction.send(messages.Pressure(step, short, candidates, per_token, self.runner.copy_bytes_per_s()))

@@ -21,7 +21,8 @@ class Policy:
     mode: str  # swap | recompute | auto
     low_blocks: int
     high_blocks: int
-    block_bytes: int  # bytes of one block across all layers: one swap copy
+    block_bytes: int  # bytes of one block across all layers of the pool: one swap copy
+    sliding_block_bytes: int = 0  # bytes of one slot of the sliding-window layers' pool, if there is one
 
 
 def choose_victims(candidates: list[messages.Candidate], blocks_short: int) -> list[messages.Candidate]:
@@ -53,7 +54,8 @@ def choose_mode(policy: Policy, cand: messages.Candidate, host_free: int, second
         return "recompute"
     if policy.mode == "swap":
         return "swap"
-    swap_s = 2 * cand.num_blocks * policy.block_bytes / max(copy_bytes_per_s, 1.0)
+    swap_bytes = cand.num_blocks * policy.block_bytes + cand.num_sliding * policy.sliding_block_bytes
+    swap_s = 2 * swap_bytes / max(copy_bytes_per_s, 1.0)
     recompute_s = cand.num_tokens * seconds_per_token
     return "swap" if swap_s <= recompute_s else "recompute"
 

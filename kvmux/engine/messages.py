@@ -161,6 +161,7 @@ class Candidate:
     priority: int
     num_blocks: int
     num_tokens: int = 0  # tokens whose KV it holds: what a recompute would prefill again
+    num_sliding: int = 0  # sliding-window slots it holds (its window), which a swap copies too
 
 
 @dataclass

@@ -167,7 +167,8 @@ class Engine:
         self.router = Router()
         self.prefill = Prefill(self.blocks, cfg.max_num_seqs, watermark_blocks=low, router=self.router)
         policy = Policy(cfg.preemption_mode, low_blocks=low, high_blocks=max(low, int(cfg.high_watermark * num_blocks)),
-                        block_bytes=geometry.block_bytes)
+                        block_bytes=geometry.block_bytes,
+                        sliding_block_bytes=pool.sliding_geometry.block_bytes if pool.sliding_geometry else 0)
         self.eviction = Eviction(self.blocks, policy, router=self.router)
         speculator = None
         if speculative is not None:
