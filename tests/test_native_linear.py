@@ -81,9 +81,10 @@ def test_the_plan_times_every_candidate_per_row_range_and_dispatches_by_rows():
     plans = plan_linears(group + other)
     assert [(p.out_features, p.in_features, p.layers) for p in plans] == [(40, 24, 3), (16, 24, 1)]
     runnable = {v.name for v in kernel_choice.candidates("linear", "bfloat16")}
+    timed = runnable if len(runnable) > 1 else set()  # a CPU with one candidate (AVX2 only) has nothing to time
     for plan in plans:
         assert len(plan.variants) == len(ROW_RANGES) and set(plan.variants) <= runnable
-        assert all(set(m) == runnable and next(iter(m)) == v for m, v in zip(plan.micros, plan.variants))
+        assert all(set(m) == timed and (not m or next(iter(m)) == v) for m, v in zip(plan.micros, plan.variants))
     # Whatever won, each row count goes to its range's kernel and gets the right product.
     x = torch.randn(300, 24)
     for layer in group:
