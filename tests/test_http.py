@@ -275,6 +275,7 @@ def test_metrics_count_requests_and_read_the_engine(http):
     assert [a - b for a, b in zip(after, before)] == [3, 12, 3, 3, 3, 1]
     assert metric(http, "kvmux_kv_blocks_free", tier="device") == http.engine.blocks.num_blocks
     assert metric(http, "kvmux_kv_blocks_used", tier="device") == 0
+    assert b'kvmux_kv_bytes{layer_group="all_layers"} 0.0' in raw(http, "GET", "/metrics")[2]  # a Llama: one pool
     assert metric(http, "kvmux_sequences", state="running") == 0
     assert metric(http, "kvmux_http_requests_total", route="/v1/completions", status="400") >= 1
 

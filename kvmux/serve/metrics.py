@@ -132,9 +132,16 @@ class _EngineCollector:
                                       "pool, by direction", labels=["direction"])
         for direction in ("out", "in"):
             swapped.add_metric([direction], stats.get(f"blocks_swapped_{direction}", 0) * self.metrics.block_bytes)
+        held = GaugeMetricFamily("kvmux_kv_bytes", "KV bytes held on the device, by layer group: all_layers with one "
+                                 "pool, full_attention and sliding_attention with a sliding-window pool",
+                                 labels=["layer_group"])
+        for key, value in stats.items():
+            if key.startswith("kv_bytes_"):
+                held.add_metric([key.removeprefix("kv_bytes_")], value)
         yield sequences
         yield used
         yield free
+        yield held
         yield preemptions
         yield swapped
         yield GaugeMetricFamily("kvmux_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt "
