@@ -77,7 +77,7 @@ def test_a_forks_partly_filled_block_is_copied_in_both_pools_and_drafts_give_the
     bm.fork("a", "b")
     bm.append_slots("b", [1])
     copies = bm.take_copies()
-    assert [c.src_tier for c in copies] == [0, SLIDING] and copies[1].dst not in bm._seqs["a"].sliding
+    assert [c.src_tier for c in copies] == [0, SLIDING] and copies[1].dst not in bm._seqs["a"].window.slots
     bm.sliding_table("b", 12, 13)
     bm.append_slots("a", [2, 3, 4, 5, 6, 7])  # a token and five drafts: into a third block
     assert bm.sliding_table("a", 12, 18)[2] >= 0
@@ -95,7 +95,7 @@ def test_a_swapped_out_sequence_takes_its_window_to_the_host_and_back():
     bm = BlockManager(32, BS, num_host_blocks=32, num_sliding_blocks=8, window=WINDOW)
     bm.allocate("a", toks(30))
     run_chunks(bm, "a", toks(30), chunk=30)
-    window = [(i, s) for i, s in enumerate(bm._seqs["a"].sliding) if s >= 0]
+    window = [(i, s) for i, s in enumerate(bm._seqs["a"].window.slots) if s >= 0]
     assert [i for i, _ in window] == [2, 3]  # the next query, at 30, sees 21..30
     bm.take_copies()
     assert bm.swap_out("a") and bm.num_sliding_used == 0
@@ -105,11 +105,12 @@ def test_a_swapped_out_sequence_takes_its_window_to_the_host_and_back():
     bm.swap_in("a")
     back = [c for c in bm.take_copies() if c.dst_tier == SLIDING]
     assert [c.src for c in back] == [c.dst for c in out]
-    assert [(i, s) for i, s in enumerate(bm._seqs["a"].sliding) if s >= 0] == [(i, c.dst) for (i, _), c in zip(window, back)]
+    held = [(i, s) for i, s in enumerate(bm._seqs["a"].window.slots) if s >= 0]
+    assert held == [(i, c.dst) for (i, _), c in zip(window, back)]
     bm.check_invariants()
     assert bm.swap_out("a")
     bm.drop_swapped("a")
-    assert bm.num_sliding_used == 0 and bm._host_sliding.num_free == 8
+    assert bm.num_sliding_used == 0 and bm.windows.host.num_free == 8
     bm.check_invariants()
 
 
@@ -156,10 +157,10 @@ def test_an_append_the_sliding_pool_cannot_copy_for_changes_nothing():
     bm.sliding_table("a", 0, 12)  # both slots
     bm.mark_computed("a", 12)
     bm.fork("a", "b")
-    before = (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].sliding))
+    before = (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].window.slots))
     with pytest.raises(OutOfBlocks, match="sliding slot"):
         bm.append_slots("a", [1, 2, 3, 4, 5])  # into a third block, after copying the shared second one
-    assert (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].sliding)) == before
+    assert (bm.num_free, bm.num_sliding_used, bm.block_table("a"), list(bm._seqs["a"].window.slots)) == before
     assert not bm.take_copies()
     bm.check_invariants()
 

@@ -19,14 +19,9 @@ to a host pool and then a disk pool instead of being dropped, and a prefix
 lookup goes on down there; a preempted sequence can be swapped out to the host
 pool (`swap_out`) and back (`swap_in`) with its block table rebuilt.
 
-Sliding-window layers (Gemma 3's five of six) read only the last `window` tokens, so their KV has a pool of its
-own (`num_sliding_blocks`, the engine sizes it for the windows of its running sequences): a sequence holds a
-sliding slot beside each of its blocks that some query to come still sees, and gives it back as its window moves
-on -- to the sliding pool's cached LRU when the block is a cached prefix block, so a later prefix hit can find it.
-A prefix hit is used only as far as the sliding slots of the window before its end are cached too; the blocks of
-the full-attention layers are held for every token, as before. A swapped-out sequence takes its window's slots to
-the host's sliding pool; the host and disk tiers cache prefixes as full-attention blocks only. Swapped-out
-sequences keep their seats (Decode counts them), so the windows the device pool was sized for are never exceeded.
+Sliding-window layers (Gemma 3's five of six) keep their KV in a pool of their own, for each sequence's window
+only (`windows`, kvmux/cache/sliding_windows.py): every operation here on a sequence's blocks does its part on
+its window too, and a prefix hit goes only as far as the window before its end is cached there.
 
 Nothing here moves bytes: every copy a decision implies -- copy-on-write,
 swap, demotion, promotion -- joins one queue of `BlockCopy`s, in the order the
@@ -42,7 +37,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.cache.tiers import DEVICE, HOST_SLIDING, SLIDING, BlockCopy, Tiers
+from kvmux.cache.sliding_windows import SlidingWindows, Window
+from kvmux.cache.tiers import DEVICE, BlockCopy, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -69,17 +65,13 @@ def block_hashes(parent: int, token_ids: Sequence[int], block_size: int) -> list
 
 
 class _Seq:
-    __slots__ = ("blocks", "num_tokens", "token_ids", "root", "hashes", "num_registered", "pending_end", "sliding",
-                 "sliding_lo")
+    __slots__ = ("blocks", "num_tokens", "token_ids", "root", "hashes", "num_registered", "pending_end", "window")
 
     def __init__(self, blocks: list[int], num_tokens: int, token_ids: list[int], root: int,
                  hashes: list[int] | None = None, num_registered: int = 0, pending_end: int = 0,
-                 sliding: list[int] | None = None, sliding_lo: int = 0):
+                 window: Window | None = None):
         self.blocks = blocks
-        # With a sliding pool: per block, the sliding slot held beside it, or -1; blocks below sliding_lo hold none
-        # (no query to come sees them). Empty without one.
-        self.sliding = [] if sliding is None else sliding
-        self.sliding_lo = sliding_lo
+        self.window = window  # its slots in the sliding-window layers' pool, where there is one
         self.num_tokens = num_tokens
         self.token_ids = token_ids  # every token that has a slot, to hash blocks as they fill
         self.root = root  # parent hash of the first block: the engine's cache key and the request's salt
@@ -120,13 +112,11 @@ class BlockManager:
                            copies=self._copies)
         self._swapped: dict[str, _Seq] = {}  # swapped-out sequences; their `blocks` are host blocks
         self.prefix_hit_blocks = [0, 0, 0]  # prefix cache hits found on the device, host, disk
-        if num_sliding_blocks and window <= 0:
-            raise ValueError(f"a sliding pool needs a window > 0, got {window}")
-        self.window = window if num_sliding_blocks else 0
-        self._sliding = BlockAllocator(num_sliding_blocks) if num_sliding_blocks else None
         if num_host_sliding_blocks is None:
             num_host_sliding_blocks = num_sliding_blocks if num_host_blocks else 0
-        self._host_sliding = BlockAllocator(num_host_sliding_blocks)  # where swapped-out sequences keep windows
+        self.windows = SlidingWindows(num_sliding_blocks, block_size, window, num_host_sliding_blocks,
+                                      self._copies) if num_sliding_blocks else None
+        self.window = window if num_sliding_blocks else 0
 
     @property
     def num_free(self) -> int:
@@ -143,16 +133,12 @@ class BlockManager:
 
     @property
     def num_sliding_blocks(self) -> int:
-        return self._sliding.num_blocks if self._sliding is not None else 0
+        return self.windows.pool.num_blocks if self.windows is not None else 0
 
     @property
     def num_sliding_used(self) -> int:
         """Sliding slots held by sequences (cached ones nobody holds are free)."""
-        return self._sliding.num_blocks - self._sliding.num_free if self._sliding is not None else 0
-
-    def _window_start(self, position: int) -> int:
-        """The first block a sliding layer's query at `position` reads, and every later query too."""
-        return max(0, position - self.window + 1) // self.block_size
+        return self.windows.num_used if self.windows is not None else 0
 
     def blocks_for(self, num_tokens: int) -> int:
         if num_tokens < 0:
@@ -177,24 +163,16 @@ class BlockManager:
         return block_hashes(self.root(salt), token_ids[:cacheable], self.block_size)
 
     def _lookup_hashes(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
-        """The prompt's hashes a hit may use now (with a sliding pool, _within_sliding_cache's)."""
-        hashes = self._prompt_hashes(token_ids, salt)
-        return self._within_sliding_cache(hashes) if self._sliding is not None and hashes else hashes
+        """The prompt's hashes a hit may use now."""
+        return self._usable(self._prompt_hashes(token_ids, salt))
 
-    def _within_sliding_cache(self, hashes: list[int]) -> list[int]:
-        """The leading hashes a hit may use with a sliding pool: as many as are cached in some tier, but only so
-        far that the sliding layers' window before the hit's end is cached in the sliding pool too."""
+    def _usable(self, hashes: list[int]) -> list[int]:
+        """All of them; with a sliding pool, as many as are cached in some tier and leave the window before the
+        hit's end cached in the sliding pool."""
+        if self.windows is None or not hashes:
+            return hashes
         found = len(self._alloc.lookup(hashes))
-        found += self.tiers.available(hashes[found:])
-        last_missing, last = [], -1  # per block: the last one up to it whose sliding slot is not cached
-        for i, digest in enumerate(hashes[:found]):
-            if not self._sliding.lookup([digest]):
-                last = i
-            last_missing.append(last)
-        hits = found
-        while hits and last_missing[hits - 1] >= self._window_start(hits * self.block_size):
-            hits -= 1
-        return hashes[:hits]
+        return hashes[:self.windows.usable_hits(hashes, found + self.tiers.available(hashes[found:]))]
 
     def can_allocate_prompt(self, token_ids: Sequence[int], reserve: int = 0, salt: str | None = None) -> bool:
         """Whether allocate(token_ids) fits, counting cache hits (free cached blocks revived still take room)."""
@@ -223,7 +201,7 @@ class BlockManager:
         if seq_id in self._seqs or seq_id in self._swapped:
             raise BlockError(f"sequence {seq_id!r} already exists")
         hashes = self._prompt_hashes(token_ids, salt)
-        usable = self._within_sliding_cache(hashes) if self._sliding is not None and hashes else hashes
+        usable = self._usable(hashes)
         blocks, device_hits = self._alloc.allocate_with_prefix(usable, self.blocks_for(len(token_ids)))
         # The run of cached blocks may go on below the device: promote it into the fresh blocks.
         self.tiers.touch_disk(hashes[:device_hits])
@@ -232,15 +210,9 @@ class BlockManager:
         self.prefix_hit_blocks[0] += device_hits
         self.prefix_hit_blocks[1] += from_host
         self.prefix_hit_blocks[2] += from_disk
-        sliding, sliding_lo = None, 0
-        if self._sliding is not None:
-            # The window before the first token to compute: cached (_within_sliding_cache made sure), so no fresh slot.
-            sliding_lo = self._window_start(hits * self.block_size)
-            window, _ = self._sliding.allocate_with_prefix(hashes[sliding_lo:hits], hits - sliding_lo)
-            sliding = [-1] * sliding_lo + window + [-1] * (len(blocks) - hits)
+        window = self.windows and self.windows.for_hit(hashes, hits, len(blocks))
         self._seqs[seq_id] = _Seq(blocks, len(token_ids), list(token_ids), self.root(salt), hashes,
-                                  num_registered=hits, pending_end=len(hashes), sliding=sliding,
-                                  sliding_lo=sliding_lo)
+                                  num_registered=hits, pending_end=len(hashes), window=window)
         self._pending.update(hashes[hits:])
         if self.enable_prefix_caching:
             self.prefix_query_tokens += len(token_ids)
@@ -265,34 +237,17 @@ class BlockManager:
                 # simply stays private and returns to the plain free list.
                 if self._alloc.register_block(seq.blocks[i], seq.hashes[i]):
                     self.tiers.persist(seq.blocks[i], seq.hashes[i])
-                if self._sliding is not None and seq.sliding[i] >= 0:
-                    self._sliding.register_block(seq.sliding[i], seq.hashes[i])
+                if seq.window is not None:
+                    self.windows.register(seq.window, i, seq.hashes[i])
             self._end_pending(seq, full)
             seq.num_registered = full
-        if self._sliding is not None:
-            self._leave_window(seq, self._window_start(num_tokens))
-
-    def _leave_window(self, seq: _Seq, lo: int) -> None:
-        """Give back the sliding slots of the sequence's blocks below `lo`, which no query to come sees."""
-        if lo <= seq.sliding_lo:
-            return
-        held = [s for s in seq.sliding[seq.sliding_lo:lo] if s >= 0]
-        self._sliding.free_blocks(held[::-1])
-        seq.sliding[seq.sliding_lo:lo] = [-1] * (lo - seq.sliding_lo)
-        seq.sliding_lo = lo
+        if seq.window is not None:
+            self.windows.leave(seq.window, num_tokens)
 
     def sliding_table(self, seq_id: str, start: int, end: int) -> list[int]:
         """The sliding slot of each of the sequence's blocks (-1: none) for a chunk computing tokens start..end-1:
         blocks it writes get fresh slots; the window before `start` must hold its slots already."""
-        seq = self._get(seq_id)
-        first = self._window_start(start)
-        missing = [i for i in range(first, self.blocks_for(end)) if seq.sliding[i] < 0]
-        if missing and missing[0] < start // self.block_size:
-            raise BlockError(f"sequence {seq_id!r}: block {missing[0]}, in the sliding window before token {start}, "
-                             f"has no sliding slot")
-        for i, slot in zip(missing, self._sliding.allocate_n(len(missing))):
-            seq.sliding[i] = slot
-        return list(seq.sliding)
+        return self.windows.table(self._get(seq_id).window, start, end, seq_id)
 
     def _hash_full_blocks(self, seq: _Seq, full: int) -> list[int]:
         """Hashes of the sequence's first `full` blocks, computing the missing ones."""
@@ -329,10 +284,7 @@ class BlockManager:
             return
         cow = self._cow_needed(seq)
         grow = self.blocks_for(seq.num_tokens + n) - len(seq.blocks)
-        last = seq.sliding[-1] if seq.sliding else -1
-        sliding_cow = last >= 0 and seq.num_tokens % self.block_size != 0 and self._sliding.refcount(last) > 1
-        if sliding_cow and not self._sliding.num_free:
-            raise OutOfBlocks(f"sequence {seq_id!r}: no free sliding slot to copy its last block's into")
+        sliding_cow = seq.window is not None and self.windows.last_shared(seq.window, seq.num_tokens)
         # One all-or-nothing allocation covers both the copy and the growth, so
         # running out of blocks leaves the sequence untouched.
         fresh = self._alloc.allocate_n(grow + cow)
@@ -343,12 +295,9 @@ class BlockManager:
             seq.blocks[-1] = dst
             self._copies.append(BlockCopy(DEVICE, src, DEVICE, dst))
         if sliding_cow:
-            (dst,) = self._sliding.allocate_n(1)
-            self._sliding.decref(last)
-            seq.sliding[-1] = dst
-            self._copies.append(BlockCopy(SLIDING, last, SLIDING, dst))
-        if self._sliding is not None:
-            seq.sliding.extend([-1] * len(fresh))  # slots come when a chunk writes them (sliding_table)
+            self.windows.copy_last(seq.window)
+        if seq.window is not None:
+            self.windows.grow(seq.window, len(fresh))
         seq.blocks.extend(fresh)
         seq.num_tokens += n
         seq.token_ids.extend(token_ids)
@@ -366,9 +315,8 @@ class BlockManager:
             raise BlockError(f"sequence {seq_id!r}: truncating to {num_tokens} tokens would cut cached blocks")
         self._alloc.free_blocks(seq.blocks[keep:][::-1])
         del seq.blocks[keep:]
-        if self._sliding is not None:
-            self._sliding.free_blocks([s for s in seq.sliding[keep:][::-1] if s >= 0])
-            del seq.sliding[keep:]
+        if seq.window is not None:
+            self.windows.cut(seq.window, keep)
         del seq.token_ids[num_tokens:]
         del seq.hashes[num_tokens // self.block_size:]
         seq.num_tokens = num_tokens
@@ -378,11 +326,9 @@ class BlockManager:
         if child_id in self._seqs:
             raise BlockError(f"sequence {child_id!r} already exists")
         self._alloc.fork(parent.blocks)
-        if self._sliding is not None:
-            self._sliding.fork([s for s in parent.sliding if s >= 0])
         self._seqs[child_id] = _Seq(list(parent.blocks), parent.num_tokens, list(parent.token_ids), parent.root,
-                                    list(parent.hashes), parent.num_registered, sliding=list(parent.sliding),
-                                    sliding_lo=parent.sliding_lo)
+                                    list(parent.hashes), parent.num_registered,
+                                    window=parent.window and self.windows.fork(parent.window))
 
     def free(self, seq_id: str) -> None:
         # Last block first: cached blocks join the LRU in that order, so a
@@ -390,8 +336,8 @@ class BlockManager:
         # longer prefix needs, stays reachable longest.
         seq = self._get(seq_id)
         self._alloc.free_blocks(seq.blocks[::-1])
-        if self._sliding is not None:
-            self._sliding.free_blocks([s for s in seq.sliding[::-1] if s >= 0])
+        if seq.window is not None:
+            self.windows.release(seq.window)
         self._end_pending(seq, seq.pending_end)
         del self._seqs[seq_id]
 
@@ -402,54 +348,40 @@ class BlockManager:
 
         Only for a sequence whose every slot has been computed (a running one
         between steps): its full blocks are then hashed by content, so blocks
-        it shares with others are stored on the host once. Its sliding slots (the window) go to the host's
-        sliding pool, a copy each.
+        it shares with others are stored on the host once. Its window goes to the host's sliding slots.
         """
         seq = self._get(seq_id)
-        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0]
-        if len(window) > self._host_sliding.num_free:
+        if seq.window is not None and len(seq.window.held()) > self.windows.host.num_free:
             return False
         hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
         host_blocks = self.tiers.swap_out(seq.blocks, hashes)
         if host_blocks is None:
             return False
-        sliding = [-1] * len(seq.sliding)
-        for i, slot in zip(window, self._host_sliding.allocate_n(len(window))):
-            sliding[i] = slot
-            self._copies.append(BlockCopy(SLIDING, seq.sliding[i], HOST_SLIDING, slot))
+        window = seq.window and self.windows.swap_out(seq.window)
         self.free(seq_id)
-        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, seq.root, hashes,
-                                     sliding=sliding, sliding_lo=seq.sliding_lo)
+        self._swapped[seq_id] = _Seq(host_blocks, seq.num_tokens, seq.token_ids, seq.root, hashes, window=window)
         return True
 
     def swap_in(self, seq_id: str) -> None:
         """Bring a swapped-out sequence back into device blocks (OutOfBlocks, nothing done, if they are lacking)."""
         seq = self._swapped[seq_id]
-        window = [i for i, slot in enumerate(seq.sliding) if slot >= 0]
-        if window and len(window) > self._sliding.num_free:
-            raise OutOfBlocks(f"sequence {seq_id!r} needs {len(window)} sliding slots, {self._sliding.num_free} free")
+        if seq.window is not None:
+            self.windows.check_room(seq.window)
         hashes = self._device_hashes(seq)
         # Blocks still cached on the device are shared as they are; the rest are copied back up.
         blocks, hits = self._alloc.acquire(hashes, len(seq.blocks) - len(hashes))
         self.tiers.swap_in(seq.blocks, blocks, hits)
-        sliding = [-1] * len(blocks)
-        if window:
-            for i, slot in zip(window, self._sliding.allocate_n(len(window))):
-                self._copies.append(BlockCopy(HOST_SLIDING, seq.sliding[i], SLIDING, slot))
-                sliding[i] = slot
-                if i < len(hashes):  # cached at once, as promoted blocks are: the copy runs before any forward
-                    self._sliding.register_block(slot, hashes[i])
-            self._host_sliding.free_blocks([seq.sliding[i] for i in window])
+        window = seq.window and self.windows.swap_in(seq.window, hashes)
         del self._swapped[seq_id]
         self._seqs[seq_id] = _Seq(blocks, seq.num_tokens, seq.token_ids, seq.root, seq.hashes,
-                                  num_registered=len(hashes), pending_end=len(hashes),
-                                  sliding=sliding if seq.sliding else None, sliding_lo=seq.sliding_lo)
+                                  num_registered=len(hashes), pending_end=len(hashes), window=window)
 
     def drop_swapped(self, seq_id: str) -> None:
         """Forget a swapped-out sequence (aborted): its host blocks return to the host pool."""
         seq = self._swapped.pop(seq_id)
         self.tiers.release(seq.blocks)
-        self._host_sliding.free_blocks([slot for slot in seq.sliding if slot >= 0])
+        if seq.window is not None:
+            self.windows.drop(seq.window)
 
     def _device_hashes(self, seq: _Seq) -> list[int]:
         # Registered on the device only with prefix caching on, as computed blocks are.
@@ -475,8 +407,7 @@ class BlockManager:
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
             "cached_blocks": self._alloc.num_cached,
             "shared_blocks": self._alloc.num_shared,
-            **({"sliding_blocks_used": self.num_sliding_used, "sliding_blocks_cached": self._sliding.num_cached}
-               if self._sliding is not None else {}),
+            **(self.windows.stats() if self.windows is not None else {}),
         }
 
     def has(self, seq_id: str) -> bool:
@@ -491,7 +422,8 @@ class BlockManager:
 
     def num_sliding_held(self, seq_id: str) -> int:
         """Sliding-window slots the sequence holds (0 without a sliding pool)."""
-        return sum(slot >= 0 for slot in self._get(seq_id).sliding)
+        window = self._get(seq_id).window
+        return len(window.held()) if window is not None else 0
 
     def num_tokens(self, seq_id: str) -> int:
         return self._get(seq_id).num_tokens
@@ -545,31 +477,13 @@ class BlockManager:
             for i, block in enumerate(seq.blocks):
                 if self._alloc.has_hash(block) and (i + 1) * self.block_size > seq.num_tokens:
                     raise RuntimeError(f"sequence {seq_id!r} can still write into cached block {block}")
-        if self._sliding is not None:
-            self._check_sliding()
+        if self.windows is not None:
+            self.windows.check({seq_id: (seq.window, len(seq.blocks)) for seq_id, seq in self._seqs.items()},
+                               [seq.window for seq in self._swapped.values()])
         self.tiers.check_invariants(Counter(b for seq in self._swapped.values() for b in seq.blocks))
         pending = Counter(h for seq in self._seqs.values() for h in seq.hashes[seq.num_registered:seq.pending_end])
         if pending != self._pending:
             raise RuntimeError(f"in-flight prefix blocks {dict(self._pending)} != {dict(pending)} held by sequences")
-
-    def _check_sliding(self) -> None:
-        self._sliding.check_invariants()
-        on_host = Counter(s for seq in self._swapped.values() for s in seq.sliding if s >= 0)
-        if any(n > 1 for n in on_host.values()) or \
-                self._host_sliding.num_free != self._host_sliding.num_blocks - len(on_host):
-            raise RuntimeError(f"host sliding slots: {self._host_sliding.num_free} free, swapped sequences "
-                               f"hold {sorted(on_host)}")
-        holders = Counter(s for seq in self._seqs.values() for s in seq.sliding if s >= 0)
-        for seq_id, seq in self._seqs.items():
-            if len(seq.sliding) != len(seq.blocks):
-                raise RuntimeError(f"sequence {seq_id!r}: {len(seq.sliding)} sliding entries for "
-                                   f"{len(seq.blocks)} blocks")
-            if any(s >= 0 for s in seq.sliding[:seq.sliding_lo]):
-                raise RuntimeError(f"sequence {seq_id!r} holds sliding slots below its window")
-        for slot in range(self._sliding.num_blocks):
-            if self._sliding.refcount(slot) != holders[slot]:
-                raise RuntimeError(f"sliding slot {slot} has refcount {self._sliding.refcount(slot)} "
-                                   f"but {holders[slot]} sequence(s) hold it")
 
     def _get(self, seq_id: str) -> _Seq:
         try:
