@@ -193,3 +193,14 @@ def test_a_disk_tier_keeps_one_pool_unless_asked(tiny, tmp_path):
     assert asyncio.run(window(disk_cache_dir=str(tmp_path / "a"))) == 0
     assert asyncio.run(window(disk_cache_dir=str(tmp_path / "b"), sliding_window_pool="on")) == WINDOW
     assert asyncio.run(window(sliding_window_pool="off")) == 0
+
+
+def test_int8_kv_in_both_pools_reads_as_in_one(tiny):
+    """int8 KV rows (values and their scale) in the sliding pool and the full-attention one: every token as with
+    one int8 pool, in chunks past the window."""
+    prompts = [random_prompt(s, n) for s, n in enumerate([5, 30, 60])]
+    options = dict(block_size=8, kv_cache_dtype="int8", max_num_batched_tokens=16)
+    split, stats = run_engine(str(tiny), prompts, greedy(20), **options)
+    one, _ = run_engine(str(tiny), prompts, greedy(20), sliding_window_pool="off", **options)
+    assert [c.token_ids for c in split] == [c.token_ids for c in one]
+    assert stats["sliding_blocks_cached"] > 0
