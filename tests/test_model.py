@@ -177,7 +177,7 @@ def test_block_copy_forks_a_sequence(model_dirs):
     prompt, a, b = random_seqs([6, 1, 1], seed=4)
     with torch.inference_mode():
         model(ForwardBatch.build([chunk(prompt, 0, [5, 9])], 4), cache)
-        BlockCopier([cache.kv], cache.geometry.block_bytes).apply([BlockCopy(DEVICE, 9, DEVICE, 3)])
+        BlockCopier([cache.kv]).apply([BlockCopy(DEVICE, 9, DEVICE, 3)])
         torch.testing.assert_close(cache.kv[3], cache.kv[9])
         out = model(ForwardBatch.build([chunk(a, 6, [5, 9]), chunk(b, 6, [5, 3])], 4), cache)
     refs = hf_logits(model_dirs["llama-kv2"], [prompt + a, prompt + b])

@@ -143,7 +143,7 @@ def test_cuda_copier_round_trip():
     kv = torch.randn(8, 2, 2, 2, 4, 16, device="cuda")
     host = torch.empty((4, *kv.shape[1:]), pin_memory=True)
     block_bytes = kv[0].numel() * 4
-    copier = make_copier([kv, host, None], block_bytes)
+    copier = make_copier([kv, host, None])
     assert type(copier).__name__ == "CudaBlockCopier"
     want = kv[[1, 3]].cpu()
     copier.apply([BlockCopy(DEVICE, 1, HOST, 0), BlockCopy(DEVICE, 3, HOST, 1), BlockCopy(HOST, 0, DEVICE, 5),

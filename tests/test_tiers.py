@@ -70,7 +70,7 @@ def test_runs_split_when_a_block_is_written_twice_or_read_after_a_write():
 
 def test_copier_applies_copy_on_write_in_queue_order():
     pool = torch.arange(8.0).view(8, 1)
-    BlockCopier([pool], 4).apply([BlockCopy(DEVICE, 1, DEVICE, 2), BlockCopy(DEVICE, 2, DEVICE, 3),
+    BlockCopier([pool]).apply([BlockCopy(DEVICE, 1, DEVICE, 2), BlockCopy(DEVICE, 2, DEVICE, 3),
                                   BlockCopy(DEVICE, 0, DEVICE, 1)])
     assert pool.view(-1).tolist() == [0, 0, 1, 1, 4, 5, 6, 7]
 
@@ -94,7 +94,7 @@ def test_random_workload_keeps_every_tier_consistent(caching):
     rng = random.Random(0)
     bm = BlockManager(10, BS, enable_prefix_caching=caching, num_host_blocks=8, num_disk_blocks=6)
     pools = [torch.full((n, 1), -1.0) for n in (10, 8, 6)]
-    copier = BlockCopier(pools, 4)
+    copier = BlockCopier(pools)
     stems = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     live, swapped = [], []
     for step in range(300):

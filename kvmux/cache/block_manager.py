@@ -116,7 +116,6 @@ class BlockManager:
             num_host_sliding_blocks = num_sliding_blocks if num_host_blocks else 0
         self.windows = SlidingWindows(num_sliding_blocks, block_size, window, num_host_sliding_blocks,
                                       self._copies) if num_sliding_blocks else None
-        self.window = window if num_sliding_blocks else 0
 
     @property
     def num_free(self) -> int:
@@ -130,6 +129,11 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         return self.num_blocks - self._alloc.num_free
+
+    @property
+    def window(self) -> int:
+        """The sliding layers' window, where they have a pool of their own; else 0."""
+        return self.windows.window if self.windows is not None else 0
 
     @property
     def num_sliding_blocks(self) -> int:
@@ -351,7 +355,7 @@ class BlockManager:
         it shares with others are stored on the host once. Its window goes to the host's sliding slots.
         """
         seq = self._get(seq_id)
-        if seq.window is not None and len(seq.window.held()) > self.windows.host.num_free:
+        if seq.window is not None and not self.windows.fits_on_host(seq.window):
             return False
         hashes = self._hash_full_blocks(seq, seq.num_tokens // self.block_size)
         host_blocks = self.tiers.swap_out(seq.blocks, hashes)

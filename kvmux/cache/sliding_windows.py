@@ -141,12 +141,13 @@ class SlidingWindows:
 
     # -- swapping -----------------------------------------------------------
 
-    def swap_out(self, w: Window) -> Window | None:
-        """The window copied to host slots (queued), or None when the host has no room; the device's slots are
-        the caller's to release."""
+    def fits_on_host(self, w: Window) -> bool:
+        return len(w.held()) <= self.host.num_free
+
+    def swap_out(self, w: Window) -> Window:
+        """The window copied to host slots (queued; fits_on_host first); the device's slots are the caller's to
+        release."""
         held = [i for i, slot in enumerate(w.slots) if slot >= 0]
-        if len(held) > self.host.num_free:
-            return None
         out = Window([-1] * len(w.slots), w.lo)
         for i, slot in zip(held, self.host.allocate_n(len(held))):
             out.slots[i] = slot

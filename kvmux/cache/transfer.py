@@ -56,11 +56,10 @@ class BlockCopier:
     # Copy bandwidth assumed until one is measured (bytes/s): a conservative memcpy.
     PRIOR_BYTES_PER_S = 4e9
 
-    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> None:
-        """pools[tier]: the device pool, the host pool, the disk pool (None where that tier is absent); disk: the
-        store whose tensor the disk pool is."""
+    def __init__(self, pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> None:
+        """pools[tier]: the device pool, the host pool, the disk pool, the sliding-window pools (None where that
+        tier is absent); disk: the store whose tensor the disk pool is."""
         self.pools = pools
-        self.block_bytes = block_bytes
         self.disk = disk
         self.bytes_moved = 0
         self.copy_seconds = 0.0  # time spent copying
@@ -126,10 +125,10 @@ class CudaBlockCopier(BlockCopier):
     PRIOR_BYTES_PER_S = 2e10  # pinned PCIe 4 transfers
     _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 
-    def __init__(self, pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> None:
         import cupy  # only ever imported when the device is CUDA
 
-        super().__init__(pools, block_bytes, disk)
+        super().__init__(pools, disk)
         self.cp = cupy
         self.device = pools[DEVICE].device
         with cupy.cuda.Device(self.device.index or 0):
@@ -210,10 +209,10 @@ class CudaBlockCopier(BlockCopier):
         self.timings = left
 
 
-def make_copier(pools: list[torch.Tensor | None], block_bytes: int, disk: DiskStore | None = None) -> BlockCopier:
+def make_copier(pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> BlockCopier:
     if pools[DEVICE].is_cuda:
         try:
-            return CudaBlockCopier(pools, block_bytes, disk)
+            return CudaBlockCopier(pools, disk)
         except ImportError:
             log.warning("CuPy is not installed: block copies run synchronously on the forward's stream")
-    return BlockCopier(pools, block_bytes, disk)
+    return BlockCopier(pools, disk)

@@ -27,7 +27,7 @@ class Runner:
                  disk: DiskStore | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.copier = copier or BlockCopier([kv_cache.kv], kv_cache.geometry.block_bytes)
+        self.copier = copier or BlockCopier([kv_cache.kv])
         self.disk = disk
         self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
@@ -45,7 +45,7 @@ class Runner:
             host_sliding = host_pool(pool.sliding_geometry, num_host_sliding_blocks, pinned)
         pools = [kv_cache.kv, host_pool(pool.geometry, num_host_blocks, pinned), disk and disk.tensor,
                  sliding and sliding.kv, host_sliding]
-        return cls(model, kv_cache, make_copier(pools, pool.geometry.block_bytes, disk), disk)
+        return cls(model, kv_cache, make_copier(pools, disk), disk)
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[list[Sampled]]:
