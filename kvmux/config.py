@@ -40,7 +40,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if features["avx512bf16"] or features["amx_bf16"] else "float32"
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
 
 
 @dataclass
@@ -50,7 +50,8 @@ class SpeculativeConfig:
     ngram: the last prompt_lookup_max..prompt_lookup_min tokens of a sequence are looked up in its own prompt and
     output, and what followed their latest earlier occurrence is proposed. suffix: the same lookup, and also in the
     outputs of earlier requests (suffix_cache_tokens of them), so repeated agent and template traffic speculates
-    even where the prompt does not hold the answer.
+    even where the prompt does not hold the answer. draft_model: a smaller model with the same tokenizer (`model`,
+    a path like --model's) guesses the tokens, on a KV pool of its own.
     """
 
     method: str
@@ -63,6 +64,7 @@ class SpeculativeConfig:
     # suffix: output tokens of earlier requests kept for lookup; each costs about 0.5 KB of memory (its n-grams
     # in a dict, measured at prompt_lookup 2..4), so the default holds about 64 MB.
     suffix_cache_tokens: int = 1 << 17
+    model: str | None = None  # draft_model: the draft's safetensors folder or .gguf file
 
     @classmethod
     def from_dict(cls, value: dict) -> SpeculativeConfig:
@@ -76,12 +78,17 @@ class SpeculativeConfig:
         if "method" not in value:
             raise ConfigError("speculative_config", f"needs a method, one of {', '.join(SPECULATIVE_METHODS)}")
         for name, v in value.items():
-            if name != "method" and (not isinstance(v, int) or isinstance(v, bool)):
+            if name in ("method", "model"):
+                if not isinstance(v, str):
+                    raise ConfigError("speculative_config", f"{name} must be a string, not {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError("speculative_config", f"{name} must be an integer, not {v!r}")
         spec = cls(**value)
         checks = [
             ("method", spec.method in SPECULATIVE_METHODS,
-             f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {spec.method!r} (draft_model is not built yet)"),
+             f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {spec.method!r}"),
+            ("model", (spec.model is not None) == (spec.method == "draft_model"),
+             "names the draft model, which method draft_model needs and the others take none of"),
             ("num_speculative_tokens", 1 <= spec.num_speculative_tokens <= 32, "must be in 1..32"),
             ("prompt_lookup_min", spec.prompt_lookup_min >= 1, "must be >= 1"),
             # Every token a sequence holds is indexed under each n in min..max, n tokens a key: bounded.
@@ -161,6 +168,7 @@ class EngineConfig:
     speculative_config: dict | None = setting(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
               '4, "prompt_lookup_min": 2} proposes from the sequence itself; "suffix" also from earlier outputs; '
+              '{"method": "draft_model", "model": PATH} from a smaller model with the same tokenizer; '
               '"max_batch" (8) turns it off for larger steps (default: off)')
     structured_max_bytes: int = setting(65536, "largest structured-output constraint (a JSON schema, regex, choice "
                                                "list or grammar) a request may carry, in bytes of its text")
@@ -205,7 +213,9 @@ class EngineConfig:
             if not ok:
                 raise ConfigError(name, problem)
         if self.speculative_config is not None:
-            SpeculativeConfig.from_dict(self.speculative_config)
+            spec = SpeculativeConfig.from_dict(self.speculative_config)
+            if spec.model is not None and not os.path.exists(os.path.expanduser(spec.model)):
+                raise ConfigError("speculative_config", f"model: {missing_model(spec.model)}")
         if self.device == "cuda":
             import torch
 

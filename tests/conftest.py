@@ -21,6 +21,13 @@ def tiny(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_draft(tmp_path_factory) -> str:
+    """Another tiny random model with the tiny model's tokenizer (one layer, other weights): a draft model that
+    agrees with the tiny one now and then."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_draft") / "m", num_layers=1, seed=1))
+
+
+@pytest.fixture(scope="session")
 def tiny_long(tiny, tmp_path_factory) -> str:
     """The tiny model with 2048 positions instead of 256 (its random weights take any position): room for a
     conversation with tools, whose description in the generic tool-calling format alone outgrows 256 tokens

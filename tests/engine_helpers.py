@@ -40,6 +40,10 @@ def assert_no_leaks(engine: Engine) -> None:
     assert host.num_free == host.num_blocks, f"{host.num_blocks - host.num_free} host blocks leaked"
     assert not engine.eviction.swapped, f"sequences left swapped out: {list(engine.eviction.swapped)}"
     blocks.check_invariants()
+    draft = engine.decode.speculator and engine.decode.speculator.draft
+    if draft is not None:
+        assert draft.blocks.num_used == 0, f"{draft.blocks.num_used} of the draft model's blocks leaked"
+        draft.blocks.check_invariants()
 
 
 async def settled(engine: Engine, timeout: float = 30.0, busy=lambda: False) -> None:

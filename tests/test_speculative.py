@@ -16,11 +16,21 @@ from kvmux.runner.sampler import verify
 from kvmux.sampling import StructuredOutputs
 
 from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, settled
+from tiny_model import make_tiny_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1, "max_batch": 64}
 SUFFIX = {**NGRAM, "method": "suffix"}
 # Prompts that repeat themselves, so the lookup finds what to propose even before the output does.
 REPEATING = [p * 3 for p in PROMPTS[3:8]] + [PROMPTS[9] + PROMPTS[9][:20]]
+
+
+def draft_model(model: str) -> dict:
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": 4, "max_batch": 64}
+
+
+def spec_for(name: str, tiny: str) -> dict:
+    """A parametrized test's speculative_config: the n-gram lookup, or the tiny model drafting for itself."""
+    return NGRAM if name == "ngram" else draft_model(tiny)
 
 
 def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
@@ -45,16 +55,44 @@ def test_greedy_outputs_are_transformers(tiny, reference, spec, block_size):
     assert proposed > 0 and accepted > 0  # the tiny model repeats itself: drafts are made and taken
 
 
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_draft_model_outputs_are_transformers(tiny, tiny_draft, reference, block_size):
+    """The tiny model drafting for itself has its drafts accepted; another model's are mostly rejected. The
+    outputs are transformers' either way."""
+    done, same = run_engine(tiny, PROMPTS, greedy(MAX_NEW), block_size=block_size,
+                            speculative_config=draft_model(tiny))
+    assert [c.token_ids for c in done] == reference
+    assert same["spec_accepted_tokens"] >= 0.95 * same["spec_draft_tokens"] > 0
+    done, other = run_engine(tiny, PROMPTS, greedy(MAX_NEW), block_size=block_size,
+                             speculative_config=draft_model(tiny_draft))
+    assert [c.token_ids for c in done] == reference
+    assert other["spec_draft_tokens"] > 0 and other["spec_acceptance_rate"] < 0.5
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny, tmp_path):
+    other = make_tiny_model(tmp_path / "other", vocab=300)
+
+    async def main():
+        async with Engine(tiny, dtype="float32", speculative_config=draft_model(str(other))):
+            pass
+
+    with pytest.raises(ConfigError, match="speculative_config") as info:
+        asyncio.run(main())
+    assert "cannot draft for" in str(info.value) and "tokenizer differs" in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft_model"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_greedy_outputs_survive_preemption_and_prefix_hits(tiny, reference, mode):
-    tight = dict(num_blocks=12, block_size=8, preemption_mode=mode, speculative_config=NGRAM)
+def test_greedy_outputs_survive_preemption_and_prefix_hits(tiny, reference, mode, spec):
+    tight = dict(num_blocks=12, block_size=8, preemption_mode=mode, speculative_config=spec_for(spec, tiny))
     done, stats = run_engine(tiny, PROMPTS + PROMPTS, greedy(MAX_NEW), **tight)
     assert [c.token_ids for c in done] == reference + reference
     assert stats[f"preemptions_{mode}"] > 0 and stats["spec_accepted_tokens"] > 0
     assert stats["prefix_cache_hits"] > 0
 
 
-def test_sampled_outputs_are_token_for_token_those_without_speculation(tiny):
+@pytest.mark.parametrize("spec", ["ngram", "draft_model"])
+def test_sampled_outputs_are_token_for_token_those_without_speculation(tiny, spec):
     """Seeded sampling with penalties, logprobs, stop strings, n > 1 and max_tokens: each token is drawn from
     the same stream and distribution as without speculation, so the outputs are equal, not only alike."""
     params = [SamplingParams(max_tokens=24, temperature=0.7, seed=s, ignore_eos=True) for s in range(4)]
@@ -66,7 +104,7 @@ def test_sampled_outputs_are_token_for_token_those_without_speculation(tiny):
                SamplingParams(max_tokens=30, temperature=0, stop=["a"], ignore_eos=True)]
     prompts = [REPEATING[i % len(REPEATING)] for i in range(len(params))]
     off, _ = run_engine(tiny, prompts, params, block_size=8)
-    on, stats = run_engine(tiny, prompts, params, block_size=8, speculative_config=NGRAM)
+    on, stats = run_engine(tiny, prompts, params, block_size=8, speculative_config=spec_for(spec, tiny))
     assert stats["spec_accepted_tokens"] > 0
     for a, b in zip(off, on):
         assert [(s.token_ids, s.text, s.finish_reason) for s in a.samples] == \
@@ -98,9 +136,11 @@ def test_large_batches_do_not_speculate(tiny, reference):
     assert stats["spec_steps_skipped"] > 0
 
 
-def test_tensor_parallel_with_speculation(tiny, reference):
+@pytest.mark.parametrize("spec", ["ngram", "draft_model"])
+def test_tensor_parallel_with_speculation(tiny, reference, spec):
+    """A draft model runs whole in the engine's process, beside the ranks."""
     done, stats = run_engine(tiny, PROMPTS[:6], greedy(MAX_NEW), tensor_parallel_size=2, threads=1,
-                             speculative_config=NGRAM)
+                             speculative_config=spec_for(spec, tiny))
     assert [c.token_ids for c in done] == reference[:6]
     assert stats["spec_accepted_tokens"] > 0
 
@@ -112,8 +152,8 @@ def test_the_suffix_method_proposes_from_earlier_outputs():
     ngram = Speculator(SpeculativeConfig.from_dict({"method": "ngram"}))
     for spec in (suffix, ngram):
         spec.finished(earlier, prompt_len)
-    assert suffix.propose("b", [9, 8, 3, 4], 3) == [5, 6, 7]
-    assert ngram.propose("b", [9, 8, 3, 4], 3) == []
+    assert suffix.propose([("b", [9, 8, 3, 4], 3)]) == {"b": [5, 6, 7]}
+    assert ngram.propose([("b", [9, 8, 3, 4], 3)]) == {}
     assert suffix.stats()["spec_suffix_cached_tokens"] == len(earlier)
 
 
@@ -197,7 +237,11 @@ def test_the_suffix_cache_forgets_its_oldest_texts():
 # -- configuration --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, words", [
-    ({"method": "eagle"}, "method must be one of ngram, suffix"),
+    ({"method": "eagle"}, "method must be one of ngram, suffix, draft_model"),
+    ({"method": "draft_model"}, "model names the draft model, which method draft_model needs"),
+    ({"method": "ngram", "model": "m.gguf"}, "model names the draft model"),
+    ({"method": "draft_model", "model": 7}, "model must be a string"),
+    ({"method": "draft_model", "model": "/nowhere/draft.gguf"}, "model: '/nowhere/draft.gguf' does not exist"),
     ({"num_speculative_tokens": 2}, "needs a method"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be in 1..32"),
     ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max must be >="),
@@ -216,14 +260,15 @@ def test_defaults_are_vllms():
     assert (spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == (4, 4, 2)
 
 
-def test_random_prompts_keep_the_allocator_whole(tiny):
+@pytest.mark.parametrize("spec", ["ngram", "draft_model"])
+def test_random_prompts_keep_the_allocator_whole(tiny, tiny_draft, spec):
     """Many short requests with drafts rejected and accepted at every block boundary: run_engine checks every
-    block is free and the invariants hold at the end."""
+    block (the draft model's too) is free and the invariants hold at the end."""
     rng = random.Random(7)
     prompts = [rng.choices(range(3, 40), k=rng.randint(1, 40)) for _ in range(24)]
     params = [greedy(rng.randint(1, 20)) for _ in prompts]
     done, stats = run_engine(tiny, prompts, params, block_size=8, num_blocks=40,
-                             speculative_config=NGRAM)
+                             speculative_config=NGRAM if spec == "ngram" else draft_model(tiny_draft))
     assert [len(c.token_ids) for c in done] == [p.max_tokens for p in params]
     assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"] > 0
 
@@ -272,9 +317,9 @@ def test_an_abort_while_the_step_is_planned_ends_only_its_request(tiny, referenc
             reply, propose = decode._reply, decode._propose
             aborted, drafted = [], {}
 
-            def remember():
+            async def remember():
                 drafted.clear()
-                drafted.update(propose())
+                drafted.update(await propose())
                 return dict(drafted)
 
             async def abort_during_the_plan(kind, step):

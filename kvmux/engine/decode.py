@@ -147,9 +147,15 @@ class Decode(Actor):
         for seq in held:
             del self.running[seq.seq_id]
             self.blocks.free(seq.seq_id)
-        self.constraints.retain(self.running)
+        self._retain()
         if held:
             self.router.send(messages.StepOutputs([out for seq in held for out in seq.ended(error)]))
+
+    def _retain(self) -> None:
+        """Drop the per-sequence state of the structured outputs and the speculator for sequences not running."""
+        self.constraints.retain(self.running)
+        if self.speculator is not None:
+            self.speculator.retain(self.running)
 
     # -- the step ----------------------------------------------------------
 
@@ -159,7 +165,7 @@ class Decode(Actor):
         step = self.step
         emitted = self.output_tokens
         reserve = await self._make_room(step)
-        drafts = self._propose()
+        drafts = await self._propose()
 
         budget = self.max_num_batched_tokens - len(self.running) - sum(map(len, drafts.values()))
         # Swapped-out sequences keep their seats where they keep windows: the sliding pool is sized per seat.
@@ -196,9 +202,7 @@ class Decode(Actor):
                 if seq.unforked:
                     outputs += self._fork(seq, runs)
                 outputs.append(self._advance_run(seq, run))
-        self.constraints.retain(self.running)
-        if self.speculator is not None:
-            self.speculator.retain(self.running)
+        self._retain()
         if outputs:
             self.router.send(messages.StepOutputs(outputs))
         now = time.perf_counter()
@@ -280,24 +284,33 @@ class Decode(Actor):
                 outputs += seq.ended(error)
         return outputs
 
-    def _propose(self) -> dict[str, list[int]]:
+    async def _propose(self) -> dict[str, list[int]]:
         """Draft tokens for the running sequences this step, by seq_id (none where nothing is proposed)."""
         if self.speculator is None or not self.running or not self.speculator.active(len(self.running)):
             return {}
         budget = self.max_num_batched_tokens - len(self.running)  # drafts never crowd out a running token
-        drafts = {}
+        requests = []
         for seq_id, seq in self.running.items():
             # Never past max_tokens: the tokens a step emits are its accepted drafts and one more.
-            most = min(budget, seq.params.max_tokens - seq.num_output_tokens - 1)
-            if most <= 0:
-                continue
-            proposal = self.speculator.propose(seq_id, seq.token_ids, most)
-            if proposal and seq.constraint is not None:  # only drafts the constraint allows, so each has a mask
+            k = self.speculator.wanted(seq_id, min(budget, seq.params.max_tokens - seq.num_output_tokens - 1))
+            if k:
+                requests.append((seq_id, seq.token_ids, k))
+                budget -= k
+        if not requests:
+            return {}
+        if self.speculator.draft is None:
+            proposals = self.speculator.propose(requests)
+        else:  # forwards of the draft model: on the forward thread, like the step's own
+            proposals = await self._await_forward(
+                asyncio.get_running_loop().run_in_executor(self.executor, self.speculator.propose, requests))
+        drafts = {}
+        for seq_id, proposal in proposals.items():
+            seq = self.running.get(seq_id)
+            if seq is not None and seq.constraint is not None:  # only drafts the constraint allows: each has a mask
                 matcher = self.constraints.matcher(seq_id, seq.constraint, seq.token_ids[seq.num_prompt_tokens:])
                 proposal = proposal[:matcher.validate_tokens(proposal)]
             if proposal:
                 drafts[seq_id] = proposal
-                budget -= len(proposal)
         if drafts:
             self.speculator.steps += 1
         return drafts
@@ -398,7 +411,7 @@ class Decode(Actor):
             if self.blocks.has(seq.seq_id):
                 self.blocks.free(seq.seq_id)
                 outputs += seq.ended(error)
-        self.constraints.retain(self.running)
+        self._retain()
         self.router.send(messages.StepOutputs(outputs))
         finishing = {s.seq_id for s in handoffs}
         unfinished = [c.seq_id for c in plan.chunks if c.seq_id not in finishing] if plan else []

@@ -25,6 +25,7 @@ from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
 from kvmux.engine.constraints import Constraints
 from kvmux.engine.decode import Decode
+from kvmux.engine.draft_model import DraftModel
 from kvmux.engine.eviction import Eviction, Policy
 from kvmux.engine.prefill import Prefill
 from kvmux.engine.router import OutputStream, Router
@@ -172,7 +173,14 @@ class Engine:
         self.eviction = Eviction(self.blocks, policy, router=self.router)
         speculator = None
         if speculative is not None:
-            speculator = Speculator(speculative)
+            draft = None
+            if speculative.method == "draft_model":
+                draft = await loop.run_in_executor(self.executor, functools.partial(
+                    DraftModel.load, speculative.model, self.loaded, dtype=dtype, kv_dtype=kv_dtype,
+                    device=cfg.device, attention_backend=cfg.attention_backend, quantization=cfg.quantization,
+                    num_blocks=num_blocks, block_size=cfg.block_size,
+                    enable_prefix_caching=cfg.enable_prefix_caching))
+            speculator = Speculator(speculative, draft)
             log.info("speculative decoding: %s", speculator.config)
         self.decode = Decode(self.blocks, self.runner, self.executor,
                              tokenizer, eos_ids, cfg.max_num_batched_tokens,
