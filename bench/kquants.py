@@ -1,6 +1,7 @@
 """The GGUF files people download, kept in their blocks (issue 26): storage, decode speed and quality.
 
     python -m bench.kquants --model gemma-3-270m-q4_k_m.gguf   # a Q4_K_M file: Q4_K, Q5_0, Q6_K, Q8_0 tensors
+    python -m bench.kquants --model llama-3.2-1b.q4_k_m.gguf --decode-only   # bench.real_shapes' random weights
 
 In one run, on one file:
 - storage: what each matmul is held as with `--quantization auto` (no tensor dequantized) and the MiB it takes;
@@ -48,6 +49,12 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']}: decode, {result['threads']} threads")
     ax.legend()
     q = {k: v["argmax_agreement"] for k, v in result["quality"].items() if "argmax_agreement" in v}
+    if not q:
+        aq.set_axis_off()
+        aq.set_title("quality not measured (--decode-only)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
     aq.bar(list(q), [100 * v for v in q.values()], color=["#2a7", "#a52"][:len(q)])
     for i, v in enumerate(q.values()):
         aq.text(i, 100 * v, f"{100 * v:.2f}%", ha="center", va="bottom")
@@ -58,6 +65,26 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measure_quality(model: str, kept, threads: int, tokens_per_text: int) -> dict:
+    """Teacher-forced argmax agreement with the file dequantized to float32: the kept blocks', and llama.cpp's."""
+    fp32 = load_model(model, dtype=torch.float32, quantization="none", progress=False)
+    texts = text_ids(fp32.tokenizer, tokens_per_text)
+    reference = [kvmux_logits(fp32.model, ids) for ids in texts]
+    quality = {"kvmux_kept": agreement_with(reference, [kvmux_logits(kept.model, ids) for ids in texts])}
+    try:
+        from bench.engines.llama_cpp import LlamaCpp
+
+        llm = LlamaCpp(str(model), max(map(len, texts)) + 16, max(map(len, texts)), 1, threads)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        quality["llama_cpp"] = {"skipped": str(exc)}
+    else:
+        quality["llama_cpp"] = agreement_with(reference, [torch.from_numpy(llm.logits(ids)) for ids in texts])
+        llm.close()
+    for name, r in quality.items():
+        print(f"{name}: {r}", flush=True)
+    return quality
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a .gguf file")
@@ -65,30 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-text", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="threads of kvmux's kernels [default: all cores]")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--decode-only", action="store_true", help="storage and decode speed, no quality measurement")
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     set_threads(threads)
     load_start = os.getloadavg()
 
-    fp32 = load_model(args.model, dtype=torch.float32, quantization="none", progress=False)
     kept = load_model(args.model, progress=False)
     print(f"kept: {kept.quantization}", flush=True)
-    texts = text_ids(fp32.tokenizer, args.tokens_per_text)
-    reference = [kvmux_logits(fp32.model, ids) for ids in texts]
-    quality = {"kvmux_kept": agreement_with(reference, [kvmux_logits(kept.model, ids) for ids in texts])}
-    try:
-        from bench.engines.llama_cpp import LlamaCpp
-
-        llm = LlamaCpp(str(args.model), max(map(len, texts)) + 16, max(map(len, texts)), 1, threads)
-    except (RuntimeError, ValueError, ImportError) as exc:
-        quality["llama_cpp"] = {"skipped": str(exc)}
-    else:
-        quality["llama_cpp"] = agreement_with(reference, [torch.from_numpy(llm.logits(ids)) for ids in texts])
-        llm.close()
-    del fp32, reference
-    for name, r in quality.items():
-        print(f"{name}: {r}", flush=True)
+    quality = {} if args.decode_only else measure_quality(args.model, kept, threads, args.tokens_per_text)
 
     bf16 = load_model(args.model, dtype=torch.bfloat16, quantization="none", progress=False)
     rates: dict[tuple[str, int], list[float]] = {}
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     agreement = {k: v.get("argmax_agreement") for k, v in quality.items()}
     result = dict(command="python -m bench.kquants " + " ".join(argv or []), model=kept.name, threads=threads,
                   storage=kept.quantization, kernels=kept.model.kernel_choices()["linear"], decode=decode,
-                  quality=quality, quality_positions=quality["kvmux_kept"]["positions"],
+                  quality=quality, quality_positions=quality["kvmux_kept"]["positions"] if quality else 0,
                   targets={"decode_speedup_1_to_8": 2.0, "agreement_within_llama_cpp_points": 1.0},
                   kept_minus_llama_cpp_points=None if agreement.get("llama_cpp") is None else
                   100 * (agreement["kvmux_kept"] - agreement["llama_cpp"]),

@@ -2,10 +2,12 @@
 
     python -m bench.real_shapes llama-3.2-1b --qtype q4_0            # writes bench/models/llama-3.2-1b.q4_0.gguf
     python -m bench.real_shapes qwen2.5-0.5b llama-3.2-3b --qtype q8_0 --out /tmp/models
+    python -m bench.real_shapes llama-3.2-1b --qtype q4_k_m    # the mix llama.cpp's Q4_K_M files have
 
 Each file has the named model's layer count, hidden size, heads, KV heads, head dimension, feed-forward size,
 rope base and tied embedding, every matmul in the chosen type (Q8_0, Q4_0 or Q4_1, written as GGUF blocks of
-random quants with small random scales) and the norms in F32. The tokenizer (and so the vocabulary) is the
+random quants with small random scales; q4_k_m: Q6_K for attn_v, ffn_down and the embedding, Q4_K for the rest,
+as llama.cpp's Q4_K_M mostly does) and the norms in F32. The tokenizer (and so the vocabulary) is the
 default model's (SmolLM2, 49,152 tokens), read from its GGUF: the files then run anywhere kvmux does with no
 model hub, at the cost of an embedding and lm_head smaller than the real ones (Llama 3.2's 128,256 tokens,
 Qwen 2.5's 151,936). All are written as the llama architecture; Qwen 2.5's q/k/v biases are left out (a few
@@ -22,7 +24,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-QTYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
+QTYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
+# The type of each tensor in a file of a named mix; a plain type is every tensor's.
+MIXES = {"q4_k_m": {"token_embd": "q6_k", "attn_v": "q6_k", "ffn_down": "q6_k", "": "q4_k"}}
+
+
+def tensor_type(qtype: str, tensor: str) -> str:
+    mix = MIXES.get(qtype)
+    return qtype if mix is None else mix.get(tensor, mix[""])
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,18 @@ SHAPES = {
 
 def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int) -> np.ndarray:
     """GGUF blocks [rows, cols / 32 * block bytes] of uniform random quants; scales so that weights are about
-    +-0.02 (as trained matmul weights are), Q4_1 minimums about as large."""
+    +-0.02 (as trained matmul weights are), Q4_1 minimums about as large. K-quants: 256 weights a block, every
+    sub-block scale (and Q4_K minimum) random too, the super-block's fp16 factors sized to match."""
+    if qtype in ("q4_k", "q6_k"):
+        blocks = cols // 256
+        # Q4_K: weight = d * scale * q - dmin * min, scale and min 6 bits, q 4 bits; Q6_K: d * scale * (q - 32),
+        # scale an int8, q 6 bits.
+        d_size = 0.02 / (63 * 15) if qtype == "q4_k" else 0.02 / (127 * 32)
+        d = (rng.random((rows, blocks, 2 if qtype == "q4_k" else 1), dtype=np.float32) * d_size + 1e-7)
+        body = rng.integers(0, 256, (rows, blocks, 140 if qtype == "q4_k" else 208), dtype=np.uint8)
+        head = d.astype(np.float16).view(np.uint8)
+        parts = [head, body] if qtype == "q4_k" else [body, head]  # Q6_K keeps its d at the end
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
     blocks = cols // 32
     levels = 127 if qtype == "q8_0" else 8
     header = [(rng.random((rows, blocks, 1), dtype=np.float32) * 0.04 / levels + 1e-5).astype(np.float16)]
@@ -58,7 +78,6 @@ def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int) ->
 
 
 def write(name: str, shape: Shape, qtype: str, path: Path, tokenizer_gguf: Path, seed: int = 0) -> Path:
-    raw_type = QTYPES[qtype]
     reader = gguf.GGUFReader(str(tokenizer_gguf))
 
     def field(key: str):
@@ -104,15 +123,17 @@ def write(name: str, shape: Shape, qtype: str, path: Path, tokenizer_gguf: Path,
     matmuls = {"attn_q": (q, shape.hidden), "attn_k": (kv, shape.hidden), "attn_v": (kv, shape.hidden),
                "attn_output": (shape.hidden, q), "ffn_gate": (shape.ffn, shape.hidden),
                "ffn_up": (shape.ffn, shape.hidden), "ffn_down": (shape.hidden, shape.ffn)}
-    writer.add_tensor("token_embd.weight", random_blocks(rng, qtype, vocab, shape.hidden), raw_dtype=raw_type)
+    embd = tensor_type(qtype, "token_embd")
+    writer.add_tensor("token_embd.weight", random_blocks(rng, embd, vocab, shape.hidden), raw_dtype=QTYPES[embd])
     writer.add_tensor("output_norm.weight", 1 + 0.1 * rng.standard_normal(shape.hidden, dtype=np.float32))
     for layer in range(shape.layers):
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{layer}.{norm}.weight",
                               1 + 0.1 * rng.standard_normal(shape.hidden, dtype=np.float32))
         for tensor, (rows, cols) in matmuls.items():
-            writer.add_tensor(f"blk.{layer}.{tensor}.weight", random_blocks(rng, qtype, rows, cols),
-                              raw_dtype=raw_type)
+            kind = tensor_type(qtype, tensor)
+            writer.add_tensor(f"blk.{layer}.{tensor}.weight", random_blocks(rng, kind, rows, cols),
+                              raw_dtype=QTYPES[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
@@ -125,7 +146,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", choices=sorted(SHAPES), help="shapes to write")
-    p.add_argument("--qtype", choices=sorted(QTYPES), default="q4_0", help="matmul weight type [default: q4_0]")
+    p.add_argument("--qtype", choices=sorted(QTYPES) + sorted(MIXES), default="q4_0",
+                   help="matmul weight type, or a mix of them [default: q4_0]")
     p.add_argument("--out", type=Path, default=MODELS_DIR, help="folder [default: bench/models]")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -13,6 +13,11 @@ size vs off: where verifying starts to cost more than it saves (what max_batch d
 
 Throughput: the bench's seeded 64-request workload (kvmux bench's prompts and output lengths), greedy, off vs
 ngram with its defaults. Writes bench/results/speculative.json and speculative.png.
+
+    python -m bench.speculative --draft DRAFT [--model TARGET --quantization none]
+
+The single-stream tasks only, off vs ngram vs a draft model (a smaller model with the target's tokenizer), and
+per setting the seconds a step's forward and the draft's forwards took: speculative_draft_model.json / .png.
 """
 from __future__ import annotations
 
@@ -70,7 +75,8 @@ TASKS = {
 }
 
 METHODS = {"off": None, "ngram": {"method": "ngram"}, "suffix": {"method": "suffix"}}
-SPEC_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "spec_verified_draws", "output_tokens", "steps")
+SPEC_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "spec_verified_draws", "output_tokens", "steps",
+             "forward_seconds", "spec_draft_forwards", "spec_draft_forward_seconds")
 
 
 async def counters(engine: Engine) -> dict:
@@ -78,9 +84,9 @@ async def counters(engine: Engine) -> dict:
     return {k: stats.get(k, 0) for k in SPEC_KEYS}
 
 
-async def single_stream(model, threads, spec, max_tokens: int) -> dict:
+async def single_stream(model, threads, spec, max_tokens: int, quantization: str = "auto") -> dict:
     """Each task alone, greedy: output tokens/s, the output, and the drafts proposed and accepted."""
-    async with Engine(model, threads=threads, speculative_config=spec) as engine:
+    async with Engine(model, threads=threads, speculative_config=spec, quantization=quantization) as engine:
         await engine.complete("Warm up.", SamplingParams(max_tokens=8))
         out = {}
         for name, prompt in TASKS.items():
@@ -119,10 +125,11 @@ async def throughput(model, threads, spec, requests) -> dict:
         return {"seconds": seconds, "output_tokens": tokens, "out_tok_s": tokens / seconds, **stats}
 
 
-def summarize_single(rounds: list[dict]) -> dict:
-    """Per method and task: the rounds' tokens/s (total tokens over total seconds), acceptance, equality with off."""
+def summarize_single(rounds: list[dict], methods=METHODS) -> dict:
+    """Per method and task: the rounds' tokens/s (total tokens over total seconds), acceptance, equality with off,
+    and the share of the time the step's forwards and the draft model's took."""
     out = {}
-    for method in METHODS:
+    for method in methods:
         out[method] = {}
         for task in TASKS:
             runs = [r[method][task] for r in rounds]
@@ -139,11 +146,27 @@ def summarize_single(rounds: list[dict]) -> dict:
                 "mean_accepted_length": 1 + accepted / draws if draws else 0.0,
                 "same_as_off": all(r["token_ids"] == o[task]["token_ids"] for r, o in
                                    zip(runs, [x["off"] for x in rounds])),
+                "forward_share": sum(r["forward_seconds"] for r in runs) / sum(r["seconds"] for r in runs),
+                "draft_share": sum(r["spec_draft_forward_seconds"] for r in runs) / sum(r["seconds"] for r in runs),
+                "draft_forwards_per_step": sum(r["spec_draft_forwards"] for r in runs) / max(1, sum(
+                    r["steps"] for r in runs)),
             }
-    for method in METHODS:
+    for method in methods:
         for task in TASKS:
             out[method][task]["speedup"] = out[method][task]["out_tok_s"] / out["off"][task]["out_tok_s"]
     return out
+
+
+def plot_single(ax, single: dict, methods) -> None:
+    import numpy as np
+
+    x = np.arange(len(TASKS))
+    for i, method in enumerate(methods):
+        ax.bar(x + (i - 1) * 0.27, [single[method][t]["out_tok_s"] for t in TASKS], 0.27, label=method)
+    ax.set_xticks(x, [t.replace(" a ", "\na ").replace(" from ", "\nfrom ") for t in TASKS], fontsize=8)
+    ax.set_ylabel("output tokens/s, one stream")
+    ax.legend(fontsize=8)
+    ax.set_title("single stream, greedy")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -151,17 +174,9 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2, 1.3]})
-    single = report["single_stream"]
-    x = np.arange(len(TASKS))
-    for i, method in enumerate(METHODS):
-        left.bar(x + (i - 1) * 0.27, [single[method][t]["out_tok_s"] for t in TASKS], 0.27, label=method)
-    left.set_xticks(x, [t.replace(" a ", "\na ").replace(" from ", "\nfrom ") for t in TASKS], fontsize=8)
-    left.set_ylabel("output tokens/s, one stream")
-    left.legend(fontsize=8)
-    left.set_title("single stream, greedy")
+    plot_single(left, report["single_stream"], METHODS)
     sweep = report["batch_sweep"]
     mid.plot([s["copies"] for s in sweep], [s["ratio"] for s in sweep], marker="o")
     mid.axhline(1.0, color="#888", lw=0.8)
@@ -184,9 +199,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all this process may use)")
     p.add_argument("--max-tokens", type=int, default=320, help="output tokens per task at most")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--draft", default=None, help="a draft model for the target (same tokenizer): the single-stream "
+                                                 "tasks only, off vs ngram vs draft_model")
+    p.add_argument("--quantization", default="auto", help="the target's --quantization (the draft's is auto)")
     args = p.parse_args()
     load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     rounds = 1 if args.quick else 2
+    if args.draft:
+        draft_main(args, rounds, load_at_start)
+        return
     n = 16 if args.quick else 64
     copies = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16]
     vocab, special = vocabulary(hf_folder(args.model))
@@ -248,6 +269,52 @@ def main() -> None:
     print(f"{n} requests: off {tp['off']['out_tok_s']:.1f}, ngram {tp['ngram']['out_tok_s']:.1f} out tok/s "
           f"({tp['ratio']:.1%})")
     print(f"wrote {args.out / 'speculative.json'} and speculative.png")
+
+
+def draft_main(args, rounds: int, load_at_start: list[str]) -> None:
+    methods = {"off": None, "ngram": METHODS["ngram"], "draft_model": {"method": "draft_model", "model": args.draft}}
+
+    async def run() -> tuple[list[dict], dict, dict]:
+        single = []
+        for _ in range(rounds):
+            single.append({m: await single_stream(args.model, args.threads, spec, args.max_tokens, args.quantization)
+                           for m, spec in methods.items()})
+        async with Engine(args.model, quantization=args.quantization) as engine:
+            target = engine.describe()["model"]
+        async with Engine(args.draft) as engine:
+            draft = engine.describe()["model"]
+        return single, target, draft
+
+    rounds_out, target, draft = asyncio.run(run())
+    single = summarize_single(rounds_out, methods)
+    report = {
+        "command": f"python -m bench.speculative --draft {args.draft} --quantization {args.quantization}"
+                   + (f" --model {args.model}" if args.model else "") + (" --quick" if args.quick else ""),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": target, "draft_model": draft,
+        "cpu_flags": cpu_flags(),
+        "load_average_at_start": load_at_start,
+        "rounds": rounds,
+        "single_stream": single,
+        "outputs": {t: rounds_out[0]["off"][t]["text"] for t in TASKS},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speculative_draft_model.json").write_text(json.dumps(report, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    plot_single(ax, single, methods)
+    fig.tight_layout()
+    fig.savefig(args.out / "speculative_draft_model.png", dpi=110)
+    for task in TASKS:
+        row = "  ".join(f"{m} {single[m][task]['out_tok_s']:.1f} ({single[m][task]['speedup']:.2f}x, "
+                        f"accept {single[m][task]['acceptance_rate']:.0%}, draft {single[m][task]['draft_share']:.0%}"
+                        f" of the time, same {single[m][task]['same_as_off']})" for m in methods)
+        print(f"{task:24s} {row}")
+    print(f"wrote {args.out / 'speculative_draft_model.json'} and speculative_draft_model.png")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ by 1 + weight); transformers takes it back out, and so does this module.
 What each matmul becomes (`Storage`): the kernel form of its types
 (kvmux/ops/gguf_blocks.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) when
 every part of it (q, k and v for the merged qkv) reads into one form exactly (a
-Q5_0 q and k beside a Q8_0 v all become Q8_0); Q8_0 when `requantize_q8_0` is
+Q5_0 q and k beside a Q8_0 v all become Q8_0), and where they share none, one
+matmul per run of parts that do (a Q4_K q and k beside a Q6_K v: two, in their
+own forms, rather than a float copy); Q8_0 when `requantize_q8_0` is
 asked for (a Q8_0 tensor is kept as it is, any other is dequantized and
 quantized again); otherwise float weights, dequantized by the gguf package, and
 packed like a safetensors model's (so an F16 or IQ4 tensor costs its float32
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from kvmux.model.llama import Linear, LlamaForCausalLM, MergedLinear
-from kvmux.ops.gguf_blocks import common_form, fits
+from kvmux.ops.gguf_blocks import fits, form_runs
 from kvmux.ops.quant import pack_parts, quantize_q8_0
 
 log = logging.getLogger(__name__)
@@ -195,18 +197,18 @@ def load_gguf(net: LlamaForCausalLM, path: Path, metadata: Path, requantize_q8_0
     tensors = GGUFTensors(path, metadata, net.config)
     storage = Storage()
     params = net.hf_parameters()  # before any module is quantized: merged parts are views of their storage
-    quantized: list[tuple[Linear, list[str], str]] = []
+    quantized: list[tuple[Linear, list[str], list[tuple[int, int, str]]]] = []
     dense_names = set(params)
     for prefix, module in net.named_modules():
         if not isinstance(module, Linear):
             continue
         parts = weight_parts(prefix, module)
         dense_names -= set(parts)
-        kept = common_form([tensors.qtype(p).name for p in parts])
+        runs = form_runs([tensors.qtype(p).name for p in parts])
         if requantize_q8_0 and module.in_features % 32 == 0:
-            quantized.append((module, parts, "q8_0"))
-        elif kept is not None and not requantize_q8_0:
-            quantized.append((module, parts, kept))
+            quantized.append((module, parts, [(0, len(parts), "q8_0")]))
+        elif runs is not None and not requantize_q8_0:
+            quantized.append((module, parts, runs))
         else:
             for p in parts:
                 storage.dense_from[tensors.gguf_name(p)] = tensors.qtype(p).name
@@ -214,14 +216,21 @@ def load_gguf(net: LlamaForCausalLM, path: Path, metadata: Path, requantize_q8_0
             storage.matmuls[str(net.dtype).removeprefix("torch.")] += 1
     for name in dense_names:  # norms and biases
         params[name].copy_(tensors.dense(name))
-    for module, parts, qtype in quantized:
-        types = [tensors.qtype(p).name for p in parts]
-        if fits(types, qtype):  # Q4_0 and Q5_0 read into Q8_0 exactly, so they are not requantized either
-            weight = pack_parts([(t, tensors.blocks(p)) for t, p in zip(types, parts)], qtype)
-        else:  # requantizing to Q8_0
-            weight = quantize_q8_0(torch.cat([tensors.dense(p) for p in parts]))
-        module.set_quantized(weight)
-        storage.matmuls[qtype] += 1
+    for module, parts, runs in quantized:
+        weights = []
+        for start, end, qtype in runs:
+            run = parts[start:end]
+            types = [tensors.qtype(p).name for p in run]
+            if fits(types, qtype):  # Q4_0 and Q5_0 read into Q8_0 exactly, so they are not requantized either
+                weights.append(pack_parts([(t, tensors.blocks(p)) for t, p in zip(types, run)], qtype))
+            else:  # requantizing to Q8_0
+                weights.append(quantize_q8_0(torch.cat([tensors.dense(p) for p in run])))
+            storage.matmuls[qtype] += 1
+        # Parts that share no form (a Q6_K v beside Q4_K q and k) run as one matmul per run of a form.
+        if len(weights) == 1:
+            module.set_quantized(weights[0])
+        else:
+            module.set_pieces(weights)
     if unused := tensors.unused():
         raise ValueError(f"{path}: tensors {unused[:5]} ({len(unused)} in all) match no parameter of the model")
     for module in net.modules():

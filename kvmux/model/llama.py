@@ -33,9 +33,10 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 class Linear(nn.Module):
     """y = x W^T (+ b). After `pack()` (CPU models, at load) the weight is held only in the native kernels'
     panel layout, in its own dtype, with a float32 bias and float32 activations; after `set_quantized()`
-    only as quantized blocks (`self.quant`, kvmux/ops/quant.py; `self.weight` is then None). The model's
-    `pack_weights` then gives it a `dispatch`: the kernel timed fastest for its shape and weight format at
-    each row count (kvmux/ops/linear.py)."""
+    only as quantized blocks (`self.quant`, kvmux/ops/quant.py; `self.weight` is then None), or after
+    `set_pieces()` as consecutive ranges of its rows, each a Linear of its own with its own blocks. The model's
+    `pack_weights` then gives each matmul a `dispatch`: the kernel timed fastest for its shape and weight format
+    at each row count (kvmux/ops/linear.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -47,6 +48,9 @@ class Linear(nn.Module):
         self.quant: QuantWeight | None = None
         self.dense: torch.Tensor | None = None  # an [N, K] copy, kept only for a kernel that reads one
         self.dispatch: Dispatch | None = None
+        # Row ranges held as separate matmuls, outputs side by side; a plain list, not submodules, so that module
+        # walks see this Linear once (`matmuls()` lists what runs).
+        self.pieces: list[Linear] | None = None
 
     @property
     def weight_format(self) -> str:
@@ -54,6 +58,9 @@ class Linear(nn.Module):
         return self.quant.qtype if self.quant is not None else str(self.weight.dtype).removeprefix("torch.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pieces is not None:
+            y = torch.cat([piece(x) for piece in self.pieces], dim=-1)
+            return y if self.bias is None else y + self.bias
         if self.dispatch is not None:
             return self.dispatch(x)
         if self.quant is not None:
@@ -65,8 +72,8 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
 
     def pack(self) -> None:
-        if self.quant is not None:
-            return  # already in its kernel's form
+        if self.quant is not None or self.pieces is not None:
+            return  # already in its kernels' forms
         self.weight = nn.Parameter(pack_weight(self.weight.detach()), requires_grad=False)
         self._float_bias()
         self.packed = True
@@ -80,11 +87,34 @@ class Linear(nn.Module):
         self._float_bias()
         self.packed = True
 
+    def set_pieces(self, weights: list[QuantWeight]) -> None:
+        """Hold the weight as these blocks' rows, one after the other, each multiplied on its own (parts of a
+        merged matmul whose quantized types share no form; the float weight is dropped)."""
+        if sum(w.out_features for w in weights) != self.out_features:
+            raise ValueError(f"pieces of {[w.out_features for w in weights]} rows for a linear of "
+                             f"{self.out_features}")
+        self.pieces = []
+        for weight in weights:
+            piece = Linear(self.in_features, weight.out_features, False, self.weight.dtype, "meta")
+            piece.set_quantized(weight)
+            self.pieces.append(piece)
+        self.weight = None
+        self._float_bias()
+        self.packed = True
+
+    def matmuls(self) -> list[Linear]:
+        """What runs for it: itself, or its pieces."""
+        return [self] if self.pieces is None else self.pieces
+
     def weight_bytes(self) -> int:
+        if self.pieces is not None:
+            return sum(piece.weight_bytes() for piece in self.pieces)
         return self.quant.nbytes if self.quant is not None else self.weight.numel() * self.weight.element_size()
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as [out, in]: the parameter itself, or a copy rebuilt from the packed panels or blocks."""
+        if self.pieces is not None:
+            return torch.cat([piece.dense_weight() for piece in self.pieces])
         if self.quant is not None:
             return self.quant.dequantize()
         if self.packed:
@@ -357,7 +387,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-                linears.append(module)
+                linears += module.matmuls()
             elif isinstance(module, RMSNorm):
                 module.pack()
         self.kernel_plans = plan_linears(linears)

@@ -59,6 +59,22 @@ def common_form(gguf_types: list[str]) -> str | None:
     return next((f for f in ("q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q8_0") if fits(gguf_types, f)), None)
 
 
+def form_runs(gguf_types: list[str]) -> list[tuple[int, int, str]] | None:
+    """The parts of a merged matmul, in order, as runs (start, end, form) that each read into one form exactly:
+    one run where they share a form, more where they do not (Q4_K q and k beside a Q6_K v, as llama.cpp's
+    Q4_K_M files have in many layers); None where a type has no form."""
+    runs: list[tuple[int, int, str]] = []
+    for i in range(len(gguf_types)):
+        joined = runs and common_form(gguf_types[runs[-1][0]:i + 1])
+        if joined:
+            runs[-1] = (runs[-1][0], i + 1, joined)
+        elif (own := common_form(gguf_types[i:i + 1])) is not None:
+            runs.append((i, i + 1, own))
+        else:
+            return None
+    return runs
+
+
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2] bytes -> float16 [...], little-endian as GGUF stores them."""
     return b.contiguous().view(torch.float16)[..., 0]
