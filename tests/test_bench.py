@@ -147,8 +147,11 @@ def test_efficiency_runs_on_the_tiny_model(tiny, tmp_path):
     assert (tmp_path / "efficiency.png").is_file()
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
-def test_real_shapes_writes_a_gguf_the_engine_runs(tmp_path, qtype):
+@pytest.mark.parametrize("qtype, matmuls", [
+    ("q8_0", {"q8_0": 9}), ("q4_0", {"q4_0": 9}), ("q4_1", {"q4_1": 9}),
+    # Q4_K q, k, o, gate, up (Q4_1's form); Q6_K v, down and the embedding: per layer qkv in two pieces.
+    ("q4_k_m", {"q4_1": 6, "q6_k": 5})])
+def test_real_shapes_writes_a_gguf_the_engine_runs(tmp_path, qtype, matmuls):
     """bench.real_shapes at a tiny shape: the file loads with its blocks kept and its shape, and decodes."""
     import asyncio
 
@@ -156,7 +159,8 @@ def test_real_shapes_writes_a_gguf_the_engine_runs(tmp_path, qtype):
     from kvmux import Engine, SamplingParams
     from kvmux.model.loader import default_model_path
 
-    shape = Shape(layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32, ffn=128, rope_base=10000.0, context=256)
+    # K-quant blocks hold 256 weights: rows that long.
+    shape = Shape(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, rope_base=10000.0, context=256)
     path = write("tiny", shape, qtype, tmp_path / "tiny.gguf", default_model_path())
 
     async def run():
@@ -166,5 +170,5 @@ def test_real_shapes_writes_a_gguf_the_engine_runs(tmp_path, qtype):
 
     tokens, described = asyncio.run(run())
     assert len(tokens) == 4
-    assert described["quantization"]["matmuls"] == {qtype: 2 * 4 + 1} and not described["quantization"]["dequantized"]
+    assert described["quantization"]["matmuls"] == matmuls and not described["quantization"]["dequantized"]
     assert described["max_model_len"] == 256
