@@ -190,3 +190,32 @@ def test_the_journal_is_compacted_while_the_engine_runs(tiny, tmp_path, expected
     assert len(records) <= 4 * len({slot for slot, _, _ in records}) + BLOCKS
     tokens, stats = run(tiny, tmp_path, PROMPTS)
     assert tokens == expected and stats["prefix_cache_hits_disk"] == 3 * BLOCKS * 8
+
+
+def test_tensor_parallel_ranks_keep_their_slices_across_a_restart(tiny, tmp_path, expected):
+    """Each rank stores its slice of every block under DIR/rank-N/; a restart serves the blocks every rank holds
+    whole, and a slice torn on one rank costs that block on all of them."""
+    tp = dict(tensor_parallel_size=2, threads=1)
+    first, stats = run(tiny, tmp_path, PROMPTS, **tp)
+    assert first == expected
+    again, stats = run(tiny, tmp_path, PROMPTS, **tp)
+    assert again == expected
+    assert stats["disk_blocks_restored"] >= 3 * BLOCKS and stats["disk_blocks_corrupt"] == 0
+    assert stats["prefix_cache_hits_disk"] == 3 * BLOCKS * 8
+    rank_store = store_of(tmp_path / "rank-2")
+    records = [struct.unpack_from("<IIQ", (rank_store / "journal.bin").read_bytes(), at)
+               for at in range(0, (rank_store / "journal.bin").stat().st_size - 27, 28)]
+    block_bytes = json.loads((rank_store / "meta.json").read_text())["block_bytes"]
+    slot = records[0][0]
+    with open(rank_store / "pool.bin", "r+b") as f:
+        f.seek(slot * block_bytes + block_bytes // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    restored = stats["disk_blocks_restored"]
+    tokens, stats = run(tiny, tmp_path, PROMPTS, **tp)
+    assert tokens == expected
+    assert stats["disk_blocks_corrupt"] == 1 and stats["disk_blocks_restored"] == restored - 1
+    # A single engine on the same folder has other settings (its blocks are whole, not a rank's slice).
+    _, stats = run(tiny, tmp_path, PROMPTS[:1])
+    assert stats["disk_blocks_restored"] == 0

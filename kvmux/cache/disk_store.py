@@ -65,6 +65,15 @@ class Opened:
     corrupt: int  # slots whose bytes failed their checksum
     bad_records: int  # journal records that failed their own check
 
+    @classmethod
+    def common(cls, opened: list[Opened]) -> Opened:
+        """Tensor-parallel ranks' stores, each with its slice of every block: the blocks all of them hold whole
+        in the same slot (in the first one's recency order), so a block torn on one rank is served by none. The
+        counts are the ranks' together (a slice that failed its checksum is one corrupt block)."""
+        everywhere = set.intersection(*(set(o.blocks) for o in opened))
+        return cls([b for b in opened[0].blocks if b in everywhere], sum(o.corrupt for o in opened),
+                   sum(o.bad_records for o in opened))
+
 
 class DiskStore:
     COMPACT_SLACK = 4096  # journal records beyond 4 per live slot before it is rewritten

@@ -137,7 +137,8 @@ class Engine:
         kv_key = store_key(kv_meta)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
-                        pool, num_host, num_host_sliding, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size)
+                        pool, num_host, num_host_sliding, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size,
+                        kv_key, kv_meta)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
@@ -148,11 +149,16 @@ class Engine:
                                    cache_key=kv_key.encode(), num_host_blocks=num_host, num_disk_blocks=num_disk,
                                    num_sliding_blocks=pool.num_sliding_blocks, window=pool.window,
                                    num_host_sliding_blocks=num_host_sliding)
-        if not parallel and self.runner.disk is not None:
+        opened = None
+        if parallel and num_disk:  # each rank opened its slice of the store
+            opened = self.runner.disk_opened
+            self.blocks.tiers.on_disk_touch = self.runner.disk_touched
+        elif not parallel and self.runner.disk is not None:
             opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
-            self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
             self.blocks.tiers.on_disk_touch = self.runner.disk.touched
-            log.info("disk cache %s: %d cached blocks from earlier runs", self.runner.disk.dir, len(opened.blocks))
+        if opened is not None:
+            self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
+            log.info("disk cache %s: %d cached blocks from earlier runs", cfg.disk_cache_dir, len(opened.blocks))
             others = [s for s in describe_stores(cfg.disk_cache_dir) if s["fingerprint"] != kv_key]
             if others:  # each model and setting has its own store, bounded alone: say what the folder holds
                 log.warning("disk_cache_dir %s also holds %d store(s) of other models or settings, %.1f GiB on disk "

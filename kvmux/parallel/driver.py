@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from kvmux.cache.disk_store import Opened
 from kvmux.ops.threads import cpu_budget
 from kvmux.parallel.worker import Spec, fingerprint, model_group, reply_size, timeout, unpack_samples
 from kvmux.step.work import Sampled, StepWork
@@ -84,6 +85,8 @@ class ParallelRunner:
         self.steps = 0
         self.size = launch.size
         self.counters = dict.fromkeys(self.RANK0_COUNTERS, 0.0)
+        self.touched: list[tuple[int, int]] = []  # disk blocks hit since the last step, for the ranks' journals
+        self.touched_lock = threading.Lock()  # the engine's loop adds to it, the forward thread takes it
         self.ranks = start_ranks(launch, init_method, node_rank=0)
         try:
             dist.init_process_group("gloo", init_method=init_method, world_size=launch.size + 1, rank=0,
@@ -96,12 +99,14 @@ class ParallelRunner:
             self.close()
             raise RankFailure(f"the tensor-parallel ranks did not start: {exc}") from exc
         want = fingerprint(config, spec)
-        wrong = [rank for rank, p in enumerate(prints[1:], start=1) if p != want]
+        wrong = [rank for rank, (p, _) in enumerate(prints[1:], start=1) if p != want]
         if wrong:
             reason = (f"ranks {wrong} loaded another model or other settings than the engine; start every rank "
                       f"with the same --model and engine options")
             self.close(refused=reason)
             raise RankFailure(reason)
+        # What the disk tier holds from earlier runs: the blocks every rank has whole.
+        self.disk_opened = Opened.common([opened for _, opened in prints[1:]]) if spec.num_disk_blocks else None
         self.pinger = threading.Thread(target=self._ping, name="kvmux-tp-ping", daemon=True)
         self.pinger.start()
 
@@ -128,7 +133,9 @@ class ParallelRunner:
             work = replace(work, masks=work.masks.result())
 
         def step() -> list[list[Sampled]]:
-            self._broadcast(("step", work))
+            with self.touched_lock:
+                touched, self.touched = self.touched, []
+            self._broadcast(("step", (work, touched)))
             self.steps += 1
             reply = torch.empty(len(self.RANK0_COUNTERS) + reply_size(work), dtype=torch.float64)
             dist.recv(reply, src=1)
@@ -150,6 +157,11 @@ class ParallelRunner:
         copies are one rank's; every rank copies as much)."""
         return {"tp_size": self.size, "tp_steps": self.steps, "tp_broadcast_seconds": self.broadcast_seconds,
                 **self.counters}
+
+    def disk_touched(self, blocks: list[tuple[int, int]]) -> None:
+        """Disk blocks (slot, hash) hit: each rank journals them with the next step, keeping the LRU order."""
+        with self.touched_lock:
+            self.touched += blocks
 
     def _ping(self) -> None:
         while not self.failed and not self.closing.wait(self.PING_S / 2):

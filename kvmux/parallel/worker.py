@@ -46,6 +46,9 @@ class Spec:
     num_disk_blocks: int
     disk_cache_dir: str | None
     size: int  # model ranks
+    # The disk tier's store: its fingerprint and what that stands for (each rank keeps its slice in DIR/rank-N/).
+    disk_key: str = ""
+    disk_meta: dict | None = None
 
 
 def fingerprint(config, spec: Spec) -> str:
@@ -87,15 +90,15 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                         collectives=collectives)
     model = loaded.model
     geometry = spec.pool.geometry
-    disk = None
+    disk = opened = None
     if spec.num_disk_blocks:
-        # Each rank holds its slice of the disk tier, which starts empty: under tensor parallelism it does not
-        # outlive the engine yet (which blocks are whole would need every rank's checksums).
-        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), "tensor-parallel", {"rank": rank},
-                         geometry, spec.num_disk_blocks)
-        disk.open(keep=False)
+        # Each rank keeps its slice of every block in a store of its own; the driver serves the blocks that every
+        # rank's store holds whole (Opened.common).
+        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), spec.disk_key,
+                         {**(spec.disk_meta or {}), "rank": rank}, geometry, spec.num_disk_blocks)
+        opened = disk.open()
     runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disk, spec.device)
-    dist.gather_object(fingerprint(loaded.config, spec), None, dst=0)
+    dist.gather_object((fingerprint(loaded.config, spec), opened), None, dst=0)
     compute_seconds = 0.0
     try:
         while True:
@@ -103,15 +106,18 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
             dist.broadcast_object_list(message, src=0)
             kind, payload = message[0]
             if kind == "step":
+                work, touched = payload
+                if touched and disk is not None:
+                    disk.touched(touched)
                 started = time.perf_counter()
-                tokens = runner.execute(payload)  # runs of Sampled, on rank 0
+                tokens = runner.execute(work)  # runs of Sampled, on rank 0
                 compute_seconds += time.perf_counter() - started
                 if shard.rank == 0:  # the tokens, and this rank's counters for the driver's stats
                     copies = runner.copier.stats()
                     counters = [compute_seconds - collectives.seconds, collectives.seconds, collectives.bytes,
                                 copies["block_copy_bytes"], copies["block_copy_seconds"],
                                 copies["block_copy_wait_seconds"]]
-                    dist.send(torch.tensor(counters + pack_samples(tokens, payload), dtype=torch.float64), dst=0)
+                    dist.send(torch.tensor(counters + pack_samples(tokens, work), dtype=torch.float64), dst=0)
             elif kind == "stop":
                 return
             elif kind == "refused":
