@@ -159,6 +159,35 @@ def test_changed_tokenizer_files_make_a_new_cache_entry(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("tokenizer-*"))) == 2
 
 
+def test_a_bpe_built_from_its_parts_is_the_tokenizer_its_file_reads_as(tmp_path, monkeypatch):
+    """load_tokenizer hands a BPE's vocabulary and merges to tokenizers as Python objects (less heap held than its
+    own reader leaves): the tokenizer must be the file's, added tokens' ids included, whether they sit in the
+    vocabulary or after it, special or not, and merges as pairs or as "a b" strings."""
+    import tokenizers
+
+    from kvmux.model.tokenizer import _BACKEND, _SETTINGS, _merges_as_strings, _read_backend
+
+    monkeypatch.setenv("KVMUX_CACHE_DIR", str(tmp_path / "cache"))
+    folder = make_tiny_model(tmp_path / "m")
+    loaded = load_tokenizer(folder)
+    [entry] = (tmp_path / "cache").glob("tokenizer-*")
+    assert json.loads((entry / _SETTINGS).read_text())["bpe_parts"]
+    assert loaded.backend.to_str() == tokenizers.Tokenizer.from_file(str(entry / _BACKEND)).to_str()
+
+    backend = tokenizers.Tokenizer.from_file(str(entry / _BACKEND))
+    backend.add_tokens(["zzq", tokenizers.AddedToken("<plain>", lstrip=True, normalized=False)])
+    backend.add_special_tokens(["<|extra|>", "<|im_end|>"])  # one past the vocabulary, one already in it
+    path = tmp_path / "tokenizer.json"
+    for merges_as_strings in (False, True):
+        backend.save(str(path))
+        if merges_as_strings:
+            _merges_as_strings(path)
+        parts, whole = _read_backend(path, True), tokenizers.Tokenizer.from_file(str(path))
+        assert parts.to_str() == whole.to_str()
+        for text in TEXTS + ["zzq <plain> <|extra|> x"]:
+            assert parts.encode(text).ids == whole.encode(text).ids
+
+
 def test_a_loaded_engine_holds_no_transformers_tokenizer_or_config(tiny):
     """What the RSS saving rests on: once the cache entries exist, loading and chatting import neither
     transformers' tokenizers nor its configs (only the chat-template renderer's own module)."""

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from kvmux.ops import kernel_choice
-from kvmux.ops.linear import K_ALIGN, PANEL, ROW_RANGES, Dispatch, pack_weight, packed_linear, packed_rows, plan_linears
+from kvmux.ops.linear import (
+    K_ALIGN,
+    PANEL,
+    ROW_RANGES,
+    Dispatch,
+    PackedLinear,
+    pack_weight,
+    packed_linear,
+    packed_rows,
+    plan_linears,
+)
 
 
 def test_float32_panels_interleave_features_along_k():
@@ -43,6 +53,16 @@ def test_strided_and_empty_inputs():
     columns = torch.randn(64, 6).T  # not unit-stride along features
     torch.testing.assert_close(packed_linear(columns, packed, 33), columns @ weight.T, rtol=1e-5, atol=1e-4)
     assert packed_linear(torch.empty(0, 64), packed, 33).shape == (0, 33)
+
+
+def test_an_out_buffer_is_filled_as_a_new_output_would_be():
+    """plan_shape's timing hands every call of a shape one output buffer."""
+    layer, x = PackedLinear(pack_weight(torch.randn(33, 64)), 64, 33), torch.randn(5, 64)
+    out = torch.full((5, 33), float("nan"))
+    assert layer(x, out=out) is out
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[5, 33\]"):
+        layer(x, out=torch.empty(5, 34)[:, :33])
 
 
 @pytest.mark.parametrize("x,out_features,bias,match", [

@@ -127,6 +127,29 @@ def test_q8_0_quantization_of_float_weights_is_within_half_a_step():
     assert ((got - w).reshape(48, 2, 32).abs() <= step * (0.5 + 127 * 2 ** -11)).all()
 
 
+@pytest.mark.parametrize("types", [("Q6_K",), ("Q5_0", "Q8_0")])
+def test_packing_a_step_at_a_time_gives_the_same_panels(types, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    parts = [(t, random_gguf_blocks(t, rows, 256, g)) for t, rows in zip(types, (40, 9))]
+    form = gguf_blocks.common_form(list(types))
+    whole = quant.pack_parts(parts, form)
+    monkeypatch.setattr(quant, "PACK_WEIGHTS", 1)  # a panel per step
+    stepped = quant.pack_parts(parts, form)
+    for a, b in ((whole.quants, stepped.quants), (whole.scales, stepped.scales), (whole.mins, stepped.mins)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_an_out_buffer_is_filled_as_a_new_output_would_be():
+    """plan_shape's timing hands every call of a shape one output buffer."""
+    g = torch.Generator().manual_seed(2)
+    layer, x = quant.QuantLinear(quant.pack_blocks("q8_0", random_gguf_blocks("q8_0", 16, 64, g))), torch.randn(3, 64)
+    out = torch.full((3, 16), float("nan"))
+    assert layer(x, out=out) is out
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[3, 16\]"):
+        layer(x, out=torch.empty(16, 3).T)
+
+
 def test_bad_inputs_are_refused_with_what_was_wrong():
     g = torch.Generator().manual_seed(1)
     weight = quant.pack_blocks("q8_0", random_gguf_blocks("q8_0", 16, 64, g))

@@ -20,12 +20,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import llguidance as llg
-import llguidance.numpy as llg_numpy
 import torch
 
 from kvmux.sampling import StructuredOutputs
+
+if TYPE_CHECKING:
+    import llguidance as llg
 
 CACHE_ENTRIES = 64  # compiled constraints kept while no request holds them
 
@@ -56,6 +58,8 @@ def constraint_key(constraint: StructuredOutputs) -> str:
 
 def _grammar(key: str) -> str:
     """llguidance's grammar for a constraint key (raises ValueError where llguidance refuses it outright)."""
+    import llguidance as llg
+
     kind, text = key.split(":", 1)
     if kind == "json":
         schema = json.loads(text)
@@ -134,7 +138,10 @@ class Constraints:
         return key
 
     def _compile(self, key: str) -> llg.LLMatcher:
-        """On the compiler thread: llguidance releases the GIL while it works."""
+        """On the compiler thread: llguidance releases the GIL while it works (imported here, on the first
+        constraint: a process that never sees one does not hold the library, 2 MB)."""
+        import llguidance as llg
+
         if self._tokenizer is None:
             self._tokenizer = llg.LLTokenizer(self.tokenizer_json(), n_vocab=self.vocab_size, eos_token=self.eos_ids)
         kind = key.split(":", 1)[0]
@@ -187,6 +194,9 @@ class Constraints:
         return self._masker.submit(self._fill, matchers)
 
     def _fill(self, matchers: list[tuple[llg.LLMatcher, list[int]]]) -> torch.Tensor:
+        import llguidance as llg
+        import llguidance.numpy as llg_numpy
+
         started = time.perf_counter()
         if self._llg_executor is None:
             self._llg_executor = llg.LLExecutor(num_threads=1)  # the cores belong to the forward

@@ -20,7 +20,6 @@ otherwise only the chat-template renderer.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
 import os
@@ -39,6 +38,7 @@ from kvmux.model.gguf_weights import Storage, load_gguf, write_tensor_table
 from kvmux.model.llama import Linear, LlamaForCausalLM
 from kvmux.model.sharding import rank_config, shard_weight
 from kvmux.model.tokenizer import Tokenizer, load_tokenizer
+from kvmux.ops.heap import trim_heap
 from kvmux.ops.quant import quantize_q8_0
 
 log = logging.getLogger(__name__)
@@ -166,16 +166,6 @@ def _resolve(model: str | os.PathLike | None, gguf_blocks: bool) -> tuple[Path, 
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     return source, name, folder, gguf_blocks
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps them, so the tens of MB a tokenizer's JSON parse,
-    the weights' reading or the kernel timing frees would stay in the process's RSS for good (and under what
-    is allocated next)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except AttributeError:  # a C library without malloc_trim: nothing to hand back this way
-        pass
 
 
 def load_model_info(model: str | os.PathLike | None = None, *args, **kwargs) -> LoadedModel:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
+from kvmux.ops.heap import trim_heap
 from kvmux.ops.quant import PANEL as QUANT_PANEL
 from kvmux.ops.quant import QuantLinear, QuantWeight
 from kvmux.ops.tensor_checks import linear_bias, linear_input
@@ -88,9 +89,9 @@ class PackedLinear:
         self.packed, self.bias = packed, linear_bias("packed_linear", bias, out_features)
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features
-        x, out = linear_input("packed_linear", x, k, n)
+        x, out = linear_input("packed_linear", x, k, n, out)
         rows = x.shape[0]
         if rows:
             _native.packed_linear(self.kernel, x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k,
@@ -112,10 +113,13 @@ def packed_rows(packed: torch.Tensor, ids: torch.Tensor, in_features: int) -> to
     return packed[ids // PANEL, :, ids % PANEL, :].reshape(ids.shape[0], -1)[:, :in_features]
 
 
-def onednn_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """torch's F.linear in dense's dtype (oneDNN for bf16), float32 in and out like the native kernels."""
-    out = F.linear(x.to(dense.dtype), dense).float()
-    return out if bias is None else out.add_(bias)
+    result = F.linear(x.to(dense.dtype), dense).float()
+    if bias is not None:
+        result.add_(bias)
+    return result if out is None else out.copy_(result)
 
 
 class PackedLayer(Protocol):
@@ -130,7 +134,7 @@ class PackedLayer(Protocol):
     weight_format: str                # what its kernels take: a float dtype (float32, bfloat16) or a quantized form
 
 
-Matmul = Callable[[torch.Tensor], torch.Tensor]  # x -> x W^T + b of one layer
+Matmul = Callable[..., torch.Tensor]  # x (, out=) -> x W^T + b of one layer (into `out` where given)
 
 
 def _native_matmul(kernel: _native.LinearKernel) -> Callable[[PackedLayer], Matmul]:
@@ -236,16 +240,21 @@ def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
     variants, micros = [], []
     team = threads()
     set_threads(1)
+    # Every timed call writes into one buffer: a new output per call (megabytes for a large lm_head) left the heap
+    # holding several times its size for a moment (kvmux/ops/heap.py), and the peak of a small model's load with it.
+    slices = {r: [_timing_slice(layer, r.timed) for layer in layers[:TIMED_LAYERS]] for r in ROW_RANGES}
+    space = torch.empty(0 if len(names) == 1 else max(r.timed * s[0].out_features for r, s in slices.items()),
+                        dtype=torch.float32)
     try:
-        for r in ROW_RANGES:
+        for r, timed in slices.items():
             if len(names) == 1:
                 variants.append(names[0])
                 micros.append({})
                 continue
             x = torch.randn(r.timed, first.in_features)
-            timed = [_timing_slice(layer, r.timed) for layer in layers[:TIMED_LAYERS]]
-            seconds = kernel_choice.fastest({name: [functools.partial(matmul(name, layer), x) for layer in timed]
-                                             for name in names})
+            out = space[:r.timed * timed[0].out_features].view(r.timed, -1)
+            seconds = kernel_choice.fastest({name: [functools.partial(matmul(name, layer), x, out=out)
+                                                    for layer in timed] for name in names})
             variants.append(next(iter(seconds)))
             micros.append({name: s * 1e6 for name, s in seconds.items()})
     finally:
@@ -275,6 +284,7 @@ def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:
     plans = []
     for group in groups.values():
         plan = plan_shape(group)
+        trim_heap()  # its timing's buffers, before the next shape's (kvmux/ops/heap.py)
         for layer in group:
             layer.dispatch = Dispatch(plan, layer)
         plans.append(plan)

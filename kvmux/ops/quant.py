@@ -50,7 +50,10 @@ PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] if f == "q8_0" else PANEL * BLOCKS[f] 
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit j of a mask byte
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
 KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3}
-PACK_PANELS = 256  # panels packed at a time, so packing a large tensor needs little scratch memory
+# Weights packed at a time (in whole panels): the torch ops that rearrange them take some 15 bytes of scratch per
+# weight, so steps of 256 panels (4096 rows; a Q6_K down_proj's 640 whole) took 18-25 MB for a moment, the peak
+# of a small model's load; 4-8 MB at this size, as fast.
+PACK_WEIGHTS = 1 << 19
 
 
 @functools.cache
@@ -136,7 +139,7 @@ def _read(parts: list[tuple[str, torch.Tensor]], form: str, r0: int, r1: int) ->
 def pack_parts(parts: list[tuple[str, torch.Tensor]], form: str | None = None) -> QuantWeight:
     """GGUF tensors stacked along their rows (a merged matmul's parts), each (GGUF type, uint8 blocks [rows,
     bytes per row] as the file stores them), into one QuantWeight of `form` (None: the first type's own; the
-    others must fit it exactly, gguf_blocks.common_form). Read a few hundred rows at a time, so packing a large
+    others must fit it exactly, gguf_blocks.common_form). Read PACK_WEIGHTS at a time, so packing a large
     tensor needs little scratch memory."""
     parts = [(t.upper(), raw) for t, raw in parts]
     for t, raw in parts:
@@ -154,8 +157,9 @@ def pack_parts(parts: list[tuple[str, torch.Tensor]], form: str | None = None) -
     quants = torch.empty(panels, blocks, PANEL_BLOCK_BYTES[form], dtype=torch.uint8)
     scales = torch.empty(panels, blocks, PANEL, dtype=torch.float16)
     mins = torch.empty_like(scales) if form in MINS else None
-    for p0 in range(0, panels, PACK_PANELS):
-        p1 = min(panels, p0 + PACK_PANELS)
+    step = max(1, PACK_WEIGHTS // (PANEL * k))
+    for p0 in range(0, panels, step):
+        p1 = min(panels, p0 + step)
         rows = _read(parts, form, p0 * PANEL, min(n, p1 * PANEL))
         pad = (p1 - p0) * PANEL - len(rows.q)  # the last panel's missing rows: zero scales, so zero weights
         if pad:
@@ -201,9 +205,9 @@ class QuantLinear:
                             0 if self.bias is None else self.bias.data_ptr())
         self.kernel = KERNELS[kernel]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features
-        x, out = linear_input("quant_linear", x, k, n)
+        x, out = linear_input("quant_linear", x, k, n, out)
         rows = x.shape[0]
         if rows:
             _native.quant_linear(x.data_ptr(), rows, k, x.stride(0) if rows > 1 else k, *self.weight_args,

@@ -24,16 +24,23 @@ def linear_bias(op: str, bias: torch.Tensor | None, out_features: int) -> torch.
     return None if bias is None else bias.contiguous()  # the caller holds it while the kernel reads its address
 
 
-def linear_input(op: str, x: torch.Tensor, in_features: int,
-                 out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_input(op: str, x: torch.Tensor, in_features: int, out_features: int,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What a CPU matmul kernel is handed on each call: x float32 [rows, in_features] with unit column stride
-    (copied if not), and the float32 [rows, out_features] output to fill."""
+    (copied if not), and the float32 [rows, out_features] output to fill: `out` where given (it must be that,
+    contiguous), else a new one."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"{op}: need x float32 [rows, {in_features}] on the CPU, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    return x, torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if out is None:
+        return x, torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (x.shape[0], out_features) \
+            or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous float32 [{x.shape[0]}, {out_features}] CPU tensor, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return x, out
 
 
 def check_rows(name: str, t: torch.Tensor, rows: int, heads: int, head_dim: int,
