@@ -1,7 +1,8 @@
 """The draft_model proposer: a smaller model with the target's tokenizer guesses each sequence's next tokens.
 
-It has a KV pool and a block manager of its own, with as many blocks as the target's pool (a smaller model's
-blocks are smaller), so whatever the target holds, the draft holds too. A sequence's draft KV follows its tokens:
+It has a KV pool and a block manager of its own, sized as the target's (the same --kv-cache-gib or --num-blocks,
+capped at --max-num-seqs full-length sequences): a draft's blocks are smaller than its target's, so it usually
+holds whatever the target holds, and a sequence its pool has no room for goes without drafts. A sequence's draft KV follows its tokens:
 what the last proposal fed past the tokens verification kept is cut, the rest (at first the whole prompt, less a
 prefix the draft's cache holds) is caught up in one chunk, and then each forward drafts one more token for every
 sequence still short of its k. Drafts are the draft's argmax, so verification sees each proposed with certainty,
@@ -53,22 +54,23 @@ class DraftModel:
 
     @classmethod
     def load(cls, path: str, target: LoadedModel, *, dtype: torch.dtype, kv_dtype: torch.dtype, device: str,
-             attention_backend: str, quantization: str, num_blocks: int, block_size: int,
-             enable_prefix_caching: bool) -> DraftModel:
-        """Load the draft and give it a pool of num_blocks blocks; ConfigError where its tokenizer is not the
-        target's (its token ids would mean other text)."""
+             attention_backend: str, quantization: str, budget_bytes: int, num_blocks: int | None, block_size: int,
+             max_num_seqs: int, max_model_len: int, enable_prefix_caching: bool) -> DraftModel:
+        """Load the draft and give it a pool as plan_pool sizes the target's; ConfigError where its tokenizer is
+        not the target's (its token ids would mean other text)."""
         loaded = load_model(path, dtype, device, attention_backend=attention_backend, quantization=quantization)
         problem = tokenizer_mismatch(loaded, target)
         if problem:
             raise ConfigError("speculative_config", f"model {path} cannot draft for {target.name}: {problem}")
         arch = loaded.config
+        # One pool for every layer, whatever the draft's layers attend over: its windows are the kernels' business.
         pool = plan_pool(PoolGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, block_size,
-                                      kv_dtype), budget_bytes=0, num_blocks=num_blocks, max_num_seqs=1,
-                         max_model_len=arch.max_position_embeddings)
+                                      kv_dtype), budget_bytes=budget_bytes, num_blocks=num_blocks,
+                         max_num_seqs=max_num_seqs, max_model_len=max_model_len)
         runner = Runner.build(loaded.model, pool, 0, 0, None, device)
-        blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+        blocks = BlockManager(pool.num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                               cache_key=b"draft\0" + str(loaded.path).encode())
-        log.info("draft model %s: %d KV blocks of %d bytes", loaded.name, num_blocks, pool.geometry.block_bytes)
+        log.info("draft model %s: %d KV blocks of %d bytes", loaded.name, pool.num_blocks, pool.geometry.block_bytes)
         return cls(loaded, runner, blocks)
 
     def propose(self, requests: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:

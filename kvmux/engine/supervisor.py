@@ -184,7 +184,8 @@ class Engine:
                 draft = await loop.run_in_executor(self.executor, functools.partial(
                     DraftModel.load, speculative.model, self.loaded, dtype=dtype, kv_dtype=kv_dtype,
                     device=cfg.device, attention_backend=cfg.attention_backend, quantization=cfg.quantization,
-                    num_blocks=num_blocks, block_size=cfg.block_size,
+                    budget_bytes=int(cfg.kv_cache_gib * 2**30), num_blocks=cfg.num_blocks, block_size=cfg.block_size,
+                    max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len,
                     enable_prefix_caching=cfg.enable_prefix_caching))
             speculator = Speculator(speculative, draft)
             log.info("speculative decoding: %s", speculator.config)
