@@ -201,7 +201,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--draft", default=None, help="a draft model for the target (same tokenizer): the single-stream "
                                                  "tasks only, off vs ngram vs draft_model")
-    p.add_argument("--quantization", default="auto", help="the target's --quantization (the draft's is auto)")
+    p.add_argument("--quantization", default="auto", help="the target's --quantization (the draft's is auto: a "
+                                                          "GGUF's blocks kept)")
     args = p.parse_args()
     load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     rounds = 1 if args.quick else 2
@@ -272,7 +273,8 @@ def main() -> None:
 
 
 def draft_main(args, rounds: int, load_at_start: list[str]) -> None:
-    methods = {"off": None, "ngram": METHODS["ngram"], "draft_model": {"method": "draft_model", "model": args.draft}}
+    methods = {"off": None, "ngram": METHODS["ngram"],
+               "draft_model": {"method": "draft_model", "model": args.draft, "quantization": "auto"}}
 
     async def run() -> tuple[list[dict], dict, dict]:
         single = []

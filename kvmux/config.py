@@ -65,6 +65,7 @@ class SpeculativeConfig:
     # in a dict, measured at prompt_lookup 2..4), so the default holds about 64 MB.
     suffix_cache_tokens: int = 1 << 17
     model: str | None = None  # draft_model: the draft's safetensors folder or .gguf file
+    quantization: str | None = None  # draft_model: the draft's --quantization (default: the target's)
 
     @classmethod
     def from_dict(cls, value: dict) -> SpeculativeConfig:
@@ -78,7 +79,7 @@ class SpeculativeConfig:
         if "method" not in value:
             raise ConfigError("speculative_config", f"needs a method, one of {', '.join(SPECULATIVE_METHODS)}")
         for name, v in value.items():
-            if name in ("method", "model"):
+            if name in ("method", "model", "quantization"):
                 if not isinstance(v, str):
                     raise ConfigError("speculative_config", f"{name} must be a string, not {v!r}")
             elif not isinstance(v, int) or isinstance(v, bool):
@@ -89,6 +90,9 @@ class SpeculativeConfig:
              f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {spec.method!r}"),
             ("model", (spec.model is not None) == (spec.method == "draft_model"),
              "names the draft model, which method draft_model needs and the others take none of"),
+            ("quantization", spec.quantization in (None, "auto", "none", "q8_0") and (
+                spec.quantization is None or spec.method == "draft_model"),
+             "is the draft model's (draft_model only): one of auto, none, q8_0"),
             ("num_speculative_tokens", 1 <= spec.num_speculative_tokens <= 32, "must be in 1..32"),
             ("prompt_lookup_min", spec.prompt_lookup_min >= 1, "must be >= 1"),
             # Every token a sequence holds is indexed under each n in min..max, n tokens a key: bounded.
@@ -168,7 +172,8 @@ class EngineConfig:
     speculative_config: dict | None = setting(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": '
               '4, "prompt_lookup_min": 2} proposes from the sequence itself; "suffix" also from earlier outputs; '
-              '{"method": "draft_model", "model": PATH} from a smaller model with the same tokenizer; '
+              '{"method": "draft_model", "model": PATH} from a smaller model with the same tokenizer (its own '
+              '"quantization" if given); '
               '"max_batch" (8) turns it off for larger steps (default: off)')
     structured_max_bytes: int = setting(65536, "largest structured-output constraint (a JSON schema, regex, choice "
                                                "list or grammar) a request may carry, in bytes of its text")

@@ -241,6 +241,8 @@ def test_the_suffix_cache_forgets_its_oldest_texts():
     ({"method": "draft_model"}, "model names the draft model, which method draft_model needs"),
     ({"method": "ngram", "model": "m.gguf"}, "model names the draft model"),
     ({"method": "draft_model", "model": 7}, "model must be a string"),
+    ({"method": "draft_model", "model": "m.gguf", "quantization": "q4"}, "quantization is the draft model's"),
+    ({"method": "ngram", "quantization": "none"}, "quantization is the draft model's (draft_model only)"),
     ({"method": "draft_model", "model": "/nowhere/draft.gguf"}, "model: '/nowhere/draft.gguf' does not exist"),
     ({"num_speculative_tokens": 2}, "needs a method"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be in 1..32"),

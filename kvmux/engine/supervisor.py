@@ -183,7 +183,8 @@ class Engine:
             if speculative.method == "draft_model":
                 draft = await loop.run_in_executor(self.executor, functools.partial(
                     DraftModel.load, speculative.model, self.loaded, dtype=dtype, kv_dtype=kv_dtype,
-                    device=cfg.device, attention_backend=cfg.attention_backend, quantization=cfg.quantization,
+                    device=cfg.device, attention_backend=cfg.attention_backend,
+                    quantization=speculative.quantization or cfg.quantization,
                     budget_bytes=int(cfg.kv_cache_gib * 2**30), num_blocks=cfg.num_blocks, block_size=cfg.block_size,
                     max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len,
                     enable_prefix_caching=cfg.enable_prefix_caching))
