@@ -5,8 +5,9 @@ context, throughput with a roomy pool and with one too small for the workload.
     python -m bench.kv_int8 --quick    # 16 requests, a shorter text
 
 Blocks: what the same kv_cache_gib holds with bf16, float32 and int8 KV. Quality: the model fed real English text
-(Python's reference documentation, as bench.efficiency) with teacher forcing, its next-token argmax with int8 KV
-against its own with model-dtype KV. Attention: one decode step's attention per layer for 8 sequences of 4,096
+(Python's reference documentation, every topic) with teacher forcing, in float32 weights and activations (the file
+dequantized, so the KV's dtype is all that changes), its next-token argmax with int8 and bf16 KV against float32
+KV's. Attention: one decode step's attention per layer for 8 sequences of 4,096
 tokens, each pool with the kernel the engine picks for it. Throughput: `kvmux bench`'s seeded 64-request workload,
 model-dtype KV vs int8, alternated twice, with a 1 GiB pool and with a pool of 3 MiB x layers (too small: both
 preempt). Writes bench/results/kv_int8.json and .png.
@@ -26,6 +27,7 @@ from bench.attention import time_ms
 from bench.efficiency import text_ids
 from bench.workload import WorkloadSpec, describe, make_workload
 from kvmux import Engine, SamplingParams
+from kvmux.cache.k_mean import calibrate_k_mean, calibration_ids, set_k_mean
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.checks.reference import make_case
 from kvmux.config import resolve_dtype
@@ -39,7 +41,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def logits(model, ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
     blocks = -(-len(ids) // 16)
-    cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, 16, kv_dtype))
+    cache = with_int8_k_mean(model, KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim,
+                                                                 16, kv_dtype)))
     batch = ForwardBatch.build([Chunk("text", 0, ids, list(range(blocks)))], 16)
     batch.logits_indices = torch.arange(len(ids))
     with torch.inference_mode():
@@ -47,22 +50,49 @@ def logits(model, ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
 
 
 def quality(model, texts: list[list[int]]) -> dict:
-    """int8 KV's next-token argmax against model-dtype KV's; and, to size that against what the model's own KV
-    dtype already moves, both against float32 KV."""
-    agree = {"int8_vs_model_dtype": 0, "model_dtype_vs_float32": 0, "int8_vs_float32": 0}
+    """int8 and bf16 KV's next-token argmax against float32 KV's, on a model whose only change is the KV's: float32
+    weights and activations (the default file dequantized). The floor: float32 KV through the torch reference
+    backend against the native kernel, the same numbers summed in another order. (With the kept Q4_1 blocks every
+    matmul quantizes its input to int8, which turns such last-bit differences into argmax flips: that floor was
+    97.07%, and int8 KV against bf16 KV read 96.39% in the first round, issue 25.)"""
+    agree = {"int8_vs_float32": 0, "bfloat16_vs_float32": 0, "int8_vs_bfloat16": 0, "floor": 0}
     total = 0
     kl = 0.0
     for ids in texts:
-        exact, quantized = logits(model, ids, model.dtype), logits(model, ids, torch.int8)
-        wide = logits(model, ids, torch.float32)
-        for key, (a, b) in {"int8_vs_model_dtype": (exact, quantized), "model_dtype_vs_float32": (wide, exact),
-                            "int8_vs_float32": (wide, quantized)}.items():
+        wide, bf16, quantized = (logits(model, ids, d) for d in (torch.float32, torch.bfloat16, torch.int8))
+        model.attention_backend = "torch"
+        reference = logits(model, ids, torch.float32)
+        model.attention_backend = "auto"
+        for key, (a, b) in {"int8_vs_float32": (wide, quantized), "bfloat16_vs_float32": (wide, bf16),
+                            "int8_vs_bfloat16": (bf16, quantized), "floor": (wide, reference)}.items():
             agree[key] += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
-        kl += float(torch.nn.functional.kl_div(quantized.log_softmax(-1), exact.log_softmax(-1), log_target=True,
+        kl += float(torch.nn.functional.kl_div(quantized.log_softmax(-1), wide.log_softmax(-1), log_target=True,
                                                reduction="sum"))
-    return {"tokens": total, "argmax_agreement": agree["int8_vs_model_dtype"] / total, "mean_kl": kl / total,
+    return {"tokens": total, "argmax_agreement": agree["int8_vs_float32"] / total, "mean_kl": kl / total,
             **{f"argmax_agreement_{k}": v / total for k, v in agree.items()}}
+
+
+def quality_texts(tokenizer, quick: bool) -> list[list[int]]:
+    """Python's reference documentation, as bench.efficiency reads it, but every topic (79, about 16,000 tokens;
+    --quick: bench.efficiency's 4): at 2,215 positions one flip is 0.05 points and the noise about 0.2."""
+    from pydoc_data.topics import topics
+
+    if quick:
+        return text_ids(tokenizer, 256)[:4]
+    return [ids for ids in (tokenizer.tokenize(topics[t])[:256] for t in sorted(topics)) if len(ids) >= 32]
+
+
+def with_int8_k_mean(model, cache: KVCache) -> KVCache:
+    """The pool as the engine sets it up (cache/k_mean.py, pool_k_mean): an int8 pool's K offset calibrated first."""
+    if cache.dtype == torch.int8:
+        if model not in K_MEANS:
+            K_MEANS[model] = calibrate_k_mean(model, [calibration_ids(model.config.vocab_size)])
+        set_k_mean(cache, K_MEANS[model])
+    return cache
+
+
+K_MEANS: dict = {}
 
 
 def attention_ms(kv_dtype: torch.dtype, act_dtype: torch.dtype, context: int, seqs: int) -> float:
@@ -112,8 +142,8 @@ def plot(report: dict, path: Path) -> None:
         ax.bar([dtype, "int8"], [tp[dtype]["out_tok_s"], tp["int8"]["out_tok_s"]], color=["#888", "#3a7"])
         ax.set_title(f"{title}: preemptions {sum(tp[dtype]['preemptions'])} vs {sum(tp['int8']['preemptions'])}")
         ax.set_ylabel("output tokens/s")
-    fig.suptitle(f"int8 KV: argmax agreement with {dtype} KV {report['quality']['argmax_agreement']:.2%}",
-                 fontsize=10)
+    fig.suptitle(f"int8 KV: argmax agreement with float32 KV {report['quality']['argmax_agreement']:.2%} "
+                 f"(float32 weights)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -128,8 +158,9 @@ def main() -> None:
     dtype = resolve_dtype("auto", "cpu")
     loaded = load_model(args.model or default_model_path(), getattr(torch, dtype), quantization="auto")
     model = loaded.model
-    texts = text_ids(loaded.tokenizer, 256)[:4 if args.quick else 16]
-    q = quality(model, texts)
+    exact = load_model(args.model or default_model_path(), torch.float32, quantization="none").model
+    q = quality(exact, quality_texts(loaded.tokenizer, args.quick))
+    del exact
     geometry = {name: PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, 16, d)
                 for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8))}
     blocks = {name: 2**30 // g.block_bytes for name, g in geometry.items()}
@@ -170,9 +201,10 @@ def main() -> None:
     plot(report, args.out / "kv_int8.png")
     print(f"blocks per GiB: {blocks} (int8 {report['block_ratio']['vs_bfloat16']:.2f}x bf16, "
           f"{report['block_ratio']['vs_float32']:.2f}x fp32)")
-    print(f"argmax agreement with {dtype} KV: {q['argmax_agreement']:.2%} over {q['tokens']} tokens, "
-          f"mean KL {q['mean_kl']:.2e}; against float32 KV: {dtype} {q['argmax_agreement_model_dtype_vs_float32']:.2%}, "
-          f"int8 {q['argmax_agreement_int8_vs_float32']:.2%}")
+    print(f"float32 weights, argmax agreement with float32 KV over {q['tokens']} tokens: int8 KV "
+          f"{q['argmax_agreement']:.2%} (mean KL {q['mean_kl']:.2e}), bf16 KV "
+          f"{q['argmax_agreement_bfloat16_vs_float32']:.2%}; int8 vs bf16 {q['argmax_agreement_int8_vs_bfloat16']:.2%}; "
+          f"floor (torch reference vs native) {q['argmax_agreement_floor']:.2%}")
     print(f"decode attention 8 x 4096: {dtype} {kv_ms[dtype]:.2f} ms, int8 {kv_ms['int8']:.2f} ms "
           f"({report['attention_4k']['speedup']:.2f}x)")
     for key in ("roomy", "tight"):

@@ -98,7 +98,7 @@ void bind_paged_attention(py::module_& m) {
                std::uintptr_t v, int64_t v_stride, std::uintptr_t out, int act_dtype, std::uintptr_t kv,
                int kv_dtype, int64_t num_blocks, int64_t num_layers, int64_t block_size, int64_t layer,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int num_threads,
-               kvmux::AttentionKernel kernel, int32_t window) {
+               kvmux::AttentionKernel kernel, int32_t window, std::uintptr_t k_mean) {
                 kvmux::LayerArgs a;
                 a.q = {reinterpret_cast<const void*>(q), q_stride};
                 a.k = {reinterpret_cast<const void*>(k), k_stride};
@@ -118,6 +118,7 @@ void bind_paged_attention(py::module_& m) {
                 a.num_threads = num_threads;
                 a.kernel = kernel;
                 a.window = window;
+                a.k_mean = reinterpret_cast<const float*>(k_mean);
                 // The engine's event loop runs beside the forward thread.
                 py::gil_scoped_release release;
                 meta.run(a);
@@ -127,8 +128,10 @@ void bind_paged_attention(py::module_& m) {
             py::arg("num_layers"), py::arg("block_size"), py::arg("layer"), py::arg("num_heads"),
             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_threads"),
             py::arg("kernel") = kvmux::AttentionKernel::avx2, py::arg("window") = 0,
+            py::arg("k_mean") = 0,
             "Write this layer's new K/V into their slots, then attend every new query over its context (its last "
-            "`window` keys where window > 0: a sliding-window layer).");
+            "`window` keys where window > 0: a sliding-window layer). k_mean: an int8 pool's [kv heads, head_dim] float32 "
+            "offset of this layer's K (0: none).");
 }
 
 // Addresses again; kvmux/ops/linear.py checks the tensors.

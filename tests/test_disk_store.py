@@ -219,3 +219,17 @@ def test_tensor_parallel_ranks_keep_their_slices_across_a_restart(tiny, tmp_path
     # A single engine on the same folder has other settings (its blocks are whole, not a rank's slice).
     _, stats = run(tiny, tmp_path, PROMPTS[:1])
     assert stats["disk_blocks_restored"] == 0
+
+
+def test_int8_blocks_are_read_only_under_the_k_mean_they_were_written_with(tiny, tmp_path, monkeypatch):
+    """An int8 pool stores K less a calibrated mean: a restart that calibrates the same mean hits the blocks, one
+    whose mean came out otherwise (another host's kernels) gets a store of its own."""
+    from kvmux.cache import k_mean
+    from kvmux.engine import supervisor
+
+    first, _ = run(tiny, tmp_path, PROMPTS, kv_cache_dtype="int8")
+    again, stats = run(tiny, tmp_path, PROMPTS, kv_cache_dtype="int8")
+    assert again == first and stats["disk_blocks_restored"] >= 3 * BLOCKS and stats["prefix_cache_hits_disk"] > 0
+    monkeypatch.setattr(supervisor, "pool_k_mean", lambda model, geometry: k_mean.pool_k_mean(model, geometry) + 1 / 16)
+    _, stats = run(tiny, tmp_path, PROMPTS, kv_cache_dtype="int8")
+    assert stats["disk_blocks_restored"] == 0 and stats["prefix_cache_hits_disk"] == 0

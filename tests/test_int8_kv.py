@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kvmux import Engine
-from kvmux.cache.kv_cache import PoolGeometry, dequantize_rows, quantize_rows
-from kvmux.checks.reference import LAYER, expected_pool, make_case
+from kvmux.cache.kv_cache import PoolGeometry, dequantize_rows, quantize_rows, rotate_rows
+from kvmux.checks.reference import LAYER, NUM_LAYERS, expected_pool, make_case, reference_f64, weight_rounding_bound
 from kvmux.ops.cpu_attention import cpu_paged_attention
 
 from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, teacher_forced_logits
@@ -25,13 +25,74 @@ def test_rows_round_trip_within_half_a_step():
     assert (dequantize_rows(quantize_rows(torch.zeros(2, 64))) == 0).all()
 
 
+@pytest.mark.parametrize("dim", [64, 128, 48, 16])
+def test_the_rotation_is_orthonormal_and_its_own_inverse(dim):
+    x = torch.randn(20, 3, dim, dtype=torch.float64)
+    y = rotate_rows(x)
+    assert torch.allclose(rotate_rows(y), x, atol=1e-12)
+    assert torch.allclose((y * y).sum(-1), (x * x).sum(-1), rtol=1e-12)
+    # It spreads one large channel over all of a block's: the row's int8 step shrinks by sqrt(block).
+    spike = torch.zeros(dim, dtype=torch.float64)
+    spike[3] = 1.0
+    assert torch.allclose(rotate_rows(spike).abs().max(), torch.tensor(min(dim & -dim, 256) ** -0.5, dtype=torch.float64))
+
+
+def with_k_mean(case, seed: int):
+    """A per-(layer, KV head, channel) K offset on the case's pool, as a model's calibration would set."""
+    g = torch.Generator().manual_seed(seed)
+    geometry = case.cache.geometry
+    case.cache.k_mean = 3 * torch.randn(NUM_LAYERS, geometry.num_kv_heads, geometry.head_dim, generator=g)
+    return case
+
+
+@pytest.mark.parametrize("dim", [64, 48, 20])  # rotated in one block of 64, in blocks of 16 (AVX2), of 4 (scalar)
+@pytest.mark.parametrize("k_mean", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_writes_the_reference_format_byte_for_byte(dtype):
-    case = make_case([1, 19, 1, 40], [1, 51, 16, 40], 9, 3, 64, 16, torch.int8, dtype, seed=5)
+def test_the_kernel_writes_the_reference_format_byte_for_byte(dtype, k_mean, dim):
+    case = make_case([1, 19, 1, 40], [1, 51, 16, 40], 9, 3, dim, 16, torch.int8, dtype, seed=5)
+    if k_mean:
+        with_k_mean(case, seed=6)
     want = expected_pool(case)
     cache = case.fresh_cache()
     cpu_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale)
     assert torch.equal(cache.kv, want)
+
+
+@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("dim", [64, 128, 48, 20])
+def test_a_k_mean_moves_no_output(variant, dim):
+    """K stored less any offset common to a sequence's keys is attended as K: against float64 attention over the
+    unrounded K and V, the kernel's error is int8's, and smaller with the keys' large common part taken out."""
+    from kvmux import _native
+    from kvmux.ops.cpu_attention import ATTENTION_KERNELS, CpuMetadata
+
+    if not _native.attention_kernel_supported(ATTENTION_KERNELS[variant], _native.DType.i8, dim):
+        pytest.skip(f"{variant} does not run here at head_dim {dim}")
+    errors = {}
+    for k_mean in (False, True):
+        case = make_case([7, 1, 30], [40, 33, 30], 8, 2, dim, 16, torch.int8, torch.float32, seed=11)
+        offset = 6 * torch.randn(2, dim, generator=torch.Generator().manual_seed(12))
+        k = case.k + offset  # keys with a large common part, as RoPE'd K has
+        cache = case.fresh_cache()
+        if k_mean:
+            cache.k_mean = torch.zeros(NUM_LAYERS, 2, dim)
+            cache.k_mean[LAYER] = offset
+        batch = case.batch()
+        batch.attn_metadata = CpuMetadata(batch, cache, variant)
+        out = cpu_paged_attention(case.q, k, case.v, cache, LAYER, batch, case.scale)
+        # What the pool holds, attended in float64: the kernel's own rounding only.
+        case.cache = cache
+        bf16_dots = variant == "avx512bf16"
+        ref = reference_f64(case, cache.kv, bf16_q=bf16_dots)
+        bound = 2 * weight_rounding_bound(case, cache.kv) if bf16_dots else 1e-4 * ref.abs()  # as kernel_checks'
+        assert ((out.double() - ref).abs() <= bound + 2e-5).all()
+        # Against exact attention over the new tokens' unrounded K and V, where every key is new (sequence 2).
+        q, kk, vv = (t[8:].double() for t in (case.q, k, case.v))
+        scores = torch.einsum("thd,shd->hts", q, kk.repeat_interleave(4, 1)) * case.scale
+        scores = scores.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf"))
+        exact = torch.einsum("hts,shd->thd", scores.softmax(-1), vv.repeat_interleave(4, 1))
+        errors[k_mean] = float((out[8:].double() - exact).norm() / exact.norm())
+    assert errors[True] < 0.02 and errors[True] < errors[False], errors
 
 
 def test_int8_holds_about_twice_the_blocks_of_bf16(tiny):

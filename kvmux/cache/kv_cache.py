@@ -2,11 +2,15 @@
 
 An int8 pool (`kv_cache_dtype="int8"`) stores each token's K or V of a head as a row of head_dim int8 values and
 their float16 scale (x ~ q * scale, scale = max|x| / 127): `quantize_rows` / `dequantize_rows` are the format,
-the native kernels write and read the same bytes (native/cpu/paged_attention.h).
+the native kernels write and read the same bytes (native/cpu/paged_attention.h). The row is of the head's K or V
+rotated by `rotate_rows` (an orthonormal Walsh-Hadamard transform, its own inverse), K less the pool's `k_mean`
+first where it has one: `store_rows` writes that, `load_rows` reads back V and K - k_mean (attention over K - k_mean
+is attention over K: each query's scores move by the same q.k_mean).
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 
@@ -30,6 +34,37 @@ def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
     """int8 [..., D + 2] -> float32 [..., D]."""
     scale = rows[..., -INT8_SCALE_BYTES:].contiguous().view(torch.float16).float()
     return rows[..., :-INT8_SCALE_BYTES].float() * scale
+
+
+def hadamard_block(dim: int) -> int:
+    """The rotation's block: the largest power of two dividing dim, at most 256 (native/cpu/hadamard.h)."""
+    return min(dim & -dim, 256)
+
+
+def rotate_rows(x: torch.Tensor) -> torch.Tensor:
+    """float32 [..., D] -> H x, H the orthonormal Walsh-Hadamard transform in blocks of hadamard_block(D), with the
+    kernels' butterflies in their order (so the int8 bytes match theirs exactly); H is its own inverse."""
+    dim = x.shape[-1]
+    n = hadamard_block(dim)
+    y = (x if x.dtype == torch.float64 else x.float()).reshape(*x.shape[:-1], dim // n, n)  # float64 for references
+    length = 1
+    while length < n:
+        pairs = y.reshape(*y.shape[:-1], n // (2 * length), 2, length)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(y.shape)
+        length *= 2
+    return (y * torch.tensor(1 / math.sqrt(n), dtype=y.dtype, device=x.device)).reshape(x.shape)
+
+
+def store_rows(x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """K (with its [Hkv, D] mean) or V [..., Hkv, D] -> the int8 pool's rows [..., Hkv, D + 2]."""
+    x = x.float()
+    return quantize_rows(rotate_rows(x if mean is None else x - mean))
+
+
+def load_rows(rows: torch.Tensor) -> torch.Tensor:
+    """int8 pool rows -> float32 V, or K less the pool's k_mean."""
+    return rotate_rows(dequantize_rows(rows))
 
 
 @dataclass(frozen=True)
@@ -91,6 +126,10 @@ class KVCache:
         else:
             self.kv = torch.zeros(shape, dtype=geometry.dtype, device=device)
         self.sliding = sliding
+        # An int8 pool's K offset, [num_layers, num_kv_heads, head_dim] float32 (None: none); see the module
+        # docstring. Whatever it is, attention is the same up to rounding: it only has to be the same for every key
+        # of a sequence, so it is set before the pool holds any.
+        self.k_mean: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmux.cache.kv_cache import KVCache, PoolGeometry, dequantize_rows, quantize_rows
+from kvmux.cache.kv_cache import KVCache, PoolGeometry, dequantize_rows, hadamard_block, quantize_rows, rotate_rows
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, OFFSET, decode
 from kvmux.ops.quant import ACTIVATION_BITS, BLOCKS
@@ -41,6 +41,7 @@ class Case:
         """A copy of the pool as it was before any call."""
         copy = KVCache(self.cache.num_blocks, self.cache.geometry, self.cache.device)
         copy.kv.copy_(self.cache.kv)
+        copy.k_mean = self.cache.k_mean
         return copy
 
 
@@ -92,9 +93,17 @@ def weight_rounding_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
 
 def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
     layer_kv = pool_after[:, LAYER].cpu()  # [NB, 2, Hkv, bs, D], dequantized from an int8 pool's rows
-    layer_kv = (dequantize_rows(layer_kv) if layer_kv.dtype == torch.int8 else layer_kv).double()
+    # An int8 pool's rows are rotated (kv_cache.py): attended in that basis, as the kernels do, with q rotated (in
+    # float32, before any rounding to bf16) and the output rotated back in float64.
+    rotated = layer_kv.dtype == torch.int8
+    layer_kv = (dequantize_rows(layer_kv) if rotated else layer_kv).double()
     # q * scale, in float64 or (as the bf16 kernel takes it) rounded to bf16 from float32.
-    q = (case.q.cpu().float() * case.scale).bfloat16().double() if bf16_q else case.q.cpu().double() * case.scale
+    if bf16_q:
+        q = case.q.cpu().float() * case.scale
+        q = (rotate_rows(q) if rotated else q).bfloat16().double()
+    else:
+        q = case.q.cpu().double() * case.scale
+        q = rotate_rows(q) if rotated else q
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // layer_kv.shape[2]
     out, weighted_abs = torch.empty_like(q), torch.empty_like(q)
@@ -113,6 +122,13 @@ def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[tor
         out[start:start + n] = (weights @ values).transpose(0, 1)
         weighted_abs[start:start + n] = (weights @ values.abs()).transpose(0, 1)
         start += n
+    if rotated:
+        # H's rows have entries +-1 / sqrt(n) over their block: a bound b on the rotated output's elements bounds
+        # each of the output's by sum(b over its block) / sqrt(n).
+        n = hadamard_block(head_dim)
+        blocks = weighted_abs.reshape(*weighted_abs.shape[:-1], head_dim // n, n)
+        weighted_abs = (blocks.sum(-1, keepdim=True) / n ** 0.5).expand(blocks.shape).reshape(weighted_abs.shape)
+        out = rotate_rows(out)
     return out, weighted_abs
 
 

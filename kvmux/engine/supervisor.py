@@ -18,6 +18,8 @@ import torch
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.disk_store import describe as describe_stores
+from kvmux.cache.k_mean import digest as k_mean_digest
+from kvmux.cache.k_mean import pool_k_mean
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import host_blocks, plan_pool
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
@@ -133,7 +135,10 @@ class Engine:
         num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
         self.geometry, self.pool = geometry, pool
         # Everything that shapes a KV block's bytes: it seeds every block hash, and names the disk tier's store.
-        kv_meta = kv_identity(self.loaded, self.dtype, geometry, cfg.tensor_parallel_size)
+        # An int8 pool's K offset, calibrated before any key is stored (under tensor parallelism, by each rank).
+        k_mean = None if parallel else await loop.run_in_executor(
+            self.executor, pool_k_mean, self.loaded.model, geometry)
+        kv_meta = kv_identity(self.loaded, self.dtype, geometry, cfg.tensor_parallel_size, k_mean)
         kv_key = store_key(kv_meta)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
@@ -144,7 +149,7 @@ class Engine:
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
             disk = DiskStore(cfg.disk_cache_dir, kv_key, kv_meta, geometry, num_disk) if num_disk else None
-            self.runner = Runner.build(self.loaded.model, pool, num_host, num_host_sliding, disk, cfg.device)
+            self.runner = Runner.build(self.loaded.model, pool, num_host, num_host_sliding, disk, cfg.device, k_mean)
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
                                    cache_key=kv_key.encode(), num_host_blocks=num_host, num_disk_blocks=num_disk,
                                    num_sliding_blocks=pool.num_sliding_blocks, window=pool.window,
@@ -352,7 +357,8 @@ class Engine:
                 "config": asdict(self.config)}
 
 
-def kv_identity(loaded: LoadedModel, dtype: str, geometry: PoolGeometry, tensor_parallel_size: int) -> dict:
+def kv_identity(loaded: LoadedModel, dtype: str, geometry: PoolGeometry, tensor_parallel_size: int,
+                k_mean: torch.Tensor | None = None) -> dict:
     """What makes a KV block's bytes what they are: the model's files (name, size, modification time), how it is
     computed (dtype, quantization, rotary settings) and the block's geometry."""
     path = Path(loaded.path).resolve()
@@ -362,7 +368,10 @@ def kv_identity(loaded: LoadedModel, dtype: str, geometry: PoolGeometry, tensor_
             "dtype": dtype, "kv_dtype": str(geometry.dtype), "quantization": str(loaded.quantization),
             "rope": loaded.config.rope_parameters,
             "num_layers": geometry.num_layers, "num_kv_heads": geometry.num_kv_heads, "head_dim": geometry.head_dim,
-            "block_size": geometry.block_size, "tensor_parallel_size": tensor_parallel_size}
+            "block_size": geometry.block_size, "tensor_parallel_size": tensor_parallel_size,
+            # int8 rows as kv_cache.py writes them since issue 25's second round: rotated, K less a calibrated mean.
+            **({"int8_rows": "hadamard" + (f", k_mean {k_mean_digest(k_mean)}" if k_mean is not None else "")}
+               if geometry.dtype == torch.int8 else {})}
 
 
 def split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None, list[dict] | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvmux.cache.kv_cache import KVCache, dequantize_rows, quantize_rows
+from kvmux.cache.kv_cache import KVCache, load_rows, store_rows
 from kvmux.ops.cpu_attention import cpu_paged_attention
 from kvmux.step.forward_batch import ForwardBatch
 
@@ -106,7 +106,7 @@ def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
 def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
     """K (which=0) or V (1) of `blocks` [..., nb] as [..., Hkv, nb * block_size, D], in float32."""
     g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D (+ an int8 row's scale)]
-    g = dequantize_rows(g) if g.dtype == torch.int8 else g.float()
+    g = load_rows(g) if g.dtype == torch.int8 else g.float()  # an int8 pool's K less its k_mean
     g = g.movedim(-4, -3)                        # [..., Hkv, nb, bs, D]
     return g.reshape(*g.shape[:-3], -1, g.shape[-1])
 
@@ -119,9 +119,13 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
     layer_kv = kv_cache.kv[:, layer]  # [NB, 2, Hkv, bs, D], a view into the pool
     # Put block and offset side by side so one index_put writes all new tokens.
-    store = quantize_rows if kv_cache.dtype == torch.int8 else (lambda x: x.to(kv_cache.dtype))
-    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = store(k)
-    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = store(v)
+    if kv_cache.dtype == torch.int8:
+        mean = None if kv_cache.k_mean is None else kv_cache.k_mean[layer].to(k.device)
+        k_rows, v_rows = store_rows(k, mean), store_rows(v)
+    else:
+        k_rows, v_rows = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = k_rows
+    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = v_rows
 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]

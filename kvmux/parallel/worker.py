@@ -69,6 +69,8 @@ def model_group(size: int):
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
     from kvmux.cache.disk_store import DiskStore
+    from kvmux.cache.k_mean import digest as k_mean_digest
+    from kvmux.cache.k_mean import pool_k_mean
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
     from kvmux.ops.threads import set_threads
@@ -90,14 +92,17 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
                         collectives=collectives)
     model = loaded.model
     geometry = spec.pool.geometry
+    k_mean = pool_k_mean(model, geometry)  # every rank at once: its forward is collective
     disk = opened = None
     if spec.num_disk_blocks:
         # Each rank keeps its slice of every block in a store of its own; the driver serves the blocks that every
-        # rank's store holds whole (Opened.common).
-        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), spec.disk_key,
+        # rank's store holds whole (Opened.common). An int8 pool's store is also named by the rank's k_mean.
+        key = spec.disk_key if k_mean is None else f"{spec.disk_key[:48]}-{k_mean_digest(k_mean)}"
+        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), key,
                          {**(spec.disk_meta or {}), "rank": rank}, geometry, spec.num_disk_blocks)
         opened = disk.open()
-    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disk, spec.device)
+    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disk, spec.device,
+                          k_mean)
     dist.gather_object((fingerprint(loaded.config, spec), opened), None, dst=0)
     compute_seconds = 0.0
     try:

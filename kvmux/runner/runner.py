@@ -13,6 +13,7 @@ from concurrent.futures import Future
 import torch
 
 from kvmux.cache.disk_store import DiskStore
+from kvmux.cache.k_mean import set_k_mean
 from kvmux.cache.kv_cache import KVCache
 from kvmux.cache.pool_plan import PoolPlan
 from kvmux.cache.tiers import DISK
@@ -33,12 +34,15 @@ class Runner:
 
     @classmethod
     def build(cls, model: torch.nn.Module, pool: PoolPlan, num_host_blocks: int, num_host_sliding_blocks: int,
-              disk: DiskStore | None, device: str) -> Runner:
+              disk: DiskStore | None, device: str, k_mean: torch.Tensor | None = None) -> Runner:
         """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
         asynchronous copies) and the disk tier's store, if any; with sliding-window layers their device pool, and
-        a host pool of slots for the windows of swapped-out sequences (pool_plan.host_blocks)."""
+        a host pool of slots for the windows of swapped-out sequences (pool_plan.host_blocks). An int8 pool gets
+        `k_mean` (cache/k_mean.py: pool_k_mean, which the disk store's fingerprint names)."""
         sliding = KVCache(pool.num_sliding_blocks, pool.sliding_geometry, device) if pool.num_sliding_blocks else None
         kv_cache = KVCache(pool.num_blocks, pool.geometry, device, sliding)
+        if k_mean is not None:
+            set_k_mean(kv_cache, k_mean, model.config.layer_types)
         pinned = kv_cache.kv.is_cuda
         host_sliding = None
         if num_host_sliding_blocks:

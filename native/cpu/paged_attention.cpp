@@ -1,5 +1,6 @@
 #include "cpu/paged_attention.h"
 #include "cpu/cpu_features.h"
+#include "cpu/hadamard.h"
 #include "cpu/paged_attention_bf16.h"
 #include "cpu/thread_pool.h"
 #include "cpu/vec_math.h"
@@ -193,7 +194,7 @@ struct Shape {
 
 // Per-thread scratch, reused across work items and calls.
 struct Scratch {
-    std::vector<float> q, acc, m, l, scores, kbuf, vbuf;
+    std::vector<float> q, acc, m, l, scores, kbuf, vbuf, rot;
     std::vector<int32_t> first_key, last_key;
     std::vector<uint16_t> qb;          // the bf16 kernel's q
     std::vector<int32_t> pp;           // its softmax weights as bf16 pairs
@@ -230,6 +231,8 @@ struct Kernel {
         const int64_t dim = D > 0 ? D : s.dim;
         KT* pool = static_cast<KT*>(a.kv);
         const int64_t T = static_cast<int64_t>(slots.size());
+        // An int8 row is stored rotated (hadamard.h), K less the layer's offset first (paged_attention.h).
+        std::vector<float> rot(std::is_same_v<KT, int8_t> ? dim : 0);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t block = slots[t] / s.block_size, off = slots[t] % s.block_size;
             KT* kdst = pool + block * s.block_stride + s.layer_offset + off * s.row;
@@ -241,8 +244,15 @@ struct Kernel {
                 const QT* ks = ksrc + h * dim;
                 const QT* vs = vsrc + h * dim;
                 if constexpr (std::is_same_v<KT, int8_t>) {
-                    quantize_row(ks, kd, dim);
-                    quantize_row(vs, vd, dim);
+                    const float* mean = a.k_mean ? a.k_mean + h * dim : nullptr;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) rot[d] = to_float(ks[d]) - (mean ? mean[d] : 0.0f);
+                    hadamard_rotate(rot.data(), dim);
+                    quantize_row(rot.data(), kd, dim);
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) rot[d] = to_float(vs[d]);
+                    hadamard_rotate(rot.data(), dim);
+                    quantize_row(rot.data(), vd, dim);
                 } else {
 #pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) {
@@ -283,6 +293,7 @@ struct Kernel {
                 const QT* src = qrow + g * dim;
 #pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * a.scale;
+                if constexpr (std::is_same_v<KT, int8_t>) hadamard_rotate(dst, dim);  // as the keys are
                 w.last_key[r] = ctx - q_len + i;
                 w.first_key[r] = a.window > 0 ? std::max(0, w.last_key[r] - a.window + 1) : 0;
             }
@@ -374,6 +385,16 @@ struct Kernel {
                 const float inv = 1.0f / w.l[r];
                 const float* acc = w.acc.data() + r * dim;
                 QT* o = orow + g * dim;
+                if constexpr (std::is_same_v<KT, int8_t>) {
+                    // The sum of rotated values, rotated back.
+                    w.rot.resize(dim);
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) w.rot[d] = acc[d] * inv;
+                    hadamard_rotate(w.rot.data(), dim);
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) o[d] = from_float<QT>(w.rot[d]);
+                    continue;
+                }
 #pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) o[d] = from_float<QT>(acc[d] * inv);
             }

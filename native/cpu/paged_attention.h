@@ -4,7 +4,13 @@
 // or V of a head as head_dim int8 values followed by their float16 scale
 // (row = head_dim + 2 bytes): x ~ q * scale, scale = max|x| / 127. The scale
 // travels inside the block, so every block copy (copy-on-write, swap, tiers,
-// disk) moves it with its values.
+// disk) moves it with its values. The values are those of the row rotated by
+// the orthonormal Walsh-Hadamard transform H (hadamard.h), K's after
+// subtracting its layer's and head's k_mean where one is given: the row
+// holds H (k - k_mean) or H v. Attention reads them unchanged: each query is
+// rotated once (H q . H (k - k_mean) = q.k - q.k_mean, the same for every key
+// a query sees, which softmax drops) and each output once (H sum p H v =
+// sum p v).
 //
 // One call per layer writes the step's new K/V into their slots and then
 // attends every new query token causally over its sequence's context, reading
@@ -57,6 +63,10 @@ struct LayerArgs {
     int64_t num_blocks, num_layers, block_size, layer;
     int64_t num_heads, num_kv_heads, head_dim;
     float scale;
+    // An int8 pool's per-(KV head, channel) offset of this layer's K, [num_kv_heads, head_dim] float32,
+    // subtracted before a K row is rotated and quantized; nullptr: none. Any offset the same for every key of a
+    // sequence leaves attention as it is; the mean of K takes its common part out of the int8 rows.
+    const float* k_mean = nullptr;
     // > 0: a sliding-window layer, where the query at position p sees keys p - window + 1 .. p only.
     int32_t window = 0;
     int num_threads;

@@ -15,6 +15,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")
 
 #include "cpu/vec_math.h"
+#include "cpu/hadamard.h"
 
 namespace kvmux {
 namespace {
@@ -223,7 +224,21 @@ void attend(const Bf16AttendItem& a) {
         for (int64_t g = 0; g < G; ++g) {
             const int r = static_cast<int>((i - a.q_begin) * G + g);
             uint16_t* dst = a.qb + r * D;
-            if (a.q_bf16) {
+            if constexpr (I8) {
+                // An int8 pool's keys are rotated (hadamard.h): so is q, in float32, before its rounding to bf16.
+                alignas(64) float x[D];
+                if (a.q_bf16) {
+                    const uint16_t* src = static_cast<const uint16_t*>(a.q) + row0 + g * D;
+                    for (int d = 0; d < D; ++d) x[d] = bits_to_float(src[d]) * a.scale;
+                } else {
+                    const float* src = static_cast<const float*>(a.q) + row0 + g * D;
+                    for (int d = 0; d < D; ++d) x[d] = src[d] * a.scale;
+                }
+                hadamard_rotate(x, D);
+                for (int d = 0; d < D; d += 32)
+                    _mm512_storeu_si512(dst + d, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+                                                     _mm512_load_ps(x + d + 16), _mm512_load_ps(x + d))));
+            } else if (a.q_bf16) {
                 const uint16_t* src = static_cast<const uint16_t*>(a.q) + row0 + g * D;
                 for (int d = 0; d < D; ++d) dst[d] = float_to_bits(bits_to_float(src[d]) * a.scale);
             } else {
@@ -323,7 +338,19 @@ void attend(const Bf16AttendItem& a) {
             const int r = static_cast<int>((i - a.q_begin) * G + g);
             const float inv = 1.0f / a.l[r];
             const float* acc = a.acc + r * D;
-            if (a.q_bf16) {
+            if constexpr (I8) {
+                // The sum of rotated values, rotated back.
+                alignas(64) float x[D];
+                for (int s = 0; s < D; ++s) x[unpermute(s)] = acc[s] * inv;
+                hadamard_rotate(x, D);
+                if (a.q_bf16) {
+                    uint16_t* o = static_cast<uint16_t*>(a.out) + orow + g * D;
+                    for (int d = 0; d < D; ++d) o[d] = float_to_bits(x[d]);
+                } else {
+                    float* o = static_cast<float*>(a.out) + orow + g * D;
+                    for (int d = 0; d < D; ++d) o[d] = x[d];
+                }
+            } else if (a.q_bf16) {
                 uint16_t* o = static_cast<uint16_t*>(a.out) + orow + g * D;
                 for (int s = 0; s < D; ++s) o[unpermute(s)] = float_to_bits(acc[s] * inv);
             } else {
