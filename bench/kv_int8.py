@@ -27,12 +27,12 @@ from bench.attention import time_ms
 from bench.efficiency import text_ids
 from bench.workload import WorkloadSpec, describe, make_workload
 from kvmux import Engine, SamplingParams
-from kvmux.cache.k_mean import calibrate_k_mean, calibration_ids, set_k_mean
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
 from kvmux.checks.reference import make_case
 from kvmux.config import resolve_dtype
 from kvmux.model.loader import default_model_path, load_model
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
+from kvmux.runner.k_mean import calibrate_k_mean, calibration_ids, set_k_mean
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Chunk
 
@@ -84,7 +84,7 @@ def quality_texts(tokenizer, quick: bool) -> list[list[int]]:
 
 
 def with_int8_k_mean(model, cache: KVCache) -> KVCache:
-    """The pool as the engine sets it up (cache/k_mean.py, pool_k_mean): an int8 pool's K offset calibrated first."""
+    """The pool as the engine sets it up (runner/k_mean.py, pool_k_mean): an int8 pool's K offset calibrated first."""
     if cache.dtype == torch.int8:
         if model not in K_MEANS:
             K_MEANS[model] = calibrate_k_mean(model, [calibration_ids(model.config.vocab_size)])

@@ -224,8 +224,8 @@ def test_tensor_parallel_ranks_keep_their_slices_across_a_restart(tiny, tmp_path
 def test_int8_blocks_are_read_only_under_the_k_mean_they_were_written_with(tiny, tmp_path, monkeypatch):
     """An int8 pool stores K less a calibrated mean: a restart that calibrates the same mean hits the blocks, one
     whose mean came out otherwise (another host's kernels) gets a store of its own."""
-    from kvmux.cache import k_mean
     from kvmux.engine import supervisor
+    from kvmux.runner import k_mean
 
     first, _ = run(tiny, tmp_path, PROMPTS, kv_cache_dtype="int8")
     again, stats = run(tiny, tmp_path, PROMPTS, kv_cache_dtype="int8")

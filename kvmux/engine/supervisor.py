@@ -18,8 +18,6 @@ import torch
 from kvmux.cache.block_manager import BlockManager
 from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.disk_store import describe as describe_stores
-from kvmux.cache.k_mean import digest as k_mean_digest
-from kvmux.cache.k_mean import pool_k_mean
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import host_blocks, plan_pool
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
@@ -41,6 +39,8 @@ from kvmux.ops.threads import cpu_budget, pool_stats, set_threads, threads
 from kvmux.outputs import Completion, KvmuxError, RequestOutput, RequestRecord, RequestRejected
 from kvmux.parallel.driver import Launch, ParallelRunner
 from kvmux.parallel.worker import Spec
+from kvmux.runner.k_mean import digest as k_mean_digest
+from kvmux.runner.k_mean import pool_k_mean
 from kvmux.runner.runner import Runner
 from kvmux.sampling import SamplingParams, num_samples
 

@@ -69,12 +69,12 @@ def model_group(size: int):
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
     from kvmux.cache.disk_store import DiskStore
-    from kvmux.cache.k_mean import digest as k_mean_digest
-    from kvmux.cache.k_mean import pool_k_mean
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
     from kvmux.ops.threads import set_threads
     from kvmux.parallel.collectives import Collectives
+    from kvmux.runner.k_mean import digest as k_mean_digest
+    from kvmux.runner.k_mean import pool_k_mean
     from kvmux.runner.runner import Runner
 
     set_threads(threads)

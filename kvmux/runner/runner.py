@@ -13,11 +13,11 @@ from concurrent.futures import Future
 import torch
 
 from kvmux.cache.disk_store import DiskStore
-from kvmux.cache.k_mean import set_k_mean
 from kvmux.cache.kv_cache import KVCache
 from kvmux.cache.pool_plan import PoolPlan
 from kvmux.cache.tiers import DISK
 from kvmux.cache.transfer import BlockCopier, host_pool, make_copier
+from kvmux.runner.k_mean import set_k_mean
 from kvmux.runner.sampler import mask_logits, sample, verify
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Draw, Sampled, StepWork
@@ -38,7 +38,7 @@ class Runner:
         """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
         asynchronous copies) and the disk tier's store, if any; with sliding-window layers their device pool, and
         a host pool of slots for the windows of swapped-out sequences (pool_plan.host_blocks). An int8 pool gets
-        `k_mean` (cache/k_mean.py: pool_k_mean, which the disk store's fingerprint names)."""
+        `k_mean` (runner/k_mean.py: pool_k_mean, which the disk store's fingerprint names)."""
         sliding = KVCache(pool.num_sliding_blocks, pool.sliding_geometry, device) if pool.num_sliding_blocks else None
         kv_cache = KVCache(pool.num_blocks, pool.geometry, device, sliding)
         if k_mean is not None:
