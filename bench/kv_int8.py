@@ -32,7 +32,7 @@ from kvmux.checks.reference import make_case
 from kvmux.config import resolve_dtype
 from kvmux.model.loader import default_model_path, load_model
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
-from kvmux.runner.k_mean import calibrate_k_mean, calibration_ids, set_k_mean
+from kvmux.runner.k_mean import pool_k_mean, set_k_mean
 from kvmux.step.forward_batch import ForwardBatch
 from kvmux.step.work import Chunk
 
@@ -87,7 +87,7 @@ def with_int8_k_mean(model, cache: KVCache) -> KVCache:
     """The pool as the engine sets it up (runner/k_mean.py, pool_k_mean): an int8 pool's K offset calibrated first."""
     if cache.dtype == torch.int8:
         if model not in K_MEANS:
-            K_MEANS[model] = calibrate_k_mean(model, [calibration_ids(model.config.vocab_size)])
+            K_MEANS[model] = pool_k_mean(model, cache.geometry)
         set_k_mean(cache, K_MEANS[model])
     return cache
 

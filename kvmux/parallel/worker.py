@@ -97,7 +97,7 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
     if spec.num_disk_blocks:
         # Each rank keeps its slice of every block in a store of its own; the driver serves the blocks that every
         # rank's store holds whole (Opened.common). An int8 pool's store is also named by the rank's k_mean.
-        key = spec.disk_key if k_mean is None else f"{spec.disk_key[:48]}-{k_mean_digest(k_mean)}"
+        key = spec.disk_key if k_mean is None else f"{spec.disk_key}-{k_mean_digest(k_mean)}"
         disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), key,
                          {**(spec.disk_meta or {}), "rank": rank}, geometry, spec.num_disk_blocks)
         opened = disk.open()
