@@ -73,7 +73,8 @@ void bind_paged_attention(py::module_& m) {
     py::register_exception<kvmux::AttentionError>(m, "AttentionError", PyExc_ValueError);
     py::enum_<kvmux::AttentionKernel>(m, "AttentionKernel", "The CPU attention work-item kernels.")
         .value("avx2", kvmux::AttentionKernel::avx2)
-        .value("avx512bf16", kvmux::AttentionKernel::avx512bf16);
+        .value("avx512bf16", kvmux::AttentionKernel::avx512bf16)
+        .value("avx512vnni", kvmux::AttentionKernel::avx512vnni);
     m.def("attention_kernel_supported", &kvmux::attention_kernel_supported, py::arg("kernel"), py::arg("kv_dtype"),
           py::arg("head_dim"), "Whether this CPU runs the kernel on a pool of kv_dtype with this head_dim.");
 

@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from kvmux import Engine
-from kvmux.cache.kv_cache import PoolGeometry, dequantize_rows, quantize_rows, rotate_rows
-from kvmux.checks.reference import LAYER, NUM_LAYERS, expected_pool, make_case, reference_f64, weight_rounding_bound
+from kvmux.cache.kv_cache import (
+    KVCache,
+    PoolGeometry,
+    dequantize_rows,
+    from_slabs,
+    quantize_rows,
+    rotate_rows,
+    slab_positions,
+    to_slabs,
+)
+from kvmux.checks.kernels import attention_reference
+from kvmux.checks.reference import LAYER, NUM_LAYERS, expected_pool, make_case
 from kvmux.ops.cpu_attention import cpu_paged_attention
 
 from engine_helpers import MAX_NEW, PROMPTS, greedy, run_engine, teacher_forced_logits
@@ -23,6 +33,27 @@ def test_rows_round_trip_within_half_a_step():
     step = x.abs().amax(-1, keepdim=True) / 127
     assert ((dequantize_rows(rows) - x).abs() <= 0.5 * step * 1.001 + 1e-7).all()
     assert (dequantize_rows(quantize_rows(torch.zeros(2, 64))) == 0).all()
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("dim", [64, 20])
+def test_a_slab_keeps_every_row_byte_once_where_the_kernel_reads_it(block_size, dim):
+    """K: dword i of token t (head dims 4i .. 4i + 3) at dword i * block_size + t; V: head dim d of tokens
+    4j .. 4j + 3 at dword j * dim + d; the float16 scales after the values, token by token."""
+    for which in (0, 1):
+        at = slab_positions(which, block_size, dim)
+        assert torch.equal(at.flatten().sort().values, torch.arange(block_size * (dim + 2)))
+        rows = torch.randint(-127, 128, (3, block_size, dim + 2), dtype=torch.int8)
+        assert torch.equal(from_slabs(to_slabs(rows, which), which, block_size), rows)
+    t, d = 5, 7
+    assert slab_positions(0, block_size, dim)[t, d] == (1 * block_size + t) * 4 + 3
+    assert slab_positions(1, block_size, dim)[t, d] == (1 * dim + d) * 4 + 1
+    assert slab_positions(0, block_size, dim)[t, dim + 1] == block_size * dim + 2 * t + 1
+
+
+def test_an_int8_pool_needs_dwords_of_four():
+    with pytest.raises(ValueError, match="head_dim 18 and block_size 8 must be multiples of 4"):
+        KVCache(4, PoolGeometry(2, 1, 18, 8, torch.int8))
 
 
 @pytest.mark.parametrize("dim", [64, 128, 48, 16])
@@ -58,7 +89,7 @@ def test_the_kernel_writes_the_reference_format_byte_for_byte(dtype, k_mean, dim
     assert torch.equal(cache.kv, want)
 
 
-@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("variant", ["avx2", "avx512vnni"])
 @pytest.mark.parametrize("dim", [64, 128, 48, 20])
 def test_a_k_mean_moves_no_output(variant, dim):
     """K stored less any offset common to a sequence's keys is attended as K: against float64 attention over the
@@ -82,9 +113,7 @@ def test_a_k_mean_moves_no_output(variant, dim):
         out = cpu_paged_attention(case.q, k, case.v, cache, LAYER, batch, case.scale)
         # What the pool holds, attended in float64: the kernel's own rounding only.
         case.cache = cache
-        bf16_dots = variant == "avx512bf16"
-        ref = reference_f64(case, cache.kv, bf16_q=bf16_dots)
-        bound = 2 * weight_rounding_bound(case, cache.kv) if bf16_dots else 1e-4 * ref.abs()  # as kernel_checks'
+        ref, bound = attention_reference(variant, case, cache.kv)
         assert ((out.double() - ref).abs() <= bound + 2e-5).all()
         # Against exact attention over the new tokens' unrounded K and V, where every key is new (sequence 2).
         q, kk, vv = (t[8:].double() for t in (case.q, k, case.v))

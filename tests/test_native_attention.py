@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 
-from kvmux.checks.reference import LAYER, expected_pool, make_case, reference_f64, weight_rounding_bound
+from kvmux.checks.kernels import attention_reference
+from kvmux.checks.reference import LAYER, expected_pool, make_case, reference_f64
 from kvmux.config import EngineConfig
 from kvmux.ops import attention, kernel_choice
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
@@ -19,7 +20,9 @@ from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
 GQA = [(4, 4), (9, 3), (8, 2), (16, 2)]  # (query heads, KV heads): ratios 1, 3, 4, 8
 HEAD_DIMS = [64, 128, 64, 128, 40, 256]   # 40 takes the run-time head_dim path; 256 is Gemma 3's
 BLOCK_SIZES = [8, 16, 32]
-DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+          (torch.float32, torch.int8), (torch.bfloat16, torch.int8)]  # (activations, pool)
+VARIANTS = ["avx2", "avx512bf16", "avx512vnni"]
 
 
 def shapes(kind: str, bs: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -64,7 +67,7 @@ def tolerance(act: torch.dtype) -> dict:
     return dict(atol=2e-5, rtol=1e-4) if act == torch.float32 else dict(atol=1.5e-2, rtol=1e-2)
 
 
-def run_case(c, device: str, kernel, bf16_dots: bool = False, window: int = 0):
+def run_case(c, device: str, kernel, variant: str = "avx2", window: int = 0):
     kind, (hq, hkv), d, bs, (act, kv), i = c
     qlens, ctx = shapes(kind, bs, random.Random(i))
     ctx = ctx[:len(qlens)]
@@ -77,14 +80,15 @@ def run_case(c, device: str, kernel, bf16_dots: bool = False, window: int = 0):
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(cache.kv.cpu(), want_pool.cpu()), "pool contents differ from the reference's writes"
     assert not torch.isnan(got).any(), "an output element was never written"
-    ref = reference_f64(case, cache.kv, bf16_q=bf16_dots)
-    if not bf16_dots:
-        torch.testing.assert_close(got.double().cpu(), ref, **tolerance(act))
+    if variant == "avx2":
+        torch.testing.assert_close(got.double().cpu(), reference_f64(case, cache.kv), **tolerance(act))
         return
-    # bf16 dot products: exact products of bf16 q and K, float32 sums, the softmax weights rounded to bf16.
-    bound = 2 * weight_rounding_bound(case, cache.kv) + 2e-5 + (2.0 ** -8 * ref.abs() if act == torch.bfloat16 else 0)
+    # Dot products of rounded q (bf16, or int8 per row) and K, float32 sums, rounded softmax weights (bf16, or 8
+    # bits per chunk): the variant's own bound, and a bf16 output's rounding.
+    ref, bound = attention_reference(variant, case, cache.kv)
+    bound = bound + 2e-5 + (2.0 ** -8 * ref.abs() if act == torch.bfloat16 else 0)
     excess = (got.double().cpu() - ref).abs() - bound
-    assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the bf16 bound"
+    assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the {variant} bound"
 
 
 def force_variant(variant: str, c, monkeypatch) -> None:
@@ -96,28 +100,30 @@ def force_variant(variant: str, c, monkeypatch) -> None:
     kind, gqa, d, bs, (act, kv), i = c
     if variant == "avx512bf16" and (kv != torch.bfloat16 or d not in (64, 128, 256)):
         pytest.skip("the avx512bf16 kernel takes a bf16 pool and head_dim 64, 128 or 256")
+    if variant == "avx512vnni" and (kv != torch.int8 or d not in (64, 128, 256)):
+        pytest.skip("the avx512vnni kernel takes an int8 pool and head_dim 64, 128 or 256")
     monkeypatch.setenv(kernel_choice.ENV, f"attention={variant}")
 
 
-@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", CASES, ids=case_id)
 def test_cpu_kernel_matches_float64_reference(c, variant, monkeypatch):
     """Every attention variant this CPU runs."""
     force_variant(variant, c, monkeypatch)
-    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16")
+    run_case(c, "cpu", cpu_paged_attention, variant)
 
 
 # Windows shorter than, across and longer than a block, and one wider than every context (no key is cut).
 WINDOWS = [1, 5, 16, 37, 100, 5000]
 
 
-@pytest.mark.parametrize("variant", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("c", CASES[:24], ids=case_id)
 def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypatch):
     """A sliding-window layer's query sees only its last `window` keys (Gemma 3's local layers), in prefill
     chunks, decodes and mixed steps, whatever the window's alignment with blocks and key chunks."""
     force_variant(variant, c, monkeypatch)
-    run_case(c, "cpu", cpu_paged_attention, bf16_dots=variant == "avx512bf16", window=WINDOWS[c[-1] % len(WINDOWS)])
+    run_case(c, "cpu", cpu_paged_attention, variant, window=WINDOWS[c[-1] % len(WINDOWS)])
 
 
 @pytest.mark.parametrize("window", WINDOWS)
@@ -138,7 +144,7 @@ def test_cuda_kernel_matches_float64_reference(c):
     kind, gqa, d, bs, _, i = c
     if d % 8:
         pytest.skip("the CUDA kernels need head_dim % 8 == 0")
-    for dtypes in DTYPES + [(torch.float16, torch.float16)]:
+    for dtypes in [d for d in DTYPES if d[1] != torch.int8] + [(torch.float16, torch.float16)]:  # no int8 on CUDA
         run_case((kind, gqa, d, bs, dtypes, i), "cuda", cuda_paged_attention)
 
 

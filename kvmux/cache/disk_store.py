@@ -39,7 +39,7 @@ from kvmux.cache.kv_cache import PoolGeometry
 
 log = logging.getLogger("kvmux")
 
-FORMAT = 1  # of the pool and journal: a change makes every older store another fingerprint
+FORMAT = 2  # of the pool and journal: a change makes every older store another fingerprint (2: int8 slabs)
 _RECORD = struct.Struct("<IIQQI")  # slot, kind, hash, checksum, the record's own crc32
 _WRITE, _TOUCH = 1, 2
 

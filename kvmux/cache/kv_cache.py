@@ -1,8 +1,10 @@
 """The KV pool: one block-major tensor shared by every sequence, and the shape of one block.
 
 An int8 pool (`kv_cache_dtype="int8"`) stores each token's K or V of a head as a row of head_dim int8 values and
-their float16 scale (x ~ q * scale, scale = max|x| / 127): `quantize_rows` / `dequantize_rows` are the format,
-the native kernels write and read the same bytes (native/cpu/paged_attention.h). The row is of the head's K or V
+their float16 scale (x ~ q * scale, scale = max|x| / 127): `quantize_rows` / `dequantize_rows` are the row's
+format. A block's (layer, K or V, head) slab of block_size rows keeps their values in the order the int8 kernel
+reads them, then their scales: `slab_positions` maps each row byte to its slab byte, and the native kernels write
+and read the same bytes (native/cpu/paged_attention.h). The row is of the head's K or V
 rotated by `rotate_rows` (an orthonormal Walsh-Hadamard transform, its own inverse), K less the pool's `k_mean`
 first where it has one: `store_rows` writes that, `load_rows` reads back V and K - k_mean (attention over K - k_mean
 is attention over K: each query's scores move by the same q.k_mean).
@@ -10,6 +12,7 @@ is attention over K: each query's scores move by the same q.k_mean).
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from dataclasses import dataclass
@@ -18,6 +21,31 @@ import torch
 
 POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # float16 only where CUDA reads it
 INT8_SCALE_BYTES = 2  # an int8 row's float16 scale, after its values
+
+
+@functools.cache
+def slab_positions(which: int, block_size: int, head_dim: int) -> torch.Tensor:
+    """long [block_size, head_dim + 2]: the byte of an int8 K (which=0) or V (1) slab that byte j of token t's row
+    lands on. K's dwords are 4 head dims of one token, tokens side by side; V's are one head dim of 4 consecutive
+    tokens; the tokens' float16 scales follow the values."""
+    t, d = torch.arange(block_size)[:, None], torch.arange(head_dim)[None, :]
+    values = ((d // 4) * block_size + t) * 4 + d % 4 if which == 0 else ((t // 4) * head_dim + d) * 4 + t % 4
+    scales = block_size * head_dim + 2 * t + torch.arange(INT8_SCALE_BYTES)[None, :]
+    return torch.cat([values, scales], dim=1)
+
+
+def to_slabs(rows: torch.Tensor, which: int) -> torch.Tensor:
+    """int8 rows [..., block_size, head_dim + 2] of K (which=0) or V (1) -> their slabs [..., block_size * row]."""
+    block_size, row = rows.shape[-2:]
+    slabs = torch.empty(*rows.shape[:-2], block_size * row, dtype=torch.int8, device=rows.device)
+    slabs[..., slab_positions(which, block_size, row - INT8_SCALE_BYTES).flatten().to(rows.device)] = rows.flatten(-2)
+    return slabs
+
+
+def from_slabs(slabs: torch.Tensor, which: int, block_size: int) -> torch.Tensor:
+    """int8 K (which=0) or V (1) slabs [..., block_size * row] -> their rows [..., block_size, row]."""
+    head_dim = slabs.shape[-1] // block_size - INT8_SCALE_BYTES
+    return slabs[..., slab_positions(which, block_size, head_dim).to(slabs.device)]
 
 
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +107,11 @@ class PoolGeometry:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        row = self.head_dim + (INT8_SCALE_BYTES if self.dtype == torch.int8 else 0)
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, row)
+        """[layers, K/V, heads, block_size, head_dim]; an int8 pool's (layer, K or V, head) slab is one axis of bytes
+        (slab_positions)."""
+        if self.dtype == torch.int8:
+            return (self.num_layers, 2, self.num_kv_heads, self.block_size * (self.head_dim + INT8_SCALE_BYTES))
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def block_bytes(self) -> int:
@@ -117,6 +148,9 @@ class KVCache:
             raise ValueError(f"KV cache dtype must be one of {POOL_DTYPES}, got {geometry.dtype}")
         if num_blocks < 1 or geometry.block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {geometry.block_size}")
+        if geometry.dtype == torch.int8 and (geometry.head_dim % 4 or geometry.block_size % 4):
+            raise ValueError(f"an int8 pool keeps 4 head dims or 4 tokens per dword: head_dim {geometry.head_dim} "
+                             f"and block_size {geometry.block_size} must be multiples of 4")
         self.geometry = geometry
         # Zeroed, not empty: attention multiplies masked-out slots by a zero
         # weight, and 0 * NaN from uninitialised memory would poison the output.

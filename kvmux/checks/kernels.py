@@ -11,8 +11,9 @@ A trial's bound is what the variant's arithmetic allows, not a loose
 tolerance: float32 sums (2^-20 of the sum of |terms|), plus whatever the variant
 rounds (x rounded to bf16 is rounded in the reference too, so it costs
 nothing; a bf16 output costs 2^-8 of it; attention's softmax weights rounded to
-bf16 cost weight_rounding_bound; a quantized matmul's activations are quantized
-in the reference exactly as the kernel quantizes them).
+bf16 cost weight_rounding_bound, to 8 bits u8_weight_bound; a quantized matmul's
+activations, and the int8 attention's q, are quantized in the reference exactly
+as the kernel quantizes them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvmux.checks.reference import (
     quant_linear_f64,
     random_gguf_blocks,
     reference_f64,
+    u8_weight_bound,
     weight_rounding_bound,
 )
 from kvmux.ops import kernel_choice, quant
@@ -155,12 +157,22 @@ def attention_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
             case = make_case(qlens, ctx, heads, kv_heads, head_dim, 16, getattr(torch, fmt), torch.float32,
                              seed=seed * 1000 + 2 * i + (head_dim == 128))
             pool = expected_pool(case)
-            bf16_dots = variant == "avx512bf16"
-            ref = reference_f64(case, pool, bf16_q=bf16_dots)
-            bound = 2 * weight_rounding_bound(case, pool) if bf16_dots else 1e-4 * ref.abs()
+            ref, bound = attention_reference(variant, case, pool)
             trials.append(Trial(f"{label}, {heads}/{kv_heads} heads x {head_dim}",
                                 _attention_run(case, variant), ref, bound + 2e-5, _attention_baseline(case)))
     return trials
+
+
+def attention_reference(variant: str, case, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, bound on |output - reference| less 2e-5) for the attention variant over the pool it left: exact
+    float32 sums (avx2); bf16 q and softmax weights (avx512bf16); int8 q and 8-bit weights (avx512vnni)."""
+    if variant == "avx512bf16":
+        return reference_f64(case, pool, "bf16"), 2 * weight_rounding_bound(case, pool)
+    if variant == "avx512vnni":
+        ref = reference_f64(case, pool, "int8")
+        return ref, 1.01 * u8_weight_bound(case, pool) + 1e-4 * ref.abs()
+    ref = reference_f64(case, pool)
+    return ref, 1e-4 * ref.abs()
 
 
 def _attention_run(case, variant: str) -> Callable[[], torch.Tensor]:
@@ -185,5 +197,5 @@ CHECKS: tuple[KernelCheck, ...] = (
     KernelCheck("attention", "avx2", "bfloat16", attention_trials),
     KernelCheck("attention", "avx2", "int8", attention_trials),
     KernelCheck("attention", "avx512bf16", "bfloat16", attention_trials),
-    KernelCheck("attention", "avx512bf16", "int8", attention_trials),
+    KernelCheck("attention", "avx512vnni", "int8", attention_trials),
 )

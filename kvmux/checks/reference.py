@@ -11,8 +11,19 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from kvmux.cache.kv_cache import KVCache, PoolGeometry, dequantize_rows, hadamard_block, quantize_rows, rotate_rows
+from kvmux.cache.kv_cache import (
+    INT8_SCALE_BYTES,
+    KVCache,
+    PoolGeometry,
+    dequantize_rows,
+    from_slabs,
+    hadamard_block,
+    quantize_rows,
+    rotate_rows,
+    to_slabs,
+)
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, OFFSET, decode
 from kvmux.ops.quant import ACTIVATION_BITS, BLOCKS
@@ -63,9 +74,10 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
         chunks.append(Chunk(f"s{len(chunks)}", c - n, [0] * n, blocks[:nb]))
         blocks = blocks[nb:]
     cache = KVCache(num_blocks, PoolGeometry(NUM_LAYERS, num_kv_heads, head_dim, block_size, kv_dtype), device)
-    if kv_dtype == torch.int8:  # rows of random values and scales, as quantize_rows writes them
-        rows = torch.randn(*cache.kv.shape[:-1], head_dim, generator=g)
-        cache.kv.copy_(quantize_rows(rows))
+    if kv_dtype == torch.int8:  # rows of random values and scales, as quantize_rows writes them, in their slabs
+        rows = quantize_rows(torch.randn(*cache.kv.shape[:-1], block_size, head_dim, generator=g))
+        for which in (0, 1):
+            cache.kv[:, :, which] = to_slabs(rows[:, :, which], which)
     else:
         cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     T = sum(query_lens)
@@ -79,34 +91,72 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
     return Case(q, k, v, cache, chunks, head_dim ** -0.5, window)
 
 
-def reference_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool = False) -> torch.Tensor:
-    """Attention in float64 over the pool as the kernel left it (new K/V already in their slots); bf16_q: of
-    q * scale rounded to bf16 first, as the bf16 dot-product kernel multiplies it."""
-    return _attend_f64(case, pool_after, bf16_q)[0]
+Q_ROUNDINGS = ("none", "bf16", "int8")
+INT8_CHUNK = 32  # keys per chunk of the int8 kernel, whose softmax weights share a scale (paged_attention_i8.h)
+
+
+def reference_f64(case: Case, pool_after: torch.Tensor, q_rounding: str = "none") -> torch.Tensor:
+    """Attention in float64 over the pool as the kernel left it (new K/V already in their slots), of q * scale
+    as a kernel multiplies it (q_rounding): exact; rounded to bf16 from float32 (the bf16 dot-product kernel); or,
+    rotated, quantized to int8 per row in float32 (the int8 dot-product kernel)."""
+    return _attend_f64(case, pool_after, q_rounding)[0]
 
 
 def weight_rounding_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
     """What rounding the softmax weights to bf16 (relative error <= 2^-9 each, their sum kept exact) can move
-    each output element by: 2^-9 * sum_t p_t |v_t|, per element of reference_f64(case, pool_after, True)."""
-    return _attend_f64(case, pool_after, True)[1] * 2.0 ** -9
+    each output element by: 2^-9 * sum_t p_t |v_t|, per element of reference_f64(case, pool_after, "bf16")."""
+    return _attend_f64(case, pool_after, "bf16")[1] * 2.0 ** -9
 
 
-def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    layer_kv = pool_after[:, LAYER].cpu()  # [NB, 2, Hkv, bs, D], dequantized from an int8 pool's rows
+def u8_weight_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel's rounding of each chunk's softmax weights times their V scales to 8 bits (half a step
+    at most, the chunk's largest / 510) can move each output element by: the sum over chunks of that half step
+    times sum |v| of the chunk's int8 values, per element of reference_f64(case, pool_after, "int8")."""
+    return _attend_f64(case, pool_after, "int8")[2]
+
+
+def _rotated_bound(bound: torch.Tensor) -> torch.Tensor:
+    """A bound b on a rotated output's elements as a bound on the output's: H's rows have entries +-1 / sqrt(n)
+    over their block, so each element is bounded by sum(b over its block) / sqrt(n)."""
+    head_dim = bound.shape[-1]
+    n = hadamard_block(head_dim)
+    blocks = bound.reshape(*bound.shape[:-1], head_dim // n, n)
+    return (blocks.sum(-1, keepdim=True) / n ** 0.5).expand(blocks.shape).reshape(bound.shape)
+
+
+def int8_q(q: torch.Tensor) -> torch.Tensor:
+    """float32 rows [..., D] -> float64 rows as the int8 kernel quantizes them: scale = max |x| / 127, values
+    round-half-even(x * (127 / max |x|)), in float32."""
+    peak = q.abs().amax(-1, keepdim=True)
+    inv = torch.where(peak > 0, torch.full_like(peak, 127.0) / peak, torch.zeros_like(peak))
+    return torch.round(q * inv).double() * (peak / 127).double()
+
+
+def _attend_f64(case: Case, pool_after: torch.Tensor,
+                q_rounding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q_rounding not in Q_ROUNDINGS:
+        raise ValueError(f"q_rounding must be one of {Q_ROUNDINGS}, got {q_rounding!r}")
+    layer_kv = pool_after[:, LAYER].cpu()  # [NB, 2, Hkv, bs, D], dequantized from an int8 pool's slabs
     # An int8 pool's rows are rotated (kv_cache.py): attended in that basis, as the kernels do, with q rotated (in
-    # float32, before any rounding to bf16) and the output rotated back in float64.
+    # float32, before any rounding) and the output rotated back in float64.
     rotated = layer_kv.dtype == torch.int8
-    layer_kv = (dequantize_rows(layer_kv) if rotated else layer_kv).double()
-    # q * scale, in float64 or (as the bf16 kernel takes it) rounded to bf16 from float32.
-    if bf16_q:
-        q = case.q.cpu().float() * case.scale
-        q = (rotate_rows(q) if rotated else q).bfloat16().double()
-    else:
+    value_ints = value_scales = None
+    if rotated:
+        rows = torch.stack([from_slabs(layer_kv[:, w], w, case.cache.block_size) for w in (0, 1)], 1)
+        value_ints = rows[:, 1, ..., :-INT8_SCALE_BYTES].double()                    # [NB, Hkv, bs, D]
+        value_scales = rows[:, 1, ..., -INT8_SCALE_BYTES:].contiguous().view(torch.float16).double()  # [.., 1]
+        layer_kv = dequantize_rows(rows)
+    layer_kv = layer_kv.double()
+    if q_rounding == "none":
         q = case.q.cpu().double() * case.scale
         q = rotate_rows(q) if rotated else q
+    else:
+        q = case.q.cpu().float() * case.scale
+        q = rotate_rows(q) if rotated else q
+        q = q.bfloat16().double() if q_rounding == "bf16" else int8_q(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // layer_kv.shape[2]
-    out, weighted_abs = torch.empty_like(q), torch.empty_like(q)
+    out, weighted_abs, u8_bound = torch.empty_like(q), torch.empty_like(q), torch.zeros_like(q)
     start = 0
     for chunk in case.chunks:
         n, ctx = len(chunk.token_ids), chunk.position + len(chunk.token_ids)
@@ -121,15 +171,20 @@ def _attend_f64(case: Case, pool_after: torch.Tensor, bf16_q: bool) -> tuple[tor
         weights = scores.masked_fill(unseen, float("-inf")).softmax(-1)
         out[start:start + n] = (weights @ values).transpose(0, 1)
         weighted_abs[start:start + n] = (weights @ values.abs()).transpose(0, 1)
+        if rotated:
+            table = torch.tensor(chunk.block_table)
+            ints = value_ints[table].transpose(0, 1).reshape(value_ints.shape[1], -1, head_dim)[:, :ctx]
+            scales = value_scales[table].transpose(0, 1).reshape(value_ints.shape[1], -1)[:, :ctx]
+            pad = -ctx % INT8_CHUNK
+            w = F.pad(weights * scales.repeat_interleave(group, 0)[:, None, :], (0, pad))  # [Hq, n, ctx + pad]
+            half_step = w.reshape(*w.shape[:2], -1, INT8_CHUNK).amax(-1) / 510                # [Hq, n, chunks]
+            sums = F.pad(ints.abs(), (0, 0, 0, pad)).reshape(ints.shape[0], -1, INT8_CHUNK, head_dim).sum(2)
+            u8_bound[start:start + n] = (half_step @ sums.repeat_interleave(group, 0)).transpose(0, 1)
         start += n
     if rotated:
-        # H's rows have entries +-1 / sqrt(n) over their block: a bound b on the rotated output's elements bounds
-        # each of the output's by sum(b over its block) / sqrt(n).
-        n = hadamard_block(head_dim)
-        blocks = weighted_abs.reshape(*weighted_abs.shape[:-1], head_dim // n, n)
-        weighted_abs = (blocks.sum(-1, keepdim=True) / n ** 0.5).expand(blocks.shape).reshape(weighted_abs.shape)
+        weighted_abs, u8_bound = _rotated_bound(weighted_abs), _rotated_bound(u8_bound)
         out = rotate_rows(out)
-    return out, weighted_abs
+    return out, weighted_abs, u8_bound
 
 
 def expected_pool(case: Case) -> torch.Tensor:

@@ -112,6 +112,9 @@ class Engine:
         # Under tensor parallelism a block's bytes are a rank's: its KV heads' slice (the budgets are per rank).
         kv_heads = len(Shard.of(arch, 0, cfg.tensor_parallel_size).kv_heads) if parallel else arch.num_key_value_heads
         kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else dtype
+        if kv_dtype == torch.int8 and arch.head_dim % 4:
+            raise ConfigError("kv_cache_dtype", f"int8 keeps 4 head dims per dword, and this model's head_dim is "
+                                                f"{arch.head_dim}; use --kv-cache-dtype auto")
         speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
         split = cfg.sliding_window_pool == "on" or (cfg.sliding_window_pool == "auto" and not cfg.disk_cache_dir)
         sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if split else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvmux.cache.kv_cache import KVCache, load_rows, store_rows
+from kvmux.cache.kv_cache import KVCache, from_slabs, load_rows, slab_positions, store_rows
 from kvmux.ops.cpu_attention import cpu_paged_attention
 from kvmux.step.forward_batch import ForwardBatch
 
@@ -103,10 +103,11 @@ def _torch_metadata(batch: ForwardBatch, block_size: int) -> _TorchMetadata:
     return _TorchMetadata(batch.slot_mapping // block_size, batch.slot_mapping % block_size, one_token, prefills)
 
 
-def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int) -> torch.Tensor:
+def _gather(layer_kv: torch.Tensor, blocks: torch.Tensor, which: int, block_size: int) -> torch.Tensor:
     """K (which=0) or V (1) of `blocks` [..., nb] as [..., Hkv, nb * block_size, D], in float32."""
-    g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D (+ an int8 row's scale)]
-    g = load_rows(g) if g.dtype == torch.int8 else g.float()  # an int8 pool's K less its k_mean
+    g = layer_kv[blocks, which]                  # [..., nb, Hkv, bs, D], an int8 pool's [..., nb, Hkv, slab]
+    # An int8 pool's K less its k_mean.
+    g = load_rows(from_slabs(g, which, block_size)) if g.dtype == torch.int8 else g.float()
     g = g.movedim(-4, -3)                        # [..., Hkv, nb, bs, D]
     return g.reshape(*g.shape[:-3], -1, g.shape[-1])
 
@@ -118,14 +119,19 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         meta = batch.attn_metadata = _torch_metadata(batch, kv_cache.block_size)
 
     layer_kv = kv_cache.kv[:, layer]  # [NB, 2, Hkv, bs, D], a view into the pool
-    # Put block and offset side by side so one index_put writes all new tokens.
+    block_size = kv_cache.block_size
     if kv_cache.dtype == torch.int8:
+        # Each new token's row bytes go where its slab keeps them: [T, Hkv, row] positions of [NB, Hkv, slab].
         mean = None if kv_cache.k_mean is None else kv_cache.k_mean[layer].to(k.device)
-        k_rows, v_rows = store_rows(k, mean), store_rows(v)
+        heads = torch.arange(k.shape[1], device=k.device)[None, :, None]
+        blocks = meta.slot_blocks[:, None, None]
+        for which, rows in ((0, store_rows(k, mean)), (1, store_rows(v))):
+            at = slab_positions(which, block_size, k.shape[2]).to(k.device)[meta.slot_offsets][:, None, :]
+            layer_kv[:, which][blocks, heads, at] = rows
     else:
-        k_rows, v_rows = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
-    layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = k_rows
-    layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = v_rows
+        # Put block and offset side by side so one index_put writes all new tokens.
+        layer_kv[:, 0].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = k.to(kv_cache.dtype)
+        layer_kv[:, 1].transpose(1, 2)[meta.slot_blocks, meta.slot_offsets] = v.to(kv_cache.dtype)
 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
@@ -134,8 +140,8 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
     if meta.one_token is not None:
         d = meta.one_token
-        keys = _gather(layer_kv, d.block_tables, 0)    # [B, Hkv, N, D]
-        values = _gather(layer_kv, d.block_tables, 1)
+        keys = _gather(layer_kv, d.block_tables, 0, block_size)    # [B, Hkv, N, D]
+        values = _gather(layer_kv, d.block_tables, 1, block_size)
         # With one query token, the `group` query heads sharing a KV head can
         # stand in the query-length axis: GQA without repeating K/V.
         qd = q[d.token_idx].float().view(-1, num_kv_heads, group, head_dim)
@@ -143,8 +149,8 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         out[d.token_idx] = o.reshape(-1, num_heads, head_dim)
 
     for p in meta.prefills:
-        keys = _gather(layer_kv, p.block_table, 0)[:, :p.context_len]  # [Hkv, ctx, D]
-        values = _gather(layer_kv, p.block_table, 1)[:, :p.context_len]
+        keys = _gather(layer_kv, p.block_table, 0, block_size)[:, :p.context_len]  # [Hkv, ctx, D]
+        values = _gather(layer_kv, p.block_table, 1, block_size)[:, :p.context_len]
         qp = q[p.start:p.end].float().transpose(0, 1)                  # [Hq, qlen, D]
         mask = p.mask(window)
         o = F.scaled_dot_product_attention(

@@ -15,7 +15,8 @@ from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_ro
 from kvmux.ops.threads import threads
 from kvmux.step.forward_batch import ForwardBatch
 
-ATTENTION_KERNELS = {"avx2": _native.AttentionKernel.avx2, "avx512bf16": _native.AttentionKernel.avx512bf16}
+ATTENTION_KERNELS = {"avx2": _native.AttentionKernel.avx2, "avx512bf16": _native.AttentionKernel.avx512bf16,
+                     "avx512vnni": _native.AttentionKernel.avx512vnni}
 
 
 def attention_variant(kv_dtype: torch.dtype, head_dim: int) -> str:

@@ -71,9 +71,11 @@ VARIANTS: tuple[Variant, ...] = (
             "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16", "int8"),
             "float32 FMA; bf16 or int8 K/V widened (int8 times its row's scale) once per chunk of keys"),
-    Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16", "int8"),
-            "q.K and the softmax weights.V as bf16 pairs through vdpbf16ps (int8 K/V widened exactly, their "
-            "scales on the scores and weights); float32 sums and softmax"),
+    Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16",),
+            "q.K and the softmax weights.V as bf16 pairs through vdpbf16ps; float32 sums and softmax"),
+    Variant("attention", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), ("int8",),
+            "q (int8 per row) . K and the softmax weights (8 bits per chunk) . V through vpdpbusd straight from "
+            "the int8 slabs; float32 softmax"),
 )
 
 

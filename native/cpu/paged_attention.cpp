@@ -2,6 +2,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/hadamard.h"
 #include "cpu/paged_attention_bf16.h"
+#include "cpu/paged_attention_i8.h"
 #include "cpu/thread_pool.h"
 #include "cpu/vec_math.h"
 
@@ -157,29 +158,52 @@ inline void accumulate(float* acc, const float* p, const float* const* v, int32_
     }
 }
 
-// An int8 pool's row: dim values, then the float16 scale (see paged_attention.h).
-inline float row_scale(const int8_t* row, int64_t dim) {
+// An int8 slab's float16 scale of token t (paged_attention.h's layout).
+inline float slab_scale(const int8_t* slab, int64_t t, int64_t block_size, int64_t dim) {
     uint16_t h;
-    std::memcpy(&h, row + dim, sizeof h);
+    std::memcpy(&h, slab + block_size * dim + 2 * t, sizeof h);
     return _cvtsh_ss(h);
 }
 
 // x ~ q * scale with scale = max|x| / 127 rounded to float16 first, so that q is computed with the scale read
-// back; a row of zeros gets scale 0.
-template <typename QT>
-inline void quantize_row(const QT* x, int8_t* out, int64_t dim) {
+// back; a row of zeros gets scale 0. Returns the scale's float16 bits.
+inline uint16_t quantize_row(const float* x, int8_t* out, int64_t dim) {
     float peak = 0.0f;
 #pragma omp simd reduction(max : peak)
-    for (int64_t d = 0; d < dim; ++d) peak = std::max(peak, std::fabs(to_float(x[d])));
+    for (int64_t d = 0; d < dim; ++d) peak = std::max(peak, std::fabs(x[d]));
     const uint16_t h = _cvtss_sh(peak / 127.0f, _MM_FROUND_TO_NEAREST_INT);
     const float scale = _cvtsh_ss(h);
     const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) {
-        const float q = std::nearbyint(to_float(x[d]) * inv);
+        const float q = std::nearbyint(x[d] * inv);
         out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
     }
-    std::memcpy(out + dim, &h, sizeof h);
+    return h;
+}
+
+// Token t's quantized row (dim values, the scale's bits) into its place in a K slab or a V slab.
+inline void store_key(const int8_t* q, uint16_t h, int8_t* slab, int64_t t, int64_t block_size, int64_t dim) {
+    for (int64_t i = 0; i < dim / 4; ++i) std::memcpy(slab + (i * block_size + t) * 4, q + 4 * i, 4);
+    std::memcpy(slab + block_size * dim + 2 * t, &h, sizeof h);
+}
+inline void store_value(const int8_t* q, uint16_t h, int8_t* slab, int64_t t, int64_t block_size, int64_t dim) {
+    int8_t* dst = slab + (t / 4) * dim * 4 + t % 4;
+    for (int64_t d = 0; d < dim; ++d) dst[4 * d] = q[d];
+    std::memcpy(slab + block_size * dim + 2 * t, &h, sizeof h);
+}
+
+// Token t's K (less k_mean) and V of a K slab and a V slab, widened to float32 and scaled.
+inline void widen_key(const int8_t* kslab, const int8_t* vslab, int64_t t, int64_t block_size, int64_t dim,
+                      float* k, float* v) {
+    const float ks = slab_scale(kslab, t, block_size, dim), vs = slab_scale(vslab, t, block_size, dim);
+    for (int64_t i = 0; i < dim / 4; ++i) {
+        const int8_t* src = kslab + (i * block_size + t) * 4;
+        for (int j = 0; j < 4; ++j) k[4 * i + j] = static_cast<float>(src[j]) * ks;
+    }
+    const int8_t* src = vslab + (t / 4) * dim * 4 + t % 4;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) v[d] = static_cast<float>(src[4 * d]) * vs;
 }
 
 struct Shape {
@@ -199,6 +223,8 @@ struct Scratch {
     std::vector<uint16_t> qb;          // the bf16 kernel's q
     std::vector<int32_t> pp;           // its softmax weights as bf16 pairs
     std::vector<uint32_t> kt, vp;      // its transposed keys, interleaved values
+    std::vector<uint8_t> q8, pw;       // the int8 kernel's q and softmax weights
+    std::vector<float> qs, ws;         // and their scales
 };
 
 // A work item for the bf16 dot-product kernel (paged_attention_bf16.h), its scratch sized here.
@@ -213,14 +239,34 @@ void attend_bf16(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* 
     w.pp.resize(rows * kBf16KeyChunk / 2);
     w.kt.resize(s.dim / 2 * kBf16KeyChunk);
     w.vp.resize(kBf16KeyChunk / 2 * s.dim);
-    const int64_t bytes = a.kv_dtype == DType::i8 ? 1 : 2;  // of a pool element
+    constexpr int64_t bytes = 2;  // of a bf16 pool element
     Bf16AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const char*>(a.kv),
-                        a.kv_dtype == DType::i8, table, s.block_size, s.block_stride * bytes,
+                        table, s.block_size, s.block_stride * bytes,
                         (s.layer_offset + h * s.head_stride) * bytes, s.v_offset * bytes, s.row * bytes,
                         s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale, a.window,
                         w.qb.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(), w.pp.data(),
                         w.kt.data(), w.vp.data()};
     bf16_attend_avx512(item);
+}
+
+// A work item for the int8 dot-product kernel (paged_attention_i8.h), its scratch sized here.
+void attend_i8(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* table, int32_t q_start,
+               int32_t q_len, int32_t ctx, int32_t q_begin, int32_t q_end, int64_t h) {
+    const int64_t rows = (q_end - q_begin) * s.group;
+    w.q8.resize(rows * s.dim);
+    w.qs.resize(rows);
+    w.acc.resize(rows * s.dim);
+    w.m.resize(rows);
+    w.l.resize(rows);
+    w.scores.resize(rows * kI8KeyChunk);
+    w.pw.resize(rows * kI8KeyChunk);
+    w.ws.resize(rows);
+    I8AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const char*>(a.kv),
+                      table, s.block_size, s.block_stride, s.layer_offset + h * s.head_stride, s.v_offset,
+                      s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale, a.window,
+                      w.q8.data(), w.qs.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(),
+                      w.pw.data(), w.ws.data()};
+    i8_attend_avx512vnni(item);
 }
 
 // D > 0: head_dim known at compile time, so the inner loops fully unroll and
@@ -233,9 +279,11 @@ struct Kernel {
         const int64_t T = static_cast<int64_t>(slots.size());
         // An int8 row is stored rotated (hadamard.h), K less the layer's offset first (paged_attention.h).
         std::vector<float> rot(std::is_same_v<KT, int8_t> ? dim : 0);
+        std::vector<int8_t> q8(rot.size());
         for (int64_t t = 0; t < T; ++t) {
             const int64_t block = slots[t] / s.block_size, off = slots[t] % s.block_size;
-            KT* kdst = pool + block * s.block_stride + s.layer_offset + off * s.row;
+            // An int8 token's bytes are spread over its slab (paged_attention.h); other pools' are one row.
+            KT* kdst = pool + block * s.block_stride + s.layer_offset + (std::is_same_v<KT, int8_t> ? 0 : off * s.row);
             const QT* ksrc = static_cast<const QT*>(a.k.data) + t * a.k.row_stride;
             const QT* vsrc = static_cast<const QT*>(a.v.data) + t * a.v.row_stride;
             for (int64_t h = 0; h < s.kv_heads; ++h) {
@@ -248,11 +296,11 @@ struct Kernel {
 #pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) rot[d] = to_float(ks[d]) - (mean ? mean[d] : 0.0f);
                     hadamard_rotate(rot.data(), dim);
-                    quantize_row(rot.data(), kd, dim);
+                    store_key(q8.data(), quantize_row(rot.data(), q8.data(), dim), kd, off, s.block_size, dim);
 #pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) rot[d] = to_float(vs[d]);
                     hadamard_rotate(rot.data(), dim);
-                    quantize_row(rot.data(), vd, dim);
+                    store_value(q8.data(), quantize_row(rot.data(), q8.data(), dim), vd, off, s.block_size, dim);
                 } else {
 #pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) {
@@ -302,8 +350,9 @@ struct Kernel {
         const KT* pool = static_cast<const KT*>(a.kv);
         const int32_t num_keys = ctx - q_len + q_end;
         const int64_t head_offset = s.layer_offset + h * s.head_stride;
-        const KT* krows[kKeyChunk];
+        const KT* krows[kKeyChunk];  // an int8 pool's: the key's K slab, its offset in the block in offs
         const KT* vrows[kKeyChunk];
+        int64_t offs[kKeyChunk];
         // Keys before the first row's window are seen by no row of the tile.
         for (int32_t c0 = w.first_key[0]; c0 < num_keys; c0 += kKeyChunk) {
             const int32_t n = std::min<int32_t>(kKeyChunk, num_keys - c0);
@@ -311,8 +360,9 @@ struct Kernel {
             int64_t blk = c0 / s.block_size, off = c0 % s.block_size;
             const KT* head = pool + table[blk] * s.block_stride + head_offset;
             for (int32_t t = 0; t < n; ++t) {
-                krows[t] = head + off * s.row;
+                krows[t] = head + (std::is_same_v<KT, int8_t> ? 0 : off * s.row);
                 vrows[t] = krows[t] + s.v_offset;
+                offs[t] = off;
                 if (++off == s.block_size && t + 1 < n) {
                     off = 0;
                     head = pool + table[++blk] * s.block_stride + head_offset;
@@ -329,12 +379,7 @@ struct Kernel {
                     float* kb = w.kbuf.data() + t * dim;
                     float* vb = w.vbuf.data() + t * dim;
                     if constexpr (std::is_same_v<KT, int8_t>) {
-                        const float ks = row_scale(krows[t], dim), vs = row_scale(vrows[t], dim);
-#pragma omp simd
-                        for (int64_t d = 0; d < dim; ++d) {
-                            kb[d] = static_cast<float>(krows[t][d]) * ks;
-                            vb[d] = static_cast<float>(vrows[t][d]) * vs;
-                        }
+                        widen_key(krows[t], vrows[t], offs[t], s.block_size, dim, kb, vb);
                     } else {
 #pragma omp simd
                         for (int64_t d = 0; d < dim; ++d) {
@@ -419,7 +464,10 @@ void run_layer(const LayerArgs& a, const Shape& s, const std::vector<int64_t>& s
         const auto& tile = tiles[it / s.kv_heads];
         const int64_t h = it % s.kv_heads;
         const int32_t* table = tables.data() + tile.seq * max_blocks;
-        if (a.kernel == AttentionKernel::avx512bf16)
+        if (a.kernel == AttentionKernel::avx512vnni)
+            attend_i8(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
+                      tile.q_end, h);
+        else if (a.kernel == AttentionKernel::avx512bf16)
             attend_bf16(a, s, scratch, table, q_start[tile.seq], q_len[tile.seq], ctx[tile.seq], tile.q_begin,
                         tile.q_end, h);
         else
@@ -456,8 +504,10 @@ bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t 
             return f.avx2 && f.fma;
         case AttentionKernel::avx512bf16:
             return KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 &&
-                   (kv_dtype == DType::bf16 || kv_dtype == DType::i8) &&
-                   bf16_attend_supports(head_dim);
+                   kv_dtype == DType::bf16 && bf16_attend_supports(head_dim);
+        case AttentionKernel::avx512vnni:
+            return KVMUX_WIDE_KERNELS && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.f16c &&
+                   kv_dtype == DType::i8 && i8_attend_supports(head_dim);
     }
     return false;
 }
@@ -520,6 +570,7 @@ void AttentionMetadata::run(const LayerArgs& a) const {
         fail("num_heads must be a positive multiple of num_kv_heads");
     if (a.head_dim < 1) fail("head_dim must be >= 1");
     if (a.window < 0) fail("window must be >= 0 (0: no sliding window)");
+    if (a.kv_dtype == DType::i8 && a.head_dim % 4 != 0) fail("an int8 pool needs head_dim a multiple of 4");
     if (a.num_blocks != num_blocks_ || a.block_size != block_size_)
         fail("kv: pool shape differs from the one the metadata was made for");
     if (a.layer < 0 || a.layer >= a.num_layers) fail("layer is outside [0, num_layers)");
@@ -545,7 +596,8 @@ void AttentionMetadata::run(const LayerArgs& a) const {
     if (!kv_bf16 && !kv_i8 && a.kv_dtype != DType::f32) fail("kv_dtype must be f32, bf16 or i8");
     if (!attention_kernel_supported(a.kernel, a.kv_dtype, a.head_dim))
         fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
-             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 or int8 pool and head_dim 64, 128 or 256");
+             " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 pool and head_dim 64, 128 or 256; "
+             "the avx512vnni kernel AVX512-VNNI, an int8 pool and head_dim 64, 128 or 256");
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };

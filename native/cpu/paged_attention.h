@@ -1,10 +1,18 @@
 // CPU paged attention over the block-major KV pool
 // kv[num_blocks, num_layers, 2, num_kv_heads, block_size, row], row = head_dim
 // for float32 and bf16 pools. An int8 pool (DType::i8) stores each token's K
-// or V of a head as head_dim int8 values followed by their float16 scale
-// (row = head_dim + 2 bytes): x ~ q * scale, scale = max|x| / 127. The scale
-// travels inside the block, so every block copy (copy-on-write, swap, tiers,
-// disk) moves it with its values. The values are those of the row rotated by
+// or V of a head as head_dim int8 values and their float16 scale: x ~ q * scale,
+// scale = max|x| / 127. A (layer, K or V, head) slab of a block holds its
+// block_size tokens' values in the order the int8 kernel's vpdpbusd reads them,
+// then their scales (row = head_dim + 2 bytes per token):
+//   K value (t, d) at byte ((d / 4) * block_size + t) * 4 + d % 4: a dword is 4
+//     head dims of one key, consecutive keys side by side;
+//   V value (t, d) at byte ((t / 4) * head_dim + d) * 4 + t % 4: a dword is one
+//     head dim of 4 consecutive keys;
+//   scale of token t at byte block_size * head_dim + 2 t.
+// (kvmux/cache/kv_cache.py's slab_positions is the same map; head_dim must be a
+// multiple of 4.) The scales travel inside the block, so every block copy
+// (copy-on-write, swap, tiers, disk) moves them with their values. The values are those of the row rotated by
 // the orthonormal Walsh-Hadamard transform H (hadamard.h), K's after
 // subtracting its layer's and head's k_mean where one is given: the row
 // holds H (k - k_mean) or H v. Attention reads them unchanged: each query is
@@ -48,8 +56,9 @@ struct TokenRows {
 };
 
 // Which work-item kernel attends (kvmux/ops/kernel_choice.py names them): float32 FMA over float32 or
-// widened bf16 K/V, or bf16 dot products (AVX512-BF16; a bf16 pool and head_dim 64, 128 or 256).
-enum class AttentionKernel : int { avx2 = 0, avx512bf16 = 1 };
+// widened bf16 or int8 K/V, bf16 dot products (AVX512-BF16; a bf16 pool and head_dim 64, 128 or 256), or
+// int8 dot products (AVX512-VNNI; an int8 pool and head_dim 64, 128 or 256).
+enum class AttentionKernel : int { avx2 = 0, avx512bf16 = 1, avx512vnni = 2 };
 
 // Whether this CPU can run `kernel` on a pool of kv_dtype with this head_dim.
 bool attention_kernel_supported(AttentionKernel kernel, DType kv_dtype, int64_t head_dim);

@@ -15,45 +15,14 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")
 
 #include "cpu/vec_math.h"
-#include "cpu/hadamard.h"
+#include "cpu/vec_math512.h"
 
 namespace kvmux {
 namespace {
 
 constexpr int kChunk = kBf16KeyChunk;
 
-inline float bits_to_float(uint16_t b) {
-    const uint32_t u = static_cast<uint32_t>(b) << 16;
-    float f;
-    __builtin_memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// Round to nearest even, as _mm512_cvtne2ps_pbh does (and torch's .to(torch.bfloat16)).
-inline uint16_t float_to_bits(float x) {
-    uint32_t u;
-    __builtin_memcpy(&u, &x, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-// exp_nonpos (vec_math.h) on 16 lanes at once: the same range reduction and polynomial.
-inline __m512 exp_nonpos16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
-                                                          _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF);
-    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    constexpr float kPoly[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                               5.0000001201e-1f};
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    for (const float c : kPoly) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 // 16 rows of 16 dwords transposed in registers: r[i] lane j <- r[j] lane i.
 inline void transpose16(__m512i r[16]) {
@@ -81,27 +50,17 @@ inline void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// Head dims 32b..32b+31 of a pool row as 32 bf16: loaded (bf16) or widened exactly (int8).
-template <bool I8>
-inline __m512i row_bf16x32(const char* row, int b) {
-    if constexpr (I8) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    } else {
-        return _mm512_loadu_si512(row + 64 * b);
-    }
-}
+// Head dims 32b..32b+31 of a pool row.
+inline __m512i row_bf16x32(const char* row, int b) { return _mm512_loadu_si512(row + 64 * b); }
 
 // The chunk's keys as kt[pair i of head dims][key]: dword (k[2i], k[2i + 1]) of each of the n keys (0 past n).
-template <int D, bool I8>
+template <int D>
 void transpose_keys(const char* const* keys, int n, uint32_t* kt) {
     for (int g = 0; g < kChunk; g += 16) {
         for (int b = 0; b < D / 32; ++b) {  // 16 dword columns (32 head dims) at a time
             __m512i r[16];
             for (int t = 0; t < 16; ++t)
-                r[t] = g + t < n ? row_bf16x32<I8>(keys[g + t], b) : _mm512_setzero_si512();
+                r[t] = g + t < n ? row_bf16x32(keys[g + t], b) : _mm512_setzero_si512();
             transpose16(r);
             for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (16 * b + i) * kChunk + g, r[i]);
         }
@@ -110,12 +69,12 @@ void transpose_keys(const char* const* keys, int n, uint32_t* kt) {
 
 // The chunk's values by key pairs: vp[pair][32-dim block][2 x 16 dwords], each dword (v[2p][d], v[2p + 1][d])
 // for the d of unpacklo / unpackhi within each 128-bit lane (undone by `unpermute` at the end).
-template <int D, bool I8>
+template <int D>
 void interleave_values(const char* const* values, int n, uint32_t* vp) {
     for (int p = 0; 2 * p < n; ++p) {
         for (int b = 0; b < D / 32; ++b) {
-            const __m512i a = row_bf16x32<I8>(values[2 * p], b);
-            const __m512i c = 2 * p + 1 < n ? row_bf16x32<I8>(values[2 * p + 1], b) : _mm512_setzero_si512();
+            const __m512i a = row_bf16x32(values[2 * p], b);
+            const __m512i c = 2 * p + 1 < n ? row_bf16x32(values[2 * p + 1], b) : _mm512_setzero_si512();
             _mm512_storeu_si512(vp + p * D + 32 * b, _mm512_unpacklo_epi16(a, c));
             _mm512_storeu_si512(vp + p * D + 32 * b + 16, _mm512_unpackhi_epi16(a, c));
         }
@@ -204,15 +163,7 @@ void prefetch_chunk(const Bf16AttendItem& a, int32_t c0, int32_t num_keys) {
     }
 }
 
-// An int8 row's float16 scale, after its D values.
 template <int D>
-inline float row_scale(const char* row) {
-    uint16_t h;
-    __builtin_memcpy(&h, row + D, sizeof h);
-    return _cvtsh_ss(h);
-}
-
-template <int D, bool I8>
 void attend(const Bf16AttendItem& a) {
     const int64_t G = a.group;
     const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
@@ -224,21 +175,7 @@ void attend(const Bf16AttendItem& a) {
         for (int64_t g = 0; g < G; ++g) {
             const int r = static_cast<int>((i - a.q_begin) * G + g);
             uint16_t* dst = a.qb + r * D;
-            if constexpr (I8) {
-                // An int8 pool's keys are rotated (hadamard.h): so is q, in float32, before its rounding to bf16.
-                alignas(64) float x[D];
-                if (a.q_bf16) {
-                    const uint16_t* src = static_cast<const uint16_t*>(a.q) + row0 + g * D;
-                    for (int d = 0; d < D; ++d) x[d] = bits_to_float(src[d]) * a.scale;
-                } else {
-                    const float* src = static_cast<const float*>(a.q) + row0 + g * D;
-                    for (int d = 0; d < D; ++d) x[d] = src[d] * a.scale;
-                }
-                hadamard_rotate(x, D);
-                for (int d = 0; d < D; d += 32)
-                    _mm512_storeu_si512(dst + d, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
-                                                     _mm512_load_ps(x + d + 16), _mm512_load_ps(x + d))));
-            } else if (a.q_bf16) {
+            if (a.q_bf16) {
                 const uint16_t* src = static_cast<const uint16_t*>(a.q) + row0 + g * D;
                 for (int d = 0; d < D; ++d) dst[d] = float_to_bits(bits_to_float(src[d]) * a.scale);
             } else {
@@ -258,7 +195,6 @@ void attend(const Bf16AttendItem& a) {
     const int32_t num_keys = a.ctx - a.q_len + a.q_end;
     const char* keys[kChunk];
     const char* values[kChunk];
-    alignas(64) float kscale[kChunk] = {}, vscale[kChunk] = {};  // an int8 pool's per-key scales
     // The first row's window starts first; keys before it are seen by no row of the tile.
     const int32_t first0 = a.window > 0 ? a.ctx - a.q_len + a.q_begin - a.window + 1 : 0;
     for (int32_t c0 = first0 > 0 ? first0 : 0; c0 < num_keys; c0 += kChunk) {
@@ -269,18 +205,14 @@ void attend(const Bf16AttendItem& a) {
         for (int t = 0; t < n; ++t) {
             keys[t] = head + off * a.row;
             values[t] = keys[t] + a.v_offset;
-            if constexpr (I8) {
-                kscale[t] = row_scale<D>(keys[t]);
-                vscale[t] = row_scale<D>(values[t]);
-            }
             if (++off == a.block_size && t + 1 < n) {
                 off = 0;
                 head = a.pool + a.table[++blk] * a.block_stride + a.head_offset;
             }
         }
         prefetch_chunk<D>(a, c0 + kChunk, num_keys);
-        transpose_keys<D, I8>(keys, n, a.kt);
-        interleave_values<D, I8>(values, n, a.vp);
+        transpose_keys<D>(keys, n, a.kt);
+        interleave_values<D>(values, n, a.vp);
         row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
 
         // Online softmax per row, in registers; the weights go out as bf16 pairs (0 for keys the row does not see).
@@ -302,10 +234,6 @@ void attend(const Bf16AttendItem& a) {
             const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
             __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
             __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
-            if constexpr (I8) {
-                s0 = _mm512_mask_mul_ps(s0, m0, s0, _mm512_load_ps(kscale));
-                s1 = _mm512_mask_mul_ps(s1, m1, s1, _mm512_load_ps(kscale + 16));
-            }
             const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
             const float mx = chunk_max > a.m[r] ? chunk_max : a.m[r];
             const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
@@ -320,12 +248,7 @@ void attend(const Bf16AttendItem& a) {
                 a.m[r] = mx;
             }
             a.l[r] += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-            if constexpr (I8)
-                _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
-                                            _mm512_mul_ps(e1, _mm512_load_ps(vscale + 16)),
-                                            _mm512_mul_ps(e0, _mm512_load_ps(vscale)))));
-            else
-                _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+            _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
         }
         row_blocks<kAccRows>(0, rows, [&](int r0, auto R) {
             accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, a.vp, a.acc + r0 * D);
@@ -338,19 +261,7 @@ void attend(const Bf16AttendItem& a) {
             const int r = static_cast<int>((i - a.q_begin) * G + g);
             const float inv = 1.0f / a.l[r];
             const float* acc = a.acc + r * D;
-            if constexpr (I8) {
-                // The sum of rotated values, rotated back.
-                alignas(64) float x[D];
-                for (int s = 0; s < D; ++s) x[unpermute(s)] = acc[s] * inv;
-                hadamard_rotate(x, D);
-                if (a.q_bf16) {
-                    uint16_t* o = static_cast<uint16_t*>(a.out) + orow + g * D;
-                    for (int d = 0; d < D; ++d) o[d] = float_to_bits(x[d]);
-                } else {
-                    float* o = static_cast<float*>(a.out) + orow + g * D;
-                    for (int d = 0; d < D; ++d) o[d] = x[d];
-                }
-            } else if (a.q_bf16) {
+            if (a.q_bf16) {
                 uint16_t* o = static_cast<uint16_t*>(a.out) + orow + g * D;
                 for (int s = 0; s < D; ++s) o[unpermute(s)] = float_to_bits(acc[s] * inv);
             } else {
@@ -364,9 +275,9 @@ void attend(const Bf16AttendItem& a) {
 }  // namespace
 
 void bf16_attend_avx512(const Bf16AttendItem& item) {
-    if (item.dim == 64) item.int8 ? attend<64, true>(item) : attend<64, false>(item);
-    else if (item.dim == 128) item.int8 ? attend<128, true>(item) : attend<128, false>(item);
-    else item.int8 ? attend<256, true>(item) : attend<256, false>(item);
+    if (item.dim == 64) attend<64>(item);
+    else if (item.dim == 128) attend<128>(item);
+    else attend<256>(item);
 }
 
 }  // namespace kvmux

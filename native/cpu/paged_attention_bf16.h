@@ -7,10 +7,6 @@
 // pair of q's dimensions, and each chunk's V is interleaved by key pairs so one vdpbf16ps adds two keys'
 // weighted values into 16 output dimensions (the softmax weights rounded to bf16, their sum kept float32).
 //
-// An int8 pool (paged_attention.h) takes the same path: its values are exact in bf16, so each chunk's K and V
-// are widened into the same layouts, a key's scale multiplies its scores, and a value's scale its softmax
-// weight before that is rounded to bf16 (the sum of the weights stays unscaled).
-//
 // Everything crosses as plain pointers and sizes, scratch included (sized by the caller): the AVX-512 file
 // must not instantiate shared inline code (std containers), which the linker could merge with the baseline
 // build's copy.
@@ -27,8 +23,7 @@ struct Bf16AttendItem {
     int64_t q_row_stride;
     void* out;                // [T, Hq, D] contiguous, the same dtype as q
     bool q_bf16;
-    const char* pool;         // the bf16 or int8 KV pool
-    bool int8;                // rows of dim int8 values and a float16 scale
+    const char* pool;         // the bf16 KV pool
     const int32_t* table;     // this sequence's block table
     // As Shape in paged_attention.cpp (head_offset for h), in bytes.
     int64_t block_size, block_stride, head_offset, v_offset, row;
