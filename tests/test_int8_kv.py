@@ -51,9 +51,11 @@ def test_a_slab_keeps_every_row_byte_once_where_the_kernel_reads_it(block_size, 
     assert slab_positions(0, block_size, dim)[t, dim + 1] == block_size * dim + 2 * t + 1
 
 
-def test_an_int8_pool_needs_dwords_of_four():
-    with pytest.raises(ValueError, match="head_dim 18 and block_size 8 must be multiples of 4"):
-        KVCache(4, PoolGeometry(2, 1, 18, 8, torch.int8))
+@pytest.mark.parametrize("head_dim, block_size", [(18, 8), (64, 12), (64, 24)])
+def test_an_int8_pool_refuses_shapes_its_kernels_do_not_read(head_dim, block_size):
+    with pytest.raises(ValueError, match=f"head_dim a multiple of 4 and block_size 8 or a multiple of 16, got "
+                                         f"{head_dim} and {block_size}"):
+        KVCache(4, PoolGeometry(2, 1, head_dim, block_size, torch.int8))
 
 
 @pytest.mark.parametrize("dim", [64, 128, 48, 16])

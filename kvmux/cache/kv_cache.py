@@ -148,9 +148,11 @@ class KVCache:
             raise ValueError(f"KV cache dtype must be one of {POOL_DTYPES}, got {geometry.dtype}")
         if num_blocks < 1 or geometry.block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {geometry.block_size}")
-        if geometry.dtype == torch.int8 and (geometry.head_dim % 4 or geometry.block_size % 4):
-            raise ValueError(f"an int8 pool keeps 4 head dims or 4 tokens per dword: head_dim {geometry.head_dim} "
-                             f"and block_size {geometry.block_size} must be multiples of 4")
+        if geometry.dtype == torch.int8 and (geometry.head_dim % 4 or not (geometry.block_size == 8 or
+                                                                            geometry.block_size % 16 == 0)):
+            # Dwords of 4 head dims or of 4 tokens; the int8 kernel reads keys 16 at a time from one block or two.
+            raise ValueError(f"an int8 pool needs head_dim a multiple of 4 and block_size 8 or a multiple of 16, "
+                             f"got {geometry.head_dim} and {geometry.block_size}")
         self.geometry = geometry
         # Zeroed, not empty: attention multiplies masked-out slots by a zero
         # weight, and 0 * NaN from uninitialised memory would poison the output.

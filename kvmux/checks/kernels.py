@@ -12,7 +12,7 @@ tolerance: float32 sums (2^-20 of the sum of |terms|), plus whatever the variant
 rounds (x rounded to bf16 is rounded in the reference too, so it costs
 nothing; a bf16 output costs 2^-8 of it; attention's softmax weights rounded to
 bf16 cost weight_rounding_bound, to 8 bits u8_weight_bound; a quantized matmul's
-activations, and the int8 attention's q, are quantized in the reference exactly
+activations, and the int8 attention's 16-bit q, are quantized in the reference exactly
 as the kernel quantizes them).
 """
 
@@ -165,11 +165,11 @@ def attention_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
 
 def attention_reference(variant: str, case, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference, bound on |output - reference| less 2e-5) for the attention variant over the pool it left: exact
-    float32 sums (avx2); bf16 q and softmax weights (avx512bf16); int8 q and 8-bit weights (avx512vnni)."""
+    float32 sums (avx2); bf16 q and softmax weights (avx512bf16); 16-bit q and 8-bit weights (avx512vnni)."""
     if variant == "avx512bf16":
         return reference_f64(case, pool, "bf16"), 2 * weight_rounding_bound(case, pool)
     if variant == "avx512vnni":
-        ref = reference_f64(case, pool, "int8")
+        ref = reference_f64(case, pool, "int16")
         return ref, 1.01 * u8_weight_bound(case, pool) + 1e-4 * ref.abs()
     ref = reference_f64(case, pool)
     return ref, 1e-4 * ref.abs()

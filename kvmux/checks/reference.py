@@ -91,14 +91,14 @@ def make_case(query_lens: list[int], context_lens: list[int], num_heads: int, nu
     return Case(q, k, v, cache, chunks, head_dim ** -0.5, window)
 
 
-Q_ROUNDINGS = ("none", "bf16", "int8")
+Q_ROUNDINGS = ("none", "bf16", "int16")
 INT8_CHUNK = 32  # keys per chunk of the int8 kernel, whose softmax weights share a scale (paged_attention_i8.h)
 
 
 def reference_f64(case: Case, pool_after: torch.Tensor, q_rounding: str = "none") -> torch.Tensor:
     """Attention in float64 over the pool as the kernel left it (new K/V already in their slots), of q * scale
     as a kernel multiplies it (q_rounding): exact; rounded to bf16 from float32 (the bf16 dot-product kernel); or,
-    rotated, quantized to int8 per row in float32 (the int8 dot-product kernel)."""
+    rotated, quantized to 16 bits per row in float32 (the int8 dot-product kernel)."""
     return _attend_f64(case, pool_after, q_rounding)[0]
 
 
@@ -111,8 +111,8 @@ def weight_rounding_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
 def u8_weight_bound(case: Case, pool_after: torch.Tensor) -> torch.Tensor:
     """What the int8 kernel's rounding of each chunk's softmax weights times their V scales to 8 bits (half a step
     at most, the chunk's largest / 510) can move each output element by: the sum over chunks of that half step
-    times sum |v| of the chunk's int8 values, per element of reference_f64(case, pool_after, "int8")."""
-    return _attend_f64(case, pool_after, "int8")[2]
+    times sum |v| of the chunk's int8 values, per element of reference_f64(case, pool_after, "int16")."""
+    return _attend_f64(case, pool_after, "int16")[2]
 
 
 def _rotated_bound(bound: torch.Tensor) -> torch.Tensor:
@@ -124,12 +124,12 @@ def _rotated_bound(bound: torch.Tensor) -> torch.Tensor:
     return (blocks.sum(-1, keepdim=True) / n ** 0.5).expand(blocks.shape).reshape(bound.shape)
 
 
-def int8_q(q: torch.Tensor) -> torch.Tensor:
-    """float32 rows [..., D] -> float64 rows as the int8 kernel quantizes them: scale = max |x| / 127, values
-    round-half-even(x * (127 / max |x|)), in float32."""
+def int16_q(q: torch.Tensor) -> torch.Tensor:
+    """float32 rows [..., D] -> float64 rows as the int8 kernel quantizes them: scale = max |x| / 32767, values
+    round-half-even(x * (32767 / max |x|)), in float32."""
     peak = q.abs().amax(-1, keepdim=True)
-    inv = torch.where(peak > 0, torch.full_like(peak, 127.0) / peak, torch.zeros_like(peak))
-    return torch.round(q * inv).double() * (peak / 127).double()
+    inv = torch.where(peak > 0, torch.full_like(peak, 32767.0) / peak, torch.zeros_like(peak))
+    return torch.round(q * inv).double() * (peak / 32767).double()
 
 
 def _attend_f64(case: Case, pool_after: torch.Tensor,
@@ -153,7 +153,7 @@ def _attend_f64(case: Case, pool_after: torch.Tensor,
     else:
         q = case.q.cpu().float() * case.scale
         q = rotate_rows(q) if rotated else q
-        q = q.bfloat16().double() if q_rounding == "bf16" else int8_q(q)
+        q = q.bfloat16().double() if q_rounding == "bf16" else int16_q(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // layer_kv.shape[2]
     out, weighted_abs, u8_bound = torch.empty_like(q), torch.empty_like(q), torch.zeros_like(q)

@@ -74,7 +74,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("attention", "avx512bf16", AVX512 + ("avx512bf16",), ("bfloat16",),
             "q.K and the softmax weights.V as bf16 pairs through vdpbf16ps; float32 sums and softmax"),
     Variant("attention", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), ("int8",),
-            "q (int8 per row) . K and the softmax weights (8 bits per chunk) . V through vpdpbusd straight from "
+            "q (16 bits per row, as two bytes) . K and the softmax weights (8 bits per chunk) . V through vpdpbusd from "
             "the int8 slabs; float32 softmax"),
 )
 

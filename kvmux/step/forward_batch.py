@@ -80,8 +80,9 @@ class ForwardBatch:
             slots = tables[seq_of_token, positions // block_size].long()
             if (slots < 0).any():
                 raise ValueError("ForwardBatch.build: a new token's block has no sliding slot")
-            # Blocks no query sees (-1) name slot 0: the native kernels start at each tile's first window and never
-            # read there; the torch reference gathers it (finite KV) and masks it out.
+            # Blocks no query sees (-1) name slot 0, a real block: the native kernels start at or shortly before
+            # each tile's first window (the int8 kernel at its 32-key chunk) and mask what they read there; the
+            # torch reference gathers it (finite KV) and masks it out.
             batch.sliding = replace(batch, slot_mapping=(slots * block_size + positions % block_size).to(device),
                                     block_tables=tables.clamp(min=0).to(device))
         return batch

@@ -193,17 +193,42 @@ inline void store_value(const int8_t* q, uint16_t h, int8_t* slab, int64_t t, in
     std::memcpy(slab + block_size * dim + 2 * t, &h, sizeof h);
 }
 
-// Token t's K (less k_mean) and V of a K slab and a V slab, widened to float32 and scaled.
+// Token t's K (less k_mean) and V of a K slab and a V slab, widened to float32 and scaled: K two dwords (8 head
+// dims) at a time; V 8 dims at a time from the 32 bytes holding them for t's 4 keys, t's byte of each picked out.
 inline void widen_key(const int8_t* kslab, const int8_t* vslab, int64_t t, int64_t block_size, int64_t dim,
                       float* k, float* v) {
-    const float ks = slab_scale(kslab, t, block_size, dim), vs = slab_scale(vslab, t, block_size, dim);
-    for (int64_t i = 0; i < dim / 4; ++i) {
-        const int8_t* src = kslab + (i * block_size + t) * 4;
-        for (int j = 0; j < 4; ++j) k[4 * i + j] = static_cast<float>(src[j]) * ks;
+    const __m256 ks = _mm256_set1_ps(slab_scale(kslab, t, block_size, dim));
+    const __m256 vs = _mm256_set1_ps(slab_scale(vslab, t, block_size, dim));
+    auto widen8 = [](__m128i bytes, __m256 scale, float* out) {  // the low 8 bytes
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale));
+    };
+    auto widen4 = [](const int8_t* bytes, float scale, float* out) {
+        for (int j = 0; j < 4; ++j) out[j] = static_cast<float>(bytes[j]) * scale;
+    };
+    const int64_t dwords = dim / 4;
+    int64_t i = 0;
+    for (; i + 2 <= dwords; i += 2) {
+        int32_t a, b;
+        std::memcpy(&a, kslab + (i * block_size + t) * 4, 4);
+        std::memcpy(&b, kslab + ((i + 1) * block_size + t) * 4, 4);
+        widen8(_mm_setr_epi32(a, b, 0, 0), ks, k + 4 * i);
     }
-    const int8_t* src = vslab + (t / 4) * dim * 4 + t % 4;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) v[d] = static_cast<float>(src[4 * d]) * vs;
+    if (i < dwords) widen4(kslab + (i * block_size + t) * 4, _mm256_cvtss_f32(ks), k + 4 * i);
+
+    const int8_t* src = vslab + (t / 4) * dim * 4;
+    const int8_t j = static_cast<int8_t>(t % 4);
+    // In each 128-bit lane (4 dims of 4 keys), bytes j, j + 4, j + 8, j + 12 to the lane's first dword; the rest 0.
+    const __m256i pick = _mm256_add_epi8(
+        _mm256_setr_epi8(0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128,
+                         0, 4, 8, 12, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128),
+        _mm256_set1_epi8(j));
+    const __m256i lanes = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) {
+        const __m256i x = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * d)), pick);
+        widen8(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(x, lanes)), vs, v + d);
+    }
+    for (; d < dim; ++d) v[d] = static_cast<float>(src[4 * d + j]) * _mm256_cvtss_f32(vs);
 }
 
 struct Shape {
@@ -223,7 +248,7 @@ struct Scratch {
     std::vector<uint16_t> qb;          // the bf16 kernel's q
     std::vector<int32_t> pp;           // its softmax weights as bf16 pairs
     std::vector<uint32_t> kt, vp;      // its transposed keys, interleaved values
-    std::vector<uint8_t> q8, pw;       // the int8 kernel's q and softmax weights
+    std::vector<uint8_t> qbytes, pw;       // the int8 kernel's q (two bytes a value) and softmax weights
     std::vector<float> qs, ws;         // and their scales
 };
 
@@ -253,7 +278,7 @@ void attend_bf16(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* 
 void attend_i8(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* table, int32_t q_start,
                int32_t q_len, int32_t ctx, int32_t q_begin, int32_t q_end, int64_t h) {
     const int64_t rows = (q_end - q_begin) * s.group;
-    w.q8.resize(rows * s.dim);
+    w.qbytes.resize(rows * 2 * s.dim);
     w.qs.resize(rows);
     w.acc.resize(rows * s.dim);
     w.m.resize(rows);
@@ -264,7 +289,7 @@ void attend_i8(const LayerArgs& a, const Shape& s, Scratch& w, const int32_t* ta
     I8AttendItem item{a.q.data, a.q.row_stride, a.out, a.act_dtype == DType::bf16, static_cast<const char*>(a.kv),
                       table, s.block_size, s.block_stride, s.layer_offset + h * s.head_stride, s.v_offset,
                       s.heads, s.group, s.dim, h, q_start, q_len, ctx, q_begin, q_end, a.scale, a.window,
-                      w.q8.data(), w.qs.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(),
+                      w.qbytes.data(), w.qs.data(), w.acc.data(), w.m.data(), w.l.data(), w.scores.data(),
                       w.pw.data(), w.ws.data()};
     i8_attend_avx512vnni(item);
 }
@@ -598,6 +623,9 @@ void AttentionMetadata::run(const LayerArgs& a) const {
         fail("attention kernel " + std::to_string(static_cast<int>(a.kernel)) +
              " does not run here: the avx512bf16 kernel needs AVX512-BF16, a bf16 pool and head_dim 64, 128 or 256; "
              "the avx512vnni kernel AVX512-VNNI, an int8 pool and head_dim 64, 128 or 256");
+    // The int8 kernel reads 16 keys from one slab (or two of 8): other block sizes would read past a block.
+    if (a.kernel == AttentionKernel::avx512vnni && !i8_attend_block_size(a.block_size))
+        fail("the avx512vnni kernel needs block_size 8 or a multiple of 16, got " + std::to_string(a.block_size));
     auto go = [&](auto qt, auto kt) {
         dispatch_dim<decltype(qt), decltype(kt)>(a, s, slots_, tiles_, q_start_, q_len_, ctx_, tables_, max_blocks_);
     };

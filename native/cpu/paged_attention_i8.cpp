@@ -71,15 +71,17 @@ inline __m512 group_scales(const I8AttendItem& a, int32_t c, int32_t num_keys, i
     return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
 }
 
-// scores[r][0 .. 16) = q_r . k for the group's 16 keys, R rows at once (they share each load of K): the integer
-// sum((q + 128) k) less 128 sum(k), times the row's and each key's scale. sum(k) is taken on the first pass
-// over the group (Sum) and kept in ksum for the others.
+// scores[r][0 .. 16) = q_r . k for the group's 16 keys, R rows at once (they share each load of K). q's 16 bits
+// offset to unsigned, u = q + 32768 = 256 hi + lo, are two unsigned bytes, each scored by its own vpdpbusd:
+// q . k = 256 (sum(hi k) - 128 sum(k)) + sum(lo k), exact in int32 (|q . k| <= 32767 * 127 * 256 < 2^31), then
+// times the row's and each key's scale. sum(k) is taken on the first pass over the group (Sum) and kept in ksum
+// for the others.
 template <int D, int R, bool Sum, bool Split>
 void score_rows(const KeyGroup& g, const uint8_t* qb, const float* qs, __m512 kscale, __m512i& ksum,
                 float* scores) {
-    __m512i s[R];
+    __m512i hi[R], lo[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
     __m512i sum = _mm512_setzero_si512();
     const __m512i ones = _mm512_set1_epi8(1);
 #pragma GCC unroll 4
@@ -88,17 +90,21 @@ void score_rows(const KeyGroup& g, const uint8_t* qb, const float* qs, __m512 ks
         if constexpr (Sum) sum = _mm512_dpbusd_epi32(sum, ones, k);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            int32_t q4;
-            __builtin_memcpy(&q4, qb + r * D + 4 * i, sizeof q4);
-            s[r] = _mm512_dpbusd_epi32(s[r], _mm512_set1_epi32(q4), k);
+            int32_t h4, l4;
+            __builtin_memcpy(&h4, qb + r * 2 * D + 4 * i, sizeof h4);
+            __builtin_memcpy(&l4, qb + r * 2 * D + D + 4 * i, sizeof l4);
+            hi[r] = _mm512_dpbusd_epi32(hi[r], _mm512_set1_epi32(h4), k);
+            lo[r] = _mm512_dpbusd_epi32(lo[r], _mm512_set1_epi32(l4), k);
         }
     }
     if constexpr (Sum) ksum = sum;
     const __m512i offset = _mm512_slli_epi32(ksum, 7);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-        _mm512_storeu_ps(scores + r * kChunk, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], offset)),
-                                                            _mm512_mul_ps(kscale, _mm512_set1_ps(qs[r]))));
+    for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(hi[r], offset), 8), lo[r]);
+        _mm512_storeu_ps(scores + r * kChunk,
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(kscale, _mm512_set1_ps(qs[r]))));
+    }
 }
 
 // acc[r] += ws[r] * sum over quads j < quads of weights pw[r][4j .. 4j + 3] . the quad's values, R rows at once
@@ -173,7 +179,8 @@ void attend(const I8AttendItem& a) {
     const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
     constexpr int kAccRows = D == 64 ? 4 : 2;  // R rows of D / 16 (at most 8) sums, and the values, in 32 registers
 
-    // q, scaled and rotated as the keys are (hadamard.h), quantized to int8 per row and offset to unsigned.
+    // q, scaled and rotated as the keys are (hadamard.h), quantized to 16 bits per row, offset to unsigned and
+    // split into its high bytes, then its low bytes.
     for (int32_t i = a.q_begin; i < a.q_end; ++i) {
         const int64_t row0 = static_cast<int64_t>(a.q_start + i) * a.q_row_stride + a.h * G * D;
         for (int64_t g = 0; g < G; ++g) {
@@ -190,13 +197,15 @@ void attend(const I8AttendItem& a) {
             __m512 peak = _mm512_setzero_ps();
             for (int d = 0; d < D; d += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_load_ps(x + d)));
             const float p = _mm512_reduce_max_ps(peak);
-            const __m512 inv = _mm512_set1_ps(p > 0.0f ? 127.0f / p : 0.0f);
+            const __m512 inv = _mm512_set1_ps(p > 0.0f ? 32767.0f / p : 0.0f);
             for (int d = 0; d < D; d += 16) {
                 const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(x + d), inv));  // nearest even
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(a.qb + r * D + d),
-                                 _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+                const __m512i u = _mm512_add_epi32(q, _mm512_set1_epi32(32768));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(a.qb + r * 2 * D + d),
+                                 _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(a.qb + r * 2 * D + D + d), _mm512_cvtepi32_epi8(u));
             }
-            a.qs[r] = p / 127.0f;
+            a.qs[r] = p / 32767.0f;
             a.m[r] = -__builtin_inff();
             a.l[r] = 0.0f;
             for (int d = 0; d < D; ++d) a.acc[r * D + d] = 0.0f;
@@ -220,7 +229,7 @@ void attend(const I8AttendItem& a) {
             __m512i ksum = _mm512_setzero_si512();
             row_blocks<8>(rows, [&](int r0, auto R) {
                 float* sc = a.scores + r0 * kChunk + 16 * g;
-                const uint8_t* qb = a.qb + r0 * D;
+                const uint8_t* qb = a.qb + r0 * 2 * D;
                 if (split) {
                     if (r0 == 0) score_rows<D, R, true, true>(kg, qb, a.qs + r0, kscale, ksum, sc);
                     else score_rows<D, R, false, true>(kg, qb, a.qs + r0, kscale, ksum, sc);

@@ -3,14 +3,15 @@
 //
 // One item attends the query rows of one sequence's query tile for one KV head over an int8 pool, online
 // softmax over chunks of 32 keys as the other kernels, with both products in integers through vpdpbusd:
-// - q . K: each query row, rotated as the keys are (paged_attention.h), is quantized to int8 once (a scale per
-//   row, max |q| / 127) and offset by 128 into the unsigned operand; a K slab's dwords are 4 head dims of one
-//   key, 16 keys side by side, so one vpdpbusd scores 16 keys against 4 of q's dims with no transpose. The
-//   offset's share, 128 * sum(k), is scored the same way against a vector of ones, once per key for all rows.
+// - q . K: each query row, rotated as the keys are (paged_attention.h), is quantized to 16 bits once (a scale
+//   per row, max |q| / 32767), offset by 32768 and split into two unsigned bytes; a K slab's dwords are 4 head
+//   dims of one key, 16 keys side by side, so two vpdpbusd (high and low bytes) score 16 keys against 4 of q's
+//   dims with no transpose. The offset's share, 32768 * sum(k), is scored the same way against a vector of
+//   ones, once per key for all rows. (q at 8 bits cost 0.3 points of teacher-forced argmax agreement.)
 // - weights . V: a chunk's softmax weights, each times its key's V scale, are quantized to unsigned 8 bits
 //   (a scale per row and chunk: their max / 255); a V slab's dwords are one head dim of 4 keys, so one vpdpbusd
 //   adds 4 keys' weighted values into 16 dims. The chunk's integer sums join the float32 output with its scale.
-// Rounding: q to int8 (what checks/reference.py's int8 q reproduces exactly), and the weights to 8 bits: at most
+// Rounding: q to 16 bits (what checks/reference.py's int16 q reproduces exactly), and the weights to 8 bits: at most
 // half a step, max(p_t * scale_t) / 510 over the chunk, per weight (reference.py's u8_weight_bound).
 //
 // Everything crosses as plain pointers and sizes, scratch included (sized by the caller): the AVX-512 file
@@ -40,7 +41,7 @@ struct I8AttendItem {
     float scale;
     int32_t window;           // > 0: each query sees only the last `window` keys up to its own position
     // Scratch, rows = (q_end - q_begin) * group:
-    uint8_t* qb;              // [rows, dim]: q's int8 values + 128
+    uint8_t* qb;              // [rows, 2, dim]: the high bytes, then the low bytes, of q's 16-bit values + 32768
     float* qs;                // [rows]: their scales
     float* acc;               // [rows, dim]
     float* m;                 // [rows]
@@ -52,6 +53,8 @@ struct I8AttendItem {
 
 // dim must be 64, 128 or 256 (i8_attend_supports).
 inline bool i8_attend_supports(int64_t dim) { return dim == 64 || dim == 128 || dim == 256; }
+// Its groups of 16 keys lie in one block, or in two of 8 (key_group).
+inline bool i8_attend_block_size(int64_t block_size) { return block_size == 8 || block_size % 16 == 0; }
 void i8_attend_avx512vnni(const I8AttendItem& item);
 
 }  // namespace kvmux
