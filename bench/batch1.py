@@ -2,14 +2,16 @@
 measured in the same run.
 
     python -m bench.real_shapes llama-3.2-1b --qtype q4_0
-    python -m bench.batch1 --model bench/models/llama-3.2-1b.q4_0.gguf
+    python -m bench.batch1 --model bench/models/llama-3.2-1b.q4_0.gguf [--llama-cpp]
 
 A decode step of one sequence reads every matmul weight once (the tied embedding as the lm_head), so its
 floor is weight bytes / read bandwidth. Bandwidth: torch summing a 1 GiB float32 tensor on the same threads,
 best of 5. Decode: one request, a short prompt, 129 greedy tokens with EOS ignored, through the engine's API;
 tokens/s over the 128 gaps after the first token, best of 3 runs. Reported: tokens/s, the weight bytes, the
-bandwidth, and bytes x tokens/s / bandwidth (1.0: the roofline). Writes bench/results/batch1_<model>.json and
-.png.
+bandwidth, and bytes x tokens/s / bandwidth (1.0: the roofline). With --llama-cpp, llama.cpp (the `peers`
+extra) decodes the same prompt ids on the same file and threads the same way (one sequence, 129 greedy tokens,
+tokens/s over the gaps after the first, best of the runs), interleaved with kvmux's runs. Writes
+bench/results/batch1_<model>.json and .png.
 """
 from __future__ import annotations
 
@@ -50,17 +52,45 @@ def weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2)
 
 
-async def decode_rate(model: str, threads: int, tokens: int, runs: int) -> tuple[float, dict]:
+PROMPT = "Tell me about paging the KV cache."
+
+
+def llama_cpp_rate(llm, prompt_ids: list[int], tokens: int) -> float:
+    """llama.cpp's tokens/s decoding one sequence greedily after prompt_ids, over the gaps after the first token."""
+    row = llm.decode([(0, 0, prompt_ids, 1)])[0]
+    stamps = [time.perf_counter()]
+    for i in range(tokens):
+        row = llm.decode([(0, len(prompt_ids) + i, [int(row.argmax())], 1)])[0]
+        stamps.append(time.perf_counter())
+    llm.release(0)
+    return tokens / (stamps[-1] - stamps[0])
+
+
+async def decode_rates(model: str, threads: int, tokens: int, runs: int, llama_cpp: bool) -> tuple[dict, dict]:
+    """Best tokens/s of kvmux (and llama.cpp), their runs interleaved; and kvmux's describe()."""
     async with Engine(model, threads=threads) as engine:
         params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
         await engine.complete("Warm up.", SamplingParams(max_tokens=8, temperature=0))
-        rates = []
-        for _ in range(runs):
-            stamps = []
-            async for _ in engine.generate("Tell me about paging the KV cache.", params):
-                stamps.append(time.perf_counter())
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        return max(rates), engine.describe()
+        llm = None
+        if llama_cpp:
+            from bench.engines.llama_cpp import LlamaCpp
+
+            llm = LlamaCpp(model, 512, 512, 1, threads)
+            prompt_ids = engine.tokenizer.tokenize(PROMPT)
+            llama_cpp_rate(llm, prompt_ids, 8)  # warm up
+        rates = {"kvmux": [], **({"llama-cpp": []} if llm else {})}
+        try:
+            for _ in range(runs):
+                stamps = []
+                async for _ in engine.generate(PROMPT, params):
+                    stamps.append(time.perf_counter())
+                rates["kvmux"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+                if llm:
+                    rates["llama-cpp"].append(llama_cpp_rate(llm, prompt_ids, tokens))
+        finally:
+            if llm:
+                llm.close()
+        return rates, engine.describe()
 
 
 def plot(report: dict, path: Path) -> None:
@@ -70,7 +100,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 2.2))
-    ax.barh(["roofline", "kvmux"], [report["roofline_tok_s"], report["decode_tok_s"]], color=["#888", "#3a7"])
+    names, rates = ["roofline", "kvmux"], [report["roofline_tok_s"], report["decode_tok_s"]]
+    if "llama_cpp_tok_s" in report:
+        names.append("llama.cpp")
+        rates.append(report["llama_cpp_tok_s"])
+    ax.barh(names, rates, color=["#888", "#3a7", "#c73"][:len(names)])
     ax.set_xlabel(f"tokens/s at batch 1, {report['threads']} threads")
     ax.set_title(f"{report['model']}: {report['share_of_roofline']:.0%} of the read bandwidth "
                  f"({report['read_bandwidth_gb_s']:.1f} GB/s)", fontsize=9)
@@ -84,27 +118,34 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="kernel threads [default: the CPUs kvmux may use]")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on the same file (the peers extra)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     threads = args.threads or cpu_budget().threads
     load = os.getloadavg()
     bandwidth = read_bandwidth(threads)
-    rate, described = asyncio.run(decode_rate(str(args.model), threads, args.tokens, args.runs))
+    rates, described = asyncio.run(decode_rates(str(args.model), threads, args.tokens, args.runs, args.llama_cpp))
+    rate = max(rates["kvmux"])
     nbytes = weight_bytes(args.model)
-    report = {"command": f"python -m bench.batch1 --model {args.model}", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    report = {"command": f"python -m bench.batch1 --model {args.model}" + (" --llama-cpp" if args.llama_cpp else ""),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "model": args.model.name, "threads": threads, "load_avg_before": load,
               "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split()
                                    if f.startswith(("avx", "amx"))}),
               "weight_bytes": nbytes, "read_bandwidth_gb_s": bandwidth / 1e9, "decode_tok_s": rate,
               "roofline_tok_s": bandwidth / nbytes, "share_of_roofline": rate * nbytes / bandwidth,
-              "kernels": described["kernels"]}
+              "runs_tok_s": rates, "kernels": described["kernels"]}
+    if args.llama_cpp:
+        report["llama_cpp_tok_s"] = max(rates["llama-cpp"])
+        report["kvmux_vs_llama_cpp"] = rate / report["llama_cpp_tok_s"]
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"batch1_{args.model.stem}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out.with_suffix(".png"))
     print(f"{args.model.name}: {rate:.1f} tokens/s at batch 1; {nbytes / 1e6:.0f} MB of weights per token, read "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s (roofline {bandwidth / nbytes:.1f} tokens/s): "
-          f"{report['share_of_roofline']:.0%} of it. Wrote {out}")
+          f"{report['share_of_roofline']:.0%} of it." + (f" llama.cpp {report['llama_cpp_tok_s']:.1f} tokens/s: kvmux "
+          f"{report['kvmux_vs_llama_cpp']:.2f}x." if args.llama_cpp else "") + f" Wrote {out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include "allocator/block_allocator.h"
 #include "dtype.h"
 #include "cpu/cpu_features.h"
+#include "cpu/decoder_stack.h"
 #include "cpu/fused_ops.h"
 #include "cpu/paged_attention.h"
 #include "cpu/packed_linear.h"
@@ -254,6 +255,108 @@ void bind_fused_ops(py::module_& m) {
         py::arg("gate_up"), py::arg("rows"), py::arg("inter"), py::arg("out"), py::arg("num_threads"));
 }
 
+// The decoder stack's parts are built once, at load, by kvmux/model/native_stack.py from the model's checked
+// matmuls (QuantLinear, PackedLinear); a step hands addresses of tensors it made itself.
+void bind_decoder_stack(py::module_& m) {
+    using kvmux::DecoderLayer;
+    using kvmux::LayerMatmul;
+    using kvmux::MatmulCall;
+    py::class_<MatmulCall>(m, "MatmulCall", "One kernel call of a matmul (kvmux/ops/linear.py's native_call).");
+    m.def(
+        "quant_matmul_call",
+        [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t out_features,
+           int64_t in_features, std::uintptr_t bias, int kernel) {
+            MatmulCall c{};
+            c.quantized = true;
+            c.quant = {static_cast<kvmux::QuantType>(qtype), out_features, in_features,
+                       reinterpret_cast<const uint8_t*>(quants), reinterpret_cast<const uint16_t*>(scales),
+                       reinterpret_cast<const uint16_t*>(mins)};
+            c.quant_kernel = static_cast<kvmux::QuantKernel>(kernel);
+            c.N = out_features;
+            c.K = in_features;
+            c.bias = reinterpret_cast<const float*>(bias);
+            return c;
+        },
+        py::arg("qtype"), py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("bias"), py::arg("kernel"), "quant_linear's call, as a MatmulCall.");
+    m.def(
+        "packed_matmul_call",
+        [](kvmux::LinearKernel kernel, std::uintptr_t packed, int64_t out_features, int64_t in_features,
+           std::uintptr_t bias) {
+            MatmulCall c{};
+            c.quantized = false;
+            c.packed_kernel = kernel;
+            c.packed = reinterpret_cast<const void*>(packed);
+            c.N = out_features;
+            c.K = in_features;
+            c.bias = reinterpret_cast<const float*>(bias);
+            return c;
+        },
+        py::arg("kernel"), py::arg("packed"), py::arg("out_features"), py::arg("in_features"), py::arg("bias"),
+        "packed_linear's call, as a MatmulCall.");
+    py::class_<LayerMatmul>(m, "LayerMatmul", "A layer's matmul: its pieces' calls per row range, a bias after.")
+        .def(py::init([](const std::vector<std::tuple<std::vector<int64_t>, std::vector<MatmulCall>, int64_t>>& pieces,
+                         std::uintptr_t bias, int64_t out_features, int64_t in_features) {
+                 LayerMatmul l;
+                 int64_t total = 0;
+                 for (const auto& [bounds, calls, n] : pieces) {
+                     if (calls.size() != bounds.size() + 1)
+                         throw std::invalid_argument("LayerMatmul: a piece needs one call more than its bounds");
+                     l.pieces.push_back({bounds, calls, n});
+                     total += n;
+                 }
+                 if (total != out_features) throw std::invalid_argument("LayerMatmul: pieces do not sum to out_features");
+                 l.bias = reinterpret_cast<const float*>(bias);
+                 l.N = out_features;
+                 l.K = in_features;
+                 return l;
+             }),
+             py::arg("pieces"), py::arg("bias"), py::arg("out_features"), py::arg("in_features"));
+    py::class_<DecoderLayer>(m, "DecoderLayer", "One Llama-family layer's weights and shape for run_decoder_stack.")
+        .def(py::init([](std::uintptr_t input_norm, float input_eps, std::uintptr_t post_norm, float post_eps,
+                         const LayerMatmul& qkv, const LayerMatmul& o_proj, const LayerMatmul& gate_up,
+                         const LayerMatmul& down, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         int64_t intermediate, float scale, int64_t layer) {
+                 return DecoderLayer{reinterpret_cast<const float*>(input_norm), input_eps,
+                                     reinterpret_cast<const float*>(post_norm), post_eps, qkv, o_proj, gate_up, down,
+                                     heads, kv_heads, head_dim, intermediate, scale, layer};
+             }),
+             py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"), py::arg("qkv"),
+             py::arg("o_proj"), py::arg("gate_up"), py::arg("down"), py::arg("heads"), py::arg("kv_heads"),
+             py::arg("head_dim"), py::arg("intermediate"), py::arg("scale"), py::arg("layer"));
+    // Held by a Python object, so a step passes no list to convert.
+    struct DecoderStack {
+        std::vector<DecoderLayer> layers;
+    };
+    py::class_<DecoderStack>(m, "DecoderStack", "A model's layers for run_decoder_stack, in order.")
+        .def(py::init([](std::vector<DecoderLayer> layers) { return DecoderStack{std::move(layers)}; }),
+             py::arg("layers"))
+        .def_property_readonly("num_layers", [](const DecoderStack& d) { return d.layers.size(); })
+        .def(
+        "run",
+        [](const DecoderStack& stack, std::uintptr_t x, std::uintptr_t residual, int64_t rows,
+           int64_t hidden, std::uintptr_t cos, std::uintptr_t sin, const kvmux::AttentionMetadata& meta,
+           kvmux::AttentionKernel attention_kernel, int attention_threads, std::uintptr_t kv, int kv_dtype,
+           int64_t num_blocks, int64_t num_layers, int64_t block_size, std::uintptr_t k_mean, std::uintptr_t h,
+           std::uintptr_t qkv, std::uintptr_t attn, std::uintptr_t gate_up, std::uintptr_t act, int num_threads) {
+            kvmux::StackStep s{rows, hidden, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin),
+                               &meta, attention_kernel, attention_threads, reinterpret_cast<void*>(kv),
+                               static_cast<kvmux::DType>(kv_dtype), num_blocks, num_layers, block_size,
+                               reinterpret_cast<const float*>(k_mean), reinterpret_cast<float*>(h),
+                               reinterpret_cast<float*>(qkv), reinterpret_cast<float*>(attn),
+                               reinterpret_cast<float*>(gate_up), reinterpret_cast<float*>(act), num_threads};
+            // The engine's event loop runs beside the forward thread.
+            py::gil_scoped_release release;
+            kvmux::run_decoder_stack(stack.layers, s, reinterpret_cast<float*>(x), reinterpret_cast<float*>(residual));
+        },
+        py::arg("x"), py::arg("residual"), py::arg("rows"), py::arg("hidden"), py::arg("cos"),
+        py::arg("sin"), py::arg("meta"), py::arg("attention_kernel"), py::arg("attention_threads"), py::arg("kv"),
+        py::arg("kv_dtype"), py::arg("num_blocks"), py::arg("num_layers"), py::arg("block_size"), py::arg("k_mean"),
+        py::arg("h"), py::arg("qkv"), py::arg("attn"), py::arg("gate_up"), py::arg("act"), py::arg("num_threads"),
+        "Every layer of a step: x [rows, hidden] the embeddings in, the last MLP output out; residual [rows, "
+        "hidden] the residual stream before it. Addresses of float32 tensors (the scratch sized per layer width).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -293,4 +396,5 @@ PYBIND11_MODULE(_native, m) {
     bind_packed_linear(m);
     bind_quant_linear(m);
     bind_fused_ops(m);
+    bind_decoder_stack(m);
 }

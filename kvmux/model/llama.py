@@ -18,6 +18,7 @@ from torch import nn
 
 from kvmux.cache.kv_cache import KVCache
 from kvmux.model.config import ModelConfig
+from kvmux.model.native_stack import NativeStack
 from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, native_available, paged_attention
 from kvmux.ops.cpu_attention import attention_variant
@@ -322,6 +323,7 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim = attn.head_dim
         self.register_buffer("inv_freq", rope_inv_freq(config, attn.head_dim).to(device), persistent=False)
         self.kernel_plans: list[ShapePlan] = []  # per matmul shape, once packed
+        self.native_stack: NativeStack | None = None  # the layers in one native call per step, once packed
 
     @property
     def dtype(self) -> torch.dtype:
@@ -391,6 +393,8 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.pack()
         self.kernel_plans = plan_linears(linears)
+        # The native stack runs this family's own layers only (another family brings its own).
+        self.native_stack = NativeStack.build(self) if self.decoder_layer is DecoderLayer else None
 
     def kernel_choices(self) -> dict:
         """What runs each op here: per matmul shape, the kernel for each row range (and what each candidate
@@ -398,7 +402,8 @@ class LlamaForCausalLM(nn.Module):
         attention = self.attention_backend
         if attention != "torch" and self.device.type == "cpu" and native_available(self.device):
             attention = attention_variant(self.dtype, self.head_dim)
-        return {"linear": [plan.describe() for plan in self.kernel_plans], "attention": attention}
+        return {"linear": [plan.describe() for plan in self.kernel_plans], "attention": attention,
+                "native_stack": self.native_stack is not None}
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
         """Run the step; returns float32 logits [K, vocab] for `batch.logits_indices` (under tensor
@@ -409,9 +414,12 @@ class LlamaForCausalLM(nn.Module):
         else:
             x = self.collectives.embed(embed.lookup, batch.input_ids)
         cos, sin = fused.rope_tables(batch.positions, self.inv_freq, x.dtype)
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, batch, kv_cache, self.attention_backend)
+        if self.native_stack is not None:
+            x, residual = self.native_stack.run(x, cos, sin, batch, kv_cache)
+        else:
+            residual = None
+            for layer in self.model.layers:
+                x, residual = layer(x, residual, cos, sin, batch, kv_cache, self.attention_backend)
         # The final norm is per token, so only the rows that need logits go through it and lm_head.
         rows = batch.logits_indices
         x = self.model.norm(x[rows] + residual[rows])

@@ -89,6 +89,11 @@ class PackedLinear:
         self.packed, self.bias = packed, linear_bias("packed_linear", bias, out_features)
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
 
+    def native_call(self) -> _native.MatmulCall:
+        """This call for native code that runs it itself (kvmux/model/native_stack.py); self must outlive it."""
+        return _native.packed_matmul_call(self.kernel, self.packed.data_ptr(), self.out_features, self.in_features,
+                                          0 if self.bias is None else self.bias.data_ptr())
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features
         x, out = linear_input("packed_linear", x, k, n, out)
@@ -274,6 +279,12 @@ class Dispatch:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmuls[bisect.bisect_left(self.bounds, x.shape[0])](x)
+
+    def native_calls(self) -> list[_native.MatmulCall] | None:
+        """Each row range's call for native code (None where one is not a native kernel: oneDNN's)."""
+        if not all(hasattr(m, "native_call") for m in self.matmuls):
+            return None
+        return [m.native_call() for m in self.matmuls]
 
 
 def plan_linears(layers: Sequence[PackedLayer]) -> list[ShapePlan]:

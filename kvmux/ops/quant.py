@@ -205,6 +205,11 @@ class QuantLinear:
                             0 if self.bias is None else self.bias.data_ptr())
         self.kernel = KERNELS[kernel]
 
+    def native_call(self) -> _native.MatmulCall:
+        """This call for native code that runs it itself (kvmux/model/native_stack.py); self must outlive it."""
+        return _native.quant_matmul_call(*self.weight_args[:4], self.out_features, self.in_features,
+                                         self.weight_args[5], self.kernel)
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features
         x, out = linear_input("quant_linear", x, k, n, out)

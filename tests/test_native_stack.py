@@ -1,0 +1,95 @@
+"""The native decoder stack (kvmux/model/native_stack.py) against the Python layers it stands in for: the same
+kernels, chosen by the same plan, in the same order, so the same logits bit for bit, on every kind of matmul a
+packed model holds (float32 and bf16 panels, quantized blocks, a merged matmul in pieces, biases) and both
+KV pools, through prefill chunks and decode steps."""
+import asyncio
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from kvmux import Engine
+from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.model.loader import load_model
+from kvmux.runner.k_mean import set_k_mean
+from kvmux.step.forward_batch import ForwardBatch
+from kvmux.step.work import Chunk
+
+from tiny_gguf import matmuls_as, write_tiny_gguf
+from tiny_model import make_tiny_model
+
+IDS = [5, 17, 3, 99, 42, 8, 250, 7, 61, 13, 2, 77, 31, 19, 120, 4, 66, 9, 180, 23, 44]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Converted and metadata folders of the files written here go to a scratch cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVMUX_CACHE_DIR", str(tmp_path_factory.mktemp("kvmux-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory) -> dict[str, tuple[str, torch.dtype]]:
+    folder = tmp_path_factory.mktemp("stack")
+    # q and k in Q4_1 but v in Q5_0 (no form holds both: the merged qkv runs in two pieces); down in F16 (no
+    # kernel: dequantized to packed panels); the rest in Q8_0.
+    mixed = {"q_proj": QT.Q4_1, "k_proj": QT.Q4_1, "v_proj": QT.Q5_0, "down_proj": QT.F16}
+    return {
+        "float32": (tiny, torch.float32),
+        "bfloat16": (tiny, torch.bfloat16),
+        "qwen2 biases": (str(make_tiny_model(folder / "qwen2", model_type="qwen2")), torch.float32),
+        "q4_1": (str(write_tiny_gguf(tiny, folder / "q4_1.gguf", matmuls_as(QT.Q4_1))), torch.float32),
+        "pieces": (str(write_tiny_gguf(tiny, folder / "mixed.gguf", lambda name: next(
+            (t for part, t in mixed.items() if f".{part}." in name), QT.Q8_0 if "blk" in name else QT.F32))),
+            torch.float32),
+    }
+
+
+def steps(model, kv_dtype: torch.dtype, block_size: int) -> list[torch.Tensor]:
+    """Logits of a prefill chunk of most of IDS (every position), then one decode step per remaining id."""
+    blocks = -(-len(IDS) // block_size)
+    cache = KVCache(blocks, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, block_size,
+                                         kv_dtype))
+    if kv_dtype == torch.int8:
+        set_k_mean(cache, torch.randn(model.num_layers, model.num_kv_heads, model.head_dim,
+                                      generator=torch.Generator().manual_seed(0)))
+    out, start = [], len(IDS) - 3
+    with torch.inference_mode():
+        batch = ForwardBatch.build([Chunk("s", 0, IDS[:start], list(range(blocks)))], block_size)
+        batch.logits_indices = torch.arange(start)
+        out.append(model(batch, cache))
+        for pos in range(start, len(IDS)):
+            out.append(model(ForwardBatch.build([Chunk("s", pos, [IDS[pos]], list(range(blocks)))], block_size),
+                             cache))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "qwen2 biases", "q4_1", "pieces"])
+@pytest.mark.parametrize("kv, block_size", [("model", 16), ("int8", 8)])
+def test_the_native_stack_gives_the_python_layers_logits_bit_for_bit(models, kind, kv, block_size):
+    path, dtype = models[kind]
+    model = load_model(path, dtype, progress=False).model
+    assert model.native_stack is not None and model.kernel_choices()["native_stack"]
+    if kind == "pieces":
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert qkv.pieces is not None and model.model.layers[0].mlp.down_proj.quant is None
+    kv_dtype = torch.int8 if kv == "int8" else model.dtype
+    native = steps(model, kv_dtype, block_size)
+    model.native_stack = None  # the Python layers, as every other model runs
+    python = steps(model, kv_dtype, block_size)
+    for got, want in zip(native, python, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_what_it_cannot_run_keeps_the_python_layers(tiny, tmp_path):
+    qwen3 = make_tiny_model(tmp_path / "qwen3", model_type="qwen3")  # q/k norms
+    assert load_model(str(qwen3), progress=False).model.native_stack is None
+    assert load_model(tiny, attention_backend="torch", progress=False).model.native_stack is None
+
+
+def test_the_engine_runs_it(tiny):
+    async def describe():
+        async with Engine(tiny, num_blocks=64) as engine:
+            return engine.describe()
+    assert asyncio.run(describe())["kernels"]["native_stack"] is True
