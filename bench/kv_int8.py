@@ -9,7 +9,7 @@ Blocks: what the same kv_cache_gib holds with bf16, float32 and int8 KV. Quality
 dequantized, so the KV's dtype is all that changes), its next-token argmax with int8 and bf16 KV against float32
 KV's. Attention: one decode step's attention per layer for 8 sequences of 4,096
 tokens, each pool with the kernel the engine picks for it. Throughput: `kvmux bench`'s seeded 64-request workload,
-model-dtype KV vs int8, alternated twice, with a 1 GiB pool and with a pool of 3 MiB x layers (too small: both
+model-dtype KV vs int8, alternated three times, with a 1 GiB pool and with a pool of 3 MiB x layers (too small: both
 preempt). Writes bench/results/kv_int8.json and .png.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> None:
         out = {}
         for key, gib in (("roomy", 1.0), ("tight", tight_gib)):
             both = {dtype: [], "int8": []}
-            for _ in range(1 if args.quick else 2):
+            for _ in range(1 if args.quick else 3):
                 for name, kv in ((dtype, "auto"), ("int8", "int8")):
                     both[name].append(await throughput(args.model, kv, requests, gib))
             out[key] = {name: merged(r) for name, r in both.items()}
