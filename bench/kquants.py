@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-only", action="store_true", help="storage and decode speed, no quality measurement")
     args = p.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    # As the engine runs (Engine.start): kvmux's kernels on their own pool, torch on one thread. torch's OpenMP
+    # threads, spinning after each of its parallel ops, took the pool's helper's core: decode at one sequence ran
+    # no faster on two threads than on one (1B Q4_K_M, 34 ms a step either way; 20.5 ms on two with this).
+    torch.set_num_threads(1)
     set_threads(threads)
     load_start = os.getloadavg()
 
