@@ -39,6 +39,15 @@ def tiny_long(tiny, tmp_path_factory) -> str:
     return str(model)
 
 
+@pytest.fixture(scope="module")
+def scratch_cache(tmp_path_factory):
+    """The folders kvmux derives from the model files a module writes (converted copies, metadata) go to a
+    scratch cache of the module's own, not ~/.cache/kvmux."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVMUX_CACHE_DIR", str(tmp_path_factory.mktemp("kvmux-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tiny):
     """transformers' own model on the same weights: the reference outputs are checked against."""

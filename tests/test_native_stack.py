@@ -18,15 +18,9 @@ from kvmux.step.work import Chunk
 from tiny_gguf import matmuls_as, write_tiny_gguf
 from tiny_model import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("scratch_cache")
+
 IDS = [5, 17, 3, 99, 42, 8, 250, 7, 61, 13, 2, 77, 31, 19, 120, 4, 66, 9, 180, 23, 44]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """Converted and metadata folders of the files written here go to a scratch cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVMUX_CACHE_DIR", str(tmp_path_factory.mktemp("kvmux-cache")))
-        yield
 
 
 @pytest.fixture(scope="module")

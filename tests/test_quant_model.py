@@ -15,13 +15,7 @@ from tiny_gguf import matmuls_as, write_tiny_gguf
 KEPT = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
 MATMULS = 9  # 2 layers x (qkv, o, gate_up, down) + the tied embedding
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """Converted and metadata folders of the files written here go to a scratch cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVMUX_CACHE_DIR", str(tmp_path_factory.mktemp("kvmux-cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("scratch_cache")
 
 
 @pytest.fixture(scope="module")

@@ -229,26 +229,10 @@ void attend(const Bf16AttendItem& a) {
                 continue;
             }
             pairs = (valid + 1) / 2 > pairs ? (valid + 1) / 2 : pairs;
-            const uint32_t seen = (valid >= 32 ? ~0u : (1u << valid) - 1) & ~((1u << lo) - 1);
-            const __mmask16 m0 = static_cast<__mmask16>(seen), m1 = static_cast<__mmask16>(seen >> 16);
-            const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-            __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
-            __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
-            const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-            const float mx = chunk_max > a.m[r] ? chunk_max : a.m[r];
-            const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
-            const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpos16(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
-            if (mx > a.m[r]) {
-                // The running max moved: earlier weights shrink by exp(old - new).
-                const float corr = exp_nonpos(a.m[r] - mx);
-                a.l[r] *= corr;
-                float* acc = a.acc + r * D;
-                for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(corr)));
-                a.m[r] = mx;
-            }
-            a.l[r] += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-            _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+            __m512 e[2];
+            __mmask16 seen[2];
+            softmax_chunk<D>(a.scores + r * kChunk, lo, valid, a.m[r], a.l[r], a.acc + r * D, e, seen);
+            _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[1], e[0])));
         }
         row_blocks<kAccRows>(0, rows, [&](int r0, auto R) {
             accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, a.vp, a.acc + r0 * D);

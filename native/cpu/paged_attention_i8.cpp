@@ -256,28 +256,12 @@ void attend(const I8AttendItem& a) {
                 continue;
             }
             quads = (valid + 3) / 4 > quads ? (valid + 3) / 4 : quads;
-            const uint32_t seen = (valid >= 32 ? ~0u : (1u << valid) - 1) & ~((1u << lo) - 1);
-            const __mmask16 m0 = static_cast<__mmask16>(seen), m1 = static_cast<__mmask16>(seen >> 16);
-            const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-            const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, a.scores + r * kChunk);
-            const __m512 s1 = _mm512_mask_loadu_ps(ninf, m1, a.scores + r * kChunk + 16);
-            const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-            const float mx = chunk_max > a.m[r] ? chunk_max : a.m[r];
-            const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
-            const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpos16(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
-            if (mx > a.m[r]) {
-                // The running max moved: earlier weights shrink by exp(old - new).
-                const float corr = exp_nonpos(a.m[r] - mx);
-                a.l[r] *= corr;
-                float* acc = a.acc + r * D;
-                for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(corr)));
-                a.m[r] = mx;
-            }
-            a.l[r] += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            __m512 e[2];
+            __mmask16 seen[2];
+            softmax_chunk<D>(a.scores + r * kChunk, lo, valid, a.m[r], a.l[r], a.acc + r * D, e, seen);
             // Masked, so that a scale past the sequence's keys (stale bytes) never meets a weight.
-            const __m512 w0 = _mm512_maskz_mul_ps(m0, e0, vscale[0]);
-            const __m512 w1 = _mm512_maskz_mul_ps(m1, e1, vscale[1]);
+            const __m512 w0 = _mm512_maskz_mul_ps(seen[0], e[0], vscale[0]);
+            const __m512 w1 = _mm512_maskz_mul_ps(seen[1], e[1], vscale[1]);
             const float wmax = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));
             if (!(wmax > 0.0f)) {
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw), _mm256_setzero_si256());

@@ -1,7 +1,7 @@
 // AVX-512 math shared by the attention kernels compiled for wider instruction sets.
 //
-// Include only after a `#pragma GCC target` that enables AVX-512F: like vec_math.h, everything here has
-// internal linkage, so each file compiles its own copy with its own target flags.
+// Include only after a `#pragma GCC target` that enables AVX-512F, and after vec_math.h: like it, everything
+// here has internal linkage, so each file compiles its own copy with its own target flags.
 #pragma once
 
 #include <immintrin.h>
@@ -40,6 +40,33 @@ inline __m512 exp_nonpos16(__m512 x) {
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// One attention row's online-softmax step over a chunk of 32 scores, of which it sees keys lo .. valid - 1
+// (valid > lo): its running max m and sum l move on, and its output acc [D] shrinks by exp(old - new) where the
+// max moved. The chunk's weights exp(s - m), 0 for keys it does not see, go to e[0..1] (16 keys each), the
+// masks of the keys it sees to seen[0..1].
+template <int D>
+inline void softmax_chunk(const float* scores, int lo, int valid, float& m, float& l, float* acc, __m512 e[2],
+                          __mmask16 seen[2]) {
+    const uint32_t bits = (valid >= 32 ? ~0u : (1u << valid) - 1) & ~((1u << lo) - 1);
+    seen[0] = static_cast<__mmask16>(bits);
+    seen[1] = static_cast<__mmask16>(bits >> 16);
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+    const __m512 s0 = _mm512_mask_loadu_ps(ninf, seen[0], scores);
+    const __m512 s1 = _mm512_mask_loadu_ps(ninf, seen[1], scores + 16);
+    const float chunk_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+    const float mx = chunk_max > m ? chunk_max : m;
+    e[0] = _mm512_maskz_mov_ps(seen[0], exp_nonpos16(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
+    e[1] = _mm512_maskz_mov_ps(seen[1], exp_nonpos16(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
+    if (mx > m) {
+        const float corr = exp_nonpos(m - mx);
+        l *= corr;
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(corr)));
+        m = mx;
+    }
+    l += _mm512_reduce_add_ps(_mm512_add_ps(e[0], e[1]));
 }
 
 }  // namespace
