@@ -91,6 +91,17 @@ def matmul_gflops(model, rows: int, repeats: int = 3) -> float:
 
 
 def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
+    # As the engine runs its forward (Engine.start): torch on one thread, so that its OpenMP threads, spinning after
+    # each of its own ops, leave the kernel pool's cores alone (bench/kquants.py measured what they cost).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _decode_efficiency(model, batch, prompt_len, steps)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
     cfg = model.config
     blocks_per_seq = math.ceil((prompt_len + steps + 1) / BLOCK)
     cache = KVCache(batch * blocks_per_seq, geometry(model))
