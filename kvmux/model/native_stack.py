@@ -14,7 +14,7 @@ import torch
 from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops.cpu_attention import CpuMetadata
-from kvmux.ops.tensor_checks import DTYPE_CODES, check_pool
+from kvmux.ops.tensor_checks import DTYPE_CODES, check_k_mean, check_pool
 from kvmux.ops.threads import threads
 from kvmux.step.forward_batch import ForwardBatch
 
@@ -84,14 +84,7 @@ class NativeStack:
         x = x.clone(memory_format=torch.contiguous_format)  # written in place; the lookup's tensor stays as it was
         residual = torch.empty_like(x)
         scratch = [torch.empty(rows, w, dtype=torch.float32) for w in (self.hidden, *self.widths)]
-        k_mean = kv_cache.k_mean if kv_cache.dtype == torch.int8 else None
-        if k_mean is not None:
-            # As cpu_paged_attention checks each layer's: the stack reads k_mean[layer] by address.
-            if (k_mean.dtype != torch.float32 or k_mean.dim() != 3 or k_mean.shape[0] <= self.last_layer
-                    or tuple(k_mean.shape[1:]) != (self.kv_heads, self.head_dim)):
-                raise ValueError(f"kv_cache.k_mean: expected float32 [{self.last_layer + 1} layers or more, "
-                                 f"{self.kv_heads}, {self.head_dim}], got {k_mean.dtype} {tuple(k_mean.shape)}")
-            k_mean = k_mean.contiguous()
+        k_mean = check_k_mean(kv_cache, self.last_layer)
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         self.stack.run(x.data_ptr(), residual.data_ptr(), rows, self.hidden, cos.data_ptr(), sin.data_ptr(),
                        meta.native, meta.kernel, meta.num_threads, kv_cache.kv.data_ptr(),

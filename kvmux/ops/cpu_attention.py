@@ -11,7 +11,15 @@ import torch
 from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.ops import kernel_choice
-from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
+from kvmux.ops.tensor_checks import (
+    DTYPE_CODES,
+    check_k_mean,
+    check_out,
+    check_pool,
+    check_rows,
+    row_stride,
+    step_tensors,
+)
 from kvmux.ops.threads import threads
 from kvmux.step.forward_batch import ForwardBatch
 
@@ -73,13 +81,8 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ca
     check_pool(kv_cache, num_kv_heads, head_dim, layer)
 
     out = check_out(out, q)
-    k_mean = 0
-    if kv_cache.dtype == torch.int8 and kv_cache.k_mean is not None:
-        mean = kv_cache.k_mean[layer]
-        if mean.dtype != torch.float32 or not mean.is_contiguous() or mean.shape != (num_kv_heads, head_dim):
-            raise ValueError(f"kv_cache.k_mean[{layer}]: expected contiguous float32 {(num_kv_heads, head_dim)}, "
-                             f"got {mean.dtype} {tuple(mean.shape)}")
-        k_mean = mean.data_ptr()
+    mean = check_k_mean(kv_cache, layer)
+    k_mean = 0 if mean is None else mean[layer].data_ptr()
     meta.native.run(q.data_ptr(), row_stride(q), k.data_ptr(), row_stride(k), v.data_ptr(), row_stride(v),
                   out.data_ptr(), DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype],
                   kv_cache.num_blocks, kv_cache.num_layers, kv_cache.block_size, layer,
