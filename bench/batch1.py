@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 import torch
 
+from bench.__main__ import cpu_flags
 from kvmux import Engine, SamplingParams
 from kvmux.ops.threads import cpu_budget
 
@@ -130,8 +131,7 @@ def main() -> None:
     report = {"command": f"python -m bench.batch1 --model {args.model}" + (" --llama-cpp" if args.llama_cpp else ""),
               "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "model": args.model.name, "threads": threads, "load_avg_before": load,
-              "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                                   if f.startswith(("avx", "amx"))}),
+              "cpu_flags": cpu_flags(),
               "weight_bytes": nbytes, "read_bandwidth_gb_s": bandwidth / 1e9, "decode_tok_s": rate,
               "roofline_tok_s": bandwidth / nbytes, "share_of_roofline": rate * nbytes / bandwidth,
               "runs_tok_s": rates, "kernels": described["kernels"]}

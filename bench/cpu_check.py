@@ -24,21 +24,13 @@ from pathlib import Path
 
 import torch
 
+from bench.__main__ import cpu_flags
 from bench.attention import time_ms
 from kvmux.checks.kernels import CHECKS
 from kvmux.ops import kernel_choice
 from kvmux.ops.threads import set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_flags() -> list[str]:
-    """The vector instruction sets /proc/cpuinfo lists (what `lscpu | grep -o 'avx[^ ]*\\|amx[^ ]*'` shows)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted({f for f in flags.split(":", 1)[1].split() if f.startswith(("avx", "amx"))})
 
 
 def run_check(check, seed: int, min_time: float) -> dict:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.__main__ import cpu_flags
 from bench.efficiency import RESULTS, agreement_with, decode_efficiency, kvmux_logits, text_ids
 from kvmux.model.loader import load_model
 from kvmux.ops.threads import set_threads
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f})", flush=True)
 
     agreement = {k: v.get("argmax_agreement") for k, v in quality.items()}
-    result = dict(command="python -m bench.kquants " + " ".join(argv or []), model=kept.name, threads=threads,
+    result = dict(command="python -m bench.kquants " + " ".join(sys.argv[1:] if argv is None else argv),
+                  model=kept.name, cpu_flags=cpu_flags(), threads=threads,
                   storage=kept.quantization, kernels=kept.model.kernel_choices()["linear"], decode=decode,
                   quality=quality, quality_positions=quality["kvmux_kept"]["positions"] if quality else 0,
                   targets={"decode_speedup_1_to_8": 2.0, "agreement_within_llama_cpp_points": 1.0},
