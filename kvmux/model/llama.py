@@ -420,8 +420,12 @@ class LlamaForCausalLM(nn.Module):
             residual = None
             for layer in self.model.layers:
                 x, residual = layer(x, residual, cos, sin, batch, kv_cache, self.attention_backend)
-        # The final norm is per token, so only the rows that need logits go through it and lm_head.
+        # The final norm is per token, so only the rows that need logits go through it and lm_head. Where every
+        # row needs them (a decode step: logits_indices, increasing, is then 0..T-1) they are taken as they are.
         rows = batch.logits_indices
-        x = self.model.norm(x[rows] + residual[rows])
+        if len(rows) == len(x):
+            x, _ = self.model.norm.add_forward(x, residual)
+        else:
+            x = self.model.norm(x[rows] + residual[rows])
         logits = (embed if self.lm_head is None else self.lm_head)(x).float()
         return logits if self.collectives is None else self.collectives.gather_logits(logits)

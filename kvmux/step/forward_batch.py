@@ -47,50 +47,65 @@ class ForwardBatch:
                     f"block table of {len(s.block_table)} blocks cannot hold {ctx} tokens "
                     f"(block_size {block_size})")
 
-        block_tables = cls._tables([s.block_table for s in seqs])
+        # Built as Python lists, a run of slots per block, then one tensor per field: a decode step's few
+        # tokens would otherwise pay for a dozen small tensor ops, and a prefill chunk's slots come a block at a
+        # time either way.
+        positions: list[int] = []
+        slots: list[int] = []
+        for s, n in zip(seqs, query_lens):
+            positions.extend(range(s.position, s.position + n))
+            slots.extend(_slot_runs(s.block_table, s.position, n, block_size))
+        input_ids = [t for s in seqs for t in s.token_ids]
+        logits_indices, end = [], 0
+        for s, n in zip(seqs, query_lens):
+            end += n
+            if s.draw is not None:
+                logits_indices.extend(range(end - 1 - len(s.draw.drafts), end))
 
-        # Per-token quantities are derived with tensor ops rather than a python
-        # loop over tokens, which would dominate for long prefill chunks.
-        lens = torch.tensor(query_lens)
-        ends = torch.cumsum(lens, 0)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), lens)
-        starts = torch.tensor([s.position for s in seqs])
-        token_idx = torch.arange(int(ends[-1]))
-        positions = token_idx - (ends - lens)[seq_of_token] + starts[seq_of_token]
-        blocks = block_tables[seq_of_token, positions // block_size].long()
-        slot_mapping = blocks * block_size + positions % block_size
+        def tensor(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=device)
 
-        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
-        logits_indices = torch.tensor([i for s, end in zip(seqs, ends.tolist()) if s.draw is not None
-                                       for i in range(end - 1 - len(s.draw.drafts), end)], dtype=torch.int64)
         batch = cls(
-            input_ids=input_ids.to(device),
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
+            input_ids=tensor(input_ids),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
             query_lens=query_lens,
             context_lens=context_lens,
-            block_tables=block_tables.to(device),
-            logits_indices=logits_indices.to(device),
+            block_tables=cls._tables([s.block_table for s in seqs], device),
+            logits_indices=tensor(logits_indices),
         )
         with_sliding = sum(bool(s.sliding_table) for s in seqs)
         if with_sliding:
             if with_sliding < len(seqs):
                 raise ValueError("ForwardBatch.build: some chunks have sliding tables and some not")
-            tables = cls._tables([s.sliding_table for s in seqs])
-            slots = tables[seq_of_token, positions // block_size].long()
-            if (slots < 0).any():
-                raise ValueError("ForwardBatch.build: a new token's block has no sliding slot")
+            sliding_slots = []
+            for s, n in zip(seqs, query_lens):
+                sliding_slots.extend(_slot_runs(s.sliding_table, s.position, n, block_size, "sliding slot"))
             # Blocks no query sees (-1) name slot 0, a real block: the native kernels start at or shortly before
             # each tile's first window (the int8 kernel at its 32-key chunk) and mask what they read there; the
             # torch reference gathers it (finite KV) and masks it out.
-            batch.sliding = replace(batch, slot_mapping=(slots * block_size + positions % block_size).to(device),
-                                    block_tables=tables.clamp(min=0).to(device))
+            batch.sliding = replace(batch, slot_mapping=tensor(sliding_slots),
+                                    block_tables=cls._tables([[max(b, 0) for b in s.sliding_table] for s in seqs],
+                                                             device))
         return batch
 
     @staticmethod
-    def _tables(rows: list[list[int]]) -> torch.Tensor:
+    def _tables(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
         """[S, max_blocks] int32, padded with 0."""
-        tables = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.int32)
-        for i, row in enumerate(rows):
-            tables[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        return tables
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
+
+
+def _slot_runs(table: list[int], start: int, n: int, block_size: int, what: str = "block") -> list[int]:
+    """The KV slots of positions [start, start + n) under a block table, one range per block."""
+    slots: list[int] = []
+    pos, end = start, start + n
+    while pos < end:
+        index, offset = divmod(pos, block_size)
+        stop = min(end, (index + 1) * block_size)
+        if table[index] < 0:
+            raise ValueError(f"ForwardBatch.build: a new token's block has no {what}")
+        first = table[index] * block_size + offset
+        slots.extend(range(first, first + stop - pos))
+        pos = stop
+    return slots
