@@ -322,6 +322,7 @@ def test_an_abort_while_the_step_is_planned_ends_only_its_request(tiny, referenc
             async def remember():
                 drafted.clear()
                 drafted.update(await propose())
+                decode.prefill_ready = True  # ask prefill for a plan even with nothing waiting: the wait is the test
                 return dict(drafted)
 
             async def abort_during_the_plan(kind, step):

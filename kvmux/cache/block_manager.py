@@ -105,6 +105,7 @@ class BlockManager:
         self._seqs: dict[str, _Seq] = {}
         self.prefix_query_tokens = 0  # prompt tokens looked up in the cache
         self.prefix_hit_tokens = 0  # of those, tokens whose KV was found there
+        self.peak_used = 0  # the most device blocks in use at once since the last reset_peak
         # Hashes of prompt blocks some live sequence is computing right now -> how many.
         self._pending: Counter[int] = Counter()
         self._copies: list[BlockCopy] = []
@@ -207,6 +208,7 @@ class BlockManager:
         hashes = self._prompt_hashes(token_ids, salt)
         usable = self._usable(hashes)
         blocks, device_hits = self._alloc.allocate_with_prefix(usable, self.blocks_for(len(token_ids)))
+        self._note_peak()
         # The run of cached blocks may go on below the device: promote it into the fresh blocks.
         self.tiers.touch_disk(hashes[:device_hits])
         from_host, from_disk = self.tiers.fetch(usable[device_hits:], blocks[device_hits:])
@@ -292,6 +294,7 @@ class BlockManager:
         # One all-or-nothing allocation covers both the copy and the growth, so
         # running out of blocks leaves the sequence untouched.
         fresh = self._alloc.allocate_n(grow + cow)
+        self._note_peak()
         self.tiers.demote_reclaimed()
         if cow:
             src, dst = seq.blocks[-1], fresh.pop()
@@ -305,6 +308,23 @@ class BlockManager:
         seq.blocks.extend(fresh)
         seq.num_tokens += n
         seq.token_ids.extend(token_ids)
+
+    def reset_peak(self) -> None:
+        """Start peak_used over from the blocks in use now (a benchmark's timed run)."""
+        self.peak_used = self.num_used
+
+    def _note_peak(self) -> None:
+        self.peak_used = max(self.peak_used, self.num_used)
+
+    def fill_tokens(self, seq_id: str, start: int, token_ids: Sequence[int]) -> None:
+        """Name the tokens of slots appended before they were known (a step of several forwards samples them):
+        their ids enter the blocks' hashes when mark_computed caches them, so they must be right by then."""
+        seq = self._get(seq_id)
+        end = start + len(token_ids)
+        if start < len(seq.hashes) * self.block_size or end > seq.num_tokens:
+            raise BlockError(f"sequence {seq_id!r}: slots {start}..{end} are not uncached slots of its "
+                             f"{seq.num_tokens}")
+        seq.token_ids[start:end] = token_ids
 
     def truncate(self, seq_id: str, num_tokens: int) -> None:
         """Take back the slots past the first num_tokens: those of draft tokens verification rejected.
@@ -374,6 +394,7 @@ class BlockManager:
         hashes = self._device_hashes(seq)
         # Blocks still cached on the device are shared as they are; the rest are copied back up.
         blocks, hits = self._alloc.acquire(hashes, len(seq.blocks) - len(hashes))
+        self._note_peak()
         self.tiers.swap_in(seq.blocks, blocks, hits)
         window = seq.window and self.windows.swap_in(seq.window, hashes)
         del self._swapped[seq_id]

@@ -16,6 +16,13 @@ Under pressure decode asks eviction for victims and carries its order out:
 a victim's blocks are swapped out to the host pool (eviction then holds the
 sequence) or dropped (prefill recomputes it). While sequences are swapped out,
 each step asks eviction whether some may come back.
+
+While nothing waits for prefill, a plain decode step (no drafts, structured outputs, sliding windows or
+unforked samples) runs up to `num_scheduler_steps` forwards in one call to the forward thread, each sequence's
+sampled token the input of its next; its slots are taken up front and named once the tokens are known. At a few
+sequences most of a step is this actor's own work around the forward (the plan, the messages, the hand-offs
+between threads), which this spreads over several tokens. A sequence that ends inside the run drops the tokens
+after its end, and a request that arrives meanwhile waits for the run to end.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ class Decode(Actor):
 
     def __init__(self, blocks: BlockManager, runner: Runner, executor: Executor, tokenizer, eos_ids: set[int],
                  max_num_batched_tokens: int, prefill: Actor, eviction: Actor, router: Actor,
-                 constraints: Constraints, speculator: Speculator | None = None) -> None:
+                 constraints: Constraints, speculator: Speculator | None = None, num_scheduler_steps: int = 1) -> None:
         super().__init__()
         self.blocks = blocks
         self.runner = runner
@@ -55,11 +62,13 @@ class Decode(Actor):
         self.router = router
         self.constraints = constraints
         self.speculator = speculator
+        self.num_scheduler_steps = num_scheduler_steps
         self.running: dict[str, messages.SeqState] = {}  # by seq_id: each parallel sample runs on its own
         self.prefill_ready = False
         self.stopping = False
         self.tombstones = Tombstones()
         self.step = 0
+        self.forwards = 0
         self.plan: messages.StepPlan | None = None  # this step's plan from prefill, while the step runs
         self.deferred: list = []  # messages that arrived during the forward, handled after the step
         # Statistics.
@@ -170,18 +179,23 @@ class Decode(Actor):
         budget = self.max_num_batched_tokens - len(self.running) - sum(map(len, drafts.values()))
         # Swapped-out sequences keep their seats where they keep windows: the sliding pool is sized per seat.
         seated = len(self.running) + (self.swapped_out if self.blocks.window else 0)
-        self.prefill.send(messages.StepRequest(step, budget, seated, reserve + self.swapped_blocks))
-        plan = self.plan = await self._reply(messages.StepPlan, step)
+        if self.prefill_ready:
+            self.prefill.send(messages.StepRequest(step, budget, seated, reserve + self.swapped_blocks))
+            plan = self.plan = await self._reply(messages.StepPlan, step)
+        else:  # prefill holds nothing (it says WorkAvailable when it does): no round trip for an empty plan
+            plan = self.plan = messages.StepPlan(step, [], [], num_waiting=0)
         self.prefill_ready = plan.num_waiting > 0
         outputs = self._drop_aborted(plan)
         # An abort handled while waiting for the plan took its sequence out of `running`, drafts and all.
         drafts = {seq_id: d for seq_id, d in drafts.items() if seq_id in self.running}
-        work, sampled, computed = self._build(plan, drafts)
+        steps = self._steps(plan, drafts)
+        work, sampled, computed = self._build(plan, drafts, steps)
         if not work.chunks and not self.running and self.swapped_out:
             await asyncio.sleep(0.001)  # waiting for swapped sequences to fit: do not spin
         if work.chunks:
             work.copies = self.blocks.take_copies()
-            self.tokens_forwarded += sum(len(c.token_ids) for c in work.chunks)
+            self.tokens_forwarded += steps * sum(len(c.token_ids) for c in work.chunks)
+            self.forwards += steps
             try:
                 t0 = time.perf_counter()
                 tokens = await self._await_forward(
@@ -199,6 +213,8 @@ class Decode(Actor):
                 run = next(runs)
                 if seq.seq_id in drafts:
                     self._settle_drafts(seq, len(drafts[seq.seq_id]), len(run) - 1)
+                elif steps > 1:
+                    self._settle_steps(seq, run)
                 if seq.unforked:
                     outputs += self._fork(seq, runs)
                 outputs.append(self._advance_run(seq, run))
@@ -323,7 +339,30 @@ class Decode(Actor):
         self.blocks.mark_computed(seq.seq_id, kept)
         self.speculator.verified(seq.seq_id, proposed, accepted)
 
-    def _build(self, plan: messages.StepPlan, drafts: dict[str, list[int]]
+    def _steps(self, plan: messages.StepPlan, drafts: dict[str, list[int]]) -> int:
+        """Forwards this step runs: more than one only for a plain decode step while nothing waits for prefill,
+        never past a sequence's max_tokens, and only where every sequence's slots for them are free already
+        (blocks that hold no cached prefix: a sequence that ends early gives its slots back unused)."""
+        steps = self.num_scheduler_steps
+        if steps == 1 or plan.chunks or drafts or self.prefill_ready or self.swapped_out or self.blocks.window:
+            return 1
+        for seq in self.running.values():
+            if seq.constraint is not None or seq.unforked:
+                return 1
+            steps = min(steps, seq.params.max_tokens - seq.num_output_tokens)
+        if steps <= 1:
+            return 1
+        need = sum(self.blocks.blocks_needed_to_append(seq_id, steps) for seq_id in self.running)
+        return steps if need <= self.blocks.num_uncached_free else 1
+
+    def _settle_steps(self, seq: messages.SeqState, run: list[Sampled]) -> None:
+        """After a step of several forwards: the slots taken for its tokens get their ids, and the full blocks
+        of those whose KV was written may be cached (the sequence's tokens do not include the run yet)."""
+        known = len(seq.token_ids)
+        self.blocks.fill_tokens(seq.seq_id, known, [s.token for s in run[:-1]])
+        self.blocks.mark_computed(seq.seq_id, known + len(run) - 1)
+
+    def _build(self, plan: messages.StepPlan, drafts: dict[str, list[int]], steps: int
                ) -> tuple[StepWork, list[messages.SeqState], list[tuple[str, int]]]:
         """The forward's chunks, the sequences that get a token sampled (in logits order),
         and (seq_id, tokens whose KV exists after the forward) for the prefix cache.
@@ -335,8 +374,8 @@ class Decode(Actor):
         sampled: list[messages.SeqState] = []
         computed: list[tuple[str, int]] = []
         masked: list = []  # (matcher, drafts) of the draws under structured outputs, in mask_row order
-        for seq_id, seq in self.running.items():
-            self.blocks.append_slots(seq_id, seq.token_ids[-1:])
+        for seq_id, seq in self.running.items():  # with several forwards, slots for tokens yet to be sampled
+            self.blocks.append_slots(seq_id, seq.token_ids[-1:] + [-1] * (steps - 1))
         for seq_id, proposal in list(drafts.items()):
             fits = len(proposal)
             while fits and self.blocks.blocks_needed_to_append(seq_id, fits) > self.blocks.num_uncached_free:
@@ -369,7 +408,8 @@ class Decode(Actor):
                 chunk.sliding_table = self.blocks.sliding_table(chunk.seq_id, chunk.position,
                                                                 chunk.position + len(chunk.token_ids))
         # The masks are filled on another thread while the forward runs; sampling waits for them.
-        return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None), sampled, computed
+        return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None, steps=steps), sampled, \
+            computed
 
     def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk, masked: list, drafts: list[int]) -> Chunk:
         """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first
@@ -493,7 +533,8 @@ class Decode(Actor):
         window = sum(n for _, n in self.recent)
         span = (self.recent[-1][0] - self.recent[0][0]) if len(self.recent) > 1 else 0.0
         return {
-            "running": len(self.running), "steps": self.step, "output_tokens": self.output_tokens,
+            "running": len(self.running), "steps": self.step, "forwards": self.forwards,
+            "output_tokens": self.output_tokens,
             "tokens_per_s": window / span if span > 0 else 0.0,
             "forward_seconds": self.forward_seconds, "step_seconds": self.step_seconds,
             "preemptions": self.preemptions_swap + self.preemptions_recompute,

@@ -201,7 +201,9 @@ class Engine:
         self.decode = Decode(self.blocks, self.runner, self.executor,
                              tokenizer, eos_ids, cfg.max_num_batched_tokens,
                              prefill=self.prefill, eviction=self.eviction, router=self.router,
-                             constraints=self.constraints, speculator=speculator)
+                             constraints=self.constraints, speculator=speculator,
+                             # Ranks other than 0 never see the sampled tokens a later forward would take.
+                             num_scheduler_steps=1 if parallel else cfg.num_scheduler_steps)
         self.prefill.decode = self.decode
         self.eviction.decode = self.decode
         limits = Limits(max_model_len=max_model_len, pool_tokens=num_blocks * cfg.block_size,

@@ -129,6 +129,8 @@ class ParallelRunner:
                 self.last_op = time.monotonic()
 
     def execute(self, work: StepWork) -> list[list[Sampled]]:
+        if work.steps > 1:  # ranks other than 0 never see the sampled tokens the later forwards take
+            raise ValueError(f"tensor parallelism runs one forward per step, not {work.steps}")
         if isinstance(work.masks, Future):  # the ranks need the masks themselves: they cannot wait on a future here
             work = replace(work, masks=work.masks.result())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 
 import torch
 
@@ -20,7 +21,7 @@ from kvmux.cache.transfer import BlockCopier, host_pool, make_copier
 from kvmux.runner.k_mean import set_k_mean
 from kvmux.runner.sampler import mask_logits, sample, verify
 from kvmux.step.forward_batch import ForwardBatch
-from kvmux.step.work import Draw, Sampled, StepWork
+from kvmux.step.work import Chunk, Draw, Sampled, StepWork
 
 
 class Runner:
@@ -54,11 +55,37 @@ class Runner:
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[list[Sampled]]:
         """The tokens each chunk with a draw emits, in their order, each followed by its forks': a run of one
-        token, or with drafts the accepted ones and the token after them."""
+        token, or with drafts the accepted ones and the token after them; with `work.steps` > 1, the token of
+        each of the steps."""
+        if work.steps > 1:
+            self._check_steps(work)
         # A copy out of a reclaimed block must read it before anything writes it.
         self.copier.apply(work.copies)
         self.copier.before_forward({b for c in work.chunks for b in c.block_table})
-        batch = ForwardBatch.build(work.chunks, self.kv_cache.block_size, self.kv_cache.device)
+        runs = self._forward(work.chunks, work.masks)
+        chunks = work.chunks
+        for _ in range(work.steps - 1):
+            # Each sequence's newest token is the next forward's input, one position on, the next in its stream.
+            chunks = [replace(c, position=c.position + len(c.token_ids), token_ids=[run[-1].token],
+                              draw=replace(c.draw, token_index=c.draw.token_index + 1,
+                                           output_ids=c.draw.output_ids + [run[-1].token] if c.draw.params.penalized
+                                           else c.draw.output_ids))
+                      for c, run in zip(chunks, runs)]
+            for run, more in zip(runs, self._forward(chunks, None)):
+                run += more
+        return runs
+
+    @staticmethod
+    def _check_steps(work: StepWork) -> None:
+        """Steps after the first feed each chunk its own sampled token: every chunk must be a plain decode."""
+        for c in work.chunks:
+            if c.draw is None or c.draw.drafts or c.draw.fork_seeds or c.draw.mask_row is not None or c.sliding_table:
+                raise ValueError(f"a step of {work.steps} forwards needs every chunk to draw one token without "
+                                 f"drafts, forks, a mask or a sliding window; {c.seq_id!r} does not")
+
+    def _forward(self, chunks: list[Chunk], masks: torch.Tensor | Future | None) -> list[list[Sampled]]:
+        """One forward over the chunks, and the runs their draws emit."""
+        batch = ForwardBatch.build(chunks, self.kv_cache.block_size, self.kv_cache.device)
         logits = self.model(batch, self.kv_cache)
         self.copier.after_forward()
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
@@ -68,7 +95,7 @@ class Runner:
         index: list[int] = []  # logits row of each sampled row
         constrained: list[tuple[int, int]] = []  # (sampled row, mask row)
         first = 0
-        for d in (c.draw for c in work.chunks if c.draw is not None):
+        for d in (c.draw for c in chunks if c.draw is not None):
             width = 1 + len(d.drafts)
             for seed in (d.seed, *d.fork_seeds):
                 groups.append((d, seed, len(index)))
@@ -78,9 +105,9 @@ class Runner:
             first += width
         if len(index) != logits.shape[0]:
             logits = logits[torch.tensor(index, device=logits.device)]
-        if work.masks is not None:
+        if masks is not None:
             started = time.perf_counter()
-            masks = work.masks.result() if isinstance(work.masks, Future) else work.masks
+            masks = masks.result() if isinstance(masks, Future) else masks
             self.mask_wait_seconds += time.perf_counter() - started
             logits = mask_logits(logits, masks, [i for i, _ in constrained], [m for _, m in constrained])
         plain = [g for g in groups if not g[0].drafts]  # sampled together; each draw with drafts is verified

@@ -65,6 +65,9 @@ class StepWork:
     # token t is allowed; or the Future that fills them while the forward runs (the engine process resolves it
     # before a step leaves for tensor-parallel ranks).
     masks: torch.Tensor | Future | None = None
+    # Forwards to run back to back, each chunk's sampled token the input of its next (decode chunks only): a step
+    # of a few sequences is mostly the engine's own work around the forward, which this spreads over more tokens.
+    steps: int = 1
 
 
 @dataclass

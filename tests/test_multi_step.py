@@ -1,0 +1,129 @@
+"""Decode steps of several forwards (num_scheduler_steps): token for token what one forward per step gives, for
+every way of sampling and of ending; the slots taken before their tokens were known are named and cached right;
+nothing is leaked."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvmux import Engine, SamplingParams
+from kvmux.cache.block_manager import BlockError, BlockManager
+from kvmux.step.work import Chunk, Draw, StepWork
+
+from engine_helpers import PROMPTS, greedy, settled
+
+OPTIONS = {"dtype": "float32", "num_blocks": 96, "block_size": 8}
+# Lengths that end a run of four forwards early, late and on its boundary.
+CASES = [
+    greedy(13),
+    greedy(9, presence_penalty=0.5, frequency_penalty=0.3),
+    SamplingParams(max_tokens=11, temperature=0.8, seed=7),
+    SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=40, seed=3, logprobs=3),
+    greedy(16, logprobs=2),
+]
+
+
+def run(tiny: str, steps: int, prompts: list[list[int]], params: list[SamplingParams]):
+    async def main():
+        async with Engine(tiny, num_scheduler_steps=steps, **OPTIONS) as engine:
+            done = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
+            await settled(engine)
+            return done, await engine.stats()
+    return asyncio.run(main())
+
+
+def same(a, b) -> None:
+    assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+    if a.logprobs is not None:
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, len(CASES)])
+def test_several_forwards_per_step_give_the_tokens_of_one(tiny, batch):
+    prompts = [PROMPTS[5 + i] for i in range(len(CASES))]
+    cases = [(prompts[i:i + batch], CASES[i:i + batch]) for i in range(0, len(CASES), batch)]
+    for p, params in cases:
+        one, stats_one = run(tiny, 1, p, params)
+        four, stats_four = run(tiny, 4, p, params)
+        for a, b in zip(one, four):
+            same(a, b)
+        assert stats_one["forwards"] == stats_one["steps"]
+        assert stats_four["forwards"] > stats_four["steps"], "no step ran several forwards"
+
+
+def test_a_sequence_that_ends_inside_a_run_drops_the_tokens_after_its_end(tiny):
+    """A stop token and a stop string met mid-run end the output where one forward per step ends it."""
+    prompt = PROMPTS[8]
+    [plain], _ = run(tiny, 1, [prompt], [greedy(20)])
+    stop_token = plain.token_ids[5]  # met at the sixth output token: the second token of the second run of four
+    cut = plain.token_ids.index(stop_token)
+    params = [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_token]),
+              SamplingParams(max_tokens=20, temperature=0, stop=[plain.text[len(plain.text) // 2:][:3]])]
+    one, _ = run(tiny, 1, [prompt, prompt], params)
+    four, stats = run(tiny, 4, [prompt, prompt], params)
+    assert one[0].token_ids == plain.token_ids[:cut + 1] and one[0].finish_reason == "stop"
+    for a, b in zip(one, four):
+        same(a, b)
+    assert stats["forwards"] > stats["steps"]
+
+
+def test_blocks_filled_in_a_run_are_cached_under_their_tokens(tiny):
+    """Slots taken before their tokens were sampled are hashed with the tokens sampled into them: a prompt that
+    repeats the output hits the blocks the run wrote."""
+    prompt = PROMPTS[4]  # 9 tokens: the output fills blocks 2 and 3 (block size 8)
+
+    async def main():
+        async with Engine(tiny, num_scheduler_steps=4, **OPTIONS) as engine:
+            first = await engine.complete(prompt, greedy(24))
+            before = (await engine.stats())["prefix_cache_hits"]
+            again = await engine.complete(prompt + first.token_ids[:20], greedy(4))
+            hits = (await engine.stats())["prefix_cache_hits"] - before
+            await settled(engine)
+            return first, again, hits
+
+    first, again, hits = asyncio.run(main())
+    assert hits == 24  # three full blocks: the prompt's and two the runs filled
+    [plain], _ = run(tiny, 1, [prompt + first.token_ids[:20]], [greedy(4)])
+    assert again.token_ids == plain.token_ids
+
+
+def test_a_sequence_runs_several_forwards_only_where_its_slots_are_free(tiny):
+    """With a pool too small for the runs' slots, steps fall back to one forward and outputs stay the same."""
+    prompts = [PROMPTS[9], PROMPTS[10]]
+    params = [greedy(24), greedy(24)]
+    one, _ = run(tiny, 1, prompts, params)
+
+    async def main():
+        async with Engine(tiny, num_scheduler_steps=8, dtype="float32", num_blocks=18, block_size=8) as engine:
+            done = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
+            await settled(engine)
+            return done
+
+    for a, b in zip(one, asyncio.run(main())):
+        same(a, b)
+
+
+def test_fill_tokens_names_only_uncached_slots():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate("a", [1, 2, 3, 4, 5])
+    bm.mark_computed("a", 4)
+    bm.append_slots("a", [-1, -1, -1])
+    bm.fill_tokens("a", 5, [6, 7, 8])
+    bm.mark_computed("a", 8)
+    bm.allocate("b", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert bm.num_tokens("b") == 9 and bm.block_table("b")[:2] == bm.block_table("a")[:2]  # both blocks shared
+    with pytest.raises(BlockError, match="not uncached slots"):
+        bm.fill_tokens("a", 3, [9])  # a cached block
+    with pytest.raises(BlockError, match="not uncached slots"):
+        bm.fill_tokens("a", 8, [9])  # past its slots
+
+
+def test_the_runner_refuses_several_forwards_over_chunks_that_cannot_take_them():
+    from kvmux.runner.runner import Runner
+
+    draw = Draw(SamplingParams(temperature=0), seed=0, token_index=0, drafts=[3])
+    with pytest.raises(ValueError, match="without drafts"):
+        Runner._check_steps(StepWork([Chunk("s", 0, [1, 3], [0], draw)], steps=2))
+    with pytest.raises(ValueError, match="'p' does not"):
+        Runner._check_steps(StepWork([Chunk("p", 0, [1, 2, 3], [0])], steps=2))
