@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kvmux-threads", type=int, default=None,
                    help="kvmux's kernel threads [default: the CPUs it may use]; with --transport http on a small machine, fewer "
                         "leave the HTTP client cores of its own, so the comparison shows the front, not the contention")
+    p.add_argument("--num-scheduler-steps", type=int, default=None,
+                   help="kvmux's forwards per decode step while nothing waits for prefill [default: the engine's]")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step, kvmux and hf-cb [default: offline 2048 (whole prompts per step, for "
                         "throughput), online 512 (short steps, for time per output token)]")
@@ -124,7 +126,8 @@ def plan(args, dtype: str, folder: str, offline, online) -> list[Job]:
             continue
         engine_opts = {"max_num_seqs": args.max_num_seqs, "tensor_parallel_size": args.tensor_parallel_size,
                        "max_num_batched_tokens": args.max_num_batched_tokens or DEFAULT_STEP_TOKENS[mode]}
-        kvmux_opts = {**engine_opts, "quantization": args.quantization, "threads": args.kvmux_threads}
+        kvmux_opts = {**engine_opts, "quantization": args.quantization, "threads": args.kvmux_threads,
+                      **({"num_scheduler_steps": args.num_scheduler_steps} if args.num_scheduler_steps else {})}
         for engine in args.engines:
             if engine == "hf-static":
                 if mode == "offline":
@@ -268,8 +271,9 @@ def run_dtype(args, dtype: str, folder: str, spec: WorkloadSpec, vocab: tuple[in
     }
     tp = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     threads = f"_threads{args.kvmux_threads}" if args.kvmux_threads else ""
+    steps = f"_steps{args.num_scheduler_steps}" if args.num_scheduler_steps else ""
     suffix = ("" if args.quantization == "auto" else f"_{args.quantization}") + \
-        ("_shared" if args.shared_prefix else "") + tp + threads + ("_http" if args.transport == "http" else "") + \
+        ("_shared" if args.shared_prefix else "") + tp + threads + steps + ("_http" if args.transport == "http" else "") + \
         ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_{dtype}{suffix}.json"

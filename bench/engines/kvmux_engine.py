@@ -96,7 +96,9 @@ async def _run(job: Job) -> dict:
                       block_size=BLOCK_SIZE, num_blocks=num_blocks,
                       max_num_seqs=opts.get("max_num_seqs", 64),
                       max_num_batched_tokens=opts.get("max_num_batched_tokens", 512),
-                      tensor_parallel_size=opts.get("tensor_parallel_size", 1), threads=opts.get("threads")) as engine:
+                      tensor_parallel_size=opts.get("tensor_parallel_size", 1), threads=opts.get("threads"),
+                      **({"num_scheduler_steps": opts["num_scheduler_steps"]} if "num_scheduler_steps" in opts else {})
+                      ) as engine:
         # Warm-up: first-call costs stay out of the timed run. Its prompt is reversed so that no request of the
         # workload finds it in the prefix cache.
         await engine.complete(job.requests[0].prompt_ids[:16][::-1], SamplingParams(max_tokens=4, temperature=0))
@@ -107,6 +109,7 @@ async def _run(job: Job) -> dict:
         def begin() -> float:
             """The timed run starts: the clock and the pool sampler."""
             start = time.perf_counter()
+            engine.blocks.reset_peak()
             samplers.append(asyncio.create_task(_sample_pool(engine, [r.request_id for r in job.requests], start,
                                                              opts.get("sample_interval", SAMPLE_INTERVAL_S), trace)))
             return start
@@ -121,7 +124,7 @@ async def _run(job: Job) -> dict:
         wall = max(t.last for t in timings)
         after = await engine.stats()
         result = summarize(timings, wall, latency=True)
-        result["kvmux"] = _engine_metrics(before, after, trace, engine.blocks.num_blocks)
+        result["kvmux"] = _engine_metrics(before, after, trace, engine.blocks.num_blocks, engine.blocks.peak_used)
         # Where the CPU went, to tell the HTTP front's cost from its client's: both share the machine's cores.
         result["cpu_seconds"] = {"engine_process": _cpu(resource.RUSAGE_SELF) - own,
                                  "client_process": _cpu(resource.RUSAGE_CHILDREN) - children}
@@ -135,13 +138,14 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _engine_metrics(before: dict, after: dict, trace: dict, blocks_total: int) -> dict:
+def _engine_metrics(before: dict, after: dict, trace: dict, blocks_total: int, peak_blocks_used: int) -> dict:
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in _COUNTERS}
     busy = [w for w, used in zip(trace["kv_waste"], trace["blocks_used"]) if used]
     return {
         **delta,
         "blocks_total": blocks_total,
-        "peak_blocks_used": max(trace["blocks_used"], default=0),
+        # The block manager's high-water mark: the trace's samples, 20 ms apart, can miss a short run's peak.
+        "peak_blocks_used": peak_blocks_used,
         # Samples are evenly spaced in time, so their mean is the time average (over time the pool holds anything).
         "kv_waste_time_avg": sum(busy) / len(busy) if busy else 0.0,
         # Prompt tokens served from cached prefix blocks ÷ prompt tokens looked up (the block manager's counters).
