@@ -2,7 +2,8 @@
 
 1. Correctness: every kernel (decode, split-context decode, prefill, prefill
    after a cached prefix, mixed batches) against a float64 reference on fresh
-   random inputs, for bf16, fp16 and fp32-activations-over-bf16-KV; the pool
+   random inputs, for bf16, fp16 and fp32-activations-over-bf16-KV, and each
+   of those activations over an int8 pool (its k_mean random too); the pool
    must hold exactly what the torch reference writes.
 2. Speed: native vs the torch reference (CUDA events, median of runs), and the
    decode kernel's achieved bandwidth (K/V bytes it must read / time) as a
@@ -26,11 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmux.checks.reference import LAYER, expected_pool, make_case, reference_f64  # noqa: E402
+from kvmux.checks.reference import LAYER, NUM_LAYERS, expected_pool, make_case, reference_f64  # noqa: E402
 
 # Relative error (max |out - ref| / max |ref|) allowed per activation dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)]
+DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+               (torch.bfloat16, torch.int8), (torch.float16, torch.int8), (torch.float32, torch.int8)]
 
 # (name, query_lens, context_lens, Hq, Hkv, D, block_size)
 CHECKS = [
@@ -67,6 +69,8 @@ def check_correctness(seed: int) -> list[dict]:
     for i, (name, qlens, ctx, hq, hkv, d, bs) in enumerate(CHECKS):
         for act, kv in DTYPE_PAIRS:
             case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=seed + i, device="cuda")
+            if kv == torch.int8:  # an int8 pool's K offset, which its writer subtracts
+                case.cache.k_mean = torch.randn(NUM_LAYERS, hkv, d, generator=torch.Generator().manual_seed(i)).cuda()
             want_pool = expected_pool(case)
             cache = case.fresh_cache()
             out = torch.full_like(case.q, float("nan"))
@@ -100,14 +104,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
-def time_kernels(iters: int, dtype: torch.dtype) -> list[dict]:
+def time_kernels(iters: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> list[dict]:
     from kvmux.ops.attention import torch_paged_attention
     from kvmux.ops.cuda_attention import cuda_paged_attention
 
     peak = copy_bandwidth()
     rows = []
     for name, batch, ctx, qlen, hq, hkv, d in TIMINGS:
-        case = make_case([qlen] * batch, [ctx] * batch, hq, hkv, d, 16, dtype, dtype, seed=0, device="cuda")
+        kv = kv_dtype or dtype
+        case = make_case([qlen] * batch, [ctx] * batch, hq, hkv, d, 16, kv, dtype, seed=0, device="cuda")
         cache = case.fresh_cache()
         # The batch (and so the per-step plan) is built once: a layer's cost is what is timed.
         b_native, b_torch = case.batch(), case.batch()
@@ -115,9 +120,11 @@ def time_kernels(iters: int, dtype: torch.dtype) -> list[dict]:
                                                            case.scale), iters)
         ref = cuda_time_ms(lambda: torch_paged_attention(case.q, case.k, case.v, cache, LAYER, b_torch,
                                                          case.scale), iters)
-        row = dict(shape=name, dtype=str(dtype)[6:], native_ms=native, torch_ms=ref, speedup=ref / native)
+        row = dict(shape=name, dtype=str(dtype)[6:] + ("" if kv == dtype else f" / {str(kv)[6:]} KV"),
+                   native_ms=native, torch_ms=ref, speedup=ref / native)
         if qlen == 1:
-            kv_bytes = batch * ctx * hkv * d * 2 * cache.kv.element_size()
+            row_bytes = d + 2 if kv == torch.int8 else d * cache.kv.element_size()  # int8: its float16 scale
+            kv_bytes = batch * ctx * hkv * 2 * row_bytes
             row["decode_GBps"] = kv_bytes / (native / 1e3) / 1e9
             row["fraction_of_copy_bw"] = kv_bytes / (native / 1e3) / peak
         rows.append(row)
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     correctness = check_correctness(args.seed)
-    timing = time_kernels(args.iters, torch.bfloat16) + time_kernels(args.iters, torch.float16)
+    timing = (time_kernels(args.iters, torch.bfloat16) + time_kernels(args.iters, torch.float16)
+              + time_kernels(args.iters, torch.bfloat16, torch.int8))
     device = torch.cuda.get_device_name()
     result = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda,
                   copy_GBps=timing[0]["copy_GBps"], correctness=correctness, timing=timing)

@@ -117,8 +117,8 @@ class EngineConfig:
                          ("auto", "float32", "bfloat16"))
     kv_cache_dtype: str = setting("auto", "how the KV cache stores K and V: auto in --dtype; int8 as int8 with a "
                                           "float16 scale per token and head (about half of bf16's bytes, a "
-                                          "quarter of float32's, so about twice the sequences in --kv-cache-gib; "
-                                          "CPU kernels only)", ("auto", "int8"))
+                                          "quarter of float32's, so about twice the sequences in --kv-cache-gib)",
+                                 ("auto", "int8"))
     quantization: str = setting("auto", "auto: a GGUF's Q8_0/Q4_0/Q4_1 weights stay in their blocks (CPU); none: "
                                         "dequantize to --dtype; q8_0: quantize every matmul to Q8_0 at load (CPU)",
                                 ("auto", "none", "q8_0"))
@@ -211,8 +211,6 @@ class EngineConfig:
             ("quantization", self.quantization != "q8_0" or self.device == "cpu",
              f"q8_0 runs on the CPU kernels only, not on {self.device}; use --quantization none"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
-            ("kv_cache_dtype", self.kv_cache_dtype != "int8" or self.device == "cpu",
-             f"int8 is read by the CPU kernels only, not on {self.device}; use --kv-cache-dtype auto"),
             ("structured_max_bytes", self.structured_max_bytes >= 1, "must be >= 1"),
             ("structured_compile_timeout", self.structured_compile_timeout > 0, "must be > 0"),
             ("nnodes", self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,

@@ -183,9 +183,3 @@ def test_tensor_parallel_ranks_hold_int8_slices(tiny):
     two, _ = run_engine(tiny, PROMPTS[:4], greedy(12), tensor_parallel_size=2, threads=1, **INT8)
     assert [c.token_ids for c in two] == [c.token_ids for c in one]
 
-
-def test_int8_on_cuda_is_refused_by_name():
-    from kvmux.config import ConfigError, EngineConfig
-
-    with pytest.raises(ConfigError, match="kv_cache_dtype int8 is read by the CPU kernels only"):
-        EngineConfig(kv_cache_dtype="int8", device="cuda").validate()

@@ -52,7 +52,9 @@ def quantize_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> int8 [..., D + 2]: the values q = round(x / scale) and the float16 scale = max|x| / 127 (rounded
     to float16 before q is computed, as the kernels do; a row of zeros gets scale 0)."""
     x = x.float()
-    scale = (x.abs().amax(-1, keepdim=True) / 127).half()
+    peak = x.abs().amax(-1, keepdim=True)
+    # A tensor divisor: torch on CUDA multiplies by 1/127 for a number, one ulp off the kernels' true division.
+    scale = (peak / torch.full_like(peak, 127.0)).half()
     inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros((), device=x.device))
     q = torch.round(x * inv).clamp(-127, 127).to(torch.int8)
     return torch.cat([q, scale.view(torch.int8)], dim=-1)

@@ -13,7 +13,15 @@ import importlib
 import torch
 
 from kvmux.cache.kv_cache import KVCache
-from kvmux.ops.tensor_checks import DTYPE_CODES, check_out, check_pool, check_rows, row_stride, step_tensors
+from kvmux.ops.tensor_checks import (
+    DTYPE_CODES,
+    check_k_mean,
+    check_out,
+    check_pool,
+    check_rows,
+    row_stride,
+    step_tensors,
+)
 from kvmux.step.forward_batch import ForwardBatch
 
 
@@ -85,8 +93,6 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         raise ValueError(f"q: expected [tokens, heads, head_dim], got shape {tuple(q.shape)}")
     if q.device.type != "cuda":
         raise ValueError(f"q: on {q.device}, the CUDA kernels need cuda tensors")
-    if kv_cache.dtype == torch.int8:
-        raise ValueError("kv_cache: an int8 pool has no CUDA kernel yet; use --kv-cache-dtype auto on CUDA")
     if q.dtype not in DTYPE_CODES or kv_cache.dtype not in DTYPE_CODES:
         raise ValueError(f"q / kv_cache: dtypes {q.dtype} / {kv_cache.dtype} unsupported")
     num_tokens, num_heads, head_dim = q.shape
@@ -102,11 +108,15 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     check_rows("k", k, num_tokens, num_kv_heads, head_dim, q.dtype, q.device)
     check_rows("v", v, num_tokens, num_kv_heads, head_dim, q.dtype, q.device)
     check_pool(kv_cache, num_kv_heads, head_dim, layer)
+    mean = check_k_mean(kv_cache, layer)
+    if mean is not None and mean.device != kv_cache.device:
+        raise ValueError(f"kv_cache.k_mean: on {mean.device}, the pool on {kv_cache.device}")
 
     out = check_out(out, q)
     _module().paged_attention(
         q.data_ptr(), row_stride(q), k.data_ptr(), row_stride(k), v.data_ptr(), row_stride(v), out.data_ptr(),
-        DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype], kv_cache.num_layers, layer,
+        DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype],
+        0 if mean is None else mean[layer].data_ptr(), kv_cache.num_layers, layer,
         kv_cache.block_size, meta.tables.shape[1], num_tokens, num_heads, num_kv_heads, head_dim, float(scale),
         meta.slots.data_ptr(), meta.query_starts.data_ptr(), meta.query_lens.data_ptr(),
         meta.context_lens.data_ptr(), meta.tables.data_ptr(), meta.decode_seqs.data_ptr(), meta.num_decode,

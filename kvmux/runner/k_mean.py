@@ -78,9 +78,10 @@ def set_k_mean(kv_cache: KVCache, means: torch.Tensor, layer_types: list[str] | 
     model order (layer_types: the config's, where the sliding layers have a pool of their own)."""
     if kv_cache.dtype != torch.int8:
         return
+    means = means.to(kv_cache.device)  # the kernels read it where they read the pool
     if kv_cache.sliding is None:
         kv_cache.k_mean = means.contiguous()
         return
-    sliding = torch.tensor([t == "sliding_attention" for t in layer_types])
+    sliding = torch.tensor([t == "sliding_attention" for t in layer_types], device=means.device)
     kv_cache.k_mean = means[~sliding].contiguous()
     kv_cache.sliding.k_mean = means[sliding].contiguous()

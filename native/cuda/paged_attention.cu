@@ -9,6 +9,13 @@
 //   prefill   -- query tiles of a prompt chunk attend causally over cached
 //                blocks plus the chunk itself, flash-style (online softmax
 //                over 32-key chunks staged in shared memory).
+//
+// An int8 pool (kv_cache.py, native/cpu/paged_attention.h) keeps each row
+// rotated by the Walsh-Hadamard transform (K less the layer's k_mean first),
+// as int8 with a float16 scale, in slabs laid out for the CPU's integer dot
+// products. Here its values are widened to float as they are read; the query
+// is rotated as the keys are (a rotation keeps dot products), and the
+// weighted sum of rotated values is rotated back (H is its own inverse).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,6 +23,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/paged_attention.h"
 
@@ -75,13 +83,80 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-// Pool geometry of one layer, in elements.
+// Pool geometry of one layer, in elements (an int8 pool's head_stride is a slab's: block_size * (dim + 2)).
 struct Pool {
     int64_t block_stride, layer_offset, head_stride, v_offset, block_size, dim;
     __device__ __forceinline__ int64_t key(int32_t block, int64_t h, int64_t off) const {
         return block * block_stride + layer_offset + h * head_stride + off * dim;
     }
+    __device__ __forceinline__ int64_t slab(int32_t block, int64_t h) const {
+        return block * block_stride + layer_offset + h * head_stride;
+    }
 };
+
+// A token's K and V as the kernels read them: rows of dim elements...
+template <typename KT>
+struct KvRef {
+    const KT* k;
+    int64_t v_offset;
+    __device__ __forceinline__ KvRef(const KT* pool, const Pool& P, int32_t block, int64_t h, int64_t off)
+        : k(pool + P.key(block, h, off)), v_offset(P.v_offset) {}
+    __device__ __forceinline__ void key8(int64_t c, float (&f)[8]) const { load8(k + c, f); }
+    __device__ __forceinline__ void value8(int64_t c, float (&f)[8]) const { load8(k + v_offset + c, f); }
+    __device__ __forceinline__ float key(int64_t d) const { return to_float(k[d]); }
+    __device__ __forceinline__ float value(int64_t d) const { return to_float(k[v_offset + d]); }
+};
+
+// ... or, in an int8 pool, token t's bytes in its block's K slab (dwords of 4 dims of one token, tokens side by
+// side) and V slab (dwords of one dim of 4 consecutive tokens), each followed by the tokens' float16 scales.
+template <>
+struct KvRef<int8_t> {
+    const int8_t *kslab, *vslab;
+    int64_t t, bs, D;
+    float ks, vs;
+    __device__ __forceinline__ KvRef(const int8_t* pool, const Pool& P, int32_t block, int64_t h, int64_t off)
+        : kslab(pool + P.slab(block, h)), vslab(kslab + P.v_offset), t(off), bs(P.block_size), D(P.dim),
+          ks(__half2float(*reinterpret_cast<const __half*>(kslab + P.block_size * P.dim + 2 * off))),
+          vs(__half2float(*reinterpret_cast<const __half*>(vslab + P.block_size * P.dim + 2 * off))) {}
+    __device__ __forceinline__ void key8(int64_t c, float (&f)[8]) const {  // c: a multiple of 8
+        const char4 a = *reinterpret_cast<const char4*>(kslab + ((c / 4) * bs + t) * 4);
+        const char4 b = *reinterpret_cast<const char4*>(kslab + ((c / 4 + 1) * bs + t) * 4);
+        f[0] = a.x * ks, f[1] = a.y * ks, f[2] = a.z * ks, f[3] = a.w * ks;
+        f[4] = b.x * ks, f[5] = b.y * ks, f[6] = b.z * ks, f[7] = b.w * ks;
+    }
+    __device__ __forceinline__ void value8(int64_t c, float (&f)[8]) const {
+        const int8_t* row = vslab + (t / 4) * D * 4 + t % 4;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = row[4 * (c + e)] * vs;
+    }
+    __device__ __forceinline__ float key(int64_t d) const { return kslab[((d / 4) * bs + t) * 4 + d % 4] * ks; }
+    __device__ __forceinline__ float value(int64_t d) const { return vslab[((t / 4) * D + d) * 4 + t % 4] * vs; }
+};
+
+// x[r, 0..D) <- H x[r, 0..D) for rows r < rows, in shared memory, by the whole CTA (every thread must call it):
+// per block of hadamard_block(D) values the butterflies of span 1, 2, 4, ... (a + b, a - b), then the scale, the
+// operations hadamard.h and kv_cache.rotate_rows do in the same order, so a row rotates to the same floats. The
+// _rn intrinsics keep --use_fast_math from contracting or approximating them (it still flushes subnormals).
+__device__ void hadamard_rows(float* x, int rows, int D) {
+    const int n = (D & -D) < 256 ? (D & -D) : 256;  // a power of two, at least 8 (D % 8 == 0)
+    const int log_half = __ffs(n / 2) - 1;
+    const float norm = static_cast<float>(1.0 / sqrt(static_cast<double>(n)));
+    const int pairs = rows * D / 2, row_pairs = D / 2;
+    __syncthreads();
+    for (int len = 1, shift = 0; len < n; len <<= 1, ++shift) {
+        for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+            const int r = i / row_pairs, j = i - r * row_pairs;  // pair j of row r
+            const int k = j & (n / 2 - 1);                       // pair k of its block
+            const int lo = r * D + (j >> log_half) * n + ((k >> shift) << (shift + 1)) + (k & (len - 1));
+            const float a = x[lo], b = x[lo + len];
+            x[lo] = __fadd_rn(a, b);
+            x[lo + len] = __fsub_rn(a, b);
+        }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) x[i] = __fmul_rn(x[i], norm);
+    __syncthreads();
+}
 
 template <typename QT, typename KT>
 __global__ void write_kv_kernel(const QT* __restrict__ k, const QT* __restrict__ v, int64_t k_stride,
@@ -95,6 +170,56 @@ __global__ void write_kv_kernel(const QT* __restrict__ k, const QT* __restrict__
         const int64_t dst = P.key(static_cast<int32_t>(block), h, off) + d;
         pool[dst] = from_float<KT>(to_float(k[t * k_stride + i]));
         pool[dst + P.v_offset] = from_float<KT>(to_float(v[t * v_stride + i]));
+    }
+}
+
+// An int8 pool's writer, one CTA per new token: each KV head's K (less k_mean) and V rotated, then stored as
+// kv_cache.quantize_rows does (scale = max |x| / 127 rounded to float16 first, q = round(x / scale) in
+// [-127, 127], a row of zeros scale 0), every step in IEEE arithmetic, so the bytes equal the torch reference's.
+__device__ void quantize_store(const float* x, int8_t* slab, int64_t t, const Pool& P, bool key, float* red) {
+    const int64_t D = P.dim, bs = P.block_size;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    float peak = 0.0f;
+    for (int64_t d = tid; d < D; d += blockDim.x) peak = fmaxf(peak, fabsf(x[d]));
+    peak = warp_max(peak);
+    if (lane == 0) red[warp] = peak;
+    __syncthreads();
+    peak = 0.0f;
+    for (int w = 0; w < kWarps; ++w) peak = fmaxf(peak, red[w]);
+    __syncthreads();  // red is written again by the next row
+    const __half h = __float2half_rn(__fdiv_rn(peak, 127.0f));
+    const float scale = __half2float(h);
+    const float inv = scale > 0.0f ? __frcp_rn(scale) : 0.0f;
+    for (int64_t d = tid; d < D; d += blockDim.x) {
+        const float q = fminf(127.0f, fmaxf(-127.0f, rintf(__fmul_rn(x[d], inv))));
+        slab[key ? ((d / 4) * bs + t) * 4 + d % 4 : ((t / 4) * D + d) * 4 + t % 4] = static_cast<int8_t>(q);
+    }
+    if (tid == 0) *reinterpret_cast<__half*>(slab + bs * D + 2 * t) = h;
+}
+
+template <typename QT>
+__global__ void __launch_bounds__(kThreads) write_kv_int8_kernel(const QT* __restrict__ k, const QT* __restrict__ v,
+                                                                 int64_t k_stride, int64_t v_stride,
+                                                                 int8_t* __restrict__ pool,
+                                                                 const int64_t* __restrict__ slots, int64_t kv_heads,
+                                                                 const float* __restrict__ k_mean, Pool P) {
+    extern __shared__ float smem[];
+    const int64_t D = P.dim, t = blockIdx.x;
+    float* rows = smem;         // [2, D]: this head's K and V
+    float* red = rows + 2 * D;  // [kWarps]
+    const int64_t slot = slots[t];
+    const int32_t block = static_cast<int32_t>(slot / P.block_size);
+    const int64_t off = slot % P.block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+        for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+            const float x = to_float(k[t * k_stride + h * D + d]);
+            rows[d] = k_mean ? __fsub_rn(x, k_mean[h * D + d]) : x;
+            rows[D + d] = to_float(v[t * v_stride + h * D + d]);
+        }
+        hadamard_rows(rows, 2, static_cast<int>(D));
+        int8_t* kslab = pool + P.slab(block, h);
+        quantize_store(rows, kslab, off, P, true, red);
+        quantize_store(rows + D, kslab + P.v_offset, off, P, false, red);
     }
 }
 
@@ -134,18 +259,19 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const QT* __restrict__
         q_s[i] = to_float(q[token * p.q_stride + h * G * D + i]) * p.scale;
         o_s[i] = 0.0f;
     }
+    if constexpr (std::is_same_v<KT, int8_t>) hadamard_rows(q_s, static_cast<int>(G), static_cast<int>(D));  // as the keys are
     __syncthreads();
 
     // Scores: a thread per key, all G query heads against one K row read once.
     for (int t = tid; t < n; t += kThreads) {
         const int32_t pos = k0 + t;
-        const KT* krow = pool + P.key(table[pos / P.block_size], h, pos % P.block_size);
+        const KvRef<KT> key(pool, P, table[pos / P.block_size], h, pos % P.block_size);
         float acc[kMaxGroup];
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
         for (int64_t c = 0; c < D; c += 8) {
             float kf[8];
-            load8(krow + c, kf);
+            key.key8(c, kf);
 #pragma unroll
             for (int g = 0; g < kMaxGroup; ++g) {
                 if (g < G) {
@@ -189,9 +315,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const QT* __restrict__
                 for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
             for (int t = stripe; t < n; t += stripes) {
                 const int32_t pos = k0 + t;
-                const KT* vrow = pool + P.key(table[pos / P.block_size], h, pos % P.block_size) + P.v_offset;
                 float vf[8];
-                load8(vrow + c * 8, vf);
+                KvRef<KT>(pool, P, table[pos / P.block_size], h, pos % P.block_size).value8(c * 8, vf);
 #pragma unroll
                 for (int g = 0; g < kGroupPass; ++g) {
                     if (g0 + g < G) {
@@ -209,6 +334,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const QT* __restrict__
         }
     }
     __syncthreads();
+    if constexpr (std::is_same_v<KT, int8_t>) hadamard_rows(o_s, static_cast<int>(G), static_cast<int>(D));  // the sum of rotated values, rotated back
 
     if (nparts == 1) {
         for (int64_t i = tid; i < G * D; i += kThreads)
@@ -278,6 +404,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
         const int64_t tok = token0 + qb + r / G, head = h * G + r % G;
         q_s[i] = to_float(q[tok * p.q_stride + head * D + d]) * p.scale;
     }
+    if constexpr (std::is_same_v<KT, int8_t>) hadamard_rows(q_s, rows, static_cast<int>(D));  // as the keys are
 
     float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
 #pragma unroll
@@ -294,9 +421,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
             const int64_t d = i % D;
             const int32_t pos = c0 + t;
             if (pos < num_keys) {
-                const int64_t at = P.key(table[pos / P.block_size], h, pos % P.block_size) + d;
-                k_s[t * (D + 1) + d] = to_float(pool[at]);
-                v_s[t * D + d] = to_float(pool[at + P.v_offset]);
+                const KvRef<KT> kv(pool, P, table[pos / P.block_size], h, pos % P.block_size);
+                k_s[t * (D + 1) + d] = kv.key(d);
+                v_s[t * D + d] = kv.value(d);
             }
         }
         __syncthreads();
@@ -332,16 +459,36 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
         }
     }
 
+    if constexpr (std::is_same_v<KT, int8_t>) {
+        // Rotated back through shared memory: each warp's rows of q_s are its own, done with by now.
 #pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
-        const int r = warp + kWarps * j;
-        if (r >= rows) break;
-        const int64_t tok = token0 + qb + r / G, head = h * G + r % G;
-        const float inv = 1.0f / l[j];
+        for (int j = 0; j < kRowsPerWarp; ++j) {
+            const int r = warp + kWarps * j;
+            if (r >= rows) break;
+            const float inv = 1.0f / l[j];
 #pragma unroll
-        for (int e = 0; e < kDimsPerLane; ++e) {
-            const int64_t d = lane + 32 * e;
-            if (d < D) out[(tok * p.num_heads + head) * D + d] = from_float<QT>(acc[j][e] * inv);
+            for (int e = 0; e < kDimsPerLane; ++e) {
+                const int64_t d = lane + 32 * e;
+                if (d < D) q_s[r * D + d] = acc[j][e] * inv;
+            }
+        }
+        hadamard_rows(q_s, rows, static_cast<int>(D));
+        for (int64_t i = tid; i < rows * D; i += kThreads) {
+            const int64_t r = i / D, tok = token0 + qb + r / G, head = h * G + r % G;
+            out[(tok * p.num_heads + head) * D + i % D] = from_float<QT>(q_s[i]);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < kRowsPerWarp; ++j) {
+            const int r = warp + kWarps * j;
+            if (r >= rows) break;
+            const int64_t tok = token0 + qb + r / G, head = h * G + r % G;
+            const float inv = 1.0f / l[j];
+#pragma unroll
+            for (int e = 0; e < kDimsPerLane; ++e) {
+                const int64_t d = lane + 32 * e;
+                if (d < D) out[(tok * p.num_heads + head) * D + d] = from_float<QT>(acc[j][e] * inv);
+            }
         }
     }
 }
@@ -362,10 +509,11 @@ template <typename QT, typename KT>
 void launch(const Args& a) {
     auto stream = reinterpret_cast<cudaStream_t>(a.stream);
     const int64_t G = a.num_heads / a.num_kv_heads, D = a.head_dim;
+    constexpr bool int8_pool = std::is_same_v<KT, int8_t>;
     Pool P;
     P.block_size = a.block_size;
     P.dim = D;
-    P.head_stride = a.block_size * D;
+    P.head_stride = a.block_size * (int8_pool ? D + 2 : D);
     P.v_offset = a.num_kv_heads * P.head_stride;
     P.block_stride = a.num_layers * 2 * P.v_offset;
     P.layer_offset = a.layer * 2 * P.v_offset;
@@ -373,10 +521,19 @@ void launch(const Args& a) {
     const auto* q = reinterpret_cast<const QT*>(a.q);
     auto* out = reinterpret_cast<QT*>(a.out);
 
-    write_kv_kernel<QT, KT><<<static_cast<unsigned>(a.num_tokens), kThreads, 0, stream>>>(
-        reinterpret_cast<const QT*>(a.k), reinterpret_cast<const QT*>(a.v), a.k_stride, a.v_stride, pool,
-        reinterpret_cast<const int64_t*>(a.slot_mapping), a.num_kv_heads, P);
-    check(cudaGetLastError(), "write_kv_kernel");
+    if constexpr (int8_pool) {
+        write_kv_int8_kernel<QT><<<static_cast<unsigned>(a.num_tokens), kThreads, sizeof(float) * (2 * D + kWarps),
+                                   stream>>>(
+            reinterpret_cast<const QT*>(a.k), reinterpret_cast<const QT*>(a.v), a.k_stride, a.v_stride, pool,
+            reinterpret_cast<const int64_t*>(a.slot_mapping), a.num_kv_heads, reinterpret_cast<const float*>(a.k_mean),
+            P);
+        check(cudaGetLastError(), "write_kv_int8_kernel");
+    } else {
+        write_kv_kernel<QT, KT><<<static_cast<unsigned>(a.num_tokens), kThreads, 0, stream>>>(
+            reinterpret_cast<const QT*>(a.k), reinterpret_cast<const QT*>(a.v), a.k_stride, a.v_stride, pool,
+            reinterpret_cast<const int64_t*>(a.slot_mapping), a.num_kv_heads, P);
+        check(cudaGetLastError(), "write_kv_kernel");
+    }
 
     if (a.num_decode > 0) {
         DecodeParams d{reinterpret_cast<const int32_t*>(a.decode_seqs), reinterpret_cast<const int32_t*>(a.query_starts),
@@ -428,8 +585,14 @@ void paged_attention(const Args& a) {
     if (act == DType::f32 && kv == DType::bf16) return launch<float, __nv_bfloat16>(a);
     if (act == DType::bf16 && kv == DType::bf16) return launch<__nv_bfloat16, __nv_bfloat16>(a);
     if (act == DType::f16 && kv == DType::f16) return launch<__half, __half>(a);
+    if (kv == DType::i8) {
+        if (a.block_size % 4 != 0) throw std::invalid_argument("an int8 pool needs block_size a multiple of 4");
+        if (act == DType::f32) return launch<float, int8_t>(a);
+        if (act == DType::bf16) return launch<__nv_bfloat16, int8_t>(a);
+        if (act == DType::f16) return launch<__half, int8_t>(a);
+    }
     throw std::invalid_argument("unsupported (activation, KV) dtype pair; supported: (f32, f32), (f32, bf16), "
-                                "(bf16, bf16), (f16, f16)");
+                                "(bf16, bf16), (f16, f16), and f32, bf16 or f16 over i8");
 }
 
 }  // namespace kvmux::cuda

@@ -23,8 +23,9 @@ struct Args {
     std::uintptr_t q, k, v, out;  // out: [T, Hq, D] contiguous
     int64_t q_stride, k_stride, v_stride;
     DType act_dtype;
-    std::uintptr_t kv;  // pool [num_blocks, num_layers, 2, Hkv, block_size, D]
+    std::uintptr_t kv;  // pool [num_blocks, num_layers, 2, Hkv, block_size, D]; int8: [..., Hkv, slab]
     DType kv_dtype;
+    std::uintptr_t k_mean;  // an int8 pool's K offset of this layer, float32 [Hkv, D] on the device; 0: none
     int64_t num_layers, layer, block_size, max_blocks;
     int64_t num_tokens, num_heads, num_kv_heads, head_dim;
     float scale;
