@@ -3,8 +3,9 @@
 1. Correctness: every kernel (decode, split-context decode, prefill, prefill
    after a cached prefix, mixed batches) against a float64 reference on fresh
    random inputs, for bf16, fp16 and fp32-activations-over-bf16-KV, and each
-   of those activations over an int8 pool (its k_mean random too); the pool
-   must hold exactly what the torch reference writes.
+   of those activations over an int8 pool (its k_mean random too), with and
+   without a sliding window; the pool must hold exactly what the torch
+   reference writes.
 2. Speed: native vs the torch reference (CUDA events, median of runs), and the
    decode kernel's achieved bandwidth (K/V bytes it must read / time) as a
    fraction of the card's measured device-to-device copy bandwidth.
@@ -34,7 +35,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
                (torch.bfloat16, torch.int8), (torch.float16, torch.int8), (torch.float32, torch.int8)]
 
-# (name, query_lens, context_lens, Hq, Hkv, D, block_size)
+# (name, query_lens, context_lens, Hq, Hkv, D, block_size[, window])
 CHECKS = [
     ("decode ctx=1", [1, 1], [1, 1], 9, 3, 64, 16),
     ("decode block edges", [1] * 4, [16, 17, 32, 31], 8, 2, 128, 16),
@@ -44,6 +45,10 @@ CHECKS = [
     ("prefill", [77], [77], 9, 3, 64, 16),
     ("prefill+prefix", [40, 33], [300, 33 + 64], 32, 8, 128, 16),
     ("mixed", [1, 50, 1, 1, 20], [1, 70, 1000, 16, 20], 12, 4, 64, 8),
+    ("decode window 512", [1] * 4, [700, 40, 513, 3000], 4, 1, 256, 16, 512),
+    ("decode window 300", [1] * 4, [700, 301, 3000, 299], 8, 2, 128, 16, 300),  # a partial last partition
+    ("prefill window 37", [90], [90], 8, 2, 64, 16, 37),
+    ("mixed window 100", [1, 50, 1, 1, 20], [1, 170, 1000, 16, 20], 12, 4, 64, 8, 100),
 ]
 
 # Timed shapes: (name, batch, ctx, qlen, Hq, Hkv, D)
@@ -66,15 +71,17 @@ def check_correctness(seed: int) -> list[dict]:
     from kvmux.ops.cuda_attention import cuda_paged_attention
 
     rows = []
-    for i, (name, qlens, ctx, hq, hkv, d, bs) in enumerate(CHECKS):
+    for i, (name, qlens, ctx, hq, hkv, d, bs, *window) in enumerate(CHECKS):
+        window = window[0] if window else 0
         for act, kv in DTYPE_PAIRS:
-            case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=seed + i, device="cuda")
+            case = make_case(qlens, ctx, hq, hkv, d, bs, kv, act, seed=seed + i, device="cuda", window=window)
             if kv == torch.int8:  # an int8 pool's K offset, which its writer subtracts
                 case.cache.k_mean = torch.randn(NUM_LAYERS, hkv, d, generator=torch.Generator().manual_seed(i)).cuda()
             want_pool = expected_pool(case)
             cache = case.fresh_cache()
             out = torch.full_like(case.q, float("nan"))
-            cuda_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out)
+            cuda_paged_attention(case.q, case.k, case.v, cache, LAYER, case.batch(), case.scale, out=out,
+                                 window=window)
             torch.cuda.synchronize()
             err = rel_error(out, reference_f64(case, cache.kv))
             ok = bool(torch.equal(cache.kv, want_pool)) and not out.isnan().any().item() and err <= TOLERANCE[act]

@@ -128,7 +128,7 @@ def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypa
 
 @pytest.mark.parametrize("window", WINDOWS)
 def test_torch_reference_backend_applies_the_window(window):
-    """The torch backend (the one CUDA falls back to for windows) against float64, prefill and decode mixed."""
+    """The torch backend against float64 with a window, prefill and decode mixed."""
     qlens, ctx = [1, 19, 1, 1, 40], [1, 51, 16, 300, 40]
     case = make_case(qlens, ctx, 8, 2, 64, 16, torch.float32, torch.float32, seed=window, window=window)
     cache = case.fresh_cache()
@@ -146,6 +146,14 @@ def test_cuda_kernel_matches_float64_reference(c):
         pytest.skip("the CUDA kernels need head_dim % 8 == 0")
     for dtypes in DTYPES + [(torch.float16, torch.float16), (torch.float16, torch.int8)]:
         run_case((kind, gqa, d, bs, dtypes, i), "cuda", cuda_paged_attention)
+
+
+@pytest.mark.skipif(not attention.native_available(torch.device("cuda")), reason="needs a GPU and kvmux._native_cuda")
+@pytest.mark.parametrize("c", [c for c in CASES[:24] if c[2] % 8 == 0], ids=case_id)
+def test_cuda_sliding_window_matches_float64_reference(c):
+    from kvmux.ops.cuda_attention import cuda_paged_attention
+
+    run_case(c, "cuda", cuda_paged_attention, window=WINDOWS[c[-1] % len(WINDOWS)])
 
 
 def test_one_call_serves_several_layers_and_threads():

@@ -174,12 +174,9 @@ def native_available(device: torch.device) -> bool:
 def native_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                            layer: int, batch: ForwardBatch, scale: float, window: int = 0) -> torch.Tensor:
     if q.device.type == "cuda":
-        if window:
-            raise ValueError("the CUDA attention kernel has no sliding window yet; run a sliding-window model "
-                             "(Gemma 3) on CUDA with attention_backend 'torch' or 'auto'")
         # Imported here so CPU-only installs never touch the CUDA module.
         from kvmux.ops.cuda_attention import cuda_paged_attention
-        return cuda_paged_attention(q, k, v, kv_cache, layer, batch, scale)
+        return cuda_paged_attention(q, k, v, kv_cache, layer, batch, scale, window=window)
     if q.device.type != "cpu":
         raise ValueError(f"q: no native attention kernel for device {q.device}")
     return cpu_paged_attention(q, k, v, kv_cache, layer, batch, scale, window=window)
@@ -187,8 +184,7 @@ def native_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
 
 def auto_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                          layer: int, batch: ForwardBatch, scale: float, window: int = 0) -> torch.Tensor:
-    native = native_available(q.device) and not (window and q.device.type == "cuda")
-    fn = native_paged_attention if native else torch_paged_attention
+    fn = native_paged_attention if native_available(q.device) else torch_paged_attention
     return fn(q, k, v, kv_cache, layer, batch, scale, window)
 
 

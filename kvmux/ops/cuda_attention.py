@@ -66,7 +66,8 @@ class CudaMetadata:
         decode = [i for i, n in enumerate(qlens) if n == 1]
         tile = native.prefill_tile_tokens(group)
         tiles = [x for i, n in enumerate(qlens) if n > 1 for b in range(0, n, tile) for x in (i, b, min(n, b + tile))]
-        # Longest decode context first decides how many partitions the grid needs.
+        # Longest decode context first decides how many partitions the grid needs (a sliding-window layer's
+        # fewer: the kernels skip those past its window).
         self.max_partitions = max((-(-ctx[i] // native.PARTITION) for i in decode), default=1)
 
         S = len(qlens)
@@ -87,7 +88,7 @@ class CudaMetadata:
 
 def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                          layer: int, batch: ForwardBatch, scale: float,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Fused CUDA kernels: write k, v into their slots, attend q; same contract as `paged_attention`."""
     if q.dim() != 3:
         raise ValueError(f"q: expected [tokens, heads, head_dim], got shape {tuple(q.shape)}")
@@ -117,7 +118,7 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         q.data_ptr(), row_stride(q), k.data_ptr(), row_stride(k), v.data_ptr(), row_stride(v), out.data_ptr(),
         DTYPE_CODES[q.dtype], kv_cache.kv.data_ptr(), DTYPE_CODES[kv_cache.dtype],
         0 if mean is None else mean[layer].data_ptr(), kv_cache.num_layers, layer,
-        kv_cache.block_size, meta.tables.shape[1], num_tokens, num_heads, num_kv_heads, head_dim, float(scale),
+        kv_cache.block_size, meta.tables.shape[1], num_tokens, num_heads, num_kv_heads, head_dim, float(scale), window,
         meta.slots.data_ptr(), meta.query_starts.data_ptr(), meta.query_lens.data_ptr(),
         meta.context_lens.data_ptr(), meta.tables.data_ptr(), meta.decode_seqs.data_ptr(), meta.num_decode,
         meta.max_partitions, meta.tiles.data_ptr(), meta.num_tiles, meta.part_out.data_ptr(),

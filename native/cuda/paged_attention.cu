@@ -9,6 +9,9 @@
 //   prefill   -- query tiles of a prompt chunk attend causally over cached
 //                blocks plus the chunk itself, flash-style (online softmax
 //                over 32-key chunks staged in shared memory).
+// With a window (a sliding-window layer), a query at position i sees keys
+// max(0, i - window + 1) .. i: decode's partitions start at its first key,
+// prefill's key walk at its tile's first row's, and earlier keys are masked.
 //
 // An int8 pool (kv_cache.py, native/cpu/paged_attention.h) keeps each row
 // rotated by the Walsh-Hadamard transform (K less the layer's k_mean first),
@@ -21,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) write_kv_int8_kernel(const QT* __res
 
 struct DecodeParams {
     const int32_t *decode_seqs, *query_starts, *context_lens, *block_tables;
-    int64_t max_blocks, q_stride, num_heads, kv_heads, group, max_partitions;
+    int64_t max_blocks, q_stride, num_heads, kv_heads, group, max_partitions, window;
     float scale;
     float *part_out, *part_max, *part_sum;
 };
@@ -241,9 +245,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const QT* __restrict__
     const int seq_i = blockIdx.z, h = blockIdx.y, part = blockIdx.x;
     const int32_t s = p.decode_seqs[seq_i];
     const int32_t ctx = p.context_lens[s];
-    const int nparts = (ctx + kPartition - 1) / kPartition;
+    const int32_t first = p.window > 0 ? max(0, ctx - static_cast<int32_t>(p.window)) : 0;  // its first key
+    const int nparts = (ctx - first + kPartition - 1) / kPartition;
     if (part >= nparts) return;
-    const int32_t k0 = part * kPartition;
+    const int32_t k0 = first + part * kPartition;
     const int n = min(kPartition, ctx - k0);
     const int32_t* table = p.block_tables + s * p.max_blocks;
     const int64_t token = p.query_starts[s];
@@ -351,7 +356,9 @@ template <typename QT>
 __global__ void decode_merge_kernel(QT* __restrict__ out, DecodeParams p, int64_t dim) {
     const int seq_i = blockIdx.y, head = blockIdx.x;
     const int32_t s = p.decode_seqs[seq_i];
-    const int nparts = (p.context_lens[s] + kPartition - 1) / kPartition;
+    const int32_t ctx = p.context_lens[s];
+    const int32_t first = p.window > 0 ? max(0, ctx - static_cast<int32_t>(p.window)) : 0;
+    const int nparts = (ctx - first + kPartition - 1) / kPartition;
     if (nparts == 1) return;  // decode_kernel wrote it directly
     const int64_t h = head / p.group, g = head % p.group;
     const int64_t row0 = (static_cast<int64_t>(seq_i) * p.kv_heads + h) * p.max_partitions;
@@ -372,7 +379,7 @@ __global__ void decode_merge_kernel(QT* __restrict__ out, DecodeParams p, int64_
 
 struct PrefillParams {
     const int32_t *tiles, *query_starts, *query_lens, *context_lens, *block_tables;
-    int64_t max_blocks, q_stride, num_heads, group;
+    int64_t max_blocks, q_stride, num_heads, group, window;
     float scale;
 };
 
@@ -393,6 +400,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
     const int64_t token0 = p.query_starts[s];
     const int32_t* table = p.block_tables + s * p.max_blocks;
     const int32_t num_keys = ctx - qlen + qe;
+    const int32_t window = static_cast<int32_t>(p.window);
+    // The first key the tile's first row sees: no row of the tile sees one before it.
+    const int32_t tile_first = window > 0 ? max(0, ctx - qlen + qb - window + 1) : 0;
 
     float* q_s = smem;                     // [rows, D]
     float* k_s = q_s + kPrefillRows * D;   // [32, D + 1]: padded so lanes reading a column avoid bank conflicts
@@ -414,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
         for (int e = 0; e < kDimsPerLane; ++e) acc[j][e] = 0.0f;
     }
 
-    for (int32_t c0 = 0; c0 < num_keys; c0 += kKeyChunk) {
+    for (int32_t c0 = tile_first; c0 < num_keys; c0 += kKeyChunk) {
         __syncthreads();  // the previous chunk is consumed (and, first time, q_s is written)
         for (int64_t i = tid; i < kKeyChunk * D; i += kThreads) {
             const int t = static_cast<int>(i / D);
@@ -432,8 +442,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const QT* __restrict_
             const int r = warp + kWarps * j;
             if (r >= rows) break;
             const int32_t last = ctx - qlen + qb + static_cast<int32_t>(r / G);  // last key this row sees
-            if (c0 > last) continue;
-            const bool valid = c0 + lane <= last;
+            const int32_t first = window > 0 ? max(0, last - window + 1) : 0;  // first key this row sees
+            if (c0 > last || c0 + kKeyChunk <= first) continue;  // a chunk with no key of the row leaves it as it is
+            const bool valid = c0 + lane <= last && c0 + lane >= first;
             float score = -INFINITY;
             if (valid) {
                 float dot = 0.0f;
@@ -538,7 +549,7 @@ void launch(const Args& a) {
     if (a.num_decode > 0) {
         DecodeParams d{reinterpret_cast<const int32_t*>(a.decode_seqs), reinterpret_cast<const int32_t*>(a.query_starts),
                        reinterpret_cast<const int32_t*>(a.context_lens), reinterpret_cast<const int32_t*>(a.block_tables),
-                       a.max_blocks, a.q_stride, a.num_heads, a.num_kv_heads, G, a.max_partitions, a.scale,
+                       a.max_blocks, a.q_stride, a.num_heads, a.num_kv_heads, G, a.max_partitions, a.window, a.scale,
                        reinterpret_cast<float*>(a.part_out), reinterpret_cast<float*>(a.part_max),
                        reinterpret_cast<float*>(a.part_sum)};
         const size_t smem = sizeof(float) * (2 * G * D + G * kPartition + 2 * G);
@@ -558,7 +569,7 @@ void launch(const Args& a) {
         PrefillParams pp{reinterpret_cast<const int32_t*>(a.prefill_tiles), reinterpret_cast<const int32_t*>(a.query_starts),
                          reinterpret_cast<const int32_t*>(a.query_lens), reinterpret_cast<const int32_t*>(a.context_lens),
                          reinterpret_cast<const int32_t*>(a.block_tables), a.max_blocks, a.q_stride, a.num_heads, G,
-                         a.scale};
+                         a.window, a.scale};
         const size_t smem = sizeof(float) * (kPrefillRows * D + kKeyChunk * (D + 1) + kKeyChunk * D);
         reserve_smem(prefill_kernel<QT, KT>, smem);
         const dim3 grid(static_cast<unsigned>(a.num_tiles), static_cast<unsigned>(a.num_kv_heads));
@@ -580,6 +591,7 @@ void paged_attention(const Args& a) {
         throw std::invalid_argument("head_dim must be a multiple of 8 and at most " + std::to_string(kMaxDim));
     if (a.layer < 0 || a.layer >= a.num_layers) throw std::invalid_argument("layer is outside [0, num_layers)");
     if (a.num_tokens < 1) throw std::invalid_argument("no tokens");
+    if (a.window < 0 || a.window > INT32_MAX) throw std::invalid_argument("window must be in [0, 2^31) (0: none)");
     const auto act = a.act_dtype, kv = a.kv_dtype;
     if (act == DType::f32 && kv == DType::f32) return launch<float, float>(a);
     if (act == DType::f32 && kv == DType::bf16) return launch<float, __nv_bfloat16>(a);

@@ -29,6 +29,7 @@ struct Args {
     int64_t num_layers, layer, block_size, max_blocks;
     int64_t num_tokens, num_heads, num_kv_heads, head_dim;
     float scale;
+    int64_t window;  // a sliding-window layer's: a query sees its last `window` keys (its own included); 0: all
     // Step metadata, all device int32 except slot_mapping (int64).
     std::uintptr_t slot_mapping;   // [T]
     std::uintptr_t query_starts;   // [S] packed index of each sequence's first new token
