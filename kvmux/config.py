@@ -139,7 +139,8 @@ class EngineConfig:
                                           "for prefill, each sampling the next token of every sequence (their tokens "
                                           "stream a run at a time); spreads the engine's per-step work over more "
                                           "tokens, which at a few sequences is much of a step. 1: one token per "
-                                          "step. Tensor parallelism runs 1")
+                                          "step; at most 32, since aborts and new requests wait for a run to end. "
+                                          "Tensor parallelism runs 1")
     max_model_len: int | None = setting(None, "longest prompt + output, at most the model's context length "
                                               "(default: the model's context length)")
     max_pending: int = setting(1024, "unfinished requests before new ones are refused as overloaded")
@@ -197,7 +198,8 @@ class EngineConfig:
             ("kv_cache_gib", self.kv_cache_gib > 0, "must be > 0"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
-            ("num_scheduler_steps", self.num_scheduler_steps >= 1, "must be >= 1"),
+            ("num_scheduler_steps", 1 <= self.num_scheduler_steps <= 32,
+             "must be in [1, 32]: aborts and new requests wait for a run of that many forwards to end"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
             ("max_pending", self.max_pending >= 1, "must be >= 1"),
             ("max_prompt_tokens", self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "must be >= 1"),

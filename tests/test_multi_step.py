@@ -88,8 +88,9 @@ def test_blocks_filled_in_a_run_are_cached_under_their_tokens(tiny):
     assert again.token_ids == plain.token_ids
 
 
-def test_a_sequence_runs_several_forwards_only_where_its_slots_are_free(tiny):
-    """With a pool too small for the runs' slots, steps fall back to one forward and outputs stay the same."""
+def test_a_pool_too_small_for_the_runs_slots_keeps_the_outputs(tiny):
+    """With a pool too small for the runs' slots (steps fall back to one forward, sequences are preempted), the
+    outputs stay those of one forward per step and nothing is leaked."""
     prompts = [PROMPTS[9], PROMPTS[10]]
     params = [greedy(24), greedy(24)]
     one, _ = run(tiny, 1, prompts, params)
@@ -117,6 +118,15 @@ def test_fill_tokens_names_only_uncached_slots():
         bm.fill_tokens("a", 3, [9])  # a cached block
     with pytest.raises(BlockError, match="not uncached slots"):
         bm.fill_tokens("a", 8, [9])  # past its slots
+
+
+def test_num_scheduler_steps_out_of_range_is_refused_by_name():
+    from kvmux.config import ConfigError, EngineConfig
+
+    for steps in (0, 33):
+        with pytest.raises(ConfigError, match="num_scheduler_steps must be in"):
+            EngineConfig(num_scheduler_steps=steps).validate()
+    EngineConfig(num_scheduler_steps=32).validate()
 
 
 def test_the_runner_refuses_several_forwards_over_chunks_that_cannot_take_them():

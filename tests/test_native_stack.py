@@ -76,12 +76,16 @@ def test_the_native_stack_gives_the_python_layers_logits_bit_for_bit(models, kin
         assert torch.equal(got, want)
 
 
-def test_a_k_mean_of_the_wrong_shape_is_refused_by_name(tiny):
+def test_a_k_mean_of_the_wrong_shape_or_device_is_refused_by_name(tiny):
     """The stack reads each layer's K offset by address: one too short would be read past its end."""
     model = load_model(tiny, progress=False).model
     cache = KVCache(4, PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, 8, torch.int8))
     cache.k_mean = torch.zeros(1, model.num_kv_heads, model.head_dim)
     with pytest.raises(ValueError, match=r"kv_cache.k_mean: expected float32 \[2 layers or more"):
+        model(ForwardBatch.build([Chunk("s", 0, IDS[:5], [0])], 8), cache)
+    # The right shape on another device than the pool's is read by address too.
+    cache.k_mean = torch.zeros(model.num_layers, model.num_kv_heads, model.head_dim, device="meta")
+    with pytest.raises(ValueError, match=r"k_mean: .* on cpu, got torch.float32 .* on meta"):
         model(ForwardBatch.build([Chunk("s", 0, IDS[:5], [0])], 8), cache)
 
 

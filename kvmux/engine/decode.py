@@ -408,8 +408,8 @@ class Decode(Actor):
                 chunk.sliding_table = self.blocks.sliding_table(chunk.seq_id, chunk.position,
                                                                 chunk.position + len(chunk.token_ids))
         # The masks are filled on another thread while the forward runs; sampling waits for them.
-        return StepWork(chunks, masks=self.constraints.fill(masked) if masked else None, steps=steps), sampled, \
-            computed
+        work = StepWork(chunks, masks=self.constraints.fill(masked) if masked else None, steps=steps)
+        return work, sampled, computed
 
     def _sampled_chunk(self, seq: messages.SeqState, chunk: Chunk, masked: list, drafts: list[int]) -> Chunk:
         """The chunk with its sequence's block table and draw. An unforked sample 0 draws the first

@@ -66,8 +66,8 @@ class CudaMetadata:
         decode = [i for i, n in enumerate(qlens) if n == 1]
         tile = native.prefill_tile_tokens(group)
         tiles = [x for i, n in enumerate(qlens) if n > 1 for b in range(0, n, tile) for x in (i, b, min(n, b + tile))]
-        # Longest decode context first decides how many partitions the grid needs (a sliding-window layer's
-        # fewer: the kernels skip those past its window).
+        # Longest decode context first decides how many partitions the grid needs (a sliding-window layer needs
+        # fewer; the grid's other CTAs return at once).
         self.max_partitions = max((-(-ctx[i] // native.PARTITION) for i in decode), default=1)
 
         S = len(qlens)
@@ -110,8 +110,6 @@ def cuda_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     check_rows("v", v, num_tokens, num_kv_heads, head_dim, q.dtype, q.device)
     check_pool(kv_cache, num_kv_heads, head_dim, layer)
     mean = check_k_mean(kv_cache, layer)
-    if mean is not None and mean.device != kv_cache.device:
-        raise ValueError(f"kv_cache.k_mean: on {mean.device}, the pool on {kv_cache.device}")
 
     out = check_out(out, q)
     _module().paged_attention(

@@ -71,13 +71,15 @@ def check_pool(kv_cache: KVCache, num_kv_heads: int, head_dim: int, layer: int) 
 
 def check_k_mean(kv_cache: KVCache, last_layer: int) -> torch.Tensor | None:
     """An int8 pool's K offsets (None where it has none), checked to hold layers 0 .. last_layer as the kernels
-    read them: by address, [layers, num_kv_heads, head_dim] float32 contiguous."""
+    read them: by address, [layers, num_kv_heads, head_dim] float32 contiguous, on the pool's device."""
     mean = kv_cache.k_mean if kv_cache.dtype == torch.int8 else None
     shape = (kv_cache.num_kv_heads, kv_cache.head_dim)
     if mean is not None and (mean.dtype != torch.float32 or not mean.is_contiguous() or mean.dim() != 3
-                             or mean.shape[0] <= last_layer or tuple(mean.shape[1:]) != shape):
+                             or mean.shape[0] <= last_layer or tuple(mean.shape[1:]) != shape
+                             or mean.device != kv_cache.device):
         raise ValueError(f"kv_cache.k_mean: expected float32 [{last_layer + 1} layers or more, {shape[0]}, "
-                         f"{shape[1]}], contiguous, got {mean.dtype} {tuple(mean.shape)}")
+                         f"{shape[1]}], contiguous, on {kv_cache.device}, got {mean.dtype} {tuple(mean.shape)} "
+                         f"on {mean.device}")
     return mean
 
 

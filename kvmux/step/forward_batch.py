@@ -52,15 +52,13 @@ class ForwardBatch:
         # time either way.
         positions: list[int] = []
         slots: list[int] = []
+        logits_indices: list[int] = []
         for s, n in zip(seqs, query_lens):
             positions.extend(range(s.position, s.position + n))
             slots.extend(_slot_runs(s.block_table, s.position, n, block_size))
-        input_ids = [t for s in seqs for t in s.token_ids]
-        logits_indices, end = [], 0
-        for s, n in zip(seqs, query_lens):
-            end += n
             if s.draw is not None:
-                logits_indices.extend(range(end - 1 - len(s.draw.drafts), end))
+                logits_indices.extend(range(len(positions) - 1 - len(s.draw.drafts), len(positions)))
+        input_ids = [t for s in seqs for t in s.token_ids]
 
         def tensor(values, dtype=torch.int64):
             return torch.tensor(values, dtype=dtype, device=device)
