@@ -130,9 +130,10 @@ class EngineConfig:
                                        "full-length sequences can use)")
     sliding_window_pool: str = setting("auto", "models with sliding-window layers (Gemma 3): on keeps those layers' "
                                                "KV for the window only, in a pool of their own, so --kv-cache-gib "
-                                               "holds more tokens; off keeps every layer's KV for every token; auto is "
-                                               "on unless --disk-cache-dir is set (the disk tier persists whole-model "
-                                               "blocks only: a restart finds those)", ("auto", "on", "off"))
+                                               "holds more tokens (their slots have host and disk tiers of their own); "
+                                               "off keeps every layer's KV for every token; auto is on except under "
+                                               "tensor parallelism with --disk-cache-dir, whose ranks' disk stores "
+                                               "keep whole-model blocks only", ("auto", "on", "off"))
     max_num_batched_tokens: int = setting(512, "token budget of one forward step (decode tokens + prompt chunks)")
     max_num_seqs: int = setting(64, "sequences running or prefilling at once")
     num_scheduler_steps: int = setting(4, "forwards one decode step may run back to back while no request waits "

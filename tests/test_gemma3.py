@@ -180,18 +180,29 @@ def test_each_sample_takes_a_seat_of_the_sliding_pool(tiny):
     assert [s.token_ids for s in many.samples] == [want[0]] * 3 and one.token_ids == want[1]
 
 
-def test_a_disk_tier_keeps_one_pool_unless_asked(tiny, tmp_path):
-    """The disk tier persists whole-model blocks: with --disk-cache-dir, auto keeps every layer in one pool, so a
-    restart finds its prefixes; `on` splits the pool anyway (and a restart then finds no window to hit with)."""
+def test_a_restart_finds_the_windows_on_the_disk(tiny, tmp_path):
+    """The sliding layers' slots have a disk store of their own beside the full-attention blocks': an engine started
+    again on the folder serves every prompt's cached blocks from the disk, with the window before the hit's end
+    (which a hit needs) from the sliding store, and outputs stay transformers'."""
     from kvmux import Engine
+
+    prompts = [random_prompt(s, 41) for s in range(3)]  # 5 full blocks of 8: the query at 40 sees blocks 3 and 4
+    options = dict(block_size=8, num_blocks=64, disk_cache_dir=str(tmp_path), disk_cache_gib=0.01)
+    want = hf_greedy(tiny, prompts, 8)
+    first, stats = run_engine(str(tiny), prompts, greedy(8), **options)
+    assert [d.token_ids for d in first] == want
+    assert stats["sliding_disk_blocks_written"] >= 3 * 5 and stats["disk_blocks_written"] >= 3 * 5
+    again, stats = run_engine(str(tiny), prompts, greedy(8), **options)
+    assert [d.token_ids for d in again] == want
+    assert stats["prefix_cache_hits_disk"] == 3 * 5 * 8
+    assert stats["sliding_disk_blocks_restored"] >= 3 * 5 and stats["sliding_disk_blocks_corrupt"] == 0
+    assert stats["sliding_disk_blocks_written"] == 0  # every slot cached is on the disk already
 
     async def window(**options):
         async with Engine(str(tiny), dtype="float32", **options) as engine:
             return engine.pool.window
 
-    assert asyncio.run(window()) == WINDOW
-    assert asyncio.run(window(disk_cache_dir=str(tmp_path / "a"))) == 0
-    assert asyncio.run(window(disk_cache_dir=str(tmp_path / "b"), sliding_window_pool="on")) == WINDOW
+    assert asyncio.run(window(disk_cache_dir=str(tmp_path))) == WINDOW  # auto splits the pool beside a disk tier
     assert asyncio.run(window(sliding_window_pool="off")) == 0
 
 

@@ -3,19 +3,26 @@ copy-on-write and truncation, and how the budget is split (kvmux/cache/block_man
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from kvmux.cache.block_manager import BlockError, BlockManager, OutOfBlocks
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import host_blocks, plan_pool
-from kvmux.cache.tiers import HOST_SLIDING, SLIDING
+from kvmux.cache.tiers import DISK_SLIDING, HOST_SLIDING, SLIDING
+from kvmux.cache.transfer import BlockCopier
 
 BS, WINDOW = 8, 10  # a query sees itself and the 9 tokens before it: at most 3 blocks of 8
 
 
 def toks(n, start=100):
     return list(range(start, start + n))
+
+
+def value(digest: int) -> float:
+    return float(digest % 2**20)
 
 
 def run_chunks(bm, seq_id, tokens, chunk):
@@ -176,3 +183,83 @@ def test_the_host_budget_holds_the_swapped_windows_first():
     assert host_blocks(split, 2**30, num_host_blocks=0) == (0, 0)
     one = plan_pool(gemma3_270m(), budget_bytes=2**30, num_blocks=None, max_num_seqs=64, max_model_len=32768)
     assert host_blocks(one, 2**30) == (2**30 // one.geometry.block_bytes, 0)
+
+
+def test_random_workload_keeps_every_sliding_tier_consistent():
+    """Sequences sharing prefixes come and go, run, swap and hit the cache over a sliding pool too small to keep
+    every cached slot: slots go down to the host and the disk and come back from either, in any mix. The simulated
+    forward writes each full block's hash as its slot's contents, a copier applies the queued copies as the runner
+    does; every cached slot in every tier must hold its hash's contents, and every window it is given too."""
+    rng = random.Random(1)
+    bm = BlockManager(40, BS, num_host_blocks=8, num_disk_blocks=8, num_sliding_blocks=12, window=WINDOW,
+                      num_host_sliding_blocks=6, num_disk_sliding_blocks=6)
+    pools = [torch.full((n, 1), -1.0) for n in (40, 8, 8, 12, 6, 6)]
+    copier = BlockCopier(pools)
+    tiers = bm.windows.tiers
+    stems = [[rng.randrange(50) for _ in range(30)] for _ in range(4)]
+    live, swapped = [], []
+
+    def forward(sid):
+        """Compute every slot of the sequence not computed yet, as one chunk."""
+        seq = bm._seqs[sid]
+        bm.sliding_table(sid, computed[sid], seq.num_tokens)
+        copier.apply(bm.take_copies())
+        hashes = bm._hash_full_blocks(seq, seq.num_tokens // BS)
+        for i, slot in enumerate(seq.window.slots):
+            if slot >= 0 and i < len(hashes) and pools[SLIDING][slot].item() != value(hashes[i]):
+                assert i >= computed[sid] // BS, f"block {i}'s slot lost its contents"
+                pools[SLIDING][slot] = value(hashes[i])
+        bm.mark_computed(sid, seq.num_tokens)
+        computed[sid] = seq.num_tokens
+        copier.apply(bm.take_copies())  # the write-through to the disk
+
+    computed: dict[str, int] = {}
+    for step in range(400):
+        action = rng.random()
+        if action < 0.35 and len(live) < 3:
+            tokens = rng.choice(stems)[:rng.randrange(10, 30)] + [rng.randrange(50)]
+            sid = f"s{step}"
+            if bm.can_allocate_prompt(tokens):
+                computed[sid] = bm.allocate(sid, tokens)
+                live.append(sid)
+                forward(sid)
+        elif action < 0.5 and live:
+            sid = live.pop(rng.randrange(len(live)))
+            if bm.swap_out(sid):
+                swapped.append(sid)
+            else:
+                bm.free(sid)
+        elif action < 0.65 and swapped:
+            sid = swapped.pop(0)
+            try:
+                bm.swap_in(sid)
+                live.append(sid)
+            except OutOfBlocks:
+                swapped.append(sid)
+        elif action < 0.85 and live:
+            sid = rng.choice(live)
+            if bm.blocks_needed_to_append(sid, 1) <= bm.num_free:
+                bm.append_slots(sid, [rng.randrange(50)])
+                forward(sid)
+        elif live:
+            bm.free(live.pop(rng.randrange(len(live))))
+        copier.apply(bm.take_copies())
+        for tier, alloc in ((SLIDING, bm.windows.pool), (HOST_SLIDING, tiers.host), (DISK_SLIDING, tiers.disk)):
+            for slot in range(alloc.num_blocks):
+                if alloc.has_hash(slot):
+                    assert pools[tier][slot].item() == value(alloc.block_hash(slot)), (step, tier, slot)
+        for sid in swapped:
+            seq = bm._swapped[sid]
+            for i, slot in enumerate(seq.window.slots[:len(seq.hashes)]):
+                assert slot < 0 or pools[HOST_SLIDING][slot].item() == value(seq.hashes[i])
+        bm.check_invariants()
+    for sid in live:
+        bm.free(sid)
+    for sid in swapped:
+        bm.drop_swapped(sid)
+    bm.check_invariants()
+    stats = bm.cache_stats()
+    assert stats["sliding_prefix_blocks_to_host"] > 0 and stats["sliding_prefix_blocks_to_disk"] > 0
+    assert stats["sliding_slots_from_host"] > 0 and stats["sliding_slots_from_disk"] > 0
+    assert stats["sliding_blocks_swapped_out"] > 0
+    assert tiers.host.num_free == 6 and bm.num_sliding_used == 0

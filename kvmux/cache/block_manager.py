@@ -20,8 +20,9 @@ lookup goes on down there; a preempted sequence can be swapped out to the host
 pool (`swap_out`) and back (`swap_in`) with its block table rebuilt.
 
 Sliding-window layers (Gemma 3's five of six) keep their KV in a pool of their own, for each sequence's window
-only (`windows`, kvmux/cache/sliding_windows.py): every operation here on a sequence's blocks does its part on
-its window too, and a prefix hit goes only as far as the window before its end is cached there.
+only (`windows`, kvmux/cache/sliding_windows.py, with host and disk tiers of its own): every operation here on a
+sequence's blocks does its part on its window too, and a prefix hit goes only as far as the window before its end
+is cached there.
 
 Nothing here moves bytes: every copy a decision implies -- copy-on-write,
 swap, demotion, promotion -- joins one queue of `BlockCopy`s, in the order the
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
 from kvmux.cache.sliding_windows import SlidingWindows, Window
-from kvmux.cache.tiers import DEVICE, BlockCopy, Tiers
+from kvmux.cache.tiers import DEVICE, DISK, BlockCopy, Tiers
 
 __all__ = ["BlockManager", "BlockError", "OutOfBlocks", "block_hashes"]
 
@@ -87,13 +88,14 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
                  cache_key: bytes = b"", num_host_blocks: int = 0, num_disk_blocks: int = 0,
-                 num_sliding_blocks: int = 0, window: int = 0, num_host_sliding_blocks: int | None = None):
+                 num_sliding_blocks: int = 0, window: int = 0, num_host_sliding_blocks: int | None = None,
+                 num_disk_sliding_blocks: int | None = None):
         """cache_key names whatever else shapes the KV (model, dtype): it seeds every hash chain.
 
         num_host_blocks / num_disk_blocks size the tiers below the device (0: none). num_sliding_blocks > 0: the
-        sliding-window layers' pool, for a window of `window` tokens (the query's own included), and
-        num_host_sliding_blocks the host's for swapped-out windows (None: as many as the device's where there is a
-        host tier).
+        sliding-window layers' pool, for a window of `window` tokens (the query's own included),
+        num_host_sliding_blocks the host's, for swapped-out windows and cached slots (None: as many as the device's
+        where there is a host tier), and num_disk_sliding_blocks the disk's (None: as many as its blocks).
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -115,8 +117,15 @@ class BlockManager:
         self.prefix_hit_blocks = [0, 0, 0]  # prefix cache hits found on the device, host, disk
         if num_host_sliding_blocks is None:
             num_host_sliding_blocks = num_sliding_blocks if num_host_blocks else 0
+        if num_disk_sliding_blocks is None:
+            num_disk_sliding_blocks = num_disk_blocks
         self.windows = SlidingWindows(num_sliding_blocks, block_size, window, num_host_sliding_blocks,
+                                      num_disk_sliding_blocks, enable_prefix_caching,
                                       self._copies) if num_sliding_blocks else None
+
+    def tiers_of(self, disk_tier: int) -> Tiers:
+        """The stack of tiers a disk pool (DISK or DISK_SLIDING) belongs to."""
+        return self.tiers if disk_tier == DISK else self.windows.tiers
 
     @property
     def num_free(self) -> int:

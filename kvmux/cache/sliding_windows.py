@@ -7,7 +7,13 @@ that some query to come still sees, a slot of that pool. A slot is taken when a 
 one leaving the window waits in the pool's LRU, and a prefix hit goes only as far as the window before its end is
 still cached (`usable_hits`). Forks share slots by reference count, a fork's partly filled last block is copied (a
 `BlockCopy` within SLIDING), a swapped-out sequence takes its window to the host's pool of slots (HOST_SLIDING) and
-back. The host and disk tiers cache full-attention blocks only.
+back.
+
+The slots have tiers of their own below the device (`tiers`, kvmux/cache/tiers.py, over SLIDING, HOST_SLIDING and
+DISK_SLIDING), keyed by the same hashes as the full-attention blocks': a cached slot the pool reclaims is demoted to
+the host and then the disk, a slot cached on the device is written through to the disk, and a hit's window comes
+back from wherever its slots are (`for_hit`). So a restart finds a prefix's window on the disk as it finds its
+full-attention blocks.
 
 Why the pool never runs out: a sequence holds at most its window's blocks and those its chunk writes, and every
 holder of a window has a seat (Prefill counts each sample of a request, Decode each swapped-out sequence), for
@@ -20,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
-from kvmux.cache.tiers import HOST_SLIDING, SLIDING, BlockCopy
+from kvmux.cache.tiers import SLIDING, SLIDING_TIERS, BlockCopy, Tiers
 
 
 @dataclass
@@ -36,16 +42,19 @@ class Window:
 
 
 class SlidingWindows:
-    def __init__(self, num_blocks: int, block_size: int, window: int, num_host_blocks: int,
-                 copies: list[BlockCopy]) -> None:
-        """window: the sliding layers' window in tokens (the query's own included); copies: the block manager's
-        queue, which slot copies join."""
+    def __init__(self, num_blocks: int, block_size: int, window: int, num_host_blocks: int, num_disk_blocks: int,
+                 keep_prefixes: bool, copies: list[BlockCopy]) -> None:
+        """window: the sliding layers' window in tokens (the query's own included); num_host_blocks: slots on the
+        host, for swapped-out windows and cached slots; keep_prefixes: prefix caching is on; copies: the block
+        manager's queue, which slot copies join."""
         if window <= 0:
             raise ValueError(f"a sliding pool needs a window > 0, got {window}")
         self.block_size, self.window = block_size, window
         self.pool = BlockAllocator(num_blocks)
-        self.host = BlockAllocator(num_host_blocks)  # where swapped-out sequences keep their windows
+        self.tiers = Tiers(self.pool, num_host_blocks, num_disk_blocks, keep_prefixes, copies, SLIDING_TIERS)
+        self.host = self.tiers.host
         self.copies = copies
+        self.hits_from = [0, 0]  # slots a prefix hit's window took back from the host, from the disk
 
     @property
     def num_used(self) -> int:
@@ -60,10 +69,10 @@ class SlidingWindows:
 
     def usable_hits(self, hashes: list[int], found: int) -> int:
         """Of the `found` leading blocks a prefix lookup found cached, how many a hit may use: as many as leave the
-        window before the hit's end cached here."""
+        window before the hit's end cached in some tier here."""
         last_missing, last = [], -1  # per block: the last one up to it whose slot is not cached
         for i, digest in enumerate(hashes[:found]):
-            if not self.pool.lookup([digest]):
+            if not self.tiers.holds(digest):
                 last = i
             last_missing.append(last)
         hits = found
@@ -73,9 +82,12 @@ class SlidingWindows:
 
     def for_hit(self, hashes: list[int], hits: int, num_blocks: int) -> Window:
         """The window of a sequence of num_blocks blocks whose first `hits` came from the prefix cache: the slots
-        before its first token to compute, cached (usable_hits made sure), so none is fresh."""
+        before its first token to compute, each cached in some tier (usable_hits made sure), brought back to the
+        device where they are not on it."""
         lo = self.start(hits * self.block_size)
-        cached, _ = self.pool.allocate_with_prefix(hashes[lo:hits], hits - lo)
+        cached, from_host, from_disk = self.tiers.gather(hashes[lo:hits])
+        self.hits_from[0] += from_host
+        self.hits_from[1] += from_disk
         return Window([-1] * lo + cached + [-1] * (num_blocks - hits), lo)
 
     # -- as the sequence runs -----------------------------------------------
@@ -90,12 +102,13 @@ class SlidingWindows:
                              f"has no sliding slot")
         for i, slot in zip(missing, self.pool.allocate_n(len(missing))):
             w.slots[i] = slot
+        self.tiers.demote_reclaimed()
         return list(w.slots)
 
     def register(self, w: Window, block: int, digest: int) -> None:
         """Block `block` is computed and cached under `digest`: its slot too, if it holds one."""
-        if w.slots[block] >= 0:
-            self.pool.register_block(w.slots[block], digest)
+        if w.slots[block] >= 0 and self.pool.register_block(w.slots[block], digest):
+            self.tiers.persist(w.slots[block], digest)
 
     def leave(self, w: Window, computed: int) -> None:
         """The sequence's first `computed` tokens have their KV: give back the slots no query to come sees."""
@@ -119,6 +132,7 @@ class SlidingWindows:
         """Give the window its own copy of its last block's slot (queued); last_shared said it is needed."""
         src = w.slots[-1]
         (dst,) = self.pool.allocate_n(1)
+        self.tiers.demote_reclaimed()
         self.pool.decref(src)
         w.slots[-1] = dst
         self.copies.append(BlockCopy(SLIDING, src, SLIDING, dst))
@@ -149,9 +163,12 @@ class SlidingWindows:
         release."""
         held = [i for i, slot in enumerate(w.slots) if slot >= 0]
         out = Window([-1] * len(w.slots), w.lo)
-        for i, slot in zip(held, self.host.allocate_n(len(held))):
+        slots = self.host.allocate_n(len(held))
+        self.tiers.demote_reclaimed_host()
+        for i, slot in zip(held, slots):
             out.slots[i] = slot
-            self.copies.append(BlockCopy(SLIDING, w.slots[i], HOST_SLIDING, slot))
+            self.copies.append(BlockCopy(SLIDING, w.slots[i], self.tiers.ids.host, slot))
+        self.tiers.blocks_swapped_out += len(held)
         return out
 
     def check_room(self, w: Window) -> None:
@@ -165,11 +182,14 @@ class SlidingWindows:
         forward."""
         held = [i for i, slot in enumerate(w.slots) if slot >= 0]
         back = Window([-1] * len(w.slots), w.lo)
-        for i, slot in zip(held, self.pool.allocate_n(len(held))):
-            self.copies.append(BlockCopy(HOST_SLIDING, w.slots[i], SLIDING, slot))
+        slots = self.pool.allocate_n(len(held))
+        self.tiers.demote_reclaimed()
+        for i, slot in zip(held, slots):
+            self.copies.append(BlockCopy(self.tiers.ids.host, w.slots[i], SLIDING, slot))
             back.slots[i] = slot
             if i < len(hashes):
                 self.pool.register_block(slot, hashes[i])
+        self.tiers.blocks_swapped_in += len(held)
         self.drop(w)
         return back
 
@@ -180,7 +200,10 @@ class SlidingWindows:
     # -- books --------------------------------------------------------------
 
     def stats(self) -> dict:
-        return {"sliding_blocks_used": self.num_used, "sliding_blocks_cached": self.pool.num_cached}
+        return {"sliding_blocks_used": self.num_used, "sliding_blocks_cached": self.pool.num_cached,
+                "sliding_slots_from_host": self.hits_from[0], "sliding_slots_from_disk": self.hits_from[1],
+                **{f"sliding_{key}": value for key, value in self.tiers.stats().items()
+                   if not key.startswith("blocks_swap_")}}
 
     def check(self, device: dict[str, tuple[Window, int]], host: list[Window]) -> None:
         """device: each live sequence's window and block count; host: the swapped-out sequences' windows."""
@@ -195,7 +218,4 @@ class SlidingWindows:
             if self.pool.refcount(slot) != holders[slot]:
                 raise RuntimeError(f"sliding slot {slot} has refcount {self.pool.refcount(slot)} "
                                    f"but {holders[slot]} sequence(s) hold it")
-        on_host = Counter(slot for w in host for slot in w.held())
-        if any(n > 1 for n in on_host.values()) or self.host.num_free != self.host.num_blocks - len(on_host):
-            raise RuntimeError(f"host sliding slots: {self.host.num_free} free, swapped sequences hold "
-                               f"{sorted(on_host)}")
+        self.tiers.check_invariants(Counter(slot for w in host for slot in w.held()))

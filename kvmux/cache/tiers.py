@@ -18,6 +18,11 @@ block stays cached below too, so evicting it again costs no copy):
   there. Full blocks are acquired by hash, so a block several sequences share
   is stored on the host once; the partly filled last block is private.
 
+A model with sliding-window layers has two such stacks of tiers
+(kvmux/cache/sliding_windows.py): the full-attention layers' blocks and the
+sliding layers' slots, each with its own device, host and disk pools, and the
+same hashes name a block's contents in both.
+
 Nothing here moves bytes. Each decision appends a `BlockCopy` to the block
 manager's one copy queue, in the order the copies must run: a copy out of a
 reclaimed block is queued before anything that writes into it. The decode
@@ -30,11 +35,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from kvmux._native import BlockAllocator
+from kvmux._native import BlockAllocator, BlockError
 
+# The pools a BlockCopy names: the full-attention layers' (every layer's, without a sliding pool) and the sliding
+# window layers' (block_manager.py), each on the device, the host and the disk.
 DEVICE, HOST, DISK = 0, 1, 2
-# The sliding-window layers' pools (block_manager.py): the device's, and the host's for swapped-out windows.
-SLIDING, HOST_SLIDING = 3, 4
+SLIDING, HOST_SLIDING, DISK_SLIDING = 3, 4, 5
+DISKS = (DISK, DISK_SLIDING)
+
+
+class TierIds(NamedTuple):
+    """Which pools one stack of tiers copies between."""
+
+    device: int
+    host: int
+    disk: int
+
+
+FULL_TIERS = TierIds(DEVICE, HOST, DISK)
+SLIDING_TIERS = TierIds(SLIDING, HOST_SLIDING, DISK_SLIDING)
 
 
 class BlockCopy(NamedTuple):
@@ -50,10 +69,11 @@ class BlockCopy(NamedTuple):
 
 class Tiers:
     def __init__(self, device: BlockAllocator, num_host_blocks: int, num_disk_blocks: int,
-                 keep_prefixes: bool, copies: list[BlockCopy]) -> None:
+                 keep_prefixes: bool, copies: list[BlockCopy], ids: TierIds = FULL_TIERS) -> None:
         """keep_prefixes: prefix caching is on, so cold cached blocks go down the tiers instead of away.
-        copies: the queue every copy this decides is appended to."""
+        copies: the queue every copy this decides is appended to; ids: the pools its copies name."""
         self.device = device
+        self.ids = ids
         self.host = BlockAllocator(num_host_blocks)
         self.disk = BlockAllocator(num_disk_blocks)
         self.keep_prefixes = keep_prefixes
@@ -77,26 +97,28 @@ class Tiers:
     def demote_reclaimed(self) -> None:
         """Demote the cached device blocks the last device allocation reclaimed. Call after every one."""
         for block, digest in self.device.take_evicted():
-            self._demote(DEVICE, block, digest)
+            self._demote(self.ids.device, block, digest)
 
-    def _demote_reclaimed_host(self) -> None:
+    def demote_reclaimed_host(self) -> None:
+        """Demote the cached host blocks the last host allocation reclaimed. Call after every one."""
         for block, digest in self.host.take_evicted():
-            self._demote(HOST, block, digest)
+            self._demote(self.ids.host, block, digest)
 
     def _demote(self, tier: int, block: int, digest: int) -> None:
-        lower, dst_tier = (self.host, HOST) if tier == DEVICE else (self.disk, DISK)
+        from_device = tier == self.ids.device
+        lower, dst_tier = (self.host, self.ids.host) if from_device else (self.disk, self.ids.disk)
         if lower.acquire_cost([digest]) > lower.num_free:
             self.dropped += 1
             return
         (dst,), (already,) = lower.acquire([digest])
-        if tier == DEVICE:
+        if from_device:
             # Taking that host block may reclaim a colder one: its copy to disk
             # must be queued before ours overwrites it.
-            self._demote_reclaimed_host()
+            self.demote_reclaimed_host()
         if not already:
             self.copies.append(BlockCopy(tier, block, dst_tier, dst, digest))
-            self.demoted[dst_tier] += 1
-        elif dst_tier == DISK and self.on_disk_touch is not None:
+            self.demoted[HOST if from_device else DISK] += 1
+        elif not from_device and self.on_disk_touch is not None:
             self.on_disk_touch([(dst, digest)])
         lower.free_blocks([dst])  # cached and unheld: the tier's LRU keeps it
 
@@ -106,7 +128,7 @@ class Tiers:
             return
         (dst,), (already,) = self.disk.acquire([digest])  # may reclaim the disk's coldest block: it is lost
         if not already:
-            self.copies.append(BlockCopy(DEVICE, block, DISK, dst, digest))
+            self.copies.append(BlockCopy(self.ids.device, block, self.ids.disk, dst, digest))
             self.demoted[DISK] += 1
         elif self.on_disk_touch is not None:
             self.on_disk_touch([(dst, digest)])
@@ -144,6 +166,38 @@ class Tiers:
         n_host = len(self.host.lookup(hashes))
         return n_host + len(self.disk.lookup(hashes[n_host:]))
 
+    def holds(self, digest: int) -> bool:
+        """Whether some tier has this hash's block: the device, or with prefix caching the host or the disk."""
+        return bool(self.device.lookup([digest]) or self.keep_prefixes and (self.host.lookup([digest])
+                                                                            or self.disk.lookup([digest])))
+
+    def gather(self, hashes: list[int]) -> tuple[list[int], int, int]:
+        """Device blocks for `hashes`, each of which some tier holds (`holds`), in any order of tiers: shared where
+        the device caches it, else promoted from the host or the disk into a fresh block (queued, and registered at
+        once, as fetch's are). Returns the blocks and how many came from the host and from the disk."""
+        below: dict[int, tuple[int, int]] = {}  # hash -> (tier, block) it is promoted from, held meanwhile
+        for digest in hashes:
+            if self.device.lookup([digest]):
+                continue
+            for tier, alloc in ((self.ids.host, self.host), (self.ids.disk, self.disk)):
+                if alloc.lookup([digest]):
+                    (block,), _ = alloc.acquire([digest])  # never taken by the demotions below
+                    below[digest] = tier, block
+                    break
+            else:
+                raise BlockError(f"no tier holds the block of hash {digest:#x}")
+        blocks, hits = self.device.acquire(hashes)
+        self.touch_disk([digest for digest, hit in zip(hashes, hits) if hit])
+        self.demote_reclaimed()
+        for block, hit, digest in zip(blocks, hits, hashes):
+            if not hit:
+                tier, src = below[digest]
+                self.copies.append(BlockCopy(tier, src, self.ids.device, block, digest))
+        for tier, src in below.values():
+            (self.host if tier == self.ids.host else self.disk).free_blocks([src])
+        from_host = sum(tier == self.ids.host for tier, _ in below.values())
+        return blocks, from_host, len(below) - from_host
+
     def fetch(self, hashes: list[int], fresh: list[int]) -> tuple[int, int]:
         """Fill fresh device blocks with the leading run of `hashes` found on the host, then on disk.
 
@@ -162,9 +216,9 @@ class Tiers:
         held_host, _ = self.host.acquire(hashes[:n_host])
         held_disk, _ = self.disk.acquire(hashes[n_host:n_host + n_disk])
         self.demote_reclaimed()
-        sources = [(HOST, b) for b in held_host] + [(DISK, b) for b in held_disk]
+        sources = [(self.ids.host, b) for b in held_host] + [(self.ids.disk, b) for b in held_disk]
         for (tier, src), dst, digest in zip(sources, fresh, hashes):
-            self.copies.append(BlockCopy(tier, src, DEVICE, dst, digest))
+            self.copies.append(BlockCopy(tier, src, self.ids.device, dst, digest))
             self.device.register_block(dst, digest)
         self.host.free_blocks(held_host)
         self.disk.free_blocks(held_disk)
@@ -182,12 +236,12 @@ class Tiers:
         if self.host.acquire_cost(hashes, n_plain) > self.host.num_free:
             return None
         host_blocks, hits = self.host.acquire(hashes, n_plain)
-        self._demote_reclaimed_host()
+        self.demote_reclaimed_host()
         for i, (src, dst) in enumerate(zip(device_blocks, host_blocks)):
             if i < len(hits) and hits[i]:
                 self.blocks_deduplicated += 1
             else:
-                self.copies.append(BlockCopy(DEVICE, src, HOST, dst))
+                self.copies.append(BlockCopy(self.ids.device, src, self.ids.host, dst))
                 self.blocks_swapped_out += 1
         return host_blocks
 
@@ -197,7 +251,7 @@ class Tiers:
         self.demote_reclaimed()
         for i, (src, dst) in enumerate(zip(host_blocks, device_blocks)):
             if not (i < len(device_hits) and device_hits[i]):
-                self.copies.append(BlockCopy(HOST, src, DEVICE, dst))
+                self.copies.append(BlockCopy(self.ids.host, src, self.ids.device, dst))
                 self.blocks_swapped_in += 1
         self.release(host_blocks)
 

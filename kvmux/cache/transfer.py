@@ -1,4 +1,5 @@
-"""Moving KV blocks within and between tiers: the device pool, a host pool and a disk pool.
+"""Moving KV blocks within and between tiers: the device pool, a host pool and a disk pool (and, for a model with
+sliding-window layers, the same three for their slots).
 
 Each tier is a tensor `[blocks, *PoolGeometry.block_shape]`, so a block is one
 contiguous region and moving it is one copy. The host pool is pinned when the
@@ -27,7 +28,7 @@ import torch
 
 from kvmux.cache.disk_store import DiskStore
 from kvmux.cache.kv_cache import PoolGeometry
-from kvmux.cache.tiers import DEVICE, DISK, BlockCopy
+from kvmux.cache.tiers import DEVICE, DISK, DISKS, BlockCopy
 
 log = logging.getLogger("kvmux")
 
@@ -56,11 +57,11 @@ class BlockCopier:
     # Copy bandwidth assumed until one is measured (bytes/s): a conservative memcpy.
     PRIOR_BYTES_PER_S = 4e9
 
-    def __init__(self, pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], disks: dict[int, DiskStore] | None = None) -> None:
         """pools[tier]: the device pool, the host pool, the disk pool, the sliding-window pools (None where that
-        tier is absent); disk: the store whose tensor the disk pool is."""
+        tier is absent); disks: the stores whose tensors the disk pools are, by tier (DISK, DISK_SLIDING)."""
         self.pools = pools
-        self.disk = disk
+        self.disks = disks or {}
         self.bytes_moved = 0
         self.copy_seconds = 0.0  # time spent copying
         self.wait_seconds = 0.0  # of that, time the forward waited for it
@@ -86,13 +87,13 @@ class BlockCopier:
 
     def _journal(self, copies: list[BlockCopy]) -> None:
         """Record the disk blocks these copies (all done) wrote and read."""
-        if self.disk is not None:
-            written = [(c.dst, c.digest) for c in copies if c.dst_tier == DISK]
+        for tier, disk in self.disks.items():
+            written = [(c.dst, c.digest) for c in copies if c.dst_tier == tier]
             if written:
-                self.disk.written(written)
-            read = [(c.src, c.digest) for c in copies if c.src_tier == DISK]
+                disk.written(written)
+            read = [(c.src, c.digest) for c in copies if c.src_tier == tier]
             if read:
-                self.disk.touched(read)
+                disk.touched(read)
 
     def before_forward(self, blocks: set[int]) -> None:
         """The forward is about to read or write these device blocks."""
@@ -106,7 +107,9 @@ class BlockCopier:
 
     def stats(self) -> dict:
         return {"block_copy_bytes": self.bytes_moved, "block_copy_seconds": self.copy_seconds,
-                "block_copy_wait_seconds": self.wait_seconds, **(self.disk.stats() if self.disk else {})}
+                "block_copy_wait_seconds": self.wait_seconds,
+                **{f"{'' if tier == DISK else 'sliding_'}{key}": value
+                   for tier, disk in self.disks.items() for key, value in disk.stats().items()}}
 
 
 class CudaBlockCopier(BlockCopier):
@@ -125,10 +128,10 @@ class CudaBlockCopier(BlockCopier):
     PRIOR_BYTES_PER_S = 2e10  # pinned PCIe 4 transfers
     _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 
-    def __init__(self, pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> None:
+    def __init__(self, pools: list[torch.Tensor | None], disks: dict[int, DiskStore] | None = None) -> None:
         import cupy  # only ever imported when the device is CUDA
 
-        super().__init__(pools, disk)
+        super().__init__(pools, disks)
         self.cp = cupy
         self.device = pools[DEVICE].device
         with cupy.cuda.Device(self.device.index or 0):
@@ -153,14 +156,15 @@ class CudaBlockCopier(BlockCopier):
             start = cp.cuda.Event()
             start.record(self.stream)
             for src_tier, src, dst_tier, dst, _ in copies:
-                if DISK in (src_tier, dst_tier):
+                on_disk = src_tier in DISKS or dst_tier in DISKS
+                if on_disk:
                     self.stream.synchronize()
                 if DEVICE in (src_tier, dst_tier):
                     cp.cuda.runtime.memcpyAsync(self._ptr(dst_tier, dst), self._ptr(src_tier, src),
                                                 self._block_bytes(src_tier), self._MEMCPY_DEFAULT, self.stream.ptr)
                 else:  # host <-> disk in CPU memory; or within the sliding pool, on the forward's stream, in its order
                     self.pools[dst_tier][dst].copy_(self.pools[src_tier][src])
-                if DISK in (src_tier, dst_tier):
+                if on_disk:
                     self.stream.synchronize()
             end = cp.cuda.Event()
             end.record(self.stream)
@@ -209,10 +213,10 @@ class CudaBlockCopier(BlockCopier):
         self.timings = left
 
 
-def make_copier(pools: list[torch.Tensor | None], disk: DiskStore | None = None) -> BlockCopier:
+def make_copier(pools: list[torch.Tensor | None], disks: dict[int, DiskStore] | None = None) -> BlockCopier:
     if pools[DEVICE].is_cuda:
         try:
-            return CudaBlockCopier(pools, disk)
+            return CudaBlockCopier(pools, disks)
         except ImportError:
             log.warning("CuPy is not installed: block copies run synchronously on the forward's stream")
-    return BlockCopier(pools, disk)
+    return BlockCopier(pools, disks)

@@ -67,7 +67,7 @@ class DraftModel:
         pool = plan_pool(PoolGeometry(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, block_size,
                                       kv_dtype), budget_bytes=budget_bytes, num_blocks=num_blocks,
                          max_num_seqs=max_num_seqs, max_model_len=max_model_len)
-        runner = Runner.build(loaded.model, pool, 0, 0, None, device)
+        runner = Runner.build(loaded.model, pool, 0, 0, {}, device)
         blocks = BlockManager(pool.num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                               cache_key=b"draft\0" + str(loaded.path).encode())
         log.info("draft model %s: %d KV blocks of %d bytes", loaded.name, pool.num_blocks, pool.geometry.block_bytes)

@@ -20,6 +20,7 @@ from kvmux.cache.disk_store import DiskStore, store_key
 from kvmux.cache.disk_store import describe as describe_stores
 from kvmux.cache.kv_cache import PoolGeometry
 from kvmux.cache.pool_plan import host_blocks, plan_pool
+from kvmux.cache.tiers import DISK, DISK_SLIDING
 from kvmux.config import MODEL_ENV, ConfigError, EngineConfig, SpeculativeConfig, resolve_dtype
 from kvmux.engine import messages
 from kvmux.engine.admission import Admission, Limits
@@ -116,7 +117,9 @@ class Engine:
             raise ConfigError("kv_cache_dtype", f"int8 keeps 4 head dims per dword, and this model's head_dim is "
                                                 f"{arch.head_dim}; use --kv-cache-dtype auto")
         speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
-        split = cfg.sliding_window_pool == "on" or (cfg.sliding_window_pool == "auto" and not cfg.disk_cache_dir)
+        # The ranks' disk stores keep one layer group: there `auto` keeps whole-model blocks, which a restart finds.
+        split = cfg.sliding_window_pool == "on" or (cfg.sliding_window_pool == "auto"
+                                                    and not (parallel and cfg.disk_cache_dir))
         sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if split else 0
         try:
             # The budget, but no more than every seat holding a full-length
@@ -135,7 +138,10 @@ class Engine:
                      "(window %d)", num_blocks, geometry.num_layers, pool.num_sliding_blocks,
                      pool.sliding_geometry.num_layers, pool.window)
         num_host, num_host_sliding = host_blocks(pool, int(cfg.host_cache_gib * 2**30), cfg.num_host_blocks)
-        num_disk = int(cfg.disk_cache_gib * 2**30) // geometry.block_bytes if cfg.disk_cache_dir else 0
+        # Single-process, the sliding layers' slots have a disk store beside the blocks', as many of each.
+        sliding_disk = bool(pool.window and cfg.disk_cache_dir and not parallel)
+        disk_block_bytes = geometry.block_bytes + (pool.sliding_geometry.block_bytes if sliding_disk else 0)
+        num_disk = int(cfg.disk_cache_gib * 2**30) // disk_block_bytes if cfg.disk_cache_dir else 0
         self.geometry, self.pool = geometry, pool
         # Everything that shapes a KV block's bytes: it seeds every block hash, and names the disk tier's store.
         # An int8 pool's K offset, calibrated before any key is stored (under tensor parallelism, by each rank).
@@ -143,6 +149,12 @@ class Engine:
             self.executor, pool_k_mean, self.loaded.model, geometry)
         kv_meta = kv_identity(self.loaded, self.dtype, geometry, cfg.tensor_parallel_size, k_mean)
         kv_key = store_key(kv_meta)
+        stores = {DISK: (cfg.disk_cache_dir, kv_key, kv_meta, geometry)}
+        if sliding_disk:  # in a folder of its own: a store holds its folder's lock
+            meta = {**kv_identity(self.loaded, self.dtype, pool.sliding_geometry, 1, k_mean),
+                    "layer_group": "sliding_attention"}
+            stores[DISK_SLIDING] = (os.path.join(cfg.disk_cache_dir, "sliding-window-layers"), store_key(meta), meta,
+                                    pool.sliding_geometry)
         if parallel:
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
                         pool, num_host, num_host_sliding, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size,
@@ -151,23 +163,28 @@ class Engine:
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
         else:
-            disk = DiskStore(cfg.disk_cache_dir, kv_key, kv_meta, geometry, num_disk) if num_disk else None
-            self.runner = Runner.build(self.loaded.model, pool, num_host, num_host_sliding, disk, cfg.device, k_mean)
+            disks = open_stores(stores, num_disk) if num_disk else {}
+            self.runner = Runner.build(self.loaded.model, pool, num_host, num_host_sliding, disks, cfg.device, k_mean)
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
                                    cache_key=kv_key.encode(), num_host_blocks=num_host, num_disk_blocks=num_disk,
                                    num_sliding_blocks=pool.num_sliding_blocks, window=pool.window,
-                                   num_host_sliding_blocks=num_host_sliding)
-        opened = None
+                                   num_host_sliding_blocks=num_host_sliding,
+                                   num_disk_sliding_blocks=num_disk if sliding_disk else 0)
+        opened = {}
         if parallel and num_disk:  # each rank opened its slice of the store
-            opened = self.runner.disk_opened
+            opened[DISK] = self.runner.disk_opened
             self.blocks.tiers.on_disk_touch = self.runner.disk_touched
-        elif not parallel and self.runner.disk is not None:
-            opened = await loop.run_in_executor(self.executor, self.runner.disk.open)  # reads every block once
-            self.blocks.tiers.on_disk_touch = self.runner.disk.touched
-        if opened is not None:
-            self.blocks.tiers.restore_disk(opened.blocks, opened.corrupt, opened.bad_records)
-            log.info("disk cache %s: %d cached blocks from earlier runs", cfg.disk_cache_dir, len(opened.blocks))
-            others = [s for s in describe_stores(cfg.disk_cache_dir) if s["fingerprint"] != kv_key]
+        elif not parallel:
+            for tier, disk in self.runner.copier.disks.items():
+                opened[tier] = await loop.run_in_executor(self.executor, disk.open)  # reads every block once
+                self.blocks.tiers_of(tier).on_disk_touch = disk.touched
+        for tier, found in opened.items():
+            self.blocks.tiers_of(tier).restore_disk(found.blocks, found.corrupt, found.bad_records)
+            log.info("disk cache %s: %d cached %s from earlier runs", stores[tier][0], len(found.blocks),
+                     "blocks" if tier == DISK else "sliding-window slots")
+        if opened:
+            ours = {key for _, key, _, _ in stores.values()}
+            others = [s for s in describe_stores(cfg.disk_cache_dir) if s["fingerprint"] not in ours]
             if others:  # each model and setting has its own store, bounded alone: say what the folder holds
                 log.warning("disk_cache_dir %s also holds %d store(s) of other models or settings, %.1f GiB on disk "
                             "(`kvmux cache info` lists them, `kvmux cache clear` deletes them)", cfg.disk_cache_dir,
@@ -360,6 +377,19 @@ class Engine:
                 "num_blocks": self.blocks.num_blocks, "num_sliding_blocks": self.blocks.num_sliding_blocks,
                 "sliding_window": self.pool.window, "kernels": self.kernels, "threads": self.threads,
                 "config": asdict(self.config)}
+
+
+def open_stores(stores: dict[int, tuple[str, str, dict, PoolGeometry]], num_blocks: int) -> dict[int, DiskStore]:
+    """The disk tier's stores by tier, from (folder, fingerprint, meta, geometry); a failure closes those opened."""
+    disks: dict[int, DiskStore] = {}
+    try:
+        for tier, (folder, key, meta, geometry) in stores.items():
+            disks[tier] = DiskStore(folder, key, meta, geometry, num_blocks)
+    except BaseException:
+        for disk in disks.values():
+            disk.close()
+        raise
+    return disks
 
 
 def kv_identity(loaded: LoadedModel, dtype: str, geometry: PoolGeometry, tensor_parallel_size: int,

@@ -69,6 +69,7 @@ def model_group(size: int):
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
     from kvmux.cache.disk_store import DiskStore
+    from kvmux.cache.tiers import DISK
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
     from kvmux.ops.threads import set_threads
@@ -101,8 +102,8 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
         disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), key,
                          {**(spec.disk_meta or {}), "rank": rank}, geometry, spec.num_disk_blocks)
         opened = disk.open()
-    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disk, spec.device,
-                          k_mean)
+    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks,
+                          {DISK: disk} if disk else {}, spec.device, k_mean)
     dist.gather_object((fingerprint(loaded.config, spec), opened), None, dst=0)
     compute_seconds = 0.0
     try:

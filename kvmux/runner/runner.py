@@ -16,7 +16,6 @@ import torch
 from kvmux.cache.disk_store import DiskStore
 from kvmux.cache.kv_cache import KVCache
 from kvmux.cache.pool_plan import PoolPlan
-from kvmux.cache.tiers import DISK
 from kvmux.cache.transfer import BlockCopier, host_pool, make_copier
 from kvmux.runner.k_mean import set_k_mean
 from kvmux.runner.sampler import mask_logits, sample, verify
@@ -25,21 +24,19 @@ from kvmux.step.work import Chunk, Draw, Sampled, StepWork
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, copier: BlockCopier | None = None,
-                 disk: DiskStore | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, copier: BlockCopier | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.copier = copier or BlockCopier([kv_cache.kv])
-        self.disk = disk
         self.mask_wait_seconds = 0.0  # how long sampling waited for structured outputs' masks after the forward
 
     @classmethod
     def build(cls, model: torch.nn.Module, pool: PoolPlan, num_host_blocks: int, num_host_sliding_blocks: int,
-              disk: DiskStore | None, device: str, k_mean: torch.Tensor | None = None) -> Runner:
+              disks: dict[int, DiskStore], device: str, k_mean: torch.Tensor | None = None) -> Runner:
         """A runner over fresh pools: the device's KV pool, the host tier (pinned where the device is a GPU, for
-        asynchronous copies) and the disk tier's store, if any; with sliding-window layers their device pool, and
-        a host pool of slots for the windows of swapped-out sequences (pool_plan.host_blocks). An int8 pool gets
-        `k_mean` (runner/k_mean.py: pool_k_mean, which the disk store's fingerprint names)."""
+        asynchronous copies) and the disk tier's stores by tier (DISK, and DISK_SLIDING with a sliding pool), if
+        any; with sliding-window layers their device pool, and a host pool of slots (pool_plan.host_blocks). An
+        int8 pool gets `k_mean` (runner/k_mean.py: pool_k_mean, which the disk store's fingerprint names)."""
         sliding = KVCache(pool.num_sliding_blocks, pool.sliding_geometry, device) if pool.num_sliding_blocks else None
         kv_cache = KVCache(pool.num_blocks, pool.geometry, device, sliding)
         if k_mean is not None:
@@ -48,9 +45,11 @@ class Runner:
         host_sliding = None
         if num_host_sliding_blocks:
             host_sliding = host_pool(pool.sliding_geometry, num_host_sliding_blocks, pinned)
-        pools = [kv_cache.kv, host_pool(pool.geometry, num_host_blocks, pinned), disk and disk.tensor,
-                 sliding and sliding.kv, host_sliding]
-        return cls(model, kv_cache, make_copier(pools, disk), disk)
+        pools = [kv_cache.kv, host_pool(pool.geometry, num_host_blocks, pinned), None, sliding and sliding.kv,
+                 host_sliding, None]
+        for tier, disk in disks.items():
+            pools[tier] = disk.tensor
+        return cls(model, kv_cache, make_copier(pools, disks))
 
     @torch.inference_mode()
     def execute(self, work: StepWork) -> list[list[Sampled]]:
@@ -127,8 +126,8 @@ class Runner:
         return {**self.copier.stats(), "structured_mask_wait_seconds": self.mask_wait_seconds}
 
     def close(self) -> None:
-        """Close the disk tier's store (its blocks stay for the next engine); call once no step runs any more."""
-        if self.disk is not None:
-            self.copier.pools[DISK] = None
-            self.disk.close()
-            self.disk = None
+        """Close the disk tier's stores (their blocks stay for the next engine); call once no step runs any more."""
+        for tier, disk in self.copier.disks.items():
+            self.copier.pools[tier] = None
+            disk.close()
+        self.copier.disks = {}
