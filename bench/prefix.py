@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,9 @@ async def restart_round(model, folder: str, prefix: list[int], questions: list[l
         restarted = await first_token_s(engine, prefix + questions[2])
         stats = await engine.stats()
     return {"cold_s": cold, "memory_hit_s": memory, "after_restart_s": restarted, "engine_start_s": start_s,
-            "disk_blocks_restored": stats["disk_blocks_restored"], "prefix_cache_hits_disk": stats["prefix_cache_hits_disk"]}
+            "disk_blocks_restored": stats["disk_blocks_restored"], "prefix_cache_hits_disk": stats["prefix_cache_hits_disk"],
+            # A model with sliding-window layers: the window's slots the hit took from their own disk store.
+            **{key: stats[key] for key in ("sliding_disk_blocks_restored", "sliding_slots_from_disk") if key in stats}}
 
 
 def restart_main(args) -> None:
@@ -145,7 +148,7 @@ def restart_main(args) -> None:
     median = {k: float(np.median([r[k] for r in runs])) for k in ("cold_s", "memory_hit_s", "after_restart_s",
                                                                    "engine_start_s")}
     report = {
-        "command": "python -m bench.prefix --restart", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python -m bench.prefix " + " ".join(sys.argv[1:]), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_flags": cpu_flags(),
         "load_average_at_end": os.getloadavg()[0], "prefix_tokens": args.system_tokens, "runs": runs,
         "median": median, "cold_over_restart": median["cold_s"] / median["after_restart_s"],
