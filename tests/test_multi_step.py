@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from kvmux import Engine, SamplingParams
 from kvmux.cache.block_manager import BlockError, BlockManager
 from kvmux.step.work import Chunk, Draw, StepWork
 
-from engine_helpers import PROMPTS, greedy, settled
+from engine_helpers import PROMPTS, greedy, hf_greedy, random_prompt, settled
+from tiny_model import make_tiny_model
 
 OPTIONS = {"dtype": "float32", "num_blocks": 96, "block_size": 8}
 # Lengths that end a run of four forwards early, late and on its boundary.
@@ -130,10 +132,39 @@ def test_num_scheduler_steps_out_of_range_is_refused_by_name():
 
 
 def test_the_runner_refuses_several_forwards_over_chunks_that_cannot_take_them():
+    from kvmux.cache.kv_cache import KVCache, PoolGeometry
     from kvmux.runner.runner import Runner
 
+    geometry = PoolGeometry(num_layers=1, num_kv_heads=1, head_dim=8, block_size=8)
+    runner = Runner(None, KVCache(4, geometry, sliding=KVCache(4, geometry)))
     draw = Draw(SamplingParams(temperature=0), seed=0, token_index=0, drafts=[3])
     with pytest.raises(ValueError, match="without drafts"):
-        Runner._check_steps(StepWork([Chunk("s", 0, [1, 3], [0], draw)], steps=2))
+        runner._check_steps(StepWork([Chunk("s", 0, [1, 3], [0], draw)], steps=2))
     with pytest.raises(ValueError, match="'p' does not"):
-        Runner._check_steps(StepWork([Chunk("p", 0, [1, 2, 3], [0])], steps=2))
+        runner._check_steps(StepWork([Chunk("p", 0, [1, 2, 3], [0])], steps=2))
+    # Four forwards from position 6 write tokens 6..9, in blocks 0 and 1: both need a sliding slot.
+    plain = Draw(SamplingParams(temperature=0), seed=0, token_index=0)
+    for table in ([0], [0, -1]):
+        with pytest.raises(ValueError, match="tokens 6..9 of 'w'.*no slot"):
+            runner._check_steps(StepWork([Chunk("w", 6, [1], [0, 1], plain, sliding_table=table)], steps=4))
+    runner._check_steps(StepWork([Chunk("w", 6, [1], [0, 1], plain, sliding_table=[0, 1])], steps=4))
+
+
+def test_several_forwards_over_sliding_windows_give_the_tokens_of_one(tmp_path):
+    """Gemma 3's sliding-window layers (a 10-token window): a run of forwards takes the slots for all its tokens at
+    once and gives back those that leave the window after it; outputs are those of one forward per step, and
+    transformers' greedy ones, past the window."""
+    gemma = str(make_tiny_model(tmp_path / "gemma", model_type="gemma3_text", num_layers=3, num_kv_heads=1,
+                                window=10, seed=3))
+    prompts = [random_prompt(s, n) for s, n in enumerate([3, 14, 30])]
+    params = [greedy(21), greedy(14), SamplingParams(max_tokens=19, temperature=0.9, seed=5)]
+    one, stats_one = run(gemma, 1, prompts, params)
+    four, stats_four = run(gemma, 4, prompts, params)
+    for a, b in zip(one, four):
+        same(a, b)
+    assert stats_four["forwards"] > stats_four["steps"], "no step ran several forwards"
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
+    want = hf_greedy(hf, prompts[:2], 21)
+    assert four[0].token_ids == want[0] and four[1].token_ids == want[1][:14]

@@ -39,7 +39,8 @@ def plan_pool(geometry: PoolGeometry, *, budget_bytes: int, num_blocks: int | No
     """geometry: a block of every layer. num_blocks: the full-attention pool's size, overriding the budget.
 
     num_sliding_layers of the model's layers attend over a window of `window` tokens; step_tokens: the most tokens
-    one step computes; lookahead: the most draft tokens a sequence's step adds. Without sliding layers, or with a
+    one step computes; lookahead: the most tokens a sequence's decode step adds after its first (drafts, or the
+    later forwards of a step of several). Without sliding layers, or with a
     window no shorter than max_model_len, one pool holds every layer.
     """
     bs = geometry.block_size

@@ -17,9 +17,9 @@ a victim's blocks are swapped out to the host pool (eviction then holds the
 sequence) or dropped (prefill recomputes it). While sequences are swapped out,
 each step asks eviction whether some may come back.
 
-While nothing waits for prefill, a plain decode step (no drafts, structured outputs, sliding windows or
-unforked samples) runs up to `num_scheduler_steps` forwards in one call to the forward thread, each sequence's
-sampled token the input of its next; its slots are taken up front and named once the tokens are known. At a few
+While nothing waits for prefill, a plain decode step (no drafts, structured outputs or unforked samples) runs
+up to `num_scheduler_steps` forwards in one call to the forward thread, each sequence's sampled token the input of
+its next; its slots are taken up front (sliding-window slots too) and named once the tokens are known. At a few
 sequences most of a step is this actor's own work around the forward (the plan, the messages, the hand-offs
 between threads), which this spreads over several tokens. A sequence that ends inside the run drops the tokens
 after its end, and a request that arrives meanwhile waits for the run to end.
@@ -344,7 +344,7 @@ class Decode(Actor):
         never past a sequence's max_tokens, and only where every sequence's slots for them are free already
         (blocks that hold no cached prefix: a sequence that ends early gives its slots back unused)."""
         steps = self.num_scheduler_steps
-        if steps == 1 or plan.chunks or drafts or self.prefill_ready or self.swapped_out or self.blocks.window:
+        if steps == 1 or plan.chunks or drafts or self.prefill_ready or self.swapped_out:
             return 1
         for seq in self.running.values():
             if seq.constraint is not None or seq.unforked:
@@ -404,9 +404,9 @@ class Decode(Actor):
                 self.running[seq.seq_id] = seq
             computed.append((chunk.seq_id, chunk.position + len(chunk.token_ids)))
         if self.blocks.window:  # the sliding-window layers' slots: the chunk's blocks and the window before them
-            for chunk in chunks:
+            for chunk in chunks:  # with several forwards, the blocks the later ones write too
                 chunk.sliding_table = self.blocks.sliding_table(chunk.seq_id, chunk.position,
-                                                                chunk.position + len(chunk.token_ids))
+                                                                chunk.position + len(chunk.token_ids) + steps - 1)
         # The masks are filled on another thread while the forward runs; sampling waits for them.
         work = StepWork(chunks, masks=self.constraints.fill(masked) if masked else None, steps=steps)
         return work, sampled, computed

@@ -129,7 +129,9 @@ class Engine:
                              max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len,
                              num_sliding_layers=sliding_layers, window=arch.sliding_window or 0,
                              step_tokens=cfg.max_num_batched_tokens,
-                             lookahead=speculative.num_speculative_tokens if speculative else 0)
+                             # a decode step's slots beyond its first token: drafts, or a run's later forwards
+                             lookahead=max(speculative.num_speculative_tokens if speculative else 0,
+                                           cfg.num_scheduler_steps - 1))
         except ValueError as exc:
             raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} {exc}") from None
         geometry, num_blocks = pool.geometry, pool.num_blocks

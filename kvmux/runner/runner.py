@@ -74,13 +74,19 @@ class Runner:
                 run += more
         return runs
 
-    @staticmethod
-    def _check_steps(work: StepWork) -> None:
-        """Steps after the first feed each chunk its own sampled token: every chunk must be a plain decode."""
+    def _check_steps(self, work: StepWork) -> None:
+        """Steps after the first feed each chunk its own sampled token: every chunk must be a plain decode, with
+        sliding-window slots (where the pool has them) for every token the run writes."""
+        bs = self.kv_cache.block_size
         for c in work.chunks:
-            if c.draw is None or c.draw.drafts or c.draw.fork_seeds or c.draw.mask_row is not None or c.sliding_table:
+            if c.draw is None or c.draw.drafts or c.draw.fork_seeds or c.draw.mask_row is not None:
                 raise ValueError(f"a step of {work.steps} forwards needs every chunk to draw one token without "
-                                 f"drafts, forks, a mask or a sliding window; {c.seq_id!r} does not")
+                                 f"drafts, forks or a mask; {c.seq_id!r} does not")
+            end = -(-(c.position + work.steps) // bs)
+            if self.kv_cache.sliding is not None and (len(c.sliding_table) < end
+                                                      or min(c.sliding_table[c.position // bs:end]) < 0):
+                raise ValueError(f"a step of {work.steps} forwards writes tokens {c.position}..{c.position + work.steps - 1} "
+                                 f"of {c.seq_id!r}, whose sliding-window table holds no slot for some of them")
 
     def _forward(self, chunks: list[Chunk], masks: torch.Tensor | Future | None) -> list[list[Sampled]]:
         """One forward over the chunks, and the runs their draws emit."""
