@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "allocator/block_allocator.h"
 #include "dtype.h"
 #include "cpu/cpu_features.h"
@@ -253,6 +255,25 @@ void bind_fused_ops(py::module_& m) {
                                 num_threads);
         },
         py::arg("gate_up"), py::arg("rows"), py::arg("inter"), py::arg("out"), py::arg("num_threads"));
+    m.def(
+        "gelu_tanh_mul_f32",
+        [](std::uintptr_t gate_up, int64_t rows, int64_t inter, std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::gelu_tanh_mul_f32(reinterpret_cast<const float*>(gate_up), rows, inter,
+                                     reinterpret_cast<float*>(out), num_threads);
+        },
+        py::arg("gate_up"), py::arg("rows"), py::arg("inter"), py::arg("out"), py::arg("num_threads"));
+    m.def(
+        "head_rms_norm_f32",
+        [](std::uintptr_t rows, int64_t num_rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+           std::uintptr_t weight, float eps, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::head_rms_norm_f32(reinterpret_cast<float*>(rows), num_rows, row_stride, heads, head_dim,
+                                     reinterpret_cast<const float*>(weight), eps, num_threads);
+        },
+        py::arg("rows"), py::arg("num_rows"), py::arg("row_stride"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("weight"), py::arg("eps"), py::arg("num_threads"), "RMSNorm each of the first heads heads of each "
+        "row in place.");
 }
 
 // The decoder stack's parts are built once, at load, by kvmux/model/native_stack.py from the model's checked
@@ -312,18 +333,42 @@ void bind_decoder_stack(py::module_& m) {
                  return l;
              }),
              py::arg("pieces"), py::arg("bias"), py::arg("out_features"), py::arg("in_features"));
-    py::class_<DecoderLayer>(m, "DecoderLayer", "One Llama-family layer's weights and shape for run_decoder_stack.")
+    using kvmux::GemmaParts;
+    using kvmux::StackPool;
+    py::class_<GemmaParts>(m, "GemmaParts", "A Gemma 3 layer's q/k norms, MLP norms and sliding window.")
+        .def(py::init([](std::uintptr_t q_norm, float q_eps, std::uintptr_t k_norm, float k_eps,
+                         std::uintptr_t pre_ff_norm, float pre_ff_eps, std::uintptr_t post_ff_norm, float post_ff_eps,
+                         int32_t window, int64_t pool_layer) {
+                 return GemmaParts{reinterpret_cast<const float*>(q_norm), q_eps, reinterpret_cast<const float*>(k_norm),
+                                   k_eps, reinterpret_cast<const float*>(pre_ff_norm), pre_ff_eps,
+                                   reinterpret_cast<const float*>(post_ff_norm), post_ff_eps, window, pool_layer};
+             }),
+             py::arg("q_norm"), py::arg("q_eps"), py::arg("k_norm"), py::arg("k_eps"), py::arg("pre_ff_norm"),
+             py::arg("pre_ff_eps"), py::arg("post_ff_norm"), py::arg("post_ff_eps"), py::arg("window"),
+             py::arg("pool_layer"));
+    py::class_<DecoderLayer>(m, "DecoderLayer", "One Llama-family or Gemma 3 layer's weights and shape for "
+                                                "run_decoder_stack.")
         .def(py::init([](std::uintptr_t input_norm, float input_eps, std::uintptr_t post_norm, float post_eps,
                          const LayerMatmul& qkv, const LayerMatmul& o_proj, const LayerMatmul& gate_up,
                          const LayerMatmul& down, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                         int64_t intermediate, float scale, int64_t layer) {
+                         int64_t intermediate, float scale, int64_t layer, std::optional<GemmaParts> gemma) {
                  return DecoderLayer{reinterpret_cast<const float*>(input_norm), input_eps,
                                      reinterpret_cast<const float*>(post_norm), post_eps, qkv, o_proj, gate_up, down,
-                                     heads, kv_heads, head_dim, intermediate, scale, layer};
+                                     heads, kv_heads, head_dim, intermediate, scale, layer, gemma.has_value(),
+                                     gemma.value_or(GemmaParts{})};
              }),
              py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"), py::arg("qkv"),
              py::arg("o_proj"), py::arg("gate_up"), py::arg("down"), py::arg("heads"), py::arg("kv_heads"),
-             py::arg("head_dim"), py::arg("intermediate"), py::arg("scale"), py::arg("layer"));
+             py::arg("head_dim"), py::arg("intermediate"), py::arg("scale"), py::arg("layer"),
+             py::arg("gemma") = py::none());
+    py::class_<StackPool>(m, "StackPool", "A KV pool a step of the stack writes and reads, with its metadata.")
+        .def(py::init([](const kvmux::AttentionMetadata& meta, std::uintptr_t kv, int kv_dtype, int64_t num_blocks,
+                         int64_t num_layers, int64_t block_size, std::uintptr_t k_mean) {
+                 return StackPool{&meta, reinterpret_cast<void*>(kv), static_cast<kvmux::DType>(kv_dtype), num_blocks,
+                                  num_layers, block_size, reinterpret_cast<const float*>(k_mean)};
+             }),
+             py::arg("meta"), py::arg("kv"), py::arg("kv_dtype"), py::arg("num_blocks"), py::arg("num_layers"),
+             py::arg("block_size"), py::arg("k_mean"), py::keep_alive<1, 2>());
     // Held by a Python object, so a step passes no list to convert.
     struct DecoderStack {
         std::vector<DecoderLayer> layers;
@@ -334,27 +379,28 @@ void bind_decoder_stack(py::module_& m) {
         .def_property_readonly("num_layers", [](const DecoderStack& d) { return d.layers.size(); })
         .def(
         "run",
-        [](const DecoderStack& stack, std::uintptr_t x, std::uintptr_t residual, int64_t rows,
-           int64_t hidden, std::uintptr_t cos, std::uintptr_t sin, const kvmux::AttentionMetadata& meta,
-           kvmux::AttentionKernel attention_kernel, int attention_threads, std::uintptr_t kv, int kv_dtype,
-           int64_t num_blocks, int64_t num_layers, int64_t block_size, std::uintptr_t k_mean, std::uintptr_t h,
-           std::uintptr_t qkv, std::uintptr_t attn, std::uintptr_t gate_up, std::uintptr_t act, int num_threads) {
+        [](const DecoderStack& stack, std::uintptr_t x, std::uintptr_t residual, int64_t rows, int64_t hidden,
+           std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t cos_local, std::uintptr_t sin_local,
+           const StackPool& pool, std::optional<StackPool> sliding, kvmux::AttentionKernel attention_kernel,
+           int attention_threads, std::uintptr_t h, std::uintptr_t qkv, std::uintptr_t attn, std::uintptr_t gate_up,
+           std::uintptr_t act, std::uintptr_t normed, int num_threads) {
             kvmux::StackStep s{rows, hidden, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin),
-                               &meta, attention_kernel, attention_threads, reinterpret_cast<void*>(kv),
-                               static_cast<kvmux::DType>(kv_dtype), num_blocks, num_layers, block_size,
-                               reinterpret_cast<const float*>(k_mean), reinterpret_cast<float*>(h),
-                               reinterpret_cast<float*>(qkv), reinterpret_cast<float*>(attn),
-                               reinterpret_cast<float*>(gate_up), reinterpret_cast<float*>(act), num_threads};
+                               reinterpret_cast<const float*>(cos_local), reinterpret_cast<const float*>(sin_local),
+                               pool, sliding.value_or(StackPool{}), attention_kernel, attention_threads,
+                               reinterpret_cast<float*>(h), reinterpret_cast<float*>(qkv),
+                               reinterpret_cast<float*>(attn), reinterpret_cast<float*>(gate_up),
+                               reinterpret_cast<float*>(act), reinterpret_cast<float*>(normed), num_threads};
             // The engine's event loop runs beside the forward thread.
             py::gil_scoped_release release;
             kvmux::run_decoder_stack(stack.layers, s, reinterpret_cast<float*>(x), reinterpret_cast<float*>(residual));
         },
-        py::arg("x"), py::arg("residual"), py::arg("rows"), py::arg("hidden"), py::arg("cos"),
-        py::arg("sin"), py::arg("meta"), py::arg("attention_kernel"), py::arg("attention_threads"), py::arg("kv"),
-        py::arg("kv_dtype"), py::arg("num_blocks"), py::arg("num_layers"), py::arg("block_size"), py::arg("k_mean"),
-        py::arg("h"), py::arg("qkv"), py::arg("attn"), py::arg("gate_up"), py::arg("act"), py::arg("num_threads"),
-        "Every layer of a step: x [rows, hidden] the embeddings in, the last MLP output out; residual [rows, "
-        "hidden] the residual stream before it. Addresses of float32 tensors (the scratch sized per layer width).");
+        py::arg("x"), py::arg("residual"), py::arg("rows"), py::arg("hidden"), py::arg("cos"), py::arg("sin"),
+        py::arg("cos_local"), py::arg("sin_local"), py::arg("pool"), py::arg("sliding"), py::arg("attention_kernel"),
+        py::arg("attention_threads"), py::arg("h"), py::arg("qkv"), py::arg("attn"), py::arg("gate_up"),
+        py::arg("act"), py::arg("normed"), py::arg("num_threads"),
+        "Every layer of a step: x [rows, hidden] the embeddings in; a Llama-family stack leaves the last MLP output "
+        "in x and the residual stream before it in residual [rows, hidden], a Gemma one the residual stream in x. "
+        "Addresses of float32 tensors (the scratch sized per layer width).");
 }
 
 }  // namespace

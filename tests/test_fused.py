@@ -73,10 +73,43 @@ def test_silu_mul(rows, inter):
     torch.testing.assert_close(fused.silu_mul(gate_up).double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows,inter", [(1, 2048), (64, 2048), (9, 11)])
+def test_gelu_tanh_mul(rows, inter):
+    gen = _gen(rows, inter, 2)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * 4
+    gate_up[0, :6] = torch.tensor([-100.0, 100.0, 0.0, -0.0, 1e-4, -3e-3])  # the tails, and tanh's cancellation
+    ref = F.gelu(gate_up[:, :inter].double(), approximate="tanh") * gate_up[:, inter:].double()
+    torch.testing.assert_close(fused.gelu_tanh_mul(gate_up).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,q_heads,kv_heads,head_dim", [(1, 4, 1, 256), (40, 4, 2, 16), (3, 2, 1, 6)])
+def test_norm_rope_inplace_norms_each_head_then_rotates(rows, q_heads, kv_heads, head_dim):
+    gen = _gen(rows, q_heads, head_dim, 3)
+    qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, generator=gen) * 3
+    q_weight, k_weight = torch.randn(head_dim, generator=gen), torch.randn(head_dim, generator=gen)
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = fused.rope_tables(positions, inv_freq, torch.float32)
+    q_end, k_end = q_heads * head_dim, (q_heads + kv_heads) * head_dim
+    q = _rms_ref(qkv[:, :q_end].reshape(rows, q_heads, head_dim), q_weight, 1e-6)
+    k = _rms_ref(qkv[:, q_end:k_end].reshape(rows, kv_heads, head_dim), k_weight, 1e-6)
+    ref_q, ref_k = (fused.apply_rope(t, cos.double(), sin.double()).reshape(rows, -1) for t in (q, k))
+    v = qkv[:, k_end:].clone()
+    assert fused.norm_rope_inplace(qkv, q_heads, kv_heads, head_dim, (q_weight, 1e-6), (k_weight, 1e-6), cos, sin)
+    torch.testing.assert_close(qkv[:, :q_end].double(), ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, q_end:k_end].double(), ref_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, k_end:], v)
+    # A weight not yet final (a Gemma norm before packing) leaves the rows alone, for the torch path.
+    before = qkv.clone()
+    assert not fused.norm_rope_inplace(qkv, q_heads, kv_heads, head_dim, (None, 1e-6), (k_weight, 1e-6), cos, sin)
+    assert torch.equal(qkv, before)
+
+
 def test_other_dtypes_keep_the_torch_path():
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     weight = torch.ones(16, dtype=torch.bfloat16)
     assert fused.rms_norm(x, weight, 1e-5).dtype == torch.bfloat16
     assert fused.silu_mul(torch.randn(4, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert fused.gelu_tanh_mul(torch.randn(4, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
     cos, sin = torch.ones(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16)
     assert not fused.rope_inplace(torch.randn(4, 32, dtype=torch.bfloat16), 2, 16, cos, sin)

@@ -3,6 +3,8 @@ kernels, chosen by the same plan, in the same order, so the same logits bit for 
 packed model holds (float32 and bf16 panels, quantized blocks, a merged matmul in pieces, biases) and both
 KV pools, through prefill chunks and decode steps."""
 import asyncio
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from gguf import GGMLQuantizationType as QT
 
 from kvmux import Engine
 from kvmux.cache.kv_cache import KVCache, PoolGeometry
+from kvmux.model.config import SLIDING
 from kvmux.model.loader import load_model
 from kvmux.runner.k_mean import set_k_mean
 from kvmux.step.forward_batch import ForwardBatch
@@ -74,6 +77,51 @@ def test_the_native_stack_gives_the_python_layers_logits_bit_for_bit(models, kin
     python = steps(model, kv_dtype, block_size)
     for got, want in zip(native, python, strict=True):
         assert torch.equal(got, want)
+
+
+def gemma_steps(model, pools: str, kv_dtype: torch.dtype) -> list[torch.Tensor]:
+    """As steps, for Gemma 3 past its 10-token window, over one pool of every layer or the sliding-window layers'
+    own pool beside the full-attention layers' (each block its slot there)."""
+    bs, blocks = 8, -(-len(IDS) // 8)
+    sliding = sum(t == SLIDING for t in model.config.layer_types)
+    whole = PoolGeometry(model.num_layers, model.num_kv_heads, model.head_dim, bs, kv_dtype)
+    if pools == "one":
+        cache = KVCache(blocks, whole)
+    else:
+        cache = KVCache(blocks, replace(whole, num_layers=model.num_layers - sliding),
+                        sliding=KVCache(blocks, replace(whole, num_layers=sliding)))
+    table = list(range(blocks))
+    chunk = partial(Chunk, block_table=table, sliding_table=table if pools == "split" else [])
+    out, start = [], len(IDS) - 3
+    with torch.inference_mode():
+        batch = ForwardBatch.build([chunk("s", 0, IDS[:start])], bs)
+        batch.logits_indices = torch.arange(start)
+        out.append(model(batch, cache))
+        for pos in range(start, len(IDS)):
+            out.append(model(ForwardBatch.build([chunk("s", pos, [IDS[pos]])], bs), cache))
+    return out
+
+
+@pytest.mark.parametrize("pools", ["one", "split"])
+@pytest.mark.parametrize("kind", ["float32", "q8_0", "bf16 pool"])
+def test_a_gemma_stack_gives_the_python_layers_logits_bit_for_bit(gemma, pools, kind):
+    """Gemma 3's layers (q/k norms, the sandwich norms, GELU, local and global ropes, a window over one pool or
+    the sliding layers' own) natively, against its Python layers over the same kernels."""
+    dtype = torch.bfloat16 if kind == "bf16 pool" else torch.float32
+    model = load_model(gemma, dtype, quantization="q8_0" if kind == "q8_0" else "auto", progress=False).model
+    assert model.native_stack is not None
+    native = gemma_steps(model, pools, dtype)
+    model.native_stack = None
+    python = gemma_steps(model, pools, dtype)
+    for got, want in zip(native, python, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory) -> str:
+    """A tiny Gemma 3: three layers, two of them sliding-window ones."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("gemma") / "m", model_type="gemma3_text", num_layers=3,
+                               num_kv_heads=1, seed=3))
 
 
 def test_a_k_mean_of_the_wrong_shape_or_device_is_refused_by_name(tiny):

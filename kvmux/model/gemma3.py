@@ -13,12 +13,13 @@ What differs from Llama, as transformers' Gemma3ForCausalLM computes it:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.model.config import SLIDING, ModelConfig
 from kvmux.model.llama import Linear, LlamaForCausalLM, MergedLinear, RMSNorm, rope_inv_freq
+from kvmux.model.native_stack import float_weights, native_matmuls
 from kvmux.ops import fused
 from kvmux.ops.attention import paged_attention
 from kvmux.step.forward_batch import ForwardBatch
@@ -60,10 +61,19 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 kv_cache: KVCache, backend: str) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in each row of qkv: normed and rotated in place, one pass each (as the native
+        # stack does), where the native kernels apply.
+        normed = fused.norm_rope_inplace(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                                         (self.q_norm.multiplier, self.q_norm.eps),
+                                         (self.k_norm.multiplier, self.k_norm.eps), cos, sin)
+        q, k, v = qkv.split(self.splits, dim=-1)
+        if normed:
+            q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+            q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if kv_cache.sliding is None:
             pool, pool_batch, layer = kv_cache, batch, self.layer_idx
@@ -83,8 +93,7 @@ class Gemma3MLP(nn.Module):
         self.down_proj = Linear(inter, config.hidden_size, False, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(fused.gelu_tanh_mul(self.gate_up_proj(x)))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -99,6 +108,21 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
         self.mlp = Gemma3MLP(config, dtype, device)
         self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype, device)
+
+    def native_layer(self) -> _native.DecoderLayer | None:
+        """This layer for the native stack (kvmux/model/native_stack.py), or None where it cannot run there."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm, attn.q_norm, attn.k_norm,
+                 self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
+        if self.collectives is not None or not float_weights(*(n.multiplier for n in norms)):
+            return None
+        matmuls = native_matmuls(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if matmuls is None:
+            return None
+        ptrs = [(n.multiplier.data_ptr(), n.eps) for n in norms]
+        gemma = _native.GemmaParts(*ptrs[2], *ptrs[3], *ptrs[4], *ptrs[5], attn.window, attn.pool_layer)
+        return _native.DecoderLayer(*ptrs[0], *ptrs[1], *matmuls, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                    mlp.down_proj.in_features, attn.scale, attn.layer_idx, gemma)
 
     def forward(self, x: torch.Tensor, ropes: dict[bool, tuple[torch.Tensor, torch.Tensor]], batch: ForwardBatch,
                 kv_cache: KVCache, backend: str) -> torch.Tensor:
@@ -130,8 +154,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         x = lookup(batch.input_ids) if self.collectives is None else self.collectives.embed(lookup, batch.input_ids)
         ropes = {sliding: fused.rope_tables(batch.positions, inv_freq, x.dtype)
                  for sliding, inv_freq in ((False, self.inv_freq), (True, self.inv_freq_local))}
-        for layer in self.model.layers:
-            x = layer(x, ropes, batch, kv_cache, self.attention_backend)
+        if self.native_stack is not None:
+            x, _ = self.native_stack.run(x, *ropes[False], batch, kv_cache, local=ropes[True])
+        else:
+            for layer in self.model.layers:
+                x = layer(x, ropes, batch, kv_cache, self.attention_backend)
         x = self.model.norm(x[batch.logits_indices])
         logits = (embed if self.lm_head is None else self.lm_head)(x).float()
         return logits if self.collectives is None else self.collectives.gather_logits(logits)

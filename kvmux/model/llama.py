@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvmux import _native
 from kvmux.cache.kv_cache import KVCache
 from kvmux.model.config import ModelConfig
-from kvmux.model.native_stack import NativeStack
+from kvmux.model.native_stack import NativeStack, float_weights, native_matmuls
 from kvmux.ops import fused
 from kvmux.ops.attention import BACKENDS, native_available, paged_attention
 from kvmux.ops.cpu_attention import attention_variant
@@ -264,6 +265,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, dtype, device)
 
+    def native_layer(self) -> _native.DecoderLayer | None:
+        """This layer for the native stack (kvmux/model/native_stack.py), or None where it cannot run there."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = self.input_layernorm, self.post_attention_layernorm
+        if self.collectives is not None or attn.q_norm is not None or not float_weights(*(n.weight for n in norms)):
+            return None
+        matmuls = native_matmuls(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if matmuls is None:
+            return None
+        return _native.DecoderLayer(norms[0].weight.data_ptr(), norms[0].eps, norms[1].weight.data_ptr(),
+                                    norms[1].eps, *matmuls, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                    mlp.down_proj.in_features, attn.scale, attn.layer_idx)
+
     def forward(self, x, residual, cos, sin, batch, kv_cache, backend):
         """Returns (this layer's MLP output, the residual stream before it); their sum is the layer's output."""
         if residual is None:
@@ -393,8 +407,7 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.pack()
         self.kernel_plans = plan_linears(linears)
-        # The native stack runs this family's own layers only (another family brings its own).
-        self.native_stack = NativeStack.build(self) if self.decoder_layer is DecoderLayer else None
+        self.native_stack = NativeStack.build(self)
 
     def kernel_choices(self) -> dict:
         """What runs each op here: per matmul shape, the kernel for each row range (and what each candidate

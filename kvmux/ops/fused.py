@@ -1,6 +1,6 @@
-"""A Llama layer's element-wise steps: native fused kernels for float32 on the CPU, torch otherwise.
+"""A Llama or Gemma 3 layer's element-wise steps: native fused kernels for float32 on the CPU, torch otherwise.
 
-Torch runs each of RMSNorm's, rotary embedding's and SwiGLU's operators as its
+Torch runs each of RMSNorm's, rotary embedding's and the gated MLP's operators as its
 own pass over the activations with its own dispatch, about twenty per layer;
 the fused kernels make one pass each. Every function here keeps the torch
 formulation as the fallback (and as the reference the tests compare against).
@@ -78,6 +78,29 @@ def rope_inplace(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tenso
     return True
 
 
+def norm_rope_inplace(rows: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                      q_norm: tuple[torch.Tensor | None, float], k_norm: tuple[torch.Tensor | None, float],
+                      cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """RMSNorm per head of q's `heads` heads and then of k's `kv_heads` (each norm a (weight, eps)), then their
+    rotation, in place in each row of rows [T, >= (heads + kv_heads) * head_dim], natively (Gemma 3's attention).
+
+    Returns False (and leaves `rows` alone) where the native kernels do not apply.
+    """
+    weights = (q_norm[0], k_norm[0])
+    if not (_native_rows(rows, cos, sin) and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape == (rows.shape[0], head_dim // 2) and head_dim % 2 == 0
+            and rows.shape[1] >= (heads + kv_heads) * head_dim
+            and all(w is not None and w.dtype == torch.float32 and w.is_contiguous() and w.numel() == head_dim
+                    for w in weights)):
+        return False
+    for first, count, (weight, eps) in ((0, heads, q_norm), (heads, kv_heads, k_norm)):
+        _native.head_rms_norm_f32(rows.data_ptr() + first * head_dim * rows.element_size(), rows.shape[0],
+                                  rows.stride(0), count, head_dim, weight.data_ptr(), eps, threads())
+    _native.rope_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads + kv_heads, head_dim, cos.data_ptr(),
+                     sin.data_ptr(), threads())
+    return True
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
     if _native_rows(gate_up) and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0:
@@ -87,3 +110,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, tanh approximation) * up for gate_up = [gate | up] along the last dimension (Gemma's MLP)."""
+    if _native_rows(gate_up) and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0:
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=torch.float32)
+        _native.gelu_tanh_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr(), threads())
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -77,4 +77,33 @@ void silu_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int nu
     });
 }
 
+void gelu_tanh_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
+    for_rows(T, I, num_threads, [&](int64_t t) {
+        const float* g = gate_up + t * 2 * I;
+        const float* u = g + I;
+        float* o = out + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) o[i] = gelu_tanh(g[i]) * u[i];
+    });
+}
+
+void head_rms_norm_f32(float* rows, int64_t T, int64_t ld, int64_t heads, int64_t dim, const float* weight,
+                       float eps, int num_threads) {
+    for_rows(T, heads * dim, num_threads, [&](int64_t t) {
+        for (int64_t h = 0; h < heads; ++h) {
+            float* head = rows + t * ld + h * dim;
+            normalise(head, dim, weight, eps, head);  // reads each element before writing it
+        }
+    });
+}
+
+void add_f32(float* x, const float* y, int64_t T, int64_t H, int num_threads) {
+    for_rows(T, H, num_threads, [&](int64_t t) {
+        float* xt = x + t * H;
+        const float* yt = y + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) xt[i] += yt[i];
+    });
+}
+
 }  // namespace kvmux

@@ -40,5 +40,15 @@ inline float silu(float x) {
     return x * (x >= 0.0f ? r : e * r);
 }
 
+// GELU's tanh approximation (torch's gelu(approximate="tanh"), Gemma's activation): 0.5 x (1 + tanh(u)) with
+// u = sqrt(2 / pi) (x + 0.044715 x^3), which is x * sigmoid(2u): computed as silu is, through exp of -|2u|, so
+// neither tail overflows nor loses its digits to 1 - tanh(|u|).
+inline float gelu_tanh(float x) {
+    const float u2 = 1.5957691216057308f * (x + 0.044715f * x * x * x);
+    const float e = exp_nonpos(-__builtin_fabsf(u2));
+    const float r = 1.0f / (1.0f + e);
+    return x * (u2 >= 0.0f ? r : e * r);
+}
+
 }  // namespace
 }  // namespace kvmux
