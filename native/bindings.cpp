@@ -13,6 +13,7 @@
 #include "cpu/paged_attention.h"
 #include "cpu/packed_linear.h"
 #include "cpu/quant_linear.h"
+#include "cpu/row_argmax.h"
 #include "cpu/thread_pool.h"
 
 namespace py = pybind11;
@@ -263,6 +264,15 @@ void bind_fused_ops(py::module_& m) {
                                      reinterpret_cast<float*>(out), num_threads);
         },
         py::arg("gate_up"), py::arg("rows"), py::arg("inter"), py::arg("out"), py::arg("num_threads"));
+    m.def(
+        "row_argmax_f32",
+        [](std::uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            kvmux::row_argmax_f32(reinterpret_cast<const float*>(x), rows, cols, row_stride,
+                                  reinterpret_cast<int64_t*>(out), num_threads);
+        },
+        py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("out"), py::arg("num_threads"),
+        "Each row's argmax into out (int64): the first on ties, the first NaN before any number.");
     m.def(
         "head_rms_norm_f32",
         [](std::uintptr_t rows, int64_t num_rows, int64_t row_stride, int64_t heads, int64_t head_dim,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvmux.runner.sampler import sample
+from kvmux.runner.sampler import argmax_rows, sample
 from kvmux.sampling import SamplingParams
 
 VOCAB = 50
@@ -145,3 +145,23 @@ def test_out_of_range_values_are_refused_naming_the_field(field, value):
         SamplingParams(**{field: value}).validate()
     SamplingParams(max_tokens=None, min_p=1.0, presence_penalty=-2, frequency_penalty=2, logprobs=20,
                    seed=-(2**63)).validate()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 5), (3, 49152), (64, 262144), (2, 32768 * 2 + 1)])
+def test_argmax_rows_is_torchs_first_max(rows, cols):
+    """The native argmax over chunks of each row: ties go to the first (within a chunk and across chunks), a NaN
+    to the first NaN, and -inf rows to 0, as torch's max says; rows may be strided."""
+    g = torch.Generator().manual_seed(rows * 7 + cols)
+    wide = torch.randn(rows, cols + 3, generator=g)
+    logits = wide[:, 1:1 + cols]  # rows a stride apart
+    top = logits.max() + 1
+    logits[0, cols // 2] = top  # a tie, reached first in an earlier chunk
+    logits[0, cols - 1] = top
+    if rows > 1:
+        logits[1] = float("-inf")
+    if rows > 2:
+        logits[2, cols // 3] = float("nan")
+        logits[2, cols - 1] = float("nan")
+    got = argmax_rows(logits)
+    assert torch.equal(got, logits.max(dim=-1).indices)
+    assert got[0] == cols // 2
