@@ -11,9 +11,11 @@
 namespace kvmux {
 namespace {
 
-// Rows per pass over a task's panels: their quantized activations (64 x K bytes) stay in L2 while the
-// panels, each a few KB for the whole of K, go by once per pass.
-constexpr int64_t kRowBlock = 64;
+// Rows per pass over a task's panels: their quantized activations (72 x K bytes) stay in L2 while the
+// panels, each a few KB for the whole of K, go by once per pass. A multiple of every variant's tile_rows, so
+// each pass starts at a group of the tiled activations.
+constexpr int64_t kRowBlock = 72;
+static_assert(kRowBlock % tile_rows(QuantKernel::avx512vnni) == 0 && kRowBlock % tile_rows(QuantKernel::avx2) == 0);
 // Up to this many rows the calling thread quantizes the activations alone: a few rows take microseconds,
 // less than handing them out as tasks and waiting for them.
 constexpr int64_t kSerialRows = 16;
@@ -78,19 +80,20 @@ void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
     *sum = hsum(_mm256_add_epi32(qi[0], qi[1]));
 }
 
-// Row m of x into the activations' buffers (q of `bits`, d and sums), per block of `block` (32, or 16 bytes).
+// Row m of x into the activations' buffers (q of `bits`, d and sums), per block of `block` (32, or 16 bytes),
+// tiled in groups of R rows (tiled_at).
 void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, int bits, int64_t block, void* q, float* d,
-                  int32_t* sums) {
+                  int32_t* sums, int64_t R) {
     const int64_t nb = K / block;
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + m * ldx + b * block;
-        const int64_t at = m * K + b * block;
+        const int64_t at = tiled_at(m, b, nb, R);
         if (block == 16)
-            quantize_block16(xb, static_cast<int8_t*>(q) + at, d + m * nb + b, sums + m * nb + b);
+            quantize_block16(xb, static_cast<int8_t*>(q) + at * block, d + at, sums + at);
         else if (bits == 16)
-            quantize_block(xb, static_cast<int16_t*>(q) + at, d + m * nb + b, nullptr);
+            quantize_block(xb, static_cast<int16_t*>(q) + at * block, d + at, nullptr);
         else
-            quantize_block(xb, static_cast<int8_t*>(q) + at, d + m * nb + b, sums + m * nb + b);
+            quantize_block(xb, static_cast<int8_t*>(q) + at * block, d + at, sums + at);
     }
 }
 
@@ -110,7 +113,7 @@ TilesFn tiles_for(QuantKernel kernel) {
 
 void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, int64_t block, void* q,
                           float* d, int32_t* sums) {
-    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, q, d, sums);
+    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, q, d, sums, 1);
 }
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
@@ -118,13 +121,14 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const int64_t block = quant_block(w.type), K = w.K, nb = K / block;
     const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
     const int bits = activation_bits(w.type);
+    const int64_t R = tile_rows(kernel), padded = (M + R - 1) / R * R;  // the last group padded
     // The calling thread's scratch, reused across calls; the pool's helpers reach it through the job's pointers.
     thread_local std::vector<int16_t> xq_buf;
     thread_local std::vector<float> xd_buf;
     thread_local std::vector<int32_t> xs_buf;
-    xq_buf.resize(M * K * bits / 16);
-    xd_buf.resize(M * nb);
-    xs_buf.resize(M * nb);
+    xq_buf.resize(padded * K * bits / 16);
+    xd_buf.resize(padded * nb);
+    xs_buf.resize(padded * nb);
     void* xq = xq_buf.data();
     float* xd = xd_buf.data();
     int32_t* xs = xs_buf.data();
@@ -132,12 +136,12 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
     if (M <= kSerialRows) {
-        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs);
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
     } else {
         const int64_t row_tasks = task_count(M, nt, 4);
         parallel_for(row_tasks, nt, [&](int64_t task) {
             const Span rows = split(M, row_tasks, task);
-            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs);
+            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
         });
     }
     if (kernel == QuantKernel::amx && w.type == QuantType::q8_0) {  // AMX multiplies bytes: int16 as two of them

@@ -27,8 +27,8 @@ inline int32_t load4(const void* p) {  // 4 bytes of activations, to be broadcas
 // speculative step's verification -- 15-20% faster than without, at 16-64 rows 6-16%, at 512 rows within 3%.
 constexpr int64_t kPrefetchAhead = 2048;
 
-// What a tile over panel p and rows m.. of form T reads: the panel's integers, scales and mins, the rows'
-// activation scales and sums (the AMX variant's tiles too).
+// What a tile over panel p and rows m.. of form T reads: the panel's integers, scales and mins; and for the AMX
+// variant, whose activations are row-major (tile_rows 1), the rows' activation scales and sums.
 template <QuantType T>
 struct PanelRefs {
     const uint8_t* wq;
@@ -49,15 +49,19 @@ struct PanelRefs {
 // Per block, each row's integer dot products run into an Acc; at the block's
 // end it is scaled into the row's float Sum: d_x (d (acc - off sum q_x) + m sum q_x).
 // `Isa::start` may fold -off sum q_x into the accumulator's starting value.
+// m is a multiple of Isa::kRows: the tile's rows are one group of the tiled activations (tiled_at), where row i
+// of block b sits at a constant offset from the block's start.
 template <class Isa, QuantType T, int MT>
 void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
-    constexpr int64_t block_bytes = quant_panel_block_bytes(T), B = quant_block(T);
+    constexpr int64_t block_bytes = quant_panel_block_bytes(T), B = quant_block(T), R = Isa::kRows;
     constexpr int32_t off = quant_offset(T);
-    const int64_t nb = j.nb, K = j.w.K;
+    const int64_t nb = j.nb;
     const PanelRefs<T> r(j, m, p);
     const uint8_t* wq = r.wq;
-    const XT* xq = static_cast<const XT*>(j.xq) + m * K;
+    const XT* xq = static_cast<const XT*>(j.xq) + tiled_at(m, 0, nb, R) * B;
+    const float* xd = j.xd + tiled_at(m, 0, nb, R);
+    const int32_t* xs = j.xs + tiled_at(m, 0, nb, R);
 
     typename Isa::Sum sum[MT];
     const typename Isa::Sum init = j.bias ? Isa::load(j.bias + p * kQuantPanel, cols) : Isa::zero();
@@ -67,7 +71,7 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
 #pragma GCC unroll 8
         for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
         typename Isa::Acc acc[MT];
-        const XT* xb = xq + b * B;
+        const XT* xb = xq + b * R * B;
         if constexpr (T == QuantType::q8_0) {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
@@ -75,11 +79,11 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
             for (int g = 0; g < 16; ++g) {  // 2 k per lane
                 const typename Isa::W w = Isa::q8(wq + g * 32);
 #pragma GCC unroll 16
-                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, load4(xb + i * K + 2 * g));
+                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, xb + i * B + 2 * g);
             }
         } else {
 #pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * r.xs[i * nb + b]);
+            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(-off * xs[b * R + i]);
             constexpr int planes = high_planes(T);
 #pragma GCC unroll 4
             for (int h = 0; h < B / 8; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
@@ -90,8 +94,8 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
                     Isa::high_bits(wq + 8 * B + 16 * (planes * h + j), lo, hi, static_cast<char>(16 << j));
 #pragma GCC unroll 16
                 for (int i = 0; i < MT; ++i) {
-                    Isa::template dot<T>(acc[i], lo, load4(xb + i * K + 8 * h));
-                    Isa::template dot<T>(acc[i], hi, load4(xb + i * K + 8 * h + 4));
+                    Isa::template dot<T>(acc[i], lo, xb + i * B + 8 * h);
+                    Isa::template dot<T>(acc[i], hi, xb + i * B + 8 * h + 4);
                 }
             }
         }
@@ -100,15 +104,15 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
             const typename Isa::Sum mins = Isa::half(r.wm + b * kQuantPanel);
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) {
-                const float dx = r.xd[i * nb + b];
+                const float dx = xd[b * R + i];
                 Isa::scale_add(sum[i], Isa::template total<T>(acc[i], 0), d, dx);
-                Isa::mul_add(sum[i], mins, dx * static_cast<float>(r.xs[i * nb + b]));
+                Isa::mul_add(sum[i], mins, dx * static_cast<float>(xs[b * R + i]));
             }
         } else {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) {
-                const int32_t correction = off ? -off * r.xs[i * nb + b] : 0;
-                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, r.xd[i * nb + b]);
+                const int32_t correction = off ? -off * xs[b * R + i] : 0;
+                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[b * R + i]);
             }
         }
     }

@@ -10,12 +10,24 @@
 
 namespace kvmux {
 
+// Rows of one tile of each variant. quant_linear lays the quantized activations out in groups of that many rows,
+// block by block (tiled_at), so that a tile finds row i of block b at a constant offset from one pointer: with a
+// pointer per row the compiler ran out of registers and spent three integer instructions on each dot product's
+// address (the AMX variant loads row-major tiles: groups of 1).
+constexpr int tile_rows(QuantKernel kernel) {
+    return kernel == QuantKernel::avx512vnni ? 8 : kernel == QuantKernel::amx ? 1 : 3;
+}
+
+// Where row m's block b sits in activations tiled in groups of R rows (nb blocks a row): its index among the
+// per-block values (scales, sums); times the block's length, among the quants. R = 1: row-major.
+constexpr int64_t tiled_at(int64_t m, int64_t b, int64_t nb, int64_t R) { return (m / R * nb + b) * R + m % R; }
+
 struct QuantTileJob {
     QuantWeights w;
     int64_t nb;           // blocks per row: K / 32
-    const void* xq;       // [M, K] quantized activations: int16 for Q8_0 weights, int8 for Q4
-    const float* xd;      // [M, nb] their scales
-    const int32_t* xs;    // [M, nb] the sum of each block's quants
+    const void* xq;       // quantized activations, tiled (tiled_at): int16 for Q8_0 weights, int8 for Q4
+    const float* xd;      // their scales, tiled alike
+    const int32_t* xs;    // the sum of each block's quants, tiled alike
     const float* bias;    // [N] or nullptr
     float* out;
     int64_t ldo;

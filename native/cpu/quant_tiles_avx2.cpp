@@ -21,7 +21,8 @@ struct Avx2 : Float256 {
     static Acc start(int32_t) { return {{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
 
     template <QuantType T>
-    static void dot(Acc& acc, const W& w, int32_t x4) {
+    static void dot(Acc& acc, const W& w, const void* xp) {
+        const int32_t x4 = load4(xp);
         const __m256i x = _mm256_set1_epi32(x4);
         for (int h = 0; h < 2; ++h) {
             if constexpr (T == QuantType::q8_0)
@@ -47,6 +48,8 @@ struct Avx2 : Float256 {
         return t;
     }
 };
+
+static_assert(Avx2::kRows == tile_rows(QuantKernel::avx2), "quant_linear tiles the activations in groups of kRows");
 
 }  // namespace
 

@@ -23,7 +23,8 @@ struct AvxVnni : Float256 {
     static Acc start(int32_t c) { return {{_mm256_set1_epi32(c), _mm256_set1_epi32(c)}}; }
 
     template <QuantType T>
-    static void dot(Acc& acc, const W& w, int32_t x4) {
+    static void dot(Acc& acc, const W& w, const void* xp) {
+        const int32_t x4 = load4(xp);
         const __m256i x = _mm256_set1_epi32(x4);
         for (int h = 0; h < 2; ++h) {
             if constexpr (T == QuantType::q8_0)
@@ -36,6 +37,8 @@ struct AvxVnni : Float256 {
     template <QuantType>
     static Int total(const Acc& acc, int32_t) { return acc; }
 };
+
+static_assert(AvxVnni::kRows == tile_rows(QuantKernel::avxvnni), "quant_linear tiles the activations in groups of kRows");
 
 }  // namespace
 
