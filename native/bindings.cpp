@@ -267,6 +267,7 @@ void bind_fused_ops(py::module_& m) {
     m.def(
         "row_argmax_f32",
         [](std::uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, std::uintptr_t out, int num_threads) {
+            if (cols < 1) throw std::invalid_argument("row_argmax_f32: rows need at least one column");
             py::gil_scoped_release release;
             kvmux::row_argmax_f32(reinterpret_cast<const float*>(x), rows, cols, row_stride,
                                   reinterpret_cast<int64_t*>(out), num_threads);

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kvmux import Engine
-from kvmux._native import BlockAllocator, OutOfBlocks
+from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
 from kvmux.cache.block_manager import BlockManager
-from kvmux.cache.tiers import DEVICE, DISK, HOST, BlockCopy
+from kvmux.cache.tiers import DEVICE, DISK, HOST, BlockCopy, Tiers
 from kvmux.cache.transfer import BlockCopier, _runs
 
 from engine_helpers import assert_no_leaks, greedy
@@ -221,3 +221,25 @@ def test_prefix_comes_back_from_host(tiny):
     # One run of cached blocks: its head found on the device, its tail on the host.
     assert stats["prefix_cache_hits_device"] == 2 * 8 and stats["prefix_cache_hits_host"] == 2 * 8
     assert stats["prefix_blocks_to_host"] >= 2
+
+
+def test_gather_refuses_before_it_takes_anything():
+    """A window's slots gathered from the tiers: a hash no tier holds, or a device too full for the promotions,
+    is refused with every tier as it was (nothing held on the host or the disk, nothing queued)."""
+    copies: list[BlockCopy] = []
+    device = BlockAllocator(2)
+    tiers = Tiers(device, 2, 2, keep_prefixes=True, copies=copies)
+    for tier, digest in ((tiers.host, 11), (tiers.disk, 12)):
+        (block,), _ = tier.acquire([digest])
+        tier.free_blocks([block])
+    with pytest.raises(BlockError, match="no tier holds"):
+        tiers.gather([11, 12, 13])
+    held = device.allocate_n(1)
+    with pytest.raises(OutOfBlocks):
+        tiers.gather([11, 12])  # two promotions, one free device block
+    assert not copies and tiers.host.num_free == 2 and tiers.disk.num_free == 2 and device.num_free == 1
+    device.free_blocks(held)
+    blocks, from_host, from_disk = tiers.gather([11, 12])
+    assert (from_host, from_disk) == (1, 1)
+    assert [(c.src_tier, c.dst_tier, c.dst) for c in copies] == [(HOST, DEVICE, blocks[0]), (DISK, DEVICE, blocks[1])]
+    tiers.check_invariants({})

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from kvmux._native import BlockAllocator, BlockError
+from kvmux._native import BlockAllocator, BlockError, OutOfBlocks
 
 # The pools a BlockCopy names: the full-attention layers' (every layer's, without a sliding pool) and the sliding
 # window layers' (block_manager.py), each on the device, the host and the disk.
@@ -175,17 +175,20 @@ class Tiers:
         """Device blocks for `hashes`, each of which some tier holds (`holds`), in any order of tiers: shared where
         the device caches it, else promoted from the host or the disk into a fresh block (queued, and registered at
         once, as fetch's are). Returns the blocks and how many came from the host and from the disk."""
-        below: dict[int, tuple[int, int]] = {}  # hash -> (tier, block) it is promoted from, held meanwhile
+        # Everything is checked before anything is taken, so a refusal leaves every tier as it was.
+        sources: dict[int, tuple[int, BlockAllocator]] = {}  # hash -> (tier, allocator) it is promoted from
         for digest in hashes:
             if self.device.lookup([digest]):
                 continue
-            for tier, alloc in ((self.ids.host, self.host), (self.ids.disk, self.disk)):
-                if alloc.lookup([digest]):
-                    (block,), _ = alloc.acquire([digest])  # never taken by the demotions below
-                    below[digest] = tier, block
-                    break
-            else:
+            found = [(tier, alloc) for tier, alloc in ((self.ids.host, self.host), (self.ids.disk, self.disk))
+                     if alloc.lookup([digest])]
+            if not found:
                 raise BlockError(f"no tier holds the block of hash {digest:#x}")
+            sources[digest] = found[0]
+        if self.device.acquire_cost(hashes) > self.device.num_free:
+            raise OutOfBlocks(f"{self.device.acquire_cost(hashes)} blocks needed, {self.device.num_free} free")
+        # Held while the device's reclaimed blocks are demoted, which must never take them.
+        below = {digest: (tier, alloc.acquire([digest])[0][0]) for digest, (tier, alloc) in sources.items()}
         blocks, hits = self.device.acquire(hashes)
         self.touch_disk([digest for digest, hit in zip(hashes, hits) if hit])
         self.demote_reclaimed()

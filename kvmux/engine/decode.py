@@ -342,7 +342,9 @@ class Decode(Actor):
     def _steps(self, plan: messages.StepPlan, drafts: dict[str, list[int]]) -> int:
         """Forwards this step runs: more than one only for a plain decode step while nothing waits for prefill,
         never past a sequence's max_tokens, and only where every sequence's slots for them are free already
-        (blocks that hold no cached prefix: a sequence that ends early gives its slots back unused)."""
+        (blocks that hold no cached prefix: a sequence that ends early gives its slots back unused). A
+        sliding-window pool's slots for them come from the sequences' seats, as any chunk's do: taking one may
+        reclaim a cached slot (demoted where there is a host tier)."""
         steps = self.num_scheduler_steps
         if steps == 1 or plan.chunks or drafts or self.prefill_ready or self.swapped_out:
             return 1

@@ -131,7 +131,7 @@ class Engine:
                              step_tokens=cfg.max_num_batched_tokens,
                              # a decode step's slots beyond its first token: drafts, or a run's later forwards
                              lookahead=max(speculative.num_speculative_tokens if speculative else 0,
-                                           cfg.num_scheduler_steps - 1))
+                                           0 if parallel else cfg.num_scheduler_steps - 1))
         except ValueError as exc:
             raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} {exc}") from None
         geometry, num_blocks = pool.geometry, pool.num_blocks
@@ -142,6 +142,10 @@ class Engine:
         num_host, num_host_sliding = host_blocks(pool, int(cfg.host_cache_gib * 2**30), cfg.num_host_blocks)
         # Single-process, the sliding layers' slots have a disk store beside the blocks', as many of each.
         sliding_disk = bool(pool.window and cfg.disk_cache_dir and not parallel)
+        if pool.window and cfg.disk_cache_dir and parallel:
+            log.warning("sliding_window_pool=on with --disk-cache-dir under tensor parallelism: the ranks' disk "
+                        "stores keep full-attention blocks only, so a restart finds no window to hit with; "
+                        "--sliding-window-pool auto keeps one pool of whole-model blocks, which it does find")
         disk_block_bytes = geometry.block_bytes + (pool.sliding_geometry.block_bytes if sliding_disk else 0)
         num_disk = int(cfg.disk_cache_gib * 2**30) // disk_block_bytes if cfg.disk_cache_dir else 0
         self.geometry, self.pool = geometry, pool

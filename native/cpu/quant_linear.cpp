@@ -13,9 +13,12 @@ namespace {
 
 // Rows per pass over a task's panels: their quantized activations (72 x K bytes) stay in L2 while the
 // panels, each a few KB for the whole of K, go by once per pass. A multiple of every variant's tile_rows, so
-// each pass starts at a group of the tiled activations.
-constexpr int64_t kRowBlock = 72;
-static_assert(kRowBlock % tile_rows(QuantKernel::avx512vnni) == 0 && kRowBlock % tile_rows(QuantKernel::avx2) == 0);
+// each pass starts at a group of the tiled activations; AMX's 64, four whole tiles of 16 rows (a part tile
+// costs a tile configuration of its own).
+constexpr int64_t row_block(QuantKernel kernel) { return kernel == QuantKernel::amx ? 64 : 72; }
+static_assert(row_block(QuantKernel::avx512vnni) % tile_rows(QuantKernel::avx512vnni) == 0 &&
+              row_block(QuantKernel::avx2) % tile_rows(QuantKernel::avx2) == 0 &&
+              row_block(QuantKernel::avxvnni) % tile_rows(QuantKernel::avxvnni) == 0);
 // Up to this many rows the calling thread quantizes the activations alone: a few rows take microseconds,
 // less than handing them out as tasks and waiting for them.
 constexpr int64_t kSerialRows = 16;
@@ -138,10 +141,12 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     if (M <= kSerialRows) {
         for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
     } else {
-        const int64_t row_tasks = task_count(M, nt, 4);
+        // Whole groups a task, so no two threads write the same group's scales and sums.
+        const int64_t groups = padded / R, row_tasks = task_count(groups, nt, (4 + R - 1) / R);
         parallel_for(row_tasks, nt, [&](int64_t task) {
-            const Span rows = split(M, row_tasks, task);
-            for (int64_t m = rows.begin; m < rows.end; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
+            const Span own = split(groups, row_tasks, task);
+            for (int64_t m = own.begin * R; m < std::min(M, own.end * R); ++m)
+                quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
         });
     }
     if (kernel == QuantKernel::amx && w.type == QuantType::q8_0) {  // AMX multiplies bytes: int16 as two of them
@@ -158,10 +163,11 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
         job.x_hi = hi_buf.data();
     }
     // Each task is a contiguous run of panels, so whoever takes it streams that part of W.
+    const int64_t rows = row_block(kernel);
     const int64_t tasks = task_count(panels, nt, kPanelsPerTask);
     parallel_for(tasks, nt, [&](int64_t task) {
         const Span own = split(panels, tasks, task);
-        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) tiles(job, m0, std::min(M, m0 + kRowBlock), own.begin, own.end);
+        for (int64_t m0 = 0; m0 < M; m0 += rows) tiles(job, m0, std::min(M, m0 + rows), own.begin, own.end);
     });
 }
 

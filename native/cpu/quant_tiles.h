@@ -24,7 +24,7 @@ constexpr int64_t tiled_at(int64_t m, int64_t b, int64_t nb, int64_t R) { return
 
 struct QuantTileJob {
     QuantWeights w;
-    int64_t nb;           // blocks per row: K / 32
+    int64_t nb;           // blocks per row: K / quant_block
     const void* xq;       // quantized activations, tiled (tiled_at): int16 for Q8_0 weights, int8 for Q4
     const float* xd;      // their scales, tiled alike
     const int32_t* xs;    // the sum of each block's quants, tiled alike
