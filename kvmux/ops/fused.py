@@ -103,21 +103,20 @@ def norm_rope_inplace(rows: torch.Tensor, heads: int, kv_heads: int, head_dim: i
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
-    if _native_rows(gate_up) and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0:
-        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(rows, inter, dtype=torch.float32)
-        _native.silu_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr(), threads())
-        return out
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _gated(gate_up, _native.silu_mul_f32, F.silu)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu(gate, tanh approximation) * up for gate_up = [gate | up] along the last dimension (Gemma's MLP)."""
+    return _gated(gate_up, _native.gelu_tanh_mul_f32, lambda gate: F.gelu(gate, approximate="tanh"))
+
+
+def _gated(gate_up: torch.Tensor, native, act) -> torch.Tensor:
+    """act(gate) * up: the native kernel where it applies, else torch's act."""
     if _native_rows(gate_up) and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, inter, dtype=torch.float32)
-        _native.gelu_tanh_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr(), threads())
+        native(gate_up.data_ptr(), rows, inter, out.data_ptr(), threads())
         return out
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    return act(gate) * up

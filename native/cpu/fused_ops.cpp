@@ -67,24 +67,28 @@ void rope_f32(float* rows, int64_t T, int64_t ld, int64_t heads, int64_t dim, co
     });
 }
 
-void silu_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
+namespace {
+
+// out[t, i] = act(gate_up[t, i]) * gate_up[t, I + i]: a gated MLP's activation.
+template <float (*Act)(float)>
+void gated_mul(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
     for_rows(T, I, num_threads, [&](int64_t t) {
         const float* g = gate_up + t * 2 * I;
         const float* u = g + I;
         float* o = out + t * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) o[i] = silu(g[i]) * u[i];
+        for (int64_t i = 0; i < I; ++i) o[i] = Act(g[i]) * u[i];
     });
 }
 
+}  // namespace
+
+void silu_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
+    gated_mul<silu>(gate_up, T, I, out, num_threads);
+}
+
 void gelu_tanh_mul_f32(const float* gate_up, int64_t T, int64_t I, float* out, int num_threads) {
-    for_rows(T, I, num_threads, [&](int64_t t) {
-        const float* g = gate_up + t * 2 * I;
-        const float* u = g + I;
-        float* o = out + t * I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) o[i] = gelu_tanh(g[i]) * u[i];
-    });
+    gated_mul<gelu_tanh>(gate_up, T, I, out, num_threads);
 }
 
 void head_rms_norm_f32(float* rows, int64_t T, int64_t ld, int64_t heads, int64_t dim, const float* weight,
