@@ -65,6 +65,8 @@ void bind_block_allocator(py::module_& m) {
                       &BlockAllocator::set_record_evictions)
         .def("take_evicted", &BlockAllocator::take_evicted,
              "[(block, hash)] of cached blocks reclaimed by allocations since the last call.")
+        .def_property_readonly("num_evicted", &BlockAllocator::num_evicted,
+                               "Entries take_evicted would return now (it leaves them).")
         .def("check_invariants", &BlockAllocator::check_invariants);
 }
 

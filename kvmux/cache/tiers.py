@@ -281,6 +281,11 @@ class Tiers:
         """host_holders: host block -> how many swapped sequences hold it. Disk blocks are never held."""
         self.host.check_invariants()
         self.disk.check_invariants()
+        # A reclaimed cached block not demoted at once would be demoted later, after something overwrote it.
+        for name, alloc in (("device", self.device), ("host", self.host)):
+            if alloc.num_evicted:
+                raise RuntimeError(f"{alloc.num_evicted} {name} block(s) reclaimed but never demoted: an allocation "
+                                   f"was not followed by its demote_reclaimed")
         # The native checker has matched held blocks with the free count, so
         # checking the holders' blocks covers every held one.
         for block, holders in host_holders.items():

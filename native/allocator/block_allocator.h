@@ -108,6 +108,8 @@ public:
     void set_record_evictions(bool on) { record_evictions_ = on; }
     // The log since the last call, oldest first; clears it.
     std::vector<std::pair<BlockId, Hash>> take_evicted();
+    // Entries in the log now (every allocation's caller takes them at once: more between steps means one did not).
+    BlockId num_evicted() const { return static_cast<BlockId>(evicted_.size()); }
 
     // Throws std::logic_error describing the first inconsistency found.
     void check_invariants() const;
