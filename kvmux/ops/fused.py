@@ -64,14 +64,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
 
 
+def _rope_applies(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the native rotation takes these: float32 rows wide enough for `heads` heads, contiguous tables."""
+    return (_native_rows(rows, cos, sin) and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape == (rows.shape[0], head_dim // 2) and head_dim % 2 == 0
+            and rows.shape[1] >= heads * head_dim)
+
+
 def rope_inplace(rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotate the first `heads` heads of each row of `rows` [T, >= heads * head_dim] in place, natively.
 
     Returns False (and leaves `rows` alone) where the native kernel does not apply.
     """
-    if not (_native_rows(rows, cos, sin) and cos.is_contiguous() and sin.is_contiguous()
-            and cos.shape == sin.shape == (rows.shape[0], head_dim // 2) and head_dim % 2 == 0
-            and rows.shape[1] >= heads * head_dim):
+    if not _rope_applies(rows, heads, head_dim, cos, sin):
         return False
     _native.rope_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, head_dim, cos.data_ptr(),
                      sin.data_ptr(), threads())
@@ -86,19 +91,14 @@ def norm_rope_inplace(rows: torch.Tensor, heads: int, kv_heads: int, head_dim: i
 
     Returns False (and leaves `rows` alone) where the native kernels do not apply.
     """
-    weights = (q_norm[0], k_norm[0])
-    if not (_native_rows(rows, cos, sin) and cos.is_contiguous() and sin.is_contiguous()
-            and cos.shape == sin.shape == (rows.shape[0], head_dim // 2) and head_dim % 2 == 0
-            and rows.shape[1] >= (heads + kv_heads) * head_dim
+    if not (_rope_applies(rows, heads + kv_heads, head_dim, cos, sin)
             and all(w is not None and w.dtype == torch.float32 and w.is_contiguous() and w.numel() == head_dim
-                    for w in weights)):
+                    for w, _ in (q_norm, k_norm))):
         return False
     for first, count, (weight, eps) in ((0, heads, q_norm), (heads, kv_heads, k_norm)):
         _native.head_rms_norm_f32(rows.data_ptr() + first * head_dim * rows.element_size(), rows.shape[0],
                                   rows.stride(0), count, head_dim, weight.data_ptr(), eps, threads())
-    _native.rope_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads + kv_heads, head_dim, cos.data_ptr(),
-                     sin.data_ptr(), threads())
-    return True
+    return rope_inplace(rows, heads + kv_heads, head_dim, cos, sin)  # applies: checked above
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,9 @@ class Runner:
             end = -(-(c.position + work.steps) // bs)
             if self.kv_cache.sliding is not None and (len(c.sliding_table) < end
                                                       or min(c.sliding_table[c.position // bs:end]) < 0):
-                raise ValueError(f"a step of {work.steps} forwards writes tokens {c.position}..{c.position + work.steps - 1} "
-                                 f"of {c.seq_id!r}, whose sliding-window table holds no slot for some of them")
+                last = c.position + work.steps - 1
+                raise ValueError(f"a step of {work.steps} forwards writes tokens {c.position}..{last} of "
+                                 f"{c.seq_id!r}, whose sliding-window table holds no slot for some of them")
 
     def _forward(self, chunks: list[Chunk], masks: torch.Tensor | Future | None) -> list[list[Sampled]]:
         """One forward over the chunks, and the runs their draws emit."""
