@@ -201,19 +201,20 @@ void bind_quant_linear(py::module_& m) {
         "bias 0 means none.");
     m.def(
         "quantize_activations",
-        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int bits, std::uintptr_t q,
-           std::uintptr_t d, std::uintptr_t sums, int64_t block) {
-            if (block != 32 && !(block == 16 && bits == 8))
-                throw py::value_error("quantize_activations: block must be 32, or 16 with bits 8");
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t q,
+           std::uintptr_t d, std::uintptr_t offsets, std::uintptr_t min_weights) {
+            if (qtype < 0 || qtype > 5) throw py::value_error("quantize_activations: qtype must be 0-5");
             py::gil_scoped_release release;
-            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features, bits, block,
-                                        reinterpret_cast<void*>(q), reinterpret_cast<float*>(d),
-                                        reinterpret_cast<int32_t*>(sums));
+            kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features,
+                                        static_cast<kvmux::QuantType>(qtype), reinterpret_cast<void*>(q),
+                                        reinterpret_cast<float*>(d), reinterpret_cast<int32_t*>(offsets),
+                                        reinterpret_cast<float*>(min_weights));
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("bits"), py::arg("q"),
-        py::arg("d"), py::arg("sums"), py::arg("block") = 32,
-        "The per-block quantization quant_linear applies to its activations: to int8 (bits 8, with each block's "
-        "sum) or int16 (bits 16), per block of 32 (or 16: Q6_K's).");
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"), py::arg("q"),
+        py::arg("d"), py::arg("offsets"), py::arg("min_weights"),
+        "The per-block quantization quant_linear applies to the activations of weights of form qtype (as "
+        "quant_linear numbers them): to int16 for Q8_0, else int8, per block of 32 (Q6_K's 16), with each block's "
+        "integer starting value -offset * sum (forms with an offset) or min weight d * sum (forms with mins).");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.

@@ -71,9 +71,12 @@ def test_kernel_reads_strided_rows_and_no_bias(variant):
     assert quant.quant_linear(x[:0], weight, kernel=variant).shape == (0, 64)
 
 
-@pytest.mark.parametrize("bits,block", [(8, 32), (16, 32), (8, 16)])
-def test_activations_quantized_as_the_reference_says(bits, block):
+@pytest.mark.parametrize("form", quant.QTYPES)
+def test_activations_quantized_as_the_reference_says(form):
+    """The quants and scales, and each block's correction: -offset * sum of its quants (the integer dot's start)
+    for the forms with an offset, d * sum (its min's weight, in float32) for the forms with mins."""
     g = torch.Generator().manual_seed(3)
+    bits, block = quant.ACTIVATION_BITS[form], quant.BLOCKS[form]
     levels = 2 ** (bits - 1) - 1
     x = torch.randn(6, 128, generator=g) * 3
     x[2, 32:64] = 0.0
@@ -83,12 +86,14 @@ def test_activations_quantized_as_the_reference_says(bits, block):
     assert q[3, :5].tolist() == [levels, 2, 4, -2, levels - 1]  # round half to even
     nb = 128 // block
     nq = torch.empty(6, 128, dtype=torch.int8 if bits == 8 else torch.int16)
-    nd, ns = torch.empty(6, nb), torch.zeros(6, nb, dtype=torch.int32)
-    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, bits, nq.data_ptr(), nd.data_ptr(),
-                                       ns.data_ptr(), block)
+    nd, offsets, min_weights = torch.empty(6, nb), torch.zeros(6, nb, dtype=torch.int32), torch.zeros(6, nb)
+    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, quant.QTYPES[form], nq.data_ptr(), nd.data_ptr(),
+                                       offsets.data_ptr(), min_weights.data_ptr())
     assert torch.equal(nq.float(), q) and torch.equal(nd, d)
-    if bits == 8:
-        assert torch.equal(ns, q.reshape(6, nb, block).sum(-1).int())
+    sums = q.reshape(6, nb, block).sum(-1).int()
+    assert torch.equal(offsets, -gguf_blocks.OFFSET.get(form, 0) * sums if form in gguf_blocks.OFFSET
+                       else torch.zeros_like(sums))
+    assert torch.equal(min_weights, d * sums.float() if form in ("q4_1", "q5_1") else torch.zeros_like(d))
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

@@ -83,20 +83,25 @@ void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
     *sum = hsum(_mm256_add_epi32(qi[0], qi[1]));
 }
 
-// Row m of x into the activations' buffers (q of `bits`, d and sums), per block of `block` (32, or 16 bytes),
-// tiled in groups of R rows (tiled_at).
-void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, int bits, int64_t block, void* q, float* d,
-                  int32_t* sums, int64_t R) {
-    const int64_t nb = K / block;
+// Row m of x into the activations' buffers for weights of form t (q, d, and the blocks' block_offset or
+// block_min_weight), per block of quant_block(t), tiled in groups of R rows (tiled_at).
+void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
+                  int32_t* offsets, float* min_weights, int64_t R) {
+    const int64_t block = quant_block(t), nb = K / block;
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + m * ldx + b * block;
         const int64_t at = tiled_at(m, b, nb, R);
+        int32_t sum = 0;
         if (block == 16)
-            quantize_block16(xb, static_cast<int8_t*>(q) + at * block, d + at, sums + at);
-        else if (bits == 16)
+            quantize_block16(xb, static_cast<int8_t*>(q) + at * block, d + at, &sum);
+        else if (activation_bits(t) == 16)
             quantize_block(xb, static_cast<int16_t*>(q) + at * block, d + at, nullptr);
         else
-            quantize_block(xb, static_cast<int8_t*>(q) + at * block, d + at, sums + at);
+            quantize_block(xb, static_cast<int8_t*>(q) + at * block, d + at, &sum);
+        if (has_mins(t))
+            min_weights[at] = block_min_weight(d[at], sum);
+        else if (quant_offset(t))
+            offsets[at] = block_offset(t, sum);
     }
 }
 
@@ -114,9 +119,9 @@ TilesFn tiles_for(QuantKernel kernel) {
 
 }  // namespace
 
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, int64_t block, void* q,
-                          float* d, int32_t* sums) {
-    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, q, d, sums, 1);
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
+                          int32_t* offsets, float* min_weights) {
+    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, t, q, d, offsets, min_weights, 1);
 }
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
@@ -128,25 +133,28 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     // The calling thread's scratch, reused across calls; the pool's helpers reach it through the job's pointers.
     thread_local std::vector<int16_t> xq_buf;
     thread_local std::vector<float> xd_buf;
-    thread_local std::vector<int32_t> xs_buf;
+    thread_local std::vector<int32_t> xo_buf;
+    thread_local std::vector<float> xm_buf;
     xq_buf.resize(padded * K * bits / 16);
     xd_buf.resize(padded * nb);
-    xs_buf.resize(padded * nb);
+    xo_buf.resize(padded * nb);
+    xm_buf.resize(padded * nb);
     void* xq = xq_buf.data();
     float* xd = xd_buf.data();
-    int32_t* xs = xs_buf.data();
-    QuantTileJob job{w, nb, xq, xd, xs, bias, out, ldo};
+    int32_t* xo = xo_buf.data();
+    float* xm = xm_buf.data();
+    QuantTileJob job{w, nb, xq, xd, xo, xm, bias, out, ldo};
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
     if (M <= kSerialRows) {
-        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, w.type, xq, xd, xo, xm, R);
     } else {
         // Whole groups a task, so no two threads write the same group's scales and sums.
         const int64_t groups = padded / R, row_tasks = task_count(groups, nt, (4 + R - 1) / R);
         parallel_for(row_tasks, nt, [&](int64_t task) {
             const Span own = split(groups, row_tasks, task);
             for (int64_t m = own.begin * R; m < std::min(M, own.end * R); ++m)
-                quantize_row(x, m, ldx, K, bits, block, xq, xd, xs, R);
+                quantize_row(x, m, ldx, K, w.type, xq, xd, xo, xm, R);
         });
     }
     if (kernel == QuantKernel::amx && w.type == QuantType::q8_0) {  // AMX multiplies bytes: int16 as two of them

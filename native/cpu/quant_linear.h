@@ -60,6 +60,11 @@ constexpr int64_t quant_panel_block_bytes(QuantType t) {  // one panel's quants 
 }
 // Bits of the activations multiplied by weights of type t.
 constexpr int activation_bits(QuantType t) { return t == QuantType::q8_0 ? 16 : 8; }
+// What an activation block's sum of quants s enters the product as, computed once per row and block when x is
+// quantized rather than by every panel's tile: with an offset, the block's integer dot starts at -off s; with mins,
+// the block's min is weighted by d_x s.
+constexpr int32_t block_offset(QuantType t, int32_t s) { return -quant_offset(t) * s; }
+constexpr float block_min_weight(float dx, int32_t s) { return dx * static_cast<float>(s); }
 
 struct QuantWeights {
     QuantType type;
@@ -73,9 +78,11 @@ struct QuantWeights {
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads);
 
-// The activation quantization every kernel applies, for the tests' reference: q [M, K] of int8 (bits 8) or
-// int16 (bits 16), d and sums [M, K / block], block 32 or (bits 8 only) 16.
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, int bits, int64_t block, void* q,
-                          float* d, int32_t* sums);
+// The activation quantization every kernel applies to x before multiplying it by weights of form t, for the
+// tests' reference: q [M, K] (int16 for Q8_0, else int8), d [M, K / quant_block(t)], and each block's
+// correction (block_offset, block_min_weight): offsets [M, K / block] for the forms with an offset, min_weights
+// for the forms with mins (the other left untouched).
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
+                          int32_t* offsets, float* min_weights);
 
 }  // namespace kvmux

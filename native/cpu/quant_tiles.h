@@ -27,7 +27,8 @@ struct QuantTileJob {
     int64_t nb;           // blocks per row: K / quant_block
     const void* xq;       // quantized activations, tiled (tiled_at): int16 for Q8_0 weights, int8 for Q4
     const float* xd;      // their scales, tiled alike
-    const int32_t* xs;    // the sum of each block's quants, tiled alike
+    const int32_t* xo;    // forms with an offset: each block's block_offset, tiled alike
+    const float* xm;      // forms with mins: each block's block_min_weight, tiled alike
     const float* bias;    // [N] or nullptr
     float* out;
     int64_t ldo;

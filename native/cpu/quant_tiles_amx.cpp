@@ -81,7 +81,8 @@ void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
     const uint8_t* wq = r.wq;
     const uint16_t *wd = r.wd, *wm = r.wm;
     const float* xd = r.xd;
-    const int32_t* xs = r.xs;
+    const int32_t* xo = r.xo;
+    const float* xm = r.xm;
     const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1);
     const __m512 init = j.bias ? _mm512_maskz_loadu_ps(lanes, j.bias + p * kQuantPanel) : _mm512_setzero_ps();
     __m512 sum[16];
@@ -118,11 +119,11 @@ void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
             const int64_t at = (i < rows ? i : 0) * nb + b;  // rows past the tile's are never stored
             __m512i t = _mm512_load_si512(c[i]);
             if constexpr (T == QuantType::q8_0) t = _mm512_add_epi32(t, _mm512_slli_epi32(_mm512_load_si512(c_hi[i]), 8));
-            if constexpr (off != 0) t = _mm512_sub_epi32(t, _mm512_set1_epi32(off * xs[at]));
+            if constexpr (off != 0) t = _mm512_add_epi32(t, _mm512_set1_epi32(xo[at]));
             const float dx = xd[at];
             sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, _mm512_set1_ps(dx)), sum[i]);
             if constexpr (has_mins(T))
-                sum[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(dx * static_cast<float>(xs[at])), sum[i]);
+                sum[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xm[at]), sum[i]);
         }
     }
 #pragma GCC unroll 16
