@@ -8,6 +8,9 @@ In one run, on one file:
 - decode steps at 1, 2, 4 and 8 sequences (256-token prompts, the runner's forward and sampling, median of 16
   steps): the kept blocks against the same file dequantized to bf16 (`--quantization none --dtype bfloat16`, the
   path every K-quant took before), alternated over `--rounds` rounds;
+- how long each takes to read its weights, which every decode step does once: the matmuls' weight bytes over the
+  bytes/s torch's sum reads on the same threads (bench.batch1.read_bandwidth; a yardstick, not a bound: the bf16
+  kernels, prefetching a panel ahead, have read faster);
 - quality: teacher-forced next-token argmax agreement with the file dequantized to float32, over real English
   text (Python's reference documentation), for the kept blocks and for llama.cpp's own logits on the same token
   ids from the same file (when llama-cpp-python is installed).
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 
 from bench.__main__ import cpu_flags
-from bench.efficiency import RESULTS, agreement_with, decode_efficiency, kvmux_logits, text_ids
+from bench.batch1 import read_bandwidth
+from bench.efficiency import RESULTS, agreement_with, decode_efficiency, kvmux_logits, matmul_shapes, text_ids
 from kvmux.model.loader import load_model
 from kvmux.ops.threads import set_threads
 
@@ -46,10 +50,14 @@ def plot(result: dict, path: Path) -> None:
     ax.bar([i + 0.2 for i in x], [r["kept_tok_s"] for r in rows], 0.4, label="kept in blocks", color="#2a7")
     for i, r in zip(x, rows):
         ax.text(i + 0.2, r["kept_tok_s"], f"{r['speedup']:.2f}x", ha="center", va="bottom")
+        for shift, name in ((-0.2, "bf16"), (0.2, "kept")):  # a step that only read its weights, at torch's pace
+            pace = 1e3 * r["batch"] / result["weights_read_ms"][name]
+            ax.hlines(pace, i + shift - 0.2, i + shift + 0.2, colors="k", linestyles="dashed",
+                      label="weights read at torch's sum bandwidth" if i == 0 and name == "bf16" else None)
     ax.set_xticks(list(x), [f"{r['batch']} seq" for r in rows])
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{result['model']}: decode, {result['threads']} threads")
-    ax.legend()
+    ax.legend(loc="upper left")
     q = {k: v["argmax_agreement"] for k, v in result["quality"].items() if "argmax_agreement" in v}
     if not q:
         aq.set_axis_off()
@@ -114,17 +122,26 @@ def main(argv: list[str] | None = None) -> None:
         for batch in BATCHES:
             for name, model in (("kept", kept.model), ("bf16", bf16.model)):
                 rates.setdefault((name, batch), []).append(decode_efficiency(model, batch, 256, 16)["tokens_per_s"])
+    bandwidth = read_bandwidth(threads)
+    weight_bytes = {"kept": int(kept.quantization["weight_mib"] * 2**20),
+                    "bf16": 2 * sum(n * k for n, k in matmul_shapes(bf16.model))}
+    read_ms = {name: 1e3 * size / bandwidth for name, size in weight_bytes.items()}
+    print(f"torch's sum reads {bandwidth / 1e9:.1f} GB/s: the weights in {read_ms['kept']:.1f} ms kept, "
+          f"{read_ms['bf16']:.1f} ms in bf16", flush=True)
     decode = []
     for batch in BATCHES:
         k, b = max(rates["kept", batch]), max(rates["bf16", batch])
         decode.append(dict(batch=batch, kept_tok_s=k, bf16_tok_s=b, speedup=k / b,
+                           kept_step_ms=1e3 * batch / k, bf16_step_ms=1e3 * batch / b,
                            kept_rounds=rates["kept", batch], bf16_rounds=rates["bf16", batch]))
-        print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f})", flush=True)
+        print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f}); a step "
+              f"{1e3 * batch / b:.1f} ms in bf16, {1e3 * batch / k:.1f} ms kept", flush=True)
 
     agreement = {k: v.get("argmax_agreement") for k, v in quality.items()}
     result = dict(command="python -m bench.kquants " + " ".join(sys.argv[1:] if argv is None else argv),
                   model=kept.name, cpu_flags=cpu_flags(), threads=threads,
                   storage=kept.quantization, kernels=kept.model.kernel_choices()["linear"], decode=decode,
+                  read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes=weight_bytes, weights_read_ms=read_ms,
                   quality=quality, quality_positions=quality["kvmux_kept"]["positions"] if quality else 0,
                   targets={"decode_speedup_1_to_8": 2.0, "agreement_within_llama_cpp_points": 1.0},
                   kept_minus_llama_cpp_points=None if agreement.get("llama_cpp") is None else
