@@ -39,6 +39,8 @@ def shapes(kind: str, bs: int, rng: random.Random) -> tuple[list[int], list[int]
         return [37], [37]
     if kind == "prefill-prefix":   # a chunk after cached blocks
         return [23, 16], [23 + 3 * bs, 16 + bs + 5]
+    if kind == "small-tiles":      # drafts' verify tiles of 1-3 tokens beside decodes, odd contexts
+        return [1, 2, 3, 1], [33, 301, 78, 999]
     # mixed: decodes beside prefill chunks, as the engine packs a step
     return [1, 19, 1, 1, 40], [1, 19 + 2 * bs, bs, 300, 40]
 
@@ -124,6 +126,18 @@ def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypa
     chunks, decodes and mixed steps, whatever the window's alignment with blocks and key chunks."""
     force_variant(variant, c, monkeypatch)
     run_case(c, "cpu", cpu_paged_attention, variant, window=WINDOWS[c[-1] % len(WINDOWS)])
+
+
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("gqa", [(4, 1), (16, 2)])
+def test_bf16_kernel_reads_few_rows_in_place_and_many_from_copies(gqa, d, window, monkeypatch):
+    """The avx512bf16 kernel reads K and V where they lie for a tile of up to 8 rows (its tokens times the query
+    heads of a KV head) and from a transposed and an interleaved copy above that: tiles of 4, 8, 12 and 16 rows
+    over odd contexts, so both paths meet partial chunks and an odd last key at every head_dim."""
+    c = ("small-tiles", gqa, d, 16, (torch.bfloat16, torch.bfloat16), 0)
+    force_variant("avx512bf16", c, monkeypatch)
+    run_case(c, "cpu", cpu_paged_attention, "avx512bf16", window=window)
 
 
 @pytest.mark.parametrize("window", WINDOWS)

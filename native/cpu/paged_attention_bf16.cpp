@@ -21,6 +21,7 @@ namespace kvmux {
 namespace {
 
 constexpr int kChunk = kBf16KeyChunk;
+constexpr int kInPlaceRows = 8;
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
@@ -111,30 +112,71 @@ void score_rows(const uint16_t* qb, const uint32_t* kt, float* scores) {
     }
 }
 
-// acc[r] += sum over key pairs j < pairs of (p[r][2j], p[r][2j + 1]) . (v[2j], v[2j + 1]), R rows at once
-// (rows share each load of V).
-template <int D, int R>
-void accumulate_rows(const int32_t* pp, int pairs, const uint32_t* vp, float* acc) {
-    __m512 o[R][D / 16];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int j = 0; j < D / 16; ++j) o[r][j] = _mm512_loadu_ps(acc + r * D + 16 * j);
-    for (int q = 0; q < pairs; ++q) {
-        __m512bh v[D / 16];
-#pragma GCC unroll 8
-        for (int j = 0; j < D / 16; ++j) v[j] = as_bh(_mm512_loadu_si512(vp + q * D + 16 * j));
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const __m512bh w = as_bh(_mm512_set1_epi32(pp[r * kChunk / 2 + q]));
-#pragma GCC unroll 8
-            for (int j = 0; j < D / 16; ++j) o[r][j] = _mm512_dpbf16_ps(o[r][j], w, v[j]);
-        }
+// The 16 sums of 16 vectors' lanes: lane t of the result = the sum of v[t]'s lanes (a transposing add tree).
+inline __m512 sum_lanes16(const __m512 v[16]) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; ++i)  // 128-bit lane L of a[i]: lane L's partial sums of v[2i], v[2i+1] (2 each)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // lane L of b[i]: lane L's sums of v[4i .. 4i + 3], in order
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
     }
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xee));
+    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xdd));
+}
+
+// scores[r][t] = q_r . k_t for R rows, reading the n keys where they lie: one 16-lane sum per row and key,
+// reduced 16 keys at a time. For a few rows this beats transposing the chunk, whose cost no row shares.
+template <int D, int R>
+void score_keys(const uint16_t* qb, const char* const* keys, int n, float* scores) {
+    for (int g = 0; g < kChunk; g += 16) {
+        __m512 s[R][16];
+        for (int t = 0; t < 16; ++t) {
+            __m512 sum[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+            if (g + t < n) {
 #pragma GCC unroll 8
-        for (int j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + r * D + 16 * j, o[r][j]);
+                for (int b = 0; b < D / 32; ++b) {
+                    const __m512bh k = as_bh(row_bf16x32(keys[g + t], b));
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; ++r)
+                        sum[r] = _mm512_dpbf16_ps(sum[r], as_bh(_mm512_loadu_si512(qb + r * D + 32 * b)), k);
+                }
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) s[r][t] = sum[r];
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) _mm512_storeu_ps(scores + r * kChunk + g, sum_lanes16(s[r]));
+    }
+}
+
+// acc[r] += sum over key pairs j < pairs of (p[r][2j], p[r][2j + 1]) . (v[2j], v[2j + 1]) for R rows, 64 head
+// dims at a time so that R rows share each pair's values in registers. `pair_values(j, s, v)` gives the four
+// interleaved 16-dword vectors of pair j's dims 64s .. 64s + 63 (from the chunk's interleaved copy, or
+// interleaved from the pool there and then).
+template <int D, int R, typename PairValues>
+void accumulate_rows(const int32_t* pp, int pairs, PairValues&& pair_values, float* acc) {
+    for (int s = 0; s < D / 64; ++s) {
+        __m512 o[R][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) o[r][j] = _mm512_loadu_ps(acc + r * D + 64 * s + 16 * j);
+        for (int q = 0; q < pairs; ++q) {
+            __m512bh v[4];
+            pair_values(q, s, v);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                const __m512bh w = as_bh(_mm512_set1_epi32(pp[r * kChunk / 2 + q]));
+                for (int j = 0; j < 4; ++j) o[r][j] = _mm512_dpbf16_ps(o[r][j], w, v[j]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + r * D + 64 * s + 16 * j, o[r][j]);
+    }
 }
 
 // Rows [r0, rows) in blocks of R (then of fewer), through fn<R>(first row).
@@ -167,7 +209,9 @@ template <int D>
 void attend(const Bf16AttendItem& a) {
     const int64_t G = a.group;
     const int rows = static_cast<int>((a.q_end - a.q_begin) * G);
-    constexpr int kAccRows = D == 64 ? 4 : D == 128 ? 2 : 1;  // D / 16 accumulators per row in 32 registers
+    // Few rows (a decode step's query heads of one KV head) read K and V where they lie; many rows share
+    // one transposed K and one interleaved V per chunk.
+    const bool in_place = rows <= kInPlaceRows;
 
     // q, scaled, as bf16 pairs; the row's running max, sum and (permuted) output.
     for (int32_t i = a.q_begin; i < a.q_end; ++i) {
@@ -211,9 +255,13 @@ void attend(const Bf16AttendItem& a) {
             }
         }
         prefetch_chunk<D>(a, c0 + kChunk, num_keys);
-        transpose_keys<D>(keys, n, a.kt);
-        interleave_values<D>(values, n, a.vp);
-        row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
+        if (in_place) {
+            row_blocks<4>(0, rows, [&](int r0, auto R) { score_keys<D, R>(a.qb + r0 * D, keys, n, a.scores + r0 * kChunk); });
+        } else {
+            transpose_keys<D>(keys, n, a.kt);
+            interleave_values<D>(values, n, a.vp);
+            row_blocks<4>(0, rows, [&](int r0, auto R) { score_rows<D, R>(a.qb + r0 * D, a.kt, a.scores + r0 * kChunk); });
+        }
 
         // Online softmax per row, in registers; the weights go out as bf16 pairs (0 for keys the row does not see).
         int pairs = 0;
@@ -234,8 +282,21 @@ void attend(const Bf16AttendItem& a) {
             softmax_chunk<D>(a.scores + r * kChunk, lo, valid, a.m[r], a.l[r], a.acc + r * D, e, seen);
             _mm512_storeu_si512(pp, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[1], e[0])));
         }
-        row_blocks<kAccRows>(0, rows, [&](int r0, auto R) {
-            accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, a.vp, a.acc + r0 * D);
+        // The values of pair j, dims 64s .. 64s + 63, as interleave_values lays them out.
+        const auto from_pool = [&](int j, int s, __m512bh v[4]) {
+            for (int h = 0; h < 2; ++h) {
+                const __m512i x = row_bf16x32(values[2 * j], 2 * s + h);
+                const __m512i y = 2 * j + 1 < n ? row_bf16x32(values[2 * j + 1], 2 * s + h) : _mm512_setzero_si512();
+                v[2 * h] = as_bh(_mm512_unpacklo_epi16(x, y));
+                v[2 * h + 1] = as_bh(_mm512_unpackhi_epi16(x, y));
+            }
+        };
+        const auto from_copy = [&](int j, int s, __m512bh v[4]) {
+            for (int i = 0; i < 4; ++i) v[i] = as_bh(_mm512_loadu_si512(a.vp + j * D + 64 * s + 16 * i));
+        };
+        row_blocks<4>(0, rows, [&](int r0, auto R) {
+            if (in_place) accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, from_pool, a.acc + r0 * D);
+            else accumulate_rows<D, R>(a.pp + r0 * kChunk / 2, pairs, from_copy, a.acc + r0 * D);
         });
     }
 

@@ -3,9 +3,11 @@
 //
 // One item attends the query rows of one sequence's query tile for one KV head over a bf16 KV pool, as the
 // float32 kernel does (online softmax over chunks of 32 keys), but multiplies in bf16 pairs with float32
-// sums: q is rounded to bf16 once, each chunk's K is transposed so one vdpbf16ps scores 16 keys against a
-// pair of q's dimensions, and each chunk's V is interleaved by key pairs so one vdpbf16ps adds two keys'
+// sums: q is rounded to bf16 once, and V is interleaved by key pairs so one vdpbf16ps adds two keys'
 // weighted values into 16 output dimensions (the softmax weights rounded to bf16, their sum kept float32).
+// An item of many rows (a prefill tile) transposes each chunk's K, so one vdpbf16ps scores 16 keys against a
+// pair of q's dimensions, and interleaves the chunk's V once into scratch; an item of a few rows (a decode's
+// query heads of one KV head) reads both in place, where the rows could not repay the copies.
 //
 // Everything crosses as plain pointers and sizes, scratch included (sized by the caller): the AVX-512 file
 // must not instantiate shared inline code (std containers), which the linker could merge with the baseline
