@@ -200,6 +200,20 @@ void bind_quant_linear(py::module_& m) {
         "2 AVX512-VNNI, 3 AMX; "
         "bias 0 means none.");
     m.def(
+        "quant_rows",
+        [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t out_features,
+           int64_t in_features, std::uintptr_t ids, int64_t n, std::uintptr_t out) {
+            const kvmux::QuantWeights w{static_cast<kvmux::QuantType>(qtype), out_features, in_features,
+                                        reinterpret_cast<const uint8_t*>(quants),
+                                        reinterpret_cast<const uint16_t*>(scales),
+                                        reinterpret_cast<const uint16_t*>(mins)};
+            py::gil_scoped_release release;
+            kvmux::quant_rows(w, reinterpret_cast<const int64_t*>(ids), n, reinterpret_cast<float*>(out));
+        },
+        py::arg("qtype"), py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("ids"), py::arg("n"), py::arg("out"),
+        "out[n, in_features] = rows ids[0..n) of W (int64, each in [0, out_features)) dequantized to float32.");
+    m.def(
         "quantize_activations",
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t q,
            std::uintptr_t d, std::uintptr_t offsets, std::uintptr_t min_weights) {

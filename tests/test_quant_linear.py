@@ -121,6 +121,9 @@ def test_packed_blocks_dequantize_to_the_files_values(qtype):
     assert torch.equal(weight.dequantize().double(), dequantize_gguf_f64(qtype, raw))
     ids = torch.tensor([36, 0, 17, 17, 5])
     assert torch.equal(weight.rows(ids), weight.dequantize()[ids])
+    for bad in (37, -1):  # the padding rows of the last panel are not rows
+        with pytest.raises(IndexError, match=f"row {bad} is out of range: the weight has 37 rows"):
+            weight.rows(torch.tensor([0, bad]))
 
 
 def test_q8_0_quantization_of_float_weights_is_within_half_a_step():

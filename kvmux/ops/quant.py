@@ -32,7 +32,7 @@ import torch
 
 from kvmux import _native
 from kvmux.ops import kernel_choice
-from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, OFFSET, Rows, decode, widen
+from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK, Rows, decode, widen
 from kvmux.ops.tensor_checks import linear_bias, linear_input
 from kvmux.ops.threads import threads
 
@@ -78,25 +78,16 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.quants, self.scales, self.mins) if t is not None)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the weight, dequantized to float32 [len(ids), in_features] (an embedding lookup)."""
-        panel, col = ids // PANEL, ids % PANEL
-        blocks, size = self.quants.shape[1], BLOCKS[self.qtype]
-        d = self.scales[panel, :, col].float()[..., None]                      # [T, blocks, 1]
-        if self.qtype == "q8_0":
-            q = self.quants.view(torch.int8).view(-1, blocks, 16, PANEL, 2)[panel, :, :, col, :]
-            return (q.reshape(len(ids), blocks, BLOCK).float() * d).reshape(len(ids), -1)
-        chunks, planes, nibbles = size // 8, HIGH_PLANES[self.qtype], PANEL * size // 2
-        b = self.quants[..., :nibbles].reshape(-1, blocks, chunks, PANEL, 4)[panel, :, :, col, :]  # [T, blocks, h, 4]
-        q = torch.stack((b & 15, b >> 4), dim=-2)                                          # [T, blocks, h, 2, 4]
-        if planes:  # per chunk, plane and half: bit 4c + i of its mask
-            masks = self.quants[panel, :, nibbles:].reshape(len(ids), blocks, chunks, planes, 2, 8)
-            bits = ((masks[..., None] & _BIT_WEIGHTS) != 0).flatten(-2).unflatten(-1, (PANEL, 4))
-            bits = bits[torch.arange(len(ids)), :, :, :, :, col, :].to(torch.uint8)          # [T, blocks, h, j, 2, 4]
-            q = q + sum(bits[:, :, :, j] << (4 + j) for j in range(planes))
-        w = (q.reshape(len(ids), blocks, size).float() - OFFSET.get(self.qtype, 0)) * d
-        if self.mins is not None:
-            w += self.mins[panel, :, col].float()[..., None]
-        return w.reshape(len(ids), -1)
+        """Rows `ids` (1-D) of the weight, dequantized to float32 [len(ids), in_features] (an embedding lookup)."""
+        ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < self.out_features):
+            bad = ids[(ids < 0) | (ids >= self.out_features)][0]
+            raise IndexError(f"row {int(bad)} is out of range: the weight has {self.out_features} rows")
+        out = torch.empty(len(ids), self.in_features)
+        _native.quant_rows(QTYPES[self.qtype], self.quants.data_ptr(), self.scales.data_ptr(),
+                           0 if self.mins is None else self.mins.data_ptr(), self.out_features, self.in_features,
+                           ids.data_ptr(), len(ids), out.data_ptr())
+        return out
 
     def dequantize(self) -> torch.Tensor:
         """The whole weight as float32 [out_features, in_features]."""

@@ -119,6 +119,35 @@ TilesFn tiles_for(QuantKernel kernel) {
 
 }  // namespace
 
+void quant_rows(const QuantWeights& w, const int64_t* ids, int64_t n, float* out) {
+    const int64_t block = quant_block(w.type), nb = w.K / block, bytes = quant_panel_block_bytes(w.type);
+    const int planes = high_planes(w.type);
+    const int32_t off = quant_offset(w.type);
+    for (int64_t r = 0; r < n; ++r) {
+        const int64_t panel = ids[r] / kQuantPanel, c = ids[r] % kQuantPanel;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t at = panel * nb + b;
+            const uint8_t* q = w.quants + at * bytes;
+            const float d = _cvtsh_ss(w.scales[at * kQuantPanel + c]);
+            const float m = w.mins ? _cvtsh_ss(w.mins[at * kQuantPanel + c]) : 0.0f;
+            float* o = out + r * w.K + b * block;
+            for (int k = 0; k < block; ++k) {
+                int32_t v;
+                if (w.type == QuantType::q8_0) {
+                    v = static_cast<int8_t>(q[(k / 2) * 32 + 2 * c + k % 2]);
+                } else {  // chunk h of 8 k: byte 4c + i holds k = 8h + i low, 8h + 4 + i high; then the planes
+                    const int h = k / 8, half = (k % 8) / 4, lane = static_cast<int>(4 * c + k % 4);
+                    v = half ? q[64 * h + lane] >> 4 : q[64 * h + lane] & 15;
+                    const uint8_t* masks = q + kQuantPanel * block / 2;
+                    for (int j = 0; j < planes; ++j)
+                        v |= (masks[((h * planes + j) * 2 + half) * 8 + lane / 8] >> (lane % 8) & 1) << (4 + j);
+                }
+                o[k] = static_cast<float>(v - off) * d + m;
+            }
+        }
+    }
+}
+
 void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
                           int32_t* offsets, float* min_weights) {
     for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, t, q, d, offsets, min_weights, 1);

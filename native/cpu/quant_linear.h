@@ -78,6 +78,9 @@ struct QuantWeights {
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads);
 
+// Rows ids[0 .. n) of W dequantized, out [n, K] float32 (an embedding lookup); each id in [0, N).
+void quant_rows(const QuantWeights& w, const int64_t* ids, int64_t n, float* out);
+
 // The activation quantization every kernel applies to x before multiplying it by weights of form t, for the
 // tests' reference: q [M, K] (int16 for Q8_0, else int8), d [M, K / quant_block(t)], and each block's
 // correction (block_offset, block_min_weight): offsets [M, K / block] for the forms with an offset, min_weights
