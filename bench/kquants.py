@@ -6,8 +6,10 @@
 In one run, on one file:
 - storage: what each matmul is held as with `--quantization auto` (no tensor dequantized) and the MiB it takes;
 - decode steps at 1, 2, 4 and 8 sequences (256-token prompts, the runner's forward and sampling, median of 16
-  steps): the kept blocks against the same file dequantized to bf16 (`--quantization none --dtype bfloat16`, the
-  path every K-quant took before), alternated over `--rounds` rounds;
+  steps): the kept blocks (`--quantization auto --dtype bfloat16`) against the same file dequantized to bf16
+  (`--quantization none --dtype bfloat16`, the path every K-quant took before), alternated over `--rounds` rounds;
+  both arms hold a bf16 KV pool, so they differ in their matmuls alone (a float32 pool, the kept path's default,
+  runs another attention kernel: 8% of a step at 8 sequences on a 2-core EPYC);
 - how long each takes to read its weights, which every decode step does once: the matmuls' weight bytes over the
   bytes/s torch's sum reads on the same threads (bench.batch1.read_bandwidth; a yardstick, not a bound: the bf16
   kernels, prefetching a panel ahead, have read faster);
@@ -75,11 +77,13 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def measure_quality(model: str, kept, threads: int, tokens_per_text: int) -> dict:
-    """Teacher-forced argmax agreement with the file dequantized to float32: the kept blocks', and llama.cpp's."""
+def measure_quality(model: str, threads: int, tokens_per_text: int) -> dict:
+    """Teacher-forced argmax agreement with the file dequantized to float32: the kept blocks' (float32 activations
+    and KV, the default), and llama.cpp's."""
     fp32 = load_model(model, dtype=torch.float32, quantization="none", progress=False)
     texts = text_ids(fp32.tokenizer, tokens_per_text)
     reference = [kvmux_logits(fp32.model, ids) for ids in texts]
+    kept = load_model(model, progress=False)
     quality = {"kvmux_kept": agreement_with(reference, [kvmux_logits(kept.model, ids) for ids in texts])}
     try:
         from bench.engines.llama_cpp import LlamaCpp
@@ -112,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(threads)
     load_start = os.getloadavg()
 
-    kept = load_model(args.model, progress=False)
+    quality = {} if args.decode_only else measure_quality(args.model, threads, args.tokens_per_text)
+    kept = load_model(args.model, dtype=torch.bfloat16, progress=False)
     print(f"kept: {kept.quantization}", flush=True)
-    quality = {} if args.decode_only else measure_quality(args.model, kept, threads, args.tokens_per_text)
 
     bf16 = load_model(args.model, dtype=torch.bfloat16, quantization="none", progress=False)
     rates: dict[tuple[str, int], list[float]] = {}
