@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvmux.runner.sampler import argmax_rows, sample
+from kvmux.runner.sampler import argmax_rows, filtered, sample
 from kvmux.sampling import SamplingParams
 
 VOCAB = 50
@@ -69,6 +69,18 @@ def test_logprobs_come_from_the_sampled_distribution(params):
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)) * 3
     params.logprobs = 5
     check_against_reference(logits, params, output_ids=[3, 3, 7, 11, 3])
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.95, 0.999])
+def test_top_p_over_a_wide_vocabulary(top_p):
+    """Nuclei of 329 to 19,904 of 20,000 near-flat logits (no top-k): found by widening the likeliest 64 until
+    they hold top_p, as a sort of the whole row finds them."""
+    logits = torch.randn(20_000, generator=torch.Generator().manual_seed(5)) * 0.5
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=top_p)
+    got = filtered(logits, params)
+    params.logprobs = 3
+    ref = check_against_reference(logits, params, seeds=range(4))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
 
 
 def test_greedy_logprobs_are_the_penalized_log_softmax():
