@@ -4,12 +4,14 @@
     python -m bench.kquants --model llama-3.2-1b.q4_k_m.gguf --decode-only   # bench.real_shapes' random weights
 
 In one run, on one file:
-- storage: what each matmul is held as with `--quantization auto` (no tensor dequantized) and the MiB it takes;
+- storage: what each matmul is held as with `--quantization auto --dtype bfloat16` (no tensor dequantized; a matmul
+  the file holds unquantized counts as bf16) and the MiB it takes;
 - decode steps at 1, 2, 4 and 8 sequences (256-token prompts, the runner's forward and sampling, median of 16
   steps): the kept blocks (`--quantization auto --dtype bfloat16`) against the same file dequantized to bf16
   (`--quantization none --dtype bfloat16`, the path every K-quant took before), alternated over `--rounds` rounds;
   both arms hold a bf16 KV pool, so they differ in their matmuls alone (a float32 pool, the kept path's default,
-  runs another attention kernel: 8% of a step at 8 sequences on a 2-core EPYC);
+  runs another attention kernel, 18% of the kept step at 8 sequences on a 2-core EPYC by py-spy: 44.8 ms a step
+  against 41.3 with a bf16 pool);
 - how long each takes to read its weights, which every decode step does once: the matmuls' weight bytes over the
   bytes/s torch's sum reads on the same threads (bench.batch1.read_bandwidth; a yardstick, not a bound: the bf16
   kernels, prefetching a panel ahead, have read faster);

@@ -130,11 +130,12 @@ def test_sliding_window_attention_matches_float64_reference(c, variant, monkeypa
 
 @pytest.mark.parametrize("window", [0, 37])
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("gqa", [(4, 1), (16, 2)])
+@pytest.mark.parametrize("gqa", [(4, 1), (6, 2), (16, 2)])
 def test_bf16_kernel_reads_few_rows_in_place_and_many_from_copies(gqa, d, window, monkeypatch):
     """The avx512bf16 kernel reads K and V where they lie for a tile of up to 8 rows (its tokens times the query
-    heads of a KV head) and from a transposed and an interleaved copy above that: tiles of 4, 8, 12 and 16 rows
-    over odd contexts, so both paths meet partial chunks and an odd last key at every head_dim."""
+    heads of a KV head) and from a transposed and an interleaved copy above that: tiles of 4, 8 and 12 rows (4
+    query heads a KV head), 3, 6 and 9 (3: in-place blocks of 2 and 1 rows), 8, 16 and 24 (8), over odd contexts,
+    so both paths meet partial chunks and an odd last key at every head_dim."""
     c = ("small-tiles", gqa, d, 16, (torch.bfloat16, torch.bfloat16), 0)
     force_variant("avx512bf16", c, monkeypatch)
     run_case(c, "cpu", cpu_paged_attention, "avx512bf16", window=window)

@@ -124,6 +124,8 @@ def test_packed_blocks_dequantize_to_the_files_values(qtype):
     for bad in (37, -1):  # the padding rows of the last panel are not rows
         with pytest.raises(IndexError, match=f"row {bad} is out of range: the weight has 37 rows"):
             weight.rows(torch.tensor([0, bad]))
+    with pytest.raises(ValueError, match=r"need 1-D ids, got shape \(2, 2\)"):
+        weight.rows(ids[:4].view(2, 2))
 
 
 def test_q8_0_quantization_of_float_weights_is_within_half_a_step():

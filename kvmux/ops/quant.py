@@ -79,6 +79,8 @@ class QuantWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (1-D) of the weight, dequantized to float32 [len(ids), in_features] (an embedding lookup)."""
+        if ids.dim() != 1:
+            raise ValueError(f"rows: need 1-D ids, got shape {tuple(ids.shape)}")
         ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
         if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < self.out_features):
             bad = ids[(ids < 0) | (ids >= self.out_features)][0]
