@@ -68,16 +68,24 @@ void transpose_keys(const char* const* keys, int n, uint32_t* kt) {
     }
 }
 
-// The chunk's values by key pairs: vp[pair][32-dim block][2 x 16 dwords], each dword (v[2p][d], v[2p + 1][d])
-// for the d of unpacklo / unpackhi within each 128-bit lane (undone by `unpermute` at the end).
+// Head dims 32b..32b+31 of key pair p's values interleaved: dwords (v[2p][d], v[2p + 1][d]) for the d of
+// unpacklo (lo) and unpackhi (hi) within each 128-bit lane (undone by `unpermute` at the end); 0 for a key past n.
+inline void interleave_pair(const char* const* values, int n, int p, int b, __m512i& lo, __m512i& hi) {
+    const __m512i x = row_bf16x32(values[2 * p], b);
+    const __m512i y = 2 * p + 1 < n ? row_bf16x32(values[2 * p + 1], b) : _mm512_setzero_si512();
+    lo = _mm512_unpacklo_epi16(x, y);
+    hi = _mm512_unpackhi_epi16(x, y);
+}
+
+// The chunk's values by key pairs: vp[pair][32-dim block][lo, hi of interleave_pair].
 template <int D>
 void interleave_values(const char* const* values, int n, uint32_t* vp) {
     for (int p = 0; 2 * p < n; ++p) {
         for (int b = 0; b < D / 32; ++b) {
-            const __m512i a = row_bf16x32(values[2 * p], b);
-            const __m512i c = 2 * p + 1 < n ? row_bf16x32(values[2 * p + 1], b) : _mm512_setzero_si512();
-            _mm512_storeu_si512(vp + p * D + 32 * b, _mm512_unpacklo_epi16(a, c));
-            _mm512_storeu_si512(vp + p * D + 32 * b + 16, _mm512_unpackhi_epi16(a, c));
+            __m512i lo, hi;
+            interleave_pair(values, n, p, b, lo, hi);
+            _mm512_storeu_si512(vp + p * D + 32 * b, lo);
+            _mm512_storeu_si512(vp + p * D + 32 * b + 16, hi);
         }
     }
 }
@@ -285,10 +293,10 @@ void attend(const Bf16AttendItem& a) {
         // The values of pair j, dims 64s .. 64s + 63, as interleave_values lays them out.
         const auto from_pool = [&](int j, int s, __m512bh v[4]) {
             for (int h = 0; h < 2; ++h) {
-                const __m512i x = row_bf16x32(values[2 * j], 2 * s + h);
-                const __m512i y = 2 * j + 1 < n ? row_bf16x32(values[2 * j + 1], 2 * s + h) : _mm512_setzero_si512();
-                v[2 * h] = as_bh(_mm512_unpacklo_epi16(x, y));
-                v[2 * h + 1] = as_bh(_mm512_unpackhi_epi16(x, y));
+                __m512i lo, hi;
+                interleave_pair(values, n, j, 2 * s + h, lo, hi);
+                v[2 * h] = as_bh(lo);
+                v[2 * h + 1] = as_bh(hi);
             }
         };
         const auto from_copy = [&](int j, int s, __m512bh v[4]) {
