@@ -180,23 +180,23 @@ void bind_quant_linear(py::module_& m) {
     m.def(
         "quant_linear",
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t quants,
-           std::uintptr_t scales, std::uintptr_t mins, int64_t out_features, std::uintptr_t bias, std::uintptr_t out,
-           int64_t out_stride, int kernel, int num_threads) {
+           std::uintptr_t scales, std::uintptr_t mins, int64_t span, int64_t out_features, std::uintptr_t bias,
+           std::uintptr_t out, int64_t out_stride, int kernel, int num_threads) {
             const kvmux::QuantWeights w{static_cast<kvmux::QuantType>(qtype), out_features, in_features,
                                         reinterpret_cast<const uint8_t*>(quants),
                                         reinterpret_cast<const uint16_t*>(scales),
-                                        reinterpret_cast<const uint16_t*>(mins)};
+                                        reinterpret_cast<const uint16_t*>(mins), span};
             py::gil_scoped_release release;
             kvmux::quant_linear(reinterpret_cast<const float*>(x), rows, x_stride, w,
                                 reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), out_stride,
                                 static_cast<kvmux::QuantKernel>(kernel), num_threads);
         },
         py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"),
-        py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"), py::arg("bias"),
-        py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
+        py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("span"), py::arg("out_features"),
+        py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
         "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, "
         "4 Q5_1, 5 Q6_K), x "
-        "quantized per block on the fly (int16 for Q8_0, int8 for the rest) by kernel 0 AVX2, 1 AVX-VNNI, "
+        "quantized per block on the fly under one scale a span of K (a multiple of the block) (int16 for Q8_0, int8 for the rest) by kernel 0 AVX2, 1 AVX-VNNI, "
         "2 AVX512-VNNI, 3 AMX; "
         "bias 0 means none.");
     m.def(
@@ -206,7 +206,8 @@ void bind_quant_linear(py::module_& m) {
             const kvmux::QuantWeights w{static_cast<kvmux::QuantType>(qtype), out_features, in_features,
                                         reinterpret_cast<const uint8_t*>(quants),
                                         reinterpret_cast<const uint16_t*>(scales),
-                                        reinterpret_cast<const uint16_t*>(mins)};
+                                        reinterpret_cast<const uint16_t*>(mins), kvmux::quant_block(
+                                            static_cast<kvmux::QuantType>(qtype))};  // the span is the matmul's
             py::gil_scoped_release release;
             kvmux::quant_rows(w, reinterpret_cast<const int64_t*>(ids), n, reinterpret_cast<float*>(out));
         },
@@ -215,20 +216,25 @@ void bind_quant_linear(py::module_& m) {
         "out[n, in_features] = rows ids[0..n) of W (int64, each in [0, out_features)) dequantized to float32.");
     m.def(
         "quantize_activations",
-        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t q,
-           std::uintptr_t d, std::uintptr_t offsets, std::uintptr_t min_weights) {
+        [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, int64_t span,
+           std::uintptr_t q, std::uintptr_t d, std::uintptr_t offsets, std::uintptr_t min_weights) {
             if (qtype < 0 || qtype > 5) throw py::value_error("quantize_activations: qtype must be 0-5");
+            const int64_t block = kvmux::quant_block(static_cast<kvmux::QuantType>(qtype));
+            if (span <= 0 || span % block || in_features % span)
+                throw py::value_error("quantize_activations: span must be a multiple of the block dividing "
+                                      "in_features");
             py::gil_scoped_release release;
             kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features,
-                                        static_cast<kvmux::QuantType>(qtype), reinterpret_cast<void*>(q),
+                                        static_cast<kvmux::QuantType>(qtype), span, reinterpret_cast<void*>(q),
                                         reinterpret_cast<float*>(d), reinterpret_cast<int32_t*>(offsets),
                                         reinterpret_cast<float*>(min_weights));
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"), py::arg("q"),
-        py::arg("d"), py::arg("offsets"), py::arg("min_weights"),
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"), py::arg("span"),
+        py::arg("q"), py::arg("d"), py::arg("offsets"), py::arg("min_weights"),
         "The per-block quantization quant_linear applies to the activations of weights of form qtype (as "
         "quant_linear numbers them): to int16 for Q8_0, else int8, per block of 32 (Q6_K's 16), with each block's "
-        "integer starting value -offset * sum (forms with an offset) or min weight d * sum (forms with mins).");
+        "integer starting value -offset * sum (forms with an offset) or min weight d * sum (forms with mins); d is taken "
+        "over spans of `span` values (equal within one).");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.
@@ -313,21 +319,22 @@ void bind_decoder_stack(py::module_& m) {
     py::class_<MatmulCall>(m, "MatmulCall", "One kernel call of a matmul (kvmux/ops/linear.py's native_call).");
     m.def(
         "quant_matmul_call",
-        [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t out_features,
-           int64_t in_features, std::uintptr_t bias, int kernel) {
+        [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t span,
+           int64_t out_features, int64_t in_features, std::uintptr_t bias, int kernel) {
             MatmulCall c{};
             c.quantized = true;
             c.quant = {static_cast<kvmux::QuantType>(qtype), out_features, in_features,
                        reinterpret_cast<const uint8_t*>(quants), reinterpret_cast<const uint16_t*>(scales),
-                       reinterpret_cast<const uint16_t*>(mins)};
+                       reinterpret_cast<const uint16_t*>(mins), span};
             c.quant_kernel = static_cast<kvmux::QuantKernel>(kernel);
             c.N = out_features;
             c.K = in_features;
             c.bias = reinterpret_cast<const float*>(bias);
             return c;
         },
-        py::arg("qtype"), py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("out_features"),
-        py::arg("in_features"), py::arg("bias"), py::arg("kernel"), "quant_linear's call, as a MatmulCall.");
+        py::arg("qtype"), py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("span"),
+        py::arg("out_features"), py::arg("in_features"), py::arg("bias"), py::arg("kernel"),
+        "quant_linear's call, as a MatmulCall.");
     m.def(
         "packed_matmul_call",
         [](kvmux::LinearKernel kernel, std::uintptr_t packed, int64_t out_features, int64_t in_features,

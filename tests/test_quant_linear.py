@@ -48,14 +48,16 @@ def test_kernel_matches_float64_reference(variant, qtype):
         raw, x, bias = case(qtype, rows, n, k, seed=100 * i + QTYPES.index(qtype))
         weight = quant.pack_blocks(qtype, raw)
         out = quant.quant_linear(x, weight, bias, kernel=variant)
-        ref, magnitude = quant_linear_f64(qtype, raw, x, bias)
+        span = quant.kernel_span(weight, variant)
+        assert span == quant.BLOCKS[weight.qtype] * (4 if qtype in K_QUANTS and variant == "avx512vnni" else 1)
+        ref, magnitude = quant_linear_f64(qtype, raw, x, bias, span)
         # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
         tol = quant_sum_bound(k, magnitude, bias)
         err = (out.double() - ref).abs()
         assert (err <= tol).all(), f"{qtype} {variant} {rows}x{n}x{k}: worst {(err / tol).max():.2f} x tolerance"
         # Against the unquantized product, the activations' rounding (half a step per value) bounds the error.
         exact = x.double() @ dequantize_gguf_f64(qtype, raw).T + bias.double()
-        bound = activation_rounding_bound(qtype, raw, x) * (1 + 1e-5) + tol
+        bound = activation_rounding_bound(qtype, raw, x, span) * (1 + 1e-5) + tol
         assert ((out.double() - exact).abs() <= bound).all(), f"{qtype} {variant} {rows}x{n}x{k}"
 
 
@@ -71,24 +73,29 @@ def test_kernel_reads_strided_rows_and_no_bias(variant):
     assert quant.quant_linear(x[:0], weight, kernel=variant).shape == (0, 64)
 
 
+@pytest.mark.parametrize("span", ["block", 128])
 @pytest.mark.parametrize("form", quant.QTYPES)
-def test_activations_quantized_as_the_reference_says(form):
+def test_activations_quantized_as_the_reference_says(form, span):
     """The quants and scales, and each block's correction: -offset * sum of its quants (the integer dot's start)
-    for the forms with an offset, d * sum (its min's weight, in float32) for the forms with mins."""
+    for the forms with an offset, d * sum (its min's weight, in float32) for the forms with mins; per block, or
+    with the scale taken over a span of blocks (the K-quants')."""
     g = torch.Generator().manual_seed(3)
     bits, block = quant.ACTIVATION_BITS[form], quant.BLOCKS[form]
+    span = block if span == "block" else span
     levels = 2 ** (bits - 1) - 1
     x = torch.randn(6, 128, generator=g) * 3
+    x[:, 64:] *= 0.01  # blocks far below their span's amax
     x[2, 32:64] = 0.0
     x[3, :32] = 0.0
     x[3, :5] = torch.tensor([levels, 2.5, 3.5, -2.5, levels - 0.5])  # amax = L: scale 1, exact ties
-    q, d = quantize_activations_ref(x, bits, block)
+    q, d = quantize_activations_ref(x, bits, block, span)
     assert q[3, :5].tolist() == [levels, 2, 4, -2, levels - 1]  # round half to even
+    assert (d.reshape(6, -1, span // block) == d.reshape(6, -1, span // block)[..., :1]).all()
     nb = 128 // block
     nq = torch.empty(6, 128, dtype=torch.int8 if bits == 8 else torch.int16)
     nd, offsets, min_weights = torch.empty(6, nb), torch.zeros(6, nb, dtype=torch.int32), torch.zeros(6, nb)
-    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, quant.QTYPES[form], nq.data_ptr(), nd.data_ptr(),
-                                       offsets.data_ptr(), min_weights.data_ptr())
+    quant._native.quantize_activations(x.data_ptr(), 6, 128, 128, quant.QTYPES[form], span, nq.data_ptr(),
+                                       nd.data_ptr(), offsets.data_ptr(), min_weights.data_ptr())
     assert torch.equal(nq.float(), q) and torch.equal(nd, d)
     sums = q.reshape(6, nb, block).sum(-1).int()
     assert torch.equal(offsets, -gguf_blocks.OFFSET.get(form, 0) * sums if form in gguf_blocks.OFFSET

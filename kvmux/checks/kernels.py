@@ -40,7 +40,7 @@ from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
 from kvmux.ops.gguf_blocks import GGUF_BLOCK
 from kvmux.ops.linear import matmul, pack_weight
-from kvmux.ops.quant import pack_blocks
+from kvmux.ops.quant import kernel_span, pack_blocks
 
 SUM_ERROR = 2.0 ** -20  # float32 sums: relative to the sum of |terms| (~16 ulp; a wrong term costs ~1)
 BF16_ERROR = 2.0 ** -8  # a value rounded to bf16: twice its largest relative error
@@ -136,7 +136,7 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
         bias = torch.randn(n, generator=gen)
         weight = pack_blocks(fmt, raw)
         layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
-        ref, magnitude = quant_linear_f64(fmt, raw, x, bias)
+        ref, magnitude = quant_linear_f64(fmt, raw, x, bias, kernel_span(weight, variant))
         bound = quant_sum_bound(k, magnitude, bias) + 1e-30
         dense = weight.dequantize()
         trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound,

@@ -239,36 +239,41 @@ def dequantize_gguf_f64(gguf_type: str, raw: torch.Tensor) -> torch.Tensor:
     return dq + m
 
 
-def quantize_activations_ref(x: torch.Tensor, bits: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_ref(x: torch.Tensor, bits: int, block: int = 32,
+                             span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x float32 [M, K] -> (q, d float32 [M, K / block]) as the kernels quantize: per block of 32 (16 for Q6_K),
-    with L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32."""
+    with L = 127 (bits 8) or 32767 (bits 16), d = amax / L and q = round-half-even(x * (L / amax)), in float32,
+    amax taken over each span of `span` values (None: the block), so d repeats within a span."""
     levels = 2.0 ** (bits - 1) - 1
-    blocks = x.float().reshape(x.shape[0], -1, block)
-    amax = blocks.abs().amax(-1)
+    spans = x.float().reshape(x.shape[0], -1, span or block)
+    amax = spans.abs().amax(-1)
     # A tensor divided by a tensor: `levels / amax` would be amax.reciprocal() * levels, rounded differently.
     inv = torch.where(amax > 0, torch.full_like(amax, levels) / amax, torch.zeros_like(amax))
-    return torch.round(blocks * inv[..., None]).reshape(x.shape), amax / levels
+    d = (amax / levels).repeat_interleave((span or block) // block, 1)
+    return torch.round(spans * inv[..., None]).reshape(x.shape), d
 
 
-def _activations(gguf_type: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _activations(gguf_type: str, x: torch.Tensor, span: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     form = FORM_OF[gguf_type.upper()]
-    q, d = quantize_activations_ref(x, ACTIVATION_BITS[form], BLOCKS[form])
+    q, d = quantize_activations_ref(x, ACTIVATION_BITS[form], BLOCKS[form], span)
     return q, d, BLOCKS[form]
 
 
-def quant_linear_f64(gguf_type: str, raw: torch.Tensor, x: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, magnitude) in float64 with x quantized as the kernels do: y is what they compute bar float32 rounding,
-    and magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
+def quant_linear_f64(gguf_type: str, raw: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+                     span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, magnitude) in float64 with x quantized as the kernels do (under one scale a span of `span` values, as
+    kvmux/ops/quant.py's kernel_span says; None: the block): y is what they compute bar float32 rounding, and
+    magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
     dq, m = gguf_parts_f64(gguf_type, raw)
-    q, d, size = _activations(gguf_type, x)
+    q, d, size = _activations(gguf_type, x, span)
     xq = (q.double().reshape(x.shape[0], -1, size) * d.double()[..., None]).reshape(x.shape)
     y = xq @ (dq + m).T
     return (y if bias is None else y + bias.double()), xq.abs() @ (dq.abs() + m.abs()).T
 
 
-def activation_rounding_bound(gguf_type: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def activation_rounding_bound(gguf_type: str, raw: torch.Tensor, x: torch.Tensor,
+                              span: int | None = None) -> torch.Tensor:
     """Bound on |y - x W^T| from quantizing x alone: each x is off by at most half its block's step d_x / 2."""
-    _, d, size = _activations(gguf_type, x)
+    _, d, size = _activations(gguf_type, x, span)
     w = dequantize_gguf_f64(gguf_type, raw).abs().reshape(raw.shape[0], -1, size).sum(-1)   # [N, blocks]
     return (d.double() / 2) @ w.T

@@ -12,7 +12,8 @@ kernels add as 16 (and 32) where set; Q6_K 28 bytes per 32 against the file's
 26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear`
 quantizes the activations per block on the fly, to int8 for every form but
 Q8_0 (as llama.cpp does) and to int16 for Q8_0 (whose accuracy byte
-activations would spoil), and runs
+activations would spoil), under one scale per block, or per 4 blocks for
+the K-quants (`activation_span`), and runs
 integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
 plain AVX2) with one float multiply-add per block. `QuantWeight.rows`
 dequantizes single rows (embedding lookups), so a quantized embedding is also
@@ -48,6 +49,14 @@ MINS = ("q4_1", "q5_1")
 PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] if f == "q8_0" else PANEL * BLOCKS[f] // 2 + 2 * BLOCKS[f] * HIGH_PLANES[f]
                      for f in QTYPES}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit j of a mask byte
+# Blocks of a K-quant weight's activations under one scale (128 values for Q4_K and Q5_K, 64 for Q6_K): the
+# AVX-512 tiles then apply it once a span rather than once a block (native/cpu/quant_tile_loop.h). Measured on
+# Gemma 3 270M Q4_K_M (bench.kquants' teacher-forced agreement with float32; a 2-core EPYC, 8 rows): per block,
+# 98.45%; 4 blocks, 97.63% and Q4_K's matmul 5% faster, Q6_K's 8%; 256 values as llama.cpp's Q8_K, 96.22% and
+# 1-2% faster still (llama.cpp's own: 95.40%).
+KQUANT_SPAN_BLOCKS = 4
+# The variants whose tiles gain from a span; the others quantize x per block, so their hosts keep its accuracy.
+SPAN_KERNELS = ("avx512vnni",)
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
 KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3}
 # Weights packed at a time (in whole panels): the torch ops that rearrange them take some 15 bytes of scratch per
@@ -72,6 +81,7 @@ class QuantWeight:
     quants: torch.Tensor        # uint8 [panels, blocks, PANEL_BLOCK_BYTES]
     scales: torch.Tensor        # float16 [panels, blocks, PANEL]
     mins: torch.Tensor | None   # float16 [panels, blocks, PANEL], q4_1 and q5_1 only
+    span: int                   # values of a row of x that share one activation scale (activation_span)
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +169,20 @@ def pack_parts(parts: list[tuple[str, torch.Tensor]], form: str | None = None) -
             rows = Rows(form, *(None if x is None else torch.cat([x, x.new_zeros(pad, x.shape[1])])
                                 for x in (rows.q, rows.d, rows.m)))
         _panels(rows, quants[p0:p1], scales[p0:p1], None if mins is None else mins[p0:p1])
-    return QuantWeight(form, n, k, quants, scales, mins)
+    return QuantWeight(form, n, k, quants, scales, mins, activation_span(form, [t for t, _ in parts]))
+
+
+def kernel_span(weight: QuantWeight, kernel: str) -> int:
+    """The span the `kernel` variant quantizes x over for `weight`: the weight's where it gains from one
+    (SPAN_KERNELS), else the block."""
+    return weight.span if kernel in SPAN_KERNELS else BLOCKS[weight.qtype]
+
+
+def activation_span(form: str, gguf_types: list[str]) -> int:
+    """Values of x quantized under one scale for a weight of `form` stacked from these GGUF types: the form's
+    block for the legacy types (llama.cpp's Q8_0 and Q8_1), KQUANT_SPAN_BLOCKS blocks for the K-quants."""
+    k_quants = all(GGUF_BLOCK[t.upper()][1] > BLOCK for t in gguf_types)
+    return BLOCKS[form] * (KQUANT_SPAN_BLOCKS if k_quants else 1)
 
 
 def pack_blocks(gguf_type: str, raw: torch.Tensor) -> QuantWeight:
@@ -194,14 +217,14 @@ class QuantLinear:
         self.weight, self.bias = weight, linear_bias("quant_linear", bias, n)
         self.in_features, self.out_features = k, n
         self.weight_args = (QTYPES[weight.qtype], weight.quants.data_ptr(), weight.scales.data_ptr(),
-                            0 if weight.mins is None else weight.mins.data_ptr(), n,
+                            0 if weight.mins is None else weight.mins.data_ptr(), kernel_span(weight, kernel), n,
                             0 if self.bias is None else self.bias.data_ptr())
         self.kernel = KERNELS[kernel]
 
     def native_call(self) -> _native.MatmulCall:
         """This call for native code that runs it itself (kvmux/model/native_stack.py); self must outlive it."""
-        return _native.quant_matmul_call(*self.weight_args[:4], self.out_features, self.in_features,
-                                         self.weight_args[5], self.kernel)
+        return _native.quant_matmul_call(*self.weight_args[:5], self.out_features, self.in_features,
+                                         self.weight_args[6], self.kernel)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features

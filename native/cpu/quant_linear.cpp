@@ -25,25 +25,25 @@ constexpr int64_t kSerialRows = 16;
 // A task's panels at least: a run long enough that the hardware prefetcher streams it.
 constexpr int64_t kPanelsPerTask = 4;
 
-// N activations (8 or 16 vectors' worth: 16 or 32) as integers of `levels`: d = amax / L and
-// qi = round-half-even(x * (L / amax)), as int32 vectors.
-template <int N>
-void round_block(const float* x, float levels, __m256i* qi, float* d) {
+// The largest |x| of n activations (n a multiple of 16).
+float amax_of(const float* x, int64_t n) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[N / 8], m = _mm256_setzero_ps();
-    for (int j = 0; j < N / 8; ++j) {
-        v[j] = _mm256_loadu_ps(x + 8 * j);
-        m = _mm256_max_ps(m, _mm256_and_ps(v[j], magnitude));
-    }
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    const float amax = _mm_cvtss_f32(h);
+    return _mm_cvtss_f32(h);
+}
+
+// N activations (16 or 32) as integers of `levels` under their span's amax: qi = round-half-even(x * (L / amax)),
+// as int32 vectors.
+template <int N>
+void round_block(const float* x, float levels, float amax, __m256i* qi) {
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
-    *d = amax / levels;
     for (int j = 0; j < N / 8; ++j)
         qi[j] = _mm256_cvtps_epi32(
-            _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 int32_t hsum(__m256i s) {
@@ -53,12 +53,12 @@ int32_t hsum(__m256i s) {
     return _mm_cvtsi128_si32(t);
 }
 
-// One block of 32 activations: d = amax / L, q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the
-// sum of q kept) or 32767 (int16).
+// One block of 32 activations: q = round-half-even(x * (L / amax)) with L = 127 (bytes, and the sum of q kept)
+// or 32767 (int16).
 template <typename XT>
-void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
+void quantize_block(const float* x, float amax, XT* q, int32_t* sum) {
     __m256i qi[4];
-    round_block<32>(x, sizeof(XT) == 1 ? 127.0f : 32767.0f, qi, d);
+    round_block<32>(x, sizeof(XT) == 1 ? 127.0f : 32767.0f, amax, qi);
     // The packs work within 128-bit lanes; the permutations put the values back in order.
     const __m256i lo = _mm256_packs_epi32(qi[0], qi[1]), hi = _mm256_packs_epi32(qi[2], qi[3]);
     if constexpr (sizeof(XT) == 2) {
@@ -72,9 +72,9 @@ void quantize_block(const float* x, XT* q, float* d, int32_t* sum) {
 }
 
 // One block of 16 activations to bytes (Q6_K's blocks), as quantize_block does 32.
-void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
+void quantize_block16(const float* x, float amax, int8_t* q, int32_t* sum) {
     __m256i qi[2];
-    round_block<16>(x, 127.0f, qi, d);
+    round_block<16>(x, 127.0f, amax, qi);
     // packs work within 128-bit lanes: the permutation puts the int16s in order, then each lane's low 8 bytes.
     const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xd8);
     const __m256i b = _mm256_packs_epi16(w, w);
@@ -84,20 +84,24 @@ void quantize_block16(const float* x, int8_t* q, float* d, int32_t* sum) {
 }
 
 // Row m of x into the activations' buffers for weights of form t (q, d, and the blocks' block_offset or
-// block_min_weight), per block of quant_block(t), tiled in groups of R rows (tiled_at).
-void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
+// block_min_weight), per block of quant_block(t) under one scale a span, tiled in groups of R rows (tiled_at).
+void quantize_row(const float* x, int64_t m, int64_t ldx, int64_t K, QuantType t, int64_t span, void* q, float* d,
                   int32_t* offsets, float* min_weights, int64_t R) {
     const int64_t block = quant_block(t), nb = K / block;
+    const float levels = activation_bits(t) == 16 ? 32767.0f : 127.0f;
+    float amax = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + m * ldx + b * block;
+        if (b * block % span == 0) amax = amax_of(xb, span);
         const int64_t at = tiled_at(m, b, nb, R);
+        d[at] = amax / levels;
         int32_t sum = 0;
         if (block == 16)
-            quantize_block16(xb, static_cast<int8_t*>(q) + at * block, d + at, &sum);
+            quantize_block16(xb, amax, static_cast<int8_t*>(q) + at * block, &sum);
         else if (activation_bits(t) == 16)
-            quantize_block(xb, static_cast<int16_t*>(q) + at * block, d + at, nullptr);
+            quantize_block(xb, amax, static_cast<int16_t*>(q) + at * block, nullptr);
         else
-            quantize_block(xb, static_cast<int8_t*>(q) + at * block, d + at, &sum);
+            quantize_block(xb, amax, static_cast<int8_t*>(q) + at * block, &sum);
         if (has_mins(t))
             min_weights[at] = block_min_weight(d[at], sum);
         else if (quant_offset(t))
@@ -148,9 +152,9 @@ void quant_rows(const QuantWeights& w, const int64_t* ids, int64_t n, float* out
     }
 }
 
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
-                          int32_t* offsets, float* min_weights) {
-    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, t, q, d, offsets, min_weights, 1);
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, int64_t span, void* q,
+                          float* d, int32_t* offsets, float* min_weights) {
+    for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, t, span, q, d, offsets, min_weights, 1);
 }
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
@@ -176,14 +180,14 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
     const TilesFn tiles = tiles_for(kernel);
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
     if (M <= kSerialRows) {
-        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, w.type, xq, xd, xo, xm, R);
+        for (int64_t m = 0; m < M; ++m) quantize_row(x, m, ldx, K, w.type, w.span, xq, xd, xo, xm, R);
     } else {
         // Whole groups a task, so no two threads write the same group's scales and sums.
         const int64_t groups = padded / R, row_tasks = task_count(groups, nt, (4 + R - 1) / R);
         parallel_for(row_tasks, nt, [&](int64_t task) {
             const Span own = split(groups, row_tasks, task);
             for (int64_t m = own.begin * R; m < std::min(M, own.end * R); ++m)
-                quantize_row(x, m, ldx, K, w.type, xq, xd, xo, xm, R);
+                quantize_row(x, m, ldx, K, w.type, w.span, xq, xd, xo, xm, R);
         });
     }
     if (kernel == QuantKernel::amx && w.type == QuantType::q8_0) {  // AMX multiplies bytes: int16 as two of them

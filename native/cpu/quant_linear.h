@@ -18,7 +18,9 @@
 //   scales [ceil(N / 16), K / B, 16] fp16       d per row and block
 //   mins   [ceil(N / 16), K / B, 16] fp16       m per row and block (Q4_1 and Q5_1 only)
 // Rows past N are zero (scale 0). Activations are quantized per row and block
-// of 32 with d_x = amax / L and q_x = round-half-even(x * (L / amax)):
+// of 32 with d_x = amax / L and q_x = round-half-even(x * (L / amax)), amax taken over the weight's span: the
+// block for the legacy types, 4 blocks for the K-quants (kvmux/ops/quant.py, KQUANT_SPAN_BLOCKS), whose blocks
+// of a span then share d_x, which the AVX-512 tiles apply once a span rather than once a block:
 // - for Q4, Q5 and Q6_K weights to bytes (L = 127, as llama.cpp does; per 16 for Q6_K), multiplied 4 per
 //   lane by vpdpbusd (VNNI) or vpmaddubsw (AVX2); the sum of each block's q_x is
 //   kept for the offsets: sum_k w x = d_x (d (sum q q_x - off sum q_x) + m sum q_x),
@@ -72,6 +74,7 @@ struct QuantWeights {
     const uint8_t* quants;
     const uint16_t* scales;    // fp16 bits
     const uint16_t* mins;      // fp16 bits; Q4_1 and Q5_1 only, else nullptr
+    int64_t span;              // values of K sharing one activation scale: a multiple of quant_block(type)
 };
 
 // x: [M, K] float32 with row stride ldx; bias: [N] or nullptr; out: [M, N] with row stride ldo.
@@ -81,11 +84,12 @@ void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w,
 // Rows ids[0 .. n) of W dequantized, out [n, K] float32 (an embedding lookup); each id in [0, N).
 void quant_rows(const QuantWeights& w, const int64_t* ids, int64_t n, float* out);
 
-// The activation quantization every kernel applies to x before multiplying it by weights of form t, for the
-// tests' reference: q [M, K] (int16 for Q8_0, else int8), d [M, K / quant_block(t)], and each block's
+// The activation quantization every kernel applies to x before multiplying it by weights of form t and span
+// `span` (a multiple of the block that divides K), for the tests' reference: q [M, K] (int16 for Q8_0, else
+// int8), d [M, K / quant_block(t)] (equal within a span), and each block's
 // correction (block_offset, block_min_weight): offsets [M, K / block] for the forms with an offset, min_weights
 // for the forms with mins (the other left untouched).
-void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, void* q, float* d,
-                          int32_t* offsets, float* min_weights);
+void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, QuantType t, int64_t span, void* q,
+                          float* d, int32_t* offsets, float* min_weights);
 
 }  // namespace kvmux

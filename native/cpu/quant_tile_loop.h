@@ -54,14 +54,18 @@ struct PanelRefs {
 // block_min_weight. Both come with the activations, computed once per row and block rather than in every
 // panel's tile (a scalar convert, multiply and broadcast a row and block there, beside a Q4_1 block's 8 dot
 // products: 3% of Llama 3.2 1B Q4_K_M's matmuls at 8 rows).
+// With Spans, the blocks of a span share d_x (QuantWeights::span): the tile sums d (acc - off sum q_x) over
+// the span in a part and multiplies by d_x once at its end, a float multiply a row and block fewer. Only the
+// AVX-512 variant takes it (Isa::kSpans): the 256-bit ones, 16 registers for 3 rows of two-vector Sums, would
+// spill the parts. A span of one block runs without (its loop and part measured 8% slower on Q6_K).
 // m is a multiple of Isa::kRows: the tile's rows are one group of the tiled activations (tiled_at), where row i
 // of block b sits at a constant offset from the block's start.
-template <class Isa, QuantType T, int MT>
+template <class Isa, QuantType T, int MT, bool Spans>
 void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
     constexpr int64_t block_bytes = quant_panel_block_bytes(T), B = quant_block(T), R = Isa::kRows;
     constexpr int32_t off = quant_offset(T);
-    const int64_t nb = j.nb;
+    const int64_t nb = j.nb, span = Spans ? j.w.span / B : 1;
     const PanelRefs<T> r(j, m, p);
     const uint8_t* wq = r.wq;
     const XT* xq = static_cast<const XT*>(j.xq) + tiled_at(m, 0, nb, R) * B;
@@ -73,53 +77,62 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     const typename Isa::Sum init = j.bias ? Isa::load(j.bias + p * kQuantPanel, cols) : Isa::zero();
 #pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) sum[i] = init;
-    for (int64_t b = 0; b < nb; ++b, wq += block_bytes) {
+    for (int64_t s = 0; s < nb; s += span) {
+        typename Isa::Sum part[Spans ? MT : 1];
+        if constexpr (Spans) {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) part[i] = Isa::zero();
+        }
+        for (int64_t b = s; b < s + span; ++b, wq += block_bytes) {
 #pragma GCC unroll 8
-        for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
-        typename Isa::Acc acc[MT];
-        const XT* xb = xq + b * R * B;
-        if constexpr (T == QuantType::q8_0) {
+            for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
+            typename Isa::Acc acc[MT];
+            const XT* xb = xq + b * R * B;
+            if constexpr (T == QuantType::q8_0) {
 #pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
+                for (int i = 0; i < MT; ++i) acc[i] = Isa::start(0);
 #pragma GCC unroll 16
-            for (int g = 0; g < 16; ++g) {  // 2 k per lane
-                const typename Isa::W w = Isa::q8(wq + g * 32);
+                for (int g = 0; g < 16; ++g) {  // 2 k per lane
+                    const typename Isa::W w = Isa::q8(wq + g * 32);
 #pragma GCC unroll 16
-                for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, xb + i * B + 2 * g);
-            }
-        } else {
+                    for (int i = 0; i < MT; ++i) Isa::template dot<T>(acc[i], w, xb + i * B + 2 * g);
+                }
+            } else {
 #pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i) acc[i] = Isa::start(off ? xo[b * R + i] : 0);
-            constexpr int planes = high_planes(T);
+                for (int i = 0; i < MT; ++i) acc[i] = Isa::start(off ? xo[b * R + i] : 0);
+                constexpr int planes = high_planes(T);
 #pragma GCC unroll 4
-            for (int h = 0; h < B / 8; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
-                typename Isa::W lo, hi;
-                Isa::q4(wq + h * 64, lo, hi);
+                for (int h = 0; h < B / 8; ++h) {  // 8 k per chunk: 4 per lane in the low nibbles, 4 in the high
+                    typename Isa::W lo, hi;
+                    Isa::q4(wq + h * 64, lo, hi);
 #pragma GCC unroll 2
-                for (int j = 0; j < planes; ++j)
-                    Isa::high_bits(wq + 8 * B + 16 * (planes * h + j), lo, hi, static_cast<char>(16 << j));
+                    for (int j = 0; j < planes; ++j)
+                        Isa::high_bits(wq + 8 * B + 16 * (planes * h + j), lo, hi, static_cast<char>(16 << j));
 #pragma GCC unroll 16
-                for (int i = 0; i < MT; ++i) {
-                    Isa::template dot<T>(acc[i], lo, xb + i * B + 8 * h);
-                    Isa::template dot<T>(acc[i], hi, xb + i * B + 8 * h + 4);
+                    for (int i = 0; i < MT; ++i) {
+                        Isa::template dot<T>(acc[i], lo, xb + i * B + 8 * h);
+                        Isa::template dot<T>(acc[i], hi, xb + i * B + 8 * h + 4);
+                    }
                 }
             }
-        }
-        const typename Isa::Sum d = Isa::half(r.wd + b * kQuantPanel);
-        if constexpr (has_mins(T)) {
-            const typename Isa::Sum mins = Isa::half(r.wm + b * kQuantPanel);
-#pragma GCC unroll 16
-            for (int i = 0; i < MT; ++i) {
-                const float dx = xd[b * R + i];
-                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], 0), d, dx);
-                Isa::mul_add(sum[i], mins, xm[b * R + i]);
-            }
-        } else {
+            const typename Isa::Sum d = Isa::half(r.wd + b * kQuantPanel);
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) {
                 const int32_t correction = off ? xo[b * R + i] : 0;
-                Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[b * R + i]);
+                if constexpr (Spans)
+                    Isa::int_mul_add(part[i], Isa::template total<T>(acc[i], correction), d);
+                else
+                    Isa::scale_add(sum[i], Isa::template total<T>(acc[i], correction), d, xd[b * R + i]);
             }
+            if constexpr (has_mins(T)) {
+                const typename Isa::Sum mins = Isa::half(r.wm + b * kQuantPanel);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; ++i) Isa::mul_add(sum[i], mins, xm[b * R + i]);
+            }
+        }
+        if constexpr (Spans) {
+#pragma GCC unroll 16
+            for (int i = 0; i < MT; ++i) Isa::mul_add(sum[i], part[i], xd[s * R + i]);
         }
     }
 #pragma GCC unroll 16
@@ -127,27 +140,35 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
 }
 
 // A tile of rows <= MT rows.
-template <class Isa, QuantType T, int MT>
+template <class Isa, QuantType T, int MT, bool Spans>
 void tile_rows(int rows, const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     if constexpr (MT == 1) {
-        tile<Isa, T, 1>(j, m, p, cols);
+        tile<Isa, T, 1, Spans>(j, m, p, cols);
     } else if (rows == MT) {
-        tile<Isa, T, MT>(j, m, p, cols);
+        tile<Isa, T, MT, Spans>(j, m, p, cols);
     } else {
-        tile_rows<Isa, T, MT - 1>(rows, j, m, p, cols);
+        tile_rows<Isa, T, MT - 1, Spans>(rows, j, m, p, cols);
     }
 }
 
-template <class Isa, QuantType T>
+template <class Isa, QuantType T, bool Spans>
 void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t left = j.w.N - p * kQuantPanel;
         const int cols = static_cast<int>(left < kQuantPanel ? left : kQuantPanel);
         for (int64_t m = m0; m < m1; m += Isa::kRows) {
             const int64_t rows = m1 - m < Isa::kRows ? m1 - m : Isa::kRows;
-            tile_rows<Isa, T, Isa::kRows>(static_cast<int>(rows), j, m, p, cols);
+            tile_rows<Isa, T, Isa::kRows, Spans>(static_cast<int>(rows), j, m, p, cols);
         }
     }
+}
+
+template <class Isa, QuantType T>
+void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    if (Isa::kSpans && j.w.span > quant_block(T))
+        run_tiles<Isa, T, Isa::kSpans>(j, m0, m1, p0, p1);
+    else
+        run_tiles<Isa, T, false>(j, m0, m1, p0, p1);
 }
 
 template <class Isa>
@@ -191,6 +212,7 @@ struct Float256 {
     struct Int {
         __m256i v[2];
     };
+    static constexpr bool kSpans = false;  // see tile
     // sum += float(t) * d * dx
     static void scale_add(Sum& s, const Int& t, const Sum& d, float dx) {
         const __m256 vx = _mm256_set1_ps(dx);
