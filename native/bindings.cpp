@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
 
 #include "allocator/block_allocator.h"
 #include "dtype.h"
@@ -173,6 +174,16 @@ void bind_packed_linear(py::module_& m) {
         "weight dtype; x, bias and out float32; bias 0 means none.");
 }
 
+// A span the kernels can walk: whole blocks, whole spans a row (else they would read past it).
+void check_span(const char* fn, int qtype, int64_t span, int64_t in_features) {
+    if (qtype < 0 || qtype > 5) throw py::value_error(std::string(fn) + ": qtype must be 0-5");
+    const int64_t block = kvmux::quant_block(static_cast<kvmux::QuantType>(qtype));
+    if (span <= 0 || span % block || in_features % span)
+        throw py::value_error(std::string(fn) + ": span must be a multiple of the block (" + std::to_string(block) +
+                              ") dividing in_features (" + std::to_string(in_features) + "), got " +
+                              std::to_string(span));
+}
+
 // Addresses again; kvmux/ops/quant.py checks the tensors and that the CPU can run the kernel asked for.
 void bind_quant_linear(py::module_& m) {
     m.attr("QUANT_BLOCK") = kvmux::kQuantBlock;
@@ -182,6 +193,7 @@ void bind_quant_linear(py::module_& m) {
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, std::uintptr_t quants,
            std::uintptr_t scales, std::uintptr_t mins, int64_t span, int64_t out_features, std::uintptr_t bias,
            std::uintptr_t out, int64_t out_stride, int kernel, int num_threads) {
+            check_span("quant_linear", qtype, span, in_features);
             const kvmux::QuantWeights w{static_cast<kvmux::QuantType>(qtype), out_features, in_features,
                                         reinterpret_cast<const uint8_t*>(quants),
                                         reinterpret_cast<const uint16_t*>(scales),
@@ -218,11 +230,7 @@ void bind_quant_linear(py::module_& m) {
         "quantize_activations",
         [](std::uintptr_t x, int64_t rows, int64_t in_features, int64_t x_stride, int qtype, int64_t span,
            std::uintptr_t q, std::uintptr_t d, std::uintptr_t offsets, std::uintptr_t min_weights) {
-            if (qtype < 0 || qtype > 5) throw py::value_error("quantize_activations: qtype must be 0-5");
-            const int64_t block = kvmux::quant_block(static_cast<kvmux::QuantType>(qtype));
-            if (span <= 0 || span % block || in_features % span)
-                throw py::value_error("quantize_activations: span must be a multiple of the block dividing "
-                                      "in_features");
+            check_span("quantize_activations", qtype, span, in_features);
             py::gil_scoped_release release;
             kvmux::quantize_activations(reinterpret_cast<const float*>(x), rows, x_stride, in_features,
                                         static_cast<kvmux::QuantType>(qtype), span, reinterpret_cast<void*>(q),
@@ -321,6 +329,7 @@ void bind_decoder_stack(py::module_& m) {
         "quant_matmul_call",
         [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t span,
            int64_t out_features, int64_t in_features, std::uintptr_t bias, int kernel) {
+            check_span("quant_matmul_call", qtype, span, in_features);
             MatmulCall c{};
             c.quantized = true;
             c.quant = {static_cast<kvmux::QuantType>(qtype), out_features, in_features,

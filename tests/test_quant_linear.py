@@ -1,5 +1,7 @@
 """The int8 kernels over every GGUF block type kvmux keeps, every variant this CPU runs, against float64 references;
 the types' decoding against the gguf package's."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -178,6 +180,15 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
         quant.quant_linear(torch.randn(2, 64), weight, torch.randn(15))
     with pytest.raises(ValueError, match="no kernel variant 'sse2'"):
         quant.quant_linear(torch.randn(2, 64), weight, kernel="sse2")
+    x, out = torch.randn(2, 64), torch.empty(2, 16)
+    args = list(quant.QuantLinear(weight).weight_args)
+    for span in (0, 48, 128):  # none, not whole blocks, past the row
+        message = rf"span must be a multiple of the block \(32\) dividing in_features \(64\), got {span}"
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(weight, span=span)
+        args[4] = span  # and the native call, should a caller bypass QuantWeight
+        with pytest.raises(ValueError, match=message):
+            quant._native.quant_linear(x.data_ptr(), 2, 64, 64, *args, out.data_ptr(), 16, 0, 1)
     with pytest.raises(ValueError, match="not one kvmux multiplies"):
         quant.pack_blocks("q2_k", torch.zeros(16, 84, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):

@@ -103,7 +103,8 @@ def test_mixed_file_keeps_what_it_can_and_dequantizes_the_rest(ggufs, caplog):
 
 
 def test_forced_avx2_kernel_gives_the_same_logits(ggufs, monkeypatch):
-    """Every variant does the same integer arithmetic and the same float operations per output."""
+    """Every variant does the same integer arithmetic and the same float operations per output on a legacy type
+    (on a K-quant the AVX-512 tile's activations share a scale over 4 blocks: kernel_span)."""
     ids = PROMPTS[-1]
     default = load_model(ggufs["q4_1"], progress=False)
     monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")

@@ -12,8 +12,8 @@ kernels add as 16 (and 32) where set; Q6_K 28 bytes per 32 against the file's
 26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear`
 quantizes the activations per block on the fly, to int8 for every form but
 Q8_0 (as llama.cpp does) and to int16 for Q8_0 (whose accuracy byte
-activations would spoil), under one scale per block, or per 4 blocks for
-the K-quants (`activation_span`), and runs
+activations would spoil), under one scale per block, or for the K-quants on
+the AVX-512 tile per 4 blocks (`activation_span`, `kernel_span`), and runs
 integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
 plain AVX2) with one float multiply-add per block. `QuantWeight.rows`
 dequantizes single rows (embedding lookups), so a quantized embedding is also
@@ -82,6 +82,12 @@ class QuantWeight:
     scales: torch.Tensor        # float16 [panels, blocks, PANEL]
     mins: torch.Tensor | None   # float16 [panels, blocks, PANEL], q4_1 and q5_1 only
     span: int                   # values of a row of x that share one activation scale (activation_span)
+
+    def __post_init__(self) -> None:
+        block = BLOCKS[self.qtype]
+        if self.span <= 0 or self.span % block or self.in_features % self.span:
+            raise ValueError(f"span must be a multiple of the block ({block}) dividing in_features "
+                             f"({self.in_features}), got {self.span}")
 
     @property
     def nbytes(self) -> int:

@@ -65,7 +65,7 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     using XT = std::conditional_t<T == QuantType::q8_0, int16_t, int8_t>;  // see activation_bits
     constexpr int64_t block_bytes = quant_panel_block_bytes(T), B = quant_block(T), R = Isa::kRows;
     constexpr int32_t off = quant_offset(T);
-    const int64_t nb = j.nb, span = Spans ? j.w.span / B : 1;
+    const int64_t nb = j.nb, span_blocks = Spans ? j.w.span / B : 1;
     const PanelRefs<T> r(j, m, p);
     const uint8_t* wq = r.wq;
     const XT* xq = static_cast<const XT*>(j.xq) + tiled_at(m, 0, nb, R) * B;
@@ -77,13 +77,13 @@ void tile(const QuantTileJob& j, int64_t m, int64_t p, int cols) {
     const typename Isa::Sum init = j.bias ? Isa::load(j.bias + p * kQuantPanel, cols) : Isa::zero();
 #pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) sum[i] = init;
-    for (int64_t s = 0; s < nb; s += span) {
+    for (int64_t s = 0; s < nb; s += span_blocks) {
         typename Isa::Sum part[Spans ? MT : 1];
         if constexpr (Spans) {
 #pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) part[i] = Isa::zero();
         }
-        for (int64_t b = s; b < s + span; ++b, wq += block_bytes) {
+        for (int64_t b = s; b < s + span_blocks; ++b, wq += block_bytes) {
 #pragma GCC unroll 8
             for (int64_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(wq + kPrefetchAhead + line);
             typename Isa::Acc acc[MT];
