@@ -38,7 +38,7 @@ from kvmux.checks.reference import (
 from kvmux.ops import kernel_choice, quant
 from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
-from kvmux.ops.gguf_blocks import GGUF_BLOCK
+from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK
 from kvmux.ops.linear import matmul, pack_weight
 from kvmux.ops.quant import kernel_span, pack_blocks
 
@@ -127,20 +127,24 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
     """x quantized per block exactly as the kernel does is part of the reference, so what is left is float32
     rounding: a few ulps per block of the sum of |terms|."""
     trials = []
-    values = GGUF_BLOCK[fmt.upper()][1]  # each form is checked on the GGUF type of its name (Q6_K: 256 a block)
-    for i, (rows, n, k) in enumerate(QUANT_SHAPES):
-        k = -(-k // values) * values
-        gen = torch.Generator().manual_seed(seed * 1000 + i)
-        raw = random_gguf_blocks(fmt, n, k, gen)
-        x = torch.randn(rows, k, generator=gen)
-        bias = torch.randn(n, generator=gen)
-        weight = pack_blocks(fmt, raw)
-        layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
-        ref, magnitude = quant_linear_f64(fmt, raw, x, bias, kernel_span(weight, variant))
-        bound = quant_sum_bound(k, magnitude, bias) + 1e-30
-        dense = weight.dequantize()
-        trials.append(Trial(f"{rows} x {k} -> {n} + bias", lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound,
-                            lambda x=x, d=dense, b=bias: F.linear(x, d, b)))
+    # Each form on every GGUF type read into it: Q4_1's also from Q4_K, Q5_1's from Q5_K, whose activations
+    # the AVX-512 tile quantizes over spans (kernel_span); a K-quant's K is whole super-blocks of 256.
+    for gguf_type in [t for t, form in FORM_OF.items() if form == fmt]:
+        values = GGUF_BLOCK[gguf_type][1]
+        for i, (rows, n, k) in enumerate(QUANT_SHAPES):
+            k = -(-k // values) * values
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            raw = random_gguf_blocks(gguf_type, n, k, gen)
+            x = torch.randn(rows, k, generator=gen)
+            bias = torch.randn(n, generator=gen)
+            weight = pack_blocks(gguf_type, raw)
+            layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
+            ref, magnitude = quant_linear_f64(gguf_type, raw, x, bias, kernel_span(weight, variant))
+            bound = quant_sum_bound(k, magnitude, bias) + 1e-30
+            dense = weight.dequantize()
+            trials.append(Trial(f"{gguf_type}: {rows} x {k} -> {n} + bias",
+                                lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound,
+                                lambda x=x, d=dense, b=bias: F.linear(x, d, b)))
     return trials
 
 
