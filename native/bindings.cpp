@@ -207,10 +207,9 @@ void bind_quant_linear(py::module_& m) {
         py::arg("quants"), py::arg("scales"), py::arg("mins"), py::arg("span"), py::arg("out_features"),
         py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
         "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, "
-        "4 Q5_1, 5 Q6_K), x "
-        "quantized per block on the fly under one scale a span of K (a multiple of the block) (int16 for Q8_0, int8 for the rest) by kernel 0 AVX2, 1 AVX-VNNI, "
-        "2 AVX512-VNNI, 3 AMX; "
-        "bias 0 means none.");
+        "4 Q5_1, 5 Q6_K), x quantized per block on the fly (int16 for Q8_0, int8 for the rest) under one scale a "
+        "span of K (a multiple of the block dividing K) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI, 3 AMX; bias 0 "
+        "means none.");
     m.def(
         "quant_rows",
         [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t out_features,
@@ -237,12 +236,12 @@ void bind_quant_linear(py::module_& m) {
                                         reinterpret_cast<float*>(d), reinterpret_cast<int32_t*>(offsets),
                                         reinterpret_cast<float*>(min_weights));
         },
-        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"), py::arg("span"),
-        py::arg("q"), py::arg("d"), py::arg("offsets"), py::arg("min_weights"),
+        py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("x_stride"), py::arg("qtype"),
+        py::arg("span"), py::arg("q"), py::arg("d"), py::arg("offsets"), py::arg("min_weights"),
         "The per-block quantization quant_linear applies to the activations of weights of form qtype (as "
         "quant_linear numbers them): to int16 for Q8_0, else int8, per block of 32 (Q6_K's 16), with each block's "
-        "integer starting value -offset * sum (forms with an offset) or min weight d * sum (forms with mins); d is taken "
-        "over spans of `span` values (equal within one).");
+        "integer starting value -offset * sum (forms with an offset) or min weight d * sum (forms with mins); d is "
+        "taken over spans of `span` values (equal within one).");
 }
 
 // Addresses and sizes; kvmux/ops/fused.py checks the tensors.

@@ -42,8 +42,8 @@ template <int N>
 void round_block(const float* x, float levels, float amax, __m256i* qi) {
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
     for (int j = 0; j < N / 8; ++j)
-        qi[j] = _mm256_cvtps_epi32(
-            _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        qi[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 int32_t hsum(__m256i s) {
