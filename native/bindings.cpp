@@ -208,8 +208,8 @@ void bind_quant_linear(py::module_& m) {
         py::arg("bias"), py::arg("out"), py::arg("out_stride"), py::arg("kernel"), py::arg("num_threads"),
         "out[rows, out_features] = x @ W.T (+ bias), W in quantized panels (qtype 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, "
         "4 Q5_1, 5 Q6_K), x quantized per block on the fly (int16 for Q8_0, int8 for the rest) under one scale a "
-        "span of K (a multiple of the block dividing K) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI, 3 AMX; bias 0 "
-        "means none.");
+        "span of K (a multiple of the block dividing K) by kernel 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI, 3 AMX; or by "
+        "kernel 4 AMX-BF16, x rounded to bf16 times W dequantized to bf16 a chunk at a time; bias 0 means none.");
     m.def(
         "quant_rows",
         [](int qtype, std::uintptr_t quants, std::uintptr_t scales, std::uintptr_t mins, int64_t out_features,

@@ -8,7 +8,9 @@ import torch
 from kvmux.checks.kernels import QUANT_SHAPES, quant_sum_bound
 from kvmux.checks.reference import (
     activation_rounding_bound,
+    bf16_rounding_bound,
     dequantize_gguf_f64,
+    quant_linear_bf16_f64,
     quant_linear_f64,
     quantize_activations_ref,
     random_gguf_blocks,
@@ -52,14 +54,21 @@ def test_kernel_matches_float64_reference(variant, qtype):
         out = quant.quant_linear(x, weight, bias, kernel=variant)
         span = quant.kernel_span(weight, variant)
         assert span == quant.BLOCKS[weight.qtype] * (4 if qtype in K_QUANTS and variant == "avx512vnni" else 1)
-        ref, magnitude = quant_linear_f64(qtype, raw, x, bias, span)
-        # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
-        tol = quant_sum_bound(k, magnitude, bias)
+        if variant in quant.BF16_KERNELS:
+            # x and the weight rounded to bf16 as the kernel does: float32 sums are what is left.
+            ref, magnitude = quant_linear_bf16_f64(qtype, raw, x, bias)
+            tol = 2.0 ** -20 * (magnitude + bias.abs().double())
+            rounding = bf16_rounding_bound(qtype, raw, x)
+        else:
+            # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
+            ref, magnitude = quant_linear_f64(qtype, raw, x, bias, span)
+            tol = quant_sum_bound(k, magnitude, bias)
+            # Against the unquantized product, the activations' rounding (half a step per value) bounds the error.
+            rounding = activation_rounding_bound(qtype, raw, x, span)
         err = (out.double() - ref).abs()
         assert (err <= tol).all(), f"{qtype} {variant} {rows}x{n}x{k}: worst {(err / tol).max():.2f} x tolerance"
-        # Against the unquantized product, the activations' rounding (half a step per value) bounds the error.
         exact = x.double() @ dequantize_gguf_f64(qtype, raw).T + bias.double()
-        bound = activation_rounding_bound(qtype, raw, x, span) * (1 + 1e-5) + tol
+        bound = rounding * (1 + 1e-5) + tol
         assert ((out.double() - exact).abs() <= bound).all(), f"{qtype} {variant} {rows}x{n}x{k}"
 
 
@@ -197,7 +206,8 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
 
 def test_a_variant_the_cpu_lacks_is_refused_naming_the_instruction_set(monkeypatch):
     # A CPU without VNNI: only the AVX2 variant runs, and asking for a VNNI one names what is missing.
-    plain = {**kernel_choice.cpu_features(), "avx512vnni": False, "avxvnni": False, "amx_int8": False}
+    plain = {**kernel_choice.cpu_features(), "avx512vnni": False, "avxvnni": False, "amx_tile": False,
+             "amx_int8": False, "amx_bf16": False}
     monkeypatch.setattr(kernel_choice, "cpu_features", lambda: plain)
     monkeypatch.setattr(quant, "runnable_kernels", lambda: frozenset({"avx2"}))
     assert [v.name for v in kernel_choice.candidates("linear", "q4_1")] == ["avx2"]

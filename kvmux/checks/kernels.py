@@ -29,6 +29,7 @@ from kvmux.checks.reference import (
     LAYER,
     expected_pool,
     make_case,
+    quant_linear_bf16_f64,
     quant_linear_f64,
     random_gguf_blocks,
     reference_f64,
@@ -125,7 +126,8 @@ def quant_sum_bound(k: int, magnitude: torch.Tensor, bias: torch.Tensor) -> torc
 
 def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
     """x quantized per block exactly as the kernel does is part of the reference, so what is left is float32
-    rounding: a few ulps per block of the sum of |terms|."""
+    rounding: a few ulps per block of the sum of |terms|. The bf16 variants' reference rounds x and the weight
+    to bf16 as they do, which leaves float32 sums as linear_trials'."""
     trials = []
     # Each form on every GGUF type read into it: Q4_1's also from Q4_K, Q5_1's from Q5_K, whose activations
     # the AVX-512 tile quantizes over spans (kernel_span); a K-quant's K is whole super-blocks of 256.
@@ -139,8 +141,12 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
             bias = torch.randn(n, generator=gen)
             weight = pack_blocks(gguf_type, raw)
             layer = SimpleNamespace(quant=weight, bias=bias, weight_format=fmt)
-            ref, magnitude = quant_linear_f64(gguf_type, raw, x, bias, kernel_span(weight, variant))
-            bound = quant_sum_bound(k, magnitude, bias) + 1e-30
+            if variant in quant.BF16_KERNELS:
+                ref, magnitude = quant_linear_bf16_f64(gguf_type, raw, x, bias)
+                bound = SUM_ERROR * (magnitude + bias.double().abs()) + 1e-30
+            else:
+                ref, magnitude = quant_linear_f64(gguf_type, raw, x, bias, kernel_span(weight, variant))
+                bound = quant_sum_bound(k, magnitude, bias) + 1e-30
             dense = weight.dequantize()
             trials.append(Trial(f"{gguf_type}: {rows} x {k} -> {n} + bias",
                                 lambda fn=matmul(variant, layer), x=x: fn(x), ref, bound,

@@ -277,3 +277,18 @@ def activation_rounding_bound(gguf_type: str, raw: torch.Tensor, x: torch.Tensor
     _, d, size = _activations(gguf_type, x, span)
     w = dequantize_gguf_f64(gguf_type, raw).abs().reshape(raw.shape[0], -1, size).sum(-1)   # [N, blocks]
     return (d.double() / 2) @ w.T
+
+
+def quant_linear_bf16_f64(gguf_type: str, raw: torch.Tensor, x: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, magnitude) in float64 as the bf16 variants compute it (quant.BF16_KERNELS): x rounded to bf16, each
+    weight d (q - off) + m rounded to float32 (one fused multiply-add) and then to bf16; magnitude = |x_r| @ |w_r|.T."""
+    xr = x.bfloat16().double()
+    w = dequantize_gguf_f64(gguf_type, raw).float().bfloat16().double()
+    y = xr @ w.T
+    return (y if bias is None else y + bias.double()), xr.abs() @ w.abs().T
+
+
+def bf16_rounding_bound(gguf_type: str, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bound on |y - x W^T| from rounding x and W to bf16: each within 2^-9 of itself, a product within 2^-8."""
+    return 2.0 ** -8 * (x.double().abs() @ dequantize_gguf_f64(gguf_type, raw).abs().T)

@@ -67,6 +67,8 @@ VARIANTS: tuple[Variant, ...] = (
             "int8 (int16 for Q8_0) activations, 256-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("linear", "amx", AVX512 + ("f16c", "amx_tile", "amx_int8"), QUANT_FORMATS,
             "one tile dot product per block: 16 rows x 16 outputs x 32 k (bytes; Q8_0's int16 activations as two)"),
+    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), QUANT_FORMATS,
+            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it"),
     Variant("linear", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), QUANT_FORMATS,
             "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16", "int8"),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from kvmux import _native
 from kvmux.ops import kernel_choice
 from kvmux.ops.heap import trim_heap
+from kvmux.ops.quant import KERNELS as QUANT_KERNELS
 from kvmux.ops.quant import PANEL as QUANT_PANEL
 from kvmux.ops.quant import QuantLinear, QuantWeight
 from kvmux.ops.tensor_checks import linear_bias, linear_input
@@ -164,7 +165,7 @@ MATMULS: dict[tuple[str, str], Callable[[PackedLayer], Matmul]] = {
     ("avx512bf16", "bfloat16"): _native_matmul(_K.bf16_avx512),
     ("amx", "bfloat16"): _native_matmul(_K.bf16_amx),
     ("onednn", "bfloat16"): _onednn_matmul,
-    **{(variant, qtype): _quant_matmul(variant) for variant in ("avx2", "avxvnni", "avx512vnni", "amx")
+    **{(variant, qtype): _quant_matmul(variant) for variant in QUANT_KERNELS
        for qtype in kernel_choice.QUANT_FORMATS},
 }
 

@@ -22,6 +22,10 @@ the tied LM head.
 The kernel variants (avx2, avxvnni, avx512vnni, amx) are kernel_choice's linear
 variants for these formats: the model times them per shape at load like the
 float kernels (kvmux/ops/linear.py), and KVMUX_KERNELS=linear=avx2 forces one.
+One more, amx_bf16, quantizes nothing: it dequantizes the weight to bf16 an
+L2-sized chunk of panels at a time and multiplies x rounded to bf16 by it with
+AMX tiles, which pays once a call what the int8 variants pay once a row and
+block, so it wins at prefill's hundreds of rows.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ KQUANT_SPAN_BLOCKS = 4
 # The variants whose tiles gain from a span; the others quantize x per block, so their hosts keep its accuracy.
 SPAN_KERNELS = ("avx512vnni",)
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
-KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3}
+KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3, "amx_bf16": 4}
+# The variants that quantize no activations: x and the dequantized weight rounded to bf16 instead.
+BF16_KERNELS = ("amx_bf16",)
 # Weights packed at a time (in whole panels): the torch ops that rearrange them take some 15 bytes of scratch per
 # weight, so steps of 256 panels (4096 rows; a Q6_K down_proj's 640 whole) took 18-25 MB for a moment, the peak
 # of a small model's load; 4-8 MB at this size, as fast.

@@ -16,6 +16,8 @@
 
 #if KVMUX_WIDE_KERNELS
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <immintrin.h>
@@ -260,41 +262,96 @@ void amx_block(const uint16_t* tiles, int64_t Kp, int top, int bottom, const uin
 
 }  // namespace
 
+namespace {
+
+struct TileShape {  // the rows of the two A tiles the tile configuration was last loaded for
+    int top = -1, bottom = -1;
+};
+
+// Every row of x (A tiles at xb) times panels [c0, c1), whose B lies from `b` on (panel c0's first): 32 rows
+// at a time, the panels two at a time. Panels before `fetch_end` lie after the chunk in memory as they do in it,
+// and the first rows fetch them ahead (fetch_end 0: B was just written and is in cache).
+void amx_rows(const uint16_t* xb, int64_t M, int64_t Kp, const uint16_t* b, int64_t c0, int64_t c1,
+              int64_t fetch_end, int64_t N, const float* bias, float* out, int64_t ldo, TileShape& configured) {
+    const int64_t panel_stride = Kp * kPanelWidth;
+    for (int64_t m = 0; m < M; m += 32) {
+        const int rows = static_cast<int>(lesser(32, M - m));
+        const int top = rows < 16 ? rows : 16, bottom = rows - top;
+        if (top != configured.top || bottom != configured.bottom) {
+            configure(top, bottom);
+            configured = {top, bottom};
+        }
+        for (int64_t p = c0; p < c1; p += 2) {
+            const uint16_t* pa = b + (p - c0) * panel_stride;
+            const uint16_t* pb = p + 1 < c1 ? pa + panel_stride : nullptr;
+            const uint16_t* ahead = m == 0 && p + 3 < fetch_end ? pa + 2 * panel_stride : nullptr;
+            amx_block(xb + m * Kp, Kp, top, bottom, pa, pb, ahead, out + m * ldo + p * kPanelWidth, ldo,
+                      N - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr);
+        }
+    }
+}
+
+// Panels per chunk: a chunk's B stays in L2 while every 32 rows of x pass over it, so B is read from memory (or
+// written by a fill) once per call, and the 32 rows' A tiles stay in L1 while the chunk's panels go by.
+int64_t chunk_panels(int64_t panel_stride, int64_t panels) {
+    const int64_t pairs = kAmxChunkBytes / (2 * panel_stride * 2);
+    return 2 * lesser(pairs > 0 ? pairs : 1, (panels + 1) / 2);
+}
+
+// The calling thread's chunk of filled panels, reused across calls (a fresh one each call would fault its pages
+// in again). A thread of the pool keeps one for as long as it lives.
+uint16_t* chunk_buffer(int64_t elems) {
+    static thread_local uint16_t* buffer = nullptr;
+    static thread_local int64_t capacity = 0;
+    if (elems > capacity) {
+        std::free(buffer);
+        buffer = static_cast<uint16_t*>(std::aligned_alloc(64, elems * sizeof(uint16_t)));  // a multiple of 1 KB
+        if (!buffer) {
+            std::fputs("kvmux: out of memory for a chunk of bf16 panels\n", stderr);
+            std::abort();  // inside a task, which may not throw
+        }
+        capacity = elems;
+    }
+    return buffer;
+}
+
+}  // namespace
+
 void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, int64_t N,
                             const float* bias, float* out, int64_t ldo, int num_threads, uint16_t* xb) {
     const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
-    const int64_t panel_stride = Kp * kPanelWidth;
-    // Panels per chunk: a chunk's B stays in L2 while every 32 rows of x pass over it, so B is read from memory
-    // once per call, and the 32 rows' A tiles stay in L1 while the chunk's panels go by.
-    const int64_t chunk = 2 * lesser(kAmxChunkBytes / (2 * panel_stride * 2) > 0 ? kAmxChunkBytes / (2 * panel_stride * 2) : 1,
-                                     (panels + 1) / 2);
+    const int64_t panel_stride = Kp * kPanelWidth, chunk = chunk_panels(panel_stride, panels);
     const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
     round_x_tiles(x, M, K, ldx, Kp, xb, nt);
     const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
     parallel_for(tasks, nt, [&](int64_t task) {
         const Span own = task_panels(panels, tasks, task);
-        int configured_top = -1, configured_bottom = -1;
+        TileShape configured;
+        for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk)
+            amx_rows(xb, M, Kp, packed + c0 * panel_stride, c0, lesser(own.end, c0 + chunk), own.end, N, bias, out,
+                     ldo, configured);
+        if (configured.top >= 0) _tile_release();
+    });
+}
+
+void filled_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, Bf16PanelFill fill,
+                            const void* source, int64_t N, const float* bias, float* out, int64_t ldo,
+                            int num_threads, uint16_t* xb) {
+    const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
+    const int64_t panel_stride = Kp * kPanelWidth, chunk = chunk_panels(panel_stride, panels);
+    const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
+    round_x_tiles(x, M, K, ldx, Kp, xb, nt);
+    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span own = task_panels(panels, tasks, task);
+        uint16_t* b = chunk_buffer(chunk * panel_stride);
+        TileShape configured;
         for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk) {
             const int64_t c1 = lesser(own.end, c0 + chunk);
-            for (int64_t m = 0; m < M; m += 32) {
-                const int rows = static_cast<int>(lesser(32, M - m));
-                const int top = rows < 16 ? rows : 16, bottom = rows - top;
-                if (top != configured_top || bottom != configured_bottom) {
-                    configure(top, bottom);
-                    configured_top = top;
-                    configured_bottom = bottom;
-                }
-                for (int64_t p = c0; p < c1; p += 2) {
-                    const uint16_t* pa = packed + p * panel_stride;
-                    const uint16_t* pb = p + 1 < c1 ? pa + panel_stride : nullptr;
-                    // The first rows read the chunk from memory: fetch the next two panels ahead.
-                    const uint16_t* ahead = m == 0 && p + 3 < own.end ? pa + 2 * panel_stride : nullptr;
-                    amx_block(xb + m * Kp, Kp, top, bottom, pa, pb, ahead, out + m * ldo + p * kPanelWidth, ldo,
-                              N - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr);
-                }
-            }
+            fill(source, c0, c1, b);
+            amx_rows(xb, M, Kp, b, c0, c1, 0, N, bias, out, ldo, configured);
         }
-        if (configured_top >= 0) _tile_release();
+        if (configured.top >= 0) _tile_release();
     });
 }
 
@@ -312,6 +369,10 @@ void packed_linear_bf16_avx512(const float*, int64_t, int64_t, int64_t, const ui
 }
 void packed_linear_bf16_amx(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*,
                             int64_t, int, uint16_t*) {
+    throw LinearError("packed_linear: built without the AMX kernel");
+}
+void filled_linear_bf16_amx(const float*, int64_t, int64_t, int64_t, Bf16PanelFill, const void*, int64_t,
+                            const float*, float*, int64_t, int, uint16_t*) {
     throw LinearError("packed_linear: built without the AMX kernel");
 }
 

@@ -58,4 +58,13 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
 void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, int64_t N,
                             const float* bias, float* out, int64_t ldo, int num_threads, uint16_t* xb);
 
+// Writes panels [p0, p1) of a weight kept in another form, in the bf16 layout above, to dst (each panel
+// bf16_padded_k(K) * kPanelWidth values after the one before); `source` is what the caller handed over.
+using Bf16PanelFill = void (*)(const void* source, int64_t p0, int64_t p1, uint16_t* dst);
+// packed_linear_bf16_amx over panels that `fill` writes a chunk at a time into a thread's L2-sized buffer just
+// before the tiles read them (quant_linear's amx_bf16 variant, kvmux/ops/quant.py).
+void filled_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, Bf16PanelFill fill,
+                            const void* source, int64_t N, const float* bias, float* out, int64_t ldo,
+                            int num_threads, uint16_t* xb);
+
 }  // namespace kvmux

@@ -116,7 +116,8 @@ TilesFn tiles_for(QuantKernel kernel) {
         case QuantKernel::avxvnni: return quant_tiles_avxvnni;
         case QuantKernel::avx512vnni: return quant_tiles_avx512vnni;
         case QuantKernel::amx: return quant_tiles_amx;
-        case QuantKernel::avx2: break;
+        case QuantKernel::avx2:
+        case QuantKernel::amx_bf16: break;  // quant_linear sends amx_bf16 elsewhere
     }
     return quant_tiles_avx2;
 }
@@ -159,6 +160,11 @@ void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, Qua
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads) {
+    if (kernel == QuantKernel::amx_bf16) {
+        thread_local std::vector<uint16_t> xb;
+        xb.resize((M + 15) / 16 * 16 * w.K);
+        return quant_linear_amx_bf16(x, M, ldx, w, bias, out, ldo, num_threads, xb.data());
+    }
     const int64_t block = quant_block(w.type), K = w.K, nb = K / block;
     const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
     const int bits = activation_bits(w.type);

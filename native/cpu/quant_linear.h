@@ -41,7 +41,8 @@ namespace kvmux {
 enum class QuantType : int { q8_0 = 0, q4_0 = 1, q4_1 = 2, q5_0 = 3, q5_1 = 4, q6_k = 5 };
 
 // The instruction sets a kernel is built for; the caller checks the CPU has them (kvmux/ops/quant.py).
-enum class QuantKernel : int { avx2 = 0, avxvnni = 1, avx512vnni = 2, amx = 3 };
+// amx_bf16 multiplies x rounded to bf16 by the weight dequantized to bf16 a chunk at a time (quant_bf16_amx.cpp).
+enum class QuantKernel : int { avx2 = 0, avxvnni = 1, avx512vnni = 2, amx = 3, amx_bf16 = 4 };
 
 constexpr int64_t kQuantBlock = 32;       // values per block along K (Q6_K: quant_block)
 constexpr int64_t kQuantPanel = 16;       // rows per panel

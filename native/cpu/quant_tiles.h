@@ -42,4 +42,9 @@ void quant_tiles_avxvnni(const QuantTileJob& job, int64_t m0, int64_t m1, int64_
 void quant_tiles_avx512vnni(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 void quant_tiles_amx(const QuantTileJob& job, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
+// The one variant that quantizes no activations: quant_linear for QuantKernel::amx_bf16, x rounded to bf16 into
+// xb ([M rounded up to 16, K]) and multiplied by the weight dequantized to bf16.
+void quant_linear_amx_bf16(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias,
+                           float* out, int64_t ldo, int num_threads, uint16_t* xb);
+
 }  // namespace kvmux
