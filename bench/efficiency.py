@@ -101,6 +101,27 @@ def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
         torch.set_num_threads(before)
 
 
+def prefill_seconds(model, prompt_len: int, repeats: int) -> float:
+    """The best of `repeats` prefills of one prompt of `prompt_len` random tokens in one step (the runner's forward
+    and sampling), torch on one thread as in decode_efficiency."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        blocks = math.ceil((prompt_len + 1) / BLOCK)
+        runner = Runner(model, KVCache(blocks, geometry(model)))
+        gen = torch.Generator().manual_seed(0)
+        best = math.inf
+        for _ in range(repeats):
+            prompt = torch.randint(100, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
+            work = StepWork([Chunk("s", 0, prompt, list(range(blocks)), Draw(SamplingParams(temperature=0.0), 0, 0))])
+            start = time.perf_counter()
+            runner.execute(work)
+            best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
 def _decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
     cfg = model.config
     blocks_per_seq = math.ceil((prompt_len + steps + 1) / BLOCK)

@@ -1,4 +1,4 @@
-"""The GGUF files people download, kept in their blocks (issue 26): storage, decode speed and quality.
+"""The GGUF files people download, kept in their blocks (issue 26): storage, decode and prefill speed, quality.
 
     python -m bench.kquants --model gemma-3-270m-q4_k_m.gguf   # a Q4_K_M file: Q4_K, Q5_0, Q6_K, Q8_0 tensors
     python -m bench.kquants --model llama-3.2-1b.q4_k_m.gguf --decode-only   # bench.real_shapes' random weights
@@ -12,6 +12,8 @@ In one run, on one file:
   both arms hold a bf16 KV pool, so they differ in their matmuls alone (a float32 pool, the kept path's default,
   runs another attention kernel, 18% of the kept step at 8 sequences on a 2-core EPYC by py-spy: 44.8 ms a step
   against 41.3 with a bf16 pool);
+- a 512-token prompt's prefill in one step, kept against bf16, best of 3 per round in the same rounds (on an AMX
+  host the kept matmuls run there as amx_bf16: each chunk of a weight dequantized to bf16, AMX tiles over it);
 - how long each takes to read its weights, which every decode step does once: the matmuls' weight bytes over the
   bytes/s torch's sum reads on the same threads (bench.batch1.read_bandwidth; a yardstick, not a bound: the bf16
   kernels, prefetching a panel ahead, have read faster);
@@ -35,11 +37,20 @@ import torch
 
 from bench.__main__ import cpu_flags
 from bench.batch1 import read_bandwidth
-from bench.efficiency import RESULTS, agreement_with, decode_efficiency, kvmux_logits, matmul_shapes, text_ids
+from bench.efficiency import (
+    RESULTS,
+    agreement_with,
+    decode_efficiency,
+    kvmux_logits,
+    matmul_shapes,
+    prefill_seconds,
+    text_ids,
+)
 from kvmux.model.loader import load_model
 from kvmux.ops.threads import set_threads
 
 BATCHES = (1, 2, 4, 8)
+PREFILL_TOKENS = 512
 
 
 def plot(result: dict, path: Path) -> None:
@@ -47,7 +58,13 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, aq) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax, ap, aq) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=[3, 1, 2])
+    pre = result["prefill"]
+    ap.bar([0, 1], [pre["bf16_tok_s"], pre["kept_tok_s"]], color=["#999", "#2a7"])
+    ap.text(1, pre["kept_tok_s"], f"{pre['speedup']:.2f}x", ha="center", va="bottom")
+    ap.set_xticks([0, 1], ["bf16", "kept"])
+    ap.set_ylabel("prefill tokens/s")
+    ap.set_title(f"one {pre['tokens']}-token prompt")
     rows = result["decode"]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["bf16_tok_s"] for r in rows], 0.4, label="dequantized to bf16", color="#999")
@@ -124,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
 
     bf16 = load_model(args.model, dtype=torch.bfloat16, quantization="none", progress=False)
     rates: dict[tuple[str, int], list[float]] = {}
+    prefill: dict[str, list[float]] = {}
     for _ in range(args.rounds):
+        for name, model in (("kept", kept.model), ("bf16", bf16.model)):
+            prefill.setdefault(name, []).append(prefill_seconds(model, PREFILL_TOKENS, 3))
         for batch in BATCHES:
             for name, model in (("kept", kept.model), ("bf16", bf16.model)):
                 rates.setdefault((name, batch), []).append(decode_efficiency(model, batch, 256, 16)["tokens_per_s"])
@@ -143,10 +163,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f}); a step "
               f"{1e3 * batch / b:.1f} ms in bf16, {1e3 * batch / k:.1f} ms kept", flush=True)
 
+    k, b = (PREFILL_TOKENS / min(prefill[name]) for name in ("kept", "bf16"))
+    prefill_result = dict(tokens=PREFILL_TOKENS, kept_tok_s=k, bf16_tok_s=b, speedup=k / b,
+                          kept_rounds_s=prefill["kept"], bf16_rounds_s=prefill["bf16"])
+    print(f"prefill, one {PREFILL_TOKENS}-token prompt: bf16 {b:.0f} tok/s, kept {k:.0f} (x{k / b:.2f})", flush=True)
+
     agreement = {k: v.get("argmax_agreement") for k, v in quality.items()}
     result = dict(command="python -m bench.kquants " + " ".join(sys.argv[1:] if argv is None else argv),
                   model=kept.name, cpu_flags=cpu_flags(), threads=threads,
                   storage=kept.quantization, kernels=kept.model.kernel_choices()["linear"], decode=decode,
+                  prefill=prefill_result,
                   read_bandwidth_gb_s=bandwidth / 1e9, weight_bytes=weight_bytes, weights_read_ms=read_ms,
                   quality=quality, quality_positions=quality["kvmux_kept"]["positions"] if quality else 0,
                   targets={"decode_speedup_1_to_8": 2.0, "agreement_within_llama_cpp_points": 1.0},
