@@ -102,15 +102,20 @@ def test_mixed_file_keeps_what_it_can_and_dequantizes_the_rest(ggufs, caplog):
     assert (ours - theirs).abs().max() < 0.25 * theirs.std()  # measured 0.07; pieces out of order: several
 
 
-def test_forced_avx2_kernel_gives_the_same_logits(ggufs, monkeypatch):
-    """Every variant does the same integer arithmetic and the same float operations per output on a legacy type
-    (on a K-quant the AVX-512 tile's activations share a scale over 4 blocks: kernel_span)."""
+def test_every_int8_kernel_gives_the_same_logits(ggufs, monkeypatch):
+    """Every int8 variant does the same integer arithmetic and the same float operations per output (the bf16
+    ones, quant.BF16_KERNELS, round x to bf16 instead: not compared)."""
     ids = PROMPTS[-1]
-    default = load_model(ggufs["q4_1"], progress=False)
-    monkeypatch.setenv(kernel_choice.ENV, "linear=avx2")
-    forced = load_model(ggufs["q4_1"], progress=False)
-    assert {r["variant"] for p in forced.model.kernel_choices()["linear"] for r in p["ranges"]} == {"avx2"}
-    assert torch.equal(teacher_forced_logits(forced.model, ids), teacher_forced_logits(default.model, ids))
+    logits = {}
+    for v in kernel_choice.runnable("linear", "q4_1"):
+        if v.name in quant.BF16_KERNELS:
+            continue
+        monkeypatch.setenv(kernel_choice.ENV, f"linear={v.name}")
+        forced = load_model(ggufs["q4_1"], progress=False)
+        assert {r["variant"] for p in forced.model.kernel_choices()["linear"] for r in p["ranges"]} == {v.name}
+        logits[v.name] = teacher_forced_logits(forced.model, ids)
+    for name, got in logits.items():
+        assert torch.equal(got, logits["avx2"]), f"{name} differs from avx2"
 
 
 def test_q8_0_quantizes_a_safetensors_model(tiny, reference):

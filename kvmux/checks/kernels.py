@@ -41,7 +41,7 @@ from kvmux.ops.attention import torch_paged_attention
 from kvmux.ops.cpu_attention import CpuMetadata, cpu_paged_attention
 from kvmux.ops.gguf_blocks import FORM_OF, GGUF_BLOCK
 from kvmux.ops.linear import matmul, pack_weight
-from kvmux.ops.quant import kernel_span, pack_blocks
+from kvmux.ops.quant import pack_blocks
 
 SUM_ERROR = 2.0 ** -20  # float32 sums: relative to the sum of |terms| (~16 ulp; a wrong term costs ~1)
 BF16_ERROR = 2.0 ** -8  # a value rounded to bf16: twice its largest relative error
@@ -130,7 +130,7 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
     to bf16 as they do, which leaves float32 sums as linear_trials'."""
     trials = []
     # Each form on every GGUF type read into it: Q4_1's also from Q4_K, Q5_1's from Q5_K, whose activations
-    # the AVX-512 tile quantizes over spans (kernel_span); a K-quant's K is whole super-blocks of 256.
+    # the int8 tiles quantize over spans (QuantWeight.span); a K-quant's K is whole super-blocks of 256.
     for gguf_type in [t for t, form in FORM_OF.items() if form == fmt]:
         values = GGUF_BLOCK[gguf_type][1]
         for i, (rows, n, k) in enumerate(QUANT_SHAPES):
@@ -145,7 +145,7 @@ def quant_trials(variant: str, fmt: str, seed: int) -> list[Trial]:
                 ref, magnitude = quant_linear_bf16_f64(gguf_type, raw, x, bias)
                 bound = SUM_ERROR * (magnitude + bias.double().abs()) + 1e-30
             else:
-                ref, magnitude = quant_linear_f64(gguf_type, raw, x, bias, kernel_span(weight, variant))
+                ref, magnitude = quant_linear_f64(gguf_type, raw, x, bias, weight.span)
                 bound = quant_sum_bound(k, magnitude, bias) + 1e-30
             dense = weight.dequantize()
             trials.append(Trial(f"{gguf_type}: {rows} x {k} -> {n} + bias",

@@ -262,7 +262,7 @@ def _activations(gguf_type: str, x: torch.Tensor, span: int | None) -> tuple[tor
 def quant_linear_f64(gguf_type: str, raw: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
                      span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, magnitude) in float64 with x quantized as the kernels do (under one scale a span of `span` values, as
-    kvmux/ops/quant.py's kernel_span says; None: the block): y is what they compute bar float32 rounding, and
+    QuantWeight.span says; None: the block): y is what they compute bar float32 rounding, and
     magnitude = |x_q| @ (|d q'| + |m|).T, the size of the terms whose rounding they accumulate."""
     dq, m = gguf_parts_f64(gguf_type, raw)
     q, d, size = _activations(gguf_type, x, span)

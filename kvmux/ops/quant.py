@@ -12,8 +12,8 @@ kernels add as 16 (and 32) where set; Q6_K 28 bytes per 32 against the file's
 26.25 (an fp16 scale per 16 where it has an int8 one). `quant_linear`
 quantizes the activations per block on the fly, to int8 for every form but
 Q8_0 (as llama.cpp does) and to int16 for Q8_0 (whose accuracy byte
-activations would spoil), under one scale per block, or for the K-quants on
-the AVX-512 tile per 4 blocks (`activation_span`, `kernel_span`), and runs
+activations would spoil), under one scale per block, or for the K-quants per
+4 blocks (`activation_span`), and runs
 integer dot products (vpdpbusd / vpdpwssd with VNNI, vpmaddubsw / vpmaddwd on
 plain AVX2) with one float multiply-add per block. `QuantWeight.rows`
 dequantizes single rows (embedding lookups), so a quantized embedding is also
@@ -54,13 +54,11 @@ PANEL_BLOCK_BYTES = {f: PANEL * BLOCKS[f] if f == "q8_0" else PANEL * BLOCKS[f] 
                      for f in QTYPES}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit j of a mask byte
 # Blocks of a K-quant weight's activations under one scale (128 values for Q4_K and Q5_K, 64 for Q6_K): the
-# AVX-512 tiles then apply it once a span rather than once a block (native/cpu/quant_tile_loop.h). Measured on
+# int8 tiles then apply it once a span rather than once a block (native/cpu/quant_tile_loop.h). Measured on
 # Gemma 3 270M Q4_K_M (bench.kquants' teacher-forced agreement with float32; a 2-core EPYC, 8 rows): per block,
 # 98.45%; 4 blocks, 97.63% and Q4_K's matmul 5% faster, Q6_K's 8%; 256 values as llama.cpp's Q8_K, 96.22% and
 # 1-2% faster still (llama.cpp's own: 95.40%).
 KQUANT_SPAN_BLOCKS = 4
-# The variants whose tiles gain from a span; the others quantize x per block, so their hosts keep its accuracy.
-SPAN_KERNELS = ("avx512vnni",)
 # kernel_choice's linear variants for these formats -> the native QuantKernel.
 KERNELS = {"avx2": 0, "avxvnni": 1, "avx512vnni": 2, "amx": 3, "amx_bf16": 4}
 # The variants that quantize no activations: x and the dequantized weight rounded to bf16 instead.
@@ -184,12 +182,6 @@ def pack_parts(parts: list[tuple[str, torch.Tensor]], form: str | None = None) -
     return QuantWeight(form, n, k, quants, scales, mins, activation_span(form, [t for t, _ in parts]))
 
 
-def kernel_span(weight: QuantWeight, kernel: str) -> int:
-    """The span the `kernel` variant quantizes x over for `weight`: the weight's where it gains from one
-    (SPAN_KERNELS), else the block."""
-    return weight.span if kernel in SPAN_KERNELS else BLOCKS[weight.qtype]
-
-
 def activation_span(form: str, gguf_types: list[str]) -> int:
     """Values of x quantized under one scale for a weight of `form` stacked from these GGUF types: the form's
     block for the legacy types (llama.cpp's Q8_0 and Q8_1), KQUANT_SPAN_BLOCKS blocks for the K-quants."""
@@ -229,7 +221,7 @@ class QuantLinear:
         self.weight, self.bias = weight, linear_bias("quant_linear", bias, n)
         self.in_features, self.out_features = k, n
         self.weight_args = (QTYPES[weight.qtype], weight.quants.data_ptr(), weight.scales.data_ptr(),
-                            0 if weight.mins is None else weight.mins.data_ptr(), kernel_span(weight, kernel), n,
+                            0 if weight.mins is None else weight.mins.data_ptr(), weight.span, n,
                             0 if self.bias is None else self.bias.data_ptr())
         self.kernel = KERNELS[kernel]
 

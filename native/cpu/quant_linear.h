@@ -19,8 +19,8 @@
 //   mins   [ceil(N / 16), K / B, 16] fp16       m per row and block (Q4_1 and Q5_1 only)
 // Rows past N are zero (scale 0). Activations are quantized per row and block
 // of 32 with d_x = amax / L and q_x = round-half-even(x * (L / amax)), amax taken over a span of K: the block,
-// except a K-quant's on the AVX-512 tile, 4 blocks (kvmux/ops/quant.py, kernel_span), whose blocks then share
-// d_x, which the tile applies once a span rather than once a block:
+// except a K-quant's, 4 blocks (kvmux/ops/quant.py, activation_span), whose blocks then share d_x, which the
+// tiles apply once a span rather than once a block:
 // - for Q4, Q5 and Q6_K weights to bytes (L = 127, as llama.cpp does; per 16 for Q6_K), multiplied 4 per
 //   lane by vpdpbusd (VNNI) or vpmaddubsw (AVX2); the sum of each block's q_x is
 //   kept for the offsets: sum_k w x = d_x (d (sum q q_x - off sum q_x) + m sum q_x),

@@ -55,9 +55,12 @@ struct PanelRefs {
 // panel's tile (a scalar convert, multiply and broadcast a row and block there, beside a Q4_1 block's 8 dot
 // products: 3% of Llama 3.2 1B Q4_K_M's matmuls at 8 rows).
 // With Spans, the blocks of a span share d_x (QuantWeights::span): the tile sums d (acc - off sum q_x) over
-// the span in a part and multiplies by d_x once at its end, a float multiply a row and block fewer. Only the
-// AVX-512 variant takes it (Isa::kSpans): the 256-bit ones, 16 registers for 3 rows of two-vector Sums, would
-// spill the parts. A span of one block runs without (its loop and part measured 8% slower on Q6_K).
+// the span in a part and multiplies by d_x once at its end, a float multiply a row and block fewer. Every
+// variant does (the AMX one in its own loop), so that they all compute the same floats as well as the same
+// integers and the load-time plan may mix them across row ranges without changing a model's outputs (the
+// 256-bit ones, 16 registers for 3 rows of two-vector Sums, were thought to spill the parts: on a 2-core Xeon
+// their Q4_K and Q6_K matmuls at 1-8 rows ran as fast as without spans, or up to 15% faster). A span of one
+// block runs without (its loop and part measured 8% slower on Q6_K).
 // m is a multiple of Isa::kRows: the tile's rows are one group of the tiled activations (tiled_at), where row i
 // of block b sits at a constant offset from the block's start.
 template <class Isa, QuantType T, int MT, bool Spans>
@@ -165,8 +168,8 @@ void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_
 
 template <class Isa, QuantType T>
 void run_tiles(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    if (Isa::kSpans && j.w.span > quant_block(T))
-        run_tiles<Isa, T, Isa::kSpans>(j, m0, m1, p0, p1);
+    if (j.w.span > quant_block(T))
+        run_tiles<Isa, T, true>(j, m0, m1, p0, p1);
     else
         run_tiles<Isa, T, false>(j, m0, m1, p0, p1);
 }
@@ -212,12 +215,15 @@ struct Float256 {
     struct Int {
         __m256i v[2];
     };
-    static constexpr bool kSpans = false;  // see tile
     // sum += float(t) * d * dx
     static void scale_add(Sum& s, const Int& t, const Sum& d, float dx) {
         const __m256 vx = _mm256_set1_ps(dx);
         for (int h = 0; h < 2; ++h)
             s.v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.v[h]), _mm256_mul_ps(d.v[h], vx), s.v[h]);
+    }
+    // sum += float(t) * d
+    static void int_mul_add(Sum& s, const Int& t, const Sum& d) {
+        for (int h = 0; h < 2; ++h) s.v[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t.v[h]), d.v[h], s.v[h]);
     }
     // sum += a * c
     static void mul_add(Sum& s, const Sum& a, float c) {

@@ -71,8 +71,9 @@ inline void nibble_rows(const uint8_t* block, uint8_t* rows) {
     }
 }
 
-// out[m:m+rows, panel p] over every block of K; rows <= 16.
-template <QuantType T>
+// out[m:m+rows, panel p] over every block of K; rows <= 16. With Spans, as the other variants' tile
+// (quant_tile_loop.h): d times each block's sum into a part, the part times the span's d_x at its end.
+template <QuantType T, bool Spans>
 void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
     constexpr int64_t B = quant_block(T), block_bytes = quant_panel_block_bytes(T);
     constexpr int32_t off = quant_offset(T);
@@ -85,9 +86,13 @@ void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
     const float* xm = r.xm;
     const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1);
     const __m512 init = j.bias ? _mm512_maskz_loadu_ps(lanes, j.bias + p * kQuantPanel) : _mm512_setzero_ps();
-    __m512 sum[16];
+    const int64_t span_blocks = Spans ? j.w.span / B : 1;
+    __m512 sum[16], part[16];
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) sum[i] = init;
+    for (int i = 0; i < 16; ++i) {
+        sum[i] = init;
+        part[i] = _mm512_setzero_ps();
+    }
     alignas(64) uint8_t wrows[512];
     alignas(64) int32_t c[16][16], c_hi[16][16];
     for (int64_t b = 0; b < nb; ++b, wq += block_bytes) {
@@ -120,10 +125,19 @@ void group(const QuantTileJob& j, int64_t m, int rows, int64_t p, int cols) {
             __m512i t = _mm512_load_si512(c[i]);
             if constexpr (T == QuantType::q8_0) t = _mm512_add_epi32(t, _mm512_slli_epi32(_mm512_load_si512(c_hi[i]), 8));
             if constexpr (off != 0) t = _mm512_add_epi32(t, _mm512_set1_epi32(xo[at]));
-            const float dx = xd[at];
-            sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, _mm512_set1_ps(dx)), sum[i]);
+            if constexpr (Spans)
+                part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), d, part[i]);
+            else
+                sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, _mm512_set1_ps(xd[at])), sum[i]);
             if constexpr (has_mins(T))
                 sum[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xm[at]), sum[i]);
+        }
+        if (Spans && (b + 1) % span_blocks == 0) {
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i) {
+                sum[i] = _mm512_fmadd_ps(part[i], _mm512_set1_ps(xd[(i < rows ? i : 0) * nb + b]), sum[i]);
+                part[i] = _mm512_setzero_ps();
+            }
         }
     }
 #pragma GCC unroll 16
@@ -143,7 +157,10 @@ void run(const QuantTileJob& j, int64_t m0, int64_t m1, int64_t p0, int64_t p1) 
                 configure(rows, static_cast<int>(quant_block(T)), static_cast<int>(quant_block(T) / 4));
                 configured = rows;
             }
-            group<T>(j, m, rows, p, cols);
+            if (j.w.span > quant_block(T))
+                group<T, true>(j, m, rows, p, cols);
+            else
+                group<T, false>(j, m, rows, p, cols);
         }
     }
     _tile_release();

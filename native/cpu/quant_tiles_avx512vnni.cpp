@@ -59,7 +59,6 @@ struct Avx512Vnni {
     static Sum half(const uint16_t* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
-    static constexpr bool kSpans = true;  // see tile
     static void scale_add(Sum& s, const Int& t, const Sum& d, float dx) {
         s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(d, _mm512_set1_ps(dx)), s);
     }
