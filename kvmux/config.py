@@ -131,9 +131,8 @@ class EngineConfig:
     sliding_window_pool: str = setting("auto", "models with sliding-window layers (Gemma 3): on keeps those layers' "
                                                "KV for the window only, in a pool of their own, so --kv-cache-gib "
                                                "holds more tokens (their slots have host and disk tiers of their own); "
-                                               "off keeps every layer's KV for every token; auto is on except under "
-                                               "tensor parallelism with --disk-cache-dir, whose ranks' disk stores "
-                                               "keep whole-model blocks only", ("auto", "on", "off"))
+                                               "off keeps every layer's KV for every token; auto is on",
+                                               ("auto", "on", "off"))
     max_num_batched_tokens: int = setting(512, "token budget of one forward step (decode tokens + prompt chunks)")
     max_num_seqs: int = setting(64, "sequences running or prefilling at once")
     num_scheduler_steps: int = setting(4, "forwards one decode step may run back to back while no request waits "

@@ -206,6 +206,22 @@ def test_a_restart_finds_the_windows_on_the_disk(tiny, tmp_path):
     assert asyncio.run(window(sliding_window_pool="off")) == 0
 
 
+def test_tensor_parallel_ranks_find_their_windows_on_the_disk(tiny, tmp_path):
+    """Under tensor parallelism each rank keeps its slices of the sliding layers' slots in a store of its own
+    beside its blocks' store: a restart serves every cached block with its window, as one process does."""
+    prompts = [random_prompt(s, 41) for s in range(3)]
+    options = dict(block_size=8, num_blocks=64, disk_cache_dir=str(tmp_path), disk_cache_gib=0.01,
+                   tensor_parallel_size=2, threads=1)
+    want = hf_greedy(tiny, prompts, 8)
+    first, stats = run_engine(str(tiny), prompts, greedy(8), **options)
+    assert [d.token_ids for d in first] == want
+    assert sorted(p.name for p in (tmp_path / "sliding-window-layers").iterdir()) == ["rank-1", "rank-2"]
+    again, stats = run_engine(str(tiny), prompts, greedy(8), **options)
+    assert [d.token_ids for d in again] == want
+    assert stats["prefix_cache_hits_disk"] == 3 * 5 * 8
+    assert stats["sliding_disk_blocks_restored"] >= 3 * 5 and stats["sliding_disk_blocks_corrupt"] == 0
+
+
 def test_int8_kv_in_both_pools_reads_as_in_one(tiny):
     """int8 KV rows (values and their scale) in the sliding pool and the full-attention one: every token as with
     one int8 pool, in chunks past the window."""

@@ -117,9 +117,7 @@ class Engine:
             raise ConfigError("kv_cache_dtype", f"int8 keeps 4 head dims per dword, and this model's head_dim is "
                                                 f"{arch.head_dim}; use --kv-cache-dtype auto")
         speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
-        # The ranks' disk stores keep one layer group: there `auto` keeps whole-model blocks, which a restart finds.
-        split = cfg.sliding_window_pool == "on" or (cfg.sliding_window_pool == "auto"
-                                                    and not (parallel and cfg.disk_cache_dir))
+        split = cfg.sliding_window_pool != "off"
         sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if split else 0
         try:
             # The budget, but no more than every seat holding a full-length
@@ -140,12 +138,8 @@ class Engine:
                      "(window %d)", num_blocks, geometry.num_layers, pool.num_sliding_blocks,
                      pool.sliding_geometry.num_layers, pool.window)
         num_host, num_host_sliding = host_blocks(pool, int(cfg.host_cache_gib * 2**30), cfg.num_host_blocks)
-        # Single-process, the sliding layers' slots have a disk store beside the blocks', as many of each.
-        sliding_disk = bool(pool.window and cfg.disk_cache_dir and not parallel)
-        if pool.window and cfg.disk_cache_dir and parallel:
-            log.warning("sliding_window_pool=on with --disk-cache-dir under tensor parallelism: the ranks' disk "
-                        "stores keep full-attention blocks only, so a restart finds no window to hit with; "
-                        "--sliding-window-pool auto keeps one pool of whole-model blocks, which it does find")
+        # The sliding layers' slots have a disk store beside the blocks', as many of each (each rank its slices).
+        sliding_disk = bool(pool.window and cfg.disk_cache_dir)
         disk_block_bytes = geometry.block_bytes + (pool.sliding_geometry.block_bytes if sliding_disk else 0)
         num_disk = int(cfg.disk_cache_gib * 2**30) // disk_block_bytes if cfg.disk_cache_dir else 0
         self.geometry, self.pool = geometry, pool
@@ -157,14 +151,15 @@ class Engine:
         kv_key = store_key(kv_meta)
         stores = {DISK: (cfg.disk_cache_dir, kv_key, kv_meta, geometry)}
         if sliding_disk:  # in a folder of its own: a store holds its folder's lock
-            meta = {**kv_identity(self.loaded, self.dtype, pool.sliding_geometry, 1, k_mean),
+            meta = {**kv_identity(self.loaded, self.dtype, pool.sliding_geometry, cfg.tensor_parallel_size, k_mean),
                     "layer_group": "sliding_attention"}
             stores[DISK_SLIDING] = (os.path.join(cfg.disk_cache_dir, "sliding-window-layers"), store_key(meta), meta,
                                     pool.sliding_geometry)
         if parallel:
+            sliding_key, sliding_meta = stores[DISK_SLIDING][1:3] if sliding_disk else ("", None)
             spec = Spec(str(self.loaded.path), self.dtype, cfg.quantization, cfg.device, cfg.attention_backend,
                         pool, num_host, num_host_sliding, num_disk, cfg.disk_cache_dir, cfg.tensor_parallel_size,
-                        kv_key, kv_meta)
+                        kv_key, kv_meta, sliding_key, sliding_meta)
             launch = Launch(cfg.tensor_parallel_size, cfg.distributed_init_method, cfg.nnodes)
             self.runner = await loop.run_in_executor(self.executor, functools.partial(
                 ParallelRunner, launch, spec, arch, lambda reason: loop.call_soon_threadsafe(self._fail, reason)))
@@ -177,9 +172,10 @@ class Engine:
                                    num_host_sliding_blocks=num_host_sliding,
                                    num_disk_sliding_blocks=num_disk if sliding_disk else 0)
         opened = {}
-        if parallel and num_disk:  # each rank opened its slice of the store
-            opened[DISK] = self.runner.disk_opened
-            self.blocks.tiers.on_disk_touch = self.runner.disk_touched
+        if parallel and num_disk:  # each rank opened its slice of each store
+            for tier, found in self.runner.disk_opened.items():
+                opened[tier] = found
+                self.blocks.tiers_of(tier).on_disk_touch = functools.partial(self.runner.disk_touched, tier)
         elif not parallel:
             for tier, disk in self.runner.copier.disks.items():
                 opened[tier] = await loop.run_in_executor(self.executor, disk.open)  # reads every block once

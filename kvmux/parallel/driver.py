@@ -85,7 +85,8 @@ class ParallelRunner:
         self.steps = 0
         self.size = launch.size
         self.counters = dict.fromkeys(self.RANK0_COUNTERS, 0.0)
-        self.touched: list[tuple[int, int]] = []  # disk blocks hit since the last step, for the ranks' journals
+        # Disk blocks hit since the last step, per disk tier, for the ranks' journals.
+        self.touched: dict[int, list[tuple[int, int]]] = {}
         self.touched_lock = threading.Lock()  # the engine's loop adds to it, the forward thread takes it
         self.ranks = start_ranks(launch, init_method, node_rank=0)
         try:
@@ -105,8 +106,8 @@ class ParallelRunner:
                       f"with the same --model and engine options")
             self.close(refused=reason)
             raise RankFailure(reason)
-        # What the disk tier holds from earlier runs: the blocks every rank has whole.
-        self.disk_opened = Opened.common([opened for _, opened in prints[1:]]) if spec.num_disk_blocks else None
+        # What each disk tier holds from earlier runs: the blocks every rank has whole.
+        self.disk_opened = {tier: Opened.common([opened[tier] for _, opened in prints[1:]]) for tier in prints[1][1]}
         self.pinger = threading.Thread(target=self._ping, name="kvmux-tp-ping", daemon=True)
         self.pinger.start()
 
@@ -136,7 +137,7 @@ class ParallelRunner:
 
         def step() -> list[list[Sampled]]:
             with self.touched_lock:
-                touched, self.touched = self.touched, []
+                touched, self.touched = self.touched, {}
             self._broadcast(("step", (work, touched)))
             self.steps += 1
             reply = torch.empty(len(self.RANK0_COUNTERS) + reply_size(work), dtype=torch.float64)
@@ -160,10 +161,11 @@ class ParallelRunner:
         return {"tp_size": self.size, "tp_steps": self.steps, "tp_broadcast_seconds": self.broadcast_seconds,
                 **self.counters}
 
-    def disk_touched(self, blocks: list[tuple[int, int]]) -> None:
-        """Disk blocks (slot, hash) hit: each rank journals them with the next step, keeping the LRU order."""
+    def disk_touched(self, tier: int, blocks: list[tuple[int, int]]) -> None:
+        """Blocks (slot, hash) of disk tier `tier` hit: each rank journals them with the next step, keeping the LRU
+        order."""
         with self.touched_lock:
-            self.touched += blocks
+            self.touched.setdefault(tier, []).extend(blocks)
 
     def _ping(self) -> None:
         while not self.failed and not self.closing.wait(self.PING_S / 2):

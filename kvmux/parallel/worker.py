@@ -43,12 +43,16 @@ class Spec:
     pool: PoolPlan  # the device's pools, of a rank's KV heads
     num_host_blocks: int
     num_host_sliding_blocks: int
-    num_disk_blocks: int
+    num_disk_blocks: int  # slots of each disk store
     disk_cache_dir: str | None
     size: int  # model ranks
     # The disk tier's store: its fingerprint and what that stands for (each rank keeps its slice in DIR/rank-N/).
     disk_key: str = ""
     disk_meta: dict | None = None
+    # With the sliding-window pool, its slots' store beside it, as one process keeps (each rank's slice in
+    # DIR/sliding-window-layers/rank-N/); "" where there is none.
+    sliding_disk_key: str = ""
+    sliding_disk_meta: dict | None = None
 
 
 def fingerprint(config, spec: Spec) -> str:
@@ -69,7 +73,7 @@ def model_group(size: int):
 
 def serve(rank: int, world_size: int, init_method: str, threads: int, model_override: str | None) -> None:
     from kvmux.cache.disk_store import DiskStore
-    from kvmux.cache.tiers import DISK
+    from kvmux.cache.tiers import DISK, DISK_SLIDING
     from kvmux.model.loader import load_model, load_model_info
     from kvmux.model.sharding import Shard
     from kvmux.ops.threads import set_threads
@@ -94,16 +98,20 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
     model = loaded.model
     geometry = spec.pool.geometry
     k_mean = pool_k_mean(model, geometry)  # every rank at once: its forward is collective
-    disk = opened = None
+    disks, opened = {}, {}
     if spec.num_disk_blocks:
         # Each rank keeps its slice of every block in a store of its own; the driver serves the blocks that every
         # rank's store holds whole (Opened.common). An int8 pool's store is also named by the rank's k_mean.
-        key = spec.disk_key if k_mean is None else f"{spec.disk_key}-{k_mean_digest(k_mean)}"
-        disk = DiskStore(os.path.join(spec.disk_cache_dir, f"rank-{rank}"), key,
-                         {**(spec.disk_meta or {}), "rank": rank}, geometry, spec.num_disk_blocks)
-        opened = disk.open()
-    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks,
-                          {DISK: disk} if disk else {}, spec.device, k_mean)
+        stores = {DISK: (os.path.join(spec.disk_cache_dir, f"rank-{rank}"), spec.disk_key, spec.disk_meta, geometry)}
+        if spec.sliding_disk_key:
+            stores[DISK_SLIDING] = (os.path.join(spec.disk_cache_dir, "sliding-window-layers", f"rank-{rank}"),
+                                    spec.sliding_disk_key, spec.sliding_disk_meta, spec.pool.sliding_geometry)
+        for tier, (folder, key, meta, shape) in stores.items():
+            key = key if k_mean is None else f"{key}-{k_mean_digest(k_mean)}"
+            disks[tier] = DiskStore(folder, key, {**(meta or {}), "rank": rank}, shape, spec.num_disk_blocks)
+            opened[tier] = disks[tier].open()
+    runner = Runner.build(model, spec.pool, spec.num_host_blocks, spec.num_host_sliding_blocks, disks, spec.device,
+                          k_mean)
     dist.gather_object((fingerprint(loaded.config, spec), opened), None, dst=0)
     compute_seconds = 0.0
     try:
@@ -113,8 +121,8 @@ def serve(rank: int, world_size: int, init_method: str, threads: int, model_over
             kind, payload = message[0]
             if kind == "step":
                 work, touched = payload
-                if touched and disk is not None:
-                    disk.touched(touched)
+                for tier, blocks in touched.items():
+                    disks[tier].touched(blocks)
                 started = time.perf_counter()
                 tokens = runner.execute(work)  # runs of Sampled, on rank 0
                 compute_seconds += time.perf_counter() - started
