@@ -177,6 +177,9 @@ void bind_packed_linear(py::module_& m) {
 // A span the kernels can walk: whole blocks, whole spans a row (else they would read past it).
 void check_span(const char* fn, int qtype, int64_t span, int64_t in_features) {
     if (qtype < 0 || qtype > 5) throw py::value_error(std::string(fn) + ": qtype must be 0-5");
+    if (in_features % kvmux::kQuantBlock)
+        throw py::value_error(std::string(fn) + ": in_features must be a multiple of " +
+                              std::to_string(kvmux::kQuantBlock) + ", got " + std::to_string(in_features));
     const int64_t block = kvmux::quant_block(static_cast<kvmux::QuantType>(qtype));
     if (span <= 0 || span % block || in_features % span)
         throw py::value_error(std::string(fn) + ": span must be a multiple of the block (" + std::to_string(block) +

@@ -88,6 +88,29 @@ def test_int8_variants_agree_bit_for_bit(qtype):
             assert torch.equal(out, outs[variants[0]]), f"{qtype} at {rows} rows: {v} differs from {variants[0]}"
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
+def test_amx_bf16_over_several_chunks_a_task(qtype):
+    """A weight of 129 panels and K = 4096 (128 KB of bf16 a panel): each task dequantizes several chunks into its
+    thread's buffer, the last one short, and the last panel is partial."""
+    runnable("amx_bf16")
+    g = torch.Generator().manual_seed(9)
+    raw = random_gguf_blocks(qtype, 2056, 4096, g)
+    x = torch.randn(40, 4096, generator=g)
+    out = quant.quant_linear(x, quant.pack_blocks(qtype, raw), kernel="amx_bf16")
+    ref, magnitude = quant_linear_bf16_f64(qtype, raw, x)
+    err, tol = (out.double() - ref).abs(), 2.0 ** -20 * magnitude + 1e-30
+    assert (err <= tol).all(), f"worst {(err / tol).max():.2f} x tolerance"
+
+
+def test_a_variant_with_other_numbers_takes_its_row_ranges_alone():
+    """amx_bf16 rounds x to bf16 where the int8 variants quantize it: ranges timed at 64 rows and up take it
+    untimed, the others never see it, so no timing picks it in one run and not in the next."""
+    found = [kernel_choice.variant("linear", name, "q4_1") for name in ("avx2", "avx512vnni", "amx_bf16")]
+    assert [v.name for v in kernel_choice.at_rows(found, 16)] == ["avx2", "avx512vnni"]
+    assert [v.name for v in kernel_choice.at_rows(found, 64)] == ["amx_bf16"]
+    assert [v.name for v in kernel_choice.at_rows(found[2:], 1)] == ["amx_bf16"]  # KVMUX_KERNELS forced it
+
+
 @pytest.mark.parametrize("variant", list(quant.KERNELS))
 def test_kernel_reads_strided_rows_and_no_bias(variant):
     runnable(variant)
@@ -214,6 +237,13 @@ def test_bad_inputs_are_refused_with_what_was_wrong():
         args[4] = span  # and the native call, should a caller bypass QuantWeight
         with pytest.raises(ValueError, match=message):
             quant._native.quant_linear(x.data_ptr(), 2, 64, 64, *args, out.data_ptr(), 16, 0, 1)
+    q6 = quant.pack_blocks("q6_k", random_gguf_blocks("Q6_K", 16, 256, g))  # blocks of 16, K still in 32s
+    with pytest.raises(ValueError, match="in_features must be a multiple of 32, got 48"):
+        dataclasses.replace(q6, in_features=48, span=48)
+    args6 = list(quant.QuantLinear(q6).weight_args)
+    args6[4] = 48
+    with pytest.raises(ValueError, match="in_features must be a multiple of 32, got 48"):
+        quant._native.quant_linear(x.data_ptr(), 2, 48, 64, *args6, out.data_ptr(), 16, 0, 1)
     with pytest.raises(ValueError, match="not one kvmux multiplies"):
         quant.pack_blocks("q2_k", torch.zeros(16, 84, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):

@@ -43,6 +43,10 @@ class Variant:
                                # dtypes (attention) it takes
     summary: str
     automatic: bool = True     # a candidate when nothing is forced (else only when KVMUX_KERNELS names it)
+    # None: timed against the others at every row range. n: computes other numbers than the others (bf16 where
+    # they quantize), so timing must not pick it in one run and not in the next: the only candidate for row
+    # ranges timed at n rows or more, and none below.
+    from_rows: int | None = None
 
     def missing(self) -> list[str]:
         """The instruction sets this CPU lacks for it (empty: it runs here)."""
@@ -67,8 +71,11 @@ VARIANTS: tuple[Variant, ...] = (
             "int8 (int16 for Q8_0) activations, 256-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("linear", "amx", AVX512 + ("f16c", "amx_tile", "amx_int8"), QUANT_FORMATS,
             "one tile dot product per block: 16 rows x 16 outputs x 32 k (bytes; Q8_0's int16 activations as two)"),
+    # At 64 and 256 rows it ran 1.2-4x the int8 variants on every shape measured (SmolLM2, Gemma 3, Llama 3.2
+    # 1B; docs/benchmarks.md), at 16 it lost; ranges timed at 64 rows and up take it untimed.
     Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), QUANT_FORMATS,
-            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it"),
+            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it",
+            from_rows=64),
     Variant("linear", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), QUANT_FORMATS,
             "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16", "int8"),
@@ -138,6 +145,13 @@ def candidates(op: str, fmt: str) -> list[Variant]:
     if not found:
         raise RuntimeError(f"no {op} kernel for {fmt} runs on this CPU (needs at least {', '.join(AVX2)})")
     return found
+
+
+def at_rows(found: list[Variant], rows: int) -> list[Variant]:
+    """The candidates among `found` for a row range timed at `rows` (Variant.from_rows): one that takes such
+    ranges alone, else those timed at every range (else, when KVMUX_KERNELS forced one, that one)."""
+    taking = [v for v in found if v.from_rows is not None and rows >= v.from_rows]
+    return taking[:1] or [v for v in found if v.from_rows is None] or found
 
 
 def fastest(runs: dict[str, Sequence[Callable[[], object]]], budget_s: float = 0.001,

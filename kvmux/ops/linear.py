@@ -238,21 +238,23 @@ def _timing_slice(layer: PackedLayer, rows: int) -> PackedLayer:
 
 
 def plan_shape(layers: Sequence[PackedLayer]) -> ShapePlan:
-    """Time every candidate kernel on these layers (one shape and dtype) per row range; keep the fastest.
-    Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
+    """Time every candidate kernel on these layers (one shape and dtype) per row range (kernel_choice.at_rows);
+    keep the fastest. Timed on one thread, in its CPU time (kernel_choice.fastest says why)."""
     first = layers[0]
     dtype = first.weight_format
-    names = [v.name for v in kernel_choice.candidates("linear", dtype)]
+    found = kernel_choice.candidates("linear", dtype)
+    names_at = {r: [v.name for v in kernel_choice.at_rows(found, r.timed)] for r in ROW_RANGES}
     variants, micros = [], []
     team = threads()
     set_threads(1)
     # Every timed call writes into one buffer: a new output per call (megabytes for a large lm_head) left the heap
     # holding several times its size for a moment (kvmux/ops/heap.py), and the peak of a small model's load with it.
     slices = {r: [_timing_slice(layer, r.timed) for layer in layers[:TIMED_LAYERS]] for r in ROW_RANGES}
-    space = torch.empty(0 if len(names) == 1 else max(r.timed * s[0].out_features for r, s in slices.items()),
-                        dtype=torch.float32)
+    space = torch.empty(max((r.timed * s[0].out_features for r, s in slices.items() if len(names_at[r]) > 1),
+                            default=0), dtype=torch.float32)
     try:
         for r, timed in slices.items():
+            names = names_at[r]
             if len(names) == 1:
                 variants.append(names[0])
                 micros.append({})

@@ -89,6 +89,8 @@ class QuantWeight:
 
     def __post_init__(self) -> None:
         block = BLOCKS[self.qtype]
+        if self.in_features % BLOCK:  # Q6_K's blocks are 16, but every kernel steps K by 32 (bf16 pairs, tiles)
+            raise ValueError(f"in_features must be a multiple of {BLOCK}, got {self.in_features}")
         if self.span <= 0 or self.span % block or self.in_features % self.span:
             raise ValueError(f"span must be a multiple of the block ({block}) dividing in_features "
                              f"({self.in_features}), got {self.span}")

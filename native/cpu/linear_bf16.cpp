@@ -16,8 +16,6 @@
 
 #if KVMUX_WIDE_KERNELS
 
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 #include <immintrin.h>
@@ -298,61 +296,41 @@ int64_t chunk_panels(int64_t panel_stride, int64_t panels) {
     return 2 * lesser(pairs > 0 ? pairs : 1, (panels + 1) / 2);
 }
 
-// The calling thread's chunk of filled panels, reused across calls (a fresh one each call would fault its pages
-// in again). A thread of the pool keeps one for as long as it lives.
-uint16_t* chunk_buffer(int64_t elems) {
-    static thread_local uint16_t* buffer = nullptr;
-    static thread_local int64_t capacity = 0;
-    if (elems > capacity) {
-        std::free(buffer);
-        buffer = static_cast<uint16_t*>(std::aligned_alloc(64, elems * sizeof(uint16_t)));  // a multiple of 1 KB
-        if (!buffer) {
-            std::fputs("kvmux: out of memory for a chunk of bf16 panels\n", stderr);
-            std::abort();  // inside a task, which may not throw
+// Both AMX entry points: B packed in memory at `packed`, or (packed null) written a chunk at a time by `fill`
+// into the thread's buffer.
+void amx_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, Bf16PanelFill fill,
+                const void* source, int64_t N, const float* bias, float* out, int64_t ldo, int num_threads,
+                uint16_t* xb) {
+    const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
+    const int64_t panel_stride = Kp * kPanelWidth, chunk = chunk_panels(panel_stride, panels);
+    const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
+    round_x_tiles(x, M, K, ldx, Kp, xb, nt);
+    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
+    parallel_for(tasks, nt, [&](int64_t task) {
+        const Span own = task_panels(panels, tasks, task);
+        uint16_t* filled = packed ? nullptr : bf16_chunk_buffer(chunk * panel_stride);
+        TileShape configured;
+        for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk) {
+            const int64_t c1 = lesser(own.end, c0 + chunk);
+            if (filled) fill(source, c0, c1, filled);
+            amx_rows(xb, M, Kp, filled ? filled : packed + c0 * panel_stride, c0, c1, filled ? 0 : own.end, N, bias,
+                     out, ldo, configured);
         }
-        capacity = elems;
-    }
-    return buffer;
+        if (configured.top >= 0) _tile_release();
+    });
 }
 
 }  // namespace
 
 void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, int64_t N,
                             const float* bias, float* out, int64_t ldo, int num_threads, uint16_t* xb) {
-    const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
-    const int64_t panel_stride = Kp * kPanelWidth, chunk = chunk_panels(panel_stride, panels);
-    const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
-    round_x_tiles(x, M, K, ldx, Kp, xb, nt);
-    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
-    parallel_for(tasks, nt, [&](int64_t task) {
-        const Span own = task_panels(panels, tasks, task);
-        TileShape configured;
-        for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk)
-            amx_rows(xb, M, Kp, packed + c0 * panel_stride, c0, lesser(own.end, c0 + chunk), own.end, N, bias, out,
-                     ldo, configured);
-        if (configured.top >= 0) _tile_release();
-    });
+    amx_linear(x, M, K, ldx, packed, nullptr, nullptr, N, bias, out, ldo, num_threads, xb);
 }
 
 void filled_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, Bf16PanelFill fill,
                             const void* source, int64_t N, const float* bias, float* out, int64_t ldo,
                             int num_threads, uint16_t* xb) {
-    const int64_t Kp = bf16_padded_k(K), panels = (N + kPanelWidth - 1) / kPanelWidth;
-    const int64_t panel_stride = Kp * kPanelWidth, chunk = chunk_panels(panel_stride, panels);
-    const int nt = static_cast<int>(lesser(num_threads < 1 ? 1 : num_threads, panels));
-    round_x_tiles(x, M, K, ldx, Kp, xb, nt);
-    const int64_t tasks = task_count((panels + 1) / 2, nt, 1);
-    parallel_for(tasks, nt, [&](int64_t task) {
-        const Span own = task_panels(panels, tasks, task);
-        uint16_t* b = chunk_buffer(chunk * panel_stride);
-        TileShape configured;
-        for (int64_t c0 = own.begin; c0 < own.end; c0 += chunk) {
-            const int64_t c1 = lesser(own.end, c0 + chunk);
-            fill(source, c0, c1, b);
-            amx_rows(xb, M, Kp, b, c0, c1, 0, N, bias, out, ldo, configured);
-        }
-        if (configured.top >= 0) _tile_release();
-    });
+    amx_linear(x, M, K, ldx, nullptr, fill, source, N, bias, out, ldo, num_threads, xb);
 }
 
 #pragma GCC pop_options

@@ -246,6 +246,12 @@ bool linear_kernel_supported(LinearKernel kernel) {
     return false;
 }
 
+uint16_t* bf16_chunk_buffer(int64_t elems) {
+    thread_local std::vector<uint16_t> buffer;
+    if (static_cast<int64_t>(buffer.size()) < elems) buffer.resize(elems);
+    return buffer.data();
+}
+
 void packed_linear(LinearKernel kernel, const float* x, int64_t M, int64_t K, int64_t ldx, const void* packed,
                    int64_t N, const float* bias, float* out, int64_t ldo, int num_threads) {
     if (M < 0 || K < 1 || N < 1) fail("packed_linear: need rows >= 0 and in/out features >= 1");

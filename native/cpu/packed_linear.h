@@ -61,6 +61,10 @@ void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, c
 // Writes panels [p0, p1) of a weight kept in another form, in the bf16 layout above, to dst (each panel
 // bf16_padded_k(K) * kPanelWidth values after the one before); `source` is what the caller handed over.
 using Bf16PanelFill = void (*)(const void* source, int64_t p0, int64_t p1, uint16_t* dst);
+// The calling thread's buffer of at least `elems` bf16 values for such a chunk, reused across calls (a fresh one
+// each call would fault its pages in again) and freed when the thread ends; built for the baseline, where a
+// std::vector may live.
+uint16_t* bf16_chunk_buffer(int64_t elems);
 // packed_linear_bf16_amx over panels that `fill` writes a chunk at a time into a thread's L2-sized buffer just
 // before the tiles read them (quant_linear's amx_bf16 variant, kvmux/ops/quant.py).
 void filled_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, Bf16PanelFill fill,

@@ -22,6 +22,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")
 
+#include "cpu/quant_nibbles512.h"
+
 namespace kvmux {
 namespace {
 
@@ -71,17 +73,9 @@ void dequantize_panels(const void* source, int64_t p0, int64_t p1, uint16_t* dst
                 for (int g = 0; g < 16; ++g)
                     pair_row(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * g)), s, rows + 32 * g);
             } else {
-                const __m512i mask = _mm512_set1_epi8(0x0F);
                 for (int h = 0; h < B / 8; ++h) {
-                    const __m512i v = _mm512_loadu_si512(q + 64 * h);
-                    __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                    for (int j = 0; j < planes; ++j) {
-                        uint64_t bits[2];
-                        __builtin_memcpy(bits, q + 8 * B + 16 * (planes * h + j), sizeof bits);
-                        const __m512i value = _mm512_set1_epi8(static_cast<char>(16 << j));
-                        lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, value);
-                        hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, value);
-                    }
+                    __m512i lo, hi;
+                    unpack_chunk<B, planes>(q, h, lo, hi);
                     // k 8h + 2r and 8h + 2r + 1 of every feature: lane halves r of lo (r 0, 1) and hi (r 2, 3).
                     const __m512i quads[2] = {lo, hi};
                     for (int r = 0; r < 4; ++r) {

@@ -160,6 +160,7 @@ void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, Qua
 
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads) {
+    if (M == 0) return;
     if (kernel == QuantKernel::amx_bf16) {
         thread_local std::vector<uint16_t> xb;
         xb.resize((M + 15) / 16 * 16 * w.K);

@@ -23,6 +23,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,f16c,fma,amx-tile,amx-int8")
 
+#include "cpu/quant_nibbles512.h"
 #include "cpu/quant_tile_loop.h"
 
 namespace kvmux {
@@ -55,17 +56,9 @@ inline void q8_rows(const uint8_t* block, uint8_t* rows) {
 // of bytes: chunk h's low nibbles are row 2h, its high ones row 2h + 1, each plane's bits added where set.
 template <int B, int Planes>
 inline void nibble_rows(const uint8_t* block, uint8_t* rows) {
-    const __m512i mask = _mm512_set1_epi8(0x0F);
     for (int h = 0; h < B / 8; ++h) {
-        const __m512i v = _mm512_loadu_si512(block + 64 * h);
-        __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        for (int j = 0; j < Planes; ++j) {
-            uint64_t m[2];
-            std::memcpy(m, block + 8 * B + 16 * (Planes * h + j), sizeof m);
-            const __m512i value = _mm512_set1_epi8(static_cast<char>(16 << j));
-            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(m[0]), lo, value);
-            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(m[1]), hi, value);
-        }
+        __m512i lo, hi;
+        unpack_chunk<B, Planes>(block, h, lo, hi);
         _mm512_store_si512(rows + 128 * h, lo);
         _mm512_store_si512(rows + 128 * h + 64, hi);
     }
