@@ -1,7 +1,10 @@
 #include "cpu/packed_linear.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -247,9 +250,20 @@ bool linear_kernel_supported(LinearKernel kernel) {
 }
 
 uint16_t* bf16_chunk_buffer(int64_t elems) {
-    thread_local std::vector<uint16_t> buffer;
-    if (static_cast<int64_t>(buffer.size()) < elems) buffer.resize(elems);
-    return buffer.data();
+    struct Free {
+        void operator()(uint16_t* p) const { std::free(p); }
+    };
+    // 64-byte aligned: a std::vector's data sat 16 bytes past a page, so every 64-byte B row and store of the
+    // dequantizer straddled two cache lines, and amx_bf16 ran 1.3-1.4x slower (Q4_K 8192 x 2048 at 256 rows,
+    // 6.30 ms against 4.39).
+    thread_local std::unique_ptr<uint16_t[], Free> buffer;
+    thread_local int64_t capacity = 0;
+    if (elems > capacity) {
+        buffer.reset(static_cast<uint16_t*>(std::aligned_alloc(64, (elems * sizeof(uint16_t) + 63) / 64 * 64)));
+        if (!buffer) throw std::bad_alloc();  // a few hundred KB: the process is out of memory anyway
+        capacity = elems;
+    }
+    return buffer.get();
 }
 
 void packed_linear(LinearKernel kernel, const float* x, int64_t M, int64_t K, int64_t ldx, const void* packed,
