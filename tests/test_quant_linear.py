@@ -109,6 +109,9 @@ def test_a_variant_with_other_numbers_takes_its_row_ranges_alone():
     assert [v.name for v in kernel_choice.at_rows(found, 16)] == ["avx2", "avx512vnni"]
     assert [v.name for v in kernel_choice.at_rows(found, 64)] == ["amx_bf16"]
     assert [v.name for v in kernel_choice.at_rows(found[2:], 1)] == ["amx_bf16"]  # KVMUX_KERNELS forced it
+    # Q8_0's int8 tiles take int16 activations: there it takes the ranges from 9 rows (timed at 16).
+    bytes16 = [kernel_choice.variant("linear", name, "q8_0") for name in ("avx512vnni", "amx_bf16")]
+    assert [v.name for v in kernel_choice.at_rows(bytes16, 16)] == ["amx_bf16"]
 
 
 @pytest.mark.parametrize("variant", list(quant.KERNELS))

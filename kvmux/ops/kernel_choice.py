@@ -72,10 +72,15 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("linear", "amx", AVX512 + ("f16c", "amx_tile", "amx_int8"), QUANT_FORMATS,
             "one tile dot product per block: 16 rows x 16 outputs x 32 k (bytes; Q8_0's int16 activations as two)"),
     # At 64 and 256 rows it ran 1.2-4x the int8 variants on every shape measured (SmolLM2, Gemma 3, Llama 3.2
-    # 1B; docs/benchmarks.md), at 16 it lost; ranges timed at 64 rows and up take it untimed.
-    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), QUANT_FORMATS,
+    # 1B; docs/benchmarks.md), at 16 it lost on the byte forms; ranges timed at 64 rows and up take it untimed.
+    # Q8_0's int8 tiles multiply int16 activations, half as many a dot product: there it won from 16 rows
+    # (Gemma 3's 1536 x 640 and LM head 1.3x at 16, 1.8-2.1x at 32; even at 9).
+    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), QUANT_FORMATS[1:],
             "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it",
             from_rows=64),
+    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), ("q8_0",),
+            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it",
+            from_rows=16),
     Variant("linear", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), QUANT_FORMATS,
             "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16", "int8"),
