@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from kvmux.checks.kernels import QUANT_SHAPES, quant_sum_bound
+from kvmux.checks.kernels import QUANT_SHAPES, SUM_ERROR, quant_sum_bound
 from kvmux.checks.reference import (
     activation_rounding_bound,
     bf16_rounding_bound,
@@ -57,7 +57,7 @@ def test_kernel_matches_float64_reference(variant, qtype):
         if variant in quant.BF16_KERNELS:
             # x and the weight rounded to bf16 as the kernel does: float32 sums are what is left.
             ref, magnitude = quant_linear_bf16_f64(qtype, raw, x, bias)
-            tol = 2.0 ** -20 * (magnitude + bias.abs().double())
+            tol = SUM_ERROR * (magnitude + bias.abs().double())
             rounding = bf16_rounding_bound(qtype, raw, x)
         else:
             # With x quantized exactly as the kernel does, what is left is float32 rounding: a few per block.
@@ -98,7 +98,7 @@ def test_amx_bf16_over_several_chunks_a_task(qtype):
     x = torch.randn(40, 4096, generator=g)
     out = quant.quant_linear(x, quant.pack_blocks(qtype, raw), kernel="amx_bf16")
     ref, magnitude = quant_linear_bf16_f64(qtype, raw, x)
-    err, tol = (out.double() - ref).abs(), 2.0 ** -20 * magnitude + 1e-30
+    err, tol = (out.double() - ref).abs(), SUM_ERROR * magnitude + 1e-30
     assert (err <= tol).all(), f"worst {(err / tol).max():.2f} x tolerance"
 
 

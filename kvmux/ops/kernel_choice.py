@@ -32,6 +32,8 @@ ENV = "KVMUX_KERNELS"
 AVX2 = ("avx2", "fma")
 AVX512 = ("avx512f", "avx512bw", "avx512vl")
 QUANT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q6_k")  # the forms GGUF blocks are kept in (ops/quant.py)
+AMX_BF16 = AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16")
+DEQUANTIZED_AMX = "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it"
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,8 @@ VARIANTS: tuple[Variant, ...] = (
     # 1B; docs/benchmarks.md), at 16 it lost on the byte forms; ranges timed at 64 rows and up take it untimed.
     # Q8_0's int8 tiles multiply int16 activations, half as many a dot product: there it won from 16 rows
     # (Gemma 3's 1536 x 640 and LM head 1.3x at 16, 1.8-2.1x at 32; even at 9).
-    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), QUANT_FORMATS[1:],
-            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it",
-            from_rows=64),
-    Variant("linear", "amx_bf16", AVX512 + ("f16c", "avx512bf16", "amx_tile", "amx_bf16"), ("q8_0",),
-            "x rounded to bf16, the weight dequantized to bf16 an L2-sized chunk at a time, AMX tiles over it",
-            from_rows=16),
+    Variant("linear", "amx_bf16", AMX_BF16, QUANT_FORMATS[1:], DEQUANTIZED_AMX, from_rows=64),
+    Variant("linear", "amx_bf16", AMX_BF16, ("q8_0",), DEQUANTIZED_AMX, from_rows=16),
     Variant("linear", "avx512vnni", AVX512 + ("f16c", "avx512vnni"), QUANT_FORMATS,
             "int8 (int16 for Q8_0) activations, 512-bit vpdpbusd / vpdpwssd over quantized blocks"),
     Variant("attention", "avx2", AVX2, ("float32", "bfloat16", "int8"),

@@ -249,6 +249,12 @@ bool linear_kernel_supported(LinearKernel kernel) {
     return false;
 }
 
+uint16_t* bf16_x_buffer(int64_t M, int64_t K) {
+    thread_local std::vector<uint16_t> xb;
+    xb.resize((M + 15) / 16 * 16 * bf16_padded_k(K));
+    return xb.data();
+}
+
 uint16_t* bf16_chunk_buffer(int64_t elems) {
     struct Free {
         void operator()(uint16_t* p) const { std::free(p); }
@@ -283,12 +289,10 @@ void packed_linear(LinearKernel kernel, const float* x, int64_t M, int64_t K, in
             return run(x, M, K, ldx, static_cast<const Bf16Pair*>(packed), N, bias, out, ldo, num_threads);
         case LinearKernel::bf16_avx512:
         case LinearKernel::bf16_amx: {
-            // x rounded to bf16 once per call, shared by every thread (rows rounded up to whole AMX tiles).
-            thread_local std::vector<uint16_t> xb;
-            xb.resize((M + 15) / 16 * 16 * bf16_padded_k(K));
+            uint16_t* xb = bf16_x_buffer(M, K);
             if (kernel == LinearKernel::bf16_avx512)
-                return packed_linear_bf16_avx512(x, M, K, ldx, bf16, N, bias, out, ldo, num_threads, xb.data());
-            return packed_linear_bf16_amx(x, M, K, ldx, bf16, N, bias, out, ldo, num_threads, xb.data());
+                return packed_linear_bf16_avx512(x, M, K, ldx, bf16, N, bias, out, ldo, num_threads, xb);
+            return packed_linear_bf16_amx(x, M, K, ldx, bf16, N, bias, out, ldo, num_threads, xb);
         }
     }
     fail("packed_linear: unknown kernel " + std::to_string(static_cast<int>(kernel)));

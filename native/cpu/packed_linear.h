@@ -58,6 +58,10 @@ void packed_linear_bf16_avx512(const float* x, int64_t M, int64_t K, int64_t ldx
 void packed_linear_bf16_amx(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* packed, int64_t N,
                             const float* bias, float* out, int64_t ldo, int num_threads, uint16_t* xb);
 
+// The calling thread's scratch for x rounded to bf16 (the xb above), reused across calls: x is rounded once per
+// call and shared by every thread.
+uint16_t* bf16_x_buffer(int64_t M, int64_t K);
+
 // Writes panels [p0, p1) of a weight kept in another form, in the bf16 layout above, to dst (each panel
 // bf16_padded_k(K) * kPanelWidth values after the one before); `source` is what the caller handed over.
 using Bf16PanelFill = void (*)(const void* source, int64_t p0, int64_t p1, uint16_t* dst);

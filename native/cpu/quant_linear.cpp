@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/packed_linear.h"
 #include "cpu/quant_tiles.h"
 #include "cpu/thread_pool.h"
 
@@ -161,11 +162,8 @@ void quantize_activations(const float* x, int64_t M, int64_t ldx, int64_t K, Qua
 void quant_linear(const float* x, int64_t M, int64_t ldx, const QuantWeights& w, const float* bias, float* out,
                   int64_t ldo, QuantKernel kernel, int num_threads) {
     if (M == 0) return;
-    if (kernel == QuantKernel::amx_bf16) {
-        thread_local std::vector<uint16_t> xb;
-        xb.resize((M + 15) / 16 * 16 * w.K);
-        return quant_linear_amx_bf16(x, M, ldx, w, bias, out, ldo, num_threads, xb.data());
-    }
+    if (kernel == QuantKernel::amx_bf16)
+        return quant_linear_amx_bf16(x, M, ldx, w, bias, out, ldo, num_threads, bf16_x_buffer(M, w.K));
     const int64_t block = quant_block(w.type), K = w.K, nb = K / block;
     const int64_t panels = (w.N + kQuantPanel - 1) / kQuantPanel;
     const int bits = activation_bits(w.type);
