@@ -119,8 +119,10 @@ class EngineConfig:
                                           "float16 scale per token and head (about half of bf16's bytes, a "
                                           "quarter of float32's, so about twice the sequences in --kv-cache-gib)",
                                  ("auto", "int8"))
-    quantization: str = setting("auto", "auto: a GGUF's Q8_0/Q4_0/Q4_1 weights stay in their blocks (CPU); none: "
-                                        "dequantize to --dtype; q8_0: quantize every matmul to Q8_0 at load (CPU)",
+    quantization: str = setting("auto", "auto: a GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights "
+                                        "stay in their blocks (CPU; other types are dequantized to --dtype with a "
+                                        "warning); none: dequantize to --dtype; q8_0: quantize every matmul to Q8_0 "
+                                        "at load (CPU)",
                                 ("auto", "none", "q8_0"))
     device: str = setting("cpu", "where the model runs; cuda needs an NVIDIA GPU and a CUDA build of torch",
                           ("cpu", "cuda"))
@@ -131,7 +133,8 @@ class EngineConfig:
     sliding_window_pool: str = setting("auto", "models with sliding-window layers (Gemma 3): on keeps those layers' "
                                                "KV for the window only, in a pool of their own, so --kv-cache-gib "
                                                "holds more tokens (their slots have host and disk tiers of their own); "
-                                               "off keeps every layer's KV for every token; auto is on",
+                                               "off keeps every layer's KV for every token; auto is on where "
+                                               "that saves memory, and on warns where it does not (why, in the log)",
                                                ("auto", "on", "off"))
     max_num_batched_tokens: int = setting(512, "token budget of one forward step (decode tokens + prompt chunks)")
     max_num_seqs: int = setting(64, "sequences running or prefilling at once")

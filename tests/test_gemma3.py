@@ -110,7 +110,9 @@ def test_real_gemma3_file():
     ids = prompts[2]
     want = teacher_forced_logits(dense.model, ids).argmax(-1)
     got = teacher_forced_logits(kept.model, ids).argmax(-1)
-    assert (got == want).float().mean() > 0.9
+    # Measured 99.8% on an AMX host (prefill on amx_bf16) and 99.4% with every matmul on the AVX2 tile: a regression
+    # of a few points in any kernel or conversion fails here.
+    assert (got == want).float().mean() > 0.97
 
 
 @pytest.mark.parametrize("options", [dict(num_blocks=12, preemption_mode="swap", sliding_window_pool="off"),
@@ -204,6 +206,24 @@ def test_a_restart_finds_the_windows_on_the_disk(tiny, tmp_path):
 
     assert asyncio.run(window(disk_cache_dir=str(tmp_path))) == WINDOW  # auto splits the pool beside a disk tier
     assert asyncio.run(window(sliding_window_pool="off")) == 0
+
+
+@pytest.mark.parametrize("options, why", [(dict(max_model_len=WINDOW), "no shorter than max_model_len"),
+                                          (dict(kv_cache_gib=0.0005, max_num_seqs=64), "would take more of")])
+def test_sliding_window_pool_on_says_why_it_keeps_one_pool(tiny, caplog, options, why):
+    """`on`, asked for by name, warns with the reason where the split would save nothing; auto keeps quiet."""
+    from kvmux import Engine
+
+    async def window(**more):
+        async with Engine(str(tiny), dtype="float32", **options, **more) as engine:
+            return engine.pool.window
+
+    with caplog.at_level("WARNING"):
+        assert asyncio.run(window(sliding_window_pool="auto")) == 0
+    assert "--sliding-window-pool on" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert asyncio.run(window(sliding_window_pool="on")) == 0
+    assert "--sliding-window-pool on: one pool" in caplog.text and why in caplog.text
 
 
 def test_tensor_parallel_ranks_find_their_windows_on_the_disk(tiny, tmp_path):

@@ -133,6 +133,14 @@ class Engine:
         except ValueError as exc:
             raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} {exc}") from None
         geometry, num_blocks = pool.geometry, pool.num_blocks
+        if cfg.sliding_window_pool == "on" and not pool.window:  # asked for by name: say why it is not there
+            window = arch.sliding_window or 0
+            why = ("the model has no sliding-window layers" if not sliding_layers else
+                   f"its window ({window}) is no shorter than max_model_len ({max_model_len})"
+                   if window >= max_model_len else
+                   f"the windows of --max-num-seqs {cfg.max_num_seqs} sequences would take more of --kv-cache-gib "
+                   f"{cfg.kv_cache_gib} than they save (lower --max-num-seqs, or give more memory)")
+            log.warning("--sliding-window-pool on: one pool holds every layer's KV for every token: %s", why)
         if pool.window:
             log.info("KV pool: %d blocks of the %d full-attention layers, %d of the %d sliding-window layers "
                      "(window %d)", num_blocks, geometry.num_layers, pool.num_sliding_blocks,
