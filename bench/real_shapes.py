@@ -5,9 +5,9 @@
     python -m bench.real_shapes llama-3.2-1b --qtype q4_k_m    # the mix llama.cpp's Q4_K_M files have
 
 Each file has the named model's layer count, hidden size, heads, KV heads, head dimension, feed-forward size,
-rope base and tied embedding, every matmul in the chosen type (Q8_0, Q4_0 or Q4_1, written as GGUF blocks of
-random quants with small random scales; q4_k_m: Q6_K for attn_v, ffn_down and the embedding, Q4_K for the rest,
-as llama.cpp's Q4_K_M mostly does) and the norms in F32. The tokenizer (and so the vocabulary) is the
+rope base and tied embedding, every matmul in the chosen type (Q8_0, Q4_0, Q4_1 or a K-quant, written as GGUF
+blocks of random quants with small random scales; q4_k_m (q5_k_m): Q6_K for attn_v, ffn_down and the embedding,
+Q4_K (Q5_K) for the rest, as llama.cpp's Q4_K_M (Q5_K_M) mostly does) and the norms in F32. The tokenizer (and so the vocabulary) is the
 default model's (SmolLM2, 49,152 tokens), read from its GGUF: the files then run anywhere kvmux does with no
 model hub, at the cost of an embedding and lm_head smaller than the real ones (Llama 3.2's 128,256 tokens,
 Qwen 2.5's 151,936). All are written as the llama architecture; Qwen 2.5's q/k/v biases are left out (a few
@@ -24,9 +24,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-QTYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
+QTYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K}
 # The type of each tensor in a file of a named mix; a plain type is every tensor's.
-MIXES = {"q4_k_m": {"token_embd": "q6_k", "attn_v": "q6_k", "ffn_down": "q6_k", "": "q4_k"}}
+MIXES = {"q4_k_m": {"token_embd": "q6_k", "attn_v": "q6_k", "ffn_down": "q6_k", "": "q4_k"},
+         "q5_k_m": {"token_embd": "q6_k", "attn_v": "q6_k", "ffn_down": "q6_k", "": "q5_k"}}
 
 
 def tensor_type(qtype: str, tensor: str) -> str:
@@ -58,15 +59,15 @@ def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int) ->
     """GGUF blocks [rows, cols / 32 * block bytes] of uniform random quants; scales so that weights are about
     +-0.02 (as trained matmul weights are), Q4_1 minimums about as large. K-quants: 256 weights a block, every
     sub-block scale (and Q4_K minimum) random too, the super-block's fp16 factors sized to match."""
-    if qtype in ("q4_k", "q6_k"):
+    if qtype in ("q4_k", "q5_k", "q6_k"):
         blocks = cols // 256
-        # Q4_K: weight = d * scale * q - dmin * min, scale and min 6 bits, q 4 bits; Q6_K: d * scale * (q - 32),
-        # scale an int8, q 6 bits.
-        d_size = 0.02 / (63 * 15) if qtype == "q4_k" else 0.02 / (127 * 32)
-        d = (rng.random((rows, blocks, 2 if qtype == "q4_k" else 1), dtype=np.float32) * d_size + 1e-7)
-        body = rng.integers(0, 256, (rows, blocks, 140 if qtype == "q4_k" else 208), dtype=np.uint8)
+        # Q4_K and Q5_K: weight = d * scale * q - dmin * min, scale and min 6 bits, q 4 or 5 bits; Q6_K:
+        # d * scale * (q - 32), scale an int8, q 6 bits.
+        d_size = {"q4_k": 0.02 / (63 * 15), "q5_k": 0.02 / (63 * 31), "q6_k": 0.02 / (127 * 32)}[qtype]
+        d = (rng.random((rows, blocks, 1 if qtype == "q6_k" else 2), dtype=np.float32) * d_size + 1e-7)
+        body = rng.integers(0, 256, (rows, blocks, {"q4_k": 140, "q5_k": 172, "q6_k": 208}[qtype]), dtype=np.uint8)
         head = d.astype(np.float16).view(np.uint8)
-        parts = [head, body] if qtype == "q4_k" else [body, head]  # Q6_K keeps its d at the end
+        parts = [body, head] if qtype == "q6_k" else [head, body]  # Q6_K keeps its d at the end
         return np.concatenate(parts, axis=-1).reshape(rows, -1)
     blocks = cols // 32
     levels = 127 if qtype == "q8_0" else 8
