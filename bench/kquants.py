@@ -14,6 +14,8 @@ In one run, on one file:
   against 41.3 with a bf16 pool);
 - a 512-token prompt's prefill in one step, kept against bf16, best of 3 per round in the same rounds (on an AMX
   host the kept matmuls run there as amx_bf16: each chunk of a weight dequantized to bf16, AMX tiles over it);
+- the ratio both as the best kept round over the best bf16 round (`speedup`) and round by round, each round's two
+  arms measured one after the other (`speedup_paired`, its median `speedup_paired_median`);
 - how long each takes to read its weights, which every decode step does once: the matmuls' weight bytes over the
   bytes/s torch's sum reads on the same threads (bench.batch1.read_bandwidth; a yardstick, not a bound: the bf16
   kernels, prefetching a panel ahead, have read faster);
@@ -157,11 +159,17 @@ def main(argv: list[str] | None = None) -> None:
     decode = []
     for batch in BATCHES:
         k, b = max(rates["kept", batch]), max(rates["bf16", batch])
+        # Each round's kept and bf16 measurements ran one after the other: their ratio shares the host's state of
+        # the moment, where the best of each arm may come from different spells of a host whose memory bandwidth
+        # drifts (one session's hosts moved 2x between back-to-back processes).
+        paired = sorted(kr / br for kr, br in zip(rates["kept", batch], rates["bf16", batch]))
         decode.append(dict(batch=batch, kept_tok_s=k, bf16_tok_s=b, speedup=k / b,
+                           speedup_paired_median=paired[len(paired) // 2], speedup_paired=paired,
                            kept_step_ms=1e3 * batch / k, bf16_step_ms=1e3 * batch / b,
                            kept_rounds=rates["kept", batch], bf16_rounds=rates["bf16", batch]))
-        print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f}); a step "
-              f"{1e3 * batch / b:.1f} ms in bf16, {1e3 * batch / k:.1f} ms kept", flush=True)
+        print(f"decode, {batch} sequences: bf16 {b:.1f} tok/s, kept {k:.1f} (x{k / b:.2f}; round by round "
+              f"x{min(paired):.2f}-{max(paired):.2f}); a step {1e3 * batch / b:.1f} ms in bf16, "
+              f"{1e3 * batch / k:.1f} ms kept", flush=True)
 
     k, b = (PREFILL_TOKENS / min(prefill[name]) for name in ("kept", "bf16"))
     prefill_result = dict(tokens=PREFILL_TOKENS, kept_tok_s=k, bf16_tok_s=b, speedup=k / b,

@@ -158,6 +158,25 @@ def test_peak_rss_records_each_generate_run(tiny, tmp_path):
     assert result["met"] and (tmp_path / f"peak_rss_{Path(tiny).name}.png").is_file()
 
 
+def test_kquants_decode_only_records_both_ratios(tmp_path):
+    """bench.kquants on a tiny Q4_K_M file (in a process of its own: it sets the process's thread counts): every
+    batch has the best-of ratio and the round-by-round ones, one per round."""
+    from bench.real_shapes import Shape, write
+    from kvmux.model.loader import default_model_path
+
+    shape = Shape(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, rope_base=10000.0, context=1024)
+    path = write("tiny", shape, "q4_k_m", tmp_path / "tiny.gguf", default_model_path())
+    subprocess.run([sys.executable, "-m", "bench.kquants", "--model", str(path), "--decode-only", "--rounds", "2",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    result = json.loads((tmp_path / "kquants_tiny.json").read_text())
+    assert [d["batch"] for d in result["decode"]] == [1, 2, 4, 8]
+    for d in result["decode"]:
+        assert len(d["speedup_paired"]) == 2 and d["speedup_paired_median"] in d["speedup_paired"]
+        assert d["speedup"] == d["kept_tok_s"] / d["bf16_tok_s"] > 0
+    assert result["storage"]["dequantized"] == {} and (tmp_path / "kquants_tiny.png").is_file()
+
+
 @pytest.mark.parametrize("qtype, matmuls", [
     ("q8_0", {"q8_0": 9}), ("q4_0", {"q4_0": 9}), ("q4_1", {"q4_1": 9}),
     # Q4_K q, k, o, gate, up (Q4_1's form); Q6_K v, down and the embedding: per layer qkv in two pieces.
