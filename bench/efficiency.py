@@ -35,6 +35,7 @@ Writes bench/results/efficiency.json and .png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -90,23 +91,27 @@ def matmul_gflops(model, rows: int, repeats: int = 3) -> float:
     return flops / best / 1e9
 
 
-def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
-    # As the engine runs its forward (Engine.start): torch on one thread, so that its OpenMP threads, spinning after
-    # each of its own ops, leave the kernel pool's cores alone (bench/kquants.py measured what they cost).
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """As the engine runs its forward (Engine.start): torch on one thread, so that its OpenMP threads, spinning after
+    each of its own ops, leave the kernel pool's cores alone (bench/kquants.py measured what they cost)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _decode_efficiency(model, batch, prompt_len, steps)
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:
+    with torch_on_one_thread():
+        return _decode_efficiency(model, batch, prompt_len, steps)
 
 
 def prefill_seconds(model, prompt_len: int, repeats: int) -> float:
     """The best of `repeats` prefills of one prompt of `prompt_len` random tokens in one step (the runner's forward
     and sampling), torch on one thread as in decode_efficiency."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_on_one_thread():
         blocks = math.ceil((prompt_len + 1) / BLOCK)
         runner = Runner(model, KVCache(blocks, geometry(model)))
         gen = torch.Generator().manual_seed(0)
@@ -118,8 +123,6 @@ def prefill_seconds(model, prompt_len: int, repeats: int) -> float:
             runner.execute(work)
             best = min(best, time.perf_counter() - start)
         return best
-    finally:
-        torch.set_num_threads(before)
 
 
 def _decode_efficiency(model, batch: int, prompt_len: int, steps: int) -> dict:

@@ -119,13 +119,14 @@ class Engine:
         speculative = SpeculativeConfig.from_dict(cfg.speculative_config) if cfg.speculative_config else None
         split = cfg.sliding_window_pool != "off"
         sliding_layers = sum(t == SLIDING for t in arch.layer_types or ()) if split else 0
+        window = arch.sliding_window or 0
         try:
             # The budget, but no more than every seat holding a full-length
             # sequence could use: a small model should not zero a gigabyte it never touches.
             pool = plan_pool(PoolGeometry(arch.num_hidden_layers, kv_heads, arch.head_dim, cfg.block_size, kv_dtype),
                              budget_bytes=int(cfg.kv_cache_gib * 2**30), num_blocks=cfg.num_blocks,
                              max_num_seqs=cfg.max_num_seqs, max_model_len=max_model_len,
-                             num_sliding_layers=sliding_layers, window=arch.sliding_window or 0,
+                             num_sliding_layers=sliding_layers, window=window,
                              step_tokens=cfg.max_num_batched_tokens,
                              # a decode step's slots beyond its first token: drafts, or a run's later forwards
                              lookahead=max(speculative.num_speculative_tokens if speculative else 0,
@@ -134,7 +135,6 @@ class Engine:
             raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} {exc}") from None
         geometry, num_blocks = pool.geometry, pool.num_blocks
         if cfg.sliding_window_pool == "on" and not pool.window:  # asked for by name: say why it is not there
-            window = arch.sliding_window or 0
             why = ("the model has no sliding-window layers" if not sliding_layers else
                    f"its window ({window}) is no shorter than max_model_len ({max_model_len})"
                    if window >= max_model_len else
